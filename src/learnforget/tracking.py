@@ -1,0 +1,145 @@
+"""Metric loggers: the disk record is always on; W&B mirrors it when `logger=wandb`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+from omegaconf import DictConfig
+
+SECRET = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.I)
+
+
+def scrub(obj: Any) -> Any:
+    """Drop values whose key looks like a secret, recursively."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if SECRET.search(str(k)) else scrub(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+class MetricLogger(Protocol):
+    def log(self, record: dict[str, Any]) -> None: ...
+    def summary(self, values: dict[str, Any]) -> None: ...
+    def finish(self, status: str) -> None: ...
+
+
+class DiskLogger:
+    """Appends one JSON object per line; every line is flushed as it is written."""
+
+    def __init__(self, path: Path, *, truncate_after_step: int | None = None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_after_step is not None and path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
+            path.write_text("".join(line + "\n" for line in keep))
+        elif truncate_after_step is None and path.exists():
+            path.unlink()
+        self._f = path.open("a")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, default=float) + "\n")
+        self._f.flush()
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass  # run.json holds the summary
+
+    def finish(self, status: str) -> None:
+        self._f.close()
+
+
+def wandb_mode(requested: str) -> str:
+    if requested == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    if requested not in ("online", "offline", "disabled"):
+        from learnforget.errors import ConfigError
+
+        raise ConfigError(f"logger.mode {requested!r} is unknown (expected auto, offline, online)")
+    return requested
+
+
+class WandbLogger:
+    """A W&B run mirroring the disk record: group = experiment, job_type = stage."""
+
+    def __init__(self, logger_cfg: DictConfig, *, run_dir: Path, run_name: str, group: str,
+                 job_type: str, config: dict[str, Any], tags: list[str], x_axis: str = "step"):
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / "wandb" / ".cache"))
+        os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb" / ".data"))
+        self.mode = wandb_mode(logger_cfg.mode)
+        self.run = wandb.init(
+            project=logger_cfg.project,
+            entity=logger_cfg.entity,
+            group=group,
+            job_type=job_type,
+            name=run_name,
+            id=_wandb_id(run_name, job_type),
+            resume="allow",
+            dir=str(run_dir),
+            config=scrub(config),
+            tags=[str(t)[:64] for t in tags + list(logger_cfg.tags)],
+            mode=self.mode,
+            reinit="finish_previous",
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
+        self.run.define_metric("*", step_metric=x_axis)
+        self.x_axis = x_axis
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
+
+    def summary(self, values: dict[str, Any]) -> None:
+        for k, v in scrub(values).items():
+            self.run.summary[k] = v
+
+    def finish(self, status: str) -> None:
+        self.run.finish(exit_code=0 if status == "finished" else 1)
+
+
+def _wandb_id(run_name: str, job_type: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(f"{run_name}|{job_type}".encode()).hexdigest()[:16]
+
+
+class Loggers:
+    """Fan-out to every logger; a failing mirror never breaks the disk record."""
+
+    def __init__(self, loggers: list[MetricLogger]):
+        self.loggers = loggers
+
+    def _each(self, method: str, *args: Any) -> None:
+        for i, lg in enumerate(self.loggers):
+            try:
+                getattr(lg, method)(*args)
+            except Exception as e:
+                if i == 0:
+                    raise
+                print(f"learnforget: warning: {type(lg).__name__}.{method} failed: {e}")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._each("log", record)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        self._each("summary", values)
+
+    def finish(self, status: str) -> None:
+        self._each("finish", status)
+
+
+def make_loggers(cfg: DictConfig, *, run_dir: Path, run_name: str, stage: str,
+                 config: dict[str, Any], tags: list[str], metrics_path: Path,
+                 resume_step: int | None) -> Loggers:
+    loggers: list[MetricLogger] = [DiskLogger(metrics_path, truncate_after_step=resume_step)]
+    if cfg.logger.name == "wandb" and cfg.logger.mode != "disabled":
+        loggers.append(WandbLogger(cfg.logger, run_dir=run_dir, run_name=run_name,
+                                   group=str(cfg.experiment_name), job_type=stage, config=config,
+                                   tags=tags, x_axis="tokens" if stage != "train" else "step"))
+    return Loggers(loggers)

@@ -1,0 +1,404 @@
+"""The train stage. Reads top to bottom: setup, run folder, train loop, save, finish.
+
+    learnforget train model=tiny_llama method=lora data=stdlib_code method.r=16 seed=1
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from learnforget.config import config_hash, run_dir, run_identity, run_name, validate
+from learnforget.data import TokenizedData, build_data, collate
+from learnforget.errors import ConfigError
+from learnforget.methods import (
+    PEFT_METHODS,
+    apply_method,
+    count_parameters,
+    ignored_keys,
+    method_summary,
+)
+from learnforget.models import load_model
+from learnforget.optim import make_optimizer, make_scheduler
+from learnforget.record import (
+    RunLock,
+    atomic_write_json,
+    atomic_write_text,
+    check_same_run,
+    meta_info,
+    read_json,
+)
+from learnforget.tracking import make_loggers
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@dataclass
+class Plan:
+    """How long the run is and where it saves: all in optimizer steps, fixed before training."""
+
+    micro_per_epoch: int        # micro-batches in one pass over the training set
+    steps_per_epoch: float      # optimizer steps in one pass
+    total_steps: int
+    checkpoints: dict[int, str]  # step -> checkpoint label
+
+
+def make_plan(t: DictConfig, data: TokenizedData) -> Plan:
+    n = len(data.train)
+    drop_last = data.regime == "cpt"
+    micro = n // t.batch_size if drop_last else math.ceil(n / t.batch_size)
+    if micro < t.grad_accum:
+        raise ConfigError(
+            f"data={data.info.get('name', '?')} has {n} training examples, fewer than one optimizer "
+            f"step needs (train.batch_size={t.batch_size} x train.grad_accum={t.grad_accum})")
+    steps_per_epoch = micro / t.grad_accum
+    unit = t.checkpoints.unit
+    if unit == "steps":
+        steps = [int(a) for a in t.checkpoints.at]
+    elif unit == "epochs":
+        steps = [max(1, round(a * steps_per_epoch)) for a in t.checkpoints.at]
+    else:  # tokens: CPT steps are exact (packed blocks); IFT uses the mean example length
+        mean_len = data.info.get("mean_train_len") or t.seq_len
+        per_step = t.batch_size * t.grad_accum * (t.seq_len if drop_last else mean_len)
+        steps = [max(1, math.ceil(a / per_step)) for a in t.checkpoints.at]
+    if len(set(steps)) != len(steps):
+        raise ConfigError(
+            f"train.checkpoints.at={list(t.checkpoints.at)} ({unit}) maps two budgets onto the same "
+            f"optimizer step ({steps}): space the budgets further apart or use smaller batches")
+    labels = {}
+    for a, s in zip(t.checkpoints.at, steps, strict=True):
+        a_str = f"{a:g}" if unit == "epochs" else f"{int(a):09d}" if unit == "tokens" else f"{int(a):06d}"
+        labels[s] = f"{unit.rstrip('s')}-{a_str}"
+    return Plan(micro, steps_per_epoch, max(steps), labels)
+
+
+def micro_batch(data: TokenizedData, plan: Plan, t: DictConfig, index: int, seed: int,
+                pad_id: int) -> dict[str, torch.Tensor]:
+    """Micro-batch number `index` of the whole run: a seeded permutation per epoch, so the
+    data position after a resume is exactly where the interrupted run was."""
+    epoch, within = divmod(index, plan.micro_per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(data.train), generator=g)
+    ids = order[within * t.batch_size:(within + 1) * t.batch_size].tolist()
+    return collate([data.train[i] for i in ids], pad_id)
+
+
+def resolve_precision(precision: str, device: str) -> torch.dtype | None:
+    """None (fp32) or bfloat16 autocast. auto: bf16 on GPUs that support it, fp32 on CPU."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@torch.no_grad()
+def heldout_loss(model, data: TokenizedData, t: DictConfig, pad_id: int, device: str,
+                 max_batches: int) -> float | None:
+    """Token-weighted mean cross-entropy on the held-out split (fp32, eval mode)."""
+    if max_batches <= 0 or not data.heldout:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for b in range(0, min(len(data.heldout), max_batches * t.batch_size), t.batch_size):
+        batch = {k: v.to(device) for k, v in collate(data.heldout[b:b + t.batch_size], pad_id).items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        if n == 0:
+            continue
+        total += float(model(**batch).loss) * n
+        count += n
+    model.train(was_training)
+    return total / count if count else None
+
+
+# ------------------------------------------------------------------ resume state
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_resume(path: Path, model, optimizer, scheduler, progress: dict[str, Any]) -> None:
+    """Everything needed to continue exactly: trainable weights, optimizer, schedule, RNG,
+    data position. Written to a temporary file and renamed."""
+    state = {
+        "model": trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "progress": progress,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".resume.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_resume(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    missing = set(state["model"]) - set(params)
+    if missing:
+        raise ConfigError(f"resume state {path} does not fit this model (e.g. {sorted(missing)[0]})")
+    with torch.no_grad():
+        for n, v in state["model"].items():
+            params[n].copy_(v.to(params[n].device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["progress"]
+
+
+def save_checkpoint(out: Path, model, manifest: dict[str, Any]) -> None:
+    """A budget checkpoint: peft adapter files for adapter methods, safetensors otherwise."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        atomic_write_json(tmp / "manifest.json", manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------ the stage
+
+@dataclass
+class Setup:
+    """Everything a run needs, built and checked before its folder is touched."""
+
+    cfg: DictConfig
+    out: Path
+    name: str
+    config_hash: str
+    device: str
+    model: torch.nn.Module
+    tokenizer: Any
+    base_path: str
+    notes: list[str]
+    trainable: int
+    total: int
+    data: TokenizedData
+    plan: Plan
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    autocast_dtype: torch.dtype | None
+
+
+def setup(cfg: DictConfig) -> Setup | None:
+    """Load model, method, data, optimizer. None when the run already finished."""
+    validate(cfg)
+    out, name, chash = run_dir(cfg), run_name(cfg), config_hash(cfg)
+    info = read_json(out / "run.json")
+    if info and info.get("status") == "finished" and info.get("config_hash") == chash:
+        print(f"learnforget: {name} is already finished ({out}); skipping")
+        return None
+    check_same_run(out, chash)
+    if cfg.train.num_threads:
+        torch.set_num_threads(int(cfg.train.num_threads))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache_dir = Path(cfg.paths.cache_dir).expanduser()
+    t = cfg.train
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model, tokenizer, base_path = load_model(cfg.model, cfg.method, cache_dir, device)
+    model, notes = apply_method(model, cfg.method, model_name=cfg.model.name,
+                                tokenizer_path=base_path if Path(base_path).exists() else None)
+    trainable, total = count_parameters(model)
+    data = build_data(cfg.data, tokenizer, t.seq_len, seed=cfg.seed)
+    data.info.setdefault("name", cfg.data.name)
+    plan = make_plan(t, data)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, opt_notes = make_optimizer(params, t, device)
+    scheduler = make_scheduler(optimizer, t, plan.total_steps)
+    return Setup(cfg, out, name, chash, device, model, tokenizer, base_path, notes + opt_notes,
+                 trainable, total, data, plan, params, optimizer, scheduler,
+                 resolve_precision(t.precision, device))
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train one run to the end of its checkpoint schedule; returns the run folder."""
+    s = setup(cfg)
+    return run_dir(cfg) if s is None else fit(s)
+
+
+def fit(s: Setup) -> Path:
+    """The training loop, with checkpoints at every budget; resumes from a saved state."""
+    cfg, t, out, name, chash = s.cfg, s.cfg.train, s.out, s.name, s.config_hash
+    model, tokenizer, base_path, notes = s.model, s.tokenizer, s.base_path, s.notes
+    data, plan, params, optimizer, scheduler = s.data, s.plan, s.params, s.optimizer, s.scheduler
+    device, autocast_dtype, trainable, total = s.device, s.autocast_dtype, s.trainable, s.total
+    pad_id = tokenizer.pad_token_id
+
+    # -- run folder: one process at a time; resume if an earlier attempt left a state
+    lock = RunLock(out)
+    if not lock.acquire():
+        print(f"learnforget: {name} is being trained by another process ({out}); skipping")
+        return out
+    resume_path = out / "train" / "resume.pt"
+    progress = {"step": 0, "tokens": 0, "wall_time_s": 0.0, "losses": []}
+    if resume_path.exists():
+        progress = load_resume(resume_path, model, optimizer, scheduler)
+        notes.append(f"resumed from step {progress['step']}")
+        print(f"learnforget: resuming {name} from step {progress['step']}")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if not (out / "tokenizer").exists():
+        tokenizer.save_pretrained(out / "tokenizer")
+    record: dict[str, Any] = {
+        "status": "running",
+        "run": {"name": name, "experiment": cfg.experiment_name, "config_hash": chash,
+                "model": cfg.model.name, "base_model": base_path, "method": cfg.method.name,
+                "method_summary": method_summary(cfg.method),
+                "method_settings": run_identity(cfg)["method"],
+                "ignored_method_keys": ignored_keys(cfg.method), "data": cfg.data.name,
+                "regime": cfg.data.regime, "seed": cfg.seed},
+        "config_hash": chash,
+        "train": {"trainable_params": trainable, "total_params": total,
+                  "trainable_pct": 100.0 * trainable / total, "device": device,
+                  "precision": "bf16" if autocast_dtype else "fp32",
+                  "total_steps": plan.total_steps, "checkpoint_steps": plan.checkpoints,
+                  "data": data.info, "notes": notes},
+        "meta": meta_info(),
+    }
+    atomic_write_json(out / "run.json", record)
+    loggers = make_loggers(cfg, run_dir=out, run_name=name, stage="train", config=resolved,
+                           tags=[cfg.method.name, method_summary(cfg.method), cfg.data.name,
+                                 cfg.model.name], metrics_path=out / "train" / "metrics.jsonl",
+                           resume_step=progress["step"] if resume_path.exists() else None)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS} if in_main else {}
+    status = "failed"
+    try:
+        # -- train loop
+        model.train()
+        start_step = progress["step"]
+        if start_step == 0 and t.heldout_batches:
+            base_loss = heldout_loss(model, data, t, pad_id, device, t.heldout_batches)
+            loggers.log({"step": 0, "tokens": 0, "heldout_loss": base_loss})
+        bar = tqdm(total=plan.total_steps, initial=start_step, desc=name[:40], disable=None,
+                   dynamic_ncols=True)
+        t_start = time.perf_counter() - progress["wall_time_s"]
+        for step in range(start_step + 1, plan.total_steps + 1):
+            t0 = time.perf_counter()
+            step_loss, step_tokens = 0.0, 0
+            for k in range(t.grad_accum):
+                index = (step - 1) * t.grad_accum + k
+                batch = micro_batch(data, plan, t, index, cfg.seed, pad_id)
+                batch = {key: v.to(device) for key, v in batch.items()}
+                ctx = (torch.autocast(device, dtype=autocast_dtype) if autocast_dtype
+                       else nullcontext())
+                with ctx:
+                    loss = model(**batch).loss / t.grad_accum
+                loss.backward()
+                step_loss += float(loss.detach())
+                step_tokens += int(batch["attention_mask"].sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or float("inf"))
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            progress["step"], progress["tokens"] = step, progress["tokens"] + step_tokens
+            progress["wall_time_s"] = time.perf_counter() - t_start
+            row = {"step": step, "epoch": step / plan.steps_per_epoch, "tokens": progress["tokens"],
+                   "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens_per_s": step_tokens / dt, "step_time_s": dt,
+                   "peak_mem_mb": peak_memory_mb(device)}
+            if step % t.log_every == 0 or step in plan.checkpoints:
+                loggers.log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+
+            if step in plan.checkpoints:
+                label = plan.checkpoints[step]
+                hl = heldout_loss(model, data, t, pad_id, device, t.heldout_batches)
+                manifest = {"label": label, "step": step, "tokens": progress["tokens"],
+                            "epoch": step / plan.steps_per_epoch, "loss": step_loss,
+                            "heldout_loss": hl, "method": cfg.method.name,
+                            "format": "peft_adapter" if cfg.method.name in PEFT_METHODS
+                            else "safetensors", "base_model": base_path}
+                save_checkpoint(out / "checkpoints" / label, model, manifest)
+                if hl is not None:
+                    loggers.log({"step": step, "tokens": progress["tokens"], "heldout_loss": hl})
+                save_resume(resume_path, model, optimizer, scheduler, progress)
+            if t.crash_at_step is not None and step == t.crash_at_step:
+                os._exit(137)  # testing: die like a killed process, with no clean-up at all
+            if stop["signal"]:
+                save_resume(resume_path, model, optimizer, scheduler, progress)
+                status = "interrupted"
+                print(f"learnforget: {stop['signal']} received at step {step}: state saved, "
+                      "rerun the same command to resume")
+                break
+        bar.close()
+        if status != "interrupted":
+            status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        record["status"] = status
+        record["train"].update({
+            "steps_done": progress["step"], "tokens_seen": progress["tokens"],
+            "wall_time_s": progress["wall_time_s"], "peak_mem_mb": peak_memory_mb(device),
+            "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("*-*")
+                                  if not p.name.startswith(".")),
+        })
+        atomic_write_json(out / "run.json", record)
+        loggers.summary({"status": status, "trainable_params": trainable, "total_params": total,
+                         "tokens_seen": progress["tokens"]})
+        loggers.finish(status)
+        lock.release()
+    if status == "finished":
+        print(f"learnforget: {name} finished: {progress['step']} steps, "
+              f"{progress['tokens']} tokens in {progress['wall_time_s']:.1f}s -> {out}")
+    return out

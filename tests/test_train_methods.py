@@ -1,0 +1,169 @@
+"""Every method trains on tiny_llama, and only its trainable parameters move."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import OFFLINE_DATA
+
+from learnforget.config import conf_dir, run_name
+from learnforget.methods import METHODS
+from learnforget.train import fit, setup
+
+CONF = conf_dir()
+ALL_METHODS = sorted(p.stem for p in (CONF / "method").glob("[!_]*.yaml"))
+ALL_DATA = sorted(p.stem for p in (CONF / "data").glob("[!_]*.yaml"))
+
+
+def test_config_groups_list_every_method():
+    assert sorted(METHODS) == ALL_METHODS
+
+
+@pytest.mark.parametrize("data", ALL_DATA)
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_x_data_composes(make_cfg, method, data):
+    cfg = make_cfg(f"method={method}", data=data)
+    assert cfg.method.name == method and cfg.data.name == data
+    assert cfg.data.regime in ("cpt", "ift")
+    assert run_name(cfg).startswith(f"tiny_llama-{method}")
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, tuple[bool, torch.Tensor]]:
+    return {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_two_steps_change_exactly_the_trainable_parameters(make_cfg, method):
+    cfg = make_cfg(f"method={method}", "method.r=4", "method.num_virtual_tokens=4")
+    s = setup(cfg)
+    before = _snapshot(s.model)
+    n_trainable = sum(t for t, _ in before.values())
+    assert 0 < n_trainable
+    out = fit(s)
+
+    after = dict(s.model.named_parameters())
+    for name, (trainable, value) in before.items():
+        changed = not torch.equal(value, after[name].detach())
+        assert changed == trainable, f"{method}: {name} trainable={trainable} changed={changed}"
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished"
+    assert info["train"]["steps_done"] == 2
+    assert info["train"]["checkpoints"] == ["step-000001", "step-000002"]
+    rows = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in rows if "loss" in r)
+
+
+@pytest.mark.parametrize("data", sorted(OFFLINE_DATA))
+def test_each_offline_data_set_trains(make_cfg, data):
+    cfg = make_cfg("method=lora", "method.r=4", data=data)
+    s = setup(cfg)
+    if cfg.data.regime == "ift":  # the loss is on response tokens only
+        ex = s.data.train[0]
+        assert ex.labels[0] == -100 and any(lbl != -100 for lbl in ex.labels)
+    out = fit(s)
+    manifest = json.loads((out / "checkpoints" / "step-000002" / "manifest.json").read_text())
+    assert manifest["step"] == 2 and manifest["tokens"] > 0
+    assert manifest["heldout_loss"] > 0
+    assert (out / "checkpoints" / "step-000002" / "adapter_model.safetensors").exists()
+
+
+def test_full_checkpoint_is_safetensors_and_run_is_skipped_when_finished(make_cfg, capsys):
+    cfg = make_cfg("method=full")
+    out = fit(setup(cfg))
+    ckpt = out / "checkpoints" / "step-000002"
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "config.json").exists()
+    stamp = (out / "run.json").stat().st_mtime_ns
+    assert setup(cfg) is None  # finished: nothing is loaded or rewritten
+    assert "already finished" in capsys.readouterr().out
+    assert (out / "run.json").stat().st_mtime_ns == stamp
+
+
+def test_rank_is_ignored_by_full_and_runs_deduplicate(make_cfg):
+    full16, full64 = make_cfg("method=full", "method.r=16"), make_cfg("method=full", "method.r=64")
+    lora16, lora64 = make_cfg("method=lora", "method.r=16"), make_cfg("method=lora", "method.r=64")
+    assert run_name(full16) == run_name(full64)
+    assert run_name(lora16) != run_name(lora64)
+    assert "r16_a32" in run_name(lora16) and "r64_a128" in run_name(lora64)  # alpha = 2r
+    s = setup(full16)
+    assert "method.r is ignored by method=full" in s.notes
+
+
+def test_alpha_override_and_targets_sets(make_cfg):
+    from learnforget.methods import resolve_targets
+
+    cfg = make_cfg("method=lora", "method.alpha=8", "method.targets=attention")
+    s = setup(cfg)
+    peft_cfg = s.model.peft_config["default"]
+    assert peft_cfg.lora_alpha == 8
+    assert set(peft_cfg.target_modules) == {"self_attn.q_proj", "self_attn.k_proj",
+                                            "self_attn.v_proj", "self_attn.o_proj"}
+    base = s.model.get_base_model()
+    assert set(resolve_targets(base, "mlp")) == {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert len(resolve_targets(base, "all")) == 7
+
+
+def test_topk_trains_only_the_last_blocks(make_cfg):
+    s = setup(make_cfg("method=topk", "method.top_k=1"))
+    trainable = {n for n, p in s.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.layers.1.", "model.norm")) for n in trainable)
+    assert any(n.startswith("model.norm") for n in trainable)
+
+
+def test_bitfit_on_gpt2_trains_only_biases(make_cfg):
+    s = setup(make_cfg("model=tiny_gpt2", "method=bitfit"))
+    trainable = [n for n, p in s.model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(".bias") for n in trainable)
+
+
+def test_lora_on_gpt2_conv1d_targets(make_cfg):
+    s = setup(make_cfg("model=tiny_gpt2", "method=lora", "method.targets=mlp"))
+    assert set(s.model.peft_config["default"].target_modules) == {"mlp.c_fc", "mlp.c_proj"}
+
+
+def test_schedules_and_optimizers_run(make_cfg):
+    for opt, sched in [("lionw", "inverse_sqrt"), ("adamw8bit", "constant"),
+                       ("paged_adamw", "cosine"), ("lion", "cosine")]:
+        cfg = make_cfg("method=lora", f"train.optimizer={opt}", f"train.schedule={sched}",
+                       f"experiment_name={opt}")
+        s = setup(cfg)
+        if opt == "paged_adamw" and s.device == "cpu":
+            assert any("needs CUDA" in n for n in s.notes)
+        out = fit(s)
+        rows = [json.loads(x) for x in (out / "train/metrics.jsonl").read_text().splitlines()]
+        assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # no NaN
+
+
+def test_token_budget_checkpoints(make_cfg):
+    # seq 32 x batch 2 = 64 tokens per step: budgets 64 and 192 tokens -> steps 1 and 3.
+    cfg = make_cfg("train.checkpoints.unit=tokens", "train.checkpoints.at=[64,192]")
+    out = fit(setup(cfg))
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["token-000000064", "token-000000192"]
+    m = json.loads((out / "checkpoints" / "token-000000192" / "manifest.json").read_text())
+    assert m["step"] == 3 and m["tokens"] == 192
+
+
+def test_epoch_checkpoints_for_ift(make_cfg):
+    cfg = make_cfg("train.checkpoints.unit=epochs", "train.checkpoints.at=[1,2]",
+                   "train.batch_size=8", data="arith_ift")
+    s = setup(cfg)
+    per_epoch = len(s.data.train) // 8 + (len(s.data.train) % 8 > 0)
+    assert s.plan.total_steps == 2 * per_epoch
+    out = fit(s)
+    assert json.loads((out / "checkpoints/epoch-1/manifest.json").read_text())["epoch"] == 1.0
+
+
+def test_run_folder_layout(make_cfg):
+    out = fit(setup(make_cfg("method=lora")))
+    assert out.parent.name == "default" and Path(out).name.startswith("tiny_llama-lora_r16_a32_all")
+    for rel in ("config.yaml", "run.json", "train/metrics.jsonl", "tokenizer/tokenizer.json",
+                "train/resume.pt"):
+        assert (out / rel).exists(), rel
+    info = json.loads((out / "run.json").read_text())
+    assert info["meta"]["versions"]["torch"].startswith("2.")
+    assert info["train"]["trainable_params"] < info["train"]["total_params"]
+    assert info["train"]["peak_mem_mb"] > 0 and info["train"]["wall_time_s"] > 0
