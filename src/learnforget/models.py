@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ from transformers.utils import logging as hf_logging
 from learnforget.errors import ConfigError
 
 hf_logging.disable_progress_bar()  # per-shard bars are noise in run logs; ours is per step
+# bitsandbytes warns on import that an optional GPU-kernel package is absent: harmless here.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer.json"
 SOURCES = ("tiny", "gguf", "hub")
@@ -90,8 +93,9 @@ def base_model_dir(model_cfg: DictConfig, cache_dir: Path, *, fetch: bool = True
         if not (path / "config.json").exists():
 
             def write(tmp: Path) -> None:
-                torch.manual_seed(TINY_INIT_SEED)
-                model = AutoModelForCausalLM.from_config(build_config(model_cfg))
+                with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
+                    torch.manual_seed(TINY_INIT_SEED)
+                    model = AutoModelForCausalLM.from_config(build_config(model_cfg))
                 model.save_pretrained(tmp)
                 tiny_tokenizer(model.config.max_position_embeddings
                                if hasattr(model.config, "max_position_embeddings")
@@ -175,7 +179,11 @@ def load_model(
         kwargs["dtype"] = torch_dtype(method_cfg.compute_dtype)
         kwargs["device_map"] = device
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if not quantise:
+    if quantise:
+        from learnforget.methods import disable_bnb_cpu_fastpath
+
+        disable_bnb_cpu_fastpath(model)  # one numeric path for training and evaluation
+    else:
         model.to(device)
     tokenizer = load_tokenizer(path)
     return model, tokenizer, path

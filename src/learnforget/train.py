@@ -44,7 +44,7 @@ from learnforget.record import (
     meta_info,
     read_json,
 )
-from learnforget.tracking import make_loggers
+from learnforget.tracking import make_loggers, scrub
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -239,10 +239,12 @@ def setup(cfg: DictConfig) -> Setup | None:
     cache_dir = Path(cfg.paths.cache_dir).expanduser()
     t = cfg.train
 
+    model, tokenizer, base_path = load_model(cfg.model, cfg.method, cache_dir, device)
+    # Seed after loading: adapter init, dropout and data order then never depend on whether
+    # the base model came from the cache or was built just now.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model, tokenizer, base_path = load_model(cfg.model, cfg.method, cache_dir, device)
     model, notes = apply_method(model, cfg.method, model_name=cfg.model.name,
                                 tokenizer_path=base_path if Path(base_path).exists() else None)
     trainable, total = count_parameters(model)
@@ -282,8 +284,8 @@ def fit(s: Setup) -> Path:
         progress = load_resume(resume_path, model, optimizer, scheduler)
         notes.append(f"resumed from step {progress['step']}")
         print(f"learnforget: resuming {name} from step {progress['step']}")
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    resolved = scrub(OmegaConf.to_container(cfg, resolve=True))
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
     if not (out / "tokenizer").exists():
         tokenizer.save_pretrained(out / "tokenizer")
     record: dict[str, Any] = {

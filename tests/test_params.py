@@ -1,0 +1,74 @@
+"""`learnforget params`: exact counts for Llama-2-7B-shaped configs, on the meta device."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from learnforget.config import compose
+from learnforget.params import param_report, quantised_bytes_per_param
+
+# Llama-2-7B by hand: d=4096, ffn=11008, 32 layers, vocab 32000, untied head, no biases.
+D, F, L, V = 4096, 11008, 32, 32000
+PER_LAYER = 4 * D * D + 3 * D * F + 2 * D          # q,k,v,o + gate,up,down + 2 RMSNorms
+LLAMA2_7B = L * PER_LAYER + 2 * V * D + D          # + embeddings, LM head, final norm
+
+
+def lora_params(r: int, modules: str = "all") -> int:
+    attn = 4 * r * (D + D)
+    mlp = 2 * r * (D + F) + r * (F + D)
+    return L * {"all": attn + mlp, "attention": attn, "mlp": mlp}[modules]
+
+
+def test_hand_count_is_the_published_size():
+    assert LLAMA2_7B == 6_738_415_616
+
+
+@pytest.mark.parametrize("r", [16, 64, 256])
+@pytest.mark.parametrize("targets", ["all", "attention", "mlp"])
+def test_lora_counts_are_exact(r, targets):
+    rep = param_report(compose(["model=llama2_7b", "method=lora", f"method.r={r}",
+                                f"method.targets={targets}"]))
+    assert rep.base_total == LLAMA2_7B
+    assert rep.trainable == lora_params(r, targets)
+    assert rep.total == LLAMA2_7B + lora_params(r, targets)
+
+
+def test_full_and_other_methods():
+    full = param_report(compose(["model=llama2_7b", "method=full"]))
+    assert full.trainable == full.total == LLAMA2_7B
+    # Adam in fp32 would be 16 bytes/param; here bf16 weights+grads, bf16 Adam states: 8.
+    assert full.total_bytes == pytest.approx(8 * LLAMA2_7B)
+    dora = param_report(compose(["model=llama2_7b", "method=dora", "method.r=16"]))
+    magnitudes = L * (4 * D + 2 * F + D)             # one per output feature of each target
+    assert dora.trainable == lora_params(16) + magnitudes
+    ia3 = param_report(compose(["model=llama2_7b", "method=ia3"]))
+    assert ia3.trainable == L * (D + D + F)           # k, v outputs; down_proj input
+    topk = param_report(compose(["model=llama2_7b", "method=topk", "method.top_k=2"]))
+    assert topk.trainable == 2 * PER_LAYER + D        # two blocks + final norm
+    prompt = param_report(compose(["model=llama2_7b", "method=prompt",
+                                   "method.num_virtual_tokens=20"]))
+    assert prompt.trainable == 20 * D
+    prefix = param_report(compose(["model=llama2_7b", "method=prefix",
+                                   "method.num_virtual_tokens=20"]))
+    assert prefix.trainable == 20 * L * 2 * D
+
+
+def test_qlora_memory_uses_4bit_weights():
+    q = param_report(compose(["model=llama2_7b", "method=qlora", "method.r=16"]))
+    assert q.trainable == lora_params(16)
+    quantised = L * (4 * D * D + 3 * D * F)
+    rest = LLAMA2_7B - quantised
+    expected = quantised * quantised_bytes_per_param(64, True) + rest * 4 + q.trainable * 4
+    assert q.weights_bytes == pytest.approx(expected)
+    assert quantised_bytes_per_param(64, True) * 8 - 4 == pytest.approx(0.127, abs=1e-3)
+
+
+def test_cli_prints_counts_without_network():
+    out = subprocess.run([sys.executable, "-m", "learnforget.cli", "params", "model=llama2_7b",
+                          "method=lora", "method.r=16"], capture_output=True, text=True,
+                         timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert "39,976,960" in out.stdout and "6,738,415,616" in out.stdout

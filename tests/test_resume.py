@@ -1,0 +1,99 @@
+"""A run killed after its first checkpoint resumes and ends where an uninterrupted run ends.
+
+The kill is `os._exit(137)` right after the first checkpoint (train.crash_at_step): no
+clean-up, no final write, as with SIGKILL. Tolerance: weights and losses equal to 1e-6
+(on one thread they are bit-identical in practice).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST
+from safetensors.torch import load_file
+
+COMMON = [*FAST, "train.checkpoints.at=[2,4]", "train.num_threads=1", "data.max_docs=8",
+          "data.heldout_docs=2", "method.r=4"]
+
+
+def _train(runs: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LEARNFORGET_RUNS_DIR": str(runs), "LEARNFORGET_CACHE_DIR": str(cache)}
+    return subprocess.run([sys.executable, "-m", "learnforget.cli", "train", *COMMON, *overrides],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (run / "train/metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss", r.get("heldout_loss"))) for r in rows]
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    name = "adapter_model.safetensors" if (ckpt / "adapter_model.safetensors").exists() \
+        else "model.safetensors"
+    return load_file(ckpt / name)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, cache_dir, method):
+    runs = tmp_path / "runs"
+    ref = _train(runs, cache_dir, f"method={method}", "experiment_name=straight")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    killed = _train(runs, cache_dir, f"method={method}", "experiment_name=killed",
+                    "train.crash_at_step=2")
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    run_b = next((runs / "killed").iterdir())
+    assert json.loads((run_b / "run.json").read_text())["status"] == "running"  # died mid-run
+    assert (run_b / "checkpoints/step-000002").exists()
+    assert not (run_b / "checkpoints/step-000004").exists()
+
+    resumed = _train(runs, cache_dir, f"method={method}", "experiment_name=killed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+
+    run_a = next((runs / "straight").iterdir())
+    assert run_a.name == run_b.name  # same config, same run name
+    info_b = json.loads((run_b / "run.json").read_text())
+    assert info_b["status"] == "finished" and "resumed from step 2" in info_b["train"]["notes"]
+    la, lb = _losses(run_a), _losses(run_b)
+    assert [s for s, _ in la] == [s for s, _ in lb]
+    for (_, x), (_, y) in zip(la, lb, strict=True):
+        assert abs(x - y) <= 1e-6
+    wa, wb = _weights(run_a / "checkpoints/step-000004"), _weights(run_b / "checkpoints/step-000004")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+
+
+def test_sigterm_saves_state_and_the_rerun_finishes(tmp_path, cache_dir):
+    """SLURM's pre-emption signal: the run stops at a step boundary with a resume state."""
+    import signal
+    import time
+
+    runs = tmp_path / "runs"
+    env = {**os.environ, "LEARNFORGET_RUNS_DIR": str(runs), "LEARNFORGET_CACHE_DIR": str(cache_dir)}
+    args = [sys.executable, "-m", "learnforget.cli", "train", *COMMON, "method=lora",
+            "train.checkpoints.at=[2,200]"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(runs.glob("default/*/checkpoints/step-000002")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "SIGTERM received" in stdout
+    run = next((runs / "default").iterdir())
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "interrupted" and 2 <= info["train"]["steps_done"] < 200
+    assert (run / "train/resume.pt").exists()
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming {run.name} from step {info['train']['steps_done']}" in done.stdout
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["train"]["steps_done"] == 200
