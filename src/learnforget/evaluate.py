@@ -1,0 +1,394 @@
+"""The eval stage: each checkpoint of a run -> target and forgetting scores, against the base
+model's scores (computed once per model and eval settings, then cached).
+
+    learnforget eval runs/default/<run name> eval=offline
+    learnforget eval model=smollm2_135m method=lora data=stdlib_code eval=offline  # same run
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from learnforget.config import conf_dir
+from learnforget.crossentropy import mean_cross_entropy
+from learnforget.data import build_data, load_records, pack_documents
+from learnforget.errors import ConfigError
+from learnforget.record import atomic_write_json, meta_info, package_versions, read_json
+
+ROLES = ("target", "forgetting")
+
+
+# ------------------------------------------------------------------ suite -> task specs
+
+def resolve_data_path(value: str, cache_dir: Path, task: str) -> Path:
+    """`asset:humaneval`, `asset:bigbench/<task>`, or a path (relative: to the repository)."""
+    from learnforget import assets_cache
+
+    if value.startswith("asset:"):
+        name = value.removeprefix("asset:")
+        if name == "humaneval":
+            return assets_cache.humaneval_path(cache_dir, fetch=False)
+        if name.startswith("bigbench/"):
+            return assets_cache.bigbench_path(cache_dir, name.removeprefix("bigbench/"), fetch=False)
+        raise ConfigError(f"eval task {task}: unknown asset {value!r} (expected asset:humaneval "
+                          "or asset:bigbench/<task>)")
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = conf_dir().parent / path
+    if not path.exists():
+        raise ConfigError(f"eval task {task}: data file not found: {path}")
+    return path
+
+
+def task_specs(ev: DictConfig, cache_dir: Path) -> list:
+    from learnforget.lmeval_tasks import TaskSpec
+
+    specs = []
+    for t in ev.tasks:
+        if t.get("role", "forgetting") not in ROLES:
+            raise ConfigError(f"eval task {t.name}: role {t.role!r} is unknown (expected "
+                              f"{' or '.join(ROLES)})")
+        if t.kind == "builtin":
+            raise ConfigError(
+                f"eval task {t.name}: lm-eval's built-in task needs the Hugging Face hub, which "
+                "this harness does not reach offline; use eval=offline here, eval=paper where "
+                "the hub is reachable (not yet wired: see the README)")
+        data = resolve_data_path(str(t.data), cache_dir, t.name)
+        few = t.get("fewshot_data")
+        specs.append(TaskSpec(
+            name=str(t.name), kind=str(t.kind), data_file=data,
+            fewshot_file=resolve_data_path(str(few), cache_dir, t.name) if few else None,
+            num_fewshot=t.get("num_fewshot"), role=str(t.get("role", "forgetting")),
+            chance=None))
+    return specs
+
+
+def _chance_of(spec) -> float | None:
+    """Chance accuracy of a multiple-choice task, from its own data file."""
+    if spec.chance is not None:
+        return spec.chance
+    fixed = {"hellaswag": 0.25, "winogrande": 0.5}
+    if spec.kind in fixed:
+        return fixed[spec.kind]
+    if spec.kind in ("arc_challenge", "mc_json"):
+        inv = []
+        for line in spec.data_file.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                choices = rec["choices"]["text"] if spec.kind == "arc_challenge" else rec["choices"]
+                inv.append(1 / len(choices))
+        return sum(inv) / len(inv) if inv else None
+    return None
+
+
+# ------------------------------------------------------------------ perplexity sets
+
+def ppl_examples(p: DictConfig, run_cfg: DictConfig, tokenizer, seq_len: int, cache_dir: Path):
+    """The blocks of one cross-entropy set: the run's held-out split, an asset or a file."""
+    max_blocks = int(p.get("max_blocks", 32))
+    if p.source == "run":
+        data = build_data(run_cfg.data, tokenizer, run_cfg.train.seq_len, seed=run_cfg.seed)
+        return data.heldout[:max_blocks], f"held-out split of data={run_cfg.data.name}"
+    if p.source == "asset":
+        from learnforget import assets_cache
+
+        if p.path != "shakespeare":
+            raise ConfigError(f"eval ppl set {p.name}: unknown asset {p.path!r} (expected shakespeare)")
+        docs = [f.read_text() for f in assets_cache.shakespeare_text(cache_dir, fetch=False)]
+        source = "asset:shakespeare"
+    elif p.source == "file":
+        path = resolve_data_path(str(p.path), cache_dir, str(p.name))
+        docs = load_records({"name": str(p.name), "regime": "cpt", "source": "local",
+                             "path": str(path), "text_field": p.get("text_field", "text")})
+        source = str(path)
+    else:
+        raise ConfigError(f"eval ppl set {p.name}: source {p.source!r} is unknown (expected "
+                          "run, asset or file)")
+    blocks, _ = pack_documents(list(docs), tokenizer, tokenizer.eos_token_id, seq_len)
+    if not blocks:
+        raise ConfigError(f"eval ppl set {p.name}: fewer than {seq_len} tokens in {source}")
+    return blocks[:max_blocks], source
+
+
+# ------------------------------------------------------------------ models
+
+class StripVirtualTokens(torch.nn.Module):
+    """Prompt tuning prepends virtual tokens, and peft returns their logits too; lm-eval
+    expects one logit row per input token, so drop the first `n` rows."""
+
+    def __init__(self, model: torch.nn.Module, n: int):
+        super().__init__()
+        self.model, self.n = model, n
+
+    def forward(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        out.logits = out.logits[:, self.n:, :]
+        return out
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+
+def load_for_eval(run_cfg: DictConfig, ckpt: Path | None, cache_dir: Path, device: str):
+    """The base model (ckpt None) or a checkpoint: adapters on their (quantised) base, unmerged."""
+    from transformers import AutoModelForCausalLM
+
+    from learnforget.models import load_model, torch_dtype
+
+    manifest = read_json(ckpt / "manifest.json") if ckpt else None
+    if manifest and manifest["format"] == "safetensors":
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype(run_cfg.model.dtype))
+        model.to(device)
+    else:
+        base_method = run_cfg.method if run_cfg.method.name == "qlora" else OmegaConf.create(
+            {"name": "full"})
+        model, _, _ = load_model(run_cfg.model, base_method, cache_dir, device)
+        if manifest:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, ckpt)
+            cfg = model.peft_config["default"]
+            if type(cfg).__name__ == "PromptTuningConfig":
+                model = StripVirtualTokens(model, cfg.num_virtual_tokens)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def diversity(model, tokenizer, d: DictConfig, seed: int) -> dict[str, Any]:
+    """Unique completions among `samples` sampled per prompt (paper fig. 5)."""
+    if not d.prompts:
+        return {}
+    per_prompt = {}
+    for i, prompt in enumerate(d.prompts):
+        torch.manual_seed(seed + i)
+        enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+        out = model.generate(**enc, do_sample=True, temperature=float(d.temperature),
+                             top_p=float(d.top_p), max_new_tokens=int(d.max_new_tokens),
+                             num_return_sequences=int(d.samples),
+                             pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        per_prompt[prompt] = len(set(texts))
+    return {"samples": int(d.samples), "unique": per_prompt,
+            "mean_unique": sum(per_prompt.values()) / len(per_prompt)}
+
+
+def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,
+          cache_dir: Path) -> dict[str, Any]:
+    """All of a suite's numbers for one model: lm-eval tasks, cross-entropy sets, diversity."""
+    from lm_eval.models.huggingface import HFLM
+
+    from learnforget.lmeval_tasks import evaluate as run_tasks
+
+    t0 = time.perf_counter()
+    tasks: dict[str, Any] = {}
+    if specs:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(ev.batch_size),
+                  max_gen_toks=int(ev.max_gen_toks))
+        tasks = run_tasks(lm, specs, include_path, limit=ev.limit, batch_size=int(ev.batch_size),
+                          seed=int(ev.seed), code_exec_allowed=bool(ev.allow_code_execution))
+        for spec in specs:
+            tasks[spec.name]["chance"] = _chance_of(spec)
+    ppl = {}
+    for p in ev.ppl:
+        examples, source = ppl_examples(p, run_cfg, tokenizer, int(ev.seq_len), cache_dir)
+        ce, n = mean_cross_entropy(model, examples, batch_size=int(ev.batch_size),
+                                   pad_id=tokenizer.pad_token_id, device=model.device)
+        ppl[str(p.name)] = {"ce": ce, "ppl": math.exp(ce), "n_tokens": n, "source": source,
+                            "role": str(p.get("role", "forgetting"))}
+    return {"tasks": tasks, "ppl": ppl,
+            "diversity": diversity(model, tokenizer, ev.diversity, int(ev.seed)),
+            "wall_time_s": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------ summary rows
+
+def summarize(scores: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
+    """One row: target and forgetting scores (means of each task's primary metric), their
+    change against base, chance-corrected forgetting, and each cross-entropy set."""
+    row: dict[str, Any] = {}
+    for role in ROLES:
+        vals = [t["primary"] for t in scores["tasks"].values() if t["role"] == role]
+        row[f"{role}_score"] = sum(vals) / len(vals) if vals else None
+        corrected = [(t["primary"] - t["chance"]) / (1 - t["chance"])
+                     for t in scores["tasks"].values()
+                     if t["role"] == role and t.get("chance") not in (None, 1)]
+        row[f"{role}_score_chance_corrected"] = (sum(corrected) / len(corrected)
+                                                 if corrected else None)
+        ces = [p["ce"] for p in scores["ppl"].values() if p["role"] == role]
+        row[f"{role}_ce"] = sum(ces) / len(ces) if ces else None
+    for name, t in scores["tasks"].items():
+        row[f"task/{name}"] = t["primary"]
+    for name, p in scores["ppl"].items():
+        row[f"ce/{name}"] = p["ce"]
+    if scores.get("diversity"):
+        row["diversity_mean_unique"] = scores["diversity"]["mean_unique"]
+    if base is not None:
+        b = summarize(base, None)
+        for key, value in list(row.items()):
+            if value is not None and b.get(key) is not None:
+                row[f"delta/{key}"] = value - b[key]
+    return row
+
+
+# ------------------------------------------------------------------ the stage
+
+def eval_key(ev: DictConfig, specs, include_path: Path) -> str:
+    """Hash of everything that defines the scores: the suite's settings and each task's
+    config and data (so a changed task file invalidates cached results)."""
+    from learnforget.lmeval_tasks import task_config_hash
+
+    settings = OmegaConf.to_container(ev, resolve=True)
+    for volatile in ("checkpoint", "after_train"):
+        settings.pop(volatile, None)
+    hashes = {s.name: task_config_hash(include_path, s.name) for s in specs}
+    blob = json.dumps({"settings": settings, "tasks": hashes}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, tokenizer,
+                specs, include_path: Path, cache_dir: Path, device: str) -> dict[str, Any]:
+    """The base model's scores, computed once per (model, quantisation, suite settings)."""
+    from learnforget.assets_cache import file_lock
+
+    model_id = run_cfg.model.name
+    if run_cfg.method.name == "qlora":  # adapters are scored on the base they trained on
+        m = run_cfg.method
+        model_id += f"-4bit-{m.quant_type}{'-dq' if m.double_quant else ''}-{m.compute_dtype}"
+    ppl_run = any(p.source == "run" for p in ev.ppl)
+    data_id = f"-{run_cfg.data.name}" if ppl_run else ""
+    path = runs_root / "_base" / model_id / f"{ev.name}{data_id}-{key[:12]}.json"
+    with file_lock(path.with_suffix(".lock")):
+        cached = read_json(path)
+        if cached and cached.get("eval_key") == key:
+            return cached
+        print(f"learnforget: scoring the base model {model_id} on eval={ev.name} (cached after)")
+        model = load_for_eval(run_cfg, None, cache_dir, device)
+        result = {"eval_key": key, "model": model_id, "suite": ev.name,
+                  **score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir),
+                  "versions": package_versions()}
+        atomic_write_json(path, result)
+        return result
+
+
+def evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None = None,
+                 cache_dir: Path | None = None) -> Path:
+    """Evaluate every checkpoint of a run folder (or ev.checkpoint); returns the summary path."""
+    from learnforget.lmeval_tasks import write_task_dir
+    from learnforget.models import load_tokenizer
+
+    run_dir = Path(run_dir).resolve()
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml): train it first")
+    run_cfg = OmegaConf.load(cfg_path)
+    cache_dir = Path(cache_dir or run_cfg.paths.cache_dir).expanduser()
+    ckpts = sorted((p for p in (run_dir / "checkpoints").glob("*") if (p / "manifest.json").exists()),
+                   key=lambda p: read_json(p / "manifest.json")["step"]) \
+        if (run_dir / "checkpoints").exists() else []
+    if not ckpts:
+        raise ConfigError(f"run folder {run_dir} has no checkpoints (train it first, or wait "
+                          "for its first checkpoint)")
+    if ev.checkpoint:
+        ckpts = [p for p in ckpts if p.name == ev.checkpoint]
+        if not ckpts:
+            raise ConfigError(f"eval.checkpoint={ev.checkpoint!r} is not a checkpoint of "
+                              f"{run_dir.name}")
+    if ev.allow_code_execution is False and any(t.kind == "humaneval" for t in ev.tasks):
+        from learnforget.sandbox import require_opt_in
+
+        require_opt_in(False)
+    specs = task_specs(ev, cache_dir)
+    include_path = write_task_dir(specs, run_dir / "eval" / "tasks") if specs else run_dir
+    key = eval_key(ev, specs, include_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+    base = base_scores(run_cfg, ev, key, run_dir.parents[1], tokenizer, specs, include_path,
+                       cache_dir, device)
+
+    loggers = None
+    if logger_cfg is not None and logger_cfg.name == "wandb":
+        from learnforget.tracking import WandbLogger
+
+        loggers = WandbLogger(logger_cfg, run_dir=run_dir, run_name=run_dir.name,
+                              group=str(run_cfg.experiment_name), job_type="eval",
+                              config={"eval": OmegaConf.to_container(ev, resolve=True)},
+                              tags=[run_cfg.method.name, run_cfg.data.name, ev.name],
+                              x_axis="tokens")
+    rows = [{"checkpoint": "base", "step": 0, "tokens": 0, **summarize(base, base)}]
+    for ckpt in tqdm(ckpts, desc=f"eval {run_dir.name[:30]}", disable=None):
+        manifest = read_json(ckpt / "manifest.json")
+        out = run_dir / "eval" / f"{ckpt.name}.json"
+        result = read_json(out)
+        if not (result and result.get("eval_key") == key):
+            model = load_for_eval(run_cfg, ckpt, cache_dir, device)
+            result = {"checkpoint": ckpt.name, "step": manifest["step"],
+                      "tokens": manifest["tokens"], "epoch": manifest.get("epoch"),
+                      "eval_key": key, "suite": ev.name, "batch_size": int(ev.batch_size),
+                      "seed": int(ev.seed), "limit": ev.limit,
+                      **score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir),
+                      "meta": meta_info()}
+            atomic_write_json(out, result)
+            del model
+        row = {"checkpoint": ckpt.name, "step": result["step"], "tokens": result["tokens"],
+               **summarize(result, base)}
+        rows.append(row)
+        if loggers:
+            loggers.log(row)
+    summary = {"run": run_dir.name, "suite": ev.name, "eval_key": key,
+               "base_scores": str(run_dir.parents[1] / "_base"), "rows": rows}
+    path = run_dir / "eval" / f"summary-{ev.name}.json"
+    atomic_write_json(path, summary)
+    _write_csv(path.with_suffix(".csv"), rows)
+    if loggers:
+        loggers.summary({"eval_suite": ev.name})
+        loggers.finish("finished")
+    _print_rows(rows)
+    return path
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    import csv
+    import io
+
+    from learnforget.record import atomic_write_text
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    def f(v):
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    cols = ["checkpoint", "tokens", "target_score", "forgetting_score", "target_ce",
+            "forgetting_ce"]
+    print("  ".join(f"{c:>16}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{f(r.get(c)):>16}" for c in cols))
+
+
+def eval_main(cfg: DictConfig, run_dir: Path | None = None) -> Path:
+    """Evaluate the run that `cfg` names (or the given folder) with suite cfg.eval."""
+    from learnforget.config import run_dir as derive_run_dir
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    target = Path(run_dir) if run_dir else derive_run_dir(cfg)
+    return evaluate_run(target, cfg.eval, cfg.logger, Path(cfg.paths.cache_dir).expanduser())
