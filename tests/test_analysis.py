@@ -24,7 +24,6 @@ NOTEBOOKS = sorted((REPO / "analysis").glob("*.py"))
 SCORES = {
     "full": [(0.20, 0.60, 2.00, 3.00), (0.40, 0.52, 1.60, 3.30), (0.55, 0.45, 1.30, 3.60)],
     "lora": [(0.20, 0.60, 2.00, 3.00), (0.30, 0.58, 1.80, 3.05), (0.38, 0.57, 1.65, 3.10)],
-    "ia3": [(0.20, 0.60, 2.00, 3.00), (0.22, 0.60, 1.95, 3.00), (0.25, 0.59, 1.90, 3.02)],
 }
 
 
@@ -53,7 +52,7 @@ def runs_root(tmp_path_factory, cache_dir) -> Path:
     """A runs root like `learnforget train` leaves it (the make_cfg settings: 2 steps,
     checkpoints after step 1 and 2) plus hand-written eval summaries; the DoRA run has none."""
     root = tmp_path_factory.mktemp("analysis") / "runs"
-    for method in ("full", "lora", "ia3", "dora"):
+    for method in ("full", "lora", "dora"):
         cfg = compose([f"paths.runs_dir={root}", f"paths.cache_dir={cache_dir}",
                        "data=stdlib_code", *FAST, *OFFLINE_DATA["stdlib_code"],
                        f"method={method}", "method.r=4", "train.lr=1e-2",
@@ -69,9 +68,9 @@ def runs_root(tmp_path_factory, cache_dir) -> Path:
 
 def test_collect_skips_and_reports_a_run_without_eval(runs_root, capsys):
     df = collect(runs_root)
-    assert len(find_runs(runs_root)) == 4
-    assert sorted(df["method"].unique()) == ["full", "ia3", "lora"]
-    assert len(df) == 9  # 3 runs x (base + 2 checkpoints)
+    assert len(find_runs(runs_root)) == 3
+    assert sorted(df["method"].unique()) == ["full", "lora"]
+    assert len(df) == 6  # 2 runs x (base + 2 checkpoints)
     (warning,) = df.attrs["warnings"]
     assert "dora" in warning and "eval" in warning
     assert "dora" in capsys.readouterr().err
@@ -146,20 +145,23 @@ def test_analyze_writes_table_figures_and_spectra(runs_root, tmp_path):
 
     out = tmp_path / "analysis_out"
     res = analyze(runs_root, out, random_n=100, verbose=False)
-    assert res["out"] == out and res["n_rows"] == 9
+    assert res["out"] == out and res["n_rows"] == 6
     names = {p.name for p in res["figures"]}
     for stem in ("learning_vs_forgetting", "learning_vs_forgetting_ce",
                  "learning_forgetting_vs_tokens", "rank_vs_tokens", "random_matrices"):
         assert {f"{stem}.png", f"{stem}.svg"} <= names, stem
-    assert sum(n.startswith("rank_heatmap-") and n.endswith(".png") for n in names) == 4
-    assert sum(n.startswith("spectra_curves-") and n.endswith(".png") for n in names) == 4
+    assert sum(n.startswith("rank_heatmap-") and n.endswith(".png") for n in names) == 3
+    assert sum(n.startswith("spectra_curves-") and n.endswith(".png") for n in names) == 3
     assert all(_nonempty(p) for p in res["figures"])
     table = pd.read_csv(out / "runs.csv")
-    assert len(table) == 9 and (out / "runs.parquet").exists()
-    assert len(res["spectra"]) == 8  # 4 runs x 2 checkpoints, the uneval'd DoRA run included
+    assert len(table) == 6 and (out / "runs.parquet").exists()
+    assert len(res["spectra"]) == 6  # 3 runs x 2 checkpoints, the uneval'd DoRA run included
     assert any("dora" in w for w in res["warnings"])
     spectra = pd.read_csv(out / "spectra.csv")
-    assert set(spectra["method"]) == {"full", "lora", "ia3", "dora"}
+    assert set(spectra["method"]) == {"full", "lora", "dora"}
+    lora = spectra[spectra["method"] == "lora"]
+    assert len(lora) == 2 * 14 and (lora["rank_for_variance"] <= 4).all()
+    assert (spectra.loc[spectra["method"] == "full", "rank_for_variance"] > 4).any()
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
@@ -180,7 +182,7 @@ def test_notebook_runs_headless_and_writes_figures(notebook, runs_root, tmp_path
     for name in expected.get(notebook.stem, []):
         assert any(p.name == name for p in pngs), (name, [p.name for p in pngs])
     if notebook.stem == "spectra":
-        assert sum(p.name.startswith("rank_heatmap-") for p in pngs) == 4
+        assert sum(p.name.startswith("rank_heatmap-") for p in pngs) == 3
         assert "phi=" in proc.stdout  # LoRA vs full subspace similarity printed
 
 
@@ -205,3 +207,16 @@ def test_bench_spectra_small():
     assert len(set(res["rank90_fast_dense_gram"])) == 1
     assert res["rect_shape"] == [96, 160]
     assert res["rect_rank90_svd_gram"][0] == res["rect_rank90_svd_gram"][1]
+
+
+def test_cli_entry_points(runs_root, tmp_path, capsys):
+    from learnforget.analyze import analyze_cli, bench_cli
+
+    out = tmp_path / "cli_out"
+    assert analyze_cli([str(runs_root), "--out", str(out), "--no-spectra", "--random-n", "0"]) == 0
+    assert _nonempty(out / "learning_vs_forgetting.png") and (out / "runs.csv").exists()
+    assert str(out / "runs.csv") in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="bench spectra"):
+        bench_cli(["nonsense"])
+    with pytest.raises(ConfigError, match="no run folders"):
+        analyze_cli([str(tmp_path / "cli_out")])

@@ -116,3 +116,72 @@ def test_bad_eval_input(make_cfg, lora_run, tmp_path):
     with pytest.raises(ConfigError, match="allow_code_execution"):
         evaluate_run(run, no_opt_in)
     assert not (empty / "eval").exists()
+
+
+PAPER_HUB_MSG = ("eval=paper task hellaswag needs the Hugging Face hub to download its data, "
+                 "which cannot be reached here (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set): "
+                 "use eval=offline")
+
+
+def test_paper_suite_stops_before_model_work_without_the_hub(make_cfg, tmp_path, monkeypatch):
+    import re
+
+    from omegaconf import OmegaConf
+
+    import learnforget.evaluate as ev_mod
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cfg = make_cfg("eval=paper")
+    with pytest.raises(ConfigError, match=re.escape(PAPER_HUB_MSG)):
+        task_specs(cfg.eval, Path(cfg.paths.cache_dir))
+    # the eval stage on a (fake) run folder: refused before any tokenizer or model is loaded
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000001").mkdir(parents=True)
+    (run / "checkpoints" / "step-000001" / "manifest.json").write_text(
+        json.dumps({"step": 1, "tokens": 64, "format": "peft"}))
+    OmegaConf.save(cfg, run / "config.yaml")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(ev_mod, "load_for_eval", no_model)
+    monkeypatch.setattr("learnforget.models.load_tokenizer", no_model)
+    with pytest.raises(ConfigError, match=re.escape(PAPER_HUB_MSG)):
+        evaluate_run(run, cfg.eval)
+    assert not (run / "eval").exists()
+
+
+def test_paper_suite_specs(make_cfg, tmp_path, monkeypatch):
+    """With the hub reachable (as far as the settings go): builtin specs by lm-eval name, and
+    the sampled HumanEval settings pass through to its task; no network is used."""
+    from learnforget.evaluate import eval_key
+    from learnforget.lmeval_tasks import task_config_hash, write_task_dir
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "0")
+    cfg = make_cfg("eval=paper")
+    for t in cfg.eval.tasks:  # the HumanEval asset is not in the test cache: a fixture instead
+        if t.kind == "humaneval":
+            t.data = "tests/fixtures/eval/humaneval.jsonl"
+    specs = task_specs(cfg.eval, Path(cfg.paths.cache_dir))
+    by_name = {s.name: s for s in specs}
+    assert list(by_name) == ["hellaswag", "arc_challenge", "winogrande", "gsm8k", "lf_humaneval",
+                             "lf_humaneval_sampled"]
+    assert {n: (s.kind, s.role, s.chance, s.num_fewshot, s.data_file)
+            for n, s in list(by_name.items())[:4]} == {
+        "hellaswag": ("builtin", "forgetting", 0.25, None, None),
+        "arc_challenge": ("builtin", "forgetting", None, None, None),
+        "winogrande": ("builtin", "forgetting", 0.5, None, None),
+        "gsm8k": ("builtin", "target", None, 5, None)}
+    greedy, sampled = by_name["lf_humaneval"], by_name["lf_humaneval_sampled"]
+    assert greedy.samples is None and greedy.ks == [1]
+    assert (sampled.samples, sampled.temperature, sampled.top_p, sampled.ks) == (50, 0.2, 0.95, [1])
+    include = write_task_dir(specs, tmp_path / "tasks")
+    gen = (include / "lf_humaneval_sampled.yaml").read_text()
+    assert "repeats: 50" in gen and "temperature: 0.2" in gen and "top_p: 0.95" in gen
+    assert eval_key(cfg.eval, specs, include)  # every task hashes (builtin: its YAML text)
+    assert task_config_hash(include, "gsm8k") != task_config_hash(include, "hellaswag")
+    bad = cfg.eval.copy()
+    bad.tasks[0].name = "mmlu"
+    with pytest.raises(ConfigError, match="eval task mmlu: kind builtin runs lm-eval's own task"):
+        task_specs(bad, Path(cfg.paths.cache_dir))

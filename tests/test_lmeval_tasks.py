@@ -1,10 +1,13 @@
 """lm-eval tasks on local files: every kind runs offline on a tiny Llama, results match a plain
-`lm_eval.simple_evaluate` call, HumanEval scores through our sandbox only when opted in, and the
-config hash and bad-input errors behave."""
+`lm_eval.simple_evaluate` call, HumanEval scores through our sandbox only when opted in (greedy,
+and sampled with the unbiased pass@k), builtin tasks are lm-eval's own and refuse without the
+hub, and the config hash and bad-input errors behave."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 from pathlib import Path
 
@@ -18,12 +21,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from learnforget.errors import ConfigError
 from learnforget.lmeval_tasks import (
+    BUILTIN,
     KINDS,
+    OFFLINE_ENV,
     TaskSpec,
     builtin_yaml,
+    chance_level,
     clean_metric_key,
     evaluate,
     primary_metric,
+    require_hub,
     task_config_hash,
     write_task_dir,
 )
@@ -221,3 +228,199 @@ def test_metric_names():
     assert clean_metric_key("exact_match,flexible-extract") == "exact_match_flexible"
     assert clean_metric_key("acc,none") == "acc"
     assert clean_metric_key("f1,my filter") == "f1_my_filter"
+
+
+# ------------------------------------------------------------------ sampled HumanEval (pass@k)
+
+
+def sampled_spec(**kw) -> TaskSpec:
+    args = {"samples": 3, "temperature": 0.2, "top_p": 0.95, "ks": [1, 2, 3]} | kw
+    return TaskSpec("lf_he_sampled", "humaneval", EVAL / "humaneval.jsonl", **args)
+
+
+def formula(n: int, c: int, k: int) -> float:
+    """Chen et al. (2021): pass@k = 1 - C(n-c, k) / C(n, k)."""
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def test_pass_at_k_aggregation_matches_the_formula():
+    counts = [(3, 0), (3, 1), (3, 2), (3, 3), (5, 2)]
+    got = humaneval_utils.mean_pass_at_k(counts, [1, 2, 3])
+    assert set(got) == {"pass@1", "pass@2", "pass@3"}
+    for k in (1, 2, 3):
+        assert got[f"pass@{k}"] == pytest.approx(
+            sum(formula(n, c, k) for n, c in counts) / len(counts), abs=1e-12)
+    assert got["pass@1"] == pytest.approx((0 + 1 / 3 + 2 / 3 + 1 + 2 / 5) / 5)
+    assert humaneval_utils.problem_pass_at_k(50, 7, [1, 10]) == pytest.approx(
+        {"pass@1": 7 / 50, "pass@10": formula(50, 7, 10)})
+
+
+def test_sampled_humaneval_task_config(tmp_path):
+    """humaneval_64.yaml's sampling setup (repeats, do_sample, temperature, top_p, a filter
+    that keeps all n completions, a pass@k metric with k: [...]); greedy stays the default."""
+    greedy = TaskSpec("lf_he", "humaneval", EVAL / "humaneval.jsonl")
+    include = write_task_dir([greedy, sampled_spec()], tmp_path)
+    cfg = load_yaml(include / "lf_he_sampled.yaml", resolve_func=False)
+    builtin64 = load_yaml(Path(lm_eval.__file__).parent / "tasks/humaneval/humaneval_64.yaml",
+                          resolve_func=False)
+    assert cfg["repeats"] == 3 and builtin64["repeats"] == 64
+    gen = cfg["generation_kwargs"]
+    assert gen["until"] == builtin64["generation_kwargs"]["until"]
+    assert (gen["do_sample"], gen["temperature"], gen["top_p"], gen["top_k"]) == (True, 0.2, 0.95, 0)
+    assert [f["name"] for f in cfg["filter_list"]] == ["create_test"]
+    (metric,) = cfg["metric_list"]
+    assert metric["metric"].endswith("humaneval_utils.pass_at_k") and metric["k"] == [1, 2, 3]
+    assert "process_results" not in cfg
+    plain = load_yaml(include / "lf_he.yaml", resolve_func=False)
+    assert plain["repeats"] == 1 and plain["generation_kwargs"]["do_sample"] is False
+    assert "filter_list" not in plain  # lm-eval's default: take_first
+    hashes = {task_config_hash(include, "lf_he"), task_config_hash(include, "lf_he_sampled"),
+              task_config_hash(write_task_dir([sampled_spec(temperature=0.8)], tmp_path / "b"),
+                               "lf_he_sampled")}
+    assert len(hashes) == 3
+
+
+class RiggedSamplingLM(RiggedLM):
+    """Problem i: its first correct[i] completions are the canonical solution, the rest wrong.
+    Records the generation settings it was asked for."""
+
+    def __init__(self, problems: list[dict], correct: dict[str, int]):
+        super().__init__(problems)
+        self.correct = {p["prompt"]: correct[p["task_id"]] for p in problems}
+        self.seen: dict[str, int] = {}
+        self.gen_kwargs: list[dict] = []
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        out = []
+        for req in requests:
+            prompt, gen = req.args
+            self.gen_kwargs.append(gen)
+            i = self.seen.get(prompt, 0)
+            self.seen[prompt] = i + 1
+            out.append(self.answers[prompt] if i < self.correct[prompt] else "    return None\n")
+        return out
+
+
+def test_sampled_humaneval_reports_the_unbiased_pass_at_k(tmp_path):
+    spec = sampled_spec()
+    include = write_task_dir([spec], tmp_path)
+    problems = [json.loads(x) for x in spec.data_file.read_text().splitlines()]
+    correct = {p["task_id"]: i % 4 for i, p in enumerate(problems)}  # 0..3 of 3 pass
+    lm = RiggedSamplingLM(problems, correct)
+    res = evaluate(lm, [spec], include, code_exec_allowed=True, log_samples=True)["lf_he_sampled"]
+    assert sorted(lm.seen.values()) == [3] * len(problems)  # n = 3 requests per problem
+    assert all(g["do_sample"] is True and g["temperature"] == 0.2 and g["top_p"] == 0.95
+               for g in lm.gen_kwargs)
+    assert res["n"] == len(problems) and res["primary_metric"] == "pass@1"
+    counts = [(3, correct[p["task_id"]]) for p in problems]
+    assert set(res["metrics"]) == {"pass@1", "pass@2", "pass@3"}
+    for k in (1, 2, 3):
+        expect = sum(formula(n, c, k) for n, c in counts) / len(counts)
+        assert res["metrics"][f"pass@{k}"] == pytest.approx(expect, abs=1e-12)
+        assert res["stderr"][f"pass@{k}"] is not None
+    assert res["primary"] == res["metrics"]["pass@1"]
+    assert [len(s["filtered_resps"][0]) for s in res["samples"]] == [3] * len(problems)
+    with pytest.raises(ConfigError, match="allow_code_execution"):
+        evaluate(lm, [spec], include, code_exec_allowed=False)
+
+
+def test_sampled_humaneval_on_a_tiny_model(hflm, tmp_path):
+    spec = sampled_spec(ks=[1, 2])
+    include = write_task_dir([spec], tmp_path)
+    res = evaluate(hflm, [spec], include, seed=SEED, code_exec_allowed=True,
+                   log_samples=True)["lf_he_sampled"]
+    assert res["n"] == n_records(spec.data_file)
+    assert set(res["metrics"]) == {"pass@1", "pass@2"}
+    assert all(0.0 <= v <= 1.0 for v in res["metrics"].values())
+    assert res["primary"] == res["metrics"]["pass@1"] and res["chance"] is None
+    assert all(len(s["resps"][0]) == 3 for s in res["samples"])  # n completions per problem
+
+
+def test_bad_sampling_settings_are_config_errors(tmp_path):
+    def bad(match: str, **kw):
+        with pytest.raises(ConfigError, match=match):
+            write_task_dir([sampled_spec(**kw)], tmp_path)
+
+    bad("needs a temperature > 0", temperature=None)
+    bad("needs a temperature > 0", temperature=0.0)
+    bad("top_p must be in", top_p=1.5)
+    bad(r"pass@5 needs at least 5 samples per problem, but samples is 3", ks=[1, 5])
+    bad("ks must be a non-empty list", ks=[])
+    bad("samples must be an integer >= 1", samples=0)
+    bad("apply to sampled HumanEval only", samples=None)
+    with pytest.raises(ConfigError, match="samples is for kind humaneval"):
+        write_task_dir([TaskSpec("lf_g", "gsm8k", EVAL / "gsm8k.jsonl", num_fewshot=2,
+                                 samples=3, temperature=0.2)], tmp_path)
+
+
+# ------------------------------------------------------------------ builtin: lm-eval's own tasks
+
+BUILTIN_NAMES = ("hellaswag", "arc_challenge", "winogrande", "gsm8k")
+
+
+def builtin_specs() -> list[TaskSpec]:
+    return [TaskSpec("hellaswag", BUILTIN), TaskSpec("arc_challenge", BUILTIN),
+            TaskSpec("winogrande", BUILTIN),
+            TaskSpec("gsm8k", BUILTIN, num_fewshot=5, role="target")]
+
+
+def test_builtin_tasks_are_lm_evals_own(tmp_path):
+    """Our task folder resolves each builtin name to the YAML lm-eval's own index does (of
+    the built-in task folders: the whole default index would take ~10 s more), and to the same
+    merged config but for `tag`; no network: nothing is loaded."""
+    include = write_task_dir(builtin_specs(), tmp_path)
+    ours = TaskManager(include_path=str(include), include_defaults=False)
+    folders = sorted({str(builtin_yaml(name).parent) for name in BUILTIN_NAMES})
+    theirs = TaskManager(include_path=folders, include_defaults=False)
+    assert set(BUILTIN_NAMES) <= set(ours.all_tasks) and set(BUILTIN_NAMES) <= set(theirs.all_tasks)
+    for name in BUILTIN_NAMES:
+        assert theirs.task_index[name].yaml_path.resolve() == builtin_yaml(name)
+        a, b = dict(ours.task_index[name].cfg), dict(theirs.task_index[name].cfg)
+        assert a.pop("tag") == [] and a["task"] == name
+        b.pop("tag", None)
+        assert a == b, name  # gsm8k's num_fewshot 5 is the built-in default too
+        assert not (a.get("dataset_kwargs") or {}).get("data_files")  # data from the hub
+
+
+def test_builtin_specs_results_shape_and_hash(tmp_path, monkeypatch):
+    specs = builtin_specs()
+    include = write_task_dir(specs, tmp_path / "a")
+    assert {s.name: primary_metric(BUILTIN, s.name) for s in specs} == {
+        "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "winogrande": "acc",
+        "gsm8k": "exact_match_strict"}
+    assert [chance_level(s) for s in specs] == [0.25, None, 0.5, None]
+    # the hash: our YAML + the built-in YAML text (and its functions), path-free
+    h = {s.name: task_config_hash(include, s.name) for s in specs}
+    assert h == {s.name: task_config_hash(write_task_dir(specs, tmp_path / "b"), s.name)
+                 for s in specs}
+    specs[3].num_fewshot = 3
+    assert task_config_hash(write_task_dir(specs, tmp_path / "a"), "gsm8k") != h["gsm8k"]
+    # no hub: refused before any model work (lm=None would fail at once otherwise)
+    for var in OFFLINE_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    msg = ("task hellaswag needs the Hugging Face hub to download its data, which cannot be "
+           "reached here (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set): use eval=offline")
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        evaluate(None, specs, include)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "true")
+    with pytest.raises(ConfigError, match=re.escape("eval=paper " + msg)):
+        require_hub("hellaswag", suite="paper")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    require_hub("hellaswag", suite="paper")  # reachable as far as the settings go
+
+
+def test_bad_builtin_specs_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="'mmlu' is not one of hellaswag, arc_challenge"):
+        write_task_dir([TaskSpec("mmlu", BUILTIN)], tmp_path)
+    with pytest.raises(ConfigError, match="give no data or few-shot file"):
+        write_task_dir([TaskSpec("hellaswag", BUILTIN, EVAL / "hellaswag.jsonl")], tmp_path)
+    with pytest.raises(ConfigError, match="max_gen_toks"):
+        write_task_dir([TaskSpec("hellaswag", BUILTIN, max_gen_toks=8)], tmp_path)
+    with pytest.raises(ConfigError, match="no data file given"):
+        write_task_dir([TaskSpec("lf_hs", "hellaswag")], tmp_path)
+    gen = load_yaml(write_task_dir([TaskSpec("gsm8k", BUILTIN, max_gen_toks=64)], tmp_path)
+                    / "gsm8k.yaml", resolve_func=False)["generation_kwargs"]
+    assert gen["max_gen_toks"] == 64 and gen["until"] == load_yaml(
+        builtin_yaml("gsm8k"), resolve_func=False)["generation_kwargs"]["until"]

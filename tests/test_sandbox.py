@@ -332,3 +332,10 @@ def test_large_program_and_main_guard():
     program = filler * 1000 + "if __name__ == '__main__':\n    print('main ran')\n"
     res = run(program)
     assert res.passed and res.stdout == "main ran\n", res.stderr
+
+
+def test_nul_byte_program_fails_cleanly():
+    from learnforget.sandbox import run_in_sandbox
+
+    res = run_in_sandbox("x = 1\x00\n", allowed=True, timeout_s=5)
+    assert res.status == "failed" and "null" in res.stderr.lower()

@@ -126,6 +126,18 @@ def test_module_names():
                      "transformer.h.0.mlp.c_proj": "mlp.c_proj", "transformer.h.0.mlp.c_fc": "c_fc"}
 
 
+def test_lora_scaling_follows_peft():
+    from learnforget.spectra import _lora_scale
+
+    cfg = {"lora_alpha": 32, "r": 16}
+    assert _lora_scale(cfg, "model.layers.0.self_attn.q_proj", 16) == 2.0
+    assert _lora_scale({**cfg, "use_rslora": True}, "x.q_proj", 16) == 8.0  # 32 / sqrt(16)
+    pattern = {**cfg, "alpha_pattern": {"q_proj": 8}, "rank_pattern": {"q_proj": 4}}
+    assert _lora_scale(pattern, "model.layers.3.self_attn.q_proj", 4) == 2.0
+    assert _lora_scale(pattern, "model.layers.3.self_attn.k_proj", 16) == 2.0
+    assert _lora_scale(pattern, "model.layers.3.self_attn.xq_proj", 16) == 2.0  # no match
+
+
 def test_random_matrix_comparison():
     res = random_matrix_comparison(n=80, c=0.1, cs=[1e-3, 1e-2, 0.1, 1.0, 10.0], seed=1)
     assert res["s_A"].shape == (80,) and np.all(np.diff(res["s_A"]) <= 0)
@@ -291,3 +303,29 @@ def test_prompt_tuning_has_no_weight_delta(make_cfg):
     run = train_tiny(make_cfg, "prompt", "method.num_virtual_tokens=4")
     assert extract_deltas(run, "step-000002") is None
     assert compute_spectra(run, verbose=False) == []
+
+
+def test_lora_spectra_need_no_base_weights(make_cfg, tmp_path):
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from learnforget.spectra import base_model_folder
+
+    run = train_tiny(make_cfg, "lora")
+    moved = tmp_path / "elsewhere" / run.name
+    shutil.copytree(run, moved)
+    info = json.loads((moved / "run.json").read_text())
+    real_base = Path(info["run"]["base_model"])
+    info["run"]["base_model"] = str(tmp_path / "gone")
+    (moved / "run.json").write_text(json.dumps(info))
+    assert base_model_folder(moved) == real_base  # found again from the run's model config
+    cfg = OmegaConf.load(moved / "config.yaml")
+    cfg.model.source, cfg.model.hub_id = "hub", "nobody/no-such-model"
+    OmegaConf.save(cfg, moved / "config.yaml")
+    with pytest.raises(ConfigError, match="not available locally"):
+        extract_deltas(moved, "step-000002", with_weights=True)
+    ds = extract_deltas(moved, "step-000002")  # the factors alone are enough
+    ref = {md.name: md.to_dense() for md in extract_deltas(run, "step-000002")}
+    for md in ds:
+        assert torch.equal(md.to_dense(), ref[md.name])

@@ -109,75 +109,67 @@ LLAMA2_7B_MODULES = (("q_proj", 4096, 4096), ("k_proj", 4096, 4096), ("v_proj", 
 
 
 def bench_spectra(*, layers: int = 32, rank: int = 256, modules=LLAMA2_7B_MODULES,
-                  dense: bool = True, seed: int = 0, verbose: bool = True) -> dict[str, Any]:
+                  dense: bool = True, seed: int = 0, threads: int | None = None,
+                  verbose: bool = True) -> dict[str, Any]:
     """Time the ΔW spectra of a Llama-2-7B-shaped model (layers x q,k,v,o,gate,up,down) with
-    LoRA factors of rank `rank` through the factor route (random factors, generation not
-    timed); then one dense square and one dense rectangular ΔW through svdvals and through the
-    Gram route, the square one being B @ A of the first module so that the factor route can be
-    checked against the dense SVD. Prints a table and returns the numbers."""
-    from learnforget.spectra import dense_svdvals, lowrank_svdvals, rank_for_variance
+    LoRA factors of rank `rank` through the factor route, in float64 (the default) and float32
+    (random factors; their generation is not timed); then one dense square and one dense
+    rectangular ΔW through svdvals and through the Gram route, the square one being B @ A of
+    the first module so that the factor route is checked against the dense SVD. `threads` sets
+    LEARNFORGET_LINALG_THREADS for the run. Prints a table and returns the numbers."""
+    import os
 
-    g = torch.Generator().manual_seed(seed)
-    t_fast, n_mod = 0.0, 0
-    first = None
-    for _layer in range(layers):
-        for name, d, k in modules:
-            B = torch.randn(d, rank, generator=g) / rank ** 0.5
-            A = torch.randn(rank, k, generator=g) / k ** 0.5
-            t0 = time.perf_counter()
-            s = lowrank_svdvals(B, A, 2.0)
-            t_fast += time.perf_counter() - t0
-            n_mod += 1
-            if first is None:
-                first = (name, B, A, s)
-    res: dict[str, Any] = {"threads": torch.get_num_threads(), "layers": layers, "rank": rank,
-                           "n_modules": n_mod, "factor_route_total_s": t_fast,
-                           "factor_route_per_module_s": t_fast / n_mod}
-    rows = [(f"factor route, {n_mod} modules (r={rank})", t_fast)]
-    if dense:
-        name, B, A, s_fast = first
-        m = 2.0 * (B @ A)
-        t0 = time.perf_counter()
-        s_dense = dense_svdvals(m, "svd")
-        t_sq = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        s_gram = dense_svdvals(m, "gram")
-        t_sq_gram = time.perf_counter() - t0
-        rr = min(rank, s_dense.size)
-        res.update({
-            "dense_shape": list(m.shape), "dense_svdvals_s": t_sq, "dense_gram_s": t_sq_gram,
-            "fast_vs_dense_max_rel_diff": float(np.max(np.abs(s_fast[:rr] - s_dense[:rr]))
-                                                / s_dense[0]),
-            "dense_tail_over_top": float(s_dense[rr:].max() / s_dense[0]) if s_dense.size > rr else 0.0,
-            "rank90_fast_dense_gram": [rank_for_variance(s_fast), rank_for_variance(s_dense),
-                                       rank_for_variance(s_gram)],
-        })
-        rows += [(f"dense svdvals {m.shape[0]}x{m.shape[1]} ({name})", t_sq),
-                 (f"dense Gram eigvalsh {m.shape[0]}x{m.shape[1]}", t_sq_gram)]
-        d, k = max(((dd, kk) for _, dd, kk in modules), key=lambda t: (t[0] != t[1], t[0] * t[1]))
-        rect = torch.randn(min(d, k), max(d, k), generator=g)
-        t0 = time.perf_counter()
-        s_rect = dense_svdvals(rect, "svd")
-        t_rect = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        s_rect_gram = dense_svdvals(rect, "gram")
-        t_rect_gram = time.perf_counter() - t0
-        res.update({"rect_shape": list(rect.shape), "rect_svdvals_s": t_rect,
-                    "rect_gram_s": t_rect_gram,
-                    "rect_rank90_svd_gram": [rank_for_variance(s_rect),
-                                             rank_for_variance(s_rect_gram)],
-                    "rect_gram_max_rel_diff": float(np.max(np.abs(s_rect - s_rect_gram))
-                                                    / s_rect[0])})
-        rows += [(f"dense svdvals {rect.shape[0]}x{rect.shape[1]} (Gaussian)", t_rect),
-                 (f"dense Gram eigvalsh {rect.shape[0]}x{rect.shape[1]}", t_rect_gram)]
-        per_model = 4 * layers * t_sq + 3 * layers * t_rect
-        per_model_gram = 4 * layers * t_sq_gram + 3 * layers * t_rect_gram
-        res.update({"dense_model_estimate_s": per_model, "gram_model_estimate_s": per_model_gram})
-        rows += [(f"estimate: all {n_mod} dense ΔW via svdvals", per_model),
-                 (f"estimate: all {n_mod} dense ΔW via Gram", per_model_gram)]
+    from learnforget.spectra import (
+        LINALG_THREADS_ENV,
+        dense_svdvals,
+        linalg_threads,
+        lowrank_svdvals,
+        rank_for_variance,
+    )
+
+    saved = os.environ.get(LINALG_THREADS_ENV)
+    if threads is not None:
+        os.environ[LINALG_THREADS_ENV] = str(threads)
+    try:
+        g = torch.Generator().manual_seed(seed)
+        t64 = t32 = 0.0
+        n_mod = 0
+        first = None
+        for _layer in range(layers):
+            for name, d, k in modules:
+                B = torch.randn(d, rank, generator=g) / rank ** 0.5
+                A = torch.randn(rank, k, generator=g) / k ** 0.5
+                t0 = time.perf_counter()
+                s = lowrank_svdvals(B, A, 2.0)
+                t64 += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                lowrank_svdvals(B, A, 2.0, dtype=torch.float32)
+                t32 += time.perf_counter() - t0
+                n_mod += 1
+                if first is None:
+                    first = (name, B, A, s)
+        big = max(d * k for _, d, k in modules)
+        res: dict[str, Any] = {
+            "torch_threads": torch.get_num_threads(),
+            "factor_threads": linalg_threads(big, skinny=True) or torch.get_num_threads(),
+            "dense_threads": linalg_threads(big) or torch.get_num_threads(),
+            "layers": layers, "rank": rank, "n_modules": n_mod,
+            "factor_route_total_s": t64, "factor_route_per_module_s": t64 / n_mod,
+            "factor_route_float32_total_s": t32}
+        rows = [(f"factor route float64, {n_mod} modules (r={rank})", t64),
+                (f"factor route float32, {n_mod} modules (r={rank})", t32)]
+        if dense:
+            rows += _bench_dense(res, first, modules, g, dense_svdvals, rank_for_variance,
+                                 rank, layers, n_mod)
+    finally:
+        if threads is not None:
+            if saved is None:
+                os.environ.pop(LINALG_THREADS_ENV, None)
+            else:
+                os.environ[LINALG_THREADS_ENV] = saved
     if verbose:
-        print(f"ΔW spectra benchmark ({res['threads']} torch threads, float32 inputs; "
-              "factor route in float64)")
+        print(f"ΔW spectra benchmark: torch threads {res['torch_threads']}, factor route on "
+              f"{res['factor_threads']} thread(s), dense on {res['dense_threads']}; inputs float32")
         print(f"{'what':<58} {'seconds':>10}")
         for what, t in rows:
             print(f"{what:<58} {t:>10.2f}")
@@ -190,6 +182,48 @@ def bench_spectra(*, layers: int = 32, rank: int = 256, modules=LLAMA2_7B_MODULE
                   f" {res['rect_shape'][0]}x{res['rect_shape'][1]} svd "
                   f"{res['rect_rank90_svd_gram'][0]} vs Gram {res['rect_rank90_svd_gram'][1]}")
     return res
+
+
+def _bench_dense(res, first, modules, g, dense_svdvals, rank_for_variance, rank, layers, n_mod):
+    name, B, A, s_fast = first
+    m = 2.0 * (B @ A)
+    t0 = time.perf_counter()
+    s_dense = dense_svdvals(m, "svd")
+    t_sq = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    s_gram = dense_svdvals(m, "gram")
+    t_sq_gram = time.perf_counter() - t0
+    rr = min(rank, s_dense.size)
+    res.update({
+        "dense_shape": list(m.shape), "dense_svdvals_s": t_sq, "dense_gram_s": t_sq_gram,
+        "fast_vs_dense_max_rel_diff": float(np.max(np.abs(s_fast[:rr] - s_dense[:rr]))
+                                            / s_dense[0]),
+        "dense_tail_over_top": float(s_dense[rr:].max() / s_dense[0]) if s_dense.size > rr else 0.0,
+        "rank90_fast_dense_gram": [rank_for_variance(s_fast), rank_for_variance(s_dense),
+                                   rank_for_variance(s_gram)],
+    })
+    rows = [(f"dense svdvals {m.shape[0]}x{m.shape[1]} ({name})", t_sq),
+            (f"dense Gram eigvalsh {m.shape[0]}x{m.shape[1]}", t_sq_gram)]
+    d, k = max(((dd, kk) for _, dd, kk in modules), key=lambda t: (t[0] != t[1], t[0] * t[1]))
+    rect = torch.randn(min(d, k), max(d, k), generator=g)
+    t0 = time.perf_counter()
+    s_rect = dense_svdvals(rect, "svd")
+    t_rect = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    s_rect_gram = dense_svdvals(rect, "gram")
+    t_rect_gram = time.perf_counter() - t0
+    n_square = sum(1 for _, dd, kk in modules if dd == kk) * layers
+    per_model = n_square * t_sq + (n_mod - n_square) * t_rect
+    per_model_gram = n_square * t_sq_gram + (n_mod - n_square) * t_rect_gram
+    res.update({"rect_shape": list(rect.shape), "rect_svdvals_s": t_rect,
+                "rect_gram_s": t_rect_gram,
+                "rect_rank90_svd_gram": [rank_for_variance(s_rect), rank_for_variance(s_rect_gram)],
+                "rect_gram_max_rel_diff": float(np.max(np.abs(s_rect - s_rect_gram)) / s_rect[0]),
+                "dense_model_estimate_s": per_model, "gram_model_estimate_s": per_model_gram})
+    return rows + [(f"dense svdvals {rect.shape[0]}x{rect.shape[1]} (Gaussian)", t_rect),
+                   (f"dense Gram eigvalsh {rect.shape[0]}x{rect.shape[1]}", t_rect_gram),
+                   (f"estimate: all {n_mod} dense ΔW via svdvals", per_model),
+                   (f"estimate: all {n_mod} dense ΔW via Gram", per_model_gram)]
 
 
 # ============================================================================ CLI entry points
@@ -225,9 +259,12 @@ def bench_cli(args: Sequence[str]) -> int:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--no-dense", action="store_true", help="skip the dense SVD timings")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for every SVD (default: 1 for the factor route and small "
+                        "matrices, torch's setting for large dense ones)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     a = p.parse_args(args[1:])
-    res = bench_spectra(layers=a.layers, rank=a.rank, dense=not a.no_dense)
+    res = bench_spectra(layers=a.layers, rank=a.rank, dense=not a.no_dense, threads=a.threads)
     if a.json:
         from learnforget.record import atomic_write_json
 

@@ -51,25 +51,45 @@ def resolve_data_path(value: str, cache_dir: Path, task: str) -> Path:
 
 
 def task_specs(ev: DictConfig, cache_dir: Path) -> list:
-    from learnforget.lmeval_tasks import TaskSpec
+    """The suite's tasks as lmeval_tasks.TaskSpecs. Keys of a task entry: name, kind, data,
+    fewshot_data, num_fewshot, role, chance; HumanEval sampling: samples, temperature, top_p, ks.
+    Kind builtin (name = lm-eval's task name, no data) needs the Hugging Face hub: a ConfigError
+    here, before any model work, where HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set."""
+    from learnforget.lmeval_tasks import (
+        BUILTIN,
+        BUILTIN_YAML,
+        TaskSpec,
+        chance_level,
+        require_hub,
+    )
 
     specs = []
     for t in ev.tasks:
         if t.get("role", "forgetting") not in ROLES:
             raise ConfigError(f"eval task {t.name}: role {t.role!r} is unknown (expected "
                               f"{' or '.join(ROLES)})")
-        if t.kind == "builtin":
-            raise ConfigError(
-                f"eval task {t.name}: lm-eval's built-in task needs the Hugging Face hub, which "
-                "this harness does not reach offline; use eval=offline here, eval=paper where "
-                "the hub is reachable (not yet wired: see the README)")
+        common = {"name": str(t.name), "kind": str(t.kind), "num_fewshot": t.get("num_fewshot"),
+                  "role": str(t.get("role", "forgetting")), "chance": t.get("chance")}
+        if t.kind == BUILTIN:
+            if t.get("data") or t.get("fewshot_data"):
+                raise ConfigError(f"eval task {t.name}: kind builtin reads lm-eval's own data "
+                                  "from the Hugging Face hub; remove data/fewshot_data")
+            if t.name not in BUILTIN_YAML:
+                raise ConfigError(f"eval task {t.name}: kind builtin runs lm-eval's own task of "
+                                  f"that name, one of {', '.join(BUILTIN_YAML)}")
+            spec = TaskSpec(**common)
+            require_hub(spec.name, suite=str(ev.name))
+            spec.chance = chance_level(spec)
+            specs.append(spec)
+            continue
         data = resolve_data_path(str(t.data), cache_dir, t.name)
         few = t.get("fewshot_data")
+        ks = t.get("ks")
         specs.append(TaskSpec(
-            name=str(t.name), kind=str(t.kind), data_file=data,
+            **common, data_file=data,
             fewshot_file=resolve_data_path(str(few), cache_dir, t.name) if few else None,
-            num_fewshot=t.get("num_fewshot"), role=str(t.get("role", "forgetting")),
-            chance=None))
+            samples=t.get("samples"), temperature=t.get("temperature"), top_p=t.get("top_p"),
+            ks=[1] if ks is None else list(ks)))
     return specs
 
 
@@ -196,12 +216,14 @@ def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_
     t0 = time.perf_counter()
     tasks: dict[str, Any] = {}
     if specs:
+        os.environ["LEARNFORGET_CODE_EXEC_TIMEOUT_S"] = str(float(ev.code_timeout_s))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(ev.batch_size),
                   max_gen_toks=int(ev.max_gen_toks))
         tasks = run_tasks(lm, specs, include_path, limit=ev.limit, batch_size=int(ev.batch_size),
                           seed=int(ev.seed), code_exec_allowed=bool(ev.allow_code_execution))
         for spec in specs:
-            tasks[spec.name]["chance"] = _chance_of(spec)
+            if tasks[spec.name].get("chance") is None and spec.data_file is not None:
+                tasks[spec.name]["chance"] = _chance_of(spec)
     ppl = {}
     for p in ev.ppl:
         examples, source = ppl_examples(p, run_cfg, tokenizer, int(ev.seq_len), cache_dir)
@@ -389,6 +411,5 @@ def eval_main(cfg: DictConfig, run_dir: Path | None = None) -> Path:
     """Evaluate the run that `cfg` names (or the given folder) with suite cfg.eval."""
     from learnforget.config import run_dir as derive_run_dir
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     target = Path(run_dir) if run_dir else derive_run_dir(cfg)
     return evaluate_run(target, cfg.eval, cfg.logger, Path(cfg.paths.cache_dir).expanduser())

@@ -304,7 +304,7 @@ def plot_spectra_curves(checkpoints: Sequence[tuple[dict[str, Any], dict[str, np
                      fontsize=9)
         ax.set_xlabel("singular value index")
         ax.set_ylabel("singular value (log scale)")
-        ax.grid(alpha=0.3, which="both")
+        ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(at):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)

@@ -1,5 +1,6 @@
 """lm-eval (0.4.x) tasks on local files: built-in benchmarks reused verbatim, plus BIG-bench-style
-multiple choice and HumanEval, evaluated offline.
+multiple choice and HumanEval, evaluated offline; and lm-eval's built-in tasks themselves, on
+their own data from the Hugging Face hub (kind "builtin").
 
 `write_task_dir` writes one task YAML per `TaskSpec` into a folder that lm-eval indexes as its
 only `include_path` (no default task indexing: ~0.01 s instead of ~12 s):
@@ -17,20 +18,39 @@ only `include_path` (no default task indexing: ~0.01 s instead of ~12 s):
   (`learnforget.tasks.humaneval_utils.process_results`) instead of HF `evaluate`'s code_eval,
   which lm-eval's humaneval/utils.py loads from the hub at import time (so that YAML cannot be
   included offline).
+  With `samples: n` it mirrors humaneval_64.yaml instead: `repeats: n` completions per problem
+  sampled with `do_sample: true`, `temperature`, `top_p` (and `top_k: 0`, which switches off
+  transformers' default top-k of 50: the protocol names temperature and top_p only), the
+  filter "create_test" (lm-eval's name; `humaneval_utils.build_predictions`, prompt +
+  completion) and the metric `humaneval_utils.pass_at_k` with `k: ks`, which reports per
+  problem the unbiased pass@k (`sandbox.pass_at_k(n, c, k)`, c passing of n); lm-eval's `mean`
+  averages it over problems. Metrics `pass@1` (and `pass@k` for each k in `ks`).
+- builtin: lm-eval's own task of that name (hellaswag, arc_challenge, winogrande, gsm8k) with
+  its own data from the hub: the YAML `include:`s the installed built-in YAML by absolute path
+  and sets only `task` (the same name), `tag: []` and the spec's `num_fewshot` /
+  `max_gen_toks`, so the task folder stays the only include_path (no ~12 s default indexing)
+  and `task_config_hash` covers the built-in YAML text (there is no data file to hash; the hub
+  data enters only by the YAML's dataset_path/dataset_name). `evaluate` refuses, before any
+  model work, when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set (`require_hub`).
 
 Few-shot examples come from `fewshot_file` (split "train") when given, else from the evaluated
 file itself, arranged so that lm-eval leaves the evaluated document out of its own context.
 
 Result metric names: lm-eval reports `"<metric>,<filter>"`; `evaluate` returns clean keys:
-`<metric>` for filter "none", `<metric>_strict` for "strict-match", `<metric>_flexible` for
-"flexible-extract", else `<metric>_<filter>` (non-alphanumerics → "_"). Primary metrics:
+`<metric>` for filter "none" (and "create_test", the sampled HumanEval's), `<metric>_strict` for
+"strict-match", `<metric>_flexible` for "flexible-extract", else `<metric>_<filter>`
+(non-alphanumerics → "_"). Primary metrics (kind builtin: by task name, the same):
 
     hellaswag      acc_norm            ("acc_norm,none")
     arc_challenge  acc_norm            ("acc_norm,none")
     winogrande     acc                 ("acc,none")
     mc_json        acc                 ("acc,none")
     gsm8k          exact_match_strict  ("exact_match,strict-match")
-    humaneval      pass@1              ("pass@1,none")
+    humaneval      pass@1              ("pass@1,none"; sampled: "pass@1,create_test")
+
+Chance levels (`chance_level`): hellaswag .25, winogrande .5, arc_challenge and mc_json the mean
+of 1/len(choices) over the data file; builtin arc_challenge None (its 3-5 choices per question
+are in the hub data, not known before evaluation; set `chance` to give one); generative None.
 """
 
 from __future__ import annotations
@@ -43,7 +63,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +72,9 @@ import yaml
 from learnforget.errors import ConfigError
 from learnforget.tasks import humaneval_utils
 
-KINDS = ("hellaswag", "arc_challenge", "winogrande", "gsm8k", "humaneval", "mc_json")
+KINDS = ("hellaswag", "arc_challenge", "winogrande", "gsm8k", "humaneval", "mc_json")  # local data
+BUILTIN = "builtin"  # lm-eval's own task of the spec's name, its data from the hub
+ALL_KINDS = (*KINDS, BUILTIN)
 ROLES = ("forgetting", "target")
 GENERATIVE = ("gsm8k", "humaneval")
 
@@ -90,7 +112,12 @@ LMEVAL_PRIMARY = {
     "gsm8k": "exact_match,strict-match",
     "humaneval": "pass@1,none",
 }
-FILTER_SUFFIX = {"none": "", "strict-match": "_strict", "flexible-extract": "_flexible"}
+FILTER_SUFFIX = {"none": "", humaneval_utils.SAMPLED_FILTER: "", "strict-match": "_strict",
+                 "flexible-extract": "_flexible"}
+# Environment variables that keep `datasets` / `huggingface_hub` off the network, and the values
+# they read as true (huggingface_hub.constants._is_true, datasets.config).
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_TRUE = {"1", "ON", "YES", "TRUE"}
 # Stop sequences of lm-eval's humaneval.yaml (lm_eval/tasks/humaneval/humaneval.yaml).
 HUMANEVAL_UNTIL = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 DEFAULT_BOOTSTRAP_ITERS = 100  # >0 so stderrs are reported; mean metrics use the closed form
@@ -100,20 +127,48 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 @dataclass
 class TaskSpec:
-    name: str  # our task name, e.g. "lf_hellaswag" (unique per suite)
-    kind: str  # one of KINDS
-    data_file: Path  # local jsonl in the built-in task's own record format (mc_json: module doc)
+    name: str  # our task name, e.g. "lf_hellaswag" (unique per suite); builtin: lm-eval's name
+    kind: str  # one of ALL_KINDS
+    # local jsonl in the built-in task's own record format (mc_json: module doc); builtin: None
+    data_file: Path | None = None
     fewshot_file: Path | None = None  # few-shot pool (split "train"); default: data_file itself
     num_fewshot: int | None = None  # None: the built-in task's default (hellaswag etc.: 0)
     role: str = "forgetting"  # "forgetting" | "target": passed through for the caller
     chance: float | None = None  # None: the kind's default (see chance_level)
     max_gen_toks: int | None = None  # generative kinds; None: the LM's (HFLM default 256)
+    # humaneval sampling (the paper: 50, 0.2, 0.95); samples None: one greedy completion
+    samples: int | None = None  # completions per problem (lm-eval `repeats`)
+    temperature: float | None = None  # > 0, required with samples
+    top_p: float | None = None  # in (0, 1]; None: 1.0
+    ks: list[int] = field(default_factory=lambda: [1])  # pass@k reported, each k <= samples
 
 
-def primary_metric(kind: str) -> str:
-    """The clean result key of `kind`'s headline metric (mapping in the module docstring)."""
+def primary_metric(kind: str, name: str | None = None) -> str:
+    """The clean result key of `kind`'s headline metric (mapping in the module docstring);
+    kind "builtin" by lm-eval task `name`."""
+    if kind == BUILTIN:
+        _check_builtin_name(name, where="primary_metric")
+        kind = str(name)
     _check_kind(kind, where="primary_metric")
     return clean_metric_key(LMEVAL_PRIMARY[kind])
+
+
+def hub_offline() -> str | None:
+    """The first of OFFLINE_ENV set to a true value, else None."""
+    for key in OFFLINE_ENV:
+        if os.environ.get(key, "").strip().upper() in _TRUE:
+            return key
+    return None
+
+
+def require_hub(name: str, suite: str | None = None) -> None:
+    """ConfigError when the Hugging Face hub cannot be reached (HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE set): builtin task `name` downloads its data from there."""
+    if hub_offline() is None:
+        return
+    where = f"eval={suite} task {name}" if suite else f"task {name}"
+    raise ConfigError(f"{where} needs the Hugging Face hub to download its data, which cannot be "
+                      "reached here (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set): use eval=offline")
 
 
 def clean_metric_key(key: str) -> str:
@@ -141,9 +196,12 @@ def builtin_yaml(kind: str) -> Path:
 
 def chance_level(spec: TaskSpec) -> float | None:
     """spec.chance if set; else hellaswag .25, winogrande .5, arc_challenge and mc_json the mean
-    of 1/len(choices) over the data file; generative kinds None."""
+    of 1/len(choices) over the data file; generative kinds None. Builtin tasks by name the same,
+    except arc_challenge: None (its data is on the hub)."""
     if spec.chance is not None:
         return float(spec.chance)
+    if spec.kind == BUILTIN:
+        return {"hellaswag": 0.25, "winogrande": 0.5}.get(spec.name)
     if spec.kind == "hellaswag":
         return 0.25
     if spec.kind == "winogrande":
@@ -176,6 +234,8 @@ def write_task_dir(specs: list[TaskSpec], dest: Path) -> Path:
 
 
 def _task_yaml(spec: TaskSpec) -> str:
+    if spec.kind == BUILTIN:
+        return _builtin_task_yaml(spec)
     data = str(Path(spec.data_file).resolve())
     fewshot = None if spec.fewshot_file is None else str(Path(spec.fewshot_file).resolve())
     split = EVAL_SPLIT[spec.kind]
@@ -209,6 +269,8 @@ def _task_yaml(spec: TaskSpec) -> str:
                             for m in ("acc", "acc_norm")],
             "metadata": {"version": 1.0},
         })
+    elif spec.kind == "humaneval" and spec.samples is not None:
+        cfg.update(_sampled_humaneval_cfg(spec))
     elif spec.kind == "humaneval":
         cfg.update({
             "unsafe_code": True,
@@ -239,12 +301,59 @@ def _task_yaml(spec: TaskSpec) -> str:
                               width=1000) + tail
 
 
+def _sampled_humaneval_cfg(spec: TaskSpec) -> dict[str, Any]:
+    """humaneval_64.yaml's sampling setup with our sandbox filter and metric (module doc)."""
+    mod = humaneval_utils.__name__
+    return {
+        "unsafe_code": True,
+        "output_type": "generate_until",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_target": "{{test}}\ncheck({{entry_point}})",
+        "metric_list": [{"metric": _Function(f"{mod}.{humaneval_utils.pass_at_k.__name__}"),
+                         "aggregation": "mean", "higher_is_better": True,
+                         "k": sorted(set(spec.ks))}],
+        "generation_kwargs": {
+            "until": HUMANEVAL_UNTIL,
+            "do_sample": True,
+            "temperature": float(spec.temperature),
+            "top_p": 1.0 if spec.top_p is None else float(spec.top_p),
+            "top_k": 0,  # no top-k cut (transformers' default is 50)
+            **({"max_gen_toks": spec.max_gen_toks} if spec.max_gen_toks else {}),
+        },
+        "repeats": int(spec.samples),
+        "filter_list": [{"name": humaneval_utils.SAMPLED_FILTER, "filter": [
+            {"function": "custom",
+             "filter_fn": _Function(f"{mod}.{humaneval_utils.build_predictions.__name__}")}]}],
+        "num_fewshot": 0,
+        "metadata": {"version": 1.0},
+    }
+
+
+def _builtin_task_yaml(spec: TaskSpec) -> str:
+    """lm-eval's built-in task `spec.name`, unchanged but for the spec's settings."""
+    path = builtin_yaml(spec.name)
+    cfg: dict[str, Any] = {"include": str(path), "task": spec.name, "tag": []}
+    if spec.num_fewshot is not None:
+        cfg["num_fewshot"] = spec.num_fewshot
+    if spec.max_gen_toks is not None:
+        gen = dict(_load_yaml_plain(path).get("generation_kwargs") or {})
+        cfg["generation_kwargs"] = {**gen, "max_gen_toks": spec.max_gen_toks}
+    return HEADER + yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, allow_unicode=True,
+                              width=1000)
+
+
+class _Function(str):
+    """A `!function module.name` reference in a written task YAML."""
+
+
 class _Dumper(yaml.SafeDumper):
     """Strings with newlines in double quotes ("\\nclass"), readable in the written YAML."""
 
 
 _Dumper.add_representer(str, lambda dumper, s: dumper.represent_scalar(
     "tag:yaml.org,2002:str", s, style='"' if "\n" in s else None))
+_Dumper.add_representer(_Function, lambda dumper, s: dumper.represent_scalar(
+    "!function", str(s)))
 
 
 def _validate_specs(specs: list[TaskSpec]) -> None:
@@ -259,6 +368,14 @@ def _validate_specs(specs: list[TaskSpec]) -> None:
             raise ConfigError(f"task name {spec.name!r} is used twice in one suite")
         seen.add(spec.name)
         _check_kind(spec.kind, where=f"task {spec.name!r}")
+        if spec.kind == BUILTIN:
+            _check_builtin_name(spec.name, where=f"task {spec.name!r}")
+            if spec.data_file is not None or spec.fewshot_file is not None:
+                raise ConfigError(f"task {spec.name!r}: kind builtin reads lm-eval's own data "
+                                  "from the Hugging Face hub; give no data or few-shot file")
+        elif spec.data_file is None:
+            raise ConfigError(f"task {spec.name!r} ({spec.kind}): no data file given")
+        _validate_sampling(spec)
         if spec.role not in ROLES:
             raise ConfigError(f"task {spec.name!r}: role {spec.role!r} is unknown "
                               f"(allowed roles: {', '.join(ROLES)})")
@@ -269,13 +386,15 @@ def _validate_specs(specs: list[TaskSpec]) -> None:
         if spec.kind == "humaneval" and spec.num_fewshot:
             raise ConfigError(f"task {spec.name!r}: humaneval is zero-shot "
                               f"(num_fewshot {spec.num_fewshot} given)")
-        if spec.max_gen_toks is not None and (spec.kind not in GENERATIVE
+        if spec.max_gen_toks is not None and (_base_kind(spec) not in GENERATIVE
                                               or not isinstance(spec.max_gen_toks, int)
                                               or spec.max_gen_toks < 1):
             raise ConfigError(f"task {spec.name!r}: max_gen_toks {spec.max_gen_toks!r} needs a "
                               f"generative kind ({', '.join(GENERATIVE)}) and an integer >= 1")
         if spec.chance is not None and not 0.0 <= float(spec.chance) <= 1.0:
             raise ConfigError(f"task {spec.name!r}: chance must be in [0, 1], got {spec.chance!r}")
+        if spec.kind == BUILTIN:
+            continue  # its data is on the hub: nothing to read here
         n_data = len(_read_records(Path(spec.data_file), spec))
         # lm-eval samples the shots at random from the pool (the data file minus the evaluated
         # document, or the few-shot file): too small a pool fails deep inside lm-eval.
@@ -290,6 +409,48 @@ def _validate_specs(specs: list[TaskSpec]) -> None:
                               f"least {shots}, but the {source} has {pool}")
 
 
+def _validate_sampling(spec: TaskSpec) -> None:
+    """samples / temperature / top_p / ks: humaneval only; temperature > 0 and 1 <= k <= n."""
+    name = spec.name
+    ks = spec.ks
+    if ks is None or isinstance(ks, (str, int)) or not ks or any(
+            isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ConfigError(f"task {name!r}: ks must be a non-empty list of integers >= 1, "
+                          f"got {ks!r}")
+    if spec.samples is None:
+        if spec.temperature is not None or spec.top_p is not None or list(ks) != [1]:
+            raise ConfigError(f"task {name!r}: temperature, top_p and ks apply to sampled "
+                              "HumanEval only: give samples (completions per problem) too")
+        return
+    if spec.kind != "humaneval":
+        raise ConfigError(f"task {name!r}: samples is for kind humaneval, not {spec.kind}")
+    n = spec.samples
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"task {name!r}: samples must be an integer >= 1, got {n!r}")
+    t = spec.temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+        raise ConfigError(f"task {name!r}: sampling {n} completions needs a temperature > 0, "
+                          f"got {t!r}")
+    p = spec.top_p
+    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float))
+                          or not 0 < p <= 1):
+        raise ConfigError(f"task {name!r}: top_p must be in (0, 1], got {p!r}")
+    if max(ks) > n:
+        raise ConfigError(f"task {name!r}: pass@{max(ks)} needs at least {max(ks)} samples "
+                          f"per problem, but samples is {n}")
+
+
+def _base_kind(spec: TaskSpec) -> str:
+    """The kind whose rules apply: a builtin task's name (hellaswag, ..., gsm8k), else kind."""
+    return spec.name if spec.kind == BUILTIN else spec.kind
+
+
+def _check_builtin_name(name: str | None, *, where: str) -> None:
+    if name not in BUILTIN_YAML:
+        raise ConfigError(f"{where}: kind builtin runs lm-eval's own task of the given name; "
+                          f"{name!r} is not one of {', '.join(BUILTIN_YAML)}")
+
+
 def _default_shots(kind: str) -> int:
     """num_fewshot when the spec leaves it open: the built-in YAML's, else 0 (as lm-eval)."""
     if kind not in BUILTIN_YAML:
@@ -298,9 +459,9 @@ def _default_shots(kind: str) -> int:
 
 
 def _check_kind(kind: str, *, where: str) -> None:
-    if kind not in KINDS:
+    if kind not in ALL_KINDS:
         raise ConfigError(f"{where}: task kind {kind!r} is unknown "
-                          f"(allowed kinds: {', '.join(KINDS)})")
+                          f"(allowed kinds: {', '.join(ALL_KINDS)})")
 
 
 def _read_records(path: Path, spec: TaskSpec, what: str = "data file") -> list[dict]:
@@ -481,12 +642,15 @@ def evaluate(
     none), "n" (documents evaluated), "primary_metric", "primary", "chance", "role", "kind",
     "num_fewshot", "config_hash", "lm_eval_version"} (+ "samples" with log_samples)}.
     `batch_size` (None: the LM's own) is set on the HFLM for the call. Running model-written
-    code (humaneval) needs `code_exec_allowed=True`; otherwise a ConfigError is raised before
-    anything runs."""
+    code (humaneval) needs `code_exec_allowed=True`, and builtin tasks need the Hugging Face
+    hub (`require_hub`); otherwise a ConfigError is raised before anything runs."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     _validate_specs(specs)
+    for spec in specs:
+        if spec.kind == BUILTIN:
+            require_hub(spec.name)
     include_path = Path(include_path)
     for spec in specs:
         if not (include_path / f"{spec.name}.yaml").is_file():
@@ -533,7 +697,7 @@ def _task_result(out: dict, spec: TaskSpec, config_hash: str, log_samples: bool)
             metrics[clean_metric_key(key)] = float(value)
     n_samples = out.get("n-samples", {}).get(spec.name, {})
     n = n_samples.get("effective", n_samples.get("original"))
-    primary = primary_metric(spec.kind)
+    primary = primary_metric(spec.kind, spec.name)
     res = {
         "metrics": metrics,
         "stderr": stderr,

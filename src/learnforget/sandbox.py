@@ -189,7 +189,8 @@ def _run(program: str, *, iso: _Isolation, timeout_s: float, memory_mb: int, max
         if uid is not None:
             os.chown(workdir, uid, uid)
         program_file = None
-        if len(program.encode("utf-8", "surrogatepass")) > _ARGV_PROGRAM_MAX:
+        if "\x00" in program or len(program.encode("utf-8", "surrogatepass")) > _ARGV_PROGRAM_MAX:
+            # a NUL byte cannot travel in argv; Python then reports it as a SyntaxError
             program_file = os.path.join(workdir, "program.py")
             with open(program_file, "w", encoding="utf-8", errors="surrogatepass") as f:
                 f.write(program)

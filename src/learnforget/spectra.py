@@ -46,89 +46,112 @@ _PEFT_PREFIX = "base_model.model."
 
 # ============================================================================ spectra
 
-def _as_tensor(x: Any, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    return x.detach().to("cpu", dtype)
+SMALL_MATRIX = 1 << 20  # elements
+LINALG_THREADS_ENV = "LEARNFORGET_LINALG_THREADS"
 
 
-def _column_major(x: torch.Tensor) -> torch.Tensor:
-    """A column-major (Fortran-order) copy: LAPACK's QR of a tall row-major matrix is up to
-    8x slower on this machine's MKL (it transposes internally, badly)."""
-    return x.T.contiguous().T
+def linalg_threads(numel: int, *, skinny: bool = False) -> int | None:
+    """Torch threads for one CPU linear-algebra call; None leaves torch's setting.
 
-
-def lowrank_svdvals(B: Any, A: Any, scale: float = 1.0, *,
-                    dtype: torch.dtype = torch.float64) -> np.ndarray:
-    """Exact singular values of scale * B @ A (B: d x r, A: r x k) without forming d x k.
-
-    B = Q_B R_B and A^T = Q_A R_A (thin QR), so scale * B A = Q_B (scale R_B R_A^T) Q_A^T and,
-    Q_B and Q_A having orthonormal columns, the singular values are those of the r x r core.
-    Returns min(r, d, k) values, descending; the other singular values of ΔW are exactly 0.
+    LEARNFORGET_LINALG_THREADS overrides. Otherwise 1 for the factor route (tall-skinny QR),
+    for matrices under SMALL_MATRIX elements, and for everything when torch has at most 2
+    threads: measured on the shared 2-core machine, 2-thread MKL/OpenMP calls were 1-50x
+    slower than 1 thread (barrier contention under load): QR + core SVD of a 11008x256 /
+    256x4096 factor pair 0.03 s vs up to 5 s, svdvals of 64x256 0.5 ms vs 20-400 ms, of
+    4096x4096 4.1 s vs 4.9 s, Gram route of 4096x11008 3.3 s vs 6.9 s.
     """
-    B, A = _as_tensor(B, dtype), _as_tensor(A, dtype)
-    if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
-        raise ValueError(f"factors do not chain: B {tuple(B.shape)}, A {tuple(A.shape)}")
-    with _threads_for(max(B.numel(), A.numel())):
-        _, rb = torch.linalg.qr(_column_major(B), mode="r")
-        _, ra = torch.linalg.qr(A.T, mode="r")  # A.T of a row-major A is already column-major
-        return (abs(scale) * torch.linalg.svdvals(rb @ ra.T)).numpy()
-
-
-def lowrank_svd(B: Any, A: Any, scale: float = 1.0, k: int | None = None, *,
-                dtype: torch.dtype = torch.float64) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k left singular vectors (d x k) and singular values of scale * B @ A, from factors."""
-    B, A = _as_tensor(B, dtype), _as_tensor(A, dtype)
-    qb, rb = torch.linalg.qr(_column_major(B))
-    _, ra = torch.linalg.qr(A.T, mode="r")
-    u, s, _ = torch.linalg.svd(scale * (rb @ ra.T))
-    k = s.numel() if k is None else k
-    if k > s.numel():
-        raise ValueError(f"k={k} exceeds the factors' rank bound {s.numel()}")
-    return (qb @ u[:, :k]).numpy(), s.abs().numpy()
-
-
-SMALL_MATRIX = 1 << 20  # elements: below this, one thread (OpenMP only adds overhead)
+    env = os.environ.get(LINALG_THREADS_ENV)
+    if env:
+        return max(1, int(env))
+    if skinny or numel < SMALL_MATRIX or torch.get_num_threads() <= 2:
+        return 1
+    return None
 
 
 @contextmanager
-def _threads_for(numel: int):
-    """One torch thread for small matrices: on a busy 2-core machine, 2-thread LAPACK calls on
-    64 x 256 matrices took 20-400 ms instead of 0.5 ms (OpenMP barrier contention)."""
+def _threads(n: int | None, device: str):
     prev = torch.get_num_threads()
-    if numel >= SMALL_MATRIX or prev == 1:
+    if device != "cpu" or n is None or n == prev:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(prev)
 
 
-def dense_svdvals(M: Any, method: str = "svd", *, dtype: torch.dtype = torch.float32) -> np.ndarray:
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _as_tensor(x: Any, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    return x.detach().to(device, dtype)
+
+
+def _column_major(x: torch.Tensor) -> torch.Tensor:
+    """A column-major (Fortran-order) copy: LAPACK's QR of a tall row-major matrix was up to
+    8x slower on this machine's MKL."""
+    return x.T.contiguous().T
+
+
+def lowrank_svdvals(B: Any, A: Any, scale: float = 1.0, *, dtype: torch.dtype = torch.float64,
+                    device: str = "cpu") -> np.ndarray:
+    """Exact singular values of scale * B @ A (B: d x r, A: r x k) without forming d x k.
+
+    B = Q_B R_B and A^T = Q_A R_A (thin QR), so scale * B A = Q_B (scale R_B R_A^T) Q_A^T and,
+    Q_B and Q_A having orthonormal columns, the singular values are those of the r x r core.
+    Returns min(r, d, k) values, descending; the other singular values of ΔW are exactly 0.
+    """
+    B, A = _as_tensor(B, dtype, device), _as_tensor(A, dtype, device)
+    if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"factors do not chain: B {tuple(B.shape)}, A {tuple(A.shape)}")
+    with _threads(linalg_threads(B.numel() + A.numel(), skinny=True), device):
+        _, rb = torch.linalg.qr(_column_major(B), mode="r")
+        _, ra = torch.linalg.qr(A.T, mode="r")  # A.T of a row-major A is already column-major
+        return (abs(scale) * torch.linalg.svdvals(rb @ ra.T)).cpu().numpy()
+
+
+def lowrank_svd(B: Any, A: Any, scale: float = 1.0, k: int | None = None, *,
+                dtype: torch.dtype = torch.float64) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k left singular vectors (d x k) and singular values of scale * B @ A, from factors."""
+    B, A = _as_tensor(B, dtype), _as_tensor(A, dtype)
+    with _threads(linalg_threads(B.numel() + A.numel(), skinny=True), "cpu"):
+        qb, rb = torch.linalg.qr(_column_major(B))
+        _, ra = torch.linalg.qr(A.T, mode="r")
+        u, s, _ = torch.linalg.svd(scale * (rb @ ra.T))
+        k = s.numel() if k is None else k
+        if k > s.numel():
+            raise ValueError(f"k={k} exceeds the factors' rank bound {s.numel()}")
+        return (qb @ u[:, :k]).numpy(), s.abs().numpy()
+
+
+def dense_svdvals(M: Any, method: str = "svd", *, dtype: torch.dtype = torch.float32,
+                  device: str = "cpu") -> np.ndarray:
     """All min(d, k) singular values of a dense matrix, descending.
 
     method="svd": torch.linalg.svdvals. method="gram": square roots of the eigenvalues of the
-    smaller Gram matrix (M M^T or M^T M), 2-10x faster on large matrices; singular values below
-    about sqrt(eps) * s_max lose their relative accuracy (they square), which leaves
-    variance-based summaries such as the rank for 90% unchanged.
+    smaller Gram matrix (M M^T or M^T M), several times faster on large matrices; singular
+    values below about sqrt(eps) * s_max lose their relative accuracy (they are squared), which
+    leaves variance-based summaries such as the rank for 90% unchanged.
     """
     if method not in DENSE_METHODS:
         raise ConfigError(f"dense method {method!r} is unknown (expected one of {DENSE_METHODS})")
-    M = _as_tensor(M, dtype)
-    with _threads_for(M.numel()):
+    M = _as_tensor(M, dtype, device)
+    with _threads(linalg_threads(M.numel()), device):
         if method == "svd":
-            return torch.linalg.svdvals(M).numpy()
+            return torch.linalg.svdvals(M).cpu().numpy()
         gram = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
         ev = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
-        return torch.flip(ev, dims=(0,)).numpy()
+        return torch.flip(ev, dims=(0,)).cpu().numpy()
 
 
 def dense_svd(M: Any, k: int, *, dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
     """Top-k left singular vectors and all singular values of a dense matrix."""
     M = _as_tensor(M, dtype)
-    with _threads_for(M.numel()):
+    with _threads(linalg_threads(M.numel()), "cpu"):
         u, s, _ = torch.linalg.svd(M, full_matrices=False)
     return u[:, :k].numpy(), s.numpy()
 
@@ -402,13 +425,14 @@ def dequantised_base(w: torch.Tensor, quant_type: str = "nf4", double_quant: boo
 
 
 def _lora_scale(cfg: dict[str, Any], name: str, r: int) -> float:
-    from peft.utils.other import get_pattern_key
-
+    """peft's scaling for one module: alpha / r (alpha / sqrt(r) with rsLoRA), alpha from
+    alpha_pattern when a key matches the module name the way peft matches it (a suffix at a
+    dot boundary, regex allowed); r is the factors' actual rank (rank_pattern included)."""
     alpha = cfg.get("lora_alpha", 8)
-    pattern = cfg.get("alpha_pattern") or {}
-    if pattern:
-        key = get_pattern_key(list(pattern), name)
-        alpha = pattern.get(key, alpha)
+    for key, value in (cfg.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            alpha = value
+            break
     return float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
 
 
@@ -427,21 +451,32 @@ def extract_deltas(run_dir: Path, checkpoint: str | Path, *, with_weights: bool 
                           f"{run_dir.name}: {[p.name for p in list_checkpoints(run_dir)]}")
     info = read_json(run_dir / "run.json") or {}
     method = manifest.get("method") or (info.get("run") or {}).get("method", "?")
-    base_dir = base_model_folder(run_dir, cache_dir)
-    conv1d_model = _model_type(base_dir) in CONV1D_MODEL_TYPES
-    common = {"run": run_dir.name, "checkpoint": ckpt.name, "manifest": manifest,
-              "method": method, "base_model": str(base_dir)}
-
-    if manifest.get("format") == "safetensors":
-        return _full_deltas(ckpt, base_dir, conv1d_model, with_weights, common)
     adapter_cfg = read_json(ckpt / "adapter_config.json") or {}
     peft_type = adapter_cfg.get("peft_type")
-    if peft_type == "LORA" and not adapter_cfg.get("use_dora") and (
+    if manifest.get("format") == "safetensors":
+        route = "full"
+    elif peft_type == "LORA" and not adapter_cfg.get("use_dora") and (
             lora_via == "factors" or method == "qlora"):
+        route = "factors"
+    elif peft_type in ("LORA", "IA3"):
+        route = "merge"
+    else:
+        return None  # prefix / prompt tuning: no weight matrix changes
+    try:
+        base_dir: Path | None = base_model_folder(run_dir, cache_dir)
+    except ConfigError:
+        if route != "factors" or with_weights:
+            raise
+        base_dir = None  # the factors alone give ΔW and its spectrum
+    conv1d_model = base_dir is not None and _model_type(base_dir) in CONV1D_MODEL_TYPES
+    common = {"run": run_dir.name, "checkpoint": ckpt.name, "manifest": manifest,
+              "method": method, "base_model": str(base_dir) if base_dir else
+              str((info.get("run") or {}).get("base_model"))}
+    if route == "full":
+        return _full_deltas(ckpt, base_dir, conv1d_model, with_weights, common)
+    if route == "factors":
         return _factor_deltas(ckpt, adapter_cfg, base_dir, method, info, with_weights, common)
-    if peft_type in ("LORA", "IA3"):
-        return _merged_deltas(ckpt, adapter_cfg, base_dir, with_weights, common)
-    return None
+    return _merged_deltas(ckpt, adapter_cfg, base_dir, with_weights, common)
 
 
 def _full_deltas(ckpt, base_dir, conv1d_model, with_weights, common) -> DeltaSet:
@@ -488,8 +523,8 @@ def _factor_deltas(ckpt, adapter_cfg, base_dir, method, info, with_weights, comm
     qlora = method == "qlora"
     q = _quant_settings(info) if qlora else {}
     base_label = f"dequantised {q['quant_type']}" if qlora else "original"
-    base = WeightFolder(base_dir) if with_weights else None
-    conv1d_model = _model_type(base_dir) in CONV1D_MODEL_TYPES
+    base = WeightFolder(base_dir) if with_weights and base_dir is not None else None
+    conv1d_model = base_dir is not None and _model_type(base_dir) in CONV1D_MODEL_TYPES
 
     def gen() -> Iterator[ModuleDelta]:
         for n in names:
@@ -583,20 +618,21 @@ def _row(md: ModuleDelta, matrix: str, s: np.ndarray, threshold: float, route: s
             **spectrum_summary(s, threshold, md.shape)}
 
 
-def spectra_of(md: ModuleDelta, *, dense_method: str = "svd"
+def spectra_of(md: ModuleDelta, *, dense_method: str = "svd", device: str = "cpu"
                ) -> dict[str, tuple[np.ndarray, str]]:
     """{matrix: (singular values, route)} for ΔW and, when present, W_base and W_ft."""
     out = {}
     if md.factors is not None:
         B, A, scale = md.factors
-        out["delta"] = (lowrank_svdvals(B, A, scale), "factors (QR + r x r SVD)")
+        out["delta"] = (lowrank_svdvals(B, A, scale, device=device), "factors (QR + r x r SVD)")
     else:
         assert md.dense is not None
-        out["delta"] = (dense_svdvals(md.dense, dense_method), f"dense {dense_method}")
+        out["delta"] = (dense_svdvals(md.dense, dense_method, device=device),
+                        f"dense {dense_method}")
     for matrix in ("base", "ft"):
         w = getattr(md, matrix)
         if w is not None:
-            out[matrix] = (dense_svdvals(w, dense_method), f"dense {dense_method}")
+            out[matrix] = (dense_svdvals(w, dense_method, device=device), f"dense {dense_method}")
     return out
 
 
@@ -604,14 +640,15 @@ def compute_spectra(run_dir: Path, checkpoint: str | Sequence[str] | None = None
                     threshold: float = 0.9, with_weights: bool = False,
                     cache_dir: Path | None = None, dense_method: str = "svd",
                     lora_via: str = "factors", force: bool = False,
-                    verbose: bool = True) -> list[Path]:
+                    device: str | None = None, verbose: bool = True) -> list[Path]:
     """Spectra of ΔW (and of W_base, W_ft with `with_weights`) for a run's checkpoints.
 
     Writes spectra/<checkpoint>.npz (keys "<matrix>:<module>", singular values descending;
     factor routes store only the r possibly non-zero values) and spectra/<checkpoint>.json
     (settings, provenance, one summary row per module and matrix), each atomically. A
     checkpoint already done with the same settings is skipped; a changed threshold alone only
-    re-summarises the stored values. Returns the JSON paths (written or already there).
+    re-summarises the stored values. The SVDs run on `device` (default: CUDA when available).
+    Returns the JSON paths (written or already there).
     """
     if not 0 < threshold <= 1:
         raise ConfigError(f"threshold must be in (0, 1], got {threshold!r}")
@@ -649,7 +686,8 @@ def compute_spectra(run_dir: Path, checkpoint: str | Sequence[str] | None = None
             continue
         rows, arrays = [], {}
         for md in ds:
-            for matrix, (s, route) in spectra_of(md, dense_method=dense_method).items():
+            for matrix, (s, route) in spectra_of(md, dense_method=dense_method,
+                                                 device=device or default_device()).items():
                 arrays[f"{matrix}:{md.name}"] = s.astype(np.float64)
                 rows.append(_row(md, matrix, s, threshold, route))
         record = {"run": ds.run, "checkpoint": ds.checkpoint, "step": ds.manifest.get("step"),
@@ -736,10 +774,11 @@ def random_matrix_comparison(n: int = 1000, c: float = 0.1, cs: Sequence[float] 
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(n, n, generator=g, dtype=torch.float64)
     B = torch.randn(n, n, generator=g, dtype=torch.float64)
-    s_a = torch.linalg.svdvals(A).numpy()
-    s_b = torch.linalg.svdvals(B).numpy()
-    s_sum = torch.linalg.svdvals(A + c * B).numpy()
-    diffs = [float(np.abs(torch.linalg.svdvals(A + ci * B).numpy() - s_a).mean()) for ci in cs]
+    def sv(m: torch.Tensor) -> np.ndarray:
+        return dense_svdvals(m, dtype=torch.float64)
+
+    s_a, s_b, s_sum = sv(A), sv(B), sv(A + c * B)
+    diffs = [float(np.abs(sv(A + ci * B) - s_a).mean()) for ci in cs]
     return {"n": n, "seed": seed, "c": c, "s_A": s_a, "s_A_plus_cB": s_sum, "s_cB": c * s_b,
             "cs": np.asarray(cs, dtype=float), "mean_abs_diff": np.asarray(diffs),
             "mean_abs_diff_rel": np.asarray(diffs) / float(s_a.mean()),

@@ -1,0 +1,445 @@
+"""Drift from the base model: a forgetting measure that moves early in small runs.
+
+Benchmark accuracy and general-text loss barely move in a short CPU run (see the CPU probe
+notes); how far a checkpoint's next-token distribution has moved away from its base model's
+does. For a fixed set of general prompts shipped with the project
+(``assets/drift_prompts.json``), the base model writes reference texts once (greedy and
+sampled continuations; again on the chat-formatted prompt when the tokenizer has a chat
+template). Each checkpoint is then scored on those texts, over the continuation tokens only:
+
+* ``kl``: token-level KL(p_base || p_ckpt) over the full vocabulary, in nats per token;
+* ``ce``: the checkpoint's cross-entropy on the base model's own text (``base_ce`` is the
+  base model's, ``delta_ce`` = ce - base_ce);
+
+per variant (``greedy``, ``sampled``, ``chat_greedy``, ``chat_sampled``, and ``all`` = the
+per-prompt mean over the variants present), each as the mean over prompts of the per-prompt
+token means, with a percentile-bootstrap confidence interval over prompts.
+
+With temperature 1 and top_p 1 (the defaults), the mean of the summed token KL over sampled
+texts is an unbiased estimate of the sequence-level KL(base || ckpt) of the continuations.
+
+Cost: references are generated once per base model and settings (one greedy and one batched
+sampled ``generate`` per prompt and format). Scoring runs the base model and the checkpoint
+forward on every reference text; the base forward is recomputed for each checkpoint, because
+storing full-vocabulary base log-probabilities would not fit (SmolLM2: 49,152 x 4 bytes per
+token, ~7 GB for 64 prompts x 9 texts x 64 tokens).
+
+Typical use (the eval stage)::
+
+    settings = drift.settings_from(ev.drift)
+    refs = drift.cached_references(path, base_model, tokenizer, settings, model_id=...)
+    result = drift.drift_scores(base_model, model, refs, batch_size=settings["batch_size"],
+                                n_boot=settings["n_boot"], ci=settings["ci"],
+                                boot_seed=settings["seed"])
+    row.update(drift.summary_row(result))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from learnforget.errors import ConfigError
+
+PROMPTS_FILE = Path(__file__).parent / "assets" / "drift_prompts.json"
+FORMAT_VERSION = 1
+PLAIN_VARIANTS = ("greedy", "sampled")
+CHAT_VARIANTS = ("chat_greedy", "chat_sampled")
+VARIANTS = PLAIN_VARIANTS + CHAT_VARIANTS
+METRICS = ("kl", "ce", "base_ce", "delta_ce")
+
+# Every setting of the suite, with its default (conf/eval/*.yaml `drift:` block).
+DEFAULTS: dict[str, Any] = {
+    "n_prompts": 32,           # a seeded subset of the shipped prompts (null: all 64)
+    "prompt_seed": 0,          # which subset
+    "max_new_tokens": 64,      # length of each reference continuation
+    "samples_per_prompt": 4,   # sampled continuations per prompt (besides the greedy one)
+    "temperature": 1.0,        # 1.0 / 1.0: samples from the base model's own distribution
+    "top_p": 1.0,
+    "seed": 0,                 # sampling and bootstrap seed
+    "chat": True,              # also chat-formatted prompts when the tokenizer has a template
+    "template": "{prompt}\n",  # how a prompt is written in the plain (non-chat) variants
+    "batch_size": 8,           # texts per forward pass when scoring
+    "n_boot": 1000,            # bootstrap resamples over prompts
+    "ci": 0.95,                # confidence level of the percentile interval
+}
+# Settings that change the reference texts (the rest only change how they are scored).
+REFERENCE_KEYS = ("n_prompts", "prompt_seed", "max_new_tokens", "samples_per_prompt",
+                  "temperature", "top_p", "seed", "chat", "template")
+
+
+# ------------------------------------------------------------------ prompts
+
+def load_prompts(n: int | None = None, seed: int = 0, path: Path | None = None) -> list[str]:
+    """The shipped general prompts; with `n`, the first `n` of a seeded permutation (so the
+    subset is reproducible, and a smaller subset is contained in a larger one)."""
+    doc = json.loads(Path(path or PROMPTS_FILE).read_text())
+    prompts = [str(p) for p in doc["prompts"]]
+    if len(set(prompts)) != len(prompts):
+        raise ConfigError(f"{path or PROMPTS_FILE}: duplicate prompts")
+    if n is None:
+        return prompts
+    if not 1 <= int(n) <= len(prompts):
+        raise ConfigError(f"drift.n_prompts={n}: expected 1..{len(prompts)} (the size of the "
+                          "shipped prompt set) or null for all")
+    order = list(range(len(prompts)))
+    random.Random(int(seed)).shuffle(order)
+    return [prompts[i] for i in order[:int(n)]]
+
+
+def settings_from(cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """DEFAULTS overridden by a config block (a dict or DictConfig); unknown keys fail."""
+    out = dict(DEFAULTS)
+    if cfg is not None:
+        given = dict(cfg.items())
+        given.pop("enabled", None)
+        unknown = sorted(set(given) - set(DEFAULTS))
+        if unknown:
+            raise ConfigError(f"eval.drift: unknown key(s) {unknown} (expected "
+                              f"{sorted(DEFAULTS)})")
+        out.update(given)
+    if int(out["samples_per_prompt"]) < 0 or int(out["max_new_tokens"]) < 1:
+        raise ConfigError("eval.drift: samples_per_prompt must be >= 0 and max_new_tokens >= 1")
+    if not 0 < float(out["ci"]) < 1:
+        raise ConfigError(f"eval.drift.ci={out['ci']}: expected a level in (0, 1)")
+    return out
+
+
+# ------------------------------------------------------------------ reference texts
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    return [int(e) for e in eos if e is not None]
+
+
+def _cut(ids: list[int], eos: list[int]) -> list[int]:
+    """A continuation up to and including its first EOS (generate pads after it)."""
+    for j, t in enumerate(ids):
+        if t in eos:
+            return ids[:j + 1]
+    return ids
+
+
+def _sample_seed(seed: int, prefix: str, prompt: str) -> int:
+    """A per-prompt sampling seed from the prompt's text, so a prompt gets the same samples
+    in every subset that contains it."""
+    digest = hashlib.sha256(f"{int(seed)}|{prefix}|{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
+def chat_template_hash(tokenizer) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    blob = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def generate_references(base_model, tokenizer, prompts: Sequence[str], *,
+                        max_new_tokens: int = DEFAULTS["max_new_tokens"],
+                        samples_per_prompt: int = DEFAULTS["samples_per_prompt"],
+                        temperature: float = DEFAULTS["temperature"],
+                        top_p: float = DEFAULTS["top_p"], seed: int = DEFAULTS["seed"],
+                        chat: bool = DEFAULTS["chat"],
+                        template: str = DEFAULTS["template"]) -> dict[str, Any]:
+    """The base model's own texts for each prompt: one greedy and `samples_per_prompt`
+    sampled continuations (seeded per prompt, so reproducible on the same machine), for the
+    plain prompt (`template`) and, with `chat`, the chat-formatted user turn. Token ids are
+    stored (prompt and continuation, each continuation up to and including its EOS), so
+    scoring needs no re-tokenisation; the result is JSON-serialisable."""
+    from transformers import GenerationConfig
+
+    was_training = base_model.training
+    base_model.eval()
+    device = next(base_model.parameters()).device
+    eos = _eos_ids(base_model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    greedy_cfg = GenerationConfig(do_sample=False, max_new_tokens=int(max_new_tokens),
+                                  eos_token_id=eos, pad_token_id=pad)
+    sample_cfg = GenerationConfig(do_sample=True, temperature=float(temperature),
+                                  top_p=float(top_p), top_k=0, max_new_tokens=int(max_new_tokens),
+                                  num_return_sequences=max(1, int(samples_per_prompt)),
+                                  eos_token_id=eos, pad_token_id=pad)
+    formats: dict[str, Callable[[str], list[int]]] = {
+        "": lambda p: tokenizer(template.format(prompt=p))["input_ids"]}
+    has_template = chat_template_hash(tokenizer) is not None
+    if chat and has_template:
+        def chat_ids(p: str) -> list[int]:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                 add_generation_prompt=True, tokenize=False)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        formats["chat_"] = chat_ids
+    chat_info = {"used": "chat_" in formats,
+                 "reason": None if "chat_" in formats else
+                 ("chat=false" if not chat else "the tokenizer has no chat template")}
+    texts: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    try:
+        for prefix, encode in formats.items():
+            for i, prompt in enumerate(prompts):
+                ids = [int(t) for t in encode(prompt)]
+                x = torch.tensor([ids], device=device)
+                out = base_model.generate(x, attention_mask=torch.ones_like(x),
+                                          generation_config=greedy_cfg)
+                texts.append({"variant": f"{prefix}greedy", "prompt_index": i, "prompt_ids": ids,
+                              "continuation_ids": _cut(out[0, len(ids):].tolist(), eos)})
+                if samples_per_prompt:
+                    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+                        torch.manual_seed(_sample_seed(seed, prefix, prompt))
+                        out = base_model.generate(x, attention_mask=torch.ones_like(x),
+                                                  generation_config=sample_cfg)
+                    for row in out[:, len(ids):].tolist():
+                        texts.append({"variant": f"{prefix}sampled", "prompt_index": i,
+                                      "prompt_ids": ids, "continuation_ids": _cut(row, eos)})
+    finally:
+        base_model.train(was_training)
+    return {
+        "format_version": FORMAT_VERSION,
+        "settings": {"max_new_tokens": int(max_new_tokens),
+                     "samples_per_prompt": int(samples_per_prompt),
+                     "temperature": float(temperature), "top_p": float(top_p),
+                     "seed": int(seed), "chat": bool(chat), "template": template},
+        "chat": chat_info,
+        "chat_template_sha": chat_template_hash(tokenizer),
+        "prompts": list(prompts),
+        "texts": texts,
+        "generation_s": round(time.perf_counter() - t0, 2),
+    }
+
+
+def save_references(refs: Mapping[str, Any], path: Path) -> None:
+    """Write atomically (temporary file beside `path`, then os.replace)."""
+    from learnforget.record import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(refs, separators=(",", ":")) + "\n")
+
+
+def load_references(path: Path) -> dict[str, Any] | None:
+    """The saved references, or None when there is no file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def reference_key(settings: Mapping[str, Any], tokenizer, model_id: str) -> str:
+    """Hash of what defines the reference texts: base model, prompt set, generation settings
+    and tokenizer (vocabulary and chat template)."""
+    prompts = load_prompts(settings["n_prompts"], settings["prompt_seed"])
+    blob = json.dumps({"model": model_id, "format": FORMAT_VERSION,
+                       "settings": {k: settings[k] for k in REFERENCE_KEYS},
+                       "prompts": prompts, "vocab": len(tokenizer),
+                       "chat_template": chat_template_hash(tokenizer)},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def references_path(runs_root: Path, model_id: str, key: str) -> Path:
+    """Where the eval stage caches them: beside the base scores."""
+    return Path(runs_root) / "_base" / model_id / f"drift-refs-{key[:12]}.json"
+
+
+def cached_references(path: Path, base_model, tokenizer, settings: Mapping[str, Any], *,
+                      model_id: str) -> dict[str, Any]:
+    """Load the references at `path` if they were made with these settings, else generate
+    them with `base_model` and save them there (under a file lock: one writer)."""
+    from learnforget.assets_cache import file_lock
+
+    key = reference_key(settings, tokenizer, model_id)
+    path = Path(path)
+    with file_lock(path.with_suffix(".lock")):
+        refs = load_references(path)
+        if refs and refs.get("key") == key:
+            return refs
+        print(f"learnforget: generating drift reference texts with the base model {model_id} "
+              "(cached after)")
+        refs = generate_references(
+            base_model, tokenizer, load_prompts(settings["n_prompts"], settings["prompt_seed"]),
+            max_new_tokens=settings["max_new_tokens"],
+            samples_per_prompt=settings["samples_per_prompt"],
+            temperature=settings["temperature"], top_p=settings["top_p"],
+            seed=settings["seed"], chat=settings["chat"], template=settings["template"])
+        refs = {"key": key, "model": model_id, **refs}
+        save_references(refs, path)
+        return refs
+
+
+# ------------------------------------------------------------------ scoring
+
+def _logits(model, ids: torch.Tensor, mask: torch.Tensor, strip_prefix: int) -> torch.Tensor:
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    if strip_prefix:
+        logits = logits[:, strip_prefix:, :]
+    if logits.shape[1] != ids.shape[1]:
+        raise ValueError(f"the model returned {logits.shape[1]} logit rows for {ids.shape[1]} "
+                         "tokens: pass strip_prefix=<virtual tokens> for a prompt-tuning "
+                         "PeftModel (evaluate.load_for_eval already strips them)")
+    return logits.float()
+
+
+@torch.no_grad()
+def per_text_scores(base_model, model, refs: Mapping[str, Any], *, batch_size: int = 8,
+                    strip_prefix: int = 0, base_strip_prefix: int = 0) -> list[dict[str, Any]]:
+    """For every reference text, sums over its continuation tokens of KL(base || model),
+    the model's CE and the base model's CE, and the token count. Both models run in eval
+    mode, without gradients, logits in fp32; `model is base_model` reuses one forward."""
+    texts = refs["texts"]
+    device = next(model.parameters()).device
+    base_device = next(base_model.parameters()).device
+    modes = (base_model.training, model.training)
+    base_model.eval()
+    model.eval()
+    out: list[dict[str, Any] | None] = [None] * len(texts)
+    order = sorted(range(len(texts)), key=lambda j: -(len(texts[j]["prompt_ids"])
+                                                       + len(texts[j]["continuation_ids"])))
+    try:
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            seqs = [texts[j]["prompt_ids"] + texts[j]["continuation_ids"] for j in idx]
+            width = max(len(s) for s in seqs)
+            ids = torch.zeros(len(seqs), width, dtype=torch.long)
+            mask = torch.zeros(len(seqs), width, dtype=torch.long)
+            rows, cols, targets = [], [], []
+            for r, (j, s) in enumerate(zip(idx, seqs, strict=True)):
+                ids[r, :len(s)] = torch.tensor(s)
+                mask[r, :len(s)] = 1
+                start, n = len(texts[j]["prompt_ids"]), len(texts[j]["continuation_ids"])
+                # the logit at position t predicts token t + 1
+                rows += [r] * n
+                cols += range(start - 1, start - 1 + n)
+                targets += s[start:start + n]
+            rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
+            tgt = torch.tensor(targets)
+            lp_base = torch.log_softmax(
+                _logits(base_model, ids.to(base_device), mask.to(base_device),
+                        base_strip_prefix)[rows_t.to(base_device), cols_t.to(base_device)].cpu(),
+                dim=-1)
+            if model is base_model and strip_prefix == base_strip_prefix:
+                lp = lp_base
+            else:
+                lp = torch.log_softmax(
+                    _logits(model, ids.to(device), mask.to(device),
+                            strip_prefix)[rows_t.to(device), cols_t.to(device)].cpu(), dim=-1)
+            # identical log-probs give exactly 0 (each term is p * 0)
+            kl = (lp_base.exp() * (lp_base - lp)).sum(-1).double()
+            ce = -lp.gather(-1, tgt[:, None])[:, 0].double()
+            base_ce = -lp_base.gather(-1, tgt[:, None])[:, 0].double()
+            owner_t = rows_t
+            for r, j in enumerate(idx):
+                sel = owner_t == r
+                out[j] = {"variant": texts[j]["variant"], "prompt_index": texts[j]["prompt_index"],
+                          "n_tokens": int(sel.sum()), "kl": float(kl[sel].sum()),
+                          "ce": float(ce[sel].sum()), "base_ce": float(base_ce[sel].sum())}
+    finally:
+        base_model.train(modes[0])
+        model.train(modes[1])
+    return out  # type: ignore[return-value]
+
+
+def bootstrap_ci(values: Sequence[float], *, n_boot: int = 1000, ci: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean (resampling the values with replacement)."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(int(n_boot), len(v)))].mean(axis=1)
+    alpha = (1 - ci) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def aggregate(per_text: Sequence[Mapping[str, Any]], *, n_boot: int = 1000, ci: float = 0.95,
+              seed: int = 0) -> dict[str, Any]:
+    """Per variant: per prompt, the token mean of each metric over its texts; then the mean
+    over prompts with a bootstrap interval over prompts. `all` averages, per prompt, the
+    variants present (prompts missing from a variant are skipped)."""
+    sums: dict[str, dict[int, dict[str, float]]] = {}
+    for t in per_text:
+        acc = sums.setdefault(t["variant"], {}).setdefault(
+            t["prompt_index"], {"n_tokens": 0, "kl": 0.0, "ce": 0.0, "base_ce": 0.0})
+        for k in ("n_tokens", "kl", "ce", "base_ce"):
+            acc[k] += t[k]
+    per_prompt: dict[str, dict[int, dict[str, float]]] = {}
+    for variant, prompts in sums.items():
+        per_prompt[variant] = {}
+        for i, acc in prompts.items():
+            if acc["n_tokens"]:
+                m = {k: acc[k] / acc["n_tokens"] for k in ("kl", "ce", "base_ce")}
+                m["delta_ce"] = m["ce"] - m["base_ce"]
+                per_prompt[variant][i] = m
+    present = [v for v in VARIANTS if per_prompt.get(v)]
+    present += sorted(v for v in per_prompt if v not in VARIANTS and per_prompt[v])
+    if present:
+        common = set.intersection(*(set(per_prompt[v]) for v in present))
+        per_prompt["all"] = {i: {k: float(np.mean([per_prompt[v][i][k] for v in present]))
+                                 for k in METRICS} for i in sorted(common)}
+    result: dict[str, Any] = {}
+    for variant in [*present, "all"] if present else []:
+        pp = per_prompt[variant]
+        keys = sorted(pp)
+        entry: dict[str, Any] = {
+            "n_prompts": len(keys),
+            "n_texts": sum(1 for t in per_text if t["variant"] == variant)
+            if variant != "all" else len(per_text),
+            "n_tokens": sum(a["n_tokens"] for a in sums[variant].values())
+            if variant != "all" else sum(t["n_tokens"] for t in per_text)}
+        for metric in METRICS:
+            vals = [pp[i][metric] for i in keys]
+            lo, hi = bootstrap_ci(vals, n_boot=n_boot, ci=ci, seed=seed)
+            entry[metric] = {"mean": float(np.mean(vals)), "ci_low": lo, "ci_high": hi}
+        entry["per_prompt_kl"] = [pp[i]["kl"] for i in keys]
+        result[variant] = entry
+    return result
+
+
+def drift_scores(base_model, model, refs: Mapping[str, Any], *, batch_size: int = 8,
+                 strip_prefix: int = 0, n_boot: int = 1000, ci: float = 0.95,
+                 boot_seed: int = 0) -> dict[str, Any]:
+    """Drift of `model` from `base_model` on the reference texts: per variant (and `all`),
+    mean KL(base || model), model CE, base CE and their difference (nats per token), each
+    with a `ci` percentile-bootstrap interval over prompts (`n_boot` resamples, seeded).
+    `strip_prefix`: logit rows to drop from `model`'s output (a raw prompt-tuning PeftModel;
+    evaluate.load_for_eval's wrapper already drops them)."""
+    t0 = time.perf_counter()
+    per_text = per_text_scores(base_model, model, refs, batch_size=batch_size,
+                               strip_prefix=strip_prefix)
+    return {"variants": aggregate(per_text, n_boot=n_boot, ci=ci, seed=boot_seed),
+            "chat": refs.get("chat"), "references_key": refs.get("key"),
+            "n_boot": int(n_boot), "ci": float(ci), "boot_seed": int(boot_seed),
+            "wall_time_s": time.perf_counter() - t0}
+
+
+def summary_row(scores: Mapping[str, Any]) -> dict[str, float]:
+    """Flat columns for the eval summary: `drift_kl` (the `all` variant: the forgetting axis)
+    with its interval, `drift_delta_ce`, and per variant `drift/<variant>/<metric>` for every
+    metric, with `_lo`/`_hi` interval bounds for kl and delta_ce."""
+    row: dict[str, float] = {}
+    variants = scores.get("variants", {})
+    if "all" in variants:
+        a = variants["all"]
+        row.update({"drift_kl": a["kl"]["mean"], "drift_kl_ci_low": a["kl"]["ci_low"],
+                    "drift_kl_ci_high": a["kl"]["ci_high"],
+                    "drift_delta_ce": a["delta_ce"]["mean"]})
+    for variant, entry in variants.items():
+        for metric in METRICS:
+            row[f"drift/{variant}/{metric}"] = entry[metric]["mean"]
+        for metric in ("kl", "delta_ce"):
+            row[f"drift/{variant}/{metric}_lo"] = entry[metric]["ci_low"]
+            row[f"drift/{variant}/{metric}_hi"] = entry[metric]["ci_high"]
+    return row

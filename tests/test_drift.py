@@ -1,0 +1,181 @@
+"""The drift suite: KL(base || checkpoint) and CE on the base model's own texts."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from learnforget import drift
+from learnforget.errors import ConfigError
+from learnforget.models import tiny_tokenizer
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+GEN = {"max_new_tokens": 12, "samples_per_prompt": 2, "temperature": 1.0, "top_p": 1.0}
+
+
+def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=256,
+                      num_hidden_layers=2, num_attention_heads=4)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = tiny_tokenizer()
+    t.chat_template = CHAT_TEMPLATE
+    return t
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def refs(base, tok):
+    return drift.generate_references(base, tok, drift.load_prompts(6, seed=1), seed=3, **GEN)
+
+
+def test_prompt_set_ships_and_subsets_are_seeded():
+    everything = drift.load_prompts()
+    assert len(everything) >= 60 and len(set(everything)) == len(everything)
+    assert all(isinstance(p, str) and 10 < len(p) < 200 for p in everything)
+    a, b = drift.load_prompts(16, seed=5), drift.load_prompts(16, seed=5)
+    assert a == b and len(set(a)) == 16 and set(a) <= set(everything)
+    assert drift.load_prompts(16, seed=6) != a
+    assert drift.load_prompts(8, seed=5) == a[:8]  # nested: a smaller subset is a prefix
+    with pytest.raises(ConfigError):
+        drift.load_prompts(len(everything) + 1)
+    with pytest.raises(ConfigError):
+        drift.settings_from({"n_prompt": 3})
+    assert drift.settings_from({"enabled": True, "n_prompts": 8})["n_prompts"] == 8
+
+
+def test_references_are_reproducible_and_complete(base, tok, refs, tmp_path):
+    again = drift.generate_references(base, tok, drift.load_prompts(6, seed=1), seed=3, **GEN)
+    assert again["texts"] == refs["texts"]
+    other = drift.generate_references(base, tok, drift.load_prompts(6, seed=1), seed=4, **GEN)
+    assert other["texts"] != refs["texts"]
+    # a prompt gets the same samples in any subset that contains it
+    sub = drift.generate_references(base, tok, drift.load_prompts(6, seed=1)[2:4], seed=3, **GEN)
+    assert [t["continuation_ids"] for t in sub["texts"] if t["prompt_index"] == 0] == [
+        t["continuation_ids"] for t in refs["texts"] if t["prompt_index"] == 2]
+    counts = {v: sum(t["variant"] == v for t in refs["texts"]) for v in drift.VARIANTS}
+    assert counts == {"greedy": 6, "sampled": 12, "chat_greedy": 6, "chat_sampled": 12}
+    assert refs["chat"] == {"used": True, "reason": None}
+    for t in refs["texts"]:
+        assert 1 <= len(t["continuation_ids"]) <= GEN["max_new_tokens"]
+    chat = next(t for t in refs["texts"] if t["variant"] == "chat_greedy")
+    assert tok.decode(chat["prompt_ids"]).startswith("<|user|>\n")
+    # greedy = the base model's argmax continuation
+    t = refs["texts"][0]
+    ids = torch.tensor([t["prompt_ids"] + t["continuation_ids"]])
+    with torch.no_grad():
+        pred = base(ids).logits[0, len(t["prompt_ids"]) - 1:-1].argmax(-1).tolist()
+    assert pred == t["continuation_ids"]
+    # JSON round trip, atomic save
+    path = tmp_path / "refs" / "r.json"
+    drift.save_references(refs, path)
+    assert drift.load_references(path) == json.loads(json.dumps(refs))
+    assert drift.load_references(tmp_path / "none.json") is None
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+def test_no_chat_template_skips_chat(base):
+    r = drift.generate_references(base, tiny_tokenizer(), ["Tell me about rivers."], **GEN)
+    assert {t["variant"] for t in r["texts"]} == {"greedy", "sampled"}
+    assert r["chat"]["used"] is False and "no chat template" in r["chat"]["reason"]
+
+
+def test_base_against_itself_is_exactly_zero(base, refs):
+    same = drift.drift_scores(base, base, refs, batch_size=4)
+    twin = drift.drift_scores(base, copy.deepcopy(base), refs, batch_size=4)
+    for result in (same, twin):
+        assert set(result["variants"]) == {*drift.VARIANTS, "all"}
+        for entry in result["variants"].values():
+            assert entry["kl"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+            assert entry["delta_ce"]["mean"] == 0.0
+            assert entry["ce"] == entry["base_ce"]
+            assert entry["n_prompts"] == 6
+    row = drift.summary_row(same)
+    assert row["drift_kl"] == 0.0 and row["drift/chat_sampled/kl"] == 0.0
+
+
+def test_ce_matches_a_plain_forward(base, refs):
+    text = refs["texts"][0]
+    ids = torch.tensor([text["prompt_ids"] + text["continuation_ids"]])
+    n = len(text["continuation_ids"])
+    with torch.no_grad():
+        logits = base(ids).logits[0, -n - 1:-1]
+    expected = torch.nn.functional.cross_entropy(logits, ids[0, -n:]).item()
+    per_text = drift.per_text_scores(base, base, {"texts": [text]})
+    assert per_text[0]["n_tokens"] == n
+    assert per_text[0]["ce"] / n == pytest.approx(expected, rel=1e-5)
+
+
+def test_prompt_tuning_rows_are_stripped(base, refs):
+    class Prefixed(torch.nn.Module):  # returns 3 extra logit rows, like a prompt-tuning model
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask)
+            out.logits = torch.cat([out.logits[:, :3] * 0, out.logits], 1)
+            return out
+
+    wrapped = Prefixed(base)
+    with pytest.raises(ValueError, match="strip_prefix"):
+        drift.drift_scores(base, wrapped, refs)
+    assert drift.drift_scores(base, wrapped, refs, strip_prefix=3)[
+        "variants"]["all"]["kl"]["mean"] == 0.0
+
+
+def test_bootstrap_interval():
+    vals = [0.1, 0.4, 0.2, 0.9, 0.3, 0.5, 0.05, 0.7]
+    lo, hi = drift.bootstrap_ci(vals, n_boot=1000, seed=0)
+    assert lo < sum(vals) / len(vals) < hi
+    assert (lo, hi) == drift.bootstrap_ci(vals, n_boot=1000, seed=0)
+    assert (lo, hi) != drift.bootstrap_ci(vals, n_boot=1000, seed=1)
+    lo90, hi90 = drift.bootstrap_ci(vals, n_boot=1000, ci=0.9, seed=0)
+    assert lo <= lo90 and hi90 <= hi
+
+
+def test_drift_grows_with_training_on_unrelated_text(make_cfg, cache_dir, tmp_path):
+    """Full finetuning of tiny_llama on Python source: drift on general English prompts is
+    > 0 after 2 steps and larger after 6; cached references are reused."""
+    from learnforget.evaluate import load_for_eval
+    from learnforget.models import load_tokenizer
+    from learnforget.train import fit, setup
+
+    cfg = make_cfg("model=tiny_llama", "method=full", "train.lr=1e-3",
+                   "train.checkpoints.at=[2,6]")
+    run = fit(setup(cfg))
+    tok = load_tokenizer(str(run / "tokenizer"))
+    base = load_for_eval(cfg, None, cache_dir, "cpu")
+    settings = drift.settings_from({"n_prompts": 8, "max_new_tokens": 16,
+                                    "samples_per_prompt": 2, "n_boot": 500})
+    key = drift.reference_key(settings, tok, cfg.model.name)
+    path = drift.references_path(tmp_path / "runs", cfg.model.name, key)
+    refs = drift.cached_references(path, base, tok, settings, model_id=cfg.model.name)
+    assert path.exists() and refs["key"] == key
+    assert drift.cached_references(path, None, tok, settings, model_id=cfg.model.name) == refs
+
+    kl, kl_ci = [], []
+    for label in ("step-000002", "step-000006"):
+        ckpt = load_for_eval(cfg, run / "checkpoints" / label, cache_dir, "cpu")
+        result = drift.drift_scores(base, ckpt, refs, batch_size=settings["batch_size"],
+                                    n_boot=settings["n_boot"], ci=settings["ci"])
+        row = drift.summary_row(result)
+        kl.append(row["drift_kl"])
+        kl_ci.append((row["drift_kl_ci_low"], row["drift_kl_ci_high"]))
+        assert row["drift_kl_ci_low"] <= row["drift_kl"] <= row["drift_kl_ci_high"]
+        assert row["drift/greedy/kl"] > 0 and row["drift/sampled/kl"] > 0
+    assert 0 < kl[0] < kl[1], kl
+    assert kl_ci[0][1] < kl_ci[1][0], kl_ci  # clearly separated, not just ordered
