@@ -12,8 +12,9 @@ $(BIN)/learnforget: pyproject.toml scripts/install.sh
 
 install: $(BIN)/learnforget
 
-demo: install          ## the main job: a tiny LoRA run on local code, W&B offline
-	$(BIN)/learnforget train
+demo: install          ## the main job: a tiny LoRA run on local code, evaluated and analysed, W&B offline
+	$(BIN)/learnforget train eval.after_train=true
+	$(BIN)/learnforget analyze runs
 
 test: install          ## the default (fast) test suite
 	$(BIN)/python -m pytest -q

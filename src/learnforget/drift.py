@@ -443,3 +443,42 @@ def summary_row(scores: Mapping[str, Any]) -> dict[str, float]:
             row[f"drift/{variant}/{metric}_lo"] = entry[metric]["ci_low"]
             row[f"drift/{variant}/{metric}_hi"] = entry[metric]["ci_high"]
     return row
+
+
+# ------------------------------------------------------------------ eval-stage wiring
+
+class DriftEval:
+    """What the eval stage holds for one run: the settings (an `eval.drift` block), the base
+    model (loaded on first use by `load_base`, then kept for every checkpoint) and its
+    reference texts, cached at `references_path(runs_root, model_id, key)` beside the base
+    scores. `score(model)` gives the drift of one checkpoint; `score(self.base_model)` is
+    exactly 0 (one forward)."""
+
+    def __init__(self, cfg: Mapping[str, Any] | None, *, model_id: str, runs_root: Path,
+                 tokenizer, load_base: Callable[[], Any]):
+        self.settings = settings_from(cfg)
+        self.model_id, self.tokenizer, self._load_base = model_id, tokenizer, load_base
+        self.key = reference_key(self.settings, tokenizer, model_id)
+        self.path = references_path(runs_root, model_id, self.key)
+        self._base: Any = None
+        self._refs: dict[str, Any] | None = None
+
+    @property
+    def base_model(self):
+        if self._base is None:
+            self._base = self._load_base()
+        return self._base
+
+    @property
+    def refs(self) -> dict[str, Any]:
+        if self._refs is None:
+            cached = load_references(self.path)
+            self._refs = cached if cached and cached.get("key") == self.key else \
+                cached_references(self.path, self.base_model, self.tokenizer, self.settings,
+                                  model_id=self.model_id)
+        return self._refs
+
+    def score(self, model) -> dict[str, Any]:
+        s = self.settings
+        return drift_scores(self.base_model, model, self.refs, batch_size=int(s["batch_size"]),
+                            n_boot=int(s["n_boot"]), ci=float(s["ci"]), boot_seed=int(s["seed"]))
