@@ -54,7 +54,7 @@ def make_optimizer(params: list[torch.nn.Parameter], t: DictConfig,
     notes: list[str] = []
     name = t.optimizer
     betas = tuple(t.betas)
-    if name.startswith("paged_") and device != "cuda":
+    if name.startswith("paged_") and not device.startswith("cuda"):
         fallback = name.removeprefix("paged_")
         notes.append(f"train.optimizer={name} needs CUDA (paged memory); used {fallback} on {device}")
         name = fallback

@@ -24,9 +24,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from learnforget import distributed
 from learnforget.config import config_hash, run_dir, run_identity, run_name, validate
 from learnforget.crossentropy import mean_cross_entropy
 from learnforget.data import TokenizedData, build_data, collate
+from learnforget.distributed import Dist
 from learnforget.errors import ConfigError
 from learnforget.methods import (
     PEFT_METHODS,
@@ -45,7 +47,7 @@ from learnforget.record import (
     meta_info,
     read_json,
 )
-from learnforget.tracking import make_loggers, scrub
+from learnforget.tracking import Loggers, make_loggers, scrub
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -60,14 +62,16 @@ class Plan:
     checkpoints: dict[int, str]  # step -> checkpoint label
 
 
-def make_plan(t: DictConfig, data: TokenizedData) -> Plan:
+def make_plan(t: DictConfig, data: TokenizedData, world: int = 1) -> Plan:
     n = len(data.train)
     drop_last = data.regime == "cpt"
-    micro = n // t.batch_size if drop_last else math.ceil(n / t.batch_size)
+    per_micro = t.batch_size * world  # one micro-batch across all data-parallel ranks
+    micro = n // per_micro if drop_last else math.ceil(n / per_micro)
     if micro < t.grad_accum:
         raise ConfigError(
             f"data={data.info.get('name', '?')} has {n} training examples, fewer than one optimizer "
-            f"step needs (train.batch_size={t.batch_size} x train.grad_accum={t.grad_accum})")
+            f"step needs (train.batch_size={t.batch_size} x train.grad_accum={t.grad_accum} x "
+            f"{world} ranks)")
     steps_per_epoch = micro / t.grad_accum
     unit = t.checkpoints.unit
     if unit == "steps":
@@ -76,7 +80,7 @@ def make_plan(t: DictConfig, data: TokenizedData) -> Plan:
         steps = [max(1, round(a * steps_per_epoch)) for a in t.checkpoints.at]
     else:  # tokens: CPT steps are exact (packed blocks); IFT uses the mean example length
         mean_len = data.info.get("mean_train_len") or t.seq_len
-        per_step = t.batch_size * t.grad_accum * (t.seq_len if drop_last else mean_len)
+        per_step = per_micro * t.grad_accum * (t.seq_len if drop_last else mean_len)
         steps = [max(1, math.ceil(a / per_step)) for a in t.checkpoints.at]
     if len(set(steps)) != len(steps):
         raise ConfigError(
@@ -90,13 +94,15 @@ def make_plan(t: DictConfig, data: TokenizedData) -> Plan:
 
 
 def micro_batch(data: TokenizedData, plan: Plan, t: DictConfig, index: int, seed: int,
-                pad_id: int) -> dict[str, torch.Tensor]:
-    """Micro-batch number `index` of the whole run: a seeded permutation per epoch, so the
-    data position after a resume is exactly where the interrupted run was."""
+                pad_id: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """This rank's part of micro-batch number `index` of the whole run: a seeded permutation
+    per epoch, so the data position after a resume is exactly where the interrupted run was,
+    and `world` ranks together see what one process with `world` x batch_size would."""
     epoch, within = divmod(index, plan.micro_per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(data.train), generator=g)
-    ids = order[within * t.batch_size:(within + 1) * t.batch_size].tolist()
+    start = (within * world + rank) * t.batch_size
+    ids = order[start:start + t.batch_size].tolist()
     return collate([data.train[i] for i in ids], pad_id)
 
 
@@ -106,13 +112,13 @@ def resolve_precision(precision: str, device: str) -> torch.dtype | None:
         return None
     if precision == "bf16":
         return torch.bfloat16
-    if device == "cuda" and torch.cuda.is_bf16_supported():
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
 
 
 def peak_memory_mb(device: str) -> float:
-    if device == "cuda":
+    if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -201,6 +207,7 @@ class Setup:
     name: str
     config_hash: str
     device: str
+    dist: Dist
     model: torch.nn.Module
     tokenizer: Any
     base_path: str
@@ -226,7 +233,8 @@ def setup(cfg: DictConfig) -> Setup | None:
     check_same_run(out, chash)
     if cfg.train.num_threads:
         torch.set_num_threads(int(cfg.train.num_threads))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    d = distributed.init()
+    device = f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu"
     cache_dir = Path(cfg.paths.cache_dir).expanduser()
     t = cfg.train
 
@@ -241,11 +249,11 @@ def setup(cfg: DictConfig) -> Setup | None:
     trainable, total = count_parameters(model)
     data = build_data(cfg.data, tokenizer, t.seq_len, seed=cfg.seed)
     data.info.setdefault("name", cfg.data.name)
-    plan = make_plan(t, data)
+    plan = make_plan(t, data, d.world)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, opt_notes = make_optimizer(params, t, device)
     scheduler = make_scheduler(optimizer, t, plan.total_steps)
-    return Setup(cfg, out, name, chash, device, model, tokenizer, base_path, notes + opt_notes,
+    return Setup(cfg, out, name, chash, device, d, model, tokenizer, base_path, notes + opt_notes,
                  trainable, total, data, plan, params, optimizer, scheduler,
                  resolve_precision(t.precision, device))
 
@@ -262,11 +270,14 @@ def fit(s: Setup) -> Path:
     model, tokenizer, base_path, notes = s.model, s.tokenizer, s.base_path, s.notes
     data, plan, params, optimizer, scheduler = s.data, s.plan, s.params, s.optimizer, s.scheduler
     device, autocast_dtype, trainable, total = s.device, s.autocast_dtype, s.trainable, s.total
+    d = s.dist
     pad_id = tokenizer.pad_token_id
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
 
-    # -- run folder: one process at a time; resume if an earlier attempt left a state
+    # -- run folder: one process at a time (rank 0 writes it); resume from a saved state
     lock = RunLock(out)
-    if not lock.acquire():
+    busy = 0.0 if (not d.main or lock.acquire()) else 1.0
+    if distributed.all_reduce(busy, d, "max"):
         print(f"learnforget: {name} is being trained by another process ({out}); skipping")
         return out
     resume_path = out / "train" / "resume.pt"
@@ -276,9 +287,10 @@ def fit(s: Setup) -> Path:
         notes.append(f"resumed from step {progress['step']}")
         print(f"learnforget: resuming {name} from step {progress['step']}")
     resolved = scrub(OmegaConf.to_container(cfg, resolve=True))
-    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    if not (out / "tokenizer").exists():
-        tokenizer.save_pretrained(out / "tokenizer")
+    if d.main:
+        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        if not (out / "tokenizer").exists():
+            tokenizer.save_pretrained(out / "tokenizer")
     record: dict[str, Any] = {
         "status": "running",
         "run": {"name": name, "experiment": cfg.experiment_name, "config_hash": chash,
@@ -290,16 +302,25 @@ def fit(s: Setup) -> Path:
         "config_hash": chash,
         "train": {"trainable_params": trainable, "total_params": total,
                   "trainable_pct": 100.0 * trainable / total, "device": device,
-                  "precision": "bf16" if autocast_dtype else "fp32",
+                  "precision": "bf16" if autocast_dtype else "fp32", "ranks": d.world,
                   "total_steps": plan.total_steps, "checkpoint_steps": plan.checkpoints,
                   "data": data.info, "notes": notes},
         "meta": meta_info(),
     }
-    atomic_write_json(out / "run.json", record)
-    loggers = make_loggers(cfg, run_dir=out, run_name=name, stage="train", config=resolved,
-                           tags=[cfg.method.name, method_summary(cfg.method), cfg.data.name,
-                                 cfg.model.name], metrics_path=out / "train" / "metrics.jsonl",
-                           resume_step=progress["step"] if resume_path.exists() else None)
+    if d.main:
+        atomic_write_json(out / "run.json", record)
+        loggers = make_loggers(cfg, run_dir=out, run_name=name, stage="train", config=resolved,
+                               tags=[cfg.method.name, method_summary(cfg.method), cfg.data.name,
+                                     cfg.model.name], metrics_path=out / "train" / "metrics.jsonl",
+                               resume_step=progress["step"] if resume_path.exists() else None)
+    else:
+        loggers = Loggers([])
+    net = model
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[d.local_rank] if device_type == "cuda"
+                                      else None)
 
     stop = {"signal": None}
 
@@ -313,23 +334,23 @@ def fit(s: Setup) -> Path:
         # -- train loop
         model.train()
         start_step = progress["step"]
-        if start_step == 0 and t.heldout_batches:
+        if start_step == 0 and t.heldout_batches and d.main:
             base_loss = heldout_loss(model, data, t, pad_id, device, t.heldout_batches)
             loggers.log({"step": 0, "tokens": 0, "heldout_loss": base_loss})
-        bar = tqdm(total=plan.total_steps, initial=start_step, desc=name[:40], disable=None,
-                   dynamic_ncols=True)
+        bar = tqdm(total=plan.total_steps, initial=start_step, desc=name[:40],
+                   disable=None if d.main else True, dynamic_ncols=True)
         t_start = time.perf_counter() - progress["wall_time_s"]
         for step in range(start_step + 1, plan.total_steps + 1):
             t0 = time.perf_counter()
             step_loss, step_tokens = 0.0, 0
             for k in range(t.grad_accum):
                 index = (step - 1) * t.grad_accum + k
-                batch = micro_batch(data, plan, t, index, cfg.seed, pad_id)
+                batch = micro_batch(data, plan, t, index, cfg.seed, pad_id, d.rank, d.world)
                 batch = {key: v.to(device) for key, v in batch.items()}
-                ctx = (torch.autocast(device, dtype=autocast_dtype) if autocast_dtype
+                ctx = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype
                        else nullcontext())
                 with ctx:
-                    loss = model(**batch).loss / t.grad_accum
+                    loss = net(**batch).loss / t.grad_accum
                 loss.backward()
                 step_loss += float(loss.detach())
                 step_tokens += int(batch["attention_mask"].sum())
@@ -338,6 +359,8 @@ def fit(s: Setup) -> Path:
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            step_loss = distributed.all_reduce(step_loss, d) / d.world
+            step_tokens = int(distributed.all_reduce(step_tokens, d))
             dt = time.perf_counter() - t0
             progress["step"], progress["tokens"] = step, progress["tokens"] + step_tokens
             progress["wall_time_s"] = time.perf_counter() - t_start
@@ -350,7 +373,7 @@ def fit(s: Setup) -> Path:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}")
 
-            if step in plan.checkpoints:
+            if step in plan.checkpoints and d.main:
                 label = plan.checkpoints[step]
                 hl = heldout_loss(model, data, t, pad_id, device, t.heldout_batches)
                 manifest = {"label": label, "step": step, "tokens": progress["tokens"],
@@ -362,10 +385,15 @@ def fit(s: Setup) -> Path:
                 if hl is not None:
                     loggers.log({"step": step, "tokens": progress["tokens"], "heldout_loss": hl})
                 save_resume(resume_path, model, optimizer, scheduler, progress)
+            if step in plan.checkpoints:
+                distributed.barrier(d)
             if t.crash_at_step is not None and step == t.crash_at_step:
                 os._exit(137)  # testing: die like a killed process, with no clean-up at all
-            if stop["signal"]:
-                save_resume(resume_path, model, optimizer, scheduler, progress)
+            if distributed.all_reduce(1.0 if stop["signal"] else 0.0, d, "max"):
+                stop["signal"] = stop["signal"] or "a stop signal on another rank"
+                if d.main:
+                    save_resume(resume_path, model, optimizer, scheduler, progress)
+                distributed.barrier(d)
                 status = "interrupted"
                 print(f"learnforget: {stop['signal']} received at step {step}: state saved, "
                       "rerun the same command to resume")
@@ -386,12 +414,13 @@ def fit(s: Setup) -> Path:
             "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("*-*")
                                   if not p.name.startswith(".")),
         })
-        atomic_write_json(out / "run.json", record)
+        if d.main:
+            atomic_write_json(out / "run.json", record)
         loggers.summary({"status": status, "trainable_params": trainable, "total_params": total,
                          "tokens_seen": progress["tokens"]})
         loggers.finish(status)
         lock.release()
-    if status == "finished":
+    if status == "finished" and d.main:
         print(f"learnforget: {name} finished: {progress['step']} steps, "
               f"{progress['tokens']} tokens in {progress['wall_time_s']:.1f}s -> {out}")
     return out

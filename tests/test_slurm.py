@@ -1,0 +1,213 @@
+"""A real SLURM cluster on this machine: a 4-run sweep through Hydra's submitit launcher, one run
+preempted mid-training the way a shared cluster does it, requeued, and resumed from its state.
+
+    .venv/bin/python -m pytest -m slow tests/test_slurm.py
+
+Needs root and either SLURM + munge installed or apt-get (scripts/slurm/start.sh installs
+Debian's slurm-wlm and munge, ~15 s). The whole test takes ~2-4 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_DIR = REPO / "scripts" / "slurm"
+LAST_STEP = 600          # long enough (~20-40 s of training per run) to preempt mid-run
+FIRST_CKPT = 2
+SWEEP_TIMEOUT_S = 420    # the sweep itself; start-up (with install) comes on top
+
+
+def _skip_reason() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "SLURM test needs Linux"
+    if os.geteuid() != 0:
+        return "SLURM test needs root (it starts munged, slurmctld and slurmd)"
+    have_slurm = all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch"))
+    if not have_slurm and not shutil.which("apt-get"):
+        return "SLURM test needs slurm-wlm + munge installed, or apt-get to install them"
+    return None
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason())),
+]
+
+
+@dataclass
+class Cluster:
+    state: Path
+    env: dict[str, str]
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> str:
+        p = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True,
+                           timeout=timeout)
+        if check and p.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        return p.stdout
+
+    def logs(self, lines: int = 40) -> str:
+        out = []
+        for name in ("log/slurmctld.log", "log/slurmd.log", "log/jobcomp.log"):
+            f = self.state / name
+            if f.exists():
+                tail = f.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"--- {name} (last {lines} lines)\n" + "\n".join(tail))
+        return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A one-node cluster from scripts/slurm/start.sh; always stopped (and removed) afterwards."""
+    state = Path(tempfile.mkdtemp(prefix="learnforget-slurm-", dir="/tmp"))
+    try:
+        t0 = time.monotonic()
+        p = subprocess.run(["bash", str(SLURM_DIR / "start.sh"), str(state)],
+                           capture_output=True, text=True, timeout=300)
+        if p.returncode != 0:
+            pytest.fail(f"scripts/slurm/start.sh failed ({p.returncode}):\n{p.stderr}")
+        print(f"cluster up in {time.monotonic() - t0:.1f}s: {p.stderr.strip()}")
+        env = dict(os.environ)
+        env["SLURM_CONF"] = str(state / "etc" / "slurm.conf")
+        env["LEARNFORGET_SLURM_STATE"] = str(state)
+        env["PATH"] = f"{SLURM_DIR / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        env["HF_HUB_OFFLINE"] = env["HF_DATASETS_OFFLINE"] = "1"
+        env["WANDB_MODE"] = "disabled"
+        yield Cluster(state, env)
+    finally:
+        subprocess.run(["bash", str(SLURM_DIR / "stop.sh"), str(state), "--rm"],
+                       capture_output=True, text=True, timeout=180)
+
+
+def test_cluster_runs_a_job_and_the_sacct_stand_in_reports_it(slurm_cluster, tmp_path):
+    c = slurm_cluster
+    out = c.run("sbatch", "--parsable", "-c", "1", "--mem=100M", "-o", str(tmp_path / "%j.out"),
+                "--wrap", "echo hello from $SLURM_JOB_ID")
+    job = out.strip().split(";")[0]
+    deadline = time.monotonic() + 60
+    state = ""
+    while time.monotonic() < deadline:
+        lines = c.run("sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", job).splitlines()
+        assert lines[0] == "JobID|State|NodeList"
+        state = lines[1].split("|")[1] if len(lines) > 1 else ""
+        if state == "COMPLETED":
+            break
+        time.sleep(0.5)
+    assert state == "COMPLETED", c.logs()
+    assert (tmp_path / f"{job}.out").read_text().strip() == f"hello from {job}"
+
+
+def _runs(runs_root: Path) -> dict[str, Path]:
+    root = runs_root / "default"
+    return {p.name: p for p in sorted(root.glob("tiny_llama-*"))} if root.exists() else {}
+
+
+def _status(run: Path) -> str | None:
+    try:
+        return json.loads((run / "run.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def _running_debug_jobs(c: Cluster) -> list[str]:
+    out = c.run("squeue", "-h", "-p", "debug", "-t", "RUNNING", "-o", "%i", check=False)
+    return [x for x in out.split() if x]
+
+
+def test_sweep_on_slurm_survives_preemption(slurm_cluster, tmp_path):
+    """4 LoRA runs as a SLURM job array; one is preempted by a job in the higher-priority
+    partition after its first checkpoint: it gets USR2, saves its resume state, submitit
+    requeues it, and the requeued job resumes from the saved step; every run ends finished."""
+    c = slurm_cluster
+    runs_root, cache, sweep = tmp_path / "runs", tmp_path / "cache", tmp_path / "sweep"
+    env = dict(c.env, LEARNFORGET_RUNS_DIR=str(runs_root), LEARNFORGET_CACHE_DIR=str(cache))
+    exe = Path(sys.executable).with_name("learnforget")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "learnforget.cli"]
+    cmd += ["train", "-m", "hydra/launcher=local_slurm", "method=lora", "method.r=2,4,8,16",
+            "debug=fast", "train.checkpoints.unit=steps",
+            f"train.checkpoints.at=[{FIRST_CKPT},{LAST_STEP}]", "train.heldout_batches=1",
+            f"hydra.sweep.dir={sweep}"]
+    log = (tmp_path / "sweep.log").open("w")
+    t0 = time.monotonic()
+    sweep_proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # -- wait until every running job's run has its first checkpoint, then preempt one job
+        #    by submitting a 1-CPU job to the 'urgent' partition (PreemptMode=REQUEUE)
+        preempted_at = None
+        while time.monotonic() - t0 < SWEEP_TIMEOUT_S and sweep_proc.poll() is None:
+            running = _running_debug_jobs(c)
+            training = [r for r in _runs(runs_root).values() if _status(r) == "running"
+                        and (r / "checkpoints" / f"step-{FIRST_CKPT:06d}").exists()]
+            if running and len(training) >= len(running):
+                c.run("sbatch", "-p", "urgent", "-c", "1", "--mem=100M", "-J", "urgent",
+                      "-o", "/dev/null", "--wrap", "sleep 2")
+                preempted_at = time.monotonic() - t0
+                break
+            time.sleep(0.2)
+        assert preempted_at is not None, (
+            f"never found a running job past its first checkpoint\n{_tail(tmp_path / 'sweep.log')}"
+            f"\n{c.logs()}")
+        rc = sweep_proc.wait(timeout=max(10, SWEEP_TIMEOUT_S - (time.monotonic() - t0)))
+    finally:
+        if sweep_proc.poll() is None:
+            sweep_proc.kill()
+            sweep_proc.wait()
+        log.close()
+    elapsed = time.monotonic() - t0
+    sweep_log = _tail(tmp_path / "sweep.log")
+    job_logs = "\n".join(p.read_text(errors="replace")
+                         for p in sorted(sweep.glob(".submitit/*/*_log.*")))
+    assert rc == 0, f"sweep failed ({rc}) after {elapsed:.0f}s\n{sweep_log}\n{c.logs()}"
+
+    # -- all four runs are complete
+    runs = _runs(runs_root)
+    assert len(runs) == 4, f"{sorted(runs)}\n{sweep_log}"
+    resumed = {}
+    for name, run in runs.items():
+        info = json.loads((run / "run.json").read_text())
+        notes = info["train"]["notes"]
+        assert info["status"] == "finished", (
+            f"{name}: status {info['status']!r}, notes {notes}. A preempted run must not end "
+            "'interrupted': train() has to hand the stop signal on to submitit's handler (which "
+            f"checkpoints and requeues the job).\n{job_logs[-4000:]}")
+        assert info["train"]["steps_done"] == LAST_STEP
+        for step in (FIRST_CKPT, LAST_STEP):
+            ckpt = run / "checkpoints" / f"step-{step:06d}"
+            assert (ckpt / "manifest.json").exists() and (ckpt / "adapter_model.safetensors").exists()
+        rows = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in rows if "loss" in r]
+        assert steps == list(range(1, LAST_STEP + 1)), f"{name}: one metrics row per step"
+        resumed_from = [int(n.split()[-1]) for n in notes if n.startswith("resumed from step ")]
+        if resumed_from:
+            resumed[name] = resumed_from
+    # -- the preempted run was requeued by SLURM and resumed from its saved state, not from 0
+    assert len(resumed) == 1, f"expected exactly one resumed run, got {resumed}\n{job_logs[-4000:]}"
+    (name, steps_from), = resumed.items()
+    assert len(steps_from) == 1 and FIRST_CKPT <= steps_from[0] < LAST_STEP, steps_from
+    assert "this job is preempted" in job_logs and "Requeued job" in job_logs, job_logs[-4000:]
+    assert f"resuming {name} from step {steps_from[0]}" in job_logs
+    # -- every job of the array ended COMPLETED (the sacct stand-in, as submitit saw it)
+    array_id = next(p.name.split("_")[0] for p in sweep.glob(".submitit/*_*"))
+    acct = c.run("sacct", "-o", "JobID,State", "--parsable2", "-j", array_id).splitlines()[1:]
+    assert sorted(acct) == [f"{array_id}_{i}|COMPLETED" for i in range(4)], acct
+    print(f"sweep with one preemption: {elapsed:.0f}s (preempted at {preempted_at:.0f}s, "
+          f"{name} resumed from step {steps_from[0]})")
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
