@@ -158,21 +158,26 @@ def test_drift_grows_with_training_on_unrelated_text(make_cfg, cache_dir, tmp_pa
                    "train.checkpoints.at=[2,6]")
     run = fit(setup(cfg))
     tok = load_tokenizer(str(run / "tokenizer"))
-    base = load_for_eval(cfg, None, cache_dir, "cpu")
-    settings = drift.settings_from({"n_prompts": 8, "max_new_tokens": 16,
-                                    "samples_per_prompt": 2, "n_boot": 500})
-    key = drift.reference_key(settings, tok, cfg.model.name)
-    path = drift.references_path(tmp_path / "runs", cfg.model.name, key)
-    refs = drift.cached_references(path, base, tok, settings, model_id=cfg.model.name)
-    assert path.exists() and refs["key"] == key
-    assert drift.cached_references(path, None, tok, settings, model_id=cfg.model.name) == refs
+    loads = []
+
+    def load_base():
+        loads.append(1)
+        return load_for_eval(cfg, None, cache_dir, "cpu")
+
+    settings = {"n_prompts": 8, "max_new_tokens": 16, "samples_per_prompt": 2, "n_boot": 500}
+    de = drift.DriftEval(settings, model_id=cfg.model.name, runs_root=tmp_path / "runs",
+                         tokenizer=tok, load_base=load_base)
+    assert de.path.parent == tmp_path / "runs" / "_base" / cfg.model.name
+    assert drift.summary_row(de.score(de.base_model))["drift_kl"] == 0.0
+    assert de.path.exists() and de.refs["key"] == de.key and len(loads) == 1
+    again = drift.DriftEval(settings, model_id=cfg.model.name, runs_root=tmp_path / "runs",
+                            tokenizer=tok, load_base=load_base)
+    assert again.refs == de.refs and len(loads) == 1  # cached: no base model needed
 
     kl, kl_ci = [], []
     for label in ("step-000002", "step-000006"):
         ckpt = load_for_eval(cfg, run / "checkpoints" / label, cache_dir, "cpu")
-        result = drift.drift_scores(base, ckpt, refs, batch_size=settings["batch_size"],
-                                    n_boot=settings["n_boot"], ci=settings["ci"])
-        row = drift.summary_row(result)
+        row = drift.summary_row(de.score(ckpt))
         kl.append(row["drift_kl"])
         kl_ci.append((row["drift_kl_ci_low"], row["drift_kl_ci_high"]))
         assert row["drift_kl_ci_low"] <= row["drift_kl"] <= row["drift_kl_ci_high"]

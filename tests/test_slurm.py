@@ -67,9 +67,28 @@ class Cluster:
         return "\n".join(out)
 
 
+def _cluster_env(state: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["SLURM_CONF"] = str(state / "etc" / "slurm.conf")
+    env["LEARNFORGET_SLURM_STATE"] = str(state)
+    env["PATH"] = f"{SLURM_DIR / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env["HF_HUB_OFFLINE"] = env["HF_DATASETS_OFFLINE"] = "1"
+    env["WANDB_MODE"] = "disabled"
+    return env
+
+
 @pytest.fixture(scope="module")
 def slurm_cluster():
-    """A one-node cluster from scripts/slurm/start.sh; always stopped (and removed) afterwards."""
+    """A one-node cluster from scripts/slurm/start.sh, always stopped (and removed) afterwards.
+    With LEARNFORGET_SLURM_STATE set (`eval "$(scripts/slurm/start.sh)"` done beforehand) that
+    cluster is used and left running."""
+    given = os.environ.get("LEARNFORGET_SLURM_STATE")
+    if given:
+        state = Path(given)
+        assert (state / "etc" / "slurm.conf").exists(), f"{state} is not a start.sh state folder"
+        yield Cluster(state, _cluster_env(state))
+        return
     state = Path(tempfile.mkdtemp(prefix="learnforget-slurm-", dir="/tmp"))
     try:
         t0 = time.monotonic()
@@ -77,15 +96,8 @@ def slurm_cluster():
                            capture_output=True, text=True, timeout=300)
         if p.returncode != 0:
             pytest.fail(f"scripts/slurm/start.sh failed ({p.returncode}):\n{p.stderr}")
-        print(f"cluster up in {time.monotonic() - t0:.1f}s: {p.stderr.strip()}")
-        env = dict(os.environ)
-        env["SLURM_CONF"] = str(state / "etc" / "slurm.conf")
-        env["LEARNFORGET_SLURM_STATE"] = str(state)
-        env["PATH"] = f"{SLURM_DIR / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
-        env["HF_HUB_OFFLINE"] = env["HF_DATASETS_OFFLINE"] = "1"
-        env["WANDB_MODE"] = "disabled"
-        yield Cluster(state, env)
+        print(f"start.sh took {time.monotonic() - t0:.1f}s: {p.stderr.strip()}")
+        yield Cluster(state, _cluster_env(state))
     finally:
         subprocess.run(["bash", str(SLURM_DIR / "stop.sh"), str(state), "--rm"],
                        capture_output=True, text=True, timeout=180)
@@ -199,9 +211,17 @@ def test_sweep_on_slurm_survives_preemption(slurm_cluster, tmp_path):
     assert "this job is preempted" in job_logs and "Requeued job" in job_logs, job_logs[-4000:]
     assert f"resuming {name} from step {steps_from[0]}" in job_logs
     # -- every job of the array ended COMPLETED (the sacct stand-in, as submitit saw it)
+    #    (a job's result file can appear a moment before SLURM marks the job COMPLETED)
     array_id = next(p.name.split("_")[0] for p in sweep.glob(".submitit/*_*"))
-    acct = c.run("sacct", "-o", "JobID,State", "--parsable2", "-j", array_id).splitlines()[1:]
-    assert sorted(acct) == [f"{array_id}_{i}|COMPLETED" for i in range(4)], acct
+    expected = [f"{array_id}_{i}|COMPLETED" for i in range(4)]
+    deadline = time.monotonic() + 60
+    while True:
+        acct = sorted(c.run("sacct", "-o", "JobID,State", "--parsable2", "-j",
+                            array_id).splitlines()[1:])
+        if acct == expected or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert acct == expected, f"{acct}\n{c.logs()}"
     print(f"sweep with one preemption: {elapsed:.0f}s (preempted at {preempted_at:.0f}s, "
           f"{name} resumed from step {steps_from[0]})")
 

@@ -23,7 +23,7 @@ log() { echo "slurm/start: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 started=0
 # On any failure after a daemon was started, stop what this run started.
-cleanup() { rc=$?; if [ $rc != 0 ] && [ $started = 1 ]; then "$here/stop.sh" "$S" >&2 || true; fi; exit $rc; }
+cleanup() { rc=$?; if [ $rc != 0 ] && [ $started = 1 ]; then bash "$here/stop.sh" "$S" >&2 || true; fi; exit $rc; }
 trap cleanup EXIT
 
 [ "$(id -u)" = 0 ] || die "needs root (slurmd runs jobs as root; apt installs the packages)"
@@ -40,6 +40,10 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
     made_policy=1
   fi
   export DEBIAN_FRONTEND=noninteractive
+  if ! compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null; then
+    log "no apt package lists yet: apt-get update"
+    apt-get update -q >/dev/null || die "apt-get update failed"
+  fi
   if ! apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null 2>"${TMPDIR:-/tmp}/slurm-apt.err"; then
     log "apt-get install failed; running apt-get update once and retrying"
     apt-get update -q >/dev/null
@@ -167,7 +171,7 @@ while :; do
   state="$(sinfo -h -N -o '%t' 2>/dev/null | head -1 || true)"
   [ "$state" = idle ] && break
   if [ $(( $(date +%s) - t0 )) -ge 60 ]; then
-    tail -5 "$S/log/slurmctld.log" "$S/log/slurmd.log" >&2 || true
+    tail -n 5 "$S/log/slurmctld.log" "$S/log/slurmd.log" >&2 || true
     die "node not idle after 60 s (state: ${state:-none}); logs in $S/log"
   fi
   sleep 0.5

@@ -44,17 +44,24 @@ fi
 stop_pid slurmd "$(pid_of "$S/run/slurmd.pid")"
 stop_pid slurmctld "$ctld_pid"
 
-# 3. anything a job of this cluster left behind: slurmstepd processes and job processes carry
-#    SLURM_CONF pointing into this state folder (slurmd passes its own environment on), and are
-#    either slurmstepd itself or have a SLURM_JOB_ID; shells that merely exported SLURM_CONF
-#    have neither
+# 3. anything a job of this cluster left behind (only when the daemons died before their jobs):
+#    slurmstepd processes of this cluster work in a folder under STATE_DIR; job processes carry
+#    SLURM_CONF pointing into it together with a SLURM_JOB_ID (a shell that merely exported
+#    SLURM_CONF has no SLURM_JOB_ID)
 for p in /proc/[0-9]*; do
   pid=${p#/proc/}
   [ "$pid" = $$ ] && continue
-  env_lines="$( { tr '\0' '\n' < "$p/environ"; } 2>/dev/null)" || continue
-  grep -qxF "SLURM_CONF=$conf" <<<"$env_lines" || continue
-  if grep -q '^SLURM_JOB_ID=' <<<"$env_lines" \
-     || [ "$(readlink "$p/exe" 2>/dev/null)" = "$(command -v slurmstepd || echo /usr/sbin/slurmstepd)" ]; then
+  exe="$(readlink "$p/exe" 2>/dev/null || true)"
+  cwd="$(readlink "$p/cwd" 2>/dev/null || true)"
+  ours=0
+  case "$exe" in
+    */slurmstepd*) case "$cwd" in "$S"|"$S"/*) ours=1 ;; esac ;;
+  esac
+  if [ $ours = 0 ]; then
+    env_lines="$( { tr '\0' '\n' < "$p/environ"; } 2>/dev/null)" || continue
+    grep -qxF "SLURM_CONF=$conf" <<<"$env_lines" && grep -q '^SLURM_JOB_ID=' <<<"$env_lines" && ours=1
+  fi
+  if [ $ours = 1 ]; then
     log "killing leftover process $pid ($( { tr '\0' ' ' < "$p/cmdline"; } 2>/dev/null | cut -c1-80))"
     kill -KILL "$pid" 2>/dev/null || true
   fi

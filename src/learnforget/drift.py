@@ -161,6 +161,7 @@ def generate_references(base_model, tokenizer, prompts: Sequence[str], *,
     plain prompt (`template`) and, with `chat`, the chat-formatted user turn. Token ids are
     stored (prompt and continuation, each continuation up to and including its EOS), so
     scoring needs no re-tokenisation; the result is JSON-serialisable."""
+    from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
     was_training = base_model.training
@@ -190,8 +191,10 @@ def generate_references(base_model, tokenizer, prompts: Sequence[str], *,
     texts: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     try:
+        bar = tqdm(total=len(formats) * len(prompts), desc="drift references", disable=None)
         for prefix, encode in formats.items():
             for i, prompt in enumerate(prompts):
+                bar.update()
                 ids = [int(t) for t in encode(prompt)]
                 x = torch.tensor([ids], device=device)
                 out = base_model.generate(x, attention_mask=torch.ones_like(x),
@@ -206,6 +209,7 @@ def generate_references(base_model, tokenizer, prompts: Sequence[str], *,
                     for row in out[:, len(ids):].tolist():
                         texts.append({"variant": f"{prefix}sampled", "prompt_index": i,
                                       "prompt_ids": ids, "continuation_ids": _cut(row, eos)})
+        bar.close()
     finally:
         base_model.train(was_training)
     return {

@@ -61,7 +61,6 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +69,7 @@ from typing import Any
 import yaml
 
 from learnforget.errors import ConfigError
+from learnforget.record import atomic_write_text
 from learnforget.tasks import humaneval_utils
 
 KINDS = ("hellaswag", "arc_challenge", "winogrande", "gsm8k", "humaneval", "mc_json")  # local data
@@ -488,15 +488,7 @@ def _read_records(path: Path, spec: TaskSpec, what: str = "data file") -> list[d
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)
 
 
 # ------------------------------------------------------------------------------ hashing

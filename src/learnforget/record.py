@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.metadata
 import json
 import os
 import platform
+import secrets
 import socket
 import subprocess
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import IO, Any
 
 from learnforget.errors import ConfigError
 
@@ -21,19 +21,32 @@ PACKAGES = ("learnforget", "torch", "transformers", "peft", "bitsandbytes", "acc
             "hydra-core", "wandb", "lm_eval", "datasets", "numpy")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside `path`; on success fsync it and rename it over `path`.
+
+    On any exception the temporary file is removed and `path` is left as it was. (Created
+    with mode 0o666 & ~umask, unlike mkstemp's 0600.)
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -71,6 +84,8 @@ def git_commit() -> dict[str, Any]:
 
 
 def meta_info() -> dict[str, Any]:
+    import torch
+
     return {
         "versions": package_versions(),
         "git": git_commit(),

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from learnforget.errors import ConfigError
-from learnforget.record import atomic_write_json, read_json
+from learnforget.record import atomic_open, atomic_write_json, read_json
 
 SPECTRA_VERSION = 1
 MATRICES = ("delta", "base", "ft")
@@ -594,17 +593,8 @@ def _natural_key(name: str) -> list[Any]:
 # ============================================================================ per checkpoint
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def spectra_settings(*, with_weights: bool, dense_method: str, lora_via: str) -> dict[str, Any]:

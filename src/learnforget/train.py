@@ -41,6 +41,7 @@ from learnforget.models import load_model
 from learnforget.optim import make_optimizer, make_scheduler
 from learnforget.record import (
     RunLock,
+    atomic_open,
     atomic_write_json,
     atomic_write_text,
     check_same_run,
@@ -151,15 +152,8 @@ def save_resume(path: Path, model, optimizer, scheduler, progress: dict[str, Any
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         "progress": progress,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".resume.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def load_resume(path: Path, model, optimizer, scheduler) -> dict[str, Any]:

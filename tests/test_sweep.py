@@ -1,0 +1,174 @@
+"""Studies (sweeps/*.yaml): the paper's grids expand and cost out offline; bad studies and
+cluster profiles fail before any job; a tiny study runs, reruns nothing, reruns what is gone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from learnforget.config import compose
+from learnforget.errors import ConfigError
+from learnforget.sweep import (
+    Composer,
+    estimate,
+    expand,
+    find_study,
+    load_cluster_profile,
+    load_study,
+    refresh_states,
+    sweep_cli,
+    sweep_main,
+)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_code_ift_dry_run_lists_the_paper_grid(tmp_path, capsys, no_network):
+    t0 = time.perf_counter()
+    rc = sweep_cli(["code_ift", "--dry-run", f"paths.runs_dir={tmp_path / 'runs'}"])
+    elapsed = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert elapsed < 45, elapsed  # seconds, even on a loaded 2-core machine (no downloads)
+    assert "6 combinations -> 4 jobs (2 duplicate(s) merged" in out
+    assert "states: 0 done, 0 running, 0 resume, 4 new" in out
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+    plan = expand(load_study(find_study("code_ift")), [f"paths.runs_dir={tmp_path / 'runs'}"])
+    refresh_states(plan)
+    total = estimate(plan)
+    methods = [j.cfg.method.name for j in plan.jobs]
+    assert sorted(methods) == ["full", "lora", "lora", "lora"]
+    lora = {j.cfg.method.r: j.cfg.train.lr for j in plan.jobs if j.cfg.method.name == "lora"}
+    assert lora == {16: 2e-4, 64: 2e-4, 256: 1e-4}
+    full = [j for j in plan.jobs if j.cfg.method.name == "full"]
+    full_lrs = [j.cfg.train.lr for j in full]
+    assert len(full_lrs) == len(set(full_lrs)) == 1  # once per LR, not once per rank
+    assert len(full[0].duplicates) == 2  # r=64 and r=256 map onto the same run
+    for j in plan.jobs:
+        c = j.cfg
+        assert (c.model.name, c.data.name, c.eval.name) == ("llama2_7b", "magicoder_evol", "paper")
+        assert (c.train.checkpoints.unit, list(c.train.checkpoints.at)) == ("epochs",
+                                                                            [1, 2, 4, 8, 16])
+        assert c.experiment_name == "code_ift" and j.run_dir.parent.name == "code_ift"
+        assert j.state == "new"
+    assert total == pytest.approx(313.8, abs=0.1)
+
+
+def test_composer_matches_compose():
+    ov = ["experiment_name=x", "model=llama2_7b", "method=full", "method.r=64", "debug=fast",
+          "train.betas=[0.9,0.95]", "stages=[train,eval]", "+extra=3"]
+    assert OmegaConf.to_container(Composer()(ov)) == OmegaConf.to_container(compose(ov))
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_missing_config_or_key_in_a_study_fails_before_any_job(tmp_path):
+    runs = tmp_path / "runs"
+    bad_model = _write(tmp_path / "bad_model.yaml", f"""
+description: a study naming a model that does not exist
+holds: [model=llama3_70b, paths.runs_dir={runs}]
+sweep: {{method: [full, lora]}}
+""")
+    with pytest.raises(ConfigError, match="llama3_70b") as e:
+        sweep_main(str(bad_model), launcher="basic")
+    assert "study bad_model" in str(e.value) and "unknown model" in str(e.value)
+    bad_key = _write(tmp_path / "bad_key.yaml", f"""
+description: a study setting a key that does not exist
+holds: [paths.runs_dir={runs}]
+sweep: {{train.lrr: [1.0e-4, 2.0e-4]}}
+""")
+    with pytest.raises(ConfigError, match="train.lrr"):
+        sweep_main(str(bad_key), launcher="basic")
+    bad_field = _write(tmp_path / "bad_field.yaml", "description: x\nsweeps: {seed: [0, 1]}\n")
+    with pytest.raises(ConfigError, match="sweeps"):
+        sweep_main(str(bad_field), dry_run=True)
+    assert not runs.exists()
+
+
+def test_cluster_profile_unknown_key_is_an_error(tmp_path):
+    default = Path(__file__).resolve().parents[1] / "conf" / "cluster" / "default.yaml"
+    profile = load_cluster_profile(default)
+    assert profile["gpus_per_node"] == 1 and profile["max_num_timeout"] >= 1
+    bad = _write(tmp_path / "cluster.yaml", "partiton: gpu\ntimeout_min: 600\n")
+    with pytest.raises(ConfigError, match="unknown key 'partiton'.*did you mean 'partition'"):
+        load_cluster_profile(bad)
+    with pytest.raises(ConfigError, match="partiton"):
+        sweep_main("demo", launcher="submitit_slurm", cluster=str(bad), dry_run=True)
+    wrong_type = _write(tmp_path / "types.yaml", "timeout_min: soon\n")
+    with pytest.raises(ConfigError, match="timeout_min"):
+        load_cluster_profile(wrong_type)
+
+
+def test_tiny_study_runs_reruns_nothing_and_reruns_only_what_is_missing(tmp_path, cache_dir,
+                                                                       capsys):
+    runs = tmp_path / "runs"
+    study = _write(tmp_path / "tiny.yaml", f"""
+description: three debug-sized runs on the tiny Llama (full once, LoRA r=2 and r=4)
+launcher: basic
+stages: [train, eval, spectra]
+holds:
+  - model=tiny_llama
+  - data=stdlib_code
+  - data.max_docs=8
+  - data.heldout_docs=2
+  - logger=none
+  - eval=smoke
+  - eval.tasks=[]
+  - train.batch_size=2
+  - train.seq_len=32
+  - train.checkpoints.unit=steps
+  - train.checkpoints.at=[1,2]
+  - train.heldout_batches=1
+  - paths.runs_dir={runs}
+  - paths.cache_dir={cache_dir}
+sweep:
+  method: [full, lora]
+  method.r: [2, 4]
+gpu_hours_per_job: 0
+""")
+    assert sweep_main(str(study)) == 0
+    out = capsys.readouterr().out
+    assert "launching 3 job(s)" in out
+    folders = sorted((runs / "tiny").iterdir())
+    assert len(folders) == 3 and sum(f.name.startswith("tiny_llama-full-") for f in folders) == 1
+    for f in folders:
+        assert json.loads((f / "run.json").read_text())["status"] == "finished"
+        assert (f / "eval" / "summary-smoke.json").exists()
+        assert sorted(p.name for p in (f / "spectra").glob("*.json")) == ["step-000001.json",
+                                                                          "step-000002.json"]
+        assert json.loads((f / "job.json").read_text())["stages"] == {
+            "train": "done", "eval": "done", "spectra": "done"}
+    stamps = {f.name: (f / "run.json").stat().st_mtime_ns for f in folders}
+
+    assert sweep_main(str(study)) == 0  # finished: nothing is launched
+    out = capsys.readouterr().out
+    assert "nothing to launch: all 3 job(s)" in out and "launching" not in out
+    assert "states: 3 done, 0 running, 0 resume, 0 new" in out
+    assert {f.name: (f / "run.json").stat().st_mtime_ns for f in folders} == stamps
+
+    gone = next(f for f in folders if "lora_r2" in f.name)
+    shutil.rmtree(gone)
+    assert sweep_main(str(study)) == 0  # only the deleted run is trained again
+    out = capsys.readouterr().out
+    assert "launching 1 job(s)" in out and "2 done, 0 running, 0 resume, 1 new" in out
+    assert json.loads((gone / "run.json").read_text())["status"] == "finished"
+    for f in folders:
+        if f != gone:
+            assert (f / "run.json").stat().st_mtime_ns == stamps[f.name]
