@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -212,7 +213,8 @@ def test_sweep_on_slurm_survives_preemption(slurm_cluster, tmp_path):
     assert f"resuming {name} from step {steps_from[0]}" in job_logs
     # -- every job of the array ended COMPLETED (the sacct stand-in, as submitit saw it)
     #    (a job's result file can appear a moment before SLURM marks the job COMPLETED)
-    array_id = next(p.name.split("_")[0] for p in sweep.glob(".submitit/*_*"))
+    array_id = next(m.group(1) for p in (sweep / ".submitit").iterdir()
+                    if (m := re.fullmatch(r"(\d+)_\d+", p.name)))
     expected = [f"{array_id}_{i}|COMPLETED" for i in range(4)]
     deadline = time.monotonic() + 60
     while True:

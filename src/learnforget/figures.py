@@ -66,6 +66,19 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
+def learning_column(df: pd.DataFrame, x: str | None = None) -> str:
+    """`x` if given; else target_score when any row has it, else target_ce (the run's own
+    held-out loss, lower = more learning)."""
+    if x:
+        return x
+    for c in ("target_score", "target_ce"):
+        if c in df.columns and df[c].notna().any():
+            return c
+    raise ConfigError("no learning measure in the table (neither target_score nor target_ce "
+                      "has a value): evaluate the runs with a suite that has target tasks or "
+                      "the run's held-out cross-entropy")
+
+
 def forgetting_column(df: pd.DataFrame, y: str | None = None) -> str:
     """`y` if given; else forgetting_score when any row has it, else forgetting_ce."""
     if y:
@@ -123,7 +136,7 @@ def _title(df: pd.DataFrame, what: str) -> str:
 
 # ============================================================================ learning/forgetting
 
-def plot_learning_forgetting(df: pd.DataFrame, out_dir: Path, *, x: str = "target_score",
+def plot_learning_forgetting(df: pd.DataFrame, out_dir: Path, *, x: str | None = None,
                              y: str | None = None, suite: str | None = None,
                              stem: str = "learning_vs_forgetting") -> list[Path]:
     """Learning (x) against forgetting (y), one panel per data set, one colour per method
@@ -131,6 +144,7 @@ def plot_learning_forgetting(df: pd.DataFrame, out_dir: Path, *, x: str = "targe
     (markers grow with tokens). The Pareto front over all points of a panel is ringed and
     joined by a dashed black line."""
     df = _pick_suite(df, suite)
+    x = learning_column(df, x)
     y = forgetting_column(df, y)
     data = df[df[x].notna() & df[y].notna()]
     if data.empty:
@@ -175,12 +189,13 @@ def plot_learning_forgetting(df: pd.DataFrame, out_dir: Path, *, x: str = "targe
     return _save(fig, out_dir, stem)
 
 
-def plot_vs_tokens(df: pd.DataFrame, out_dir: Path, *, x: str = "target_score",
+def plot_vs_tokens(df: pd.DataFrame, out_dir: Path, *, x: str | None = None,
                    y: str | None = None, suite: str | None = None,
                    stem: str = "learning_forgetting_vs_tokens") -> list[Path]:
     """Two rows of panels (learning, forgetting) against training tokens, one column per
     data set; the base model is the point at 0 tokens."""
     df = _pick_suite(df, suite)
+    x = learning_column(df, x)
     y = forgetting_column(df, y)
     facets = _facets(df)
     colors = _colors(list(df.apply(_group_label, axis=1)))
