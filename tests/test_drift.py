@@ -174,13 +174,16 @@ def test_drift_grows_with_training_on_unrelated_text(make_cfg, cache_dir, tmp_pa
                             tokenizer=tok, load_base=load_base)
     assert again.refs == de.refs and len(loads) == 1  # cached: no base model needed
 
-    kl, kl_ci = [], []
+    kl, kl_ci, results = [], [], []
     for label in ("step-000002", "step-000006"):
         ckpt = load_for_eval(cfg, run / "checkpoints" / label, cache_dir, "cpu")
-        row = drift.summary_row(de.score(ckpt))
+        results.append(de.score(ckpt))
+        row = drift.summary_row(results[-1])
         kl.append(row["drift_kl"])
         kl_ci.append((row["drift_kl_ci_low"], row["drift_kl_ci_high"]))
         assert row["drift_kl_ci_low"] <= row["drift_kl"] <= row["drift_kl_ci_high"]
         assert row["drift/greedy/kl"] > 0 and row["drift/sampled/kl"] > 0
     assert 0 < kl[0] < kl[1], kl
     assert kl_ci[0][1] < kl_ci[1][0], kl_ci  # clearly separated, not just ordered
+    diff = drift.paired_difference(results[1], results[0])
+    assert diff["ci_low"] > 0 and diff["a_larger_share"] == 1.0

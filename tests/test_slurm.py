@@ -42,6 +42,7 @@ def _skip_reason() -> str | None:
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.slurm,
     pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason())),
 ]
 

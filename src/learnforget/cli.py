@@ -2,6 +2,11 @@
 
     learnforget train  [overrides]      train one run (or a sweep with -m)
     learnforget eval   [RUN_DIR] [overrides]   score every checkpoint against the base model
+    learnforget job    [overrides]      one run through train -> eval -> spectra (`stages=[...]`),
+                                        each stage skipped when its outputs are complete
+    learnforget sweep STUDY [--dry-run] [--launcher L] [--cluster FILE] [--no-analyze] [overrides]
+                                        a study of sweeps/: its jobs, states and GPU-hours; runs
+                                        what is missing
     learnforget analyze RUNS_ROOT [--out DIR] [--no-spectra] [--with-weights] [--gram]
                                         table, Pareto and spectra figures for every run
     learnforget bench spectra [--layers 32] [--rank 256] [--threads N] [--no-dense]
@@ -104,6 +109,18 @@ def cmd_eval(args: Sequence[str]) -> int:
     return 0
 
 
+def cmd_job(args: Sequence[str]) -> int:
+    from learnforget.job import run_job
+
+    return run_hydra("job", run_job, args)
+
+
+def cmd_sweep(args: Sequence[str]) -> int:
+    from learnforget.sweep import sweep_cli
+
+    return sweep_cli(args)
+
+
 def cmd_analyze(args: Sequence[str]) -> int:
     from learnforget.analyze import analyze_cli
 
@@ -145,6 +162,8 @@ def cmd_assets(args: Sequence[str]) -> int:
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": cmd_train,
     "eval": cmd_eval,
+    "job": cmd_job,
+    "sweep": cmd_sweep,
     "analyze": cmd_analyze,
     "bench": cmd_bench,
     "params": cmd_params,

@@ -151,8 +151,10 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     record = read_json(out / JOB_FILE) or {}
     trained = train_complete(out, chash)
     t0 = time.time()
+    current = None
     try:
         for stage in stages:
+            current = stage
             if stage != "train" and not trained:
                 status[stage] = "blocked"
                 continue
@@ -182,6 +184,10 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
                 compute_spectra(out, cache_dir=Path(cfg.paths.cache_dir).expanduser())
                 record["spectra_checkpoints"] = ckpts
                 status[stage] = "done"
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or submitit requeueing the job
+        if current is not None:
+            status[current] = "interrupted"
+        raise
     finally:
         if main_rank and out.exists():
             record.update({"run": name, "config_hash": chash, "stages": dict(status),

@@ -20,7 +20,8 @@ A study file (YAML) holds:
     gpu_hours_per_job: 12.5 | "<expression>"  cost estimate; names: tokens, epochs, checkpoints,
                                       method, r, lr, seq_len, batch, model, data, + estimate_vars
     estimate_vars: {name: number}
-    launcher: basic | submitit_local | submitit_slurm    (default basic; --launcher overrides)
+    launcher: basic | submitit_local | submitit_slurm | a conf/hydra/launcher/ name  (default
+                                      basic; --launcher overrides)
     analyze: true                     run `learnforget analyze` on the study's runs at the end
     notes: [...]                      deviations from the paper and choices, printed by the dry run
 
@@ -53,7 +54,7 @@ from learnforget.job import job_state, run_job
 
 STUDY_KEYS = ("description", "experiment_name", "holds", "sweep", "rules", "exclude", "stages",
               "gpu_hours_per_job", "estimate_vars", "launcher", "analyze", "notes")
-LAUNCHERS = ("basic", "submitit_local", "submitit_slurm")
+LAUNCHERS = ("basic", "submitit_local", "submitit_slurm")  # + any conf/hydra/launcher/*.yaml
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit_local kills a job after timeout_min (default 60)
 SWEEPER_NAME = "learnforget_jobs"
 SLURM_NODE_NAME = "learnforget_slurm"
@@ -66,6 +67,14 @@ _RESULTS: list[Any] = []           # the launcher's JobReturns, for the summary
 def studies_dir() -> Path:
     env = os.environ.get("LEARNFORGET_SWEEPS_DIR")
     return Path(env) if env else conf_dir().parent / "sweeps"
+
+
+def available_launchers() -> list[str]:
+    """The built-in choices, then launcher configs of this repository (conf/hydra/launcher/),
+    which are passed to Hydra as they are (hydra/launcher=<name>)."""
+    d = conf_dir() / "hydra" / "launcher"
+    extra = sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+    return list(LAUNCHERS) + [e for e in extra if e not in LAUNCHERS]
 
 
 def available_studies() -> list[str]:
@@ -211,9 +220,9 @@ def load_study(path: Path) -> Study:
     if not isinstance(evars, dict):
         raise ConfigError(f"{where}: estimate_vars must be a mapping")
     launcher = raw.get("launcher", "basic")
-    if launcher not in LAUNCHERS:
+    if launcher not in available_launchers():
         raise ConfigError(f"{where}: launcher {launcher!r} is unknown (expected one of: "
-                          f"{', '.join(LAUNCHERS)})")
+                          f"{', '.join(available_launchers())})")
     notes = raw.get("notes") or []
     notes = [notes] if isinstance(notes, str) else [str(n) for n in notes]
     return Study(path.stem, path, " ".join(str(raw["description"]).split()),
@@ -301,8 +310,8 @@ def expand(study: Study, extra: Sequence[str] = ()) -> Plan:
     for combo in itertools.product(*(axes[k] for k in keys)):
         combos += 1
         swept = [(k, f"{k}={v}") for k, v in zip(keys, combo, strict=True)]
-        entries = [(split_override(t)[0], t) for t in base] + swept
-        values = {k: split_override(t)[1] for k, t in _ordered(entries).items()}
+        context = [(split_override(t)[0], t) for t in base + fixed]  # what rules can match
+        values = {k: split_override(t)[1] for k, t in _ordered(context + swept).items()}
         if any(matches(values, pat) for pat in study.exclude):
             excluded += 1
             continue
@@ -310,8 +319,7 @@ def expand(study: Study, extra: Sequence[str] = ()) -> Plan:
         for rule in study.rules:
             grown = []
             for var in variants:
-                vals = {k: split_override(t)[1] for k, t in _ordered(
-                    [(split_override(t)[0], t) for t in base] + var).items()}
+                vals = {k: split_override(t)[1] for k, t in _ordered(context + var).items()}
                 if not matches(vals, rule.get("match") or {}):
                     grown.append(var)
                     continue
@@ -705,6 +713,8 @@ def launch(plan: Plan, launcher: str, cluster: str | None = None) -> list[Any]:
         if not sets_threads:
             job_overrides = [o + [f"train.num_threads={threads}"] for o in job_overrides]
         hydra_args.append(f"hydra.launcher.cpus_per_task={threads}")
+    elif launcher not in LAUNCHERS:  # a launcher config of conf/hydra/launcher/, as it is
+        hydra_args.append(f"hydra/launcher={launcher}")
     else:
         path = cluster_profile_path(cluster)
         slurm = load_cluster_profile(path)
@@ -721,7 +731,7 @@ def launch(plan: Plan, launcher: str, cluster: str | None = None) -> list[Any]:
         n += 1
         path = base_dir.with_name(f"{base_dir.name}-{n}")
     sweep_dir = str(path).replace("'", "\\'")
-    hydra_args += [f"hydra.sweep.dir='{sweep_dir}'", f"hydra.job.name=lf-{plan.study.name}",
+    hydra_args += [f"hydra.sweep.dir='{sweep_dir}'", f"hydra.job.name='lf-{plan.study.name}'",
                    *plan.hydra_overrides]
     _register_hydra_nodes(slurm)
     _PENDING[:] = job_overrides
@@ -753,7 +763,7 @@ def report_results(results: Sequence[Any], launched: Sequence[Job]) -> None:
 
 # ============================================================================ command
 
-USAGE = """usage: learnforget sweep STUDY [--dry-run] [--launcher basic|submitit_local|submitit_slurm]
+USAGE = """usage: learnforget sweep STUDY [--dry-run] [--launcher basic|submitit_local|submitit_slurm|...]
                          [--cluster FILE] [--no-analyze] [key=value ...]
 STUDY is a file name in sweeps/ (without .yaml) or a path. Studies: {studies}"""
 
@@ -763,9 +773,9 @@ def sweep_main(study: str, overrides: Sequence[str] = (), *, dry_run: bool = Fal
                analyze: bool | None = None) -> int:
     s = load_study(find_study(study))
     launcher = launcher or s.launcher
-    if launcher not in LAUNCHERS:
+    if launcher not in available_launchers():
         raise ConfigError(f"--launcher {launcher!r} is unknown (expected one of: "
-                          f"{', '.join(LAUNCHERS)})")
+                          f"{', '.join(available_launchers())})")
     if launcher == "submitit_slurm":
         load_cluster_profile(cluster_profile_path(cluster))  # a bad profile fails before jobs
     t0 = time.perf_counter()

@@ -190,6 +190,17 @@ def save_checkpoint(out: Path, model, manifest: dict[str, Any]) -> None:
         raise
 
 
+def pass_on_signals(received: list[int], previous: dict[int, Any]) -> None:
+    """After an interrupted run is saved, give each stop signal to the handler that was installed
+    before train() took it over: a job framework's handler (submitit's USR2 handler checkpoints
+    the job, requeues it with `scontrol requeue` and exits, so the requeued job resumes this run).
+    Default and ignored dispositions are left alone: a plain run just returns "interrupted"."""
+    for signum in received:
+        handler = previous.get(signum)
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(signum, None)
+
+
 # ------------------------------------------------------------------ the stage
 
 @dataclass
@@ -316,10 +327,12 @@ def fit(s: Setup) -> Path:
         net = DistributedDataParallel(model, device_ids=[d.local_rank] if device_type == "cuda"
                                       else None)
 
-    stop = {"signal": None}
+    stop: dict[str, Any] = {"signal": None, "received": []}
 
     def on_signal(signum, _frame):
         stop["signal"] = signal.Signals(signum).name
+        if signum not in stop["received"]:
+            stop["received"].append(signum)
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS} if in_main else {}
@@ -414,6 +427,8 @@ def fit(s: Setup) -> Path:
                          "tokens_seen": progress["tokens"]})
         loggers.finish(status)
         lock.release()
+    if status == "interrupted":
+        pass_on_signals(stop["received"], previous)
     if status == "finished" and d.main:
         print(f"learnforget: {name} finished: {progress['step']} steps, "
               f"{progress['tokens']} tokens in {progress['wall_time_s']:.1f}s -> {out}")
