@@ -220,3 +220,27 @@ def test_cli_entry_points(runs_root, tmp_path, capsys):
         bench_cli(["nonsense"])
     with pytest.raises(ConfigError, match="no run folders"):
         analyze_cli([str(tmp_path / "cli_out")])
+
+
+def test_collect_wandb_builds_the_table_from_a_group():
+    from types import SimpleNamespace
+
+    from learnforget.collect import collect_wandb
+
+    train = SimpleNamespace(name="r1", job_type="train",
+                            config={"method": {"name": "lora", "r": 8}, "model": {"name": "m"},
+                                    "data": {"name": "d"}, "seed": 1})
+    ev = SimpleNamespace(name="r1", job_type="eval", config={},
+                         scan_history=lambda: [{"tokens": 0, "target_score": 0.1, "_step": 0},
+                                               {"tokens": 64, "target_score": 0.3, "_step": 1}])
+    calls = {}
+
+    class Api:
+        def runs(self, path, filters):
+            calls["args"] = (path, filters)
+            return [train, ev]
+
+    df = collect_wandb("study", api=Api())
+    assert calls["args"] == ("learnforget", {"group": "study"})
+    assert list(df["tokens"]) == [0, 64] and list(df["target_score"]) == [0.1, 0.3]
+    assert set(df["method"]) == {"lora"} and set(df["rank"]) == {8} and "_step" not in df

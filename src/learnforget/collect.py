@@ -246,3 +246,34 @@ def collect_spectra(root: Path, *, matrix: str | None = None) -> pd.DataFrame:
                              "shape": "x".join(map(str, r.get("shape", []))),
                              "run_dir": str(run_dir)})
     return pd.DataFrame(rows)
+
+
+def collect_wandb(group: str, *, project: str = "learnforget", entity: str | None = None,
+                  api: Any = None) -> pd.DataFrame:
+    """The same table from W&B (online): every `eval` job of a group (= experiment), one row per
+    logged checkpoint, with the method settings from the matching `train` job's config.
+
+    The run folders stay the source of truth; this is for dashboards shared across machines.
+    `api` is a `wandb.Api()` (injected in tests)."""
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    path = f"{entity}/{project}" if entity else project
+    runs = list(api.runs(path, filters={"group": group}))
+    if not runs:
+        raise ConfigError(f"no W&B runs in group {group!r} of project {path!r}")
+    configs = {r.name: r.config for r in runs if getattr(r, "job_type", None) == "train"}
+    rows: list[dict[str, Any]] = []
+    for r in runs:
+        if getattr(r, "job_type", None) != "eval":
+            continue
+        cfg = configs.get(r.name, {})
+        method = cfg.get("method", {}) or {}
+        meta = {"run": r.name, "experiment": group, "model": (cfg.get("model") or {}).get("name"),
+                "method": method.get("name"), "rank": method.get("r") if method.get("name")
+                in ("lora", "dora", "qlora") else None, "data": (cfg.get("data") or {}).get("name"),
+                "seed": cfg.get("seed")}
+        for h in r.scan_history():
+            rows.append({**meta, **{k: v for k, v in h.items() if not k.startswith("_")}})
+    return pd.DataFrame(rows)
