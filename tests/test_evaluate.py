@@ -185,3 +185,21 @@ def test_paper_suite_specs(make_cfg, tmp_path, monkeypatch):
     bad.tasks[0].name = "mmlu"
     with pytest.raises(ConfigError, match="eval task mmlu: kind builtin runs lm-eval's own task"):
         task_specs(bad, Path(cfg.paths.cache_dir))
+
+
+def test_drift_in_the_eval_stage_and_the_analysis(make_cfg):
+    """Drift is 0 for the base, > 0 for a finetuned checkpoint, and the analysis can use it as
+    the forgetting axis."""
+    from learnforget.analyze import analyze
+
+    cfg = make_cfg("method=full", "train.lr=1e-3", "eval=drift",
+                   "eval.ppl=[{name:target_heldout,source:run,max_blocks:2,role:target}]",
+                   "eval.drift.n_prompts=4", "eval.drift.max_new_tokens=8",
+                   "eval.drift.samples_per_prompt=1", "eval.drift.n_boot=50")
+    run = fit(setup(cfg))
+    rows = json.loads(evaluate_run(run, cfg.eval).read_text())["rows"]
+    assert rows[0]["drift_kl"] == 0.0
+    assert rows[-1]["drift_kl"] > 0 and rows[-1]["drift_kl_ci_low"] <= rows[-1]["drift_kl"]
+    out = analyze(run.parents[1], spectra=False)
+    figs = [Path(p).name for p in out.get("figures", [])] if isinstance(out, dict) else []
+    assert any(f.startswith("learning_vs_drift") for f in figs), figs

@@ -60,6 +60,9 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
             if part["forgetting_score"].notna().any() and part["forgetting_ce"].notna().any():
                 attempt("learning vs forgetting (CE)", F.plot_learning_forgetting, part, out,
                         y="forgetting_ce", stem=f"learning_vs_forgetting_ce{tag}")
+            if "drift_kl" in part.columns and part["drift_kl"].notna().any():
+                attempt("learning vs drift", F.plot_learning_forgetting, part, out,
+                        y="drift_kl", stem=f"learning_vs_drift{tag}")
             attempt("learning/forgetting vs tokens", F.plot_vs_tokens, part, out,
                     stem=f"learning_forgetting_vs_tokens{tag}")
 

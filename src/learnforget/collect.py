@@ -32,7 +32,7 @@ SCORE_COLUMNS = ["target_score", "forgetting_score", "target_score_chance_correc
                  "delta/forgetting_ce"]
 RESOURCE_COLUMNS = ["trainable_params", "total_params", "trainable_pct", "peak_mem_mb",
                     "wall_time_s", "tokens_seen", "run_dir"]
-LOWER_IS_BETTER_HINTS = ("_ce", "ce/", "loss", "ppl")
+LOWER_IS_BETTER_HINTS = ("_ce", "ce/", "loss", "ppl", "drift_kl")
 
 
 # ------------------------------------------------------------------ finding runs

@@ -207,8 +207,9 @@ def diversity(model, tokenizer, d: DictConfig, seed: int) -> dict[str, Any]:
 
 
 def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,
-          cache_dir: Path) -> dict[str, Any]:
-    """All of a suite's numbers for one model: lm-eval tasks, cross-entropy sets, diversity."""
+          cache_dir: Path, drift_eval=None) -> dict[str, Any]:
+    """All of a suite's numbers for one model: lm-eval tasks, cross-entropy sets, diversity,
+    drift from the base model (with `drift_eval`, a learnforget.drift.DriftEval)."""
     from lm_eval.models.huggingface import HFLM
 
     from learnforget.lmeval_tasks import evaluate as run_tasks
@@ -233,6 +234,7 @@ def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_
                             "role": str(p.get("role", "forgetting"))}
     return {"tasks": tasks, "ppl": ppl,
             "diversity": diversity(model, tokenizer, ev.diversity, int(ev.seed)),
+            "drift": drift_eval.score(model) if drift_eval is not None else {},
             "wall_time_s": time.perf_counter() - t0}
 
 
@@ -263,6 +265,10 @@ def summarize(scores: dict[str, Any], base: dict[str, Any] | None) -> dict[str, 
         for key, value in list(row.items()):
             if value is not None and b.get(key) is not None:
                 row[f"delta/{key}"] = value - b[key]
+    if scores.get("drift"):  # already a change against base: no delta/ columns
+        from learnforget.drift import summary_row
+
+        row.update(summary_row(scores["drift"]))
     return row
 
 
@@ -281,15 +287,22 @@ def eval_key(ev: DictConfig, specs, include_path: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, tokenizer,
-                specs, include_path: Path, cache_dir: Path, device: str) -> dict[str, Any]:
-    """The base model's scores, computed once per (model, quantisation, suite settings)."""
-    from learnforget.assets_cache import file_lock
-
+def base_model_id(run_cfg: DictConfig) -> str:
+    """The base model a run's checkpoints are scored against (QLoRA: its 4-bit base)."""
     model_id = run_cfg.model.name
     if run_cfg.method.name == "qlora":  # adapters are scored on the base they trained on
         m = run_cfg.method
         model_id += f"-4bit-{m.quant_type}{'-dq' if m.double_quant else ''}-{m.compute_dtype}"
+    return model_id
+
+
+def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, tokenizer,
+                specs, include_path: Path, cache_dir: Path, device: str,
+                drift_eval=None) -> dict[str, Any]:
+    """The base model's scores, computed once per (model, quantisation, suite settings)."""
+    from learnforget.assets_cache import file_lock
+
+    model_id = base_model_id(run_cfg)
     ppl_run = any(p.source == "run" for p in ev.ppl)
     data_id = f"-{run_cfg.data.name}" if ppl_run else ""
     path = runs_root / "_base" / model_id / f"{ev.name}{data_id}-{key[:12]}.json"
@@ -298,9 +311,11 @@ def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, 
         if cached and cached.get("eval_key") == key:
             return cached
         print(f"learnforget: scoring the base model {model_id} on eval={ev.name} (cached after)")
-        model = load_for_eval(run_cfg, None, cache_dir, device)
+        model = (drift_eval.base_model if drift_eval is not None
+                 else load_for_eval(run_cfg, None, cache_dir, device))
         result = {"eval_key": key, "model": model_id, "suite": ev.name,
-                  **score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir),
+                  **score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,
+                          drift_eval),
                   "versions": package_versions()}
         atomic_write_json(path, result)
         return result
@@ -338,8 +353,15 @@ def evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None = 
     key = eval_key(ev, specs, include_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+    drift_eval = None
+    if ev.get("drift") is not None and ev.drift.get("enabled", False):
+        from learnforget.drift import DriftEval
+
+        drift_eval = DriftEval(ev.drift, model_id=base_model_id(run_cfg),
+                               runs_root=run_dir.parents[1], tokenizer=tokenizer,
+                               load_base=lambda: load_for_eval(run_cfg, None, cache_dir, device))
     base = base_scores(run_cfg, ev, key, run_dir.parents[1], tokenizer, specs, include_path,
-                       cache_dir, device)
+                       cache_dir, device, drift_eval)
 
     loggers = None
     if logger_cfg is not None and logger_cfg.name == "wandb":
@@ -361,7 +383,8 @@ def evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None = 
                       "tokens": manifest["tokens"], "epoch": manifest.get("epoch"),
                       "eval_key": key, "suite": ev.name, "batch_size": int(ev.batch_size),
                       "seed": int(ev.seed), "limit": ev.limit,
-                      **score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir),
+                      **score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,
+                              drift_eval),
                       "meta": meta_info()}
             atomic_write_json(out, result)
             del model
@@ -401,7 +424,7 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
         return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
     cols = ["checkpoint", "tokens", "target_score", "forgetting_score", "target_ce",
-            "forgetting_ce"]
+            "forgetting_ce", "drift_kl"]
     print("  ".join(f"{c:>16}" for c in cols))
     for r in rows:
         print("  ".join(f"{f(r.get(c)):>16}" for c in cols))

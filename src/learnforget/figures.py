@@ -39,6 +39,7 @@ LABELS = {
     "forgetting_ce": "Forgetting: general-text cross-entropy\n(nats/token; lower = less forgetting)",
     "delta/forgetting_score": "Forgetting: change of general-task score\nvs base (fraction)",
     "delta/forgetting_ce": "Forgetting: rise of general-text cross-\nentropy vs base (nats/token)",
+    "drift_kl": "Forgetting: drift from the base model,\nKL(base || ckpt) (nats/token; lower = less)",
 }
 METHOD_ORDER = ("full", "lora", "qlora", "dora", "ia3", "topk", "bitfit", "prefix", "prompt")
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
