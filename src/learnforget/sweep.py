@@ -757,8 +757,11 @@ def report_results(results: Sequence[Any], launched: Sequence[Job]) -> None:
         if r.status == JobStatus.FAILED:
             err = r._return_value
             text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            log = next(iter(sorted(Path(r.working_dir).glob("*.log"))), None) \
+                if getattr(r, "working_dir", None) else None
             print(f"learnforget: job #{job.index} ({job.run_dir.name}) failed: "
-                  f"{type(err).__name__}: {text}", file=sys.stderr)
+                  f"{type(err).__name__}: {text}" + (f" (log: {log})" if log else ""),
+                  file=sys.stderr)
 
 
 # ============================================================================ command
