@@ -187,15 +187,18 @@ def bench_spectra(*, layers: int = 32, rank: int = 256, modules=LLAMA2_7B_MODULE
     return res
 
 
+def _timed(fn, *args):
+    """(fn(*args), seconds it took)."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
 def _bench_dense(res, first, modules, g, dense_svdvals, rank_for_variance, rank, layers, n_mod):
     name, B, A, s_fast = first
     m = 2.0 * (B @ A)
-    t0 = time.perf_counter()
-    s_dense = dense_svdvals(m, "svd")
-    t_sq = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    s_gram = dense_svdvals(m, "gram")
-    t_sq_gram = time.perf_counter() - t0
+    s_dense, t_sq = _timed(dense_svdvals, m, "svd")
+    s_gram, t_sq_gram = _timed(dense_svdvals, m, "gram")
     rr = min(rank, s_dense.size)
     res.update({
         "dense_shape": list(m.shape), "dense_svdvals_s": t_sq, "dense_gram_s": t_sq_gram,
@@ -209,12 +212,8 @@ def _bench_dense(res, first, modules, g, dense_svdvals, rank_for_variance, rank,
             (f"dense Gram eigvalsh {m.shape[0]}x{m.shape[1]}", t_sq_gram)]
     d, k = max(((dd, kk) for _, dd, kk in modules), key=lambda t: (t[0] != t[1], t[0] * t[1]))
     rect = torch.randn(min(d, k), max(d, k), generator=g)
-    t0 = time.perf_counter()
-    s_rect = dense_svdvals(rect, "svd")
-    t_rect = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    s_rect_gram = dense_svdvals(rect, "gram")
-    t_rect_gram = time.perf_counter() - t0
+    s_rect, t_rect = _timed(dense_svdvals, rect, "svd")
+    s_rect_gram, t_rect_gram = _timed(dense_svdvals, rect, "gram")
     n_square = sum(1 for _, dd, kk in modules if dd == kk) * layers
     per_model = n_square * t_sq + (n_mod - n_square) * t_rect
     per_model_gram = n_square * t_sq_gram + (n_mod - n_square) * t_rect_gram

