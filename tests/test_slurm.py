@@ -4,7 +4,9 @@ preempted mid-training the way a shared cluster does it, requeued, and resumed f
     .venv/bin/python -m pytest -m slow tests/test_slurm.py
 
 Needs root and either SLURM + munge installed or apt-get (scripts/slurm/start.sh installs
-Debian's slurm-wlm and munge, ~15 s). The whole test takes ~2-4 minutes on 2 cores.
+Debian's slurm-wlm and munge, ~15 s). The whole test takes ~2-4 minutes on 2 cores. Also
+here: a sweep to a partition that does not exist fails with one error line before anything is
+submitted (~5-15 s), and a full-finetuning run sharded with FSDP over 2 SLURM tasks (~30-50 s).
 """
 
 from __future__ import annotations
@@ -234,3 +236,52 @@ def _tail(path: Path, n: int = 60) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return ""
+
+
+def _learnforget(*args: str) -> list[str]:
+    exe = Path(sys.executable).with_name("learnforget")
+    return [str(exe), *args] if exe.exists() else [sys.executable, "-m", "learnforget.cli", *args]
+
+
+def test_sweep_to_a_partition_that_does_not_exist_fails_before_any_job(slurm_cluster, tmp_path):
+    """The real sbatch refuses the profile's partition: one error line quoting it (from the
+    `sbatch --test-only` pre-flight check), nothing submitted, no run folder."""
+    c = slurm_cluster
+    profile = tmp_path / "cluster.yaml"
+    profile.write_text("partition: nope\ntimeout_min: 60\nmax_num_timeout: 3\ncpus_per_task: 1\n"
+                       "mem_gb: 1\ngpus_per_node: null\n")
+    runs = tmp_path / "runs"
+    before = c.run("squeue", "-h", "-o", "%i").split()
+    t0 = time.monotonic()
+    p = subprocess.run(_learnforget("sweep", "demo_tiny", "--launcher", "submitit_slurm",
+                                    "--cluster", str(profile), f"paths.runs_dir={runs}"),
+                       env=c.env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("learnforget: error:")]
+    assert len(errors) == 1 and "nope" in errors[0] and "invalid partition" in errors[0], p.stderr
+    assert "Traceback" not in p.stderr
+    assert not runs.exists()
+    assert c.run("squeue", "-h", "-o", "%i").split() == before
+    print(f"refused in {time.monotonic() - t0:.1f}s: {errors[0]}")
+
+
+def test_fsdp_run_over_two_slurm_tasks(slurm_cluster, tmp_path):
+    """tasks_per_node=2: submitit starts two tasks (srun), their SLURM_* variables become torch
+    ranks, and the full finetuning run is sharded (FSDP2 over gloo) across them."""
+    c = slurm_cluster
+    runs, sweep = tmp_path / "runs", tmp_path / "sweep"
+    env = dict(c.env, LEARNFORGET_RUNS_DIR=str(runs), LEARNFORGET_CACHE_DIR=str(tmp_path / "cache"))
+    p = subprocess.run(_learnforget("train", "-m", "hydra/launcher=local_slurm",
+                                    "hydra.launcher.tasks_per_node=2", "method=full",
+                                    "train.distributed.strategy=fsdp", "debug=fast",
+                                    f"hydra.sweep.dir={sweep}"),
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    logs = "\n".join(f.read_text(errors="replace")[-2000:]
+                     for f in sorted(sweep.glob(".submitit/*/*_log.*")))
+    assert p.returncode == 0, f"{p.stdout[-2000:]}\n{p.stderr[-2000:]}\n{logs}\n{c.logs()}"
+    (run,) = _runs(runs).values()
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished", logs
+    assert info["train"]["ranks"] == 2 and info["train"]["distributed"] == "fsdp"
+    assert (run / "checkpoints" / "step-000004" / "model.safetensors").exists()
+    assert len(list(sweep.glob(".submitit/*/*_1_log.out"))) == 1  # the second task ran

@@ -110,7 +110,7 @@ def test_cluster_profile_unknown_key_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'partiton'.*did you mean 'partition'"):
         load_cluster_profile(bad)
     with pytest.raises(ConfigError, match="partiton"):
-        sweep_main("demo", launcher="submitit_slurm", cluster=str(bad), dry_run=True)
+        sweep_main("demo_tiny", launcher="submitit_slurm", cluster=str(bad), dry_run=True)
     wrong_type = _write(tmp_path / "types.yaml", "timeout_min: soon\n")
     with pytest.raises(ConfigError, match="timeout_min"):
         load_cluster_profile(wrong_type)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +69,7 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
 
     spectra_paths: list[Path] = []
     if spectra:
+        plotted: set[str] = set()
         for run_dir in find_runs(root):
             if not list_checkpoints(run_dir):
                 continue
@@ -81,8 +83,10 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
                     print(f"learnforget: warning: spectra of {run_dir}: {e}")
                 continue
             spectra_paths.extend(got)
-            if not got:
+            key = _seedless_key(run_dir)
+            if not got or key in plotted:  # the other seeds of a setting: table rows only
                 continue
+            plotted.add(key)
             loaded = [load_spectra(run_dir, p.stem) for p in got]
             sdir = out / "spectra"
             attempt(f"rank heatmap of {run_dir.name}", F.plot_rank_heatmap, loaded[-1][0], sdir)
@@ -102,6 +106,17 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
         for p in table + figs:
             print(f"  {p}")
     return result
+
+
+def _seedless_key(run_dir: Path) -> str:
+    """A run's resolved config without its seed: runs that differ only by seed share it."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    cfg = (yaml.safe_load(path.read_text()) if path.exists() else None) or {"run": str(run_dir)}
+    for key in ("seed", "run_name"):
+        cfg.pop(key, None)
+    return json.dumps(cfg, sort_keys=True, default=str)
 
 
 # ============================================================================ benchmark

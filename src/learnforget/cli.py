@@ -1,14 +1,21 @@
 """The `learnforget` command: one subcommand per stage, Hydra apps underneath.
 
+    learnforget demo [--size tiny] [overrides]
+                                        the CPU demo study: SmolLM2-135M full vs LoRA, 2 seeds,
+                                        trained, scored, analysed; prints the results table
     learnforget train  [overrides]      train one run (or a sweep with -m)
     learnforget eval   [RUN_DIR] [overrides]   score every checkpoint against the base model
     learnforget job    [overrides]      one run through train -> eval -> spectra (`stages=[...]`),
                                         each stage skipped when its outputs are complete
     learnforget sweep STUDY [--dry-run] [--launcher L] [--cluster FILE] [--no-analyze] [overrides]
                                         a study of sweeps/: its jobs, states and GPU-hours; runs
-                                        what is missing
+                                        what is missing (--size toy: a study's toy scale)
     learnforget analyze RUNS_ROOT [--out DIR] [--no-spectra] [--with-weights] [--gram]
                                         table, Pareto and spectra figures for every run
+    learnforget bench [train|memory|eval|latency ...] [--model M] [--repeats N] [--json FILE]
+                                        training throughput (harness vs bare loop, LoRA vs
+                                        full), peak memory vs estimate, eval requests/s,
+                                        inference latency per method
     learnforget bench spectra [--layers 32] [--rank 256] [--threads N] [--no-dense]
                                         time the ΔW spectra of a Llama-2-7B-shaped model
     learnforget params [overrides]      exact parameter counts and a memory estimate
@@ -128,9 +135,15 @@ def cmd_analyze(args: Sequence[str]) -> int:
 
 
 def cmd_bench(args: Sequence[str]) -> int:
-    from learnforget.analyze import bench_cli
+    from learnforget.bench import bench_cli
 
     return bench_cli(args)
+
+
+def cmd_demo(args: Sequence[str]) -> int:
+    from learnforget.demo import demo_cli
+
+    return demo_cli(args)
 
 
 def cmd_params(args: Sequence[str]) -> int:
@@ -166,6 +179,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "sweep": cmd_sweep,
     "analyze": cmd_analyze,
     "bench": cmd_bench,
+    "demo": cmd_demo,
     "params": cmd_params,
     "assets": cmd_assets,
 }

@@ -24,6 +24,7 @@ SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 CHECKPOINT_UNITS = ("tokens", "epochs", "steps")
 REGIMES = ("cpt", "ift")
+STRATEGIES = ("ddp", "fsdp")   # = learnforget.distributed.STRATEGIES (not imported: no torch here)
 
 
 def conf_dir() -> Path:
@@ -96,6 +97,10 @@ def validate(cfg: DictConfig) -> None:
              f"train.checkpoints.at must be a non-empty list of positive numbers, got {at!r}")
     _require(at == sorted(set(at)),
              f"train.checkpoints.at must be strictly increasing, got {at!r}")
+    strategy = (t.get("distributed") or {}).get("strategy", "ddp")
+    _require(strategy in STRATEGIES,
+             f"train.distributed.strategy {strategy!r} is unknown (expected one of: "
+             f"{', '.join(STRATEGIES)})")
     _require(cfg.data.regime in REGIMES,
              f"data.regime {cfg.data.regime!r} is unknown (expected one of: {', '.join(REGIMES)})")
 
@@ -115,6 +120,7 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     for volatile in ("log_every", "num_threads", "heldout_batches"):
         train.pop(volatile, None)
     train.pop("crash_at_step", None)
+    train.pop("distributed", None)  # how the ranks share the work, not what they compute
     return {"model": model, "method": effective_method(cfg.method), "data": data,
             "train": train, "seed": cfg.seed}
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from omegaconf.errors import MissingMandatoryValue
 
@@ -526,20 +527,62 @@ def split_records(
 # --------------------------------------------------------------------------- tokenization
 
 
-def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens (one batch call)."""
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """sha256 of a fast tokenizer's full definition (vocabulary, merges, normaliser); None
+    for a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    cached = getattr(tokenizer, "_learnforget_fingerprint", None)
+    if cached is None:
+        cached = hashlib.sha256(backend.to_str().encode()).hexdigest()
+        tokenizer._learnforget_fingerprint = cached
+    return cached
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str],
+              cache_dir: Path | None = None) -> list[list[int]]:
+    """Token ids of each text, without special tokens (one batch call). With `cache_dir`,
+    the ids are kept in <cache_dir>/tokenized/, keyed by the tokenizer's fingerprint and the
+    texts, so that every run and eval of the same data tokenizes it once."""
     if not texts:
         return []
-    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    fp = tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
+    path = None
+    if fp is not None:
+        h = hashlib.sha256(fp.encode())
+        for t in texts:
+            h.update(t.encode())
+            h.update(b"\0")
+        path = Path(cache_dir) / "tokenized" / f"{h.hexdigest()[:40]}.npz"
+        if path.is_file():
+            try:
+                with np.load(path) as z:
+                    flat, offsets = z["ids"], z["offsets"]
+                if len(offsets) == len(texts) + 1:
+                    return [flat[a:b].tolist() for a, b in itertools.pairwise(offsets.tolist())]
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable (e.g. a foreign partial file): tokenize again
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    if path is not None:
+        offsets = np.cumsum([0] + [len(x) for x in ids], dtype=np.int64)
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
+                           count=int(offsets[-1]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, ids=flat, offsets=offsets)
+        os.replace(tmp, path)
+    return ids
 
 
 def pack_documents(
-    docs: list[str], tokenizer: PreTrainedTokenizerBase, eos_id: int, seq_len: int
+    docs: list[str], tokenizer: PreTrainedTokenizerBase, eos_id: int, seq_len: int,
+    cache_dir: Path | None = None,
 ) -> tuple[list[Example], int]:
     """Blocks of exactly seq_len tokens from the documents joined with EOS after each one;
     returns (blocks, total token count before the partial last block is dropped)."""
     flat: list[int] = []
-    for ids in _tokenize(tokenizer, docs):
+    for ids in _tokenize(tokenizer, docs, cache_dir):
         flat.extend(ids)
         flat.append(eos_id)
     blocks = []
@@ -555,10 +598,11 @@ def _ift_examples(
     tokenizer: PreTrainedTokenizerBase,
     eos_id: int,
     seq_len: int,
+    cache_dir: Path | None = None,
 ) -> tuple[list[Example], int, int]:
     """One example per pair, cut to seq_len; returns (examples, n_truncated, n_dropped)."""
-    prompt_ids = _tokenize(tokenizer, [_render_prompt(cfg, p) for p, _ in pairs])
-    response_ids = _tokenize(tokenizer, [r for _, r in pairs])
+    prompt_ids = _tokenize(tokenizer, [_render_prompt(cfg, p) for p, _ in pairs], cache_dir)
+    response_ids = _tokenize(tokenizer, [r for _, r in pairs], cache_dir)
     examples: list[Example] = []
     n_truncated = n_dropped = 0
     for p_ids, r_ids in zip(prompt_ids, response_ids, strict=True):
@@ -579,10 +623,12 @@ def _n_loss_tokens(examples: list[Example]) -> int:
 
 
 def build_data(
-    cfg: Any, tokenizer: PreTrainedTokenizerBase, seq_len: int, seed: int = 0
+    cfg: Any, tokenizer: PreTrainedTokenizerBase, seq_len: int, seed: int = 0,
+    cache_dir: Path | None = None,
 ) -> TokenizedData:
     """Load the records, hold out ``heldout_docs`` of them (seeded shuffle of the record list
-    with :data:`DATA_SEED`) and tokenize both splits (see the module docstring).
+    with :data:`DATA_SEED`) and tokenize both splits (see the module docstring); with
+    ``cache_dir`` the token ids are cached on disk (see :func:`_tokenize`).
 
     ``seed`` is the run seed: it is recorded in ``info`` but does not change the data, so
     that all methods and run seeds are compared on the same examples.
@@ -617,8 +663,9 @@ def build_data(
         "n_truncated_dropped": 0,
     }
     if regime == "cpt":
-        train, n_train_raw = pack_documents(train_recs, tokenizer, eos_id, seq_len)
-        heldout, n_heldout_raw = pack_documents(heldout_recs, tokenizer, eos_id, seq_len)
+        train, n_train_raw = pack_documents(train_recs, tokenizer, eos_id, seq_len, cache_dir)
+        heldout, n_heldout_raw = pack_documents(heldout_recs, tokenizer, eos_id, seq_len,
+                                                cache_dir)
         for split, blocks, n_raw in (
             ("train", train, n_train_raw),
             ("held-out", heldout, n_heldout_raw),
@@ -631,10 +678,10 @@ def build_data(
         info["n_tokens_dropped"] = (n_train_raw % seq_len) + (n_heldout_raw % seq_len)
     else:
         train, n_trunc_train, n_drop_train = _ift_examples(
-            cfg, train_recs, tokenizer, eos_id, seq_len
+            cfg, train_recs, tokenizer, eos_id, seq_len, cache_dir
         )
         heldout, n_trunc_held, n_drop_held = _ift_examples(
-            cfg, heldout_recs, tokenizer, eos_id, seq_len
+            cfg, heldout_recs, tokenizer, eos_id, seq_len, cache_dir
         )
         info["n_truncated"] = n_trunc_train + n_trunc_held
         info["n_truncated_dropped"] = n_drop_train + n_drop_held

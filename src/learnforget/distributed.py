@@ -1,13 +1,22 @@
-"""Data-parallel training when launched by torchrun / `accelerate launch` / srun (WORLD_SIZE > 1).
+"""Data-parallel training when launched by torchrun / `accelerate launch` (WORLD_SIZE > 1) or as
+several SLURM tasks (srun, or submitit with tasks_per_node > 1: SLURM_STEP_NUM_TASKS > 1).
 
-Nothing to configure in the harness: the launcher's environment decides. Gloo on CPU, NCCL on
-GPUs. Rank 0 writes the run folder; every rank trains on its slice of each global batch.
+The launcher's environment decides the ranks; gloo on CPU, NCCL on GPUs. Rank 0 writes the run
+folder; every rank trains on its slice of each global batch. `train.distributed.strategy`
+decides how: `ddp` (every rank holds the whole model) or `fsdp` (FSDP2 `fully_shard` per
+decoder layer: parameters, gradients and optimizer state sharded over the ranks, for full
+finetuning of 7B-class models; checkpoints are gathered into one full state dict on rank 0,
+resume states are sharded with torch.distributed.checkpoint).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,16 +32,51 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def device(self) -> str:
+        """cuda:<local rank> (modulo the visible GPUs, for clusters that bind one GPU per task),
+        else cpu."""
+        if torch.cuda.is_available():
+            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        return "cpu"
+
+
+def env_from_slurm(environ: dict[str, str] | None = None) -> bool:
+    """Inside an srun step with several tasks (a hand-written `srun learnforget train ...`, or a
+    submitit job with tasks_per_node > 1) SLURM sets SLURM_PROCID etc., not torch's env://
+    variables: export RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (the step's
+    first node) and MASTER_PORT (from the job id, as submitit's TorchDistributedEnvironment
+    does). Does nothing when WORLD_SIZE is set (torchrun) or the step has one task. True when
+    it exported."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env or "SLURM_PROCID" not in env:
+        return False
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS") or "1")
+    if ntasks <= 1:
+        return False
+    from submitit.slurm.slurm import _parse_node_list
+
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
+    nodes = _parse_node_list(nodelist)
+    job = int(env.get("SLURM_JOB_ID") or "0")
+    per_node = ntasks // max(1, int(env.get("SLURM_STEP_NUM_NODES") or len(nodes) or 1))
+    env.setdefault("MASTER_ADDR", nodes[0])
+    env.setdefault("MASTER_PORT", str(20000 + job % 40000))
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(ntasks),
+               LOCAL_RANK=env.get("SLURM_LOCALID", "0"), LOCAL_WORLD_SIZE=str(per_node))
+    return True
+
 
 def init() -> Dist:
     """Join the process group the launcher set up (WORLD_SIZE > 1), else a single process."""
+    env_from_slurm()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
 
@@ -51,3 +95,74 @@ def all_reduce(value: float, d: Dist, op: str = "sum") -> float:
 def barrier(d: Dist) -> None:
     if d.world > 1:
         dist.barrier()
+
+
+# ------------------------------------------------------------------ FSDP (FSDP2, fully_shard)
+
+def shard_model(model: torch.nn.Module, layers: torch.nn.ModuleList,
+                reshard_after_forward: bool = True) -> None:
+    """FSDP2: each decoder layer is one shard unit (its parameters are all-gathered for its
+    forward/backward and freed after), the root takes the rest (embeddings, final norm, LM
+    head). In place: the parameters become DTensors, so build the optimizer afterwards."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer gathered, on the CPU of rank 0 (empty on the other ranks).
+    A collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+
+
+def save_sharded(folder: Path, model: torch.nn.Module, optimizer, d: Dist) -> str:
+    """Model and optimizer state, each rank writing its own shards (torch.distributed.checkpoint)
+    into a new folder `resume-shards-<id>` beside the resume file; returns its name. Written
+    under a temporary name and renamed when complete. A collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    name = [f"resume-shards-{uuid.uuid4().hex[:10]}" if d.main else None]
+    dist.broadcast_object_list(name, src=0)
+    final = folder / name[0]
+    tmp = folder / f".tmp-{name[0]}"
+    if d.main:
+        folder.mkdir(parents=True, exist_ok=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+    dist.barrier()
+    if d.main:
+        os.replace(tmp, final)
+    dist.barrier()
+    return name[0]
+
+
+def drop_other_shards(folder: Path, keep: str) -> None:
+    """Rank 0, after the resume file names `keep`: remove older (and half-written) shard folders."""
+    for p in folder.glob("*resume-shards-*"):
+        if p.is_dir() and p.name != keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_sharded(folder: Path, model: torch.nn.Module, optimizer) -> None:
+    """Load what save_sharded wrote into this (sharded) model and its optimizer; the shards are
+    redistributed if the ranks are laid out differently. A collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])

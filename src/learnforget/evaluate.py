@@ -52,7 +52,8 @@ def resolve_data_path(value: str, cache_dir: Path, task: str) -> Path:
 
 def task_specs(ev: DictConfig, cache_dir: Path) -> list:
     """The suite's tasks as lmeval_tasks.TaskSpecs. Keys of a task entry: name, kind, data,
-    fewshot_data, num_fewshot, role, chance; HumanEval sampling: samples, temperature, top_p, ks.
+    fewshot_data, num_fewshot, role, chance, limit (overrides the suite's), max_gen_toks; HumanEval
+    sampling: samples, temperature, top_p, ks.
     Kind builtin (name = lm-eval's task name, no data) needs the Hugging Face hub: a ConfigError
     here, before any model work, where HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set."""
     from learnforget.lmeval_tasks import (
@@ -89,7 +90,7 @@ def task_specs(ev: DictConfig, cache_dir: Path) -> list:
             **common, data_file=data,
             fewshot_file=resolve_data_path(str(few), cache_dir, t.name) if few else None,
             samples=t.get("samples"), temperature=t.get("temperature"), top_p=t.get("top_p"),
-            ks=[1] if ks is None else list(ks)))
+            ks=[1] if ks is None else list(ks), max_gen_toks=t.get("max_gen_toks")))
     return specs
 
 
@@ -117,7 +118,8 @@ def ppl_examples(p: DictConfig, run_cfg: DictConfig, tokenizer, seq_len: int, ca
     """The blocks of one cross-entropy set: the run's held-out split, an asset or a file."""
     max_blocks = int(p.get("max_blocks", 32))
     if p.source == "run":
-        data = build_data(run_cfg.data, tokenizer, run_cfg.train.seq_len, seed=run_cfg.seed)
+        data = build_data(run_cfg.data, tokenizer, run_cfg.train.seq_len, seed=run_cfg.seed,
+                          cache_dir=cache_dir)
         return data.heldout[:max_blocks], f"held-out split of data={run_cfg.data.name}"
     if p.source == "asset":
         from learnforget import assets_cache
@@ -163,7 +165,8 @@ class StripVirtualTokens(torch.nn.Module):
 
 
 def load_for_eval(run_cfg: DictConfig, ckpt: Path | None, cache_dir: Path, device: str):
-    """The base model (ckpt None) or a checkpoint: adapters on their (quantised) base, unmerged."""
+    """The base model (ckpt None) or a checkpoint: adapters (peft or bottleneck) on their
+    (quantised) base, unmerged."""
     from transformers import AutoModelForCausalLM
 
     from learnforget.models import load_model, torch_dtype
@@ -176,7 +179,11 @@ def load_for_eval(run_cfg: DictConfig, ckpt: Path | None, cache_dir: Path, devic
         base_method = run_cfg.method if run_cfg.method.name == "qlora" else OmegaConf.create(
             {"name": "full"})
         model, _, _ = load_model(run_cfg.model, base_method, cache_dir, device)
-        if manifest:
+        if manifest and manifest["format"] == "bottleneck_adapter":
+            from learnforget.bottleneck import load_adapter
+
+            model = load_adapter(model, ckpt)
+        elif manifest:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, ckpt)
@@ -220,8 +227,15 @@ def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_
         os.environ["LEARNFORGET_CODE_EXEC_TIMEOUT_S"] = str(float(ev.code_timeout_s))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(ev.batch_size),
                   max_gen_toks=int(ev.max_gen_toks))
-        tasks = run_tasks(lm, specs, include_path, limit=ev.limit, batch_size=int(ev.batch_size),
-                          seed=int(ev.seed), code_exec_allowed=bool(ev.allow_code_execution))
+        # a task entry's own `limit` overrides the suite's: one lm-eval call per distinct limit
+        limits = {str(t.name): t.get("limit", ev.limit) for t in ev.tasks}
+        groups: dict[Any, list] = {}
+        for spec in specs:
+            groups.setdefault(limits.get(spec.name, ev.limit), []).append(spec)
+        for limit, group in groups.items():
+            tasks.update(run_tasks(lm, group, include_path, limit=limit,
+                                   batch_size=int(ev.batch_size), seed=int(ev.seed),
+                                   code_exec_allowed=bool(ev.allow_code_execution)))
         for spec in specs:
             if tasks[spec.name].get("chance") is None and spec.data_file is not None:
                 tasks[spec.name]["chance"] = _chance_of(spec)
@@ -292,7 +306,8 @@ def base_model_id(run_cfg: DictConfig) -> str:
     model_id = run_cfg.model.name
     if run_cfg.method.name == "qlora":  # adapters are scored on the base they trained on
         m = run_cfg.method
-        model_id += f"-4bit-{m.quant_type}{'-dq' if m.double_quant else ''}-{m.compute_dtype}"
+        model_id += (f"-8bit-int8-{m.compute_dtype}" if m.quant_type == "int8" else
+                     f"-4bit-{m.quant_type}{'-dq' if m.double_quant else ''}-{m.compute_dtype}")
     return model_id
 
 

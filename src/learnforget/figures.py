@@ -41,7 +41,8 @@ LABELS = {
     "delta/forgetting_ce": "Forgetting: rise of general-text cross-\nentropy vs base (nats/token)",
     "drift_kl": "Forgetting: drift from the base model,\nKL(base || ckpt) (nats/token; lower = less)",
 }
-METHOD_ORDER = ("full", "lora", "qlora", "dora", "ia3", "topk", "bitfit", "prefix", "prompt")
+METHOD_ORDER = ("full", "lora", "qlora", "dora", "ia3", "topk", "bitfit", "adapter", "prefix",
+                "prompt")
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -2,7 +2,7 @@
 
     learnforget job model=tiny_llama method=lora data=stdlib_code      # all three stages
     learnforget job ... 'stages=[train,eval]'                           # a subset
-    learnforget sweep demo                                             # many jobs (sweep.py)
+    learnforget sweep demo_tiny                                           # many jobs (sweep.py)
 
 Each stage is skipped when its outputs are already complete, so a job can be rerun at any
 time: a finished run is not retrained, a scored run not rescored, and an interrupted one
@@ -146,6 +146,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(int(cfg.train.num_threads))  # for every stage, not only train
+    from learnforget.distributed import env_from_slurm
+
+    env_from_slurm()  # several SLURM tasks (tasks_per_node > 1): RANK etc. for this check
     main_rank = int(os.environ.get("RANK", "0")) == 0
     status: dict[str, str] = {}
     record = read_json(out / JOB_FILE) or {}

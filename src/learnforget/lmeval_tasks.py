@@ -608,6 +608,20 @@ def _lm_batch_size(lm: Any, batch_size: int | None) -> Iterator[None]:
         lm.batch_size_per_gpu = old
 
 
+@contextlib.contextmanager
+def _no_env_info() -> Iterator[None]:
+    """lm-eval adds torch's collect_env report to every result (about 5 s of subprocesses such
+    as `pip list` per call); run.json's meta info already records the versions."""
+    import lm_eval.evaluator as ev
+
+    saved = ev.add_env_info
+    ev.add_env_info = lambda results: None
+    try:
+        yield
+    finally:
+        ev.add_env_info = saved
+
+
 def _num(v: Any) -> float | None:
     try:
         return float(v)
@@ -655,7 +669,7 @@ def evaluate(
     hashes = {s.name: task_config_hash(include_path, s.name) for s in specs}
     tm = TaskManager(include_path=str(include_path), include_defaults=False)
     with _env(humaneval_utils.ENV_ALLOW, "1" if code_exec_allowed else "0"), \
-            _lm_batch_size(lm, batch_size):
+            _lm_batch_size(lm, batch_size), _no_env_info():
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=[s.name for s in specs],

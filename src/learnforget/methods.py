@@ -21,10 +21,14 @@ USES: dict[str, tuple[str, ...]] = {
     "prompt": ("num_virtual_tokens", "prompt_init", "prompt_init_text"),
     "bitfit": (),
     "topk": ("top_k",),
+    "adapter": ("bottleneck", "placement", "adapter_act"),
 }
 METHODS = tuple(USES)
 PEFT_METHODS = ("lora", "dora", "qlora", "ia3", "prefix", "prompt")
+# Methods whose checkpoints hold only new weights (float32, like peft's), loaded onto the base.
+ADAPTER_METHODS = (*PEFT_METHODS, "adapter")
 LORA_FAMILY = ("lora", "dora", "qlora")
+QUANT_TYPES = ("nf4", "fp4", "int8")  # qlora's frozen base: 4-bit NF4/FP4 or 8-bit LLM.int8
 TARGET_SETS = ("attention", "mlp", "all")
 
 
@@ -39,12 +43,17 @@ def effective_method(cfg: DictConfig) -> dict[str, Any]:
         out[key] = value
     if "alpha" in out and out["alpha"] is None:
         out["alpha"] = 2 * out["r"]
+    if out.get("quant_type") == "int8":
+        out.pop("double_quant", None)  # 4-bit only: not part of an int8 run
     return out
 
 
 def ignored_keys(cfg: DictConfig) -> list[str]:
     """Keys set in the method config that this method does not read."""
-    return sorted(k for k in cfg if k != "name" and k not in USES[cfg.name])
+    uses = USES[cfg.name]
+    if cfg.name == "qlora" and cfg.get("quant_type") == "int8":
+        uses = tuple(k for k in uses if k != "double_quant")
+    return sorted(k for k in cfg if k != "name" and k not in uses)
 
 
 def validate_method(cfg: DictConfig) -> None:
@@ -66,8 +75,13 @@ def validate_method(cfg: DictConfig) -> None:
         raise ConfigError(f"method.prompt_init must be 'random' or 'text', got {cfg.prompt_init!r}")
     if "top_k" in uses and (not isinstance(cfg.top_k, int) or cfg.top_k <= 0):
         raise ConfigError(f"method.top_k must be a positive integer, got {cfg.top_k!r}")
-    if "quant_type" in uses and cfg.quant_type not in ("nf4", "fp4"):
-        raise ConfigError(f"method.quant_type must be 'nf4' or 'fp4', got {cfg.quant_type!r}")
+    if name == "adapter":
+        from learnforget.bottleneck import validate as validate_adapter
+
+        validate_adapter(cfg.bottleneck, cfg.placement, cfg.adapter_act)
+    if "quant_type" in uses and cfg.quant_type not in QUANT_TYPES:
+        raise ConfigError(f"method.quant_type must be one of {', '.join(QUANT_TYPES)} (int8: "
+                          f"bitsandbytes LLM.int8), got {cfg.quant_type!r}")
     if "targets" in uses:
         t = cfg.targets
         if isinstance(t, str) and t not in TARGET_SETS:
@@ -213,7 +227,19 @@ def apply_method(
             for p in module.parameters():
                 p.requires_grad_(True)
         return model, notes
+    if name == "adapter":
+        from learnforget.bottleneck import add_adapters
+
+        add_adapters(model, cfg.bottleneck, cfg.placement, cfg.adapter_act)
+        return model, notes
     return _apply_peft(model, cfg, model_name, tokenizer_path, notes)
+
+
+def checkpoint_format(method: str) -> str:
+    """manifest.json's "format" of a method's checkpoints (how to load them)."""
+    if method == "adapter":
+        return "bottleneck_adapter"
+    return "peft_adapter" if method in PEFT_METHODS else "safetensors"
 
 
 def _apply_peft(model, cfg, model_name, tokenizer_path, notes):
@@ -294,7 +320,8 @@ def method_summary(cfg: DictConfig) -> str:
     parts = [cfg.name]
     abbrev = {"r": "r", "alpha": "a", "dropout": "do", "top_k": "k", "num_virtual_tokens": "v",
               "quant_type": "", "double_quant": "dq", "compute_dtype": "", "prefix_projection": "mlp",
-              "prompt_init": "init", "encoder_hidden_size": "h", "prompt_init_text": None}
+              "prompt_init": "init", "encoder_hidden_size": "h", "prompt_init_text": None,
+              "bottleneck": "b", "placement": "", "adapter_act": ""}
     for key, value in eff.items():
         if key == "name" or abbrev.get(key, key) is None:
             continue

@@ -30,6 +30,8 @@ from learnforget.errors import ConfigError
 hf_logging.disable_progress_bar()  # per-shard bars are noise in run logs; ours is per step
 # bitsandbytes warns on import that an optional GPU-kernel package is absent: harmless here.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# LLM.int8 (qlora with quant_type=int8) logs "inputs will be cast ... to float16" on every matmul.
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer.json"
 SOURCES = ("tiny", "gguf", "hub")
@@ -121,8 +123,8 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tok
 
 
-def check_quantisable(model_cfg: DictConfig) -> None:
-    """QLoRA needs nn.Linear layers whose widths bitsandbytes' 4-bit kernels accept."""
+def check_quantisable(model_cfg: DictConfig, quant_type: str = "nf4") -> None:
+    """QLoRA needs nn.Linear layers (whose widths bitsandbytes' 4-bit kernels accept)."""
     try:
         import bitsandbytes  # noqa: F401
     except Exception as e:  # pragma: no cover - depends on the install
@@ -142,7 +144,7 @@ def check_quantisable(model_cfg: DictConfig) -> None:
                 "e.g. a Llama)")
         if isinstance(module, torch.nn.Linear):
             n_linear += 1
-            if module.in_features % 32 or module.out_features % 32:
+            if quant_type != "int8" and (module.in_features % 32 or module.out_features % 32):
                 bad.append(f"{name} ({module.in_features}x{module.out_features})")
     if n_linear == 0:
         raise ConfigError(f"method=qlora: model={model_cfg.name} has no linear layers to quantise")
@@ -155,8 +157,11 @@ def check_quantisable(model_cfg: DictConfig) -> None:
 def bnb_config(method_cfg: DictConfig):
     from transformers import BitsAndBytesConfig
 
-    if method_cfg.quant_type not in ("nf4", "fp4"):
-        raise ConfigError(f"method.quant_type {method_cfg.quant_type!r} is unknown (expected nf4 or fp4)")
+    if method_cfg.quant_type not in ("nf4", "fp4", "int8"):
+        raise ConfigError(f"method.quant_type {method_cfg.quant_type!r} is unknown (expected nf4, "
+                          "fp4 or int8)")
+    if method_cfg.quant_type == "int8":  # LLM.int8 (Dettmers et al. 2022), outlier threshold 6
+        return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=method_cfg.quant_type,
@@ -168,10 +173,10 @@ def bnb_config(method_cfg: DictConfig):
 def load_model(
     model_cfg: DictConfig, method_cfg: DictConfig, cache_dir: Path, device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """Base model (4-bit for QLoRA), its tokenizer, and the folder or id it came from."""
+    """Base model (4-bit or int8 for QLoRA), its tokenizer, and the folder or id it came from."""
     quantise = method_cfg.name == "qlora"
     if quantise:
-        check_quantisable(model_cfg)
+        check_quantisable(model_cfg, method_cfg.quant_type)
     path = base_model_dir(model_cfg, cache_dir)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(model_cfg.dtype)}
     if quantise:

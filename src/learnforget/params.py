@@ -12,8 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM
 
 from learnforget.methods import (
+    ADAPTER_METHODS,
     LORA_FAMILY,
-    PEFT_METHODS,
     apply_method,
     count_parameters,
     linear_modules,
@@ -39,10 +39,24 @@ class ParamReport:
     grads_bytes: float
     optimizer_bytes: float
     optimizer: str
+    batch_size: int = 0
+    seq_len: int = 0
+    activations_bytes: float | None = None  # traced on the meta device (learnforget.activations)
+    logits_bytes: float | None = None
+    activations_note: str = ""
 
     @property
     def total_bytes(self) -> float:
+        """Weights, gradients and optimizer state (no activations)."""
         return self.weights_bytes + self.grads_bytes + self.optimizer_bytes
+
+    @property
+    def peak_bytes(self) -> float:
+        """The estimated peak of a training step (see learnforget.activations.peak_estimate)."""
+        if self.activations_bytes is None:
+            return self.total_bytes
+        return self.weights_bytes + self.optimizer_bytes + max(
+            self.activations_bytes + 2 * (self.logits_bytes or 0), self.grads_bytes)
 
 
 def quantised_bytes_per_param(blocksize: int = 64, double_quant: bool = True) -> float:
@@ -51,8 +65,10 @@ def quantised_bytes_per_param(blocksize: int = 64, double_quant: bool = True) ->
     return (4 + extra_bits) / 8
 
 
-def param_report(cfg: DictConfig) -> ParamReport:
-    """Counts and memory for cfg.model x cfg.method x cfg.train.optimizer on the meta device."""
+def param_report(cfg: DictConfig, activations: bool = True) -> ParamReport:
+    """Counts and memory for cfg.model x cfg.method x cfg.train.optimizer on the meta device;
+    with `activations`, one training forward pass of train.batch_size x train.seq_len tokens is
+    traced (learnforget.activations) for the activation memory."""
     method = cfg.method.copy()
     if method.name == "prompt":  # text initialisation needs a tokenizer; the counts do not
         OmegaConf.update(method, "prompt_init", "random")
@@ -62,16 +78,30 @@ def param_report(cfg: DictConfig) -> ParamReport:
         base_trainable, base_total = count_parameters(model)
         quant_params = sum(dict(model.named_modules())[n].weight.numel()
                            for n in linear_modules(model)) if qlora else 0
+        quant_rows = sum(dict(model.named_modules())[n].weight.shape[0]
+                         for n in linear_modules(model)) if qlora else 0
         if qlora:  # same adapter as LoRA on a base whose linear weights are 4-bit
             OmegaConf.update(method, "name", "lora")
         model, _ = apply_method(model, method, model_name=cfg.model.name)
     trainable, total = count_parameters(model)
+    act, act_note = None, "" if activations else "not traced"
+    bsz, seq = int(cfg.train.batch_size), int(cfg.train.seq_len)
+    if activations:
+        from learnforget.activations import trace_activations
+
+        try:
+            act = trace_activations(model, bsz, seq, int(model.config.vocab_size))
+        except Exception as e:  # a method whose forward cannot run on meta tensors
+            act_note = f"activation trace failed: {type(e).__name__}: {e}"[:200]
     dtype = torch_dtype(cfg.method.compute_dtype if qlora else cfg.model.dtype)
     b = torch.finfo(dtype).bits / 8
-    # peft keeps adapter weights in float32 even on a half-precision base (autocast_adapter_dtype)
-    tb = 4.0 if cfg.method.name in PEFT_METHODS else b
+    # peft keeps adapter weights in float32 even on a half-precision base (autocast_adapter_dtype);
+    # so do bottleneck adapters
+    tb = 4.0 if cfg.method.name in ADAPTER_METHODS else b
     frozen = total - trainable
-    if qlora:
+    if qlora and cfg.method.quant_type == "int8":  # LLM.int8: 1 byte + a float32 scale per row
+        weights = (quant_params + 4 * quant_rows + (frozen - quant_params) * b + trainable * tb)
+    elif qlora:
         weights = (quant_params * quantised_bytes_per_param(64, bool(cfg.method.double_quant))
                    + (frozen - quant_params) * b + trainable * tb)
     else:
@@ -84,7 +114,10 @@ def param_report(cfg: DictConfig) -> ParamReport:
                        trainable=trainable, total=total, base_total=base_total,
                        dtype=str(dtype).removeprefix("torch."), weights_bytes=weights,
                        grads_bytes=trainable * tb, optimizer_bytes=trainable * state_b,
-                       optimizer=optimizer)
+                       optimizer=optimizer, batch_size=bsz, seq_len=seq,
+                       activations_bytes=None if act is None else act.activations_bytes,
+                       logits_bytes=None if act is None else act.logits_bytes,
+                       activations_note=act_note)
 
 
 def format_report(r: ParamReport) -> str:
@@ -94,14 +127,23 @@ def format_report(r: ParamReport) -> str:
         f"method     {r.method}",
         f"trainable  {r.trainable:,} ({100 * r.trainable / r.total:.4f}% of {r.total:,})",
         f"base model {r.base_total:,} parameters",
-        f"memory estimate ({r.dtype} base weights, {r.optimizer}; activations excluded):",
+        f"memory estimate ({r.dtype} base weights, {r.optimizer}):",
         f"  weights    {r.weights_bytes / gib:9.3f} GiB",
         f"  gradients  {r.grads_bytes / gib:9.3f} GiB",
         f"  optimizer  {r.optimizer_bytes / gib:9.3f} GiB",
-        f"  total      {r.total_bytes / gib:9.3f} GiB",
+        f"  total      {r.total_bytes / gib:9.3f} GiB  (weights + gradients + optimizer)",
     ]
+    if r.activations_bytes is not None:
+        lines += [
+            f"  activations {r.activations_bytes / gib:8.3f} GiB  (one step of {r.batch_size} x "
+            f"{r.seq_len} tokens, traced on meta; logits {r.logits_bytes / gib:.3f} GiB)",
+            f"  peak       {r.peak_bytes / gib:9.3f} GiB  "
+            "(weights + optimizer + max(activations + 2 x logits, gradients))",
+        ]
+    else:
+        lines.append(f"  activations not estimated ({r.activations_note})")
     return "\n".join(lines)
 
 
 def report_dict(r: ParamReport) -> dict:
-    return {**asdict(r), "total_bytes": r.total_bytes}
+    return {**asdict(r), "total_bytes": r.total_bytes, "peak_bytes": r.peak_bytes}

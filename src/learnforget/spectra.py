@@ -418,6 +418,10 @@ def dequantised_base(w: torch.Tensor, quant_type: str = "nf4", double_quant: boo
 
     from learnforget.models import torch_dtype
 
+    if quant_type == "int8":  # LLM.int8: row-wise absmax int8 of the float16 weight
+        from learnforget.quantisation import quantise_dequantise
+
+        return quantise_dequantise(w, "int8")
     q, state = bnbf.quantize_4bit(w.to(torch_dtype(compute_dtype)), blocksize=blocksize,
                                   compress_statistics=double_quant, quant_type=quant_type)
     return bnbf.dequantize_4bit(q, state).to(torch.float32)
@@ -438,7 +442,7 @@ def _lora_scale(cfg: dict[str, Any], name: str, r: int) -> float:
 def extract_deltas(run_dir: Path, checkpoint: str | Path, *, with_weights: bool = False,
                    cache_dir: Path | None = None, lora_via: str = "factors") -> DeltaSet | None:
     """ΔW of every linear module of one checkpoint (None for methods that change no weight
-    matrix: prefix and prompt tuning). `lora_via="merge"` takes plain LoRA through peft's
+    matrix: prefix and prompt tuning, bottleneck adapters). `lora_via="merge"` takes plain LoRA through peft's
     merge as well (the dense reference the factor route is tested against)."""
     if lora_via not in ("factors", "merge"):
         raise ConfigError(f"lora_via {lora_via!r} is unknown (expected factors or merge)")
@@ -452,6 +456,8 @@ def extract_deltas(run_dir: Path, checkpoint: str | Path, *, with_weights: bool 
     method = manifest.get("method") or (info.get("run") or {}).get("method", "?")
     adapter_cfg = read_json(ckpt / "adapter_config.json") or {}
     peft_type = adapter_cfg.get("peft_type")
+    if manifest.get("format") == "bottleneck_adapter":
+        return None  # new modules beside the frozen base: ΔW is not defined
     if manifest.get("format") == "safetensors":
         route = "full"
     elif peft_type == "LORA" and not adapter_cfg.get("use_dora") and (
@@ -671,8 +677,10 @@ def compute_spectra(run_dir: Path, checkpoint: str | Sequence[str] | None = None
                             lora_via=lora_via)
         if ds is None:
             if verbose:
-                print(f"learnforget: {run_dir.name}/{ck.name}: method changes no weight matrix "
-                      "(no ΔW spectra)")
+                method = (read_json(ck / "manifest.json") or {}).get("method", "?")
+                print(f"learnforget: {run_dir.name}/{ck.name}: method={method} changes no weight "
+                      "matrix of the base model (prefix/prompt tuning and bottleneck adapters "
+                      "add parameters instead): ΔW is undefined, no spectra")
             continue
         rows, arrays = [], {}
         for md in ds:

@@ -2,9 +2,9 @@
 multirun whose task is `learnforget.job.run_job` (train -> eval -> spectra per run).
 
     learnforget sweep code_ift --dry-run             # every job, its state and the GPU-hours
-    learnforget sweep demo                           # run what is not done yet (the CPU demo)
+    learnforget sweep demo_tiny                      # run what is not done yet (the tiny CPU demo)
     learnforget sweep code_cpt --launcher submitit_slurm [--cluster FILE]
-    learnforget sweep demo seed=0,1 train.lr=1e-3    # a,b adds a sweep axis; a value fixes one
+    learnforget sweep demo_tiny seed=0,1 train.lr=1e-3    # a,b adds a sweep axis; a value fixes one
 
 A study file (YAML) holds:
 
@@ -15,6 +15,10 @@ A study file (YAML) holds:
     rules: [{match: {key: value}, set: {key: value}}]   per-combination settings (e.g. the LR
                                       of each rank); a string value in sweep syntax ("a,b")
                                       expands the combination into one job per value
+    grid: [{key: value, ...}, ...]    explicit settings whose values go together (e.g. targets
+                                      with the rank that keeps the parameter budget), crossed
+                                      with the `sweep` axes; a value is one value (a list is a
+                                      list), a string in sweep syntax ("a,b") expands
     exclude: [{key: value}, ...]      combinations to drop (a list value matches any of it)
     stages: [train, eval, spectra]    what each job runs (default: the config's `stages`)
     gpu_hours_per_job: 12.5 | "<expression>"  cost estimate; names: tokens, epochs, checkpoints,
@@ -24,6 +28,9 @@ A study file (YAML) holds:
                                       basic; --launcher overrides)
     analyze: true                     run `learnforget analyze` on the study's runs at the end
     notes: [...]                      deviations from the paper and choices, printed by the dry run
+    sizes: {toy: {overrides: [...], launcher: ..., gpu_hours_per_job: ...}}   named override
+                                      sets (`--size toy`): applied like command-line overrides
+                                      (before them), runs under <experiment_name>_<size>
 
 Jobs that compose to the same run folder (e.g. `full` with every rank: it ignores method.r)
 are one job. Each job's state: done (every stage complete), running (its lock is held),
@@ -38,6 +45,7 @@ import difflib
 import itertools
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -52,14 +60,17 @@ from learnforget.config import compose, conf_dir, run_dir, validate
 from learnforget.errors import ConfigError
 from learnforget.job import job_state, run_job
 
-STUDY_KEYS = ("description", "experiment_name", "holds", "sweep", "rules", "exclude", "stages",
-              "gpu_hours_per_job", "estimate_vars", "launcher", "analyze", "notes")
+STUDY_KEYS = ("description", "experiment_name", "holds", "sweep", "grid", "rules", "exclude",
+              "stages", "gpu_hours_per_job", "estimate_vars", "launcher", "analyze", "notes",
+              "sizes")
+SIZE_KEYS = ("overrides", "launcher", "gpu_hours_per_job", "experiment_name", "analyze")
 LAUNCHERS = ("basic", "submitit_local", "submitit_slurm")  # + any conf/hydra/launcher/*.yaml
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit_local kills a job after timeout_min (default 60)
 SWEEPER_NAME = "learnforget_jobs"
 SLURM_NODE_NAME = "learnforget_slurm"
 _PENDING: list[list[str]] = []     # the job list the sweeper hands to the launcher
 _RESULTS: list[Any] = []           # the launcher's JobReturns, for the summary
+_REFUSED: list[str] = []           # sbatch's words when SLURM refused the submission
 
 
 # ============================================================================ study files
@@ -110,6 +121,9 @@ class Study:
     launcher: str
     analyze: bool
     notes: list[str]
+    grid: list[list[tuple[str, str]]] = field(default_factory=list)  # each: [(key, override)]
+    sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    size: str | None = None            # the size in use (apply_size)
 
 
 def fmt(value: Any) -> str:
@@ -201,6 +215,11 @@ def load_study(path: Path) -> Study:
     if not isinstance(grid, dict):
         raise ConfigError(f"{where}: sweep must map a key to its values")
     sweep = {str(k): sweep_values(str(k), v, where) for k, v in grid.items()}
+    settings = parse_grid(raw.get("grid"), set(sweep), where)
+    sizes = raw.get("sizes") or {}
+    if not isinstance(sizes, dict):
+        raise ConfigError(f"{where}: sizes must map a name to {{overrides: [...], ...}} or a list")
+    sizes = {str(k): parse_size(str(k), v, where) for k, v in sizes.items()}
     rules = raw.get("rules") or []
     for i, r in enumerate(rules):
         if not (isinstance(r, dict) and set(r) <= {"match", "set"} and isinstance(r.get("set"), dict)
@@ -228,7 +247,76 @@ def load_study(path: Path) -> Study:
     return Study(path.stem, path, " ".join(str(raw["description"]).split()),
                  str(raw.get("experiment_name") or path.stem), list(holds), sweep, rules,
                  exclude, stages, gpu, {str(k): v for k, v in evars.items()}, launcher,
-                 bool(raw.get("analyze", False)), notes)
+                 bool(raw.get("analyze", False)), notes, settings, sizes)
+
+
+def parse_grid(raw: Any, axes: set[str], where: str) -> list[list[tuple[str, str]]]:
+    """`grid:` -> one [(key, override), ...] per setting. A list value is one value (e.g.
+    method.targets: [q_proj, v_proj]); a string in sweep syntax ("a,b") expands the setting."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw or not all(isinstance(e, dict) and e for e in raw):
+        raise ConfigError(f"{where}: grid must be a non-empty list of {{key: value, ...}} "
+                          "settings")
+    out: list[list[tuple[str, str]]] = []
+    for i, entry in enumerate(raw):
+        both = sorted(set(map(str, entry)) & axes)
+        if both:
+            raise ConfigError(f"{where}: grid[{i}] sets {both}, which `sweep` also sweeps (a key "
+                              "belongs to the grid or to an axis)")
+        options: list[list[tuple[str, str]]] = [[]]
+        for k, v in entry.items():
+            vs = sweep_values(str(k), v, f"{where}: grid[{i}]") if isinstance(v, str) else [fmt(v)]
+            options = [o + [(str(k), f"{k}={x}")] for o in options for x in vs]
+        out.extend(options)
+    return out
+
+
+def parse_size(name: str, raw: Any, where: str) -> dict[str, Any]:
+    """One entry of `sizes:`: a list of overrides, or {overrides, launcher, gpu_hours_per_job,
+    experiment_name, analyze}."""
+    spec = {"overrides": raw} if isinstance(raw, list) else raw
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: sizes.{name} must be a list of overrides or a mapping of "
+                          f"{', '.join(SIZE_KEYS)}")
+    unknown = [k for k in spec if k not in SIZE_KEYS]
+    if unknown:
+        raise ConfigError(f"{where}: sizes.{name}: unknown key(s) {unknown} (expected: "
+                          f"{', '.join(SIZE_KEYS)})")
+    overrides = spec.get("overrides") or []
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={fmt(v)}" for k, v in overrides.items()]
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"{where}: sizes.{name}.overrides must be a list of key=value overrides")
+    for o in overrides:
+        split_override(o)
+    launcher = spec.get("launcher")
+    if launcher is not None and launcher not in available_launchers():
+        raise ConfigError(f"{where}: sizes.{name}.launcher {launcher!r} is unknown (expected one "
+                          f"of: {', '.join(available_launchers())})")
+    gpu = spec.get("gpu_hours_per_job")
+    if gpu is not None and not isinstance(gpu, (int, float, str)):
+        raise ConfigError(f"{where}: sizes.{name}.gpu_hours_per_job must be a number or an "
+                          "expression")
+    return {**spec, "overrides": list(overrides)}
+
+
+def apply_size(study: Study, size: str | None, extra: Sequence[str] = ()) -> tuple[Study, list[str]]:
+    """The study at a named size (`--size`): its overrides go before the command line's, its
+    launcher and cost replace the study's, and its runs go under <experiment_name>_<size>."""
+    if size is None:
+        return study, list(extra)
+    if size not in study.sizes:
+        raise ConfigError(f"study {study.name} has no size {size!r} (its sizes: "
+                          f"{', '.join(study.sizes) or '(none)'})")
+    spec = study.sizes[size]
+    changed = dataclasses.replace(
+        study, size=size,
+        experiment_name=str(spec.get("experiment_name") or f"{study.experiment_name}_{size}"),
+        launcher=spec.get("launcher") or study.launcher,
+        gpu_hours=spec.get("gpu_hours_per_job", study.gpu_hours),
+        analyze=bool(spec.get("analyze", study.analyze)))
+    return changed, list(spec["overrides"]) + list(extra)
 
 
 # ============================================================================ expansion
@@ -307,9 +395,11 @@ def expand(study: Study, extra: Sequence[str] = ()) -> Plan:
     jobs: list[Job] = []
     by_dir: dict[Path, Job] = {}
     combos = excluded = 0
-    for combo in itertools.product(*(axes[k] for k in keys)):
+    settings = study.grid or [[]]
+    for setting, combo in itertools.product(settings,
+                                            itertools.product(*(axes[k] for k in keys))):
         combos += 1
-        swept = [(k, f"{k}={v}") for k, v in zip(keys, combo, strict=True)]
+        swept = list(setting) + [(k, f"{k}={v}") for k, v in zip(keys, combo, strict=True)]
         context = [(split_override(t)[0], t) for t in base + fixed]  # what rules can match
         values = {k: split_override(t)[1] for k, t in _ordered(context + swept).items()}
         if any(matches(values, pat) for pat in study.exclude):
@@ -473,7 +563,9 @@ def estimate_names(cfg: DictConfig, extra: dict[str, Any]) -> dict[str, Any]:
     names.update({"tokens": tokens, "epochs": epochs, "checkpoints": len(at),
                   "method": str(cfg.method.name), "r": int(eff.get("r", 0) or 0),
                   "lr": float(t.lr), "seq_len": int(t.seq_len), "batch": batch,
-                  "model": str(cfg.model.name), "data": str(cfg.data.name), "seed": int(cfg.seed)})
+                  "model": str(cfg.model.name), "data": str(cfg.data.name), "seed": int(cfg.seed),
+                  "quant_type": str(eff.get("quant_type") or ""),
+                  "dtype": str(cfg.model.dtype), "precision": str(t.precision)})
     return names
 
 
@@ -522,8 +614,15 @@ def print_plan(plan: Plan, total: float | None, launcher: str) -> None:
     print(f"  experiment: {s.experiment_name}   stages: "
           f"{', '.join(plan.jobs[0].cfg.get('stages') or []) if plan.jobs else '-'}")
     print("  holds: " + " ".join(s.holds + plan.extra_fixed))
+    if s.size:
+        print(f"  size: {s.size} (its overrides are in `holds` above, after the study's own)")
     axes = " x ".join(f"{k} [{', '.join(v)}]" for k, v in s.sweep.items())
-    print(f"  sweeps: {axes or '(nothing: one job)'}")
+    if s.grid:
+        print(f"  grid: {len(s.grid)} settings" + (f", crossed with {axes}" if axes else ""))
+        for i, setting in enumerate(s.grid, 1):
+            print(f"    {i:>2}. " + " ".join(t for _, t in setting))
+    else:
+        print(f"  sweeps: {axes or '(nothing: one job)'}")
     for r in s.rules:
         cond = " ".join(f"{k}={fmt(v)}" for k, v in (r.get("match") or {}).items()) or "always"
         print(f"  rule: {cond} -> " + " ".join(f"{k}={fmt(v)}" for k, v in r["set"].items()))
@@ -558,6 +657,94 @@ def print_plan(plan: Plan, total: float | None, launcher: str) -> None:
     print(f"launcher: {launcher}; would launch {n_launch} job(s)")
 
 
+_PARAM_REPORTS: dict[str, Any] = {}  # memory_table's reports, per distinct setting (per process)
+
+
+def memory_table(plan: Plan, activations: bool = False) -> list[dict[str, Any]]:
+    """Per job: trainable parameters and the memory estimate of `learnforget params` (meta
+    device, nothing downloaded; computed once per distinct model x method x optimizer (x batch
+    shape with `activations`)), next to what the run measured once it has run (run.json:
+    train.peak_mem_mb, and for qlora runs train.quantisation.mean_rel_error).
+
+    est_mib: weights + gradients + optimizer state; with `activations`, peak_est_mib adds one
+    training step's activations traced on the meta device (slower: ~1-2 s per setting for a
+    7B model)."""
+    import json
+    import warnings
+
+    from learnforget.methods import effective_method, method_summary
+    from learnforget.params import param_report
+    from learnforget.record import read_json
+
+    reports = _PARAM_REPORTS
+    rows = []
+    for job in plan.jobs:
+        c = job.cfg
+        eff = effective_method(c.method)
+        shape = [int(c.train.batch_size), int(c.train.seq_len)] if activations else []
+        key = json.dumps([OmegaConf.to_container(c.model, resolve=True), eff,
+                          str(c.train.optimizer), *shape], sort_keys=True, default=str)
+        if key not in reports:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # transformers/peft deprecation notices
+                    try:
+                        reports[key] = param_report(c, activations=activations)
+                    except TypeError:  # a param_report without activation tracing
+                        reports[key] = param_report(c)
+            except Exception as e:  # a method the meta-device count cannot build: say so
+                reports[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        rep = reports[key]
+        if c.method.name == "qlora":
+            base = str(eff["quant_type"]) + ("+dq" if eff.get("double_quant") else "")
+        else:
+            base = str(c.model.dtype)
+        train = (read_json(job.run_dir / "run.json") or {}).get("train") or {}
+        quant = train.get("quantisation") or {}
+        row = {"index": job.index, "method": method_summary(c.method), "model": str(c.model.name),
+               "base": base, "trainable": None, "est_mib": None, "peak_est_mib": None,
+               "error": None, "trainable_run": train.get("trainable_params"),
+               "peak_mib": train.get("peak_mem_mb"), "quant_error": quant.get("mean_rel_error")}
+        if isinstance(rep, str):
+            row["error"] = rep
+        else:
+            row.update(trainable=rep.trainable, est_mib=rep.total_bytes / 2**20)
+            if activations and getattr(rep, "activations_bytes", None) is not None:
+                row["peak_est_mib"] = rep.peak_bytes / 2**20
+        rows.append(row)
+    return rows
+
+
+def print_memory(rows: list[dict[str, Any]]) -> None:
+    """The memory table of a dry run (see memory_table)."""
+    if not rows:
+        return
+    with_act = any(r["peak_est_mib"] is not None for r in rows)
+    quant = any(r["quant_error"] is not None for r in rows)
+    print("\nmemory per job: est. = `learnforget params` on the meta device (weights + gradients "
+          "+ optimizer state" + ("; est. peak adds one step's traced activations" if with_act
+                                 else ", activations excluded: --activations traces them") +
+          "); peak = measured, run.json train.peak_mem_mb (CUDA max allocated; on CPU the "
+          "process's max RSS), '-' until the job has trained"
+          + ("; quant err = mean relative error of the quantised base weights" if quant else ""))
+    mw = max(len(r["method"]) for r in rows) + 1
+    bw = max(len(r["base"]) for r in rows + [{"base": "base"}]) + 1
+    print(f"{'#':>3}  {'method':<{mw}} {'base':<{bw}} {'trainable':>15} {'est. MiB':>12}"
+          + (f" {'est. peak MiB':>14}" if with_act else "") + f" {'peak MiB':>10}"
+          + (f" {'quant err':>10}" if quant else ""))
+    for r in rows:
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"
+        head = f"{r['index']:>3}  {r['method']:<{mw}} {r['base']:<{bw}}"
+        if r["error"]:
+            print(f"{head} {'n/a':>15} {'n/a':>12} {peak:>10}  ({r['error']})")
+            continue
+        pe = "-" if r["peak_est_mib"] is None else f"{r['peak_est_mib']:,.1f}"
+        qe = "-" if r["quant_error"] is None else f"{r['quant_error']:.4f}"
+        print(f"{head} {r['trainable']:>15,} {r['est_mib']:>12,.1f}"
+              + (f" {pe:>14}" if with_act else "") + f" {peak:>10}"
+              + (f" {qe:>10}" if quant else ""))
+
+
 # ============================================================================ cluster profile
 
 def _slurm_conf_cls():
@@ -576,6 +763,9 @@ def cluster_profile_path(explicit: str | os.PathLike | None = None) -> Path:
     else conf/cluster/default.yaml."""
     if explicit:
         p = Path(explicit).expanduser()
+        named = conf_dir() / "cluster" / f"{explicit}.yaml"  # --cluster fsdp_8gpu
+        if not p.exists() and p.suffix == "" and named.exists():
+            return named
         if not p.exists():
             raise ConfigError(f"cluster profile {p} not found")
         return p
@@ -620,6 +810,97 @@ def load_cluster_profile(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def _one_line(text: str) -> str:
+    return " | ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+
+
+def sbatch_script(profile: dict[str, Any], n_jobs: int, folder: Path) -> str:
+    """The sbatch script submitit would submit for a job array of `n_jobs` with this profile:
+    the profile on SlurmQueueConf's defaults, mapped to submitit as hydra-submitit-launcher
+    maps it (its `launch`)."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(_slurm_conf_cls()), profile)
+    except Exception as e:  # omegaconf: a hydra.launcher.* override of an unknown key or type
+        raise ConfigError(f"SLURM launcher settings: {_one_line(e)}") from e
+    params = {k: v for k, v in OmegaConf.to_container(merged, resolve=False).items()
+              if k not in ("_target_", "submitit_folder")}
+    params["name"] = "learnforget-preflight"  # the real name is an interpolation of Hydra's
+    max_num_timeout = params.pop("max_num_timeout")
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    try:
+        executor = submitit.AutoExecutor(cluster="slurm", folder=str(folder),
+                                         slurm_max_num_timeout=max_num_timeout)
+    except RuntimeError as e:  # no srun: submitit cannot run jobs here
+        raise ConfigError(f"--launcher submitit_slurm: {e} (srun is not on PATH)") from e
+    try:
+        executor.update_parameters(**{k if k in base else f"slurm_{k}": v
+                                      for k, v in params.items()})
+    except ValueError as e:
+        raise ConfigError(f"cluster profile: {_one_line(e)}") from e
+    slurm = executor._executor
+    if n_jobs > 1:  # submitit submits several jobs as one array
+        slurm.parameters["map_count"] = n_jobs
+    return slurm._make_submission_file_text("true", "preflight")
+
+
+def slurm_preflight(profile: dict[str, Any], where: Path, n_jobs: int,
+                    hydra_overrides: Sequence[str] = ()) -> str:
+    """Ask SLURM, before anything is written or submitted, whether it accepts the sweep's job
+    array as submitit will submit it: `sbatch --test-only` on the same script (partition,
+    account, qos, time, memory, GPUs, array...). A refusal is one ConfigError quoting sbatch.
+    Returns sbatch's answer (when and where the jobs would start)."""
+    import subprocess
+    import tempfile
+
+    profile = dict(profile)
+    for text in hydra_overrides:  # hydra.launcher.partition=... on the command line
+        key, value = split_override(text)
+        if key.startswith("hydra.launcher."):
+            profile[key.removeprefix("hydra.launcher.")] = yaml.safe_load(value)
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise ConfigError("--launcher submitit_slurm submits with sbatch, which is not on PATH "
+                          "(run the sweep on a SLURM login node)")
+    settings = ", ".join(f"{k}={v}" for k, v in profile.items()
+                         if k in ("partition", "account", "qos", "timeout_min", "mem_gb",
+                                  "gpus_per_node", "tasks_per_node", "nodes", "cpus_per_task",
+                                  "gres", "constraint"))
+    with tempfile.TemporaryDirectory(prefix="learnforget-preflight-") as tmp:
+        script = sbatch_script(profile, n_jobs, Path(tmp))
+        try:
+            p = subprocess.run([sbatch, "--test-only"], input=script, capture_output=True,
+                               text=True, timeout=120)
+        except subprocess.TimeoutExpired as e:
+            raise ConfigError("sbatch --test-only did not answer within 120 s (is slurmctld "
+                              "reachable?); nothing was submitted") from e
+    if p.returncode != 0:
+        raise ConfigError(
+            f"SLURM refuses the job array ({n_jobs} job(s); cluster profile {where}: {settings}); "
+            f"nothing was submitted. sbatch --test-only said: "
+            f"{_one_line(p.stderr or p.stdout) or f'exit status {p.returncode}'}")
+    return _one_line(p.stderr or p.stdout)
+
+
+def submission_refusal(error: BaseException) -> str | None:
+    """sbatch's error text when `error` (raised by a launcher) is a refused sbatch submission
+    (submitit raises FailedJobError from the failed sbatch call), else None."""
+    import subprocess
+
+    seen = error
+    while seen is not None:
+        if isinstance(seen, subprocess.CalledProcessError):
+            cmd = seen.cmd if isinstance(seen.cmd, (list, tuple)) else str(seen.cmd).split()
+            if cmd and Path(str(cmd[0])).name == "sbatch":
+                return _one_line(seen.stderr or seen.output or error) or str(seen)
+        if type(seen).__name__ == "FailedSubmissionError":
+            return _one_line(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 # ============================================================================ launching
 
 def _register_hydra_nodes(slurm: dict[str, Any] | None) -> None:
@@ -659,7 +940,14 @@ def _make_sweeper_class():
             sweep_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
             (sweep_dir / "jobs.yaml").write_text(yaml.safe_dump([list(j) for j in _PENDING]))
-            results = self.launcher.launch([list(j) for j in _PENDING], initial_job_idx=0)
+            try:
+                results = self.launcher.launch([list(j) for j in _PENDING], initial_job_idx=0)
+            except Exception as e:
+                refused = submission_refusal(e)
+                if refused is None:
+                    raise
+                _REFUSED[:] = [refused]  # launch() turns it into one error line
+                return []
             _RESULTS[:] = list(results)
             return results
 
@@ -720,6 +1008,8 @@ def launch(plan: Plan, launcher: str, cluster: str | None = None) -> list[Any]:
         slurm = load_cluster_profile(path)
         print(f"learnforget: SLURM profile {path}: "
               + ", ".join(f"{k}={v}" for k, v in slurm.items()))
+        answer = slurm_preflight(slurm, path, len(todo), plan.hydra_overrides)
+        print(f"learnforget: sbatch --test-only accepts the job array: {answer}")
         hydra_args.append(f"hydra/launcher={SLURM_NODE_NAME}")
         cpus = slurm.get("cpus_per_task")
         if cpus and not sets_threads:
@@ -736,6 +1026,7 @@ def launch(plan: Plan, launcher: str, cluster: str | None = None) -> list[Any]:
     _register_hydra_nodes(slurm)
     _PENDING[:] = job_overrides
     _RESULTS.clear()
+    _REFUSED.clear()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     print(f"learnforget: launching {len(todo)} job(s) of study {plan.study.name} with "
@@ -746,6 +1037,10 @@ def launch(plan: Plan, launcher: str, cluster: str | None = None) -> list[Any]:
         _PENDING.clear()
         if GlobalHydra.instance().is_initialized():
             GlobalHydra.instance().clear()
+    if _REFUSED:
+        raise ConfigError(f"SLURM refused the submission of study {plan.study.name} "
+                          f"({len(todo)} job(s) with {launcher}); no job started. sbatch said: "
+                          f"{_REFUSED[0]}")
     return list(_RESULTS)
 
 
@@ -767,14 +1062,18 @@ def report_results(results: Sequence[Any], launched: Sequence[Job]) -> None:
 # ============================================================================ command
 
 USAGE = """usage: learnforget sweep STUDY [--dry-run] [--launcher basic|submitit_local|submitit_slurm|...]
-                         [--cluster FILE] [--no-analyze] [key=value ...]
-STUDY is a file name in sweeps/ (without .yaml) or a path. Studies: {studies}"""
+                         [--cluster FILE] [--size NAME] [--activations] [--no-analyze]
+                         [key=value ...]
+STUDY is a file name in sweeps/ (without .yaml) or a path; --size picks one of the study's
+`sizes` (e.g. toy: the same grid on a tiny model on this CPU); --activations adds the traced
+activation memory to the dry run's memory table. Studies: {studies}"""
 
 
 def sweep_main(study: str, overrides: Sequence[str] = (), *, dry_run: bool = False,
                launcher: str | None = None, cluster: str | None = None,
-               analyze: bool | None = None) -> int:
-    s = load_study(find_study(study))
+               analyze: bool | None = None, size: str | None = None,
+               activations: bool = False) -> int:
+    s, overrides = apply_size(load_study(find_study(study)), size, overrides)
     launcher = launcher or s.launcher
     if launcher not in available_launchers():
         raise ConfigError(f"--launcher {launcher!r} is unknown (expected one of: "
@@ -789,6 +1088,9 @@ def sweep_main(study: str, overrides: Sequence[str] = (), *, dry_run: bool = Fal
     print(f"(composed and checked {plan.combinations} combination(s) in "
           f"{time.perf_counter() - t0:.1f}s)")
     if dry_run:
+        t0 = time.perf_counter()
+        print_memory(memory_table(plan, activations=activations))
+        print(f"(parameter reports in {time.perf_counter() - t0:.1f}s)")
         return 0
     todo = [j for j in plan.jobs if j.state in ("new", "resume")]
     launched = launch(plan, launcher, cluster)
@@ -816,7 +1118,8 @@ def sweep_cli(args: Sequence[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE.format(studies=", ".join(available_studies()) or "(none)"))
         return 0 if args else 2
-    opts: dict[str, Any] = {"dry_run": False, "launcher": None, "cluster": None, "analyze": None}
+    opts: dict[str, Any] = {"dry_run": False, "launcher": None, "cluster": None, "analyze": None,
+                            "size": None, "activations": False}
     rest: list[str] = []
     i = 0
     while i < len(args):
@@ -825,7 +1128,10 @@ def sweep_cli(args: Sequence[str]) -> int:
             opts["dry_run"] = True
         elif a == "--no-analyze":
             opts["analyze"] = False
-        elif a in ("--launcher", "--cluster") or a.startswith(("--launcher=", "--cluster=")):
+        elif a == "--activations":
+            opts["activations"] = True
+        elif (a in ("--launcher", "--cluster", "--size")
+              or a.startswith(("--launcher=", "--cluster=", "--size="))):
             name = a.split("=", 1)[0][2:]
             if "=" in a:
                 value = a.split("=", 1)[1]

@@ -31,9 +31,10 @@ from learnforget.data import TokenizedData, build_data, collate
 from learnforget.distributed import Dist
 from learnforget.errors import ConfigError
 from learnforget.methods import (
-    PEFT_METHODS,
     apply_method,
+    checkpoint_format,
     count_parameters,
+    decoder_layers,
     ignored_keys,
     method_summary,
 )
@@ -140,12 +141,21 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_resume(path: Path, model, optimizer, scheduler, progress: dict[str, Any]) -> None:
+def save_resume(path: Path, model, optimizer, scheduler, progress: dict[str, Any],
+                d: Dist | None = None) -> None:
     """Everything needed to continue exactly: trainable weights, optimizer, schedule, RNG,
-    data position. Written to a temporary file and renamed."""
+    data position. Written to a temporary file and renamed. An FSDP model's weights and
+    optimizer state go to a sharded folder beside it (every rank calls this; rank 0 writes
+    the file)."""
+    shards = None
+    if d is not None and distributed.is_sharded(model):
+        shards = distributed.save_sharded(path.parent, model, optimizer, d)
+        if not d.main:
+            return
     state = {
-        "model": trainable_state(model),
-        "optimizer": optimizer.state_dict(),
+        "model": trainable_state(model) if shards is None else {},
+        "optimizer": optimizer.state_dict() if shards is None else None,
+        "sharded": shards,
         "scheduler": scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                 "numpy": np.random.get_state(),
@@ -154,10 +164,26 @@ def save_resume(path: Path, model, optimizer, scheduler, progress: dict[str, Any
     }
     with atomic_open(path, "wb") as f:
         torch.save(state, f)
+    if shards is not None:
+        distributed.drop_other_shards(path.parent, keep=shards)
 
 
 def load_resume(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=False)
+    world = state["progress"].get("world")
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if world is not None and world != ranks:  # the global batch (the data position) depends on it
+        raise ConfigError(f"resume state {path} was written by a run on {world} rank(s); "
+                          f"resume it on {world} (this process group has {ranks})")
+    if state.get("sharded"):
+        if not distributed.is_sharded(model):
+            raise ConfigError(f"resume state {path} is sharded (FSDP): resume with "
+                              "train.distributed.strategy=fsdp")
+        distributed.load_sharded(path.parent / state["sharded"], model, optimizer)
+        state["optimizer"] = None
+    elif distributed.is_sharded(model):
+        raise ConfigError(f"resume state {path} is not sharded: resume with "
+                          "train.distributed.strategy=ddp")
     params = dict(model.named_parameters())
     missing = set(state["model"]) - set(params)
     if missing:
@@ -165,7 +191,8 @@ def load_resume(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     with torch.no_grad():
         for n, v in state["model"].items():
             params[n].copy_(v.to(params[n].device))
-    optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
@@ -175,12 +202,21 @@ def load_resume(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     return state["progress"]
 
 
-def save_checkpoint(out: Path, model, manifest: dict[str, Any]) -> None:
-    """A budget checkpoint: peft adapter files for adapter methods, safetensors otherwise."""
+def save_checkpoint(out: Path, model, manifest: dict[str, Any],
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """A budget checkpoint: peft adapter files for peft methods, adapter.safetensors for
+    bottleneck adapters, safetensors of the whole model otherwise."""
+    from learnforget import bottleneck
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if bottleneck.has_adapters(model):
+            bottleneck.save_adapter(model, tmp)
+        else:
+            # state_dict: an FSDP model's weights, gathered on rank 0
+            extra = {} if state_dict is None else {"state_dict": state_dict}
+            model.save_pretrained(tmp, safe_serialization=True, **extra)
         atomic_write_json(tmp / "manifest.json", manifest)
         if out.exists():
             shutil.rmtree(out)
@@ -225,6 +261,8 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     autocast_dtype: torch.dtype | None
+    strategy: str | None = None   # how the ranks share the work: ddp | fsdp (None: one process)
+    quantisation: dict[str, Any] | None = None  # qlora: error of the quantised base weights
 
 
 def setup(cfg: DictConfig) -> Setup | None:
@@ -239,11 +277,20 @@ def setup(cfg: DictConfig) -> Setup | None:
     if cfg.train.num_threads:
         torch.set_num_threads(int(cfg.train.num_threads))
     d = distributed.init()
-    device = f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu"
+    device = d.device
     cache_dir = Path(cfg.paths.cache_dir).expanduser()
     t = cfg.train
 
+    if not d.main:  # rank 0 builds or converts the base model into the cache first
+        distributed.barrier(d)
     model, tokenizer, base_path = load_model(cfg.model, cfg.method, cache_dir, device)
+    if d.main:
+        distributed.barrier(d)
+    quantisation = None
+    if cfg.method.name == "qlora":  # how far the quantised base is from the checkpoint's weights
+        from learnforget.quantisation import quantisation_report
+
+        quantisation = quantisation_report(model, base_path, cfg.method)
     # Seed after loading: adapter init, dropout and data order then never depend on whether
     # the base model came from the cache or was built just now.
     torch.manual_seed(cfg.seed)
@@ -252,15 +299,38 @@ def setup(cfg: DictConfig) -> Setup | None:
     model, notes = apply_method(model, cfg.method, model_name=cfg.model.name,
                                 tokenizer_path=base_path if Path(base_path).exists() else None)
     trainable, total = count_parameters(model)
-    data = build_data(cfg.data, tokenizer, t.seq_len, seed=cfg.seed)
+    data = build_data(cfg.data, tokenizer, t.seq_len, seed=cfg.seed, cache_dir=cache_dir)
     data.info.setdefault("name", cfg.data.name)
     plan = make_plan(t, data, d.world)
+    strategy = parallel_strategy(cfg, d, notes)
+    if strategy == "fsdp":
+        distributed.shard_model(model, decoder_layers(model),
+                                bool(t.distributed.get("reshard_after_forward", True)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, opt_notes = make_optimizer(params, t, device)
     scheduler = make_scheduler(optimizer, t, plan.total_steps)
     return Setup(cfg, out, name, chash, device, d, model, tokenizer, base_path, notes + opt_notes,
                  trainable, total, data, plan, params, optimizer, scheduler,
-                 resolve_precision(t.precision, device))
+                 resolve_precision(t.precision, device), strategy, quantisation=quantisation)
+
+
+def parallel_strategy(cfg: DictConfig, d: Dist, notes: list[str]) -> str | None:
+    """train.distributed.strategy for this launch: None in a single process; fsdp only for
+    methods that train (part of) the model's own weights and save them whole (full, bitfit,
+    topk); adapter methods keep DDP (their trainable part is small) and the run notes it."""
+    if d.world <= 1:
+        return None
+    dcfg = cfg.train.get("distributed") or {}
+    strategy = str(dcfg.get("strategy", "ddp"))
+    if strategy == "fsdp" and checkpoint_format(cfg.method.name) != "safetensors":
+        notes.append(f"train.distributed.strategy=fsdp shards full-weight methods only; "
+                     f"method={cfg.method.name} trains with ddp")
+        return "ddp"
+    if strategy == "fsdp" and cfg.train.optimizer not in ("adamw", "lionw"):
+        raise ConfigError(f"train.distributed.strategy=fsdp needs a torch optimizer on sharded "
+                          f"parameters (train.optimizer=adamw or lionw), not "
+                          f"{cfg.train.optimizer!r} (bitsandbytes)")
+    return strategy
 
 
 def train(cfg: DictConfig) -> Path:
@@ -276,6 +346,7 @@ def fit(s: Setup) -> Path:
     data, plan, params, optimizer, scheduler = s.data, s.plan, s.params, s.optimizer, s.scheduler
     device, autocast_dtype, trainable, total = s.device, s.autocast_dtype, s.trainable, s.total
     d = s.dist
+    sharded = s.strategy == "fsdp"  # collectives in heldout loss and saves: every rank joins
     pad_id = tokenizer.pad_token_id
     device_type = "cuda" if device.startswith("cuda") else "cpu"
 
@@ -286,9 +357,9 @@ def fit(s: Setup) -> Path:
         print(f"learnforget: {name} is being trained by another process ({out}); skipping")
         return out
     resume_path = out / "train" / "resume.pt"
-    progress = {"step": 0, "tokens": 0, "wall_time_s": 0.0, "losses": []}
+    progress = {"step": 0, "tokens": 0, "wall_time_s": 0.0, "losses": [], "world": d.world}
     if resume_path.exists():
-        progress = load_resume(resume_path, model, optimizer, scheduler)
+        progress = {"world": d.world, **load_resume(resume_path, model, optimizer, scheduler)}
         notes.append(f"resumed from step {progress['step']}")
         print(f"learnforget: resuming {name} from step {progress['step']}")
     resolved = scrub(OmegaConf.to_container(cfg, resolve=True))
@@ -308,8 +379,10 @@ def fit(s: Setup) -> Path:
         "train": {"trainable_params": trainable, "total_params": total,
                   "trainable_pct": 100.0 * trainable / total, "device": device,
                   "precision": "bf16" if autocast_dtype else "fp32", "ranks": d.world,
+                  "distributed": s.strategy,
                   "total_steps": plan.total_steps, "checkpoint_steps": plan.checkpoints,
-                  "data": data.info, "notes": notes},
+                  "data": data.info, "notes": notes,
+                  **({"quantisation": s.quantisation} if s.quantisation else {})},
         "meta": meta_info(),
     }
     if d.main:
@@ -321,11 +394,11 @@ def fit(s: Setup) -> Path:
     else:
         loggers = Loggers([])
     net = model
-    if d.world > 1:
+    if d.world > 1 and not sharded:  # FSDP: the model is already sharded (setup)
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[d.local_rank] if device_type == "cuda"
-                                      else None)
+        net = DistributedDataParallel(model, device_ids=[torch.device(device).index]
+                                      if device_type == "cuda" else None)
 
     stop: dict[str, Any] = {"signal": None, "received": []}
 
@@ -341,7 +414,7 @@ def fit(s: Setup) -> Path:
         # -- train loop
         model.train()
         start_step = progress["step"]
-        if start_step == 0 and t.heldout_batches and d.main:
+        if start_step == 0 and t.heldout_batches and (d.main or sharded):
             base_loss = heldout_loss(model, data, t, pad_id, device, t.heldout_batches)
             loggers.log({"step": 0, "tokens": 0, "heldout_loss": base_loss})
         bar = tqdm(total=plan.total_steps, initial=start_step, desc=name[:40],
@@ -374,32 +447,36 @@ def fit(s: Setup) -> Path:
             row = {"step": step, "epoch": step / plan.steps_per_epoch, "tokens": progress["tokens"],
                    "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
                    "tokens_per_s": step_tokens / dt, "step_time_s": dt,
+                   "wall_time_s": progress["wall_time_s"],
                    "peak_mem_mb": peak_memory_mb(device)}
             if step % t.log_every == 0 or step in plan.checkpoints:
                 loggers.log(row)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}")
 
-            if step in plan.checkpoints and d.main:
+            if step in plan.checkpoints and (d.main or sharded):
                 label = plan.checkpoints[step]
                 hl = heldout_loss(model, data, t, pad_id, device, t.heldout_batches)
+                full = distributed.full_state_dict(model) if sharded else None
                 manifest = {"label": label, "step": step, "tokens": progress["tokens"],
                             "epoch": step / plan.steps_per_epoch, "loss": step_loss,
                             "heldout_loss": hl, "method": cfg.method.name,
-                            "format": "peft_adapter" if cfg.method.name in PEFT_METHODS
-                            else "safetensors", "base_model": base_path}
-                save_checkpoint(out / "checkpoints" / label, model, manifest)
+                            "format": checkpoint_format(cfg.method.name),
+                            "base_model": base_path}
+                if d.main:
+                    save_checkpoint(out / "checkpoints" / label, model, manifest, full)
                 if hl is not None:
                     loggers.log({"step": step, "tokens": progress["tokens"], "heldout_loss": hl})
-                save_resume(resume_path, model, optimizer, scheduler, progress)
+                del full
+                save_resume(resume_path, model, optimizer, scheduler, progress, d)
             if step in plan.checkpoints:
                 distributed.barrier(d)
             if t.crash_at_step is not None and step == t.crash_at_step:
                 os._exit(137)  # testing: die like a killed process, with no clean-up at all
             if distributed.all_reduce(1.0 if stop["signal"] else 0.0, d, "max"):
                 stop["signal"] = stop["signal"] or "a stop signal on another rank"
-                if d.main:
-                    save_resume(resume_path, model, optimizer, scheduler, progress)
+                if d.main or sharded:
+                    save_resume(resume_path, model, optimizer, scheduler, progress, d)
                 distributed.barrier(d)
                 status = "interrupted"
                 print(f"learnforget: {stop['signal']} received at step {step}: state saved, "

@@ -1,0 +1,360 @@
+"""`learnforget bench`: the harness's performance figures, measured side by side in one process.
+
+    learnforget bench                      # train, memory, eval, latency on smollm2_135m
+    learnforget bench train memory         # some sections only
+    learnforget bench spectra [...]        # the ΔW spectra timings (learnforget.analyze)
+    learnforget bench --model tiny_llama --repeats 2 --json bench.json
+
+Sections (each figure as the median over `--repeats` with its min-max spread):
+- train: the harness's training loop (`train.fit`: data, logging, clipping, schedule) against a
+  bare PyTorch loop (forward, backward, step, zero_grad) on the same model, data and
+  optimizer, for LoRA and full finetuning; throughput ratio harness / bare (goal >= 0.95), and
+  LoRA / full step time. The two loops alternate (ABBA) so drift on a shared machine hits
+  both; the first step of each (allocations, optimizer state) is not timed.
+- memory: the peak tensor memory of two real training steps (torch's MemTracker: parameters,
+  gradients, optimizer state, activations, temporaries) against `learnforget params`'s
+  estimate (learnforget.activations), for LoRA and full; LoRA / full peak ratio.
+- eval: lm-eval requests per second on the offline suite's tasks (loglikelihood and
+  generate_until separately), base model.
+- latency: inference latency of each method relative to the base model
+  (learnforget.bench_latency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learnforget.errors import ConfigError
+
+SECTIONS = ("train", "memory", "eval", "latency")
+METHODS = {"lora": ["method=lora", "method.r=8", "train.lr=1e-3"],
+           "full": ["method=full", "train.lr=2e-4"]}
+
+
+def spread(xs: Sequence[float]) -> dict[str, Any]:
+    """Median, min and max of repeated measurements."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs),
+            "values": list(xs)}
+
+
+def _fmt(s: dict[str, Any], digits: int = 3) -> str:
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
+
+
+def run_cfg(model: str, method: str, runs_dir: Path, tag: str, *, batch_size: int, seq_len: int,
+            steps: int, extra: Sequence[str] = ()):
+    """The config of one benchmark run: CPT on the stdlib code, `steps` steps, no logger."""
+    from learnforget.config import compose
+
+    return compose([f"model={model}", *METHODS[method], "data=stdlib_code", "logger=none",
+                    f"train.batch_size={batch_size}", f"train.seq_len={seq_len}",
+                    "train.checkpoints.unit=steps", f"train.checkpoints.at=[{steps}]",
+                    "train.heldout_batches=0", "train.schedule=constant", f"experiment_name={tag}",
+                    f"paths.runs_dir={runs_dir}", *extra])
+
+
+# ------------------------------------------------------------------ train: harness vs bare loop
+
+def bare_steps(s, steps: int) -> tuple[float, int]:
+    """A bare PyTorch loop over the first batches of the run's data: seconds and tokens of
+    steps 2..`steps` (step 1 warms up)."""
+    from learnforget.data import collate
+
+    model, opt, b = s.model, s.optimizer, s.cfg.train.batch_size
+    pad = s.tokenizer.pad_token_id
+    model.train()
+    t1 = tokens = 0
+    for i in range(steps):
+        if i == 1:
+            t1 = time.perf_counter()
+        batch = collate(s.data.train[i * b:(i + 1) * b], pad)
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 1:
+            tokens += int(batch["attention_mask"].sum())
+    return time.perf_counter() - t1, tokens
+
+
+def harness_steps(s, steps: int) -> tuple[float, int]:
+    """`train.fit` for `steps` steps; seconds and tokens of steps 2..`steps`, from the run's own
+    metrics (wall_time_s is taken after each step, logging and progress bar included)."""
+    from learnforget.train import fit
+
+    out = fit(s)
+    rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    rows = {r["step"]: r for r in rows if "wall_time_s" in r}
+    return (rows[steps]["wall_time_s"] - rows[1]["wall_time_s"],
+            rows[steps]["tokens"] - rows[1]["tokens"])
+
+
+def bench_train(model: str, repeats: int, steps: int, batch_size: int, seq_len: int,
+                runs_dir: Path, methods: Sequence[str] = ("lora", "full"),
+                extra: Sequence[str] = ()) -> dict[str, Any]:
+    from learnforget.train import setup
+
+    if steps < 2:
+        raise ConfigError(f"--steps must be at least 2 (step 1 is not timed), got {steps}")
+    res: dict[str, Any] = {"model": model, "batch_size": batch_size, "seq_len": seq_len,
+                           "timed_steps": steps - 1, "methods": {}}
+    for method in methods:
+        tps: dict[str, list[float]] = {"harness": [], "bare": []}
+        step_s: dict[str, list[float]] = {"harness": [], "bare": []}
+        for rep in range(repeats):
+            order = ("harness", "bare") if rep % 2 == 0 else ("bare", "harness")
+            for which in order:
+                cfg = run_cfg(model, method, runs_dir, f"bench-{method}-{which}-{rep}",
+                              batch_size=batch_size, seq_len=seq_len, steps=steps, extra=extra)
+                s = setup(cfg)
+                secs, toks = (harness_steps if which == "harness" else bare_steps)(s, steps)
+                tps[which].append(toks / secs)
+                step_s[which].append(secs / (steps - 1))
+                del s
+        ratios = [h / b for h, b in zip(tps["harness"], tps["bare"], strict=True)]
+        res["methods"][method] = {
+            "harness_tokens_per_s": spread(tps["harness"]), "bare_tokens_per_s": spread(tps["bare"]),
+            "harness_step_s": spread(step_s["harness"]), "bare_step_s": spread(step_s["bare"]),
+            "ratio_harness_over_bare": spread(ratios)}
+    if {"lora", "full"} <= set(methods):
+        lo, fu = res["methods"]["lora"], res["methods"]["full"]
+        res["lora_over_full_step_time"] = spread(
+            [a / b for a, b in zip(lo["harness_step_s"]["values"], fu["harness_step_s"]["values"],
+                                   strict=True)])
+    return res
+
+
+def format_train(r: dict[str, Any]) -> str:
+    lines = [f"training throughput, {r['model']}, {r['batch_size']} x {r['seq_len']} tokens per "
+             f"step, {r['timed_steps']} timed steps per repeat (median [min, max]):",
+             f"  {'method':<6} {'harness tok/s':>24} {'bare loop tok/s':>24} {'harness/bare':>22}"]
+    for m, v in r["methods"].items():
+        lines.append(f"  {m:<6} {_fmt(v['harness_tokens_per_s'], 1):>24} "
+                     f"{_fmt(v['bare_tokens_per_s'], 1):>24} "
+                     f"{_fmt(v['ratio_harness_over_bare']):>22}")
+    if "lora_over_full_step_time" in r:
+        lines.append(f"  LoRA r=8 / full step time: {_fmt(r['lora_over_full_step_time'])}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ memory: estimate vs measured
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def measured_peak(s, steps: int = 2) -> dict[str, float]:
+    """Peak tensor memory (bytes, by kind) over `steps` real training steps, by MemTracker."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from learnforget.data import collate
+
+    model, opt, b = s.model, s.optimizer, s.cfg.train.batch_size
+    pad = s.tokenizer.pad_token_id
+    model.train()
+    mt = MemTracker()
+    mt.track_external(model, opt)
+    for param in model.parameters():  # MemTracker hooks every parameter's gradient, and torch
+        if not param.requires_grad:   # refuses hooks on frozen ones: mark those as done
+            mt._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
+    with mt:
+        for i in range(steps):
+            batch = collate(s.data.train[i * b:(i + 1) * b], pad)
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mt.reset_mod_stats()
+    peak = mt.get_tracker_snapshot("peak")
+    dev = next(iter(peak))
+    return {str(getattr(k, "value", k)).lower(): float(v) for k, v in peak[dev].items()}
+
+
+def bench_memory(model: str, repeats: int, batch_size: int, seq_len: int, runs_dir: Path,
+                 methods: Sequence[str] = ("lora", "full"),
+                 extra: Sequence[str] = ()) -> dict[str, Any]:
+    from learnforget.params import param_report
+    from learnforget.train import setup
+
+    res: dict[str, Any] = {"model": model, "batch_size": batch_size, "seq_len": seq_len,
+                           "methods": {}}
+    for method in methods:
+        cfg = run_cfg(model, method, runs_dir, f"bench-mem-{method}", batch_size=batch_size,
+                      seq_len=seq_len, steps=2, extra=extra)
+        est = param_report(cfg)
+        peaks, parts = [], {}
+        for _ in range(repeats):
+            s = setup(cfg)
+            p = measured_peak(s)
+            peaks.append(p["total"])
+            parts = p
+            del s
+        res["methods"][method] = {
+            "estimate_bytes": est.peak_bytes, "estimate_parts": {
+                "weights": est.weights_bytes, "gradients": est.grads_bytes,
+                "optimizer": est.optimizer_bytes, "activations": est.activations_bytes,
+                "logits": est.logits_bytes},
+            "measured_peak_bytes": spread(peaks), "measured_parts": parts,
+            "estimate_over_measured": spread([est.peak_bytes / p for p in peaks])}
+    if {"lora", "full"} <= set(methods):
+        res["lora_over_full_peak"] = (res["methods"]["lora"]["measured_peak_bytes"]["median"]
+                                      / res["methods"]["full"]["measured_peak_bytes"]["median"])
+    return res
+
+
+def format_memory(r: dict[str, Any]) -> str:
+    mib = 2**20
+    lines = [f"peak memory of a training step, {r['model']}, {r['batch_size']} x {r['seq_len']} "
+             "tokens (measured: MemTracker over 2 real steps; estimate: learnforget params):",
+             f"  {'method':<6} {'estimate MiB':>13} {'measured MiB':>13} {'estimate/measured':>20}"
+             "   measured parts (MiB)"]
+    for m, v in r["methods"].items():
+        parts = ", ".join(f"{k} {b / mib:.0f}" for k, b in v["measured_parts"].items()
+                          if k != "total" and b > 0)
+        lines.append(f"  {m:<6} {v['estimate_bytes'] / mib:>13.0f} "
+                     f"{v['measured_peak_bytes']['median'] / mib:>13.0f} "
+                     f"{_fmt(v['estimate_over_measured']):>20}   {parts}")
+    if "lora_over_full_peak" in r:
+        lines.append(f"  LoRA r=8 / full measured peak: {r['lora_over_full_peak']:.3f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ eval: lm-eval requests/s
+
+def bench_eval(model: str, repeats: int, limit: int, runs_dir: Path,
+               extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Requests per second of the offline suite's lm-eval tasks on the base model, by request
+    type: the multiple-choice tasks (loglikelihood) and HumanEval (generate_until)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from learnforget.config import compose
+    from learnforget.evaluate import load_for_eval, task_specs
+    from learnforget.lmeval_tasks import evaluate, write_task_dir
+    from learnforget.models import base_model_dir, load_tokenizer
+
+    cfg = compose([f"model={model}", "method=full", "eval=offline", f"paths.runs_dir={runs_dir}",
+                   *extra])
+    cache = Path(cfg.paths.cache_dir).expanduser()
+    specs = task_specs(cfg.eval, cache)
+    groups = {"loglikelihood": [s for s in specs if s.kind != "humaneval"],
+              "generate_until": [s for s in specs if s.kind == "humaneval"]}
+    include = write_task_dir(specs, runs_dir / "bench-eval-tasks")
+    net = load_for_eval(cfg, None, cache, "cpu")
+    tok = load_tokenizer(base_model_dir(cfg.model, cache))
+    lm = HFLM(pretrained=net, tokenizer=tok, batch_size=int(cfg.eval.batch_size),
+              max_gen_toks=int(cfg.eval.max_gen_toks))
+    res: dict[str, Any] = {"model": model, "limit": limit, "batch_size": int(cfg.eval.batch_size),
+                           "max_gen_toks": int(cfg.eval.max_gen_toks), "types": {}}
+    for kind, group in groups.items():
+        if not group:
+            continue
+        rates, n_req = [], 0
+        for _ in range(repeats):
+            counter = _count_requests(lm)
+            t0 = time.perf_counter()
+            evaluate(lm, group, include, limit=limit, batch_size=int(cfg.eval.batch_size),
+                     code_exec_allowed=True)
+            secs = time.perf_counter() - t0
+            n_req = counter()
+            rates.append(n_req / secs)
+        res["types"][kind] = {"tasks": [s.name for s in group], "requests": n_req,
+                              "requests_per_s": spread(rates)}
+    return res
+
+
+def _count_requests(lm) -> Callable[[], int]:
+    """Wrap the LM's request methods to count the requests of the next evaluation."""
+    n = {"n": 0}
+    for name in ("loglikelihood", "generate_until"):
+        orig = getattr(type(lm), name)
+
+        def wrapped(reqs, *a, _orig=orig, **kw):
+            n["n"] += len(reqs)
+            return _orig(lm, reqs, *a, **kw)
+
+        setattr(lm, name, wrapped)
+    return lambda: n["n"]
+
+
+def format_eval(r: dict[str, Any]) -> str:
+    lines = [f"eval throughput, {r['model']}, offline suite, limit {r['limit']} documents per task,"
+             f" batch {r['batch_size']}, up to {r['max_gen_toks']} generated tokens:"]
+    for kind, v in r["types"].items():
+        lines.append(f"  {kind:<15} {v['requests']:>5} requests  "
+                     f"{_fmt(v['requests_per_s'], 2)} requests/s  ({', '.join(v['tasks'])})")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the command
+
+def bench_cli(args: Sequence[str]) -> int:
+    args = list(args)
+    if args and args[0] == "spectra":
+        from learnforget.analyze import bench_cli as spectra_cli
+
+        return spectra_cli(args)
+    p = argparse.ArgumentParser(prog="learnforget bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sections", nargs="*", default=list(SECTIONS),
+                   help=f"any of {', '.join(SECTIONS)} (default: all); or `spectra`; KEY=VALUE "
+                        "words are config overrides for every benchmark run")
+    p.add_argument("--model", default="smollm2_135m")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="training steps per repeat (the first "
+                   "is not timed)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-limit", type=int, default=16, help="documents per eval task")
+    p.add_argument("--latency-repeats", type=int, default=5)
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the numbers here (default: runs/_bench/bench-<time>.json)")
+    extra = [s for s in args if "=" in s and not s.startswith("-")]
+    a = p.parse_args([s for s in args if s not in extra])
+    a.sections = a.sections or list(SECTIONS)
+    bad = [s for s in a.sections if s not in SECTIONS]
+    if bad:
+        raise ConfigError(f"unknown bench section {bad[0]!r} (expected any of: "
+                          f"{', '.join(SECTIONS)}, or `spectra` alone)")
+    if a.repeats < 1:
+        raise ConfigError(f"--repeats must be at least 1, got {a.repeats}")
+    from learnforget.record import atomic_write_json, meta_info
+
+    result: dict[str, Any] = {"meta": meta_info(), "torch_threads": torch.get_num_threads(),
+                              "args": {k: (str(v) if isinstance(v, Path) else v)
+                                       for k, v in vars(a).items()}}
+    with tempfile.TemporaryDirectory(prefix="learnforget-bench-") as tmp:
+        runs = Path(tmp)
+        for section in a.sections:
+            t0 = time.perf_counter()
+            if section == "train":
+                r = bench_train(a.model, a.repeats, a.steps, a.batch_size, a.seq_len, runs,
+                                extra=extra)
+                text = format_train(r)
+            elif section == "memory":
+                r = bench_memory(a.model, a.repeats, a.batch_size, a.seq_len, runs, extra=extra)
+                text = format_memory(r)
+            elif section == "eval":
+                r = bench_eval(a.model, a.repeats, a.eval_limit, runs, extra=extra)
+                text = format_eval(r)
+            else:
+                from learnforget.bench_latency import format_latency, run_latency
+
+                r = run_latency(a.model, repeats=a.latency_repeats)
+                text = format_latency(r)
+            r["section_wall_s"] = time.perf_counter() - t0
+            result[section] = r
+            print(text, flush=True)
+            print(flush=True)
+    out = a.json or Path("runs") / "_bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    atomic_write_json(out, result)
+    print(f"learnforget: bench numbers -> {out}")
+    return 0

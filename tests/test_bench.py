@@ -1,0 +1,64 @@
+"""`learnforget bench` on the tiny model: every figure is produced and the memory estimate of
+`learnforget params` matches the peak measured on real tensors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import OFFLINE_DATA
+
+from learnforget.bench import bench_memory, bench_train
+from learnforget.cli import main
+from learnforget.params import param_report
+
+
+@pytest.fixture
+def extra(cache_dir):
+    return [f"paths.cache_dir={cache_dir}", *OFFLINE_DATA["stdlib_code"]]
+
+
+def test_train_bench_times_harness_and_bare_loop(tmp_path, extra):
+    r = bench_train("tiny_llama", repeats=2, steps=3, batch_size=2, seq_len=32,
+                    runs_dir=tmp_path, extra=extra)
+    for method in ("lora", "full"):
+        v = r["methods"][method]
+        assert v["harness_tokens_per_s"]["n"] == v["bare_tokens_per_s"]["n"] == 2
+        # 2 timed steps of 2 x 32 tokens each: the rates come from real token counts
+        harness, bare = v["harness_tokens_per_s"]["values"], v["bare_tokens_per_s"]["values"]
+        assert all(t > 0 for t in harness + bare)
+        ratios = v["ratio_harness_over_bare"]["values"]
+        assert ratios == pytest.approx([h / b for h, b in zip(harness, bare, strict=True)])
+    assert r["lora_over_full_step_time"]["median"] > 0
+
+
+def test_memory_estimate_matches_measured_peak(tmp_path, extra):
+    r = bench_memory("tiny_llama", repeats=1, batch_size=4, seq_len=64, runs_dir=tmp_path,
+                     extra=extra)
+    for method in ("lora", "full"):
+        v = r["methods"][method]
+        measured = v["measured_parts"]
+        assert measured["activation"] > 0 and measured["parameter"] > 0
+        assert v["estimate_over_measured"]["median"] == pytest.approx(1.0, abs=0.10)
+    # full finetuning holds optimizer state for every weight, LoRA only for its factors
+    assert (r["methods"]["full"]["measured_parts"]["optstate"]
+            > 10 * r["methods"]["lora"]["measured_parts"]["optstate"])
+
+
+def test_params_reports_activations_that_grow_with_the_batch(make_cfg):
+    small = param_report(make_cfg("model=tiny_llama", "train.batch_size=2"))
+    big = param_report(make_cfg("model=tiny_llama", "train.batch_size=8"))
+    assert small.activations_bytes and big.activations_bytes
+    assert big.activations_bytes == pytest.approx(4 * small.activations_bytes, rel=0.01)
+    assert big.peak_bytes > big.total_bytes
+
+
+def test_bench_cli_writes_json_and_rejects_unknown_sections(tmp_path, extra, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "memory", "--model", "tiny_llama", "--repeats", "1", "--batch-size",
+                 "2", "--seq-len", "32", "--json", str(out), *extra]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["memory"]["methods"]) == {"lora", "full"}
+    assert "peak memory of a training step" in capsys.readouterr().out
+    assert main(["bench", "trian"]) == 2
+    assert "unknown bench section 'trian'" in capsys.readouterr().err
