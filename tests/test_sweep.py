@@ -172,3 +172,16 @@ gpu_hours_per_job: 0
     for f in folders:
         if f != gone:
             assert (f / "run.json").stat().st_mtime_ns == stamps[f.name]
+
+
+def test_a_stop_signal_outside_slurm_stops_the_sweep(monkeypatch, capsys):
+    """Without a scheduler to requeue it, a job whose training caught SIGTERM ends the process
+    (as the signal would have) instead of letting a basic-launcher sweep run its next job."""
+    import pytest
+
+    from learnforget.job import _hand_interrupt_to_submitit
+
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    with pytest.raises(SystemExit) as e:
+        _hand_interrupt_to_submitit()
+    assert e.value.code == 143 and "rerun the same command to resume" in capsys.readouterr().out

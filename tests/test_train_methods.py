@@ -161,7 +161,7 @@ def test_run_folder_layout(make_cfg):
     out = fit(setup(make_cfg("method=lora")))
     assert out.parent.name == "default" and Path(out).name.startswith("tiny_llama-lora_r16_a32_all")
     for rel in ("config.yaml", "run.json", "train/metrics.jsonl", "tokenizer/tokenizer.json",
-                "train/resume.pt"):
+                "train/resume.pt"):  # resume.pt: the state at the first checkpoint
         assert (out / rel).exists(), rel
     info = json.loads((out / "run.json").read_text())
     assert info["meta"]["versions"]["torch"].startswith("2.")

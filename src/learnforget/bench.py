@@ -296,6 +296,18 @@ def format_eval(r: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------ the command
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _cache_dir(extra: Sequence[str]) -> Path | None:
+    given = [o.split("=", 1)[1] for o in extra if o.startswith("paths.cache_dir=")]
+    return Path(given[-1]).expanduser() if given else None
+
+
 def bench_cli(args: Sequence[str]) -> int:
     args = list(args)
     if args and args[0] == "spectra":
@@ -314,7 +326,10 @@ def bench_cli(args: Sequence[str]) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-limit", type=int, default=16, help="documents per eval task")
-    p.add_argument("--latency-repeats", type=int, default=5)
+    p.add_argument("--latency-repeats", type=int, default=3)
+    p.add_argument("--latency-seq-lens", default="32,128",
+                   help="short and long sequence lengths for the latency table")
+    p.add_argument("--latency-batch-sizes", default="1,16")
     p.add_argument("--json", type=Path, default=None,
                    help="also write the numbers here (default: runs/_bench/bench-<time>.json)")
     extra = [s for s in args if "=" in s and not s.startswith("-")]
@@ -348,7 +363,9 @@ def bench_cli(args: Sequence[str]) -> int:
             else:
                 from learnforget.bench_latency import format_latency, run_latency
 
-                r = run_latency(a.model, repeats=a.latency_repeats)
+                r = run_latency(a.model, repeats=a.latency_repeats,
+                                batch_sizes=_ints(a.latency_batch_sizes),
+                                seq_lens=_ints(a.latency_seq_lens), cache_dir=_cache_dir(extra))
                 text = format_latency(r)
             r["section_wall_s"] = time.perf_counter() - t0
             result[section] = r

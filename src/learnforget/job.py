@@ -127,7 +127,11 @@ def _hand_interrupt_to_submitit() -> None:
     signal on to submitit's handler, which train restored, so that a SLURM job is requeued
     (and resumes) instead of ending as if it had finished."""
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
-        return
+        # no scheduler to requeue the job: stop here, as the signal's default action would,
+        # rather than go on to the sweep's next job (a rerun resumes from the saved state)
+        print("learnforget: stopped by a signal; the state is saved, rerun the same command "
+              "to resume", flush=True)
+        raise SystemExit(143)
     try:
         from submitit import JobEnvironment
     except ImportError:

@@ -468,7 +468,8 @@ def fit(s: Setup) -> Path:
                 if hl is not None:
                     loggers.log({"step": step, "tokens": progress["tokens"], "heldout_loss": hl})
                 del full
-                save_resume(resume_path, model, optimizer, scheduler, progress, d)
+                if step < plan.total_steps:  # the last checkpoint ends the run: no state to keep
+                    save_resume(resume_path, model, optimizer, scheduler, progress, d)
             if step in plan.checkpoints:
                 distributed.barrier(d)
             if t.crash_at_step is not None and step == t.crash_at_step:
