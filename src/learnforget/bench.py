@@ -67,23 +67,27 @@ def run_cfg(model: str, method: str, runs_dir: Path, tag: str, *, batch_size: in
 def bare_steps(s, steps: int) -> tuple[float, int]:
     """A bare PyTorch loop over the first batches of the run's data: seconds and tokens of
     steps 2..`steps` (step 1 warms up)."""
-    from learnforget.data import collate
-
-    model, opt, b = s.model, s.optimizer, s.cfg.train.batch_size
-    pad = s.tokenizer.pad_token_id
-    model.train()
+    s.model.train()
     t1 = tokens = 0
     for i in range(steps):
         if i == 1:
             t1 = time.perf_counter()
-        batch = collate(s.data.train[i * b:(i + 1) * b], pad)
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        n = _bare_step(s, i)
         if i >= 1:
-            tokens += int(batch["attention_mask"].sum())
+            tokens += n
     return time.perf_counter() - t1, tokens
+
+
+def _bare_step(s, i: int) -> int:
+    """Forward, backward, optimizer step and zero_grad on the run's i-th batch; its tokens."""
+    from learnforget.data import collate
+
+    b = s.cfg.train.batch_size
+    batch = collate(s.data.train[i * b:(i + 1) * b], s.tokenizer.pad_token_id)
+    s.model(**batch).loss.backward()
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return int(batch["attention_mask"].sum())
 
 
 def harness_steps(s, steps: int) -> tuple[float, int]:
@@ -157,10 +161,7 @@ def measured_peak(s, steps: int = 2) -> dict[str, float]:
     """Peak tensor memory (bytes, by kind) over `steps` real training steps, by MemTracker."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from learnforget.data import collate
-
-    model, opt, b = s.model, s.optimizer, s.cfg.train.batch_size
-    pad = s.tokenizer.pad_token_id
+    model, opt = s.model, s.optimizer
     model.train()
     mt = MemTracker()
     mt.track_external(model, opt)
@@ -169,10 +170,7 @@ def measured_peak(s, steps: int = 2) -> dict[str, float]:
             mt._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
     with mt:
         for i in range(steps):
-            batch = collate(s.data.train[i * b:(i + 1) * b], pad)
-            model(**batch).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            _bare_step(s, i)
             mt.reset_mod_stats()
     peak = mt.get_tracker_snapshot("peak")
     dev = next(iter(peak))

@@ -187,6 +187,16 @@ def _is_sweep(text: str) -> bool:
         return False
 
 
+def _override_list(value: Any, what: str) -> list[str]:
+    """A study's list of key=value overrides, also accepted as a mapping."""
+    value = value or []
+    if isinstance(value, dict):
+        value = [f"{k}={fmt(v)}" for k, v in value.items()]
+    if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
+        raise ConfigError(f"{what} must be a list of key=value overrides or a mapping")
+    return value
+
+
 def load_study(path: Path) -> Study:
     path = Path(path)
     try:
@@ -201,11 +211,7 @@ def load_study(path: Path) -> Study:
         raise ConfigError(f"{where}: unknown key(s) {unknown} (expected: {', '.join(STUDY_KEYS)})")
     if not raw.get("description"):
         raise ConfigError(f"{where}: a study needs a `description`")
-    holds = raw.get("holds") or []
-    if isinstance(holds, dict):
-        holds = [f"{k}={fmt(v)}" for k, v in holds.items()]
-    if not isinstance(holds, list) or not all(isinstance(h, str) for h in holds):
-        raise ConfigError(f"{where}: holds must be a list of key=value overrides or a mapping")
+    holds = _override_list(raw.get("holds"), f"{where}: holds")
     for h in holds:
         split_override(h)
         if _is_sweep(h):
@@ -283,11 +289,7 @@ def parse_size(name: str, raw: Any, where: str) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{where}: sizes.{name}: unknown key(s) {unknown} (expected: "
                           f"{', '.join(SIZE_KEYS)})")
-    overrides = spec.get("overrides") or []
-    if isinstance(overrides, dict):
-        overrides = [f"{k}={fmt(v)}" for k, v in overrides.items()]
-    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise ConfigError(f"{where}: sizes.{name}.overrides must be a list of key=value overrides")
+    overrides = _override_list(spec.get("overrides"), f"{where}: sizes.{name}.overrides")
     for o in overrides:
         split_override(o)
     launcher = spec.get("launcher")
