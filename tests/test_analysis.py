@@ -244,3 +244,14 @@ def test_collect_wandb_builds_the_table_from_a_group():
     assert calls["args"] == ("learnforget", {"group": "study"})
     assert list(df["tokens"]) == [0, 64] and list(df["target_score"]) == [0.1, 0.3]
     assert set(df["method"]) == {"lora"} and set(df["rank"]) == {8} and "_step" not in df
+
+
+def test_learning_axis_skips_a_target_score_that_never_moves():
+    from learnforget.figures import learning_column
+
+    flat = pd.DataFrame({"target_score": [0.0, 0.0, 0.0], "target_ce": [2.5, 2.4, 2.3]})
+    assert learning_column(flat) == "target_ce"
+    moving = flat.assign(target_score=[0.0, 0.1, 0.2])
+    assert learning_column(moving) == "target_score"
+    assert learning_column(flat.drop(columns="target_ce")) == "target_score"
+    assert learning_column(flat, "target_score") == "target_score"

@@ -29,6 +29,13 @@ def test_train_bench_times_harness_and_bare_loop(tmp_path, extra):
         assert all(t > 0 for t in harness + bare)
         ratios = v["ratio_harness_over_bare"]["values"]
         assert ratios == pytest.approx([h / b for h, b in zip(harness, bare, strict=True)])
+        # both loops ran on the same setup, each for 2 timed steps per repeat
+        for which in ("harness", "bare"):
+            assert len(v["steps"][which]["wall"]) == len(v["steps"][which]["cpu"]) == 4
+            assert all(c > 0 for c in v["steps"][which]["cpu"])
+        cpu = v["cpu_ratio_bare_over_harness"]["values"]
+        assert cpu == pytest.approx([b / h for h, b in zip(
+            v["harness_step_cpu_s"]["values"], v["bare_step_cpu_s"]["values"], strict=True)])
     assert r["lora_over_full_step_time"]["median"] > 0
 
 
@@ -55,10 +62,13 @@ def test_params_reports_activations_that_grow_with_the_batch(make_cfg):
 
 def test_bench_cli_writes_json_and_rejects_unknown_sections(tmp_path, extra, capsys):
     out = tmp_path / "b.json"
-    assert main(["bench", "memory", "--model", "tiny_llama", "--repeats", "1", "--batch-size",
-                 "2", "--seq-len", "32", "--json", str(out), *extra]) == 0
+    assert main(["bench", "memory", "--model", "tiny_llama", "--memory-repeats", "1",
+                 "--batch-size", "2", "--seq-len", "32", "--json", str(out), *extra]) == 0
     data = json.loads(out.read_text())
     assert set(data["memory"]["methods"]) == {"lora", "full"}
+    assert data["memory"]["methods"]["full"]["measured_peak_bytes"]["n"] == 1
     assert "peak memory of a training step" in capsys.readouterr().out
     assert main(["bench", "trian"]) == 2
     assert "unknown bench section 'trian'" in capsys.readouterr().err
+    assert main(["bench", "memory", "--memory-repeats", "0"]) == 2
+    assert "--memory-repeats must be at least 1, got 0" in capsys.readouterr().err

@@ -187,3 +187,50 @@ def test_drift_grows_with_training_on_unrelated_text(make_cfg, cache_dir, tmp_pa
     assert kl_ci[0][1] < kl_ci[1][0], kl_ci  # clearly separated, not just ordered
     diff = drift.paired_difference(results[1], results[0])
     assert diff["ci_low"] > 0 and diff["a_larger_share"] == 1.0
+
+
+def test_row_sampler_draws_from_the_softmax_and_respects_top_p():
+    """Gumbel-max with a generator per row: the argmax of the noised scores is distributed as
+    softmax(scores / temperature), restricted to the top-p nucleus; rows without a generator
+    stay greedy."""
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    n = 20000
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    draws = drift._RowSampler(gens, 1.0, 1.0)(None, scores.expand(n, -1)).argmax(-1)
+    freq = torch.bincount(draws, minlength=5).double() / n
+    expected = torch.softmax(scores[0].double(), -1)
+    assert torch.allclose(freq, expected, atol=4 * (expected * (1 - expected) / n).sqrt().max())
+    hot = drift._RowSampler(gens[:2000], 0.5, 1.0)(None, scores.expand(2000, -1)).argmax(-1)
+    assert (hot == 0).double().mean() > expected[0] + 0.1  # a lower temperature sharpens
+    nucleus = drift._RowSampler(gens[:2000], 1.0, 0.8)(None, scores.expand(2000, -1)).argmax(-1)
+    assert set(nucleus.tolist()) == {0, 1}  # p = .64, .24, .09, ...: the top 2 reach 0.8
+    mixed = drift._RowSampler([None, torch.Generator().manual_seed(0)], 1.0, 1.0)(
+        None, scores.expand(2, -1))
+    assert torch.equal(mixed[0], scores[0])
+    again = drift._RowSampler([torch.Generator().manual_seed(0)], 1.0, 1.0)(None, scores)
+    assert torch.equal(again[0], mixed[1])  # a row's draw depends on its generator alone
+
+
+def test_base_log_probs_are_cached_between_checkpoints(base, refs):
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, **kw):
+            calls.append(1)
+            return self.m(**kw)
+
+    counted = Counting(base)
+    other = tiny_model(seed=1)
+    plain = drift.drift_scores(counted, other, refs, batch_size=4)
+    n_batches = len(calls)
+    cache: dict = {}
+    first = drift.drift_scores(counted, other, refs, batch_size=4, base_cache=cache)
+    second = drift.drift_scores(counted, other, refs, batch_size=4, base_cache=cache)
+    assert len(calls) == 3 * n_batches - n_batches  # the second call ran no base forward
+    for result in (first, second):
+        assert result["variants"] == plain["variants"]
+    assert 0 < cache["bytes"] <= drift.BASE_CACHE_BYTES

@@ -5,12 +5,15 @@
     learnforget bench spectra [...]        # the ΔW spectra timings (learnforget.analyze)
     learnforget bench --model tiny_llama --repeats 2 --json bench.json
 
-Sections (each figure as the median over `--repeats` with its min-max spread):
+Sections (each figure as the median over its section's repeats with its min-max spread):
 - train: the harness's training loop (`train.fit`: data, logging, clipping, schedule) against a
   bare PyTorch loop (forward, backward, step, zero_grad) on the same model, data and
   optimizer, for LoRA and full finetuning; throughput ratio harness / bare (goal >= 0.95), and
-  LoRA / full step time. The two loops alternate (ABBA) so drift on a shared machine hits
-  both; the first step of each (allocations, optimizer state) is not timed.
+  LoRA / full step time. Each repeat sets up one run that both loops then train, in
+  alternating order (ABBA) so drift on a shared machine hits both; the first step of each is
+  not timed, and a loop's rate is taken from its median step time. The same ratio by process
+  CPU seconds per step is printed beside it: time the hypervisor steals (reported for the
+  section, from /proc/stat) slows whichever loop it falls in, but is not CPU time.
 - memory: the peak tensor memory of two real training steps (torch's MemTracker: parameters,
   gradients, optimizer state, activations, temporaries) against `learnforget params`'s
   estimate (learnforget.activations), for LoRA and full; LoRA / full peak ratio.
@@ -64,18 +67,19 @@ def run_cfg(model: str, method: str, runs_dir: Path, tag: str, *, batch_size: in
 
 # ------------------------------------------------------------------ train: harness vs bare loop
 
-def bare_steps(s, steps: int) -> tuple[float, int]:
-    """A bare PyTorch loop over the first batches of the run's data: seconds and tokens of
-    steps 2..`steps` (step 1 warms up)."""
+def bare_steps(s, steps: int, offset: int = 0) -> dict[str, list]:
+    """A bare PyTorch loop over the run's batches `offset`..: wall seconds, process CPU
+    seconds and tokens of each of steps 2..`steps` (step 1 warms up)."""
     s.model.train()
-    t1 = tokens = 0
+    out: dict[str, list] = {"wall": [], "cpu": [], "tokens": []}
     for i in range(steps):
-        if i == 1:
-            t1 = time.perf_counter()
-        n = _bare_step(s, i)
+        t0, c0 = time.perf_counter(), time.process_time()
+        n = _bare_step(s, offset + i)
         if i >= 1:
-            tokens += n
-    return time.perf_counter() - t1, tokens
+            out["wall"].append(time.perf_counter() - t0)
+            out["cpu"].append(time.process_time() - c0)
+            out["tokens"].append(n)
+    return out
 
 
 def _bare_step(s, i: int) -> int:
@@ -83,70 +87,110 @@ def _bare_step(s, i: int) -> int:
     from learnforget.data import collate
 
     b = s.cfg.train.batch_size
-    batch = collate(s.data.train[i * b:(i + 1) * b], s.tokenizer.pad_token_id)
+    n = len(s.data.train)
+    batch = collate([s.data.train[(i * b + j) % n] for j in range(b)], s.tokenizer.pad_token_id)
     s.model(**batch).loss.backward()
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     return int(batch["attention_mask"].sum())
 
 
-def harness_steps(s, steps: int) -> tuple[float, int]:
-    """`train.fit` for `steps` steps; seconds and tokens of steps 2..`steps`, from the run's own
-    metrics (wall_time_s is taken after each step, logging and progress bar included)."""
+def harness_steps(s, steps: int) -> dict[str, list]:
+    """`train.fit` for `steps` steps: wall seconds, process CPU seconds and tokens of each of
+    steps 2..`steps`, from the run's own metrics (wall_time_s and cpu_time_s are taken after
+    each step; the logging and progress bar of a step fall into the next one's time)."""
     from learnforget.train import fit
 
     out = fit(s)
     rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     rows = {r["step"]: r for r in rows if "wall_time_s" in r}
-    return (rows[steps]["wall_time_s"] - rows[1]["wall_time_s"],
-            rows[steps]["tokens"] - rows[1]["tokens"])
+    ks = range(2, steps + 1)
+    return {"wall": [rows[k]["wall_time_s"] - rows[k - 1]["wall_time_s"] for k in ks],
+            "cpu": [rows[k]["cpu_time_s"] - rows[k - 1]["cpu_time_s"] for k in ks],
+            "tokens": [rows[k]["tokens"] - rows[k - 1]["tokens"] for k in ks]}
+
+
+def cpu_steal_s() -> float | None:
+    """Seconds of CPU time the hypervisor gave to other guests so far (Linux /proc/stat, all
+    CPUs together); None where unknown. Stolen time slows every loop it falls in."""
+    import os
+
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def bench_train(model: str, repeats: int, steps: int, batch_size: int, seq_len: int,
                 runs_dir: Path, methods: Sequence[str] = ("lora", "full"),
                 extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Per method and repeat, one `setup` (model, data, optimizer) that both loops then run
+    on, `steps` steps each, in alternating order (harness first in even repeats); a loop's
+    rate in a repeat is its tokens per step over its median step time (robust to a single
+    slow step on a shared machine)."""
     from learnforget.train import setup
 
     if steps < 2:
         raise ConfigError(f"--steps must be at least 2 (step 1 is not timed), got {steps}")
     res: dict[str, Any] = {"model": model, "batch_size": batch_size, "seq_len": seq_len,
                            "timed_steps": steps - 1, "methods": {}}
+    steal0 = cpu_steal_s()
     for method in methods:
         tps: dict[str, list[float]] = {"harness": [], "bare": []}
         step_s: dict[str, list[float]] = {"harness": [], "bare": []}
+        cpu_s: dict[str, list[float]] = {"harness": [], "bare": []}
+        all_steps: dict[str, dict[str, list[float]]] = {"harness": {}, "bare": {}}
         for rep in range(repeats):
-            order = ("harness", "bare") if rep % 2 == 0 else ("bare", "harness")
-            for which in order:
-                cfg = run_cfg(model, method, runs_dir, f"bench-{method}-{which}-{rep}",
-                              batch_size=batch_size, seq_len=seq_len, steps=steps, extra=extra)
-                s = setup(cfg)
-                secs, toks = (harness_steps if which == "harness" else bare_steps)(s, steps)
-                tps[which].append(toks / secs)
-                step_s[which].append(secs / (steps - 1))
-                del s
-        ratios = [h / b for h, b in zip(tps["harness"], tps["bare"], strict=True)]
+            cfg = run_cfg(model, method, runs_dir, f"bench-{method}-{rep}",
+                          batch_size=batch_size, seq_len=seq_len, steps=steps, extra=extra)
+            s = setup(cfg)
+            for which in (("harness", "bare") if rep % 2 == 0 else ("bare", "harness")):
+                m = harness_steps(s, steps) if which == "harness" else \
+                    bare_steps(s, steps, offset=steps)
+                median = statistics.median(m["wall"])
+                tps[which].append(statistics.mean(m["tokens"]) / median)
+                step_s[which].append(median)
+                cpu_s[which].append(statistics.median(m["cpu"]))
+                for k in ("wall", "cpu"):
+                    all_steps[which].setdefault(k, []).extend(round(x, 4) for x in m[k])
+            del s
         res["methods"][method] = {
             "harness_tokens_per_s": spread(tps["harness"]), "bare_tokens_per_s": spread(tps["bare"]),
             "harness_step_s": spread(step_s["harness"]), "bare_step_s": spread(step_s["bare"]),
-            "ratio_harness_over_bare": spread(ratios)}
+            "ratio_harness_over_bare": spread(
+                [h / b for h, b in zip(tps["harness"], tps["bare"], strict=True)]),
+            "harness_step_cpu_s": spread(cpu_s["harness"]), "bare_step_cpu_s": spread(cpu_s["bare"]),
+            "cpu_ratio_bare_over_harness": spread(
+                [b / h for h, b in zip(cpu_s["harness"], cpu_s["bare"], strict=True)]),
+            "steps": all_steps}
     if {"lora", "full"} <= set(methods):
         lo, fu = res["methods"]["lora"], res["methods"]["full"]
         res["lora_over_full_step_time"] = spread(
             [a / b for a, b in zip(lo["harness_step_s"]["values"], fu["harness_step_s"]["values"],
                                    strict=True)])
+    steal1 = cpu_steal_s()
+    res["cpu_steal_s"] = None if steal0 is None or steal1 is None else steal1 - steal0
     return res
 
 
 def format_train(r: dict[str, Any]) -> str:
     lines = [f"training throughput, {r['model']}, {r['batch_size']} x {r['seq_len']} tokens per "
-             f"step, {r['timed_steps']} timed steps per repeat (median [min, max]):",
-             f"  {'method':<6} {'harness tok/s':>24} {'bare loop tok/s':>24} {'harness/bare':>22}"]
+             f"step, {r['timed_steps']} timed steps per loop and repeat (rate from the median step;"
+             f"\nmedian [min, max] over repeats):",
+             f"  {'method':<6} {'harness tok/s':>24} {'bare loop tok/s':>24} {'harness/bare':>22}"
+             f" {'by CPU time':>22}"]
     for m, v in r["methods"].items():
         lines.append(f"  {m:<6} {_fmt(v['harness_tokens_per_s'], 1):>24} "
                      f"{_fmt(v['bare_tokens_per_s'], 1):>24} "
-                     f"{_fmt(v['ratio_harness_over_bare']):>22}")
+                     f"{_fmt(v['ratio_harness_over_bare']):>22} "
+                     f"{_fmt(v['cpu_ratio_bare_over_harness']):>22}")
     if "lora_over_full_step_time" in r:
         lines.append(f"  LoRA r=8 / full step time: {_fmt(r['lora_over_full_step_time'])}")
+    if r.get("cpu_steal_s") is not None:
+        lines.append(f"  CPU time stolen by the hypervisor during the section: "
+                     f"{r['cpu_steal_s']:.0f} s (it slows whichever loop it falls in; the CPU-time "
+                     "ratio, bare CPU s per step / harness CPU s per step, does not count it)")
     return "\n".join(lines)
 
 
@@ -318,8 +362,11 @@ def bench_cli(args: Sequence[str]) -> int:
                    help=f"any of {', '.join(SECTIONS)} (default: all); or `spectra`; KEY=VALUE "
                         "words are config overrides for every benchmark run")
     p.add_argument("--model", default="smollm2_135m")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=4, help="training steps per repeat (the first "
+    p.add_argument("--repeats", type=int, default=4, help="repeats of the train section")
+    p.add_argument("--memory-repeats", type=int, default=2, help="repeats of the memory section "
+                   "(MemTracker counts tensor bytes: the same on every repeat)")
+    p.add_argument("--eval-repeats", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6, help="training steps per repeat (the first "
                    "is not timed)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
@@ -337,8 +384,10 @@ def bench_cli(args: Sequence[str]) -> int:
     if bad:
         raise ConfigError(f"unknown bench section {bad[0]!r} (expected any of: "
                           f"{', '.join(SECTIONS)}, or `spectra` alone)")
-    if a.repeats < 1:
-        raise ConfigError(f"--repeats must be at least 1, got {a.repeats}")
+    for flag in ("repeats", "memory_repeats", "eval_repeats", "latency_repeats"):
+        if getattr(a, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got "
+                              f"{getattr(a, flag)}")
     from learnforget.record import atomic_write_json, meta_info
 
     result: dict[str, Any] = {"meta": meta_info(), "torch_threads": torch.get_num_threads(),
@@ -353,10 +402,10 @@ def bench_cli(args: Sequence[str]) -> int:
                                 extra=extra)
                 text = format_train(r)
             elif section == "memory":
-                r = bench_memory(a.model, a.repeats, a.batch_size, a.seq_len, runs, extra=extra)
+                r = bench_memory(a.model, a.memory_repeats, a.batch_size, a.seq_len, runs, extra=extra)
                 text = format_memory(r)
             elif section == "eval":
-                r = bench_eval(a.model, a.repeats, a.eval_limit, runs, extra=extra)
+                r = bench_eval(a.model, a.eval_repeats, a.eval_limit, runs, extra=extra)
                 text = format_eval(r)
             else:
                 from learnforget.bench_latency import format_latency, run_latency

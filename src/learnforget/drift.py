@@ -18,11 +18,12 @@ token means, with a percentile-bootstrap confidence interval over prompts.
 With temperature 1 and top_p 1 (the defaults), the mean of the summed token KL over sampled
 texts is an unbiased estimate of the sequence-level KL(base || ckpt) of the continuations.
 
-Cost: references are generated once per base model and settings (one greedy and one batched
-sampled ``generate`` per prompt and format). Scoring runs the base model and the checkpoint
-forward on every reference text; the base forward is recomputed for each checkpoint, because
-storing full-vocabulary base log-probabilities would not fit (SmolLM2: 49,152 x 4 bytes per
-token, ~7 GB for 64 prompts x 9 texts x 64 tokens).
+Cost: references are generated once per base model and settings, in batched left-padded
+``generate`` calls (greedy and sampled rows together). Scoring runs the base model and the
+checkpoint forward on every reference text. The base model's log-probabilities on them are
+kept in memory for the next checkpoint of the same eval stage while they fit in
+BASE_CACHE_BYTES (SmolLM2: 49,152 x 4 bytes per token, 200 MB for the demo's 32 texts x 32
+tokens; the default suite's 320 texts x 64 tokens, 4 GB, are recomputed instead).
 
 Typical use (the eval stage)::
 
@@ -50,7 +51,9 @@ import torch
 from learnforget.errors import ConfigError
 
 PROMPTS_FILE = Path(__file__).parent / "assets" / "drift_prompts.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: batched generation, Gumbel-max sampling with a generator per text
+BASE_CACHE_BYTES = 1 << 30  # base log-probs kept between checkpoints, at most
+GENERATION_BATCH = 16  # texts per batched generate call (fixed: part of what makes the texts)
 PLAIN_VARIANTS = ("greedy", "sampled")
 CHAT_VARIANTS = ("chat_greedy", "chat_sampled")
 VARIANTS = PLAIN_VARIANTS + CHAT_VARIANTS
@@ -148,6 +151,32 @@ def chat_template_hash(tokenizer) -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class _RowSampler:
+    """A logits processor that turns greedy decoding into sampling, row by row: each row with
+    a generator gets Gumbel noise from its own generator added to its (temperature-scaled,
+    top-p-filtered) scores, so its argmax is a draw from the sampling distribution (the
+    Gumbel-max trick). Rows without one stay greedy. A row's draws depend only on its own
+    generator, not on which other rows share its batch."""
+
+    def __init__(self, generators: Sequence[torch.Generator | None], temperature: float,
+                 top_p: float):
+        self.generators, self.temperature, self.top_p = list(generators), temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        for r, gen in enumerate(self.generators):
+            if gen is None:
+                continue
+            s = scores[r].float() / self.temperature
+            if self.top_p < 1.0:
+                probs, order = torch.sort(torch.softmax(s, -1), descending=True)
+                drop = probs.cumsum(-1) - probs >= self.top_p  # keeps the top token at least
+                s[order[drop]] = float("-inf")
+            u = torch.rand(s.shape[-1], generator=gen, dtype=torch.float64).clamp_min(1e-300)
+            scores[r] = s + (-torch.log(-torch.log(u))).to(s.device, s.dtype)
+        return scores
+
+
 @torch.no_grad()
 def generate_references(base_model, tokenizer, prompts: Sequence[str], *,
                         max_new_tokens: int = DEFAULTS["max_new_tokens"],
@@ -157,24 +186,26 @@ def generate_references(base_model, tokenizer, prompts: Sequence[str], *,
                         chat: bool = DEFAULTS["chat"],
                         template: str = DEFAULTS["template"]) -> dict[str, Any]:
     """The base model's own texts for each prompt: one greedy and `samples_per_prompt`
-    sampled continuations (seeded per prompt, so reproducible on the same machine), for the
-    plain prompt (`template`) and, with `chat`, the chat-formatted user turn. Token ids are
-    stored (prompt and continuation, each continuation up to and including its EOS), so
-    scoring needs no re-tokenisation; the result is JSON-serialisable."""
+    sampled continuations, for the plain prompt (`template`) and, with `chat`, the
+    chat-formatted user turn. Every text is one row of a batched, left-padded `generate`
+    (GENERATION_BATCH rows at a time, grouped by prompt length); a sampled row draws from its
+    own generator, seeded from the seed, format, prompt text and sample number, so a prompt
+    gets the same samples in every subset that contains it. Token ids are stored (prompt and
+    continuation, each continuation up to and including its EOS), so scoring needs no
+    re-tokenisation; the result is JSON-serialisable."""
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
+    if not (float(temperature) > 0 and 0 < float(top_p) <= 1):
+        raise ConfigError(f"eval.drift: temperature={temperature} must be > 0 and "
+                          f"top_p={top_p} in (0, 1]")
     was_training = base_model.training
     base_model.eval()
     device = next(base_model.parameters()).device
     eos = _eos_ids(base_model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    greedy_cfg = GenerationConfig(do_sample=False, max_new_tokens=int(max_new_tokens),
-                                  eos_token_id=eos, pad_token_id=pad)
-    sample_cfg = GenerationConfig(do_sample=True, temperature=float(temperature),
-                                  top_p=float(top_p), top_k=0, max_new_tokens=int(max_new_tokens),
-                                  num_return_sequences=max(1, int(samples_per_prompt)),
-                                  eos_token_id=eos, pad_token_id=pad)
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=int(max_new_tokens),
+                           eos_token_id=eos, pad_token_id=pad)
     formats: dict[str, Callable[[str], list[int]]] = {
         "": lambda p: tokenizer(template.format(prompt=p))["input_ids"]}
     has_template = chat_template_hash(tokenizer) is not None
@@ -188,27 +219,38 @@ def generate_references(base_model, tokenizer, prompts: Sequence[str], *,
     chat_info = {"used": "chat_" in formats,
                  "reason": None if "chat_" in formats else
                  ("chat=false" if not chat else "the tokenizer has no chat template")}
+    # one row per text, in the stored order: per format, per prompt, greedy then the samples
     texts: list[dict[str, Any]] = []
+    seeds: list[int | None] = []
+    for prefix, encode in formats.items():
+        for i, prompt in enumerate(prompts):
+            ids = [int(t) for t in encode(prompt)]
+            for j in range(1 + max(0, int(samples_per_prompt))):
+                texts.append({"variant": f"{prefix}{'sampled' if j else 'greedy'}",
+                              "prompt_index": i, "prompt_ids": ids})
+                seeds.append(_sample_seed(seed, f"{prefix}{j}", prompt) if j else None)
+    order = sorted(range(len(texts)), key=lambda k: len(texts[k]["prompt_ids"]))
     t0 = time.perf_counter()
     try:
-        bar = tqdm(total=len(formats) * len(prompts), desc="drift references", disable=None)
-        for prefix, encode in formats.items():
-            for i, prompt in enumerate(prompts):
-                bar.update()
-                ids = [int(t) for t in encode(prompt)]
-                x = torch.tensor([ids], device=device)
-                out = base_model.generate(x, attention_mask=torch.ones_like(x),
-                                          generation_config=greedy_cfg)
-                texts.append({"variant": f"{prefix}greedy", "prompt_index": i, "prompt_ids": ids,
-                              "continuation_ids": _cut(out[0, len(ids):].tolist(), eos)})
-                if samples_per_prompt:
-                    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-                        torch.manual_seed(_sample_seed(seed, prefix, prompt))
-                        out = base_model.generate(x, attention_mask=torch.ones_like(x),
-                                                  generation_config=sample_cfg)
-                    for row in out[:, len(ids):].tolist():
-                        texts.append({"variant": f"{prefix}sampled", "prompt_index": i,
-                                      "prompt_ids": ids, "continuation_ids": _cut(row, eos)})
+        bar = tqdm(total=len(texts), desc="drift references", disable=None)
+        for b in range(0, len(order), GENERATION_BATCH):
+            rows = order[b:b + GENERATION_BATCH]
+            width = max(len(texts[k]["prompt_ids"]) for k in rows)
+            x = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(x)
+            for r, k in enumerate(rows):  # left padding: every prompt ends at the last column
+                n = len(texts[k]["prompt_ids"])
+                x[r, width - n:] = torch.tensor(texts[k]["prompt_ids"])
+                mask[r, width - n:] = 1
+            gens = [None if seeds[k] is None else torch.Generator().manual_seed(seeds[k])
+                    for k in rows]
+            sampler = _RowSampler(gens, float(temperature), float(top_p))
+            out = base_model.generate(x.to(device), attention_mask=mask.to(device),
+                                      generation_config=cfg,
+                                      logits_processor=LogitsProcessorList([sampler]))
+            for r, k in enumerate(rows):
+                texts[k]["continuation_ids"] = _cut(out[r, width:].tolist(), eos)
+            bar.update(len(rows))
         bar.close()
     finally:
         base_model.train(was_training)
@@ -298,10 +340,13 @@ def _logits(model, ids: torch.Tensor, mask: torch.Tensor, strip_prefix: int) -> 
 
 @torch.no_grad()
 def per_text_scores(base_model, model, refs: Mapping[str, Any], *, batch_size: int = 8,
-                    strip_prefix: int = 0, base_strip_prefix: int = 0) -> list[dict[str, Any]]:
+                    strip_prefix: int = 0, base_strip_prefix: int = 0,
+                    base_cache: dict | None = None) -> list[dict[str, Any]]:
     """For every reference text, sums over its continuation tokens of KL(base || model),
     the model's CE and the base model's CE, and the token count. Both models run in eval
-    mode, without gradients, logits in fp32; `model is base_model` reuses one forward."""
+    mode, without gradients, logits in fp32; `model is base_model` reuses one forward.
+    `base_cache`: a dict kept between calls with the same base model and references; the base
+    log-probabilities are stored there (up to BASE_CACHE_BYTES) and reused."""
     texts = refs["texts"]
     device = next(model.parameters()).device
     base_device = next(base_model.parameters()).device
@@ -329,10 +374,17 @@ def per_text_scores(base_model, model, refs: Mapping[str, Any], *, batch_size: i
                 targets += s[start:start + n]
             rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
             tgt = torch.tensor(targets)
-            lp_base = torch.log_softmax(
-                _logits(base_model, ids.to(base_device), mask.to(base_device),
-                        base_strip_prefix)[rows_t.to(base_device), cols_t.to(base_device)].cpu(),
-                dim=-1)
+            key = (tuple(idx), batch_size, base_strip_prefix)
+            lp_base = base_cache.get(key) if base_cache is not None else None
+            if lp_base is None:
+                lp_base = torch.log_softmax(
+                    _logits(base_model, ids.to(base_device), mask.to(base_device),
+                            base_strip_prefix)[rows_t.to(base_device),
+                                               cols_t.to(base_device)].cpu(), dim=-1)
+                size = lp_base.numel() * lp_base.element_size()
+                if base_cache is not None and base_cache.get("bytes", 0) + size <= BASE_CACHE_BYTES:
+                    base_cache[key] = lp_base
+                    base_cache["bytes"] = base_cache.get("bytes", 0) + size
             if model is base_model and strip_prefix == base_strip_prefix:
                 lp = lp_base
             else:
@@ -414,15 +466,15 @@ def aggregate(per_text: Sequence[Mapping[str, Any]], *, n_boot: int = 1000, ci: 
 
 def drift_scores(base_model, model, refs: Mapping[str, Any], *, batch_size: int = 8,
                  strip_prefix: int = 0, n_boot: int = 1000, ci: float = 0.95,
-                 boot_seed: int = 0) -> dict[str, Any]:
+                 boot_seed: int = 0, base_cache: dict | None = None) -> dict[str, Any]:
     """Drift of `model` from `base_model` on the reference texts: per variant (and `all`),
     mean KL(base || model), model CE, base CE and their difference (nats per token), each
     with a `ci` percentile-bootstrap interval over prompts (`n_boot` resamples, seeded).
     `strip_prefix`: logit rows to drop from `model`'s output (a raw prompt-tuning PeftModel;
-    evaluate.load_for_eval's wrapper already drops them)."""
+    evaluate.load_for_eval's wrapper already drops them). `base_cache`: see per_text_scores."""
     t0 = time.perf_counter()
     per_text = per_text_scores(base_model, model, refs, batch_size=batch_size,
-                               strip_prefix=strip_prefix)
+                               strip_prefix=strip_prefix, base_cache=base_cache)
     return {"variants": aggregate(per_text, n_boot=n_boot, ci=ci, seed=boot_seed),
             "chat": refs.get("chat"), "references_key": refs.get("key"),
             "n_boot": int(n_boot), "ci": float(ci), "boot_seed": int(boot_seed),
@@ -480,6 +532,7 @@ class DriftEval:
         self.path = references_path(runs_root, model_id, self.key)
         self._base: Any = None
         self._refs: dict[str, Any] | None = None
+        self._base_cache: dict = {}  # the base model's log-probs, reused for every checkpoint
 
     @property
     def base_model(self):
@@ -499,4 +552,5 @@ class DriftEval:
     def score(self, model) -> dict[str, Any]:
         s = self.settings
         return drift_scores(self.base_model, model, self.refs, batch_size=int(s["batch_size"]),
-                            n_boot=int(s["n_boot"]), ci=float(s["ci"]), boot_seed=int(s["seed"]))
+                            n_boot=int(s["n_boot"]), ci=float(s["ci"]), boot_seed=int(s["seed"]),
+                            base_cache=self._base_cache)

@@ -69,13 +69,18 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
 
 
 def learning_column(df: pd.DataFrame, x: str | None = None) -> str:
-    """`x` if given; else target_score when any row has it, else target_ce (the run's own
-    held-out loss, lower = more learning)."""
+    """`x` if given; else target_score, or target_ce (the run's own held-out loss, lower =
+    more learning) when target_score is missing or the same in every row (a benchmark the
+    model never passes, such as HumanEval at 0 for a small model, orders nothing)."""
     if x:
         return x
-    for c in ("target_score", "target_ce"):
-        if c in df.columns and df[c].notna().any():
+    present = [c for c in ("target_score", "target_ce")
+               if c in df.columns and df[c].notna().any()]
+    for c in present:
+        if df[c].nunique(dropna=True) > 1:
             return c
+    if present:
+        return present[0]
     raise ConfigError("no learning measure in the table (neither target_score nor target_ce "
                       "has a value): evaluate the runs with a suite that has target tasks or "
                       "the run's held-out cross-entropy")

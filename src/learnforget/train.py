@@ -420,6 +420,7 @@ def fit(s: Setup) -> Path:
         bar = tqdm(total=plan.total_steps, initial=start_step, desc=name[:40],
                    disable=None if d.main else True, dynamic_ncols=True)
         t_start = time.perf_counter() - progress["wall_time_s"]
+        cpu_start = time.process_time()  # this process's CPU seconds (not stolen time, not waits)
         for step in range(start_step + 1, plan.total_steps + 1):
             t0 = time.perf_counter()
             step_loss, step_tokens = 0.0, 0
@@ -448,6 +449,7 @@ def fit(s: Setup) -> Path:
                    "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
                    "tokens_per_s": step_tokens / dt, "step_time_s": dt,
                    "wall_time_s": progress["wall_time_s"],
+                   "cpu_time_s": time.process_time() - cpu_start,
                    "peak_mem_mb": peak_memory_mb(device)}
             if step % t.log_every == 0 or step in plan.checkpoints:
                 loggers.log(row)
