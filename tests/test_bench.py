@@ -33,6 +33,9 @@ def test_train_bench_times_harness_and_bare_loop(tmp_path, extra):
         for which in ("harness", "bare"):
             assert len(v["steps"][which]["wall"]) == len(v["steps"][which]["cpu"]) == 4
             assert all(c > 0 for c in v["steps"][which]["cpu"])
+        extras = v["harness_extras_ms"]
+        assert extras["total"] == pytest.approx(sum(x for k, x in extras.items() if k != "total"))
+        assert extras["clip_grad_norm"] > 0 and 0 < v["harness_extras_share_of_bare_step"] < 1
         cpu = v["cpu_ratio_bare_over_harness"]["values"]
         assert cpu == pytest.approx([b / h for h, b in zip(
             v["harness_step_cpu_s"]["values"], v["bare_step_cpu_s"]["values"], strict=True)])
