@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +57,33 @@ def make_cfg(runs_dir, cache_dir):
                         f"data={data}", *FAST, *OFFLINE_DATA.get(data, []), *overrides])
 
     return make
+
+
+# ------------------------------------------------------------------ multi-rank runs (DDP, FSDP)
+
+# A tiny full-finetuning run that one process (batch 4) and two ranks (batch 2 each) must
+# train to the same losses.
+MULTI_RANK = [*FAST, "method=full", "train.checkpoints.at=[2,4]", "train.num_threads=1",
+              "data.max_docs=8", "data.heldout_docs=2", "train.lr=1e-3"]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def multi_rank_env(tmp_path: Path, cache_dir: Path) -> dict[str, str]:
+    return {**os.environ, "LEARNFORGET_RUNS_DIR": str(tmp_path / "runs"),
+            "LEARNFORGET_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
+
+
+def train_single_process(env: dict[str, str]) -> None:
+    """The one-process reference run of MULTI_RANK, in runs/single."""
+    single = subprocess.run(
+        [sys.executable, "-m", "learnforget.cli", "train", *MULTI_RANK, "train.batch_size=4",
+         "experiment_name=single"], env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "train/metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in metrics_rows(run) if "loss" in r]

@@ -12,30 +12,23 @@ size ~0.75: Adam's normalised updates carry the reduction-order noise into the w
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import (
+    MULTI_RANK,
+    TORCHRUN,
+    metrics_rows,
+    multi_rank_env,
+    step_losses,
+    train_single_process,
+)
 
 from learnforget import distributed
 from learnforget.config import compose, config_hash, validate
 from learnforget.errors import ConfigError
-
-COMMON = [*FAST, "method=full", "train.checkpoints.at=[2,4]", "train.num_threads=1",
-          "data.max_docs=8", "data.heldout_docs=2", "train.lr=1e-3"]
-TORCHRUN = Path(sys.executable).parent / "torchrun"
-
-
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "train/metrics.jsonl").read_text().splitlines()]
-
-
-def _losses(run: Path) -> list[float]:
-    return [r["loss"] for r in _rows(run) if "loss" in r]
 
 
 def _logits(ckpt: Path) -> torch.Tensor:
@@ -50,14 +43,10 @@ def _logits(ckpt: Path) -> torch.Tensor:
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 def test_two_process_fsdp_matches_single_process_and_resumes(tmp_path, cache_dir):
-    env = {**os.environ, "LEARNFORGET_RUNS_DIR": str(tmp_path / "runs"),
-           "LEARNFORGET_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
-    single = subprocess.run(
-        [sys.executable, "-m", "learnforget.cli", "train", *COMMON, "train.batch_size=4",
-         "experiment_name=single"], env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
+    env = multi_rank_env(tmp_path, cache_dir)
+    train_single_process(env)
     fsdp = [str(TORCHRUN), "--nproc_per_node=2", "--master_port=29527", "-m", "learnforget.cli",
-            "train", *COMMON, "train.batch_size=2", "experiment_name=fsdp",
+            "train", *MULTI_RANK, "train.batch_size=2", "experiment_name=fsdp",
             "train.distributed.strategy=fsdp"]
     killed = subprocess.run([*fsdp, "train.crash_at_step=3"], env=env, capture_output=True,
                             text=True, timeout=300)
@@ -77,13 +66,13 @@ def test_two_process_fsdp_matches_single_process_and_resumes(tmp_path, cache_dir
     assert info["train"]["distributed"] == "fsdp"
     assert "resumed from step 2" in info["train"]["notes"]
 
-    a, b = _losses(run_1), _losses(run_2)
-    steps = [r["step"] for r in _rows(run_2) if "loss" in r]
+    a, b = step_losses(run_1), step_losses(run_2)
+    steps = [r["step"] for r in metrics_rows(run_2) if "loss" in r]
     assert steps == [1, 2, 3, 4]  # the killed step 3 was logged again after the resume, once
     for x, y in zip(a, b, strict=True):
         assert abs(x - y) <= 1e-5 * abs(x), (a, b)
     assert a[-1] != a[0]  # the model trained
-    assert [r["tokens"] for r in _rows(run_2) if "loss" in r][-1] == 4 * 4 * 32
+    assert [r["tokens"] for r in metrics_rows(run_2) if "loss" in r][-1] == 4 * 4 * 32
 
     for label in ("step-000002", "step-000004"):
         ckpt = run_2 / "checkpoints" / label
