@@ -89,7 +89,9 @@ def _bare_step(s, i: int) -> int:
     b = s.cfg.train.batch_size
     n = len(s.data.train)
     batch = collate([s.data.train[(i * b + j) % n] for j in range(b)], s.tokenizer.pad_token_id)
-    s.model(**batch).loss.backward()
+    with s.policy.autocast(s.device):  # the run's compute precision, as train.fit runs it
+        loss = s.model(**batch).loss
+    loss.backward()
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     return int(batch["attention_mask"].sum())

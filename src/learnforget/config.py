@@ -21,7 +21,8 @@ from learnforget.methods import effective_method, method_summary, validate_metho
 
 OPTIMIZERS = ("adamw", "lion", "lionw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "paged_lion")
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")   # = learnforget.precision.PRECISIONS (no torch here)
+MASTER_WEIGHTS = ("fp32", "model_dtype")
 CHECKPOINT_UNITS = ("tokens", "epochs", "steps")
 REGIMES = ("cpt", "ift")
 STRATEGIES = ("ddp", "fsdp")   # = learnforget.distributed.STRATEGIES (not imported: no torch here)
@@ -82,6 +83,13 @@ def validate(cfg: DictConfig) -> None:
              f"train.schedule {t.schedule!r} is unknown (expected one of: {', '.join(SCHEDULES)})")
     _require(t.precision in PRECISIONS,
              f"train.precision {t.precision!r} is unknown (expected one of: {', '.join(PRECISIONS)})")
+    master = t.get("master_weights", "fp32")
+    _require(master in MASTER_WEIGHTS,
+             f"train.master_weights {master!r} is unknown (expected one of: "
+             f"{', '.join(MASTER_WEIGHTS)})")
+    ckpt = t.get("activation_checkpointing", False)
+    _require(isinstance(ckpt, bool),
+             f"train.activation_checkpointing must be true or false, got {ckpt!r}")
     _require(isinstance(t.lr, (int, float)) and t.lr > 0, f"train.lr must be > 0, got {t.lr!r}")
     for key in ("batch_size", "grad_accum", "seq_len"):
         v = t[key]
@@ -121,6 +129,7 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
         train.pop(volatile, None)
     train.pop("crash_at_step", None)
     train.pop("distributed", None)  # how the ranks share the work, not what they compute
+    train.pop("activation_checkpointing", None)  # recomputes activations: same gradients
     return {"model": model, "method": effective_method(cfg.method), "data": data,
             "train": train, "seed": cfg.seed}
 

@@ -100,15 +100,22 @@ def barrier(d: Dist) -> None:
 # ------------------------------------------------------------------ FSDP (FSDP2, fully_shard)
 
 def shard_model(model: torch.nn.Module, layers: torch.nn.ModuleList,
-                reshard_after_forward: bool = True) -> None:
+                reshard_after_forward: bool = True,
+                compute_dtype: torch.dtype | None = None) -> None:
     """FSDP2: each decoder layer is one shard unit (its parameters are all-gathered for its
     forward/backward and freed after), the root takes the rest (embeddings, final norm, LM
-    head). In place: the parameters become DTensors, so build the optimizer afterwards."""
-    from torch.distributed.fsdp import fully_shard
+    head). In place: the parameters become DTensors, so build the optimizer afterwards.
 
+    With a `compute_dtype` (bf16 mixed precision) the sharded parameters stay the fp32 masters
+    and are all-gathered in the compute dtype (MixedPrecisionPolicy), gradients are reduced in
+    fp32: the layers compute on a 16-bit copy that lives only while the layer runs."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy() if compute_dtype is None else MixedPrecisionPolicy(
+        param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, mp_policy=mp)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

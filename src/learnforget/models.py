@@ -171,14 +171,16 @@ def bnb_config(method_cfg: DictConfig):
 
 
 def load_model(
-    model_cfg: DictConfig, method_cfg: DictConfig, cache_dir: Path, device: str = "cpu"
+    model_cfg: DictConfig, method_cfg: DictConfig, cache_dir: Path, device: str = "cpu",
+    dtype: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """Base model (4-bit or int8 for QLoRA), its tokenizer, and the folder or id it came from."""
+    """Base model (4-bit or int8 for QLoRA), its tokenizer, and the folder or id it came from.
+    `dtype` overrides model.dtype (the training precision policy's load dtype)."""
     quantise = method_cfg.name == "qlora"
     if quantise:
         check_quantisable(model_cfg, method_cfg.quant_type)
     path = base_model_dir(model_cfg, cache_dir)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(model_cfg.dtype)}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype or model_cfg.dtype)}
     if quantise:
         kwargs["quantization_config"] = bnb_config(method_cfg)
         kwargs["dtype"] = torch_dtype(method_cfg.compute_dtype)

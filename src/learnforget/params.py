@@ -16,6 +16,7 @@ from learnforget.methods import (
     LORA_FAMILY,
     apply_method,
     count_parameters,
+    decoder_layers,
     linear_modules,
 )
 from learnforget.models import build_config, torch_dtype
@@ -44,6 +45,13 @@ class ParamReport:
     activations_bytes: float | None = None  # traced on the meta device (learnforget.activations)
     logits_bytes: float | None = None
     activations_note: str = ""
+    compute: str = "fp32"              # the precision policy the estimate follows
+    master: str = "float32"
+    frozen: str = "float32"
+    checkpointing: bool = False
+    recompute_bytes: float = 0.0       # checkpointing: one layer's activations rebuilt in backward
+    layer_params: int = 0              # one decoder layer's parameters (FSDP's gathered unit)
+    root_params: int = 0               # outside the decoder layers (embeddings, norm, LM head)
 
     @property
     def total_bytes(self) -> float:
@@ -56,7 +64,8 @@ class ParamReport:
         if self.activations_bytes is None:
             return self.total_bytes
         return self.weights_bytes + self.optimizer_bytes + max(
-            self.activations_bytes + 2 * (self.logits_bytes or 0), self.grads_bytes)
+            self.activations_bytes + max(2 * (self.logits_bytes or 0), self.recompute_bytes),
+            self.grads_bytes)
 
 
 def quantised_bytes_per_param(blocksize: int = 64, double_quant: bool = True) -> float:
@@ -65,10 +74,18 @@ def quantised_bytes_per_param(blocksize: int = 64, double_quant: bool = True) ->
     return (4 + extra_bits) / 8
 
 
-def param_report(cfg: DictConfig, activations: bool = True) -> ParamReport:
-    """Counts and memory for cfg.model x cfg.method x cfg.train.optimizer on the meta device;
-    with `activations`, one training forward pass of train.batch_size x train.seq_len tokens is
-    traced (learnforget.activations) for the activation memory."""
+def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu") -> ParamReport:
+    """Counts and memory for cfg.model x cfg.method x cfg.train.optimizer on the meta device,
+    under the precision policy the run would use on `device` (learnforget.precision: fp32
+    master weights and optimizer state, frozen weights in model.dtype, bf16 compute); with
+    `activations`, one training forward pass of train.batch_size x train.seq_len tokens is
+    traced (learnforget.activations), with activation checkpointing if the config has it."""
+    from learnforget.precision import dtype_bytes, resolve
+
+    t = cfg.train
+    policy = resolve(str(t.precision), str(t.get("master_weights", "fp32")), str(cfg.model.dtype),
+                     str(cfg.method.name), device)
+    checkpointing = bool(t.get("activation_checkpointing", False))
     method = cfg.method.copy()
     if method.name == "prompt":  # text initialisation needs a tokenizer; the counts do not
         OmegaConf.update(method, "prompt_init", "random")
@@ -80,9 +97,15 @@ def param_report(cfg: DictConfig, activations: bool = True) -> ParamReport:
                            for n in linear_modules(model)) if qlora else 0
         quant_rows = sum(dict(model.named_modules())[n].weight.shape[0]
                          for n in linear_modules(model)) if qlora else 0
+        layers = decoder_layers(model)
+        layer_params = sum(p.numel() for p in layers[0].parameters())
+        root_params = base_total - len(layers) * layer_params
         if qlora:  # same adapter as LoRA on a base whose linear weights are 4-bit
             OmegaConf.update(method, "name", "lora")
         model, _ = apply_method(model, method, model_name=cfg.model.name)
+        frozen_dtype = torch_dtype(cfg.method.compute_dtype if qlora else policy.frozen)
+        for p in model.parameters():  # the dtypes a real run trains in (learnforget.precision)
+            p.data = p.data.to(policy.master_dtype if p.requires_grad else frozen_dtype)
     trainable, total = count_parameters(model)
     act, act_note = None, "" if activations else "not traced"
     bsz, seq = int(cfg.train.batch_size), int(cfg.train.seq_len)
@@ -90,14 +113,16 @@ def param_report(cfg: DictConfig, activations: bool = True) -> ParamReport:
         from learnforget.activations import trace_activations
 
         try:
-            act = trace_activations(model, bsz, seq, int(model.config.vocab_size))
+            act = trace_activations(model, bsz, seq, int(model.config.vocab_size),
+                                    compute_dtype=policy.autocast_dtype,
+                                    checkpointing=checkpointing)
         except Exception as e:  # a method whose forward cannot run on meta tensors
             act_note = f"activation trace failed: {type(e).__name__}: {e}"[:200]
-    dtype = torch_dtype(cfg.method.compute_dtype if qlora else cfg.model.dtype)
+    dtype = torch_dtype(cfg.method.compute_dtype if qlora else policy.frozen)
     b = torch.finfo(dtype).bits / 8
-    # peft keeps adapter weights in float32 even on a half-precision base (autocast_adapter_dtype);
-    # so do bottleneck adapters
-    tb = 4.0 if cfg.method.name in ADAPTER_METHODS else b
+    # trainable weights, their gradients and optimizer state: the master dtype (fp32 unless
+    # train.master_weights=model_dtype; peft and bottleneck adapters are float32 anyway)
+    tb = 4.0 if cfg.method.name in ADAPTER_METHODS else float(dtype_bytes(policy.master))
     frozen = total - trainable
     if qlora and cfg.method.quant_type == "int8":  # LLM.int8: 1 byte + a float32 scale per row
         weights = (quant_params + 4 * quant_rows + (frozen - quant_params) * b + trainable * tb)
@@ -117,7 +142,10 @@ def param_report(cfg: DictConfig, activations: bool = True) -> ParamReport:
                        optimizer=optimizer, batch_size=bsz, seq_len=seq,
                        activations_bytes=None if act is None else act.activations_bytes,
                        logits_bytes=None if act is None else act.logits_bytes,
-                       activations_note=act_note)
+                       activations_note=act_note, compute=policy.compute, master=policy.master,
+                       frozen=policy.frozen, checkpointing=checkpointing,
+                       recompute_bytes=0.0 if act is None else float(act.recompute_bytes),
+                       layer_params=layer_params, root_params=root_params)
 
 
 def format_report(r: ParamReport) -> str:
@@ -127,6 +155,8 @@ def format_report(r: ParamReport) -> str:
         f"method     {r.method}",
         f"trainable  {r.trainable:,} ({100 * r.trainable / r.total:.4f}% of {r.total:,})",
         f"base model {r.base_total:,} parameters",
+        f"precision  {r.compute} compute, {r.master} trainable weights + optimizer state, "
+        f"{r.frozen} frozen weights" + (", activation checkpointing" if r.checkpointing else ""),
         f"memory estimate ({r.dtype} base weights, {r.optimizer}):",
         f"  weights    {r.weights_bytes / gib:9.3f} GiB",
         f"  gradients  {r.grads_bytes / gib:9.3f} GiB",
@@ -136,9 +166,10 @@ def format_report(r: ParamReport) -> str:
     if r.activations_bytes is not None:
         lines += [
             f"  activations {r.activations_bytes / gib:8.3f} GiB  (one step of {r.batch_size} x "
-            f"{r.seq_len} tokens, traced on meta; logits {r.logits_bytes / gib:.3f} GiB)",
+            f"{r.seq_len} tokens, traced on meta; logits {r.logits_bytes / gib:.3f} GiB"
+            + (f"; recompute {r.recompute_bytes / gib:.3f} GiB" if r.checkpointing else "") + ")",
             f"  peak       {r.peak_bytes / gib:9.3f} GiB  "
-            "(weights + optimizer + max(activations + 2 x logits, gradients))",
+            "(weights + optimizer + max(activations + max(2 x logits, recompute), gradients))",
         ]
     else:
         lines.append(f"  activations not estimated ({r.activations_note})")

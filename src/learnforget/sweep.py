@@ -62,7 +62,7 @@ from learnforget.job import job_state, run_job
 
 STUDY_KEYS = ("description", "experiment_name", "holds", "sweep", "grid", "rules", "exclude",
               "stages", "gpu_hours_per_job", "estimate_vars", "launcher", "analyze", "notes",
-              "sizes")
+              "sizes", "cluster", "global_batch")
 SIZE_KEYS = ("overrides", "launcher", "gpu_hours_per_job", "experiment_name", "analyze")
 LAUNCHERS = ("basic", "submitit_local", "submitit_slurm")  # + any conf/hydra/launcher/*.yaml
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit_local kills a job after timeout_min (default 60)
@@ -124,6 +124,8 @@ class Study:
     grid: list[list[tuple[str, str]]] = field(default_factory=list)  # each: [(key, override)]
     sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
     size: str | None = None            # the size in use (apply_size)
+    cluster: str | None = None         # the cluster profile its jobs need (conf/cluster/NAME)
+    global_batch: int | None = None    # sequences per optimizer step, over all ranks
 
 
 def fmt(value: Any) -> str:
@@ -250,10 +252,14 @@ def load_study(path: Path) -> Study:
                           f"{', '.join(available_launchers())})")
     notes = raw.get("notes") or []
     notes = [notes] if isinstance(notes, str) else [str(n) for n in notes]
+    gb = raw.get("global_batch")
+    if gb is not None and not (isinstance(gb, int) and gb > 0):
+        raise ConfigError(f"{where}: global_batch must be a positive integer, got {gb!r}")
     return Study(path.stem, path, " ".join(str(raw["description"]).split()),
                  str(raw.get("experiment_name") or path.stem), list(holds), sweep, rules,
                  exclude, stages, gpu, {str(k): v for k, v in evars.items()}, launcher,
-                 bool(raw.get("analyze", False)), notes, settings, sizes)
+                 bool(raw.get("analyze", False)), notes, settings, sizes,
+                 cluster=raw.get("cluster"), global_batch=gb)
 
 
 def parse_grid(raw: Any, axes: set[str], where: str) -> list[list[tuple[str, str]]]:
@@ -710,6 +716,8 @@ def memory_table(plan: Plan, activations: bool = False) -> list[dict[str, Any]]:
         if isinstance(rep, str):
             row["error"] = rep
         else:
+            if c.method.name != "qlora":  # the precision policy's dtype of the frozen weights
+                row["base"] = str(getattr(rep, "frozen", base))
             row.update(trainable=rep.trainable, est_mib=rep.total_bytes / 2**20)
             if activations and getattr(rep, "activations_bytes", None) is not None:
                 row["peak_est_mib"] = rep.peak_bytes / 2**20
@@ -747,6 +755,27 @@ def print_memory(rows: list[dict[str, Any]]) -> None:
               + (f" {qe:>10}" if quant else ""))
 
 
+def print_fit(plan: Plan, profile: Path, methods: list[str]) -> None:
+    """Whether each job fits the GPUs of its cluster profile (learnforget.gpu_fit), and its
+    global batch against the study's."""
+    from learnforget import gpu_fit
+
+    gp = gpu_fit.gpu_plan(profile_resources(profile))
+    rows = [gpu_fit.check(j.cfg, gp) for j in plan.jobs]
+    print(f"\ncluster profile {_rel(profile)}: {gp.ranks} GPU(s) per job"
+          + (f", {gp.gpu_mem_gib:g} GB each" if gp.gpu_mem_gib else ", gpu_mem_gb not set"))
+    print(gpu_fit.format_rows(rows, methods))
+    want = plan.study.global_batch
+    bad = [r for r in rows if want and r["global_batch"] != want]
+    if bad:
+        print(f"WARNING: the study's global batch is {want} sequences, but {len(bad)} job(s) "
+              f"would step on {bad[0]['global_batch']} (train.batch_size x train.grad_accum x "
+              f"{gp.ranks} ranks): set train.grad_accum to match this profile")
+    n_bad = sum(r["fits"] is False for r in rows)
+    print(f"fit: {len(rows) - n_bad} of {len(rows)} job(s) fit"
+          + (f"; {n_bad} do NOT (see the advice)" if n_bad else ""))
+
+
 # ============================================================================ cluster profile
 
 def _slurm_conf_cls():
@@ -760,9 +789,13 @@ def cluster_keys() -> list[str]:
             if f.name not in ("_target_", "submitit_folder", "name")]
 
 
-def cluster_profile_path(explicit: str | os.PathLike | None = None) -> Path:
-    """--cluster FILE, else $LEARNFORGET_CLUSTER, else ~/.config/learnforget/cluster.yaml,
-    else conf/cluster/default.yaml."""
+def cluster_profile_path(explicit: str | os.PathLike | None = None,
+                         study_default: str | None = None) -> Path:
+    """--cluster FILE, else $LEARNFORGET_CLUSTER, else the study's `cluster` (a profile its jobs
+    need, e.g. 8 GPUs for FSDP), else ~/.config/learnforget/cluster.yaml, else
+    conf/cluster/default.yaml."""
+    if not explicit and not os.environ.get("LEARNFORGET_CLUSTER") and study_default:
+        explicit = study_default
     if explicit:
         p = Path(explicit).expanduser()
         named = conf_dir() / "cluster" / f"{explicit}.yaml"  # --cluster fsdp_8gpu
@@ -781,8 +814,19 @@ def cluster_profile_path(explicit: str | os.PathLike | None = None) -> Path:
     return user if user.exists() else conf_dir() / "cluster" / "default.yaml"
 
 
+OWN_PROFILE_KEYS = ("gpu_mem_gb",)  # learnforget's own profile keys: never passed to submitit
+
+
+def profile_resources(path: str | os.PathLike) -> dict[str, Any]:
+    """The GPUs a profile gives one job (nodes, tasks_per_node, gpu_mem_gb), for fit checks."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    load_cluster_profile(path)  # the same checks as a launch
+    return {k: raw.get(k) for k in ("nodes", "tasks_per_node", "gpus_per_node", "gpu_mem_gb")}
+
+
 def load_cluster_profile(path: str | os.PathLike) -> dict[str, Any]:
-    """The SLURM settings of a profile file, checked against the launcher's fields."""
+    """The SLURM settings of a profile file, checked against the launcher's fields (and
+    learnforget's own keys, which are checked and left out)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -790,13 +834,18 @@ def load_cluster_profile(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"cluster profile {path}: {str(e).splitlines()[0]}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"cluster profile {path}: expected a mapping of key: value")
-    known = cluster_keys()
+    known = cluster_keys() + list(OWN_PROFILE_KEYS)
     for key in raw:
         if key not in known:
             near = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ConfigError(f"cluster profile {path}: unknown key {key!r}{hint}; expected one "
                               f"of: {', '.join(known)}")
+    own = {k: raw.pop(k) for k in OWN_PROFILE_KEYS if k in raw}
+    mem = own.get("gpu_mem_gb")
+    if mem is not None and not (isinstance(mem, (int, float)) and mem > 0):
+        raise ConfigError(f"cluster profile {path}: gpu_mem_gb must be a positive number (GB of "
+                          f"one GPU), got {mem!r}")
     merged = OmegaConf.structured(_slurm_conf_cls())
     for key, value in raw.items():
         try:
@@ -1080,8 +1129,10 @@ def sweep_main(study: str, overrides: Sequence[str] = (), *, dry_run: bool = Fal
     if launcher not in available_launchers():
         raise ConfigError(f"--launcher {launcher!r} is unknown (expected one of: "
                           f"{', '.join(available_launchers())})")
+    cluster = str(cluster_profile_path(cluster, s.cluster)) if launcher == "submitit_slurm" \
+        else cluster
     if launcher == "submitit_slurm":
-        load_cluster_profile(cluster_profile_path(cluster))  # a bad profile fails before jobs
+        load_cluster_profile(cluster)  # a bad profile fails before jobs
     t0 = time.perf_counter()
     plan = expand(s, overrides)
     refresh_states(plan)
@@ -1091,7 +1142,10 @@ def sweep_main(study: str, overrides: Sequence[str] = (), *, dry_run: bool = Fal
           f"{time.perf_counter() - t0:.1f}s)")
     if dry_run:
         t0 = time.perf_counter()
-        print_memory(memory_table(plan, activations=activations))
+        rows = memory_table(plan, activations=activations)
+        print_memory(rows)
+        if launcher == "submitit_slurm" and plan.jobs:
+            print_fit(plan, Path(cluster), [r["method"] for r in rows])
         print(f"(parameter reports in {time.perf_counter() - t0:.1f}s)")
         return 0
     todo = [j for j in plan.jobs if j.state in ("new", "resume")]

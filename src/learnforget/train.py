@@ -24,8 +24,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from learnforget import distributed
+from learnforget import distributed, precision
 from learnforget.config import config_hash, run_dir, run_identity, run_name, validate
+from learnforget.activations import enable_checkpointing
 from learnforget.crossentropy import mean_cross_entropy
 from learnforget.data import TokenizedData, build_data, collate
 from learnforget.distributed import Dist
@@ -108,17 +109,6 @@ def micro_batch(data: TokenizedData, plan: Plan, t: DictConfig, index: int, seed
     return collate([data.train[i] for i in ids], pad_id)
 
 
-def resolve_precision(precision: str, device: str) -> torch.dtype | None:
-    """None (fp32) or bfloat16 autocast. auto: bf16 on GPUs that support it, fp32 on CPU."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
 def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
@@ -126,13 +116,29 @@ def peak_memory_mb(device: str) -> float:
 
 
 def heldout_loss(model, data: TokenizedData, t: DictConfig, pad_id: int, device: str,
-                 max_batches: int) -> float | None:
-    """Token-weighted mean cross-entropy on the first batches of the held-out split."""
+                 max_batches: int, policy: precision.PrecisionPolicy | None = None) -> float | None:
+    """Token-weighted mean cross-entropy on the first batches of the held-out split, in the
+    run's compute precision."""
     if max_batches <= 0 or not data.heldout:
         return None
     examples = data.heldout[:max_batches * t.batch_size]
-    return mean_cross_entropy(model, examples, batch_size=t.batch_size, pad_id=pad_id,
-                              device=device)[0]
+    with policy.autocast(device) if policy else nullcontext():
+        return mean_cross_entropy(model, examples, batch_size=t.batch_size, pad_id=pad_id,
+                                  device=device)[0]
+
+
+def enable_activation_checkpointing(model: torch.nn.Module, method: str) -> None:
+    """Recompute each decoder layer's activations in the backward pass (transformers' own
+    gradient checkpointing, non-reentrant: works with frozen embeddings, DDP and FSDP)."""
+    if method == "prefix":
+        raise ConfigError("train.activation_checkpointing=true does not work with method=prefix "
+                          "(prefix tuning feeds its prefix through the KV cache, which gradient "
+                          "checkpointing turns off); set it to false")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.activation_checkpointing=true: {type(base).__name__} does not "
+                          "support gradient checkpointing")
+    enable_checkpointing(base)
 
 
 # ------------------------------------------------------------------ resume state
@@ -261,6 +267,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     autocast_dtype: torch.dtype | None
+    policy: precision.PrecisionPolicy
     strategy: str | None = None   # how the ranks share the work: ddp | fsdp (None: one process)
     quantisation: dict[str, Any] | None = None  # qlora: error of the quantised base weights
 
@@ -281,9 +288,13 @@ def setup(cfg: DictConfig) -> Setup | None:
     cache_dir = Path(cfg.paths.cache_dir).expanduser()
     t = cfg.train
 
+    policy = precision.resolve(t.precision, t.get("master_weights", "fp32"), cfg.model.dtype,
+                               cfg.method.name, device)
     if not d.main:  # rank 0 builds or converts the base model into the cache first
         distributed.barrier(d)
-    model, tokenizer, base_path = load_model(cfg.model, cfg.method, cache_dir, device)
+    model, tokenizer, base_path = load_model(
+        cfg.model, cfg.method, cache_dir, device,
+        dtype=None if cfg.method.name == "qlora" else policy.load)
     if d.main:
         distributed.barrier(d)
     quantisation = None
@@ -298,6 +309,9 @@ def setup(cfg: DictConfig) -> Setup | None:
     np.random.seed(cfg.seed)
     model, notes = apply_method(model, cfg.method, model_name=cfg.model.name,
                                 tokenizer_path=base_path if Path(base_path).exists() else None)
+    notes += precision.apply(model, policy)
+    if t.get("activation_checkpointing", False):
+        enable_activation_checkpointing(model, cfg.method.name)
     trainable, total = count_parameters(model)
     data = build_data(cfg.data, tokenizer, t.seq_len, seed=cfg.seed, cache_dir=cache_dir)
     data.info.setdefault("name", cfg.data.name)
@@ -305,13 +319,14 @@ def setup(cfg: DictConfig) -> Setup | None:
     strategy = parallel_strategy(cfg, d, notes)
     if strategy == "fsdp":
         distributed.shard_model(model, decoder_layers(model),
-                                bool(t.distributed.get("reshard_after_forward", True)))
+                                bool(t.distributed.get("reshard_after_forward", True)),
+                                compute_dtype=policy.autocast_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, opt_notes = make_optimizer(params, t, device)
     scheduler = make_scheduler(optimizer, t, plan.total_steps)
     return Setup(cfg, out, name, chash, device, d, model, tokenizer, base_path, notes + opt_notes,
                  trainable, total, data, plan, params, optimizer, scheduler,
-                 resolve_precision(t.precision, device), strategy, quantisation=quantisation)
+                 policy.autocast_dtype, policy, strategy, quantisation=quantisation)
 
 
 def parallel_strategy(cfg: DictConfig, d: Dist, notes: list[str]) -> str | None:
@@ -344,7 +359,7 @@ def fit(s: Setup) -> Path:
     cfg, t, out, name, chash = s.cfg, s.cfg.train, s.out, s.name, s.config_hash
     model, tokenizer, base_path, notes = s.model, s.tokenizer, s.base_path, s.notes
     data, plan, params, optimizer, scheduler = s.data, s.plan, s.params, s.optimizer, s.scheduler
-    device, autocast_dtype, trainable, total = s.device, s.autocast_dtype, s.trainable, s.total
+    device, trainable, total = s.device, s.trainable, s.total
     d = s.dist
     sharded = s.strategy == "fsdp"  # collectives in heldout loss and saves: every rank joins
     pad_id = tokenizer.pad_token_id
@@ -378,7 +393,9 @@ def fit(s: Setup) -> Path:
         "config_hash": chash,
         "train": {"trainable_params": trainable, "total_params": total,
                   "trainable_pct": 100.0 * trainable / total, "device": device,
-                  "precision": "bf16" if autocast_dtype else "fp32", "ranks": d.world,
+                  "precision": s.policy.compute, "precision_policy": s.policy.record(),
+                  "activation_checkpointing": bool(t.get("activation_checkpointing", False)),
+                  "ranks": d.world,
                   "distributed": s.strategy,
                   "total_steps": plan.total_steps, "checkpoint_steps": plan.checkpoints,
                   "data": data.info, "notes": notes,
@@ -415,7 +432,7 @@ def fit(s: Setup) -> Path:
         model.train()
         start_step = progress["step"]
         if start_step == 0 and t.heldout_batches and (d.main or sharded):
-            base_loss = heldout_loss(model, data, t, pad_id, device, t.heldout_batches)
+            base_loss = heldout_loss(model, data, t, pad_id, device, t.heldout_batches, s.policy)
             loggers.log({"step": 0, "tokens": 0, "heldout_loss": base_loss})
         bar = tqdm(total=plan.total_steps, initial=start_step, desc=name[:40],
                    disable=None if d.main else True, dynamic_ncols=True)
@@ -428,9 +445,7 @@ def fit(s: Setup) -> Path:
                 index = (step - 1) * t.grad_accum + k
                 batch = micro_batch(data, plan, t, index, cfg.seed, pad_id, d.rank, d.world)
                 batch = {key: v.to(device) for key, v in batch.items()}
-                ctx = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype
-                       else nullcontext())
-                with ctx:
+                with s.policy.autocast(device):
                     loss = net(**batch).loss / t.grad_accum
                 loss.backward()
                 step_loss += float(loss.detach())
@@ -458,12 +473,13 @@ def fit(s: Setup) -> Path:
 
             if step in plan.checkpoints and (d.main or sharded):
                 label = plan.checkpoints[step]
-                hl = heldout_loss(model, data, t, pad_id, device, t.heldout_batches)
+                hl = heldout_loss(model, data, t, pad_id, device, t.heldout_batches, s.policy)
                 full = distributed.full_state_dict(model) if sharded else None
                 manifest = {"label": label, "step": step, "tokens": progress["tokens"],
                             "epoch": step / plan.steps_per_epoch, "loss": step_loss,
                             "heldout_loss": hl, "method": cfg.method.name,
                             "format": checkpoint_format(cfg.method.name),
+                            "weights_dtype": s.policy.master,
                             "base_model": base_path}
                 if d.main:
                     save_checkpoint(out / "checkpoints" / label, model, manifest, full)
