@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TORCHRUN, multi_rank_env
 from safetensors.torch import load_file
 
-from conftest import TORCHRUN, multi_rank_env
 from learnforget.sweep import apply_size, expand, find_study, load_study
 from learnforget.train import train
 

@@ -25,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from learnforget import distributed, precision
-from learnforget.config import config_hash, run_dir, run_identity, run_name, validate
 from learnforget.activations import enable_checkpointing
+from learnforget.config import config_hash, run_dir, run_identity, run_name, validate
 from learnforget.crossentropy import mean_cross_entropy
 from learnforget.data import TokenizedData, build_data, collate
 from learnforget.distributed import Dist
