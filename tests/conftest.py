@@ -37,6 +37,18 @@ OFFLINE_DATA = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA is available and are skipped (with the reason) elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (tests/test_gpu.py: -m gpu on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One cache for the session: the tiny base model is built once."""

@@ -207,7 +207,7 @@ def test_unknown_size_is_an_error(tmp_path):
         sweep_main("lora_rank_ablation", [f"paths.runs_dir={tmp_path}"], size="huge",
                    dry_run=True)
     with pytest.raises(ConfigError, match="no size 'toy'"):
-        sweep_main("code_ift", [f"paths.runs_dir={tmp_path}"], size="toy", dry_run=True)
+        sweep_main("demo_tiny", [f"paths.runs_dir={tmp_path}"], size="toy", dry_run=True)
 
 
 # ---------------------------------------------------------------------------- quantisation

@@ -88,19 +88,22 @@ def test_toy_full_and_lora_learn_at_the_paper_lr(study, tmp_path, cache_dir):
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
-@pytest.mark.parametrize("study", ["code_cpt", "code_ift"])
-def test_toy_full_finetuning_as_two_rank_fsdp(study, tmp_path, cache_dir):
+@pytest.mark.parametrize("study,ckpt", [("code_cpt", "false"), ("code_ift", "true")])
+def test_toy_full_finetuning_as_two_rank_fsdp(study, ckpt, tmp_path, cache_dir):
     """The full job of a CPT and an IFT study on 2 gloo ranks with FSDP2 (fp32 sharded masters
-    all-gathered in bf16, gradients reduced in fp32)."""
+    all-gathered in bf16, gradients reduced in fp32), the IFT one with activation
+    checkpointing."""
     job = _pick(_plan(study, "toy", tmp_path, cache_dir), "full")
     env = {**multi_rank_env(tmp_path, cache_dir), "OMP_NUM_THREADS": "1"}
     args = [a for a in job.overrides if not a.startswith(("paths.", "train.distributed.strategy"))]
     port = 29540 + PAPER_STUDIES.index(study)
     out = subprocess.run([str(TORCHRUN), "--nproc_per_node=2", f"--master_port={port}", "-m",
                           "learnforget.cli", "train", *args, "train.distributed.strategy=fsdp",
-                          "train.num_threads=1", "train.batch_size=2", "experiment_name=fsdp"],
+                          "train.num_threads=1", "train.batch_size=2", "experiment_name=fsdp",
+                          f"train.activation_checkpointing={ckpt}"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     run = next((tmp_path / "runs" / "fsdp").iterdir())
     info = _assert_learns(run)
     assert info["train"]["distributed"] == "fsdp" and info["train"]["ranks"] == 2
+    assert info["train"]["activation_checkpointing"] is (ckpt == "true")

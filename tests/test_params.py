@@ -39,8 +39,17 @@ def test_lora_counts_are_exact(r, targets):
 def test_full_and_other_methods():
     full = param_report(compose(["model=llama2_7b", "method=full"]))
     assert full.trainable == full.total == LLAMA2_7B
-    # Adam in fp32 would be 16 bytes/param; here bf16 weights+grads, bf16 Adam states: 8.
-    assert full.total_bytes == pytest.approx(8 * LLAMA2_7B)
+    # fp32 master weights, fp32 gradients, fp32 Adam moments: 4 + 4 + 8 = 16 bytes/param (the
+    # paper's 112 GB), whatever model.dtype (bf16) is
+    assert full.total_bytes == pytest.approx(16 * LLAMA2_7B)
+    assert full.master == "float32"
+    # training the bf16 weights directly (the lossy opt-in): 2 + 2 + 4 = 8 bytes/param
+    pure = param_report(compose(["model=llama2_7b", "method=full",
+                                 "train.master_weights=model_dtype", "train.precision=bf16"]))
+    assert pure.total_bytes == pytest.approx(8 * LLAMA2_7B)
+    # LionW keeps one moment: 4 + 4 + 4 = 12 bytes/param
+    lion = param_report(compose(["model=llama2_7b", "method=full", "train.optimizer=lionw"]))
+    assert lion.total_bytes == pytest.approx(12 * LLAMA2_7B)
     dora = param_report(compose(["model=llama2_7b", "method=dora", "method.r=16"]))
     magnitudes = L * (4 * D + 2 * F + D)             # one per output feature of each target
     assert dora.trainable == lora_params(16) + magnitudes

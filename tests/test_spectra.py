@@ -329,3 +329,35 @@ def test_lora_spectra_need_no_base_weights(make_cfg, tmp_path):
     ref = {md.name: md.to_dense() for md in extract_deltas(run, "step-000002")}
     for md in ds:
         assert torch.equal(md.to_dense(), ref[md.name])
+
+
+# ------------------------------------------------------------------ 16-bit checkpoints
+
+@pytest.mark.parametrize("shape", [(512, 512), (256, 1024)])
+def test_rounding_floor_matches_numpy_on_real_bf16_rounding(shape):
+    """The predicted floor (uniform +-ulp/2 errors, Marchenko-Pastur edge) against the actual
+    error of storing a matrix in bf16, measured by numpy's SVD."""
+    from learnforget.spectra import rounding_floor
+
+    torch.manual_seed(0)
+    w = torch.randn(*shape) * 0.02 + 0.001
+    err = (w.to(torch.bfloat16).float() - w).double().numpy()
+    floor = rounding_floor(w, "BF16")
+    assert floor["fro"] == pytest.approx(np.linalg.norm(err), rel=0.02)
+    assert floor["top_sv"] == pytest.approx(np.linalg.svd(err, compute_uv=False)[0], rel=0.05)
+    assert rounding_floor(w, "F32") is None
+
+
+def test_bf16_checkpoint_reports_its_rounding_floor(make_cfg):
+    """A run that trains bf16 weights directly (the opt-in) saves a bf16 checkpoint: its ΔW
+    rows carry the rounding-noise floor; an fp32-master checkpoint's rows do not."""
+    pure = fit(setup(make_cfg("method=full", "model.dtype=bfloat16", "train.precision=bf16",
+                              "train.master_weights=model_dtype", "train.lr=1e-2")))
+    masters = fit(setup(make_cfg("method=full", "model.dtype=bfloat16", "train.precision=bf16",
+                                 "train.lr=1e-2")))
+    rows = json.loads(compute_spectra(pure, verbose=False)[-1].read_text())["rows"]
+    assert rows and all(r["rounding_floor_dtype"] == "BF16" for r in rows)
+    assert all(0 <= r["rank_above_rounding_floor"] <= min(r["shape"]) for r in rows)
+    assert all(r["rounding_floor_top_sv"] > 0 for r in rows)
+    rows32 = json.loads(compute_spectra(masters, verbose=False)[-1].read_text())["rows"]
+    assert rows32 and not any("rounding_floor_top_sv" in r for r in rows32)

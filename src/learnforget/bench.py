@@ -14,6 +14,8 @@ Sections (each figure as the median over its section's repeats with its min-max 
   not timed, and a loop's rate is taken from its median step time. The same ratio by process
   CPU seconds per step is printed beside it: time the hypervisor steals (reported for the
   section, from /proc/stat) slows whichever loop it falls in, but is not CPU time.
+  Then bf16 compute (fp32 master weights) against fp32 compute: step-time ratio and both loss
+  curves on the same batches (learnforget.bench_precision).
 - memory: the peak tensor memory of two real training steps (torch's MemTracker: parameters,
   gradients, optimizer state, activations, temporaries) against `learnforget params`'s
   estimate (learnforget.activations), for LoRA and full; LoRA / full peak ratio.
@@ -409,6 +411,8 @@ def bench_cli(args: Sequence[str]) -> int:
     p.add_argument("--memory-repeats", type=int, default=2, help="repeats of the memory section "
                    "(MemTracker counts tensor bytes: the same on every repeat)")
     p.add_argument("--eval-repeats", type=int, default=2)
+    p.add_argument("--precision-repeats", type=int, default=2, help="repeats of the train "
+                   "section's bf16-vs-fp32 part")
     p.add_argument("--steps", type=int, default=6, help="training steps per repeat (the first "
                    "is not timed)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -427,7 +431,8 @@ def bench_cli(args: Sequence[str]) -> int:
     if bad:
         raise ConfigError(f"unknown bench section {bad[0]!r} (expected any of: "
                           f"{', '.join(SECTIONS)}, or `spectra` alone)")
-    for flag in ("repeats", "memory_repeats", "eval_repeats", "latency_repeats"):
+    for flag in ("repeats", "memory_repeats", "eval_repeats", "latency_repeats",
+                 "precision_repeats"):
         if getattr(a, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got "
                               f"{getattr(a, flag)}")
@@ -441,9 +446,13 @@ def bench_cli(args: Sequence[str]) -> int:
         for section in a.sections:
             t0 = time.perf_counter()
             if section == "train":
+                from learnforget.bench_precision import bench_precision, format_precision
+
                 r = bench_train(a.model, a.repeats, a.steps, a.batch_size, a.seq_len, runs,
                                 extra=extra)
-                text = format_train(r)
+                r["precision"] = bench_precision(a.model, a.precision_repeats, a.steps,
+                                                 a.batch_size, a.seq_len, runs, extra=extra)
+                text = format_train(r) + "\n" + format_precision(r["precision"])
             elif section == "memory":
                 r = bench_memory(a.model, a.memory_repeats, a.batch_size, a.seq_len, runs, extra=extra)
                 text = format_memory(r)

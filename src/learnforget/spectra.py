@@ -292,6 +292,34 @@ class WeightFolder:
         with self._open(str(self.where[key]), framework="pt") as h:
             return h.get_tensor(key).to(dtype)
 
+    def stored_dtype(self, key: str) -> str:
+        """safetensors' dtype name of a tensor: F32, BF16, F16, ..."""
+        with self._open(str(self.where[key]), framework="pt") as h:
+            return str(h.get_slice(key).get_dtype())
+
+
+_MANTISSA_BITS = {"BF16": 7, "F16": 10}  # 16-bit storage dtypes that round a weight
+
+
+def rounding_floor(w: torch.Tensor, stored: str) -> dict[str, float] | None:
+    """The noise a 16-bit checkpoint adds to ΔW: each weight was rounded to the nearest value
+    of the storage dtype, an error uniform in +-ulp/2 (variance ulp^2 / 12), independent across
+    elements. Expected ||E||_F = sqrt(sum ulp^2 / 12), and the top singular value of such an m x
+    n matrix ~ sigma (sqrt(m) + sqrt(n)) (the Marchenko-Pastur edge; sigma^2 the mean variance).
+    ΔW singular values below `top_sv` cannot be told from rounding. None for 32-bit storage."""
+    bits = _MANTISSA_BITS.get(stored.upper())
+    if bits is None:
+        return None
+    a = w.detach().double().abs()
+    nz = a > 0
+    ulp = torch.zeros_like(a)
+    ulp[nz] = torch.exp2(torch.floor(torch.log2(a[nz])) - bits)
+    var = ulp.pow(2) / 12
+    m, n = w.shape[0], (w.numel() // w.shape[0]) if w.dim() else 1
+    sigma = math.sqrt(float(var.mean()))
+    return {"dtype": stored.upper(), "fro": math.sqrt(float(var.sum())),
+            "top_sv": sigma * (math.sqrt(m) + math.sqrt(n))}
+
 
 def base_model_folder(run_dir: Path, cache_dir: Path | None = None) -> Path:
     """The local folder with the run's base weights: run.json's base_model, else the model
@@ -343,6 +371,7 @@ class ModuleDelta:
     dense: torch.Tensor | None = None
     base: torch.Tensor | None = None             # W_base, when asked for
     ft: torch.Tensor | None = None               # W_ft, when asked for
+    floor: dict[str, float] | None = None        # 16-bit checkpoint: its rounding-noise floor
 
     def to_dense(self) -> torch.Tensor:
         if self.dense is not None:
@@ -505,7 +534,8 @@ def _full_deltas(ckpt, base_dir, conv1d_model, with_weights, common) -> DeltaSet
             layer, _ = parse_module(n)
             yield ModuleDelta(n, layer, types[n], tuple(delta.shape), "dense", dense=delta,
                               base=w_base if with_weights else None,
-                              ft=w_ft if with_weights else None)
+                              ft=w_ft if with_weights else None,
+                              floor=rounding_floor(w_ft, ft.stored_dtype(ft_mods[n])))
 
     return DeltaSet(**common, source="W_ft - W_base (full-format checkpoint vs base weights)",
                     base="original", names=names, _iter=gen, skipped=skipped)
@@ -609,9 +639,14 @@ def spectra_settings(*, with_weights: bool, dense_method: str, lora_via: str) ->
 
 
 def _row(md: ModuleDelta, matrix: str, s: np.ndarray, threshold: float, route: str) -> dict:
-    return {"module": md.name, "layer": md.layer, "module_type": md.module_type,
-            "matrix": matrix, "shape": list(md.shape), "route": route, "n_values": int(s.size),
-            **spectrum_summary(s, threshold, md.shape)}
+    row = {"module": md.name, "layer": md.layer, "module_type": md.module_type,
+           "matrix": matrix, "shape": list(md.shape), "route": route, "n_values": int(s.size),
+           **spectrum_summary(s, threshold, md.shape)}
+    if matrix == "delta" and md.floor is not None:  # a 16-bit checkpoint: its rounding noise
+        row.update(rounding_floor_dtype=md.floor["dtype"], rounding_floor_fro=md.floor["fro"],
+                   rounding_floor_top_sv=md.floor["top_sv"],
+                   rank_above_rounding_floor=int((np.asarray(s) > md.floor["top_sv"]).sum()))
+    return row
 
 
 def spectra_of(md: ModuleDelta, *, dense_method: str = "svd", device: str = "cpu"
