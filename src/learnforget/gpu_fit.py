@@ -117,27 +117,32 @@ def _variant(cfg: DictConfig, **train: Any) -> DictConfig:
 
 
 def _advice(cfg: DictConfig, plan: GpuPlan, limit: float) -> str:
+    """The first change, in order of cost, whose re-estimate fits: activation checkpointing;
+    FSDP on 8 GPUs (full-weight methods), then with checkpointing too; micro-batch 1 with
+    checkpointing (the global batch kept by grad_accum)."""
     t = cfg.train
+    ckpt_on = bool(t.get("activation_checkpointing", False))
     tries: list[tuple[str, DictConfig, GpuPlan]] = []
-    if not t.get("activation_checkpointing", False):
-        tries.append(("train.activation_checkpointing=true", _variant(
-            cfg, activation_checkpointing=True), plan))
+    if not ckpt_on:
+        tries.append(("train.activation_checkpointing=true",
+                      _variant(cfg, activation_checkpointing=True), plan))
     if checkpoint_format(cfg.method.name) == "safetensors":
-        ranks = max(plan.ranks, 8)
-        fsdp = _variant(cfg, activation_checkpointing=True)
-        OmegaConf.update(fsdp, "train.distributed.strategy", "fsdp", force_add=True)
-        tries.append((f"FSDP on {ranks} GPUs (--cluster llama7b_full_fsdp "
-                      "train.distributed.strategy=fsdp, grad_accum / ranks) with "
-                      "train.activation_checkpointing=true", fsdp,
-                      GpuPlan(ranks, plan.gpu_mem_gib)))
+        fsdp_plan = GpuPlan(max(plan.ranks, 8), plan.gpu_mem_gib)
+        text = (f"FSDP on {fsdp_plan.ranks} GPUs (--cluster llama7b_full_fsdp "
+                "train.distributed.strategy=fsdp, grad_accum divided by the ranks)")
+        for ck in ([False, True] if not ckpt_on else [True]):
+            c = _variant(cfg, activation_checkpointing=ck)
+            OmegaConf.update(c, "train.distributed.strategy", "fsdp", force_add=True)
+            tries.append((text + (" and train.activation_checkpointing=true" if ck and not ckpt_on
+                                  else ""), c, fsdp_plan))
     if int(t.batch_size) > 1:
-        tries.append((f"train.batch_size=1 train.grad_accum={int(t.batch_size) * int(t.grad_accum)}"
-                      " with train.activation_checkpointing=true", _variant(
-                          cfg, batch_size=1, grad_accum=int(t.batch_size) * int(t.grad_accum),
-                          activation_checkpointing=True), plan))
+        accum = int(t.batch_size) * int(t.grad_accum)
+        tries.append((f"train.batch_size=1 train.grad_accum={accum}"
+                       + ("" if ckpt_on else " train.activation_checkpointing=true"),
+                       _variant(cfg, batch_size=1, grad_accum=accum,
+                                activation_checkpointing=True), plan))
     for text, c, p in tries:
-        rep = report(c)
-        need = per_gpu_bytes(rep, strategy(c, p.ranks), p.ranks)
+        need = per_gpu_bytes(report(c), strategy(c, p.ranks), p.ranks)
         if need <= limit:
             return f"fits with {text}: {need / GIB:.1f} GiB per GPU"
     return "no single change fits it: more GPUs (FSDP) or a shorter train.seq_len"
