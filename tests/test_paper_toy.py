@@ -58,6 +58,7 @@ def _assert_learns(run: Path) -> dict:
     pol = info["train"]["precision_policy"]
     assert (pol["compute"], pol["master"]) == ("bf16", "float32")
     first, last = _checkpoint_tensors(run)[:2]
+    assert all(v.dtype == torch.float32 for v in last.values())  # checkpoints keep the masters
     assert _trainable_moved(last, first) >= 0.99  # every trainable weight moved between budgets
     held = _heldout(run)
     assert held[-1] < held[0]  # held-out loss below the base model's

@@ -94,7 +94,8 @@ def check(cfg: DictConfig, plan: GpuPlan) -> dict[str, Any]:
            "gpu_mem_gib": plan.gpu_mem_gib,
            "global_batch": int(t.batch_size) * int(t.grad_accum) * plan.ranks,
            "checkpointing": bool(t.get("activation_checkpointing", False)),
-           "precision": f"{rep.compute} compute, {rep.master} masters", "fits": None,
+           "precision": f"{rep.compute}/{rep.master.replace('float', 'fp').replace('bfloat', 'bf')}",
+           "fits": None,
            "advice": None}
     if rep.activations_bytes is None:
         row["advice"] = f"activations not estimated ({rep.activations_note})"
@@ -154,11 +155,12 @@ def format_rows(rows: list[dict[str, Any]], methods: list[str]) -> str:
              "optimizer state as the strategy shards them, + one micro-batch's activations; "
              f"fits = below {HEADROOM:.0%} of the profile's gpu_mem_gb)",
              f"{'#':>3}  {'method':<22} {'strategy':<8} {'ranks':>5} {'global batch':>12} "
-             f"{'ckpt':>5} {'est. GiB/GPU':>12} {'GPU GiB':>8}  fits"]
+             f"{'compute/master':>14} {'ckpt':>5} {'est. GiB/GPU':>12} {'GPU GiB':>8}  fits"]
     for (i, r), m in zip(enumerate(rows, 1), methods, strict=True):
         mem = "-" if r["gpu_mem_gib"] is None else f"{r['gpu_mem_gib']:.0f}"
         fits = {True: "yes", False: "NO", None: "?"}[r["fits"]]
         lines.append(f"{i:>3}  {m:<22} {r['strategy']:<8} {r['ranks']:>5} {r['global_batch']:>12} "
+                     f"{r['precision']:>14} "
                      f"{'on' if r['checkpointing'] else 'off':>5} {r['per_gpu_gib']:>12.1f} "
                      f"{mem:>8}  {fits}" + (f"  ({r['advice']})" if r["advice"] else ""))
     return "\n".join(lines)
