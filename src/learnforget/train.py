@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +290,9 @@ def setup(cfg: DictConfig) -> Setup | None:
 
     policy = precision.resolve(t.precision, t.get("master_weights", "fp32"), cfg.model.dtype,
                                cfg.method.name, device)
+    if cfg.method.name == "qlora":  # the frozen base is quantised; the rest in compute_dtype
+        policy = replace(policy, frozen=f"{cfg.method.quant_type} (rest {cfg.method.compute_dtype})",
+                         load=str(cfg.method.compute_dtype))
     if not d.main:  # rank 0 builds or converts the base model into the cache first
         distributed.barrier(d)
     model, tokenizer, base_path = load_model(
