@@ -63,9 +63,9 @@ def test_fp32_masters_keep_every_update_at_lr_1e5(make_cfg, optimizer):
 
 
 def test_bf16_loss_curve_follows_fp32(make_cfg):
-    """20 steps at a learning rate where the loss falls fast: bf16 compute with fp32 masters
-    tracks the fp32 run within 2% at every step (the tolerance `precision=auto` relies on to
-    pick bf16 on CPUs with bf16 arithmetic), and both fall."""
+    """20 steps at a learning rate where the loss falls fast (7.64 -> 6.82): bf16 compute with
+    fp32 masters tracks the fp32 run within 1e-3 relative at every step (measured: 7.6e-5), the
+    tolerance `precision=auto` relies on to pick bf16 on CPUs with bf16 arithmetic."""
     common = ["method=full", "train.lr=2e-3", "train.checkpoints.at=[20]", "train.heldout_batches=0",
               "data.max_docs=16"]
     curves = {}
@@ -75,7 +75,7 @@ def test_bf16_loss_curve_follows_fp32(make_cfg):
         curves[p] = [r["loss"] for r in rows if "loss" in r]
     assert len(curves["bf16"]) == 20
     for a, b in zip(curves["bf16"], curves["fp32"], strict=True):
-        assert abs(a - b) / b < 0.02, (a, b)
+        assert abs(a - b) / b < 1e-3, (a, b)
     assert curves["bf16"][-1] < curves["bf16"][0] - 0.5
 
 
