@@ -50,6 +50,14 @@ from learnforget.record import (
     meta_info,
     read_json,
 )
+from learnforget.shards import (
+    accounting,
+    corpus_dir,
+    data_format,
+    ensure_corpus,
+    sequence_blocks,
+    shard_data,
+)
 from learnforget.tracking import Loggers, make_loggers, scrub
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -75,7 +83,7 @@ def make_plan(t: DictConfig, data: TokenizedData, world: int = 1) -> Plan:
             f"data={data.info.get('name', '?')} has {n} training examples, fewer than one optimizer "
             f"step needs (train.batch_size={t.batch_size} x train.grad_accum={t.grad_accum} x "
             f"{world} ranks)")
-    steps_per_epoch = micro / t.grad_accum
+    steps_per_epoch = (n / per_micro if getattr(data, "streamed", False) else micro) / t.grad_accum
     unit = t.checkpoints.unit
     if unit == "steps":
         steps = [int(a) for a in t.checkpoints.at]
@@ -101,6 +109,9 @@ def micro_batch(data: TokenizedData, plan: Plan, t: DictConfig, index: int, seed
     """This rank's part of micro-batch number `index` of the whole run: a seeded permutation
     per epoch, so the data position after a resume is exactly where the interrupted run was,
     and `world` ranks together see what one process with `world` x batch_size would."""
+    if getattr(data, "streamed", False):  # token shards: blocks by position, no epoch array
+        ids = sequence_blocks(index, t.batch_size, rank, world, len(data.train), seed)
+        return collate([data.train[i] for i in ids], pad_id)
     epoch, within = divmod(index, plan.micro_per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(data.train), generator=g)
@@ -313,9 +324,9 @@ def setup(cfg: DictConfig) -> Setup | None:
     if t.get("activation_checkpointing", False):
         enable_activation_checkpointing(model, cfg.method.name)
     trainable, total = count_parameters(model)
-    data = build_data(cfg.data, tokenizer, t.seq_len, seed=cfg.seed, cache_dir=cache_dir)
-    data.info.setdefault("name", cfg.data.name)
+    data = load_data(cfg, tokenizer, d, cache_dir)
     plan = make_plan(t, data, d.world)
+    data.info["accounting"] = data_accounting(t, data, plan, d.world)
     strategy = parallel_strategy(cfg, d, notes)
     if strategy == "fsdp":
         distributed.shard_model(model, decoder_layers(model),
@@ -327,6 +338,36 @@ def setup(cfg: DictConfig) -> Setup | None:
     return Setup(cfg, out, name, chash, device, d, model, tokenizer, base_path, notes + opt_notes,
                  trainable, total, data, plan, params, optimizer, scheduler,
                  policy.autocast_dtype, policy, strategy, quantisation=quantisation)
+
+
+def load_data(cfg: DictConfig, tokenizer: Any, d: Dist, cache_dir: Path) -> TokenizedData:
+    """The run's data: in memory (data.format=memory), or token shards read by position
+    (data.format=shards; rank 0 prepares them first when they are missing or partial)."""
+    t = cfg.train
+    if data_format(cfg.data) == "shards":
+        if not d.main:  # rank 0 tokenizes the corpus into the cache first
+            distributed.barrier(d)
+        folder = ensure_corpus(cfg.data, cfg.model, tokenizer, cache_dir) if d.main else \
+            corpus_dir(cache_dir, cfg.data, cfg.model)
+        if d.main:
+            distributed.barrier(d)
+        data = shard_data(cfg.data, folder, t.seq_len, seed=cfg.seed)
+    else:
+        data = build_data(cfg.data, tokenizer, t.seq_len, seed=cfg.seed, cache_dir=cache_dir)
+    data.info.setdefault("name", cfg.data.name)
+    data.info.setdefault("format", "memory")
+    data.info.setdefault("max_docs", cfg.data.get("max_docs"))
+    return data
+
+
+def data_accounting(t: DictConfig, data: TokenizedData, plan: Plan, world: int) -> dict[str, Any]:
+    """Unique and repeated tokens of the whole run (all ranks, to the last budget)."""
+    sequences = plan.total_steps * t.grad_accum * t.batch_size * world
+    n = len(data.train)
+    if not getattr(data, "streamed", False) and data.regime == "cpt":
+        n = plan.micro_per_epoch * t.batch_size * world  # the rest of an epoch is dropped
+    per_seq = t.seq_len if data.regime == "cpt" else data.info["n_train_tokens"] / len(data.train)
+    return accounting(n, sequences, per_seq)
 
 
 def parallel_strategy(cfg: DictConfig, d: Dist, notes: list[str]) -> str | None:
