@@ -186,3 +186,40 @@ def test_two_ranks_read_disjoint_blocks_that_make_the_double_batch():
         one = sequence_blocks(index, 2 * b, 0, 1, n, seed=7)
         assert not set(r0) & set(r1)
         assert r0 + r1 == one
+
+
+def _budget_rows(out: str) -> list[list[str]]:
+    lines = out.split("data per job:")[1].splitlines()[2:]
+    return [ln.split(None, 8) for ln in lines if ln.strip()]
+
+
+def test_code_cpt_dry_run_shows_each_jobs_budget_against_the_corpus(tmp_path, capsys, tok):
+    from learnforget.shards import ensure_corpus
+    from learnforget.sweep import apply_size, expand, find_study, load_study, print_data_budget
+
+    paths = [f"paths.runs_dir={tmp_path / 'runs'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    s, extra = apply_size(load_study(find_study("code_cpt")), None, paths)
+    print_data_budget(expand(s, extra))  # offline, nothing prepared: the paper's size
+    rows = _budget_rows(capsys.readouterr().out)
+    assert len(rows) == 4
+    for r in rows:
+        assert r[1:8] == ["starcoder_python", "shards", "20B", "?", "?", "?", "no*"]
+        assert r[8] == "unknown until prepared; the paper reports 20B tokens"
+
+    # the toy size, its corpus prepared, with a last budget beyond it: unique + repeated
+    s, extra = apply_size(load_study(find_study("code_cpt")), "toy",
+                          [*paths, "train.checkpoints.at=[10,2000]"])
+    plan = expand(s, extra)
+    job = plan.jobs[0]
+    m = json.loads((ensure_corpus(job.cfg.data, job.cfg.model, tok, tmp_path / "cache")
+                    / "manifest.json").read_text())
+    print_data_budget(plan)
+    rows = _budget_rows(capsys.readouterr().out)
+    budget = 2000 * 4 * 64  # steps x batch x seq_len
+    unique = m["n_train_tokens"] // 64 * 64  # every whole block of the corpus once
+    assert budget > unique
+    for r in rows:
+        assert r[2:4] == ["shards", f"{budget / 1e3:.3g}K"]
+        assert r[4] == f"{m['n_train_tokens'] / 1e3:.3g}K" and r[5] == f"{unique / 1e3:.3g}K"
+        assert r[6] == f"{(budget - unique) / 1e3:.3g}K" and r[7] == "YES"
+        assert r[8].startswith("data.max_docs=40: the corpus is cut at 40 documents; prepared:")
