@@ -106,6 +106,9 @@ def validate(cfg: DictConfig) -> None:
              f"train.checkpoints.at must be a non-empty list of positive numbers, got {at!r}")
     _require(at == sorted(set(at)),
              f"train.checkpoints.at must be strictly increasing, got {at!r}")
+    from learnforget import cooldown
+
+    cooldown.check(t)
     strategy = (t.get("distributed") or {}).get("strategy", "ddp")
     _require(strategy in STRATEGIES,
              f"train.distributed.strategy {strategy!r} is unknown (expected one of: "
@@ -139,6 +142,8 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     for volatile in ("log_every", "num_threads", "heldout_batches"):
         train.pop(volatile, None)
     train.pop("crash_at_step", None)
+    if train.get("cooldown_mode") == "single":  # the default: older runs keep their hash
+        train.pop("cooldown_mode")
     train.pop("distributed", None)  # how the ranks share the work, not what they compute
     train.pop("activation_checkpointing", None)  # recomputes activations: same gradients
     return {"model": model, "method": effective_method(cfg.method), "data": data,

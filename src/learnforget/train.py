@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from learnforget import distributed, precision
+from learnforget import cooldown, distributed, precision
 from learnforget.activations import enable_checkpointing
 from learnforget.config import config_hash, run_dir, run_identity, run_name, validate
 from learnforget.crossentropy import mean_cross_entropy
@@ -71,6 +71,8 @@ class Plan:
     steps_per_epoch: float      # optimizer steps in one pass
     total_steps: int
     checkpoints: dict[int, str]  # step -> checkpoint label
+    branch_points: dict[int, str] = field(default_factory=dict)  # cooldown branches: step -> budget
+    budgets: dict[int, str] = field(default_factory=dict)  # cooldown branches: budget step -> label
 
 
 def make_plan(t: DictConfig, data: TokenizedData, world: int = 1) -> Plan:
@@ -101,7 +103,8 @@ def make_plan(t: DictConfig, data: TokenizedData, world: int = 1) -> Plan:
     for a, s in zip(t.checkpoints.at, steps, strict=True):
         a_str = f"{a:g}" if unit == "epochs" else f"{int(a):09d}" if unit == "tokens" else f"{int(a):06d}"
         labels[s] = f"{unit.rstrip('s')}-{a_str}"
-    return Plan(micro, steps_per_epoch, max(steps), labels)
+    plan = Plan(micro, steps_per_epoch, max(steps), labels)
+    return cooldown.branch_plan(plan, t) if cooldown.cooldown_mode(t) == "branches" else plan
 
 
 def micro_batch(data: TokenizedData, plan: Plan, t: DictConfig, index: int, seed: int,
@@ -334,7 +337,7 @@ def setup(cfg: DictConfig) -> Setup | None:
                                 compute_dtype=policy.autocast_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, opt_notes = make_optimizer(params, t, device)
-    scheduler = make_scheduler(optimizer, t, plan.total_steps)
+    scheduler = make_scheduler(optimizer, cooldown.plateau(t), plan.total_steps)
     return Setup(cfg, out, name, chash, device, d, model, tokenizer, base_path, notes + opt_notes,
                  trainable, total, data, plan, params, optimizer, scheduler,
                  policy.autocast_dtype, policy, strategy, quantisation=quantisation)
@@ -356,7 +359,10 @@ def load_data(cfg: DictConfig, tokenizer: Any, d: Dist, cache_dir: Path) -> Toke
         data = build_data(cfg.data, tokenizer, t.seq_len, seed=cfg.seed, cache_dir=cache_dir)
     data.info.setdefault("name", cfg.data.name)
     data.info.setdefault("format", "memory")
-    data.info.setdefault("max_docs", cfg.data.get("max_docs"))
+    max_docs = cfg.data.get("max_docs")
+    data.info.setdefault("max_docs", max_docs)
+    n_docs = data.info.get("n_docs_train", 0) + data.info.get("n_docs_heldout", 0)
+    data.info["max_docs_reached"] = max_docs is not None and n_docs >= max_docs  # source cut
     return data
 
 
@@ -392,7 +398,10 @@ def parallel_strategy(cfg: DictConfig, d: Dist, notes: list[str]) -> str | None:
 def train(cfg: DictConfig) -> Path:
     """Train one run to the end of its checkpoint schedule; returns the run folder."""
     s = setup(cfg)
-    return run_dir(cfg) if s is None else fit(s)
+    out = run_dir(cfg) if s is None else fit(s)
+    if cooldown.cooldown_mode(cfg.train) == "branches":  # each budget's cooldown, from the plateau
+        cooldown.run_branches(cfg, out)
+    return out
 
 
 def fit(s: Setup) -> Path:
@@ -439,6 +448,8 @@ def fit(s: Setup) -> Path:
                   "ranks": d.world,
                   "distributed": s.strategy,
                   "total_steps": plan.total_steps, "checkpoint_steps": plan.checkpoints,
+                  **({"cooldown_mode": "branches", "budgets": plan.budgets,
+                      "branch_points": plan.branch_points} if plan.branch_points else {}),
                   "data": data.info, "notes": notes,
                   **({"quantisation": s.quantisation} if s.quantisation else {})},
         "meta": meta_info(),
@@ -529,7 +540,13 @@ def fit(s: Setup) -> Path:
                 del full
                 if step < plan.total_steps:  # the last checkpoint ends the run: no state to keep
                     save_resume(resume_path, model, optimizer, scheduler, progress, d)
-            if step in plan.checkpoints:
+            if step in plan.branch_points and (d.main or sharded):  # a budget's cooldown branch
+                hl = heldout_loss(model, data, t, pad_id, device, t.heldout_batches, s.policy)
+                if hl is not None:  # on the plateau, before the branch's cooldown
+                    loggers.log({"step": step, "tokens": progress["tokens"], "heldout_loss": hl})
+                save_resume(cooldown.branch_dir(out, plan.branch_points[step]) / "train" /
+                            "resume.pt", model, optimizer, scheduler, progress, d)
+            if step in plan.checkpoints or step in plan.branch_points:
                 distributed.barrier(d)
             if t.crash_at_step is not None and step == t.crash_at_step:
                 os._exit(137)  # testing: die like a killed process, with no clean-up at all
