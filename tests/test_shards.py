@@ -223,3 +223,43 @@ def test_code_cpt_dry_run_shows_each_jobs_budget_against_the_corpus(tmp_path, ca
         assert r[4] == f"{m['n_train_tokens'] / 1e3:.3g}K" and r[5] == f"{unique / 1e3:.3g}K"
         assert r[6] == f"{(budget - unique) / 1e3:.3g}K" and r[7] == "YES"
         assert r[8].startswith("data.max_docs=40: the corpus is cut at 40 documents; prepared:")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["data=arith_ift"], "data=arith_ift has data.format=memory: nothing to prepare"),
+    (["data.format=bogus"], "data.format 'bogus' is unknown (expected one of: memory, shards)"),
+    (["data=arith_ift", "data.format=shards"],
+     "data.format=shards is for continued pretraining (data.regime=cpt), not data.regime=ift"),
+    (["data.shard_tokens=0", "data.format=shards", "data.max_docs=4"],
+     "data.shard_tokens=0: expected a positive integer"),
+])
+def test_bad_data_settings_are_one_line_errors(args, words, capsys, tmp_path):
+    from learnforget.cli import main
+
+    assert main(["data", "prepare", f"paths.cache_dir={tmp_path}", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("learnforget: error: ") and words in err and err.count("\n") == 1
+
+
+def test_data_prepare_command_writes_the_corpus_training_reads(tmp_path, capsys):
+    from learnforget.cli import main
+    from learnforget.config import compose
+    from learnforget.shards import corpus_dir
+
+    args = [f"paths.cache_dir={tmp_path}", "data.format=shards", "data.max_docs=6",
+            "data.heldout_docs=1", "data.shard_tokens=5000"]
+    assert main(["data", "prepare", *args]) == 0
+    cfg = compose(args)
+    m = json.loads((corpus_dir(tmp_path, cfg.data, cfg.model) / "manifest.json").read_text())
+    assert m["complete"] and m["n_train_docs"] == 5 and m["heldout"]["docs"] == 1
+    assert f"{m['n_train_tokens']:,} training tokens" in capsys.readouterr().out
+    # training finds the prepared corpus (same tokenizer fingerprint) and reads it
+    from conftest import FAST
+
+    from learnforget.train import train
+
+    run = train(compose([*args, *FAST, f"paths.runs_dir={tmp_path / 'runs'}",
+                         "train.num_threads=1"]))
+    info = json.loads((run / "run.json").read_text())["train"]["data"]
+    assert info["checksum"] == m["checksum"] and info["format"] == "shards"
+    assert "tokenizing" not in capsys.readouterr().out

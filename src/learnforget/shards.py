@@ -27,6 +27,7 @@ never trained on.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -439,13 +440,18 @@ def ensure_corpus(data_cfg: Any, model_cfg: Any, tokenizer: Any, cache_dir: Path
             raise ConfigError(f"token shards {folder} were made by another tokenizer than "
                               f"{tokenizer_id(model_cfg)}'s (fingerprint differs): remove them")
         return folder
-    docs, desc = iter_documents(data_cfg)
-    print(f"learnforget: tokenizing data={_data._name(data_cfg)} into shards at {folder}"
-          + (" (resuming)" if m else ""))
-    prepare_shards(docs, tokenizer, folder, shard_tokens=shard_tokens(data_cfg),
-                   heldout_docs=_data._heldout_docs(data_cfg), source=desc,
-                   tokenizer_name=tokenizer_id(model_cfg))
-    return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".prepare.lock", "w") as lock:  # jobs of a study share the corpus:
+        fcntl.flock(lock, fcntl.LOCK_EX)                # one prepares, the others wait for it
+        m = read_manifest(folder)
+        if not (m and m.get("complete")):
+            docs, desc = iter_documents(data_cfg)
+            print(f"learnforget: tokenizing data={_data._name(data_cfg)} into shards at {folder}"
+                  + (" (resuming)" if m else ""))
+            prepare_shards(docs, tokenizer, folder, shard_tokens=shard_tokens(data_cfg),
+                           heldout_docs=_data._heldout_docs(data_cfg), source=desc,
+                           tokenizer_name=tokenizer_id(model_cfg))
+    return ensure_corpus(data_cfg, model_cfg, tokenizer, cache_dir)  # checks the tokenizer
 
 
 def heldout_blocks(corpus: ShardCorpus, seq_len: int) -> list[Example]:
