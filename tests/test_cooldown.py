@@ -82,6 +82,7 @@ def test_branch_ends_match_separate_full_length_runs(make_cfg):
     main = train(cfg)
     info = json.loads((main / "run.json").read_text())
     assert info["status"] == "finished" and info["train"]["total_steps"] == 6  # 8 - 2
+    assert info["train"]["data"]["accounting"]["sequences"] == 8 * 2  # to the last budget
     cool = info["cooldown"]
     assert cool["complete"] and set(cool["branches"]) == {"step-000004", "step-000008"}
     assert cool["branches"]["step-000004"]["from_step"] == 3

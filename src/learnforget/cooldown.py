@@ -123,6 +123,8 @@ def run_branches(cfg: DictConfig, main: Path) -> dict[str, Any]:
     from learnforget import distributed
     from learnforget.train import train
 
+    d = distributed.init()
+    distributed.barrier(d)  # rank 0 has written the main run's run.json: every rank reads it
     info = read_json(main / "run.json") or {}
     if info.get("status") != "finished":
         return {}
@@ -132,7 +134,6 @@ def run_branches(cfg: DictConfig, main: Path) -> dict[str, Any]:
     at = {str(label): a for label, a in zip(sorted(budgets, key=budgets.get),
                                             sorted(float(x) for x in t.checkpoints.at),
                                             strict=True)}
-    d = distributed.init()
     record: dict[str, Any] = {"mode": "branches", "cooldown_ratio": float(t.cooldown_ratio),
                               "branches": {}, "complete": False}
     for label, steps in sorted(budgets.items(), key=lambda kv: kv[1]):
@@ -141,6 +142,7 @@ def run_branches(cfg: DictConfig, main: Path) -> dict[str, Any]:
         bcfg = branch_config(cfg, main, label, budget)
         bdir = branch_dir(main, label)
         train(bcfg)
+        distributed.barrier(d)  # rank 0 has written the branch's run.json
         binfo = read_json(bdir / "run.json") or {}
         if binfo.get("status") != "finished":
             return record  # interrupted: the rerun resumes this branch

@@ -367,8 +367,10 @@ def load_data(cfg: DictConfig, tokenizer: Any, d: Dist, cache_dir: Path) -> Toke
 
 
 def data_accounting(t: DictConfig, data: TokenizedData, plan: Plan, world: int) -> dict[str, Any]:
-    """Unique and repeated tokens of the whole run (all ranks, to the last budget)."""
-    sequences = plan.total_steps * t.grad_accum * t.batch_size * world
+    """Unique and repeated tokens of the whole run (all ranks, to the last budget; with
+    cooldown branches, to the end of the last budget's branch)."""
+    steps = max(plan.budgets) if plan.budgets else plan.total_steps
+    sequences = steps * t.grad_accum * t.batch_size * world
     n = len(data.train)
     if not getattr(data, "streamed", False) and data.regime == "cpt":
         n = plan.micro_per_epoch * t.batch_size * world  # the rest of an epoch is dropped
