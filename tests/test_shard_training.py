@@ -97,6 +97,7 @@ def test_run_killed_mid_corpus_resumes_to_the_same_weights(tmp_path, cache_dir):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=0, rtol=0)
+    assert info["train"]["data_position"] == 4 * 2  # sequences read: 4 steps x batch 2
     acc = data["accounting"]
     assert acc["sequences"] == 4 * 2 and acc["unique_tokens"] == 8 * 32
     assert acc["repeated_tokens"] == 0

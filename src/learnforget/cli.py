@@ -199,7 +199,6 @@ def cmd_data(args: Sequence[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "data": cmd_data,
     "train": cmd_train,
     "eval": cmd_eval,
     "job": cmd_job,
@@ -208,6 +207,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "bench": cmd_bench,
     "demo": cmd_demo,
     "params": cmd_params,
+    "data": cmd_data,
     "assets": cmd_assets,
 }
 

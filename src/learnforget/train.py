@@ -513,6 +513,8 @@ def fit(s: Setup) -> Path:
             step_tokens = int(distributed.all_reduce(step_tokens, d))
             dt = time.perf_counter() - t0
             progress["step"], progress["tokens"] = step, progress["tokens"] + step_tokens
+            # the data position: sequences read by all ranks (a resume continues at this offset)
+            progress["sequences"] = step * t.grad_accum * t.batch_size * d.world
             progress["wall_time_s"] = time.perf_counter() - t_start
             row = {"step": step, "epoch": step / plan.steps_per_epoch, "tokens": progress["tokens"],
                    "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
@@ -573,6 +575,7 @@ def fit(s: Setup) -> Path:
         record["status"] = status
         record["train"].update({
             "steps_done": progress["step"], "tokens_seen": progress["tokens"],
+            "data_position": progress.get("sequences", 0),
             "wall_time_s": progress["wall_time_s"], "peak_mem_mb": peak_memory_mb(device),
             "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("*-*")
                                   if not p.name.startswith(".")),
