@@ -102,3 +102,39 @@ def test_branch_ends_match_separate_full_length_runs(make_cfg):
     # a rerun finds everything done and trains nothing
     again = train(cfg)
     assert json.loads((again / "run.json").read_text())["cooldown"] == cool
+
+
+@pytest.mark.slow
+def test_a_branch_killed_midway_resumes_to_the_uninterrupted_end(tmp_path, cache_dir):
+    """Budgets 4 and 12 steps branch at steps 3 and 9; a hard kill at step 10 (inside the
+    12-step branch) and a rerun end with the weights of an uninterrupted run."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import FAST
+
+    env = {**os.environ, "LEARNFORGET_RUNS_DIR": str(tmp_path / "runs"),
+           "LEARNFORGET_CACHE_DIR": str(cache_dir)}
+    args = [sys.executable, "-m", "learnforget.cli", "train", *FAST, *BRANCHES,
+            "data.max_docs=8", "data.heldout_docs=2", "train.cooldown_mode=branches",
+            "train.checkpoints.at=[4,12]"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*args, *extra], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    assert run("experiment_name=straight").returncode == 0
+    killed = run("experiment_name=killed", "train.crash_at_step=10")
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    main = next((tmp_path / "runs/killed").iterdir())
+    assert (main / "checkpoints/step-000004/manifest.json").exists()  # first branch published
+    assert not (main / "checkpoints/step-000012").exists()
+    again = run("experiment_name=killed")
+    assert again.returncode == 0 and "resuming step-000012 from step 9" in again.stdout
+    ref = next((tmp_path / "runs/straight").iterdir())
+    for label in ("step-000004", "step-000012"):
+        (wa, ma), (wb, mb) = _final(ref, label), _final(main, label)
+        assert ma["loss"] == mb["loss"] and ma["heldout_loss"] == mb["heldout_loss"]
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=0, rtol=0)
