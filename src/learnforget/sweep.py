@@ -760,8 +760,8 @@ def print_memory(rows: list[dict[str, Any]]) -> None:
 
 
 def print_data_budget(plan: Plan) -> None:
-    """Per job: its token budget against its corpus (learnforget.shards.budget_report)."""
-    from learnforget.shards import budget_report, format_budget_rows
+    """Per job: its token budget against its corpus (learnforget.budget.budget_report)."""
+    from learnforget.budget import budget_report, format_budget_rows
 
     if not plan.jobs:
         return
