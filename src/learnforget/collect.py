@@ -120,7 +120,10 @@ def collect(root: Path, *, suite: str | None = None, out: Path | None = None,
             for r in summary_rows:
                 label = r.get("checkpoint")
                 epoch = 0.0 if label == "base" else manifests.get(label, {}).get("epoch")
+                branch = manifests.get(label, {}).get("cooldown") == "branch"
                 rows.append({**meta, "suite": suite_name, "epoch": epoch, **r,
+                             # the budget's point is the end of its own cooldown branch
+                             **({"cooldown": "branch"} if branch else {}),
                              "run_dir": str(run_dir)})
     df = pd.DataFrame(rows)
     extra = sorted(c for c in df.columns

@@ -25,6 +25,7 @@ PRECISIONS = ("auto", "fp32", "bf16")   # = learnforget.precision.PRECISIONS (no
 MASTER_WEIGHTS = ("fp32", "model_dtype")
 CHECKPOINT_UNITS = ("tokens", "epochs", "steps")
 REGIMES = ("cpt", "ift")
+DATA_FORMATS = ("memory", "shards")   # = learnforget.shards.FORMATS
 STRATEGIES = ("ddp", "fsdp")   # = learnforget.distributed.STRATEGIES (not imported: no torch here)
 
 
@@ -105,12 +106,21 @@ def validate(cfg: DictConfig) -> None:
              f"train.checkpoints.at must be a non-empty list of positive numbers, got {at!r}")
     _require(at == sorted(set(at)),
              f"train.checkpoints.at must be strictly increasing, got {at!r}")
+    from learnforget import cooldown
+
+    cooldown.check(t)
     strategy = (t.get("distributed") or {}).get("strategy", "ddp")
     _require(strategy in STRATEGIES,
              f"train.distributed.strategy {strategy!r} is unknown (expected one of: "
              f"{', '.join(STRATEGIES)})")
     _require(cfg.data.regime in REGIMES,
              f"data.regime {cfg.data.regime!r} is unknown (expected one of: {', '.join(REGIMES)})")
+    fmt = cfg.data.get("format", "memory")
+    _require(fmt in DATA_FORMATS,
+             f"data.format {fmt!r} is unknown (expected one of: {', '.join(DATA_FORMATS)})")
+    _require(fmt != "shards" or cfg.data.regime == "cpt",
+             f"data.format=shards is for continued pretraining (data.regime=cpt), not "
+             f"data.regime={cfg.data.regime}: instruction sets use data.format=memory")
 
 
 def _plain(node: Any) -> Any:
@@ -124,10 +134,16 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     """
     model = _plain(cfg.model)
     data = _plain(cfg.data)
+    for layout in ("shard_tokens", "expected_tokens"):  # how shards are cut, what the paper says
+        data.pop(layout, None)
+    if data.get("format") == "memory":  # the default: runs from before data.format keep their hash
+        data.pop("format")
     train = _plain(cfg.train)
     for volatile in ("log_every", "num_threads", "heldout_batches"):
         train.pop(volatile, None)
     train.pop("crash_at_step", None)
+    if train.get("cooldown_mode") == "single":  # the default: older runs keep their hash
+        train.pop("cooldown_mode")
     train.pop("distributed", None)  # how the ranks share the work, not what they compute
     train.pop("activation_checkpointing", None)  # recomputes activations: same gradients
     return {"model": model, "method": effective_method(cfg.method), "data": data,

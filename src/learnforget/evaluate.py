@@ -117,6 +117,12 @@ def _chance_of(spec) -> float | None:
 def ppl_examples(p: DictConfig, run_cfg: DictConfig, tokenizer, seq_len: int, cache_dir: Path):
     """The blocks of one cross-entropy set: the run's held-out split, an asset or a file."""
     max_blocks = int(p.get("max_blocks", 32))
+    if p.source == "run" and run_cfg.data.get("format", "memory") == "shards":
+        from learnforget.shards import ShardCorpus, corpus_dir, heldout_blocks
+
+        corpus = ShardCorpus(corpus_dir(cache_dir, run_cfg.data, run_cfg.model))
+        blocks = heldout_blocks(corpus, int(run_cfg.train.seq_len))
+        return blocks[:max_blocks], f"held-out shard of data={run_cfg.data.name}"
     if p.source == "run":
         data = build_data(run_cfg.data, tokenizer, run_cfg.train.seq_len, seed=run_cfg.seed,
                           cache_dir=cache_dir)

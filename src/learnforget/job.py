@@ -75,7 +75,10 @@ def spectra_complete(out: Path) -> bool:
 def stage_complete(cfg: DictConfig, stage: str, out: Path | None = None) -> bool:
     out = run_dir(cfg) if out is None else out
     if stage == "train":
-        return train_complete(out, config_hash(cfg))
+        from learnforget.cooldown import branches_complete, cooldown_mode
+
+        return train_complete(out, config_hash(cfg)) and (
+            cooldown_mode(cfg.train) != "branches" or branches_complete(out))
     if stage == "eval":
         return eval_complete(out, str(cfg.eval.name))
     if stage == "spectra":

@@ -567,6 +567,10 @@ def estimate_names(cfg: DictConfig, extra: dict[str, Any]) -> dict[str, Any]:
         tokens = max(at) * batch * int(t.seq_len)
     else:
         tokens = epochs * float(extra["epoch_tokens"]) if "epoch_tokens" in extra else None
+    if tokens is not None and str(t.get("cooldown_mode", "single")) == "branches":
+        # the plateau run to the last branch point, then every budget's cooldown branch
+        c = float(t.cooldown_ratio)
+        tokens = (1 - c) * tokens + c * tokens / max(at) * sum(at)
     eff = effective_method(cfg.method)
     names.update({"tokens": tokens, "epochs": epochs, "checkpoints": len(at),
                   "method": str(cfg.method.name), "r": int(eff.get("r", 0) or 0),
@@ -753,6 +757,16 @@ def print_memory(rows: list[dict[str, Any]]) -> None:
         print(f"{head} {r['trainable']:>15,} {r['est_mib']:>12,.1f}"
               + (f" {pe:>14}" if with_act else "") + f" {peak:>10}"
               + (f" {qe:>10}" if quant else ""))
+
+
+def print_data_budget(plan: Plan) -> None:
+    """Per job: its token budget against its corpus (learnforget.budget.budget_report)."""
+    from learnforget.budget import budget_report, format_budget_rows
+
+    if not plan.jobs:
+        return
+    rows = [budget_report(j.cfg) for j in plan.jobs]
+    print("\n" + format_budget_rows(rows, [j.index for j in plan.jobs]))
 
 
 def print_fit(plan: Plan, profile: Path, methods: list[str]) -> None:
@@ -1141,6 +1155,7 @@ def sweep_main(study: str, overrides: Sequence[str] = (), *, dry_run: bool = Fal
     print(f"(composed and checked {plan.combinations} combination(s) in "
           f"{time.perf_counter() - t0:.1f}s)")
     if dry_run:
+        print_data_budget(plan)
         t0 = time.perf_counter()
         rows = memory_table(plan, activations=activations)
         print_memory(rows)

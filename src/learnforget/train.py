@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from learnforget import distributed, precision
+from learnforget import cooldown, distributed, precision
 from learnforget.activations import enable_checkpointing
 from learnforget.config import config_hash, run_dir, run_identity, run_name, validate
 from learnforget.crossentropy import mean_cross_entropy
@@ -50,6 +50,14 @@ from learnforget.record import (
     meta_info,
     read_json,
 )
+from learnforget.shards import (
+    accounting,
+    corpus_dir,
+    data_format,
+    ensure_corpus,
+    sequence_blocks,
+    shard_data,
+)
 from learnforget.tracking import Loggers, make_loggers, scrub
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -63,6 +71,8 @@ class Plan:
     steps_per_epoch: float      # optimizer steps in one pass
     total_steps: int
     checkpoints: dict[int, str]  # step -> checkpoint label
+    branch_points: dict[int, str] = field(default_factory=dict)  # cooldown branches: step -> budget
+    budgets: dict[int, str] = field(default_factory=dict)  # cooldown branches: budget step -> label
 
 
 def make_plan(t: DictConfig, data: TokenizedData, world: int = 1) -> Plan:
@@ -75,7 +85,7 @@ def make_plan(t: DictConfig, data: TokenizedData, world: int = 1) -> Plan:
             f"data={data.info.get('name', '?')} has {n} training examples, fewer than one optimizer "
             f"step needs (train.batch_size={t.batch_size} x train.grad_accum={t.grad_accum} x "
             f"{world} ranks)")
-    steps_per_epoch = micro / t.grad_accum
+    steps_per_epoch = (n / per_micro if getattr(data, "streamed", False) else micro) / t.grad_accum
     unit = t.checkpoints.unit
     if unit == "steps":
         steps = [int(a) for a in t.checkpoints.at]
@@ -93,7 +103,8 @@ def make_plan(t: DictConfig, data: TokenizedData, world: int = 1) -> Plan:
     for a, s in zip(t.checkpoints.at, steps, strict=True):
         a_str = f"{a:g}" if unit == "epochs" else f"{int(a):09d}" if unit == "tokens" else f"{int(a):06d}"
         labels[s] = f"{unit.rstrip('s')}-{a_str}"
-    return Plan(micro, steps_per_epoch, max(steps), labels)
+    plan = Plan(micro, steps_per_epoch, max(steps), labels)
+    return cooldown.branch_plan(plan, t) if cooldown.cooldown_mode(t) == "branches" else plan
 
 
 def micro_batch(data: TokenizedData, plan: Plan, t: DictConfig, index: int, seed: int,
@@ -101,6 +112,9 @@ def micro_batch(data: TokenizedData, plan: Plan, t: DictConfig, index: int, seed
     """This rank's part of micro-batch number `index` of the whole run: a seeded permutation
     per epoch, so the data position after a resume is exactly where the interrupted run was,
     and `world` ranks together see what one process with `world` x batch_size would."""
+    if getattr(data, "streamed", False):  # token shards: blocks by position, no epoch array
+        ids = sequence_blocks(index, t.batch_size, rank, world, len(data.train), seed)
+        return collate([data.train[i] for i in ids], pad_id)
     epoch, within = divmod(index, plan.micro_per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(data.train), generator=g)
@@ -316,9 +330,9 @@ def setup(cfg: DictConfig) -> Setup | None:
     if t.get("activation_checkpointing", False):
         enable_activation_checkpointing(model, cfg.method.name)
     trainable, total = count_parameters(model)
-    data = build_data(cfg.data, tokenizer, t.seq_len, seed=cfg.seed, cache_dir=cache_dir)
-    data.info.setdefault("name", cfg.data.name)
+    data = load_data(cfg, tokenizer, d, cache_dir)
     plan = make_plan(t, data, d.world)
+    data.info["accounting"] = data_accounting(t, data, plan, d.world)
     strategy = parallel_strategy(cfg, d, notes)
     if strategy == "fsdp":
         distributed.shard_model(model, decoder_layers(model),
@@ -326,10 +340,45 @@ def setup(cfg: DictConfig) -> Setup | None:
                                 compute_dtype=policy.autocast_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, opt_notes = make_optimizer(params, t, device)
-    scheduler = make_scheduler(optimizer, t, plan.total_steps)
+    scheduler = make_scheduler(optimizer, cooldown.plateau(t), plan.total_steps)
     return Setup(cfg, out, name, chash, device, d, model, tokenizer, base_path, notes + opt_notes,
                  trainable, total, data, plan, params, optimizer, scheduler,
                  policy.autocast_dtype, policy, strategy, quantisation=quantisation)
+
+
+def load_data(cfg: DictConfig, tokenizer: Any, d: Dist, cache_dir: Path) -> TokenizedData:
+    """The run's data: in memory (data.format=memory), or token shards read by position
+    (data.format=shards; rank 0 prepares them first when they are missing or partial)."""
+    t = cfg.train
+    if data_format(cfg.data) == "shards":
+        if not d.main:  # rank 0 tokenizes the corpus into the cache first
+            distributed.barrier(d)
+        folder = ensure_corpus(cfg.data, cfg.model, tokenizer, cache_dir) if d.main else \
+            corpus_dir(cache_dir, cfg.data, cfg.model)
+        if d.main:
+            distributed.barrier(d)
+        data = shard_data(cfg.data, folder, t.seq_len, seed=cfg.seed)
+    else:
+        data = build_data(cfg.data, tokenizer, t.seq_len, seed=cfg.seed, cache_dir=cache_dir)
+    data.info.setdefault("name", cfg.data.name)
+    data.info.setdefault("format", "memory")
+    max_docs = cfg.data.get("max_docs")
+    data.info.setdefault("max_docs", max_docs)
+    n_docs = data.info.get("n_docs_train", 0) + data.info.get("n_docs_heldout", 0)
+    data.info["max_docs_reached"] = max_docs is not None and n_docs >= max_docs  # source cut
+    return data
+
+
+def data_accounting(t: DictConfig, data: TokenizedData, plan: Plan, world: int) -> dict[str, Any]:
+    """Unique and repeated tokens of the whole run (all ranks, to the last budget; with
+    cooldown branches, to the end of the last budget's branch)."""
+    steps = max(plan.budgets) if plan.budgets else plan.total_steps
+    sequences = steps * t.grad_accum * t.batch_size * world
+    n = len(data.train)
+    if not getattr(data, "streamed", False) and data.regime == "cpt":
+        n = plan.micro_per_epoch * t.batch_size * world  # the rest of an epoch is dropped
+    per_seq = t.seq_len if data.regime == "cpt" else data.info["n_train_tokens"] / len(data.train)
+    return accounting(n, sequences, per_seq)
 
 
 def parallel_strategy(cfg: DictConfig, d: Dist, notes: list[str]) -> str | None:
@@ -354,7 +403,10 @@ def parallel_strategy(cfg: DictConfig, d: Dist, notes: list[str]) -> str | None:
 def train(cfg: DictConfig) -> Path:
     """Train one run to the end of its checkpoint schedule; returns the run folder."""
     s = setup(cfg)
-    return run_dir(cfg) if s is None else fit(s)
+    out = run_dir(cfg) if s is None else fit(s)
+    if cooldown.cooldown_mode(cfg.train) == "branches":  # each budget's cooldown, from the plateau
+        cooldown.run_branches(cfg, out)
+    return out
 
 
 def fit(s: Setup) -> Path:
@@ -401,6 +453,8 @@ def fit(s: Setup) -> Path:
                   "ranks": d.world,
                   "distributed": s.strategy,
                   "total_steps": plan.total_steps, "checkpoint_steps": plan.checkpoints,
+                  **({"cooldown_mode": "branches", "budgets": plan.budgets,
+                      "branch_points": plan.branch_points} if plan.branch_points else {}),
                   "data": data.info, "notes": notes,
                   **({"quantisation": s.quantisation} if s.quantisation else {})},
         "meta": meta_info(),
@@ -462,6 +516,8 @@ def fit(s: Setup) -> Path:
             step_tokens = int(distributed.all_reduce(step_tokens, d))
             dt = time.perf_counter() - t0
             progress["step"], progress["tokens"] = step, progress["tokens"] + step_tokens
+            # the data position: sequences read by all ranks (a resume continues at this offset)
+            progress["sequences"] = step * t.grad_accum * t.batch_size * d.world
             progress["wall_time_s"] = time.perf_counter() - t_start
             row = {"step": step, "epoch": step / plan.steps_per_epoch, "tokens": progress["tokens"],
                    "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
@@ -491,7 +547,13 @@ def fit(s: Setup) -> Path:
                 del full
                 if step < plan.total_steps:  # the last checkpoint ends the run: no state to keep
                     save_resume(resume_path, model, optimizer, scheduler, progress, d)
-            if step in plan.checkpoints:
+            if step in plan.branch_points and (d.main or sharded):  # a budget's cooldown branch
+                hl = heldout_loss(model, data, t, pad_id, device, t.heldout_batches, s.policy)
+                if hl is not None:  # on the plateau, before the branch's cooldown
+                    loggers.log({"step": step, "tokens": progress["tokens"], "heldout_loss": hl})
+                save_resume(cooldown.branch_dir(out, plan.branch_points[step]) / "train" /
+                            "resume.pt", model, optimizer, scheduler, progress, d)
+            if step in plan.checkpoints or step in plan.branch_points:
                 distributed.barrier(d)
             if t.crash_at_step is not None and step == t.crash_at_step:
                 os._exit(137)  # testing: die like a killed process, with no clean-up at all
@@ -516,6 +578,7 @@ def fit(s: Setup) -> Path:
         record["status"] = status
         record["train"].update({
             "steps_done": progress["step"], "tokens_seen": progress["tokens"],
+            "data_position": progress.get("sequences", 0),
             "wall_time_s": progress["wall_time_s"], "peak_mem_mb": peak_memory_mb(device),
             "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("*-*")
                                   if not p.name.startswith(".")),
