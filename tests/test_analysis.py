@@ -167,7 +167,7 @@ def test_analyze_writes_table_figures_and_spectra(runs_root, tmp_path):
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_headless_and_writes_figures(notebook, runs_root, tmp_path):
     out = tmp_path / "nb_out"
-    env = {**os.environ, "MPLBACKEND": "Agg", "LEARNFORGET_RUNS_ROOT": str(runs_root),
+    env = {**os.environ, "MPLBACKEND": "Agg", "LEARNFORGET_RUNS_DIR": str(runs_root),
            "LEARNFORGET_ANALYSIS_OUT": str(out), "LEARNFORGET_RANDOM_N": "120",
            "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(notebook)], cwd=tmp_path, env=env,
@@ -191,7 +191,7 @@ def test_notebooks_are_jupytext_percent_files():
     for p in NOTEBOOKS:
         text = p.read_text()
         assert "format_name: percent" in text and text.count("# %%") >= 3
-        assert "LEARNFORGET_RUNS_ROOT" in text
+        assert "LEARNFORGET_RUNS_DIR" in text
 
 
 # ------------------------------------------------------------------ benchmark
