@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import FAST
+from conftest import FAST, OFFLINE_DATA
 
 from learnforget.cli import main
+from learnforget.config import compose
 from learnforget.evaluate import evaluate_run
 from learnforget.job import spectra_complete
 from learnforget.spectra import compute_spectra
@@ -25,9 +26,12 @@ def _cut(path) -> None:
     path.write_bytes(data[:len(data) // 2])
 
 
-@pytest.fixture
-def scored_run(make_cfg):
-    cfg = make_cfg(*SMOKE)
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory, cache_dir):
+    """One trained and scored run for the module (each test leaves it whole again)."""
+    runs = tmp_path_factory.mktemp("corrupt") / "runs"
+    cfg = compose([f"paths.runs_dir={runs}", f"paths.cache_dir={cache_dir}", *FAST,
+                   *OFFLINE_DATA["stdlib_code"], *SMOKE])
     out = fit(setup(cfg))
     evaluate_run(out, cfg.eval)
     return cfg, out
@@ -66,10 +70,12 @@ def test_a_truncated_base_cache_is_recomputed(scored_run, capsys):
 def test_a_truncated_eval_summary_makes_the_eval_stage_incomplete(scored_run):
     from learnforget.job import eval_complete
 
-    _cfg, out = scored_run
+    cfg, out = scored_run
     assert eval_complete(out, "smoke")
     _cut(out / "eval/summary-smoke.json")
     assert not eval_complete(out, "smoke")
+    evaluate_run(out, cfg.eval)  # every result reused, the summary written again
+    assert eval_complete(out, "smoke")
 
 
 def test_a_truncated_spectra_file_is_recomputed(make_cfg, capsys):
