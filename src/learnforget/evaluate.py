@@ -223,11 +223,20 @@ def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_
           cache_dir: Path, drift_eval=None) -> dict[str, Any]:
     """All of a suite's numbers for one model: lm-eval tasks, cross-entropy sets, diversity,
     drift from the base model (with `drift_eval`, a learnforget.drift.DriftEval)."""
+    from learnforget.console import library_bars
+
+    t0 = time.perf_counter()
+    with library_bars():  # lm-eval's per-task bars and the drift bar: to the run's log file
+        return {**_score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,
+                         drift_eval), "wall_time_s": time.perf_counter() - t0}
+
+
+def _score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,
+           cache_dir: Path, drift_eval=None) -> dict[str, Any]:
     from lm_eval.models.huggingface import HFLM
 
     from learnforget.lmeval_tasks import evaluate as run_tasks
 
-    t0 = time.perf_counter()
     tasks: dict[str, Any] = {}
     if specs:
         os.environ["LEARNFORGET_CODE_EXEC_TIMEOUT_S"] = str(float(ev.code_timeout_s))
@@ -254,8 +263,7 @@ def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_
                             "role": str(p.get("role", "forgetting"))}
     return {"tasks": tasks, "ppl": ppl,
             "diversity": diversity(model, tokenizer, ev.diversity, int(ev.seed)),
-            "drift": drift_eval.score(model) if drift_eval is not None else {},
-            "wall_time_s": time.perf_counter() - t0}
+            "drift": drift_eval.score(model) if drift_eval is not None else {}}
 
 
 # ------------------------------------------------------------------ summary rows
@@ -344,34 +352,7 @@ def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, 
         return {**result, "cache_file": str(path)}
 
 
-def evaluate_base(cfg: DictConfig) -> Path:
-    """Score the base model of cfg.model (QLoRA: its quantised base) on suite cfg.eval without
-    a trained run, into the base cache that every run's eval then reuses (runs/_base/).
-    Returns the cache file."""
-    from learnforget.lmeval_tasks import write_task_dir
-    from learnforget.models import load_model
-
-    ev = cfg.eval
-    cache_dir = Path(cfg.paths.cache_dir).expanduser()
-    runs_root = Path(cfg.paths.runs_dir).resolve()
-    specs = _checked_specs(ev, cache_dir)
-    model_id = base_model_id(cfg)
-    include_path = (write_task_dir(specs, runs_root / "_base" / model_id / "tasks") if specs
-                    else runs_root)
-    key = eval_key(ev, specs, include_path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    base_method = cfg.method if cfg.method.name == "qlora" else OmegaConf.create({"name": "full"})
-    model, tokenizer, _ = load_model(cfg.model, base_method, cache_dir, device)
-    model.eval()
-    drift_eval = _drift_eval(ev, cfg, runs_root, tokenizer, lambda: model)
-    base = base_scores(cfg, ev, key, runs_root, tokenizer, specs, include_path, cache_dir,
-                       device, drift_eval, model=model)
-    _print_rows([{"checkpoint": "base", "step": 0, "tokens": 0, **summarize(base, base)}])
-    print(f"learnforget: base scores of {model_id} on eval={ev.name}: {base['cache_file']}")
-    return Path(base["cache_file"])
-
-
-def _checked_specs(ev: DictConfig, cache_dir: Path) -> list:
+def checked_specs(ev: DictConfig, cache_dir: Path) -> list:
     """The suite's task specs, after the code-execution opt-in check."""
     if ev.allow_code_execution is False and any(t.kind == "humaneval" for t in ev.tasks):
         from learnforget.sandbox import require_opt_in
@@ -380,7 +361,7 @@ def _checked_specs(ev: DictConfig, cache_dir: Path) -> list:
     return task_specs(ev, cache_dir)
 
 
-def _drift_eval(ev: DictConfig, run_cfg: DictConfig, runs_root: Path, tokenizer, load_base):
+def drift_eval_for(ev: DictConfig, run_cfg: DictConfig, runs_root: Path, tokenizer, load_base):
     """A DriftEval when the suite measures drift (eval.drift.enabled), else None."""
     if ev.get("drift") is None or not ev.drift.get("enabled", False):
         return None
@@ -392,7 +373,16 @@ def _drift_eval(ev: DictConfig, run_cfg: DictConfig, runs_root: Path, tokenizer,
 
 def evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None = None,
                  cache_dir: Path | None = None) -> Path:
-    """Evaluate every checkpoint of a run folder (or ev.checkpoint); returns the summary path."""
+    """Evaluate every checkpoint of a run folder (or ev.checkpoint); returns the summary path.
+    What the libraries log goes to <run>/run.log (learnforget.console)."""
+    from learnforget.console import LOG_NAME, library_output
+
+    with library_output(Path(run_dir).resolve() / LOG_NAME, f"eval {ev.name}"):
+        return _evaluate_run(run_dir, ev, logger_cfg, cache_dir)
+
+
+def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
+                  cache_dir: Path | None) -> Path:
     from learnforget.lmeval_tasks import write_task_dir
     from learnforget.models import load_tokenizer
 
@@ -413,12 +403,12 @@ def evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None = 
         if not ckpts:
             raise ConfigError(f"eval.checkpoint={ev.checkpoint!r} is not a checkpoint of "
                               f"{run_dir.name}")
-    specs = _checked_specs(ev, cache_dir)
+    specs = checked_specs(ev, cache_dir)
     include_path = write_task_dir(specs, run_dir / "eval" / "tasks") if specs else run_dir
     key = eval_key(ev, specs, include_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
-    drift_eval = _drift_eval(ev, run_cfg, run_dir.parents[1], tokenizer,
+    drift_eval = drift_eval_for(ev, run_cfg, run_dir.parents[1], tokenizer,
                              lambda: load_for_eval(run_cfg, None, cache_dir, device))
     base = base_scores(run_cfg, ev, key, run_dir.parents[1], tokenizer, specs, include_path,
                        cache_dir, device, drift_eval)
@@ -457,7 +447,7 @@ def evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None = 
     _write_csv(path.with_suffix(".csv"), rows)
     loggers.summary({"eval_suite": ev.name})
     loggers.finish("finished")
-    _print_rows(rows)
+    print_rows(rows)
     return path
 
 
@@ -475,7 +465,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _print_rows(rows: list[dict[str, Any]]) -> None:
+def print_rows(rows: list[dict[str, Any]]) -> None:
     def f(v):
         return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -488,12 +478,14 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
 
 def eval_main(cfg: DictConfig, run_dir: Path | None = None) -> Path:
     """Evaluate the run that `cfg` names (or the given folder) with suite cfg.eval. With no
-    folder given and no run folder for `cfg`, score the base model alone (evaluate_base)."""
+    folder given and no run folder for `cfg`, score the base model alone (learnforget.base_eval)."""
     from learnforget.config import run_dir as derive_run_dir
 
     target = Path(run_dir) if run_dir else derive_run_dir(cfg)
     if run_dir is None and not target.exists():
         print(f"learnforget: no trained run for this config ({target}): scoring the base model "
               f"{base_model_id(cfg)} alone")
+        from learnforget.base_eval import evaluate_base
+
         return evaluate_base(cfg)
     return evaluate_run(target, cfg.eval, cfg.logger, Path(cfg.paths.cache_dir).expanduser())

@@ -347,9 +347,13 @@ def parallel_strategy(cfg: DictConfig, d: Dist, notes: list[str]) -> str | None:
 
 
 def train(cfg: DictConfig) -> Path:
-    """Train one run to the end of its checkpoint schedule; returns the run folder."""
-    s = setup(cfg)
-    return run_dir(cfg) if s is None else fit(s)
+    """Train one run to the end of its checkpoint schedule; returns the run folder. What the
+    libraries log goes to <run>/run.log (learnforget.console)."""
+    from learnforget.console import LOG_NAME, library_output
+
+    with library_output(run_dir(cfg) / LOG_NAME, "train"):
+        s = setup(cfg)
+        return run_dir(cfg) if s is None else fit(s)
 
 
 def fit(s: Setup) -> Path:
