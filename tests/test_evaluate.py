@@ -235,3 +235,30 @@ def test_base_model_alone_fills_the_cache_a_run_then_reuses(make_cfg, runs_dir, 
     assert "scoring the base model" not in capsys.readouterr().out
     assert cache.stat().st_mtime_ns == stamp
     assert rows[0]["target_ce"] == pytest.approx(base["ppl"]["target_heldout"]["ce"])
+
+
+def test_a_users_own_task_and_suite_from_the_hydra_search_path(runs_dir, cache_dir, tmp_path,
+                                                                monkeypatch, capsys):
+    """README "Your own task": a multiple-choice jsonl file and a suite file in the user's own
+    config folder, found through hydra.searchpath, scored on the base model."""
+    from learnforget.cli import main
+
+    monkeypatch.setenv("LEARNFORGET_RUNS_DIR", str(runs_dir))
+    monkeypatch.setenv("LEARNFORGET_CACHE_DIR", str(cache_dir))
+    data = tmp_path / "capitals.jsonl"
+    items = [{"input": "The capital of France is", "choices": [" Paris", " Rome", " Oslo"],
+              "gold": 0},
+             {"input": "The capital of Italy is", "choices": [" Paris", " Rome"], "gold": 1},
+             {"input": "The capital of Norway is", "choices": [" Oslo", " Bern"], "gold": 0}]
+    data.write_text("".join(json.dumps(x) + "\n" for x in items))
+    (tmp_path / "myconf/eval").mkdir(parents=True)
+    (tmp_path / "myconf/eval/capitals.yaml").write_text(
+        "defaults:\n  - _base\nname: capitals\ntasks:\n"
+        f"  - {{name: my_capitals, kind: mc_json, data: {data}, role: forgetting}}\n")
+    assert main(["eval", f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "eval=capitals",
+                 "model=tiny_llama"]) == 0
+    (cache,) = (runs_dir / "_base" / "tiny_llama").glob("capitals-*.json")
+    task = json.loads(cache.read_text())["tasks"]["my_capitals"]
+    assert task["n"] == 3 and task["primary_metric"] == "acc"
+    assert 0 <= task["primary"] <= 1
+    assert task["chance"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3)
