@@ -83,3 +83,23 @@ def test_train_then_eval_console(runs_dir, cache_dir, monkeypatch, capfd, verbos
         assert "lm_eval" not in console and "Running loglikelihood requests" not in console
         assert "== train " in log and "== eval smoke " in log
         assert "lm_eval" in log and "Running loglikelihood requests" in log
+
+
+def test_wandb_lines_stay_off_the_console(monkeypatch, capsys):
+    """W&B logs its service teardown at process exit, after every stage: not to the console."""
+    from learnforget.console import quiet_wandb
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    wandb_logger = logging.getLogger("wandb")
+    monkeypatch.setattr(wandb_logger, "propagate", True)
+    monkeypatch.setattr(wandb_logger, "handlers", [])
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    try:
+        quiet_wandb()
+        logging.getLogger("wandb.sdk.lib.service").warning("Reached EOF.")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert seen == [] and "Reached EOF" not in capsys.readouterr().err

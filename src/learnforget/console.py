@@ -15,9 +15,9 @@ from pathlib import Path
 
 VERBOSE_ENV = "LEARNFORGET_VERBOSE"
 LOG_NAME = "run.log"  # <run>/run.log: every stage appends to it
-# loggers that install their own console handler (and do not propagate to the root logger)
+# loggers that may carry their own console handler (and not propagate to the root logger)
 LIBRARY_LOGGERS = ("transformers", "datasets", "peft", "accelerate", "huggingface_hub",
-                   "lm-eval", "lm_eval", "bitsandbytes", "torch", "wandb", "py.warnings")
+                   "lm-eval", "lm_eval", "bitsandbytes", "torch", "py.warnings")
 
 
 def verbose() -> bool:
@@ -64,11 +64,10 @@ def library_output(path: Path, stage: str) -> Iterator[None]:
     sink.write(f"== {stage} {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()})\n")
     handler = logging.StreamHandler(sink)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
-    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in LIBRARY_LOGGERS]
-    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
-    for lg in loggers:
-        lg.handlers = [handler] if lg is loggers[0] else []
-        lg.propagate = lg is not loggers[0]
+    root = logging.getLogger()
+    saved_root = root.handlers[:]
+    root.handlers = [handler]
+    saved = [_detach_console(logging.getLogger(name)) for name in LIBRARY_LOGGERS]
     logging.captureWarnings(True)
     _SINKS.append(sink)
     try:
@@ -76,9 +75,34 @@ def library_output(path: Path, stage: str) -> Iterator[None]:
     finally:
         _SINKS.remove(sink)
         logging.captureWarnings(False)
-        for lg, handlers, propagate in saved:
-            lg.handlers, lg.propagate = handlers, propagate
+        root.handlers = saved_root
+        for lg, removed, propagate in saved:
+            for h in removed:
+                lg.addHandler(h)
+            lg.propagate = propagate
         sink.flush()
+
+
+def _detach_console(lg: logging.Logger) -> tuple[logging.Logger, list[logging.Handler], bool]:
+    """Take a library logger's console handlers off and let it propagate to the root logger
+    (whose handler is the log file); returns what to put back. Other handlers stay."""
+    removed = [h for h in lg.handlers if type(h) is logging.StreamHandler]  # not file handlers
+    for h in removed:
+        lg.removeHandler(h)
+    propagate = lg.propagate
+    lg.propagate = True
+    return lg, removed, propagate
+
+
+def quiet_wandb() -> None:
+    """W&B's own log lines (service start and teardown, also at process exit) stay in its
+    debug files under wandb/, off the console, unless verbose()."""
+    if verbose():
+        return
+    lg = logging.getLogger("wandb")
+    lg.propagate = False
+    if not any(isinstance(h, logging.NullHandler) for h in lg.handlers):
+        lg.addHandler(logging.NullHandler())  # else Python's last-resort handler prints
 
 
 @contextlib.contextmanager

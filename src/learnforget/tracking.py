@@ -179,6 +179,9 @@ def open_wandb(logger_cfg: DictConfig, **kwargs: Any) -> WandbLogger | None:
     network, the server down, a broken install. Keyword arguments as for WandbLogger."""
     if logger_cfg.name != "wandb" or wandb_mode(str(logger_cfg.mode)) == "disabled":
         return None
+    from learnforget.console import quiet_wandb
+
+    quiet_wandb()
     try:
         return WandbLogger(logger_cfg, **kwargs)
     except Exception as e:
