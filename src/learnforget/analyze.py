@@ -106,10 +106,19 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
               "warnings": warnings, "n_rows": len(df),
               "wandb": None if wandb is False else _mirror(root, out, figs, len(df), wandb)}
     if verbose:
-        print(f"learnforget: analysis of {root} ({len(df)} rows) -> {out}")
-        for p in table + figs:
-            print(f"  {p}")
+        _print_outputs(root, out, result)
     return result
+
+
+def _print_outputs(root: Path, out: Path, result: dict[str, Any]) -> None:
+    """The tables and the PNG figures (each has an SVG beside it), and the W&B run."""
+    shown = [p for p in result["table"] + result["figures"] if p.suffix in (".csv", ".png")]
+    print(f"learnforget: analysis of {root} ({result['n_rows']} rows) -> {out} "
+          f"({len(shown)} tables and figures; SVG and parquet copies beside them)")
+    for p in shown:
+        print(f"  {p}")
+    if result["wandb"] is not None:
+        print(f"learnforget: analysis logged to W&B ({result['wandb']})")
 
 
 def _mirror(root: Path, out: Path, figs: list[Path], n_rows: int, force: bool | None):
