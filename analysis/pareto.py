@@ -13,7 +13,7 @@
 # %% [markdown]
 # # Learning vs forgetting (paper fig. 1 and 4)
 #
-# Every run under the runs root (`LEARNFORGET_RUNS_ROOT`, default `runs`) with an eval
+# Every run under the runs root (`LEARNFORGET_RUNS_DIR`, default `runs`) with an eval
 # summary becomes rows of one table (one row per run x checkpoint, the base model at 0
 # tokens). Learning is the target-domain score; forgetting is the general-task score when the
 # suite has one, else the general-text cross-entropy. Figures go to
@@ -26,7 +26,7 @@ from pathlib import Path
 from learnforget import figures
 from learnforget.collect import collect, pareto_front, save_table
 
-ROOT = Path(os.environ.get("LEARNFORGET_RUNS_ROOT", "runs"))
+ROOT = Path(os.environ.get("LEARNFORGET_RUNS_DIR", "runs"))
 OUT = Path(os.environ.get("LEARNFORGET_ANALYSIS_OUT", str(ROOT / "_analysis")))
 
 # %% [markdown]

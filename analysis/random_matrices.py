@@ -17,7 +17,7 @@
 # spectra of A, A + cB and cB at c = 0.1, and the mean absolute difference between the
 # spectra of A + cB and A as c grows. A small random perturbation barely moves the spectrum
 # of A, which is why W_ft and W_base can have near-identical spectra while ΔW is high-rank.
-# Figures go to `LEARNFORGET_ANALYSIS_OUT` (default `<LEARNFORGET_RUNS_ROOT>/_analysis`).
+# Figures go to `LEARNFORGET_ANALYSIS_OUT` (default `<LEARNFORGET_RUNS_DIR>/_analysis`).
 
 # %%
 import os
@@ -26,7 +26,7 @@ from pathlib import Path
 from learnforget import figures
 from learnforget.spectra import dump_json, random_matrix_comparison
 
-ROOT = Path(os.environ.get("LEARNFORGET_RUNS_ROOT", "runs"))
+ROOT = Path(os.environ.get("LEARNFORGET_RUNS_DIR", "runs"))
 OUT = Path(os.environ.get("LEARNFORGET_ANALYSIS_OUT", str(ROOT / "_analysis")))
 N = int(os.environ.get("LEARNFORGET_RANDOM_N", "1000"))
 

@@ -13,7 +13,7 @@
 # %% [markdown]
 # # Spectra of the weight update (paper section 4.6, fig. 6 and S7)
 #
-# For every run with checkpoints under `LEARNFORGET_RUNS_ROOT` (default `runs`): the
+# For every run with checkpoints under `LEARNFORGET_RUNS_DIR` (default `runs`): the
 # singular values of ΔW = W_ft - W_base per linear module (LoRA and QLoRA exactly from their
 # factors, full finetuning, DoRA and IA3 dense), the rank needed for 90% of the variance per
 # layer x module, and how it grows with training tokens. Set `LEARNFORGET_WITH_WEIGHTS=1` for
@@ -28,7 +28,7 @@ from learnforget import figures
 from learnforget.collect import collect_spectra, find_runs, save_table
 from learnforget.spectra import compare_subspaces, compute_spectra, list_checkpoints, load_spectra
 
-ROOT = Path(os.environ.get("LEARNFORGET_RUNS_ROOT", "runs"))
+ROOT = Path(os.environ.get("LEARNFORGET_RUNS_DIR", "runs"))
 OUT = Path(os.environ.get("LEARNFORGET_ANALYSIS_OUT", str(ROOT / "_analysis")))
 WITH_WEIGHTS = os.environ.get("LEARNFORGET_WITH_WEIGHTS", "0") == "1"
 DENSE = "gram" if os.environ.get("LEARNFORGET_GRAM", "0") == "1" else "svd"

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from conftest import FAST, OFFLINE_DATA
 
+from learnforget.analyze import analyze
 from learnforget.collect import collect, find_runs, pareto_front
 from learnforget.config import compose
 from learnforget.errors import ConfigError
@@ -167,7 +168,7 @@ def test_analyze_writes_table_figures_and_spectra(runs_root, tmp_path):
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_headless_and_writes_figures(notebook, runs_root, tmp_path):
     out = tmp_path / "nb_out"
-    env = {**os.environ, "MPLBACKEND": "Agg", "LEARNFORGET_RUNS_ROOT": str(runs_root),
+    env = {**os.environ, "MPLBACKEND": "Agg", "LEARNFORGET_RUNS_DIR": str(runs_root),
            "LEARNFORGET_ANALYSIS_OUT": str(out), "LEARNFORGET_RANDOM_N": "120",
            "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(notebook)], cwd=tmp_path, env=env,
@@ -191,7 +192,7 @@ def test_notebooks_are_jupytext_percent_files():
     for p in NOTEBOOKS:
         text = p.read_text()
         assert "format_name: percent" in text and text.count("# %%") >= 3
-        assert "LEARNFORGET_RUNS_ROOT" in text
+        assert "LEARNFORGET_RUNS_DIR" in text
 
 
 # ------------------------------------------------------------------ benchmark
@@ -255,3 +256,60 @@ def test_learning_axis_skips_a_target_score_that_never_moves():
     assert learning_column(moving) == "target_score"
     assert learning_column(flat.drop(columns="target_ce")) == "target_score"
     assert learning_column(flat, "target_score") == "target_score"
+
+
+# ------------------------------------------------------------------ the analysis in W&B
+
+def _wandb_blob(run_dir: Path, expected: tuple[bytes, ...]) -> bytes:
+    """The bytes of an offline W&B run (its records land shortly after finish() returns)."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        blob = b"".join(f.read_bytes() for f in run_dir.rglob("*") if f.is_file())
+        if all(e in blob for e in expected) or time.monotonic() > deadline:
+            return blob
+        time.sleep(0.5)
+
+
+def test_analysis_goes_to_one_wandb_run_in_the_study_group(make_cfg, monkeypatch):
+    """Runs that mirrored to W&B get an analysis run (job_type analysis) in their group with
+    the study's table (wandb.Table) and the figures (wandb.Image), offline without a key."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = fit(setup(make_cfg("logger=wandb", "experiment_name=study5", "method.r=4")))
+    write_summary(run, SCORES["lora"])
+    root = run.parent
+    res = analyze(root, random_n=0, spectra=False, verbose=False)
+    (wb,) = list(res["wandb"].glob("offline-run-*"))
+    assert res["wandb"] == root / "_analysis" / "wandb"
+    expected = (b"study5", b"analysis", b"table/runs", b"figure/learning_vs_forgetting")
+    blob = _wandb_blob(wb, expected)
+    for e in expected:
+        assert e in blob, e
+    tables = list(wb.rglob("table/runs*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert len(table["data"]) == 3 and "forgetting_score" in table["columns"]
+    assert list(wb.rglob("figure/learning_vs_forgetting*.png"))
+    assert not (run / "wandb" / "analysis").exists()
+
+
+def test_analysis_wandb_is_forced_skipped_or_fails_softly(runs_root, tmp_path, monkeypatch,
+                                                         capsys):
+    """Runs without W&B: no analysis run unless --wandb; a failing W&B only warns."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "an"
+    assert analyze(runs_root, out, random_n=0, spectra=False, verbose=False)["wandb"] is None
+    assert not (out / "wandb").exists()
+
+    def refuse(**kwargs):
+        raise wandb.errors.CommError("could not reach api.wandb.ai")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    res = analyze(runs_root, out, random_n=0, spectra=False, verbose=False, wandb=True)
+    assert res["wandb"] is None and (out / "runs.csv").exists()
+    err = [x for x in capsys.readouterr().err.splitlines() if "W&B mirror off" in x]
+    assert len(err) == 1 and "CommError: could not reach api.wandb.ai" in err[0]

@@ -203,3 +203,62 @@ def test_drift_in_the_eval_stage_and_the_analysis(make_cfg):
     out = analyze(run.parents[1], spectra=False)
     figs = [Path(p).name for p in out.get("figures", [])] if isinstance(out, dict) else []
     assert any(f.startswith("learning_vs_drift") for f in figs), figs
+
+
+def test_base_model_alone_fills_the_cache_a_run_then_reuses(make_cfg, runs_dir, cache_dir,
+                                                            monkeypatch, capsys):
+    """`learnforget eval model=<m> eval=<suite>` with no trained run scores the base model into
+    runs/_base/; a run's eval later reuses those scores instead of scoring the base again."""
+    from learnforget.cli import main
+
+    monkeypatch.setenv("LEARNFORGET_RUNS_DIR", str(runs_dir))
+    monkeypatch.setenv("LEARNFORGET_CACHE_DIR", str(cache_dir))
+    # the same data and block length as make_cfg's runs (the base's held-out CE is on them)
+    suite = [*SMOKE_FAST, "eval.diversity.prompts=[]", "data.max_docs=8", "data.heldout_docs=2",
+             "train.seq_len=32", "train.batch_size=2"]
+    assert main(["eval", "model=tiny_llama", *suite]) == 0
+    out = capsys.readouterr().out
+    assert "no trained run for this config" in out and "scoring the base model tiny_llama" in out
+    (cache,) = (runs_dir / "_base" / "tiny_llama").glob("*.json")
+    base = json.loads(cache.read_text())
+    assert base["model"] == "tiny_llama" and base["suite"] == "smoke"
+    assert set(base["tasks"]) >= {"lf_smoke_hellaswag", "lf_smoke_gsm8k"}
+    assert base["ppl"]["target_heldout"]["ce"] > 0
+    assert f"base scores of tiny_llama on eval=smoke: {cache}" in out
+    assert not (runs_dir / "default").exists()  # no run folder was made
+
+    cfg = make_cfg("method=lora", "method.r=4", *SMOKE_FAST, "eval.diversity.prompts=[]")
+    run = fit(setup(cfg))
+    stamp = cache.stat().st_mtime_ns
+    capsys.readouterr()
+    rows = json.loads(evaluate_run(run, cfg.eval).read_text())["rows"]
+    assert "scoring the base model" not in capsys.readouterr().out
+    assert cache.stat().st_mtime_ns == stamp
+    assert rows[0]["target_ce"] == pytest.approx(base["ppl"]["target_heldout"]["ce"])
+
+
+def test_a_users_own_task_and_suite_from_the_hydra_search_path(runs_dir, cache_dir, tmp_path,
+                                                                monkeypatch, capsys):
+    """README "Your own task": a multiple-choice jsonl file and a suite file in the user's own
+    config folder, found through hydra.searchpath, scored on the base model."""
+    from learnforget.cli import main
+
+    monkeypatch.setenv("LEARNFORGET_RUNS_DIR", str(runs_dir))
+    monkeypatch.setenv("LEARNFORGET_CACHE_DIR", str(cache_dir))
+    data = tmp_path / "capitals.jsonl"
+    items = [{"input": "The capital of France is", "choices": [" Paris", " Rome", " Oslo"],
+              "gold": 0},
+             {"input": "The capital of Italy is", "choices": [" Paris", " Rome"], "gold": 1},
+             {"input": "The capital of Norway is", "choices": [" Oslo", " Bern"], "gold": 0}]
+    data.write_text("".join(json.dumps(x) + "\n" for x in items))
+    (tmp_path / "myconf/eval").mkdir(parents=True)
+    (tmp_path / "myconf/eval/capitals.yaml").write_text(
+        "defaults:\n  - _base\nname: capitals\ntasks:\n"
+        f"  - {{name: my_capitals, kind: mc_json, data: {data}, role: forgetting}}\n")
+    assert main(["eval", f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "eval=capitals",
+                 "model=tiny_llama"]) == 0
+    (cache,) = (runs_dir / "_base" / "tiny_llama").glob("capitals-*.json")
+    task = json.loads(cache.read_text())["tasks"]["my_capitals"]
+    assert task["n"] == 3 and task["primary_metric"] == "acc"
+    assert 0 <= task["primary"] <= 1
+    assert task["chance"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3)

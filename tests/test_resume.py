@@ -97,3 +97,76 @@ def test_sigterm_saves_state_and_the_rerun_finishes(tmp_path, cache_dir):
     assert f"resuming {run.name} from step {info['train']['steps_done']}" in done.stdout
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "finished" and info["train"]["steps_done"] == 200
+
+
+# ------------------------------------------------------------------ no double training
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_a_start_set_up_while_another_trained_does_not_train_again(make_cfg, capsys):
+    """The second of two identical commands loads its model while the first trains; it takes
+    the run lock only after the first finished. It must see "finished" under the lock and do
+    nothing, and a finished run keeps no resume state."""
+    from learnforget.train import fit, setup
+
+    cfg = make_cfg("method=lora", "method.r=4")
+    second = setup(cfg)  # started while the first is mid-run: not finished yet
+    out = fit(setup(cfg))
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert not (out / "train/resume.pt").exists()
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert fit(second) == out
+    assert "is already finished" in capsys.readouterr().out
+    assert _snapshot(out) == before  # nothing retrained, nothing rewritten
+
+
+def test_a_stale_resume_state_of_a_finished_run_is_ignored(make_cfg):
+    """A finished run that still holds a train/resume.pt (as older versions left it) is not
+    resumed by a start that set up before it finished (the file would not even load)."""
+    from learnforget.train import fit, setup
+
+    cfg = make_cfg("method=lora", "method.r=4")
+    stale = setup(cfg)
+    out = fit(setup(cfg))
+    torch.save({"progress": {"step": 1}}, out / "train/resume.pt")
+    before = _snapshot(out)
+    assert fit(stale) == out
+    assert _snapshot(out) == before
+
+
+def test_a_second_process_started_mid_run_skips_it(tmp_path, cache_dir):
+    """Two identical commands at once: the second finds the run locked and leaves it alone;
+    the first finishes, every step trained once."""
+    import signal
+    import time
+
+    runs = tmp_path / "runs"
+    env = {**os.environ, "LEARNFORGET_RUNS_DIR": str(runs), "LEARNFORGET_CACHE_DIR": str(cache_dir)}
+    args = [sys.executable, "-m", "learnforget.cli", "train", *COMMON, "method=lora",
+            "train.checkpoints.at=[2,40]"]
+    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.time() + 120
+    while not list(runs.glob("default/*/checkpoints/step-000002")) and time.time() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)  # hold it mid-run, lock taken
+    try:
+        run = next((runs / "default").iterdir())
+        assert json.loads((run / "run.json").read_text())["status"] == "running"
+        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "is being trained by another process" in second.stdout
+    assert "resuming" not in second.stdout + stdout
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["train"]["steps_done"] == 40
+    steps = [s for s, _ in _losses(run)]
+    assert steps.count(3) == 1 and steps.count(40) == 2  # step 40: loss and held-out loss
+    assert not (run / "train/resume.pt").exists()

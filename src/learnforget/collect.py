@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from learnforget.errors import ConfigError
-from learnforget.record import read_json
+from learnforget.record import read_json, read_result
 
 META_COLUMNS = ["run", "experiment", "model", "method", "method_summary", "rank", "alpha",
                 "targets", "data", "regime", "seed", "status", "suite", "checkpoint", "step",
@@ -237,7 +237,7 @@ def collect_spectra(root: Path, *, matrix: str | None = None) -> pd.DataFrame:
         meta = _settings(read_json(run_dir / "run.json") or {})
         meta["run"] = meta["run"] or run_dir.name
         for js in sorted((run_dir / "spectra").glob("*.json")):
-            rec = read_json(js) or {}
+            rec = read_result(js) or {}  # a file cut short: left out (spectra redo it)
             for r in rec.get("rows", []):
                 if matrix and r.get("matrix") != matrix:
                     continue

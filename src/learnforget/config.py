@@ -26,6 +26,7 @@ MASTER_WEIGHTS = ("fp32", "model_dtype")
 CHECKPOINT_UNITS = ("tokens", "epochs", "steps")
 REGIMES = ("cpt", "ift")
 DATA_FORMATS = ("memory", "shards")   # = learnforget.shards.FORMATS
+LOGGER_MODES = ("auto", "offline", "online", "disabled")
 STRATEGIES = ("ddp", "fsdp")   # = learnforget.distributed.STRATEGIES (not imported: no torch here)
 
 
@@ -113,6 +114,9 @@ def validate(cfg: DictConfig) -> None:
     _require(strategy in STRATEGIES,
              f"train.distributed.strategy {strategy!r} is unknown (expected one of: "
              f"{', '.join(STRATEGIES)})")
+    mode = (cfg.get("logger") or {}).get("mode", "auto")
+    _require(mode in LOGGER_MODES,
+             f"logger.mode {mode!r} is unknown (expected one of: {', '.join(LOGGER_MODES)})")
     _require(cfg.data.regime in REGIMES,
              f"data.regime {cfg.data.regime!r} is unknown (expected one of: {', '.join(REGIMES)})")
     fmt = cfg.data.get("format", "memory")

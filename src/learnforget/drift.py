@@ -276,11 +276,11 @@ def save_references(refs: Mapping[str, Any], path: Path) -> None:
 
 
 def load_references(path: Path) -> dict[str, Any] | None:
-    """The saved references, or None when there is no file."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return None
+    """The saved references, or None when there is no file or it does not parse (then with a
+    warning: the caller generates them again)."""
+    from learnforget.record import read_result
+
+    return read_result(Path(path))
 
 
 def reference_key(settings: Mapping[str, Any], tokenizer, model_id: str) -> str:

@@ -23,7 +23,13 @@ from learnforget.config import conf_dir
 from learnforget.crossentropy import mean_cross_entropy
 from learnforget.data import build_data, load_records, pack_documents
 from learnforget.errors import ConfigError
-from learnforget.record import atomic_write_json, meta_info, package_versions, read_json
+from learnforget.record import (
+    atomic_write_json,
+    meta_info,
+    package_versions,
+    read_json,
+    read_result,
+)
 
 ROLES = ("target", "forgetting")
 
@@ -223,11 +229,20 @@ def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_
           cache_dir: Path, drift_eval=None) -> dict[str, Any]:
     """All of a suite's numbers for one model: lm-eval tasks, cross-entropy sets, diversity,
     drift from the base model (with `drift_eval`, a learnforget.drift.DriftEval)."""
+    from learnforget.console import library_bars
+
+    t0 = time.perf_counter()
+    with library_bars():  # lm-eval's per-task bars and the drift bar: to the run's log file
+        return {**_score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,
+                         drift_eval), "wall_time_s": time.perf_counter() - t0}
+
+
+def _score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,
+           cache_dir: Path, drift_eval=None) -> dict[str, Any]:
     from lm_eval.models.huggingface import HFLM
 
     from learnforget.lmeval_tasks import evaluate as run_tasks
 
-    t0 = time.perf_counter()
     tasks: dict[str, Any] = {}
     if specs:
         os.environ["LEARNFORGET_CODE_EXEC_TIMEOUT_S"] = str(float(ev.code_timeout_s))
@@ -254,8 +269,7 @@ def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_
                             "role": str(p.get("role", "forgetting"))}
     return {"tasks": tasks, "ppl": ppl,
             "diversity": diversity(model, tokenizer, ev.diversity, int(ev.seed)),
-            "drift": drift_eval.score(model) if drift_eval is not None else {},
-            "wall_time_s": time.perf_counter() - t0}
+            "drift": drift_eval.score(model) if drift_eval is not None else {}}
 
 
 # ------------------------------------------------------------------ summary rows
@@ -319,8 +333,9 @@ def base_model_id(run_cfg: DictConfig) -> str:
 
 def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, tokenizer,
                 specs, include_path: Path, cache_dir: Path, device: str,
-                drift_eval=None) -> dict[str, Any]:
-    """The base model's scores, computed once per (model, quantisation, suite settings)."""
+                drift_eval=None, model=None) -> dict[str, Any]:
+    """The base model's scores, computed once per (model, quantisation, suite settings).
+    `model`: the base model when the caller has it loaded already."""
     from learnforget.assets_cache import file_lock
 
     model_id = base_model_id(run_cfg)
@@ -328,23 +343,52 @@ def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, 
     data_id = f"-{run_cfg.data.name}" if ppl_run else ""
     path = runs_root / "_base" / model_id / f"{ev.name}{data_id}-{key[:12]}.json"
     with file_lock(path.with_suffix(".lock")):
-        cached = read_json(path)
+        cached = read_result(path)
         if cached and cached.get("eval_key") == key:
-            return cached
+            return {**cached, "cache_file": str(path)}
         print(f"learnforget: scoring the base model {model_id} on eval={ev.name} (cached after)")
-        model = (drift_eval.base_model if drift_eval is not None
-                 else load_for_eval(run_cfg, None, cache_dir, device))
+        if model is None:
+            model = (drift_eval.base_model if drift_eval is not None
+                     else load_for_eval(run_cfg, None, cache_dir, device))
         result = {"eval_key": key, "model": model_id, "suite": ev.name,
                   **score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,
                           drift_eval),
                   "versions": package_versions()}
         atomic_write_json(path, result)
-        return result
+        return {**result, "cache_file": str(path)}
+
+
+def checked_specs(ev: DictConfig, cache_dir: Path) -> list:
+    """The suite's task specs, after the code-execution opt-in check."""
+    if ev.allow_code_execution is False and any(t.kind == "humaneval" for t in ev.tasks):
+        from learnforget.sandbox import require_opt_in
+
+        require_opt_in(False)
+    return task_specs(ev, cache_dir)
+
+
+def drift_eval_for(ev: DictConfig, run_cfg: DictConfig, runs_root: Path, tokenizer, load_base):
+    """A DriftEval when the suite measures drift (eval.drift.enabled), else None."""
+    if ev.get("drift") is None or not ev.drift.get("enabled", False):
+        return None
+    from learnforget.drift import DriftEval
+
+    return DriftEval(ev.drift, model_id=base_model_id(run_cfg), runs_root=runs_root,
+                     tokenizer=tokenizer, load_base=load_base)
 
 
 def evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None = None,
                  cache_dir: Path | None = None) -> Path:
-    """Evaluate every checkpoint of a run folder (or ev.checkpoint); returns the summary path."""
+    """Evaluate every checkpoint of a run folder (or ev.checkpoint); returns the summary path.
+    What the libraries log goes to <run>/run.log (learnforget.console)."""
+    from learnforget.console import LOG_NAME, library_output
+
+    with library_output(Path(run_dir).resolve() / LOG_NAME, f"eval {ev.name}"):
+        return _evaluate_run(run_dir, ev, logger_cfg, cache_dir)
+
+
+def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
+                  cache_dir: Path | None) -> Path:
     from learnforget.lmeval_tasks import write_task_dir
     from learnforget.models import load_tokenizer
 
@@ -365,39 +409,28 @@ def evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None = 
         if not ckpts:
             raise ConfigError(f"eval.checkpoint={ev.checkpoint!r} is not a checkpoint of "
                               f"{run_dir.name}")
-    if ev.allow_code_execution is False and any(t.kind == "humaneval" for t in ev.tasks):
-        from learnforget.sandbox import require_opt_in
-
-        require_opt_in(False)
-    specs = task_specs(ev, cache_dir)
+    specs = checked_specs(ev, cache_dir)
     include_path = write_task_dir(specs, run_dir / "eval" / "tasks") if specs else run_dir
     key = eval_key(ev, specs, include_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
-    drift_eval = None
-    if ev.get("drift") is not None and ev.drift.get("enabled", False):
-        from learnforget.drift import DriftEval
-
-        drift_eval = DriftEval(ev.drift, model_id=base_model_id(run_cfg),
-                               runs_root=run_dir.parents[1], tokenizer=tokenizer,
-                               load_base=lambda: load_for_eval(run_cfg, None, cache_dir, device))
+    drift_eval = drift_eval_for(ev, run_cfg, run_dir.parents[1], tokenizer,
+                             lambda: load_for_eval(run_cfg, None, cache_dir, device))
     base = base_scores(run_cfg, ev, key, run_dir.parents[1], tokenizer, specs, include_path,
                        cache_dir, device, drift_eval)
 
-    loggers = None
-    if logger_cfg is not None and logger_cfg.name == "wandb":
-        from learnforget.tracking import WandbLogger
+    from learnforget.tracking import mirror_loggers
 
-        loggers = WandbLogger(logger_cfg, run_dir=run_dir, run_name=run_dir.name,
-                              group=str(run_cfg.experiment_name), job_type="eval",
-                              config={"eval": OmegaConf.to_container(ev, resolve=True)},
-                              tags=[run_cfg.method.name, run_cfg.data.name, ev.name],
-                              x_axis="tokens")
+    loggers = mirror_loggers(logger_cfg, run_dir=run_dir, run_name=run_dir.name,
+                             group=str(run_cfg.experiment_name), job_type="eval",
+                             config={"eval": OmegaConf.to_container(ev, resolve=True)},
+                             tags=[run_cfg.method.name, run_cfg.data.name, ev.name],
+                             x_axis="tokens")
     rows = [{"checkpoint": "base", "step": 0, "tokens": 0, **summarize(base, base)}]
     for ckpt in tqdm(ckpts, desc=f"eval {run_dir.name[:30]}", disable=None):
         manifest = read_json(ckpt / "manifest.json")
         out = run_dir / "eval" / f"{ckpt.name}.json"
-        result = read_json(out)
+        result = read_result(out)
         if not (result and result.get("eval_key") == key):
             model = load_for_eval(run_cfg, ckpt, cache_dir, device)
             result = {"checkpoint": ckpt.name, "step": manifest["step"],
@@ -412,17 +445,15 @@ def evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None = 
         row = {"checkpoint": ckpt.name, "step": result["step"], "tokens": result["tokens"],
                **summarize(result, base)}
         rows.append(row)
-        if loggers:
-            loggers.log(row)
+        loggers.log(row)
     summary = {"run": run_dir.name, "suite": ev.name, "eval_key": key,
                "base_scores": str(run_dir.parents[1] / "_base"), "rows": rows}
     path = run_dir / "eval" / f"summary-{ev.name}.json"
     atomic_write_json(path, summary)
     _write_csv(path.with_suffix(".csv"), rows)
-    if loggers:
-        loggers.summary({"eval_suite": ev.name})
-        loggers.finish("finished")
-    _print_rows(rows)
+    loggers.summary({"eval_suite": ev.name})
+    loggers.finish("finished")
+    print_rows(rows)
     return path
 
 
@@ -440,7 +471,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _print_rows(rows: list[dict[str, Any]]) -> None:
+def print_rows(rows: list[dict[str, Any]]) -> None:
     def f(v):
         return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -452,8 +483,15 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
 
 
 def eval_main(cfg: DictConfig, run_dir: Path | None = None) -> Path:
-    """Evaluate the run that `cfg` names (or the given folder) with suite cfg.eval."""
+    """Evaluate the run that `cfg` names (or the given folder) with suite cfg.eval. With no
+    folder given and no run folder for `cfg`, score the base model alone (learnforget.base_eval)."""
     from learnforget.config import run_dir as derive_run_dir
 
     target = Path(run_dir) if run_dir else derive_run_dir(cfg)
+    if run_dir is None and not target.exists():
+        print(f"learnforget: no trained run for this config ({target}): scoring the base model "
+              f"{base_model_id(cfg)} alone")
+        from learnforget.base_eval import evaluate_base
+
+        return evaluate_base(cfg)
     return evaluate_run(target, cfg.eval, cfg.logger, Path(cfg.paths.cache_dir).expanduser())

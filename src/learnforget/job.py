@@ -11,6 +11,7 @@ resumes from `train/resume.pt`. What the job did is kept in `<run>/job.json`.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from omegaconf import DictConfig
 
 from learnforget.config import config_hash, run_dir, run_name, validate
 from learnforget.errors import ConfigError
-from learnforget.record import atomic_write_json, read_json
+from learnforget.record import atomic_write_json, read_json, read_result
 
 STAGES = ("train", "eval", "spectra")
 JOB_FILE = "job.json"
@@ -55,7 +56,7 @@ def train_complete(out: Path, chash: str | None = None) -> bool:
 
 def eval_complete(out: Path, suite: str) -> bool:
     """The suite's summary exists and has a row for every checkpoint of the run."""
-    summary = read_json(out / "eval" / f"summary-{suite}.json")
+    summary = read_result(out / "eval" / f"summary-{suite}.json")
     if not summary:
         return False
     have = {r.get("checkpoint") for r in summary.get("rows", [])}
@@ -68,8 +69,17 @@ def spectra_complete(out: Path) -> bool:
     ckpts = checkpoint_names(out)
     if not ckpts:
         return False
-    done = set((read_json(out / JOB_FILE) or {}).get("spectra_checkpoints", []))
-    return all(c in done or (out / "spectra" / f"{c}.json").exists() for c in ckpts)
+    done = set((read_result(out / JOB_FILE) or {}).get("spectra_checkpoints", []))
+    return all(c in done or _parses(out / "spectra" / f"{c}.json") for c in ckpts)
+
+
+def _parses(path: Path) -> bool:
+    """The file exists and is whole JSON (a file cut short is recomputed by its stage)."""
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def stage_complete(cfg: DictConfig, stage: str, out: Path | None = None) -> bool:
@@ -158,7 +168,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     env_from_slurm()  # several SLURM tasks (tasks_per_node > 1): RANK etc. for this check
     main_rank = int(os.environ.get("RANK", "0")) == 0
     status: dict[str, str] = {}
-    record = read_json(out / JOB_FILE) or {}
+    record = read_result(out / JOB_FILE) or {}
     trained = train_complete(out, chash)
     t0 = time.time()
     current = None

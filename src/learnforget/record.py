@@ -11,6 +11,7 @@ import platform
 import secrets
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -54,10 +55,31 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
+    """The parsed file, or None when it does not exist. A file that does not parse (cut short,
+    hand-edited) is a ConfigError naming it: for records a stage cannot recompute (run.json)."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{path} is not valid JSON ({_first_line(e)}): repair or remove it "
+                          "(a file cut short by a crash or a full disk)") from e
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """A result file a stage can recompute (eval scores, spectra, base cache): the parsed file,
+    or None when it is missing or does not parse; the latter with a one-line warning."""
+    try:
+        return read_json(path)
+    except ConfigError as e:
+        print(f"learnforget: warning: {path} does not parse ({_first_line(e.__cause__)}); "
+              "recomputing it", file=sys.stderr, flush=True)
+        return None
+
+
+def _first_line(e: BaseException | None) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def package_versions() -> dict[str, str | None]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from learnforget.errors import ConfigError
-from learnforget.record import atomic_open, atomic_write_json, read_json
+from learnforget.record import atomic_open, atomic_write_json, read_json, read_result
 
 SPECTRA_VERSION = 1
 MATRICES = ("delta", "base", "ft")
@@ -701,7 +701,7 @@ def compute_spectra(run_dir: Path, checkpoint: str | Sequence[str] | None = None
     paths = []
     for ck in ckpts:
         js, npz = out_dir / f"{ck.name}.json", out_dir / f"{ck.name}.npz"
-        old = read_json(js)
+        old = read_result(js)
         if old and not force and old.get("settings") == settings and npz.exists():
             if old.get("threshold") != threshold:
                 _resummarise(js, npz, old, threshold)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,7 +37,7 @@ class DiskLogger:
         path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after_step is not None and path.exists():
             keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
+                    if _step_of(line) is not None and _step_of(line) <= truncate_after_step]
             path.write_text("".join(line + "\n" for line in keep))
         elif truncate_after_step is None and path.exists():
             path.unlink()
@@ -53,14 +54,50 @@ class DiskLogger:
         self._f.close()
 
 
+def _step_of(line: str) -> int | None:
+    """The step of one metrics line; None for a blank line or one cut short by a kill."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+             "disabled": "disabled"}
+
+
 def wandb_mode(requested: str) -> str:
-    if requested == "auto":
-        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    if requested not in ("online", "offline", "disabled"):
+    """The W&B mode a run uses. `WANDB_MODE=offline` (or disabled) in the environment always
+    wins: a compute node without internet sets it, whether or not a key is set. Otherwise auto
+    means WANDB_MODE when set, else online with WANDB_API_KEY, else offline."""
+    if requested != "auto" and requested not in WANDB_MODES:
         from learnforget.errors import ConfigError
 
-        raise ConfigError(f"logger.mode {requested!r} is unknown (expected auto, offline, online)")
+        raise ConfigError(f"logger.mode {requested!r} is unknown (expected auto, offline, online, "
+                          "disabled)")
+    env = ENV_MODES.get(os.environ.get("WANDB_MODE", "").strip().lower())
+    if env in ("offline", "disabled"):
+        return env
+    if requested == "auto":
+        return env or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     return requested
+
+
+def redact(text: str) -> str:
+    """`text` with the values of secret-looking environment variables (W&B key, HF token)
+    replaced: W&B error messages can quote the key."""
+    for name, value in os.environ.items():
+        if value and len(value) >= 8 and SECRET.search(name):
+            text = text.replace(value, "<redacted>")
+    return text
+
+
+def mirror_off(what: str, e: BaseException) -> None:
+    """One warning line: the W&B mirror is off, and why; the disk record goes on."""
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    print(f"learnforget: warning: W&B mirror off ({what}: {type(e).__name__}: "
+          f"{redact(first)}); the run folder keeps the full record", file=sys.stderr, flush=True)
 
 
 class WandbLogger:
@@ -110,19 +147,22 @@ def _wandb_id(run_name: str, job_type: str) -> str:
 
 
 class Loggers:
-    """Fan-out to every logger; a failing mirror never breaks the disk record."""
+    """Fan-out to every logger. The first `required` (the disk record) raise on failure; a
+    failing mirror (W&B) warns once and is dropped, so it never breaks a run."""
 
-    def __init__(self, loggers: list[MetricLogger]):
-        self.loggers = loggers
+    def __init__(self, loggers: list[MetricLogger], *, required: int = 1):
+        self.loggers = list(loggers)
+        self.required = min(required, len(self.loggers))
 
     def _each(self, method: str, *args: Any) -> None:
-        for i, lg in enumerate(self.loggers):
+        for i, lg in enumerate(list(self.loggers)):
             try:
                 getattr(lg, method)(*args)
             except Exception as e:
-                if i == 0:
+                if i < self.required:
                     raise
-                print(f"learnforget: warning: {type(lg).__name__}.{method} failed: {e}")
+                self.loggers.remove(lg)
+                mirror_off(f"{type(lg).__name__}.{method} failed", e)
 
     def log(self, record: dict[str, Any]) -> None:
         self._each("log", record)
@@ -134,12 +174,32 @@ class Loggers:
         self._each("finish", status)
 
 
+def open_wandb(logger_cfg: DictConfig, **kwargs: Any) -> WandbLogger | None:
+    """A W&B run, or None (with a one-line warning) when W&B cannot start: a bad key, no
+    network, the server down, a broken install. Keyword arguments as for WandbLogger."""
+    if logger_cfg.name != "wandb" or wandb_mode(str(logger_cfg.mode)) == "disabled":
+        return None
+    from learnforget.console import quiet_wandb
+
+    quiet_wandb()
+    try:
+        return WandbLogger(logger_cfg, **kwargs)
+    except Exception as e:
+        mirror_off(f"wandb.init failed for {kwargs.get('job_type', 'this stage')}", e)
+        return None
+
+
+def mirror_loggers(logger_cfg: DictConfig | None, **kwargs: Any) -> Loggers:
+    """Only the W&B mirror (the stage writes its own files): empty when off or failed."""
+    lg = open_wandb(logger_cfg, **kwargs) if logger_cfg is not None else None
+    return Loggers([lg] if lg is not None else [], required=0)
+
+
 def make_loggers(cfg: DictConfig, *, run_dir: Path, run_name: str, stage: str,
                  config: dict[str, Any], tags: list[str], metrics_path: Path,
                  resume_step: int | None) -> Loggers:
     loggers: list[MetricLogger] = [DiskLogger(metrics_path, truncate_after_step=resume_step)]
-    if cfg.logger.name == "wandb" and cfg.logger.mode != "disabled":
-        loggers.append(WandbLogger(cfg.logger, run_dir=run_dir, run_name=run_name,
-                                   group=str(cfg.experiment_name), job_type=stage, config=config,
-                                   tags=tags, x_axis="tokens" if stage != "train" else "step"))
-    return Loggers(loggers)
+    mirror = open_wandb(cfg.logger, run_dir=run_dir, run_name=run_name,
+                        group=str(cfg.experiment_name), job_type=stage, config=config, tags=tags,
+                        x_axis="tokens" if stage != "train" else "step")
+    return Loggers(loggers + ([mirror] if mirror is not None else []))

@@ -246,6 +246,19 @@ def save_checkpoint(out: Path, model, manifest: dict[str, Any],
         raise
 
 
+def finished_under_lock(out: Path, chash: str) -> bool:
+    """Read with the run's lock held: did another process finish this run meanwhile?"""
+    info = read_json(out / "run.json")
+    return bool(info) and info.get("status") == "finished" and info.get("config_hash") == chash
+
+
+def drop_resume_state(resume_path: Path) -> None:
+    """Remove train/resume.pt (and FSDP's resume-shards-*/): a finished run resumes nothing."""
+    resume_path.unlink(missing_ok=True)
+    for shards in resume_path.parent.glob("resume-shards-*"):
+        shutil.rmtree(shards, ignore_errors=True)
+
+
 def pass_on_signals(received: list[int], previous: dict[int, Any]) -> None:
     """After an interrupted run is saved, give each stop signal to the handler that was installed
     before train() took it over: a job framework's handler (submitit's USR2 handler checkpoints
@@ -401,10 +414,15 @@ def parallel_strategy(cfg: DictConfig, d: Dist, notes: list[str]) -> str | None:
 
 
 def train(cfg: DictConfig) -> Path:
-    """Train one run to the end of its checkpoint schedule; returns the run folder."""
-    s = setup(cfg)
-    out = run_dir(cfg) if s is None else fit(s)
-    if cooldown.cooldown_mode(cfg.train) == "branches":  # each budget's cooldown, from the plateau
+    """Train one run to the end of its checkpoint schedule (and, with cooldown branches, each
+    budget's cooldown from the plateau); returns the run folder. What the libraries log goes to
+    <run>/run.log (learnforget.console)."""
+    from learnforget.console import LOG_NAME, library_output
+
+    with library_output(run_dir(cfg) / LOG_NAME, "train"):
+        s = setup(cfg)
+        out = run_dir(cfg) if s is None else fit(s)
+    if cooldown.cooldown_mode(cfg.train) == "branches":
         cooldown.run_branches(cfg, out)
     return out
 
@@ -427,6 +445,11 @@ def fit(s: Setup) -> Path:
         print(f"learnforget: {name} is being trained by another process ({out}); skipping")
         return out
     resume_path = out / "train" / "resume.pt"
+    if distributed.all_reduce(1.0 if d.main and finished_under_lock(out, chash) else 0.0, d,
+                              "max"):  # another process finished it while this one set up
+        lock.release()
+        print(f"learnforget: {name} is already finished ({out}); skipping")
+        return out
     progress = {"step": 0, "tokens": 0, "wall_time_s": 0.0, "losses": [], "world": d.world}
     if resume_path.exists():
         progress = {"world": d.world, **load_resume(resume_path, model, optimizer, scheduler)}
@@ -461,12 +484,18 @@ def fit(s: Setup) -> Path:
     }
     if d.main:
         atomic_write_json(out / "run.json", record)
+    try:
         loggers = make_loggers(cfg, run_dir=out, run_name=name, stage="train", config=resolved,
                                tags=[cfg.method.name, method_summary(cfg.method), cfg.data.name,
                                      cfg.model.name], metrics_path=out / "train" / "metrics.jsonl",
-                               resume_step=progress["step"] if resume_path.exists() else None)
-    else:
-        loggers = Loggers([])
+                               resume_step=progress["step"] if resume_path.exists() else None
+                               ) if d.main else Loggers([])
+    except BaseException:  # run.json never stays "running" after a failed setup
+        record["status"] = "failed"
+        if d.main:
+            atomic_write_json(out / "run.json", record)
+        lock.release()
+        raise
     net = model
     if d.world > 1 and not sharded:  # FSDP: the model is already sharded (setup)
         from torch.nn.parallel import DistributedDataParallel
@@ -585,6 +614,8 @@ def fit(s: Setup) -> Path:
         })
         if d.main:
             atomic_write_json(out / "run.json", record)
+            if status == "finished":  # a finished run keeps no resume state
+                drop_resume_state(resume_path)
         loggers.summary({"status": status, "trainable_params": trainable, "total_params": total,
                          "tokens_seen": progress["tokens"]})
         loggers.finish(status)
