@@ -45,6 +45,19 @@ def test_eval_stage_scores_every_checkpoint_against_cached_base(lora_run, capsys
     assert tasks["lf_smoke_winogrande"]["n"] == 4
     assert all(t["config_hash"] and t["lm_eval_version"] for t in tasks.values())
     assert per_ckpt["diversity"]["samples"] == 4
+    # per-item results for the base and each checkpoint; the paired columns follow from them
+    base_json = json.loads(next((run.parents[1] / "_base").rglob("*.json")).read_text())
+    for name, t in tasks.items():
+        items, b_items = t["items"], base_json["tasks"][name]["items"]
+        assert items["doc_id"] == b_items["doc_id"] == list(range(4)), name
+        assert sum(items["correct"]) / 4 == pytest.approx(t["primary"]), name
+        delta = t["primary"] - base_json["tasks"][name]["primary"]
+        assert last[f"paired/{name}/acc_delta"] == pytest.approx(delta), name
+        flips = [(b, c) for b, c in zip(b_items["correct"], items["correct"], strict=True)]
+        assert last[f"paired/{name}/right_to_wrong"] == flips.count((1.0, 0.0)), name
+        assert last[f"paired/{name}/wrong_to_right"] == flips.count((0.0, 1.0)), name
+    assert "ll_gold_delta" in "".join(last) and "mde/lf_smoke_arc/acc" in base
+    assert last["paired_forgetting_tasks"] == 3  # hellaswag, arc, winogrande
     base_files = list((run.parents[1] / "_base").rglob("*.json"))
     assert len(base_files) == 1
     assert (summary_path.with_suffix(".csv")).read_text().count("\n") == 4

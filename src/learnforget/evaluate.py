@@ -245,20 +245,43 @@ def diversity(model, tokenizer, d: DictConfig, seed: int) -> dict[str, Any]:
             "mean_unique": sum(per_prompt.values()) / len(per_prompt)}
 
 
+BACKENDS = ("hf", "shared")
+
+
+def lm_class(model, backend: str):
+    """lm-eval's HFLM ("hf"), or learnforget.fast_lm.SharedContextLM ("shared": a question's
+    context once for all its choices; the same log-likelihoods within 1e-4). Prompt and prefix
+    tuning put virtual tokens in front of every call, which a shared KV cache would repeat:
+    those models always get HFLM."""
+    from lm_eval.models.huggingface import HFLM
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"eval.backend={backend!r} is unknown (expected one of: "
+                          f"{', '.join(BACKENDS)})")
+    peft_cfg = getattr(model, "peft_config", {}).get("default") if hasattr(
+        model, "peft_config") else None
+    virtual = isinstance(model, StripVirtualTokens) or (
+        peft_cfg is not None and getattr(peft_cfg, "num_virtual_tokens", None))
+    if backend == "hf" or virtual:
+        return HFLM
+    from learnforget.fast_lm import SharedContextLM
+
+    return SharedContextLM
+
+
 def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,
           cache_dir: Path, drift_eval=None) -> dict[str, Any]:
     """All of a suite's numbers for one model: lm-eval tasks, cross-entropy sets, diversity,
     drift from the base model (with `drift_eval`, a learnforget.drift.DriftEval)."""
-    from lm_eval.models.huggingface import HFLM
-
     from learnforget.lmeval_tasks import evaluate as run_tasks
 
     t0 = time.perf_counter()
     tasks: dict[str, Any] = {}
     if specs:
         os.environ["LEARNFORGET_CODE_EXEC_TIMEOUT_S"] = str(float(ev.code_timeout_s))
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(ev.batch_size),
-                  max_gen_toks=int(ev.max_gen_toks))
+        lm = lm_class(model, str(ev.get("backend", "hf")))(
+            pretrained=model, tokenizer=tokenizer, batch_size=int(ev.batch_size),
+            max_gen_toks=int(ev.max_gen_toks))
         # a task entry's own `limit` overrides the suite's: one lm-eval call per distinct limit;
         # tasks with a fixed `subset` (lm-eval's samples=, no limit) go in one call of their own
         subsets = task_subsets(ev, specs)
