@@ -59,3 +59,25 @@ def test_same_loglikelihoods_as_hflm(model, tmp_path):
         assert len(flat_a) == len(flat_b) > 0
         assert max(abs(x - y) for x, y in zip(flat_a, flat_b, strict=True)) < 1e-4, spec.name
         assert a["metrics"] == b["metrics"], spec.name
+
+
+def test_unmerged_lora_adapter_gives_the_same_loglikelihoods(model, tmp_path):
+    """Checkpoints are scored as unmerged PeftModels: the shared cache goes through peft."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                  target_modules=["q_proj", "v_proj", "up_proj"]))
+    peft_model.eval()
+    spec = TaskSpec("lf_arc", "arc_challenge", FIX / "benchmarks" / bd.file_name("arc_challenge"))
+    include = write_task_dir([spec], tmp_path / "t")
+    tok = tiny_tokenizer()
+    lls = {}
+    for cls in (HFLM, SharedContextLM):
+        lm = cls(pretrained=peft_model, tokenizer=tok, batch_size=4)
+        res = evaluate(lm, [spec], include, batch_size=4, seed=1234, items=True)[spec.name]
+        lls[cls.__name__] = [x for row in res["items"]["lls"] for x in row]
+    assert not lm._sharing_failed
+    assert max(abs(a - b) for a, b in zip(lls["HFLM"], lls["SharedContextLM"],
+                                          strict=True)) < 1e-4
+    peft_model.unload()  # the module fixture's model without the adapter layers again
