@@ -185,3 +185,31 @@ def test_paired_columns_and_printed_lines():
     text = "\n".join(paired_lines(rows))
     assert "hs: n=10, minimum detectable change at 95%: acc 0.0000" in text
     assert "step-1  d_acc -0.1000" in text and "right->wrong 1  wrong->right 0" in text
+
+
+def test_demo_table_shows_paired_changes_with_intervals():
+    import pandas as pd
+
+    from learnforget.demo import results_table
+
+    base = {"checkpoint": "base", "method_summary": "base", "tokens": 0, "seed": 0,
+            "forgetting_score": 0.5}
+    rows = [base]
+    for seed, (d, lo, hi, rw, wr) in enumerate([(-0.02, -0.05, 0.01, 3, 1),
+                                                (-0.04, -0.06, -0.01, 4, 0)]):
+        rows.append({"checkpoint": "c", "method_summary": "full", "tokens": 8192, "seed": seed,
+                     "forgetting_score": 0.5 + d,
+                     "paired_forgetting_acc_delta": d, "paired_forgetting_acc_delta_lo": lo,
+                     "paired_forgetting_acc_delta_hi": hi,
+                     "paired_forgetting_margin_delta": 10 * d,
+                     "paired_forgetting_margin_delta_lo": 10 * lo,
+                     "paired_forgetting_margin_delta_hi": 10 * hi,
+                     "paired_forgetting_right_to_wrong": rw,
+                     "paired_forgetting_wrong_to_right": wr})
+    table, out = results_table(pd.DataFrame(rows))
+    full = out[1]
+    # the seeds' mean change, the envelope of their intervals; flips summed over seeds
+    assert full["Δacc vs base [95% CI]"] == "-0.0300 [-0.0600, +0.0100]"
+    assert full["Δmargin vs base [95% CI]"] == "-0.3000 [-0.6000, +0.1000]"
+    assert full["flips r→w/w→r"] == "7/1"
+    assert out[0]["Δacc vs base [95% CI]"] == "-" and "| benchmark acc |" in table
