@@ -63,6 +63,15 @@ class SharedContextLM(HFLM):
                 out[i] = r
         return out  # type: ignore[return-value]  # every index filled above
 
+    def _cache_kwarg(self) -> str:
+        """`cache` where the model's forward takes it (transformers >= 5.2x deprecates
+        `past_key_values`), else `past_key_values`."""
+        import inspect
+
+        net = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return "cache" if "cache" in inspect.signature(net.forward).parameters else \
+            "past_key_values"
+
     @torch.no_grad()
     def _score_group(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
         """One context, several continuations: (sum of log p, greedy) per continuation."""
@@ -78,8 +87,8 @@ class SharedContextLM(HFLM):
         if n > 1:
             past.batch_repeat_interleave(n)
         mask = torch.ones((n, len(ctx) - 1 + width), dtype=torch.long, device=dev)
-        logits = self.model(input_ids=inp, past_key_values=past, attention_mask=mask,
-                            use_cache=False).logits
+        logits = self.model(input_ids=inp, attention_mask=mask, use_cache=False,
+                            **{self._cache_kwarg(): past}).logits
         logp = F.log_softmax(logits, dim=-1)
         results = []
         for i, c in enumerate(conts):
