@@ -45,6 +45,19 @@ def test_eval_stage_scores_every_checkpoint_against_cached_base(lora_run, capsys
     assert tasks["lf_smoke_winogrande"]["n"] == 4
     assert all(t["config_hash"] and t["lm_eval_version"] for t in tasks.values())
     assert per_ckpt["diversity"]["samples"] == 4
+    # per-item results for the base and each checkpoint; the paired columns follow from them
+    base_json = json.loads(next((run.parents[1] / "_base").rglob("*.json")).read_text())
+    for name, t in tasks.items():
+        items, b_items = t["items"], base_json["tasks"][name]["items"]
+        assert items["doc_id"] == b_items["doc_id"] == list(range(4)), name
+        assert sum(items["correct"]) / 4 == pytest.approx(t["primary"]), name
+        delta = t["primary"] - base_json["tasks"][name]["primary"]
+        assert last[f"paired/{name}/acc_delta"] == pytest.approx(delta), name
+        flips = [(b, c) for b, c in zip(b_items["correct"], items["correct"], strict=True)]
+        assert last[f"paired/{name}/right_to_wrong"] == flips.count((1.0, 0.0)), name
+        assert last[f"paired/{name}/wrong_to_right"] == flips.count((0.0, 1.0)), name
+    assert "ll_gold_delta" in "".join(last) and "mde/lf_smoke_arc/acc" in base
+    assert last["paired_forgetting_tasks"] == 3  # hellaswag, arc, winogrande
     base_files = list((run.parents[1] / "_base").rglob("*.json"))
     assert len(base_files) == 1
     assert (summary_path.with_suffix(".csv")).read_text().count("\n") == 4
@@ -118,12 +131,13 @@ def test_bad_eval_input(make_cfg, lora_run, tmp_path):
     assert not (empty / "eval").exists()
 
 
-PAPER_HUB_MSG = ("eval=paper task hellaswag needs the Hugging Face hub to download its data, "
+PAPER_HUB_MSG = ("eval=paper_hub task hellaswag needs the Hugging Face hub to download its data, "
                  "which cannot be reached here (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set): "
                  "use eval=offline")
 
 
-def test_paper_suite_stops_before_model_work_without_the_hub(make_cfg, tmp_path, monkeypatch):
+def test_paper_hub_suite_stops_before_model_work_without_the_hub(make_cfg, tmp_path,
+                                                                  monkeypatch):
     import re
 
     from omegaconf import OmegaConf
@@ -131,7 +145,7 @@ def test_paper_suite_stops_before_model_work_without_the_hub(make_cfg, tmp_path,
     import learnforget.evaluate as ev_mod
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    cfg = make_cfg("eval=paper")
+    cfg = make_cfg("eval=paper_hub")
     with pytest.raises(ConfigError, match=re.escape(PAPER_HUB_MSG)):
         task_specs(cfg.eval, Path(cfg.paths.cache_dir))
     # the eval stage on a (fake) run folder: refused before any tokenizer or model is loaded
@@ -151,7 +165,32 @@ def test_paper_suite_stops_before_model_work_without_the_hub(make_cfg, tmp_path,
     assert not (run / "eval").exists()
 
 
-def test_paper_suite_specs(make_cfg, tmp_path, monkeypatch):
+def test_paper_suite_runs_offline_on_the_fetched_benchmarks(make_cfg, tmp_path, monkeypatch):
+    """eval=paper needs no hub: with HF offline its tasks resolve to the `benchmarks` asset,
+    and without that asset the error names the fetch command."""
+    import learnforget.benchmark_data as bd
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cfg = make_cfg("eval=paper")
+    with pytest.raises(ConfigError, match="run `learnforget assets fetch benchmarks`"):
+        task_specs(cfg.eval, tmp_path / "empty_cache")
+    fix = Path(__file__).parent / "fixtures"
+    monkeypatch.setattr(bd, "benchmark_path",
+                        lambda cache, name, fetch=True: fix / "benchmarks" / bd.file_name(name))
+    for t in cfg.eval.tasks:
+        if t.kind == "humaneval":
+            t.data = "tests/fixtures/eval/humaneval.jsonl"
+    specs = {s.name: s for s in task_specs(cfg.eval, tmp_path / "empty_cache")}
+    assert {n: (s.kind, s.role, s.num_fewshot, s.data_file.name)
+            for n, s in list(specs.items())[:4]} == {
+        "hellaswag": ("hellaswag", "forgetting", None, "hellaswag_validation.jsonl"),
+        "arc_challenge": ("arc_challenge", "forgetting", None, "arc_challenge_test.jsonl"),
+        "winogrande": ("winogrande", "forgetting", None, "winogrande_validation.jsonl"),
+        "gsm8k": ("gsm8k", "target", 5, "gsm8k_test.jsonl")}
+
+
+def test_paper_hub_suite_specs(make_cfg, tmp_path, monkeypatch):
     """With the hub reachable (as far as the settings go): builtin specs by lm-eval name, and
     the sampled HumanEval settings pass through to its task; no network is used."""
     from learnforget.evaluate import eval_key
@@ -159,7 +198,7 @@ def test_paper_suite_specs(make_cfg, tmp_path, monkeypatch):
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(var, "0")
-    cfg = make_cfg("eval=paper")
+    cfg = make_cfg("eval=paper_hub")
     for t in cfg.eval.tasks:  # the HumanEval asset is not in the test cache: a fixture instead
         if t.kind == "humaneval":
             t.data = "tests/fixtures/eval/humaneval.jsonl"

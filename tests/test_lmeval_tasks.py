@@ -223,8 +223,9 @@ def test_bad_specs_are_config_errors(tmp_path):
 
 def test_metric_names():
     assert {k: primary_metric(k) for k in KINDS} == {
-        "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "winogrande": "acc",
-        "gsm8k": "exact_match_strict", "humaneval": "pass@1", "mc_json": "acc"}
+        "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "arc_easy": "acc_norm",
+        "winogrande": "acc", "piqa": "acc_norm", "gsm8k": "exact_match_strict",
+        "humaneval": "pass@1", "mc_json": "acc"}
     assert clean_metric_key("exact_match,flexible-extract") == "exact_match_flexible"
     assert clean_metric_key("acc,none") == "acc"
     assert clean_metric_key("f1,my filter") == "f1_my_filter"

@@ -67,6 +67,11 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
             if "drift_kl" in part.columns and part["drift_kl"].notna().any():
                 attempt("learning vs drift", F.plot_learning_forgetting, part, out,
                         y="drift_kl", stem=f"learning_vs_drift{tag}")
+            for y, what in (("paired_forgetting_margin_delta", "paired margin change"),
+                            ("paired_forgetting_acc_delta", "paired accuracy change")):
+                if y in part.columns and part[y].notna().any():
+                    attempt(f"learning vs {what}", F.plot_learning_forgetting, part, out,
+                            y=y, stem=f"learning_vs_{y}{tag}")
             attempt("learning/forgetting vs tokens", F.plot_vs_tokens, part, out,
                     stem=f"learning_forgetting_vs_tokens{tag}")
 

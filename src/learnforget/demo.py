@@ -22,13 +22,18 @@ from typing import Any
 from learnforget.errors import ConfigError
 
 SIZES = {"small": "demo", "tiny": "demo_tiny"}
-ASSETS = {"small": ["smollm2_135m", "humaneval", "bigbench_mc", "shakespeare"], "tiny": []}
+ASSETS = {"small": ["smollm2_135m", "humaneval", "benchmarks", "shakespeare"], "tiny": []}
 # (column in the analysis table, header, lower is better)
 COLUMNS = [("ce/target_heldout", "code CE", True),
            ("task/lf_humaneval", "HumanEval", False),
-           ("forgetting_score", "BIG-bench acc", False),
+           ("forgetting_score", "benchmark acc", False),
            ("ce/shakespeare", "Shakespeare CE", True),
            ("drift_kl", "drift KL", True)]
+# paired changes against the base on the same items, pooled over the forgetting tasks
+# (learnforget.paired): (column stem, header); cells "mean [lo, hi]" (module doc of results_table)
+PAIRED = [("paired_forgetting_acc", "Δacc vs base [95% CI]"),
+          ("paired_forgetting_margin", "Δmargin vs base [95% CI]")]
+FLIPS = ("paired_forgetting_right_to_wrong", "paired_forgetting_wrong_to_right")
 
 
 def _cell(values: list[float]) -> str:
@@ -42,20 +47,47 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.4f} ± {(max(vals) - min(vals)) / 2:.4f}"
 
 
+def _interval_cell(g, stem: str) -> str:
+    """The seeds' mean change and the envelope of their 95% intervals (lowest lower bound,
+    highest upper bound): "-0.0100 [-0.0400, 0.0200]"."""
+    d = g[f"{stem}_delta"].astype(float).dropna()
+    if d.empty:
+        return "-"
+    lo, hi = g[f"{stem}_delta_lo"].astype(float).min(), g[f"{stem}_delta_hi"].astype(float).max()
+    return f"{d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def _flips_cell(g) -> str:
+    if any(c not in g.columns or g[c].isna().all() for c in FLIPS):
+        return "-"
+    return "/".join(str(int(g[c].astype(float).sum())) for c in FLIPS)
+
+
 def results_table(df) -> tuple[str, list[dict[str, Any]]]:
     """Markdown table: one row per (method, checkpoint), each column's mean over seeds ± half
-    the seeds' range; the base model's row first."""
+    the seeds' range; the base model's row first. Where the runs have per-item results, the
+    paired changes against the base pooled over the forgetting tasks: accuracy and the correct
+    choice's margin over the best wrong choice, each the seeds' mean change with the envelope
+    of the seeds' 95% paired bootstrap intervals, and the items flipped right→wrong/wrong→right
+    summed over seeds."""
     cols = [(c, h, lo) for c, h, lo in COLUMNS if c in df.columns and df[c].notna().any()]
+    paired = [(c, h) for c, h in PAIRED if f"{c}_delta" in df.columns
+              and df[df["checkpoint"] != "base"][f"{c}_delta"].notna().any()]
+    flips = bool(paired) and all(c in df.columns for c in FLIPS)
     rows: list[dict[str, Any]] = []
     base = df[df["checkpoint"] == "base"]
     if len(base):
         rows.append({"method": "base", "tokens": 0, "seeds": 1,
-                     **{h: _cell([base[c].iloc[0]]) for c, h, _ in cols}})
+                     **{h: _cell([base[c].iloc[0]]) for c, h, _ in cols},
+                     **{h: "-" for _, h in paired}, "flips r→w/w→r": "-"})
     ckpts = df[df["checkpoint"] != "base"]
     for (method, tokens), g in ckpts.groupby(["method_summary", "tokens"], sort=True):
         rows.append({"method": method, "tokens": int(tokens), "seeds": int(g["seed"].nunique()),
-                     **{h: _cell(list(g[c].astype(float))) for c, h, _ in cols}})
-    heads = ["method", "tokens", "seeds"] + [h for _, h, _ in cols]
+                     **{h: _cell(list(g[c].astype(float))) for c, h, _ in cols},
+                     **{h: _interval_cell(g, c) for c, h in paired},
+                     "flips r→w/w→r": _flips_cell(g)})
+    heads = (["method", "tokens", "seeds"] + [h for _, h, _ in cols] + [h for _, h in paired]
+             + (["flips r→w/w→r"] if flips else []))
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     lines += ["| " + " | ".join(str(r[h]) for h in heads) + " |" for r in rows]
     return "\n".join(lines), rows
@@ -114,8 +146,11 @@ def summarise(study: str, overrides: Sequence[str]) -> bool:
         f"# {study}: mean over seeds ± half the seeds' range\n\n{table}\n")
     print(f"\nResults ({root}): mean over seeds ± half the seeds' range; code CE = held-out "
           "code cross-entropy (target), HumanEval = pass@1 on the fixed subset (target), "
-          "BIG-bench acc and Shakespeare CE (forgetting), drift KL = KL(base || model) on the "
-          "base model's own texts, nats/token (forgetting).")
+          "benchmark acc (mean over the forgetting tasks) and Shakespeare CE (forgetting), "
+          "drift KL = KL(base || model) on the base model's own texts, nats/token "
+          "(forgetting); Δacc / Δmargin: paired change against the base on the same items, "
+          "pooled over the forgetting tasks (seeds' mean, envelope of their 95% bootstrap "
+          "intervals); flips: items right→wrong / wrong→right, summed over seeds.")
     print(table)
     figs = sorted(out.glob("learning_vs_*.png")) + sorted(out.glob("learning_forgetting_*.png"))
     spectra = sorted((out / "spectra").glob("*.png"))

@@ -37,7 +37,8 @@ ROLES = ("target", "forgetting")
 # ------------------------------------------------------------------ suite -> task specs
 
 def resolve_data_path(value: str, cache_dir: Path, task: str) -> Path:
-    """`asset:humaneval`, `asset:bigbench/<task>`, or a path (relative: to the repository)."""
+    """`asset:humaneval`, `asset:bigbench/<task>`, `asset:benchmarks/<set>` (hellaswag,
+    arc_challenge, arc_easy, winogrande, piqa, gsm8k), or a path (relative: to the repository)."""
     from learnforget import assets_cache
 
     if value.startswith("asset:"):
@@ -46,8 +47,12 @@ def resolve_data_path(value: str, cache_dir: Path, task: str) -> Path:
             return assets_cache.humaneval_path(cache_dir, fetch=False)
         if name.startswith("bigbench/"):
             return assets_cache.bigbench_path(cache_dir, name.removeprefix("bigbench/"), fetch=False)
-        raise ConfigError(f"eval task {task}: unknown asset {value!r} (expected asset:humaneval "
-                          "or asset:bigbench/<task>)")
+        if name.startswith("benchmarks/"):
+            from learnforget.benchmark_data import benchmark_path
+
+            return benchmark_path(cache_dir, name.removeprefix("benchmarks/"), fetch=False)
+        raise ConfigError(f"eval task {task}: unknown asset {value!r} (expected asset:humaneval, "
+                          "asset:bigbench/<task> or asset:benchmarks/<set>)")
     path = Path(value).expanduser()
     if not path.is_absolute():
         path = conf_dir().parent / path
@@ -100,19 +105,46 @@ def task_specs(ev: DictConfig, cache_dir: Path) -> list:
     return specs
 
 
+def task_subsets(ev: DictConfig, specs) -> dict[str, list[int]]:
+    """{task name: document indices} for the tasks with a `subset: N` entry: N documents of
+    the task's data file drawn with seed `ev.subset_seed` (learnforget.paired.subset_indices),
+    the same for the base model and every checkpoint. A subset as large as the file is the
+    whole file (no entry)."""
+    from learnforget.lmeval_tasks import _read_records
+    from learnforget.paired import subset_indices
+
+    sizes = {str(t.name): t.get("subset") for t in ev.tasks if t.get("subset") is not None}
+    out: dict[str, list[int]] = {}
+    for spec in specs:
+        size = sizes.get(spec.name)
+        if size is None:
+            continue
+        if spec.data_file is None:
+            raise ConfigError(f"eval task {spec.name}: subset needs a local data file "
+                              "(kind builtin reads the hub's data: use eval.limit)")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"eval task {spec.name}: subset must be an integer >= 1, "
+                              f"got {size!r}")
+        n_docs = len(_read_records(Path(spec.data_file), spec))
+        idx = subset_indices(n_docs, size, int(ev.get("subset_seed", 0)))
+        if idx is not None:
+            out[spec.name] = idx
+    return out
+
+
 def _chance_of(spec) -> float | None:
     """Chance accuracy of a multiple-choice task, from its own data file."""
     if spec.chance is not None:
         return spec.chance
-    fixed = {"hellaswag": 0.25, "winogrande": 0.5}
+    fixed = {"hellaswag": 0.25, "winogrande": 0.5, "piqa": 0.5}
     if spec.kind in fixed:
         return fixed[spec.kind]
-    if spec.kind in ("arc_challenge", "mc_json"):
+    if spec.kind in ("arc_challenge", "arc_easy", "mc_json"):
         inv = []
         for line in spec.data_file.read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
-                choices = rec["choices"]["text"] if spec.kind == "arc_challenge" else rec["choices"]
+                choices = rec["choices"] if spec.kind == "mc_json" else rec["choices"]["text"]
                 inv.append(1 / len(choices))
         return sum(inv) / len(inv) if inv else None
     return None
@@ -225,6 +257,30 @@ def diversity(model, tokenizer, d: DictConfig, seed: int) -> dict[str, Any]:
             "mean_unique": sum(per_prompt.values()) / len(per_prompt)}
 
 
+BACKENDS = ("hf", "shared")
+
+
+def lm_class(model, backend: str):
+    """lm-eval's HFLM ("hf"), or learnforget.fast_lm.SharedContextLM ("shared": a question's
+    context once for all its choices; the same log-likelihoods within 1e-4). Prompt and prefix
+    tuning put virtual tokens in front of every call, which a shared KV cache would repeat:
+    those models always get HFLM."""
+    from lm_eval.models.huggingface import HFLM
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"eval.backend={backend!r} is unknown (expected one of: "
+                          f"{', '.join(BACKENDS)})")
+    peft_cfg = getattr(model, "peft_config", {}).get("default") if hasattr(
+        model, "peft_config") else None
+    virtual = isinstance(model, StripVirtualTokens) or (
+        peft_cfg is not None and getattr(peft_cfg, "num_virtual_tokens", None))
+    if backend == "hf" or virtual:
+        return HFLM
+    from learnforget.fast_lm import SharedContextLM
+
+    return SharedContextLM
+
+
 def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,
           cache_dir: Path, drift_eval=None) -> dict[str, Any]:
     """All of a suite's numbers for one model: lm-eval tasks, cross-entropy sets, diversity,
@@ -239,24 +295,29 @@ def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_
 
 def _score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,
            cache_dir: Path, drift_eval=None) -> dict[str, Any]:
-    from lm_eval.models.huggingface import HFLM
-
     from learnforget.lmeval_tasks import evaluate as run_tasks
 
     tasks: dict[str, Any] = {}
     if specs:
         os.environ["LEARNFORGET_CODE_EXEC_TIMEOUT_S"] = str(float(ev.code_timeout_s))
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(ev.batch_size),
-                  max_gen_toks=int(ev.max_gen_toks))
-        # a task entry's own `limit` overrides the suite's: one lm-eval call per distinct limit
+        lm = lm_class(model, str(ev.get("backend", "hf")))(
+            pretrained=model, tokenizer=tokenizer, batch_size=int(ev.batch_size),
+            max_gen_toks=int(ev.max_gen_toks))
+        # a task entry's own `limit` overrides the suite's: one lm-eval call per distinct limit;
+        # tasks with a fixed `subset` (lm-eval's samples=, no limit) go in one call of their own
+        subsets = task_subsets(ev, specs)
         limits = {str(t.name): t.get("limit", ev.limit) for t in ev.tasks}
         groups: dict[Any, list] = {}
         for spec in specs:
-            groups.setdefault(limits.get(spec.name, ev.limit), []).append(spec)
+            key = ("subset",) if spec.name in subsets else limits.get(spec.name, ev.limit)
+            groups.setdefault(key, []).append(spec)
         for limit, group in groups.items():
-            tasks.update(run_tasks(lm, group, include_path, limit=limit,
+            fixed = limit == ("subset",)
+            tasks.update(run_tasks(lm, group, include_path, limit=None if fixed else limit,
                                    batch_size=int(ev.batch_size), seed=int(ev.seed),
-                                   code_exec_allowed=bool(ev.allow_code_execution)))
+                                   code_exec_allowed=bool(ev.allow_code_execution),
+                                   samples={s.name: subsets[s.name] for s in group} if fixed
+                                   else None, items=bool(ev.get("items", True))))
         for spec in specs:
             if tasks[spec.name].get("chance") is None and spec.data_file is not None:
                 tasks[spec.name]["chance"] = _chance_of(spec)
@@ -299,10 +360,47 @@ def summarize(scores: dict[str, Any], base: dict[str, Any] | None) -> dict[str, 
         for key, value in list(row.items()):
             if value is not None and b.get(key) is not None:
                 row[f"delta/{key}"] = value - b[key]
+    if base is not None:
+        row.update(paired_columns(scores, base))
     if scores.get("drift"):  # already a change against base: no delta/ columns
         from learnforget.drift import summary_row
 
         row.update(summary_row(scores["drift"]))
+    return row
+
+
+PAIRED_MEASURES = ("acc", "ll_gold", "margin")
+
+
+def paired_columns(scores: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Paired changes against the base on the same items (learnforget.paired) for every task
+    both have per-item results of: `paired/<task>/<measure>_delta` (+ `_lo`, `_hi`: 95%
+    paired bootstrap interval) for acc, ll_gold and margin, `paired/<task>/right_to_wrong`,
+    `wrong_to_right`, `mcnemar_p`, `n`; `mde/<task>/<measure>` (minimum detectable change at
+    95% from the base's per-item spread); and the forgetting tasks pooled:
+    `paired_forgetting_<measure>_delta` (+ `_lo`, `_hi`), `paired_forgetting_right_to_wrong`,
+    `paired_forgetting_wrong_to_right`."""
+    from learnforget.paired import mde, paired_change, pooled_change
+
+    row: dict[str, Any] = {}
+    forgetting = []
+    for name, t in scores["tasks"].items():
+        b = base["tasks"].get(name) or {}
+        if not t.get("items") or not b.get("items") or not t["items"]["doc_id"]:
+            continue
+        ch = paired_change(b["items"], t["items"], keep_boots=True)
+        for key, value in ch.items():
+            if key != "_boots":
+                row[f"paired/{name}/{key}"] = value
+        for key, value in mde(b["items"]).items():
+            if key != "n":
+                row[f"mde/{name}/{key}"] = value
+        if t.get("role") == "forgetting":
+            forgetting.append(ch)
+    if forgetting:
+        pooled = pooled_change(forgetting)
+        for key, value in pooled.items():
+            row[f"paired_forgetting_{key}"] = value
     return row
 
 
@@ -480,6 +578,37 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     print("  ".join(f"{c:>16}" for c in cols))
     for r in rows:
         print("  ".join(f"{f(r.get(c)):>16}" for c in cols))
+    for line in paired_lines(rows):
+        print(line)
+
+
+def paired_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per task: the base's minimum detectable change, then each checkpoint's paired change
+    (acc, margin with 95% intervals; flips and McNemar's p)."""
+    tasks = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("paired/")})
+    out = []
+    for task in tasks:
+        base = rows[0]
+        n = base.get(f"paired/{task}/n")
+        mde_acc, mde_m = base.get(f"mde/{task}/acc"), base.get(f"mde/{task}/margin")
+        head = f"{task}: n={n}, minimum detectable change at 95%: acc {mde_acc:.4f}" \
+            if mde_acc is not None else f"{task}: n={n}"
+        if mde_m is not None:
+            head += f", margin {mde_m:.4f}"
+        out.append(head)
+        for r in rows[1:]:
+            p = f"paired/{task}/"
+            if r.get(p + "acc_delta") is None:
+                continue
+            line = (f"  {r['checkpoint']:>12}  d_acc {r[p + 'acc_delta']:+.4f} "
+                    f"[{r[p + 'acc_delta_lo']:+.4f}, {r[p + 'acc_delta_hi']:+.4f}]  "
+                    f"right->wrong {r[p + 'right_to_wrong']}  wrong->right "
+                    f"{r[p + 'wrong_to_right']}  McNemar p {r[p + 'mcnemar_p']:.3f}")
+            if r.get(p + "margin_delta") is not None:
+                line += (f"  d_margin {r[p + 'margin_delta']:+.4f} "
+                         f"[{r[p + 'margin_delta_lo']:+.4f}, {r[p + 'margin_delta_hi']:+.4f}]")
+            out.append(line)
+    return out
 
 
 def eval_main(cfg: DictConfig, run_dir: Path | None = None) -> Path:

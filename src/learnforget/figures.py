@@ -39,6 +39,12 @@ LABELS = {
     "forgetting_ce": "Forgetting: general-text cross-entropy\n(nats/token; lower = less forgetting)",
     "delta/forgetting_score": "Forgetting: change of general-task score\nvs base (fraction)",
     "delta/forgetting_ce": "Forgetting: rise of general-text cross-\nentropy vs base (nats/token)",
+    "paired_forgetting_acc_delta": "Forgetting: paired accuracy change vs base\n(same items; "
+                                   "fraction; higher = less forgetting)",
+    "paired_forgetting_margin_delta": "Forgetting: paired change of the correct choice's\n"
+                                      "margin (nats; higher = less forgetting)",
+    "paired_forgetting_ll_gold_delta": "Forgetting: paired change of the correct choice's\n"
+                                       "log-likelihood (nats; higher = less forgetting)",
     "drift_kl": "Forgetting: drift from the base model,\nKL(base || ckpt) (nats/token; lower = less)",
 }
 METHOD_ORDER = ("full", "lora", "qlora", "dora", "ia3", "topk", "bitfit", "adapter", "prefix",

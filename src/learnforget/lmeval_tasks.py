@@ -5,12 +5,15 @@ their own data from the Hugging Face hub (kind "builtin").
 `write_task_dir` writes one task YAML per `TaskSpec` into a folder that lm-eval indexes as its
 only `include_path` (no default task indexing: ~0.01 s instead of ~12 s):
 
-- hellaswag, arc_challenge, winogrande, gsm8k: the YAML `include:`s the installed built-in YAML
+- hellaswag, arc_challenge, arc_easy, winogrande, piqa, gsm8k: the YAML `include:`s the installed
+  built-in YAML
   by absolute path and overrides only the data source (`dataset_path: json`, `dataset_name:
   null`, `dataset_kwargs.data_files`, the split keys), `task`, `tag: []` and, where the spec asks,
   `num_fewshot` / `generation_kwargs.max_gen_toks`. Prompt, choices, targets, `process_docs`,
   filters and metrics stay the built-in task's own. Split names are the built-in ones
-  (hellaswag: validation, arc_challenge: test, winogrande: validation, gsm8k: test + train).
+  (hellaswag: validation, arc_challenge/arc_easy: test, winogrande: validation, piqa:
+  validation, gsm8k: test + train). `learnforget assets fetch benchmarks` provides the real sets
+  in these schemas (learnforget.benchmark_data).
 - mc_json: a self-contained `multiple_choice` task on jsonl records
   `{"input": str, "choices": [str, ...], "gold": int}` (acc, acc_norm).
 - humaneval: a self-contained `generate_until` task mirroring lm-eval's humaneval.yaml (prompt,
@@ -25,7 +28,8 @@ only `include_path` (no default task indexing: ~0.01 s instead of ~12 s):
   completion) and the metric `humaneval_utils.pass_at_k` with `k: ks`, which reports per
   problem the unbiased pass@k (`sandbox.pass_at_k(n, c, k)`, c passing of n); lm-eval's `mean`
   averages it over problems. Metrics `pass@1` (and `pass@k` for each k in `ks`).
-- builtin: lm-eval's own task of that name (hellaswag, arc_challenge, winogrande, gsm8k) with
+- builtin: lm-eval's own task of that name (hellaswag, arc_challenge, arc_easy, winogrande, piqa,
+  gsm8k) with
   its own data from the hub: the YAML `include:`s the installed built-in YAML by absolute path
   and sets only `task` (the same name), `tag: []` and the spec's `num_fewshot` /
   `max_gen_toks`, so the task folder stays the only include_path (no ~12 s default indexing)
@@ -43,12 +47,14 @@ Result metric names: lm-eval reports `"<metric>,<filter>"`; `evaluate` returns c
 
     hellaswag      acc_norm            ("acc_norm,none")
     arc_challenge  acc_norm            ("acc_norm,none")
+    arc_easy       acc_norm            ("acc_norm,none")
+    piqa           acc_norm            ("acc_norm,none")
     winogrande     acc                 ("acc,none")
     mc_json        acc                 ("acc,none")
     gsm8k          exact_match_strict  ("exact_match,strict-match")
     humaneval      pass@1              ("pass@1,none"; sampled: "pass@1,create_test")
 
-Chance levels (`chance_level`): hellaswag .25, winogrande .5, arc_challenge and mc_json the mean
+Chance levels (`chance_level`): hellaswag .25, winogrande and piqa .5, arc_* and mc_json the mean
 of 1/len(choices) over the data file; builtin arc_challenge None (its 3-5 choices per question
 are in the hub data, not known before evaluation; set `chance` to give one); generative None.
 """
@@ -72,7 +78,8 @@ from learnforget.errors import ConfigError
 from learnforget.record import atomic_write_text
 from learnforget.tasks import humaneval_utils
 
-KINDS = ("hellaswag", "arc_challenge", "winogrande", "gsm8k", "humaneval", "mc_json")  # local data
+KINDS = ("hellaswag", "arc_challenge", "arc_easy", "winogrande", "piqa", "gsm8k", "humaneval",
+         "mc_json")  # local data
 BUILTIN = "builtin"  # lm-eval's own task of the spec's name, its data from the hub
 ALL_KINDS = (*KINDS, BUILTIN)
 ROLES = ("forgetting", "target")
@@ -82,13 +89,17 @@ GENERATIVE = ("gsm8k", "humaneval")
 BUILTIN_YAML = {
     "hellaswag": "hellaswag/hellaswag.yaml",
     "arc_challenge": "arc/arc_challenge.yaml",
+    "arc_easy": "arc/arc_easy.yaml",
     "winogrande": "winogrande/default.yaml",
+    "piqa": "piqa/piqa.yaml",
     "gsm8k": "gsm8k/gsm8k.yaml",
 }
 EVAL_SPLIT = {
     "hellaswag": "validation",
     "arc_challenge": "test",
+    "arc_easy": "test",
     "winogrande": "validation",
+    "piqa": "validation",
     "gsm8k": "test",
     "humaneval": "test",
     "mc_json": "test",
@@ -98,7 +109,9 @@ FEWSHOT_SPLIT = "train"  # the split name a fewshot_file is loaded as
 REQUIRED_FIELDS = {
     "hellaswag": ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
     "arc_challenge": ("question", "choices", "answerKey"),
+    "arc_easy": ("question", "choices", "answerKey"),
     "winogrande": ("sentence", "option1", "option2", "answer"),
+    "piqa": ("goal", "sol1", "sol2", "label"),
     "gsm8k": ("question", "answer"),
     "humaneval": ("task_id", "prompt", "test", "entry_point"),
     "mc_json": ("input", "choices", "gold"),
@@ -107,7 +120,9 @@ REQUIRED_FIELDS = {
 LMEVAL_PRIMARY = {
     "hellaswag": "acc_norm,none",
     "arc_challenge": "acc_norm,none",
+    "arc_easy": "acc_norm,none",
     "winogrande": "acc,none",
+    "piqa": "acc_norm,none",
     "mc_json": "acc,none",
     "gsm8k": "exact_match,strict-match",
     "humaneval": "pass@1,none",
@@ -201,14 +216,14 @@ def chance_level(spec: TaskSpec) -> float | None:
     if spec.chance is not None:
         return float(spec.chance)
     if spec.kind == BUILTIN:
-        return {"hellaswag": 0.25, "winogrande": 0.5}.get(spec.name)
+        return {"hellaswag": 0.25, "winogrande": 0.5, "piqa": 0.5}.get(spec.name)
     if spec.kind == "hellaswag":
         return 0.25
-    if spec.kind == "winogrande":
+    if spec.kind in ("winogrande", "piqa"):
         return 0.5
-    if spec.kind in ("arc_challenge", "mc_json"):
+    if spec.kind in ("arc_challenge", "arc_easy", "mc_json"):
         recs = _read_records(Path(spec.data_file), spec)
-        sizes = [len(r["choices"]["text"] if spec.kind == "arc_challenge" else r["choices"])
+        sizes = [len(r["choices"] if spec.kind == "mc_json" else r["choices"]["text"])
                  for r in recs]
         return sum(1.0 / n for n in sizes) / len(sizes)
     return None
@@ -640,6 +655,8 @@ def evaluate(
     log_samples: bool = False,
     code_exec_allowed: bool = False,
     bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS,
+    samples: dict[str, list[int]] | None = None,
+    items: bool = False,
 ) -> dict[str, dict]:
     """Evaluate `lm` (an lm-eval LM, e.g. HFLM) on the tasks of `specs` written into
     `include_path` by write_task_dir, in one `lm_eval.simple_evaluate` call.
@@ -647,6 +664,9 @@ def evaluate(
     Returns {task name: {"metrics", "stderr" (clean metric keys; stderr None where lm-eval has
     none), "n" (documents evaluated), "primary_metric", "primary", "chance", "role", "kind",
     "num_fewshot", "config_hash", "lm_eval_version"} (+ "samples" with log_samples)}.
+    `samples` ({task name: document indices}, lm-eval's own `samples=`) scores fixed subsets
+    (not together with `limit`); `items` adds "items", the per-item results from lm-eval's
+    per-sample log (learnforget.paired.item_records), and "subset" (the indices or None).
     `batch_size` (None: the LM's own) is set on the HFLM for the call. Running model-written
     code (humaneval) needs `code_exec_allowed=True`, and builtin tasks need the Hugging Face
     hub (`require_hub`); otherwise a ConfigError is raised before anything runs."""
@@ -681,12 +701,29 @@ def evaluate(
             torch_random_seed=seed,
             fewshot_random_seed=seed,
             bootstrap_iters=bootstrap_iters,
-            log_samples=log_samples,
+            log_samples=log_samples or items,
             confirm_run_unsafe_code=code_exec_allowed,
+            samples=samples or None,
         )
     if out is None:  # non-zero rank of a distributed run
         return {}
-    return {s.name: _task_result(out, s, hashes[s.name], log_samples) for s in specs}
+    results = {s.name: _task_result(out, s, hashes[s.name], log_samples) for s in specs}
+    if items:
+        for s in specs:
+            results[s.name]["items"] = _items(out, s)
+            results[s.name]["subset"] = (samples or {}).get(s.name)
+    return results
+
+
+def _items(out: dict, spec: TaskSpec) -> dict[str, list]:
+    """Per-item results of the primary metric (learnforget.paired.item_records)."""
+    from learnforget.paired import item_records
+
+    key = LMEVAL_PRIMARY[_base_kind(spec)]
+    metric, _, filt = key.partition(",")
+    logged = [x for x in out.get("samples", {}).get(spec.name, [])
+              if x.get("filter") in (filt, humaneval_utils.SAMPLED_FILTER)]
+    return item_records(logged, metric, normalised=metric == "acc_norm")
 
 
 def _task_result(out: dict, spec: TaskSpec, config_hash: str, log_samples: bool) -> dict:
