@@ -771,7 +771,7 @@ def test_data_asset_without_manifest_entry_is_verified_and_adopted(tmp_path, mon
 
 
 def test_fetch_assets_without_names_fetches_every_registered_asset(tmp_path, monkeypatch):
-    assert list(ac.ASSETS) == ["smollm2_135m", "humaneval", "bigbench_mc", "shakespeare"]
+    assert list(ac.ASSETS) == ["smollm2_135m", "humaneval", "bigbench_mc", "shakespeare", "benchmarks"]
     monkeypatch.setattr(ac, "ASSETS", dict(ac.ASSETS))
     seen = []
     for name in ac.ASSETS:
