@@ -66,6 +66,7 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
                         y="drift_kl", stem=f"learning_vs_drift{tag}")
             attempt("learning/forgetting vs tokens", F.plot_vs_tokens, part, out,
                     stem=f"learning_forgetting_vs_tokens{tag}")
+            attempt("matched learning", _matched, part, out, tag)
 
     spectra_paths: list[Path] = []
     if spectra:
@@ -106,6 +107,23 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
         for p in table + figs:
             print(f"  {p}")
     return result
+
+
+def _matched(part, out: Path, tag: str) -> list[Path]:
+    """Forgetting at matched learning (and learning at matched forgetting) for every pair of
+    methods: against the Pareto plot's forgetting measure and, when present, drift."""
+    from learnforget import figures as F
+    from learnforget.matched import write_matched
+
+    learning = F.learning_column(part)
+    paths: list[Path] = []
+    ys = [F.forgetting_column(part)]
+    if "drift_kl" in part.columns and part["drift_kl"].notna().any():
+        ys.append("drift_kl")
+    for y in ys:
+        stem = f"matched_learning{'' if y == ys[0] else '_drift'}{tag}"
+        paths += write_matched(part, out, learning, y, stem=stem)[1]
+    return paths
 
 
 def _seedless_key(run_dir: Path) -> str:
