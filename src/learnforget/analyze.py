@@ -22,7 +22,7 @@ from learnforget.errors import ConfigError
 def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
             threshold: float = 0.9, with_weights: bool = False, cache_dir: Path | None = None,
             dense_method: str = "svd", suite: str | None = None, random_n: int = 1000,
-            verbose: bool = True) -> dict[str, Any]:
+            verbose: bool = True, intruders: bool = True) -> dict[str, Any]:
     """Collect every run under `root` into a table, compute missing ΔW spectra (unless
     spectra=False), and regenerate every figure into `out` (default <root>/_analysis).
     Returns {"out", "table", "figures", "spectra", "warnings", "n_rows"}; prints the paths."""
@@ -42,6 +42,7 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
     warnings: list[str] = list(df.attrs.get("warnings", []))
     table = save_table(df, out)
     figs: list[Path] = []
+    tables: list[Path] = []  # the follow-up tables (matched learning, intruders): csv + md
 
     def attempt(what: str, fn, *args, **kwargs) -> None:
         try:
@@ -66,7 +67,7 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
                         y="drift_kl", stem=f"learning_vs_drift{tag}")
             attempt("learning/forgetting vs tokens", F.plot_vs_tokens, part, out,
                     stem=f"learning_forgetting_vs_tokens{tag}")
-            attempt("matched learning", _matched, part, out, tag)
+            attempt("matched learning", _matched, part, out, tag, tables)
 
     spectra_paths: list[Path] = []
     if spectra:
@@ -96,20 +97,59 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
         if len(sdf):
             save_table(sdf, out, stem="spectra")
             attempt("rank vs tokens", F.plot_rank_vs_tokens, sdf, out / "spectra")
+    if intruders:
+        _intruders(root, out, cache_dir, figs, tables, warnings, verbose)
     if random_n:
         rm = random_matrix_comparison(n=random_n)
         (out / "random_matrices.json").write_text(dump_json(rm) + "\n")
         figs.extend(F.plot_random_matrices(rm, out))
     result = {"out": out, "table": table, "figures": figs, "spectra": spectra_paths,
+              "tables": tables,
               "warnings": warnings, "n_rows": len(df)}
     if verbose:
         print(f"learnforget: analysis of {root} ({len(df)} rows) -> {out}")
-        for p in table + figs:
+        for p in table + tables + figs:
             print(f"  {p}")
     return result
 
 
-def _matched(part, out: Path, tag: str) -> list[Path]:
+def _intruders(root: Path, out: Path, cache_dir: Path | None, figs: list[Path],
+               tables: list[Path], warnings: list[str], verbose: bool) -> None:
+    """Intruder dimensions of every run's checkpoints (learnforget.intruders), the summary
+    table (intruders.csv / .md: mean per module by method, tokens and module type, with the
+    count chance predicts) and the figures intruders_vs_rank / intruders_vs_tokens."""
+    from learnforget.collect import find_runs, save_table
+    from learnforget.intruders import collect_intruders, compute_intruders, plot_intruders, summary
+    from learnforget.record import atomic_open
+    from learnforget.spectra import list_checkpoints
+
+    for run_dir in find_runs(root):
+        if not list_checkpoints(run_dir):
+            continue
+        try:
+            compute_intruders(run_dir, cache_dir=cache_dir, verbose=verbose)
+        except ConfigError as e:
+            warnings.append(f"intruders of {run_dir}: {e}")
+            if verbose:
+                print(f"learnforget: warning: intruders of {run_dir}: {e}")
+    df = collect_intruders(root)
+    if not len(df):
+        return
+    s = summary(df)
+    tables.extend(save_table(s, out, stem="intruders")[:1])
+    md = out / "intruders.md"
+    with atomic_open(md, "w") as f:
+        f.write(f"# Intruder dimensions: mean per module (top k={int(df['k'].max())}, "
+                f"ε={df['eps'].iloc[0]:g}); chance = the count random directions would give\n\n"
+                + s.to_markdown(index=False, floatfmt=".3f") + "\n")
+    tables.append(md)
+    try:
+        figs.extend(plot_intruders(df, out / "intruders"))
+    except ConfigError as e:
+        warnings.append(f"intruder figures: {e}")
+
+
+def _matched(part, out: Path, tag: str, tables: list[Path]) -> list[Path]:
     """Forgetting at matched learning (and learning at matched forgetting) for every pair of
     methods: against the Pareto plot's forgetting measure and, when present, drift."""
     from learnforget import figures as F
@@ -122,7 +162,9 @@ def _matched(part, out: Path, tag: str) -> list[Path]:
         ys.append("drift_kl")
     for y in ys:
         stem = f"matched_learning{'' if y == ys[0] else '_drift'}{tag}"
-        paths += write_matched(part, out, learning, y, stem=stem)[1]
+        got = write_matched(part, out, learning, y, stem=stem)[1]
+        tables.extend(p for p in got if p.suffix in (".csv", ".md"))
+        paths.extend(p for p in got if p.suffix not in (".csv", ".md"))
     return paths
 
 
@@ -277,12 +319,15 @@ def analyze_cli(args: Sequence[str]) -> int:
                    help="dense spectra through the Gram matrix (faster, same rank-for-90%%)")
     p.add_argument("--suite", default=None, help="eval suite to use (default: every suite)")
     p.add_argument("--cache-dir", type=Path, default=None, help="where base models are cached")
+    p.add_argument("--no-intruders", action="store_true",
+                   help="skip the intruder dimensions (one dense SVD per module and checkpoint)")
     p.add_argument("--random-n", type=int, default=1000,
                    help="size of the fig. S8 random matrices (0: skip)")
     a = p.parse_args(list(args))
     analyze(a.root, a.out, spectra=not a.no_spectra, threshold=a.threshold,
             with_weights=a.with_weights, cache_dir=a.cache_dir,
-            dense_method="gram" if a.gram else "svd", suite=a.suite, random_n=a.random_n)
+            dense_method="gram" if a.gram else "svd", suite=a.suite, random_n=a.random_n,
+            intruders=not a.no_intruders)
     return 0
 
 
