@@ -69,6 +69,15 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
                     stem=f"learning_forgetting_vs_tokens{tag}")
             attempt("matched learning", _matched, part, out, tag, tables)
 
+    try:  # LR searches: the best LR per setting and its ratio to full finetuning's
+        from learnforget.lr_scaling import write_lr_table
+
+        got = write_lr_table(root, out)
+        if got is not None:
+            tables.extend(got[1])
+    except ConfigError as e:
+        warnings.append(f"LR scaling: {e}")
+
     spectra_paths: list[Path] = []
     if spectra:
         plotted: set[str] = set()
