@@ -104,6 +104,10 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
             attempt(f"spectra curves of {run_dir.name}", F.plot_spectra_curves, loaded, sdir)
         sdf = collect_spectra(root)
         if len(sdf):
+            from learnforget.noise_baseline import add_gaussian_column, rank_context_table
+
+            sdf = add_gaussian_column(sdf)  # each rank for 90% beside a Gaussian's
+            tables.extend(save_table(rank_context_table(sdf), out, stem="rank_vs_gaussian")[:1])
             save_table(sdf, out, stem="spectra")
             attempt("rank vs tokens", F.plot_rank_vs_tokens, sdf, out / "spectra")
     if intruders:
