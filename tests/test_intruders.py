@@ -139,3 +139,40 @@ def test_harness_and_peft_find_the_same_intruders(make_cfg, cache_dir):
                                      "up_proj", "down_proj"}
     with pytest.raises(ConfigError, match="thresholds"):
         compute_intruders(run, epsilons=(1.5,))
+
+
+def test_mitigated_run_has_peft_mitigation_known_answer(make_cfg):
+    """The derived run's ΔW = the rank-r truncation of (W_merged + (λ - 1) Σ_intruders
+    s_i u_i v_i^T) - W_base, computed here with numpy from the original checkpoint."""
+    import json
+
+    from learnforget.intruder_mitigation import mitigate_run
+    from learnforget.spectra import extract_deltas
+
+    cfg = make_cfg("method=lora", "method.r=4", "train.lr=5e-2", "train.precision=fp32",
+                   "method.dropout=0.0")
+    run = fit(setup(cfg))
+    derived = mitigate_run(run, threshold_epsilon=0.9, mitigation_lambda=0.5)
+    info = json.loads((derived / "run.json").read_text())
+    assert info["run"]["method_summary"].endswith("+intr0.5")
+    assert (derived / "checkpoints/step-000002/adapter_model.safetensors").exists()
+    orig = {md.name: md for md in extract_deltas(run, "step-000002", with_weights=True)}
+    new = {md.name: md for md in extract_deltas(derived, "step-000002")}
+    n_intruders = 0
+    for name, md in orig.items():
+        w = md.base.double().numpy()
+        wm = w + md.to_dense().numpy()
+        ub = np.linalg.svd(w, full_matrices=False)[0]
+        u, s, vt = np.linalg.svd(wm, full_matrices=False)
+        sims = np.abs(u[:, :10].T @ ub).max(axis=1)
+        idx = np.flatnonzero(sims < 0.9)
+        n_intruders += idx.size
+        wmit = wm + (0.5 - 1) * (u[:, idx] * s[idx]) @ vt[idx]
+        du, ds, dvt = np.linalg.svd(wmit - w, full_matrices=False)
+        expect = (du[:, :4] * ds[:4]) @ dvt[:4]
+        got = new[name].to_dense().numpy()
+        np.testing.assert_allclose(got, expect, atol=1e-4 * np.abs(expect).max() + 1e-7)
+        assert info["intruder_mitigation"]["intruders"]["step-000002"][name] == idx.size
+    assert n_intruders > 0
+    with pytest.raises(ConfigError, match="mitigation_lambda"):
+        mitigate_run(run, mitigation_lambda=2.0)
