@@ -188,3 +188,22 @@ def test_pissa_run_killed_and_resumed_matches_uninterrupted(tmp_path, cache_dir)
     assert wa.keys() == wb.keys() and all(v.shape[0] == 8 or v.shape[1] == 8 for v in wa.values())
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+
+
+def test_lora_variants_study_grid(tmp_path):
+    """The study: full (3 LRs) + 5 LoRA variants x 2 ranks x 4 LRs at paper scale (43 jobs);
+    toy: full (3) + 5 x 2 ranks x 3 LRs (33), on the tiny Llama."""
+    from test_ablation_studies import _plan
+
+    full, toy = _plan("lora_variants", tmp_path), _plan("lora_variants", tmp_path, size="toy")
+    assert len(full.jobs) == 3 + 5 * 2 * 4 and len(toy.jobs) == 3 + 5 * 2 * 3
+    settings = {(j.cfg.method.name, j.cfg.method.r if j.cfg.method.name != "full" else None,
+                 str(j.cfg.method.init), bool(j.cfg.method.rslora)) for j in toy.jobs}
+    assert {(m, i, rs) for m, _, i, rs in settings} == {
+        ("full", "default", False), ("lora", "default", False), ("lora", "default", True),
+        ("lora", "pissa", False), ("lora", "olora", False), ("dora", "default", False)}
+    assert {float(j.cfg.train.lr) for j in toy.jobs} == {3e-4, 1e-3, 3e-3}
+    assert {j.cfg.model.name for j in full.jobs} == {"llama2_7b"}
+    assert {j.cfg.model.name for j in toy.jobs} == {"tiny_llama"}
+    lrs = {float(j.cfg.train.lr) for j in full.jobs if j.cfg.method.name == "full"}
+    assert lrs == {5e-6, 1e-5, 2e-5}
