@@ -70,3 +70,18 @@ def test_no_lr_search_gives_no_table_and_no_runs_is_an_error(tmp_path):
     assert write_lr_table(tmp_path, tmp_path / "out") is None
     with pytest.raises(ConfigError, match="no run with a learning rate"):
         lr_table(tmp_path / "empty")
+
+
+def test_matched_learning_uses_each_settings_best_lr(tmp_path):
+    """In an LR search, matched learning sees only the best-LR run of each setting."""
+    import pandas as pd
+
+    from learnforget.analyze import _at_best_lr
+
+    for lr, loss in ((1e-4, 2.40), (2e-4, 2.41)):
+        make_run(tmp_path, "full", None, lr, loss)
+    for lr, loss in ((1e-3, 2.41), (2e-3, 2.39)):
+        make_run(tmp_path, "lora", 8, lr, loss)
+    part = pd.DataFrame({"run": ["full-lr0.0001-s0", "full-lr0.0002-s0", "lora_r8-lr0.001-s0",
+                                 "lora_r8-lr0.002-s0"]})
+    assert list(_at_best_lr(tmp_path, part)["run"]) == ["full-lr0.0001-s0", "lora_r8-lr0.002-s0"]

@@ -67,7 +67,7 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
                         y="drift_kl", stem=f"learning_vs_drift{tag}")
             attempt("learning/forgetting vs tokens", F.plot_vs_tokens, part, out,
                     stem=f"learning_forgetting_vs_tokens{tag}")
-            attempt("matched learning", _matched, part, out, tag, tables)
+            attempt("matched learning", _matched, _at_best_lr(root, part), out, tag, tables)
 
     try:  # LR searches: the best LR per setting and its ratio to full finetuning's
         from learnforget.lr_scaling import write_lr_table
@@ -160,6 +160,20 @@ def _intruders(root: Path, out: Path, cache_dir: Path | None, figs: list[Path],
         figs.extend(plot_intruders(df, out / "intruders"))
     except ConfigError as e:
         warnings.append(f"intruder figures: {e}")
+
+
+def _at_best_lr(root: Path, part):
+    """The rows of each setting's best-LR runs when the root holds an LR search (a setting at
+    several LRs), so that matched learning compares each method at its own best LR."""
+    from learnforget.lr_scaling import collect_lr_runs, lr_table
+
+    runs = collect_lr_runs(root)
+    if not len(runs) or not (runs.groupby("setting")["lr"].nunique() > 1).any():
+        return part
+    best = lr_table(runs)[["setting", "best_lr"]]
+    keep = runs.merge(best, on="setting")
+    keep = set(keep.loc[keep["lr"] == keep["best_lr"], "run"])
+    return part[part["run"].isin(keep)]
 
 
 def _matched(part, out: Path, tag: str, tables: list[Path]) -> list[Path]:
