@@ -117,6 +117,10 @@ def summarise(study: str, overrides: Sequence[str]) -> bool:
           "BIG-bench acc and Shakespeare CE (forgetting), drift KL = KL(base || model) on the "
           "base model's own texts, nats/token (forgetting).")
     print(table)
+    for stem in ("matched_learning", "matched_learning_drift"):  # the headline, as numbers
+        md = out / f"{stem}.md"
+        if md.exists():
+            print("\n" + md.read_text().strip())
     figs = sorted(out.glob("learning_vs_*.png")) + sorted(out.glob("learning_forgetting_*.png"))
     spectra = sorted((out / "spectra").glob("*.png"))
     print("\nfigures:")
