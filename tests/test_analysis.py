@@ -163,6 +163,24 @@ def test_analyze_writes_table_figures_and_spectra(runs_root, tmp_path):
     lora = spectra[spectra["method"] == "lora"]
     assert len(lora) == 2 * 14 and (lora["rank_for_variance"] <= 4).all()
     assert (spectra.loc[spectra["method"] == "full", "rank_for_variance"] > 4).any()
+    # the follow-ups: forgetting at matched learning (full vs LoRA), intruder dimensions
+    assert {p.name for p in res["tables"]} >= {"matched_learning.csv", "matched_learning.md",
+                                               "intruders.csv", "intruders.md"}
+    matched = pd.read_csv(out / "matched_learning.csv")
+    assert list(matched[["method_a", "method_b"]].iloc[0]) == ["full", "lora_r4_a8_all"]
+    assert set(matched["quantity"]) == {"forgetting at matched learning",
+                                        "learning at matched forgetting"}
+    intr = pd.read_csv(out / "intruders.csv")
+    assert set(intr["method_summary"]) >= {"full", "lora_r4_a8_all"}
+    assert intr["intruders"].between(0, 10).all() and intr["chance_intruders"].between(0, 10).all()
+    assert {"intruders_vs_rank.png", "intruders_vs_tokens.png"} <= names
+    # each rank for 90% beside a Gaussian matrix's of the module's shape
+    from learnforget.noise_baseline import gaussian_rank_for_variance
+
+    ctx = pd.read_csv(out / "rank_vs_gaussian.csv")
+    q = ctx[(ctx["module_type"] == "q_proj")].iloc[0]
+    assert q["gaussian_rank_for_variance"] == gaussian_rank_for_variance((64, 64))
+    assert "gaussian_rank_for_variance" in pd.read_csv(out / "spectra.csv").columns
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)

@@ -18,7 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 TABLES: tuple[tuple[str, str], ...] = (
     ("runs", "runs.csv"),                          # every run x checkpoint: the study's table
     ("spectra", "spectra.csv"),                    # rank for 90% etc. per module
-    ("matched_learning", "matched_learning.csv"),  # forgetting at matched learning (to come)
+    ("matched_learning", "matched_learning.csv"),  # forgetting at matched learning
+    ("matched_learning_drift", "matched_learning_drift.csv"),  # ... against drift KL
+    ("intruders", "intruders.csv"),                # intruder dimensions per method and module
+    ("lr_scaling", "lr_scaling.csv"),              # best LR per setting, ratio to full's
+    ("rank_vs_gaussian", "rank_vs_gaussian.csv"),  # rank for 90% beside a Gaussian's
 )
 JOB_TYPE = "analysis"
 

@@ -22,7 +22,8 @@ from learnforget.errors import ConfigError
 def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
             threshold: float = 0.9, with_weights: bool = False, cache_dir: Path | None = None,
             dense_method: str = "svd", suite: str | None = None, random_n: int = 1000,
-            verbose: bool = True, wandb: bool | None = None) -> dict[str, Any]:
+            verbose: bool = True, wandb: bool | None = None,
+            intruders: bool = True) -> dict[str, Any]:
     """Collect every run under `root` into a table, compute missing ΔW spectra (unless
     spectra=False), and regenerate every figure into `out` (default <root>/_analysis); then
     log the tables and figures to one W&B analysis run in the study's group (wandb None: when
@@ -45,6 +46,7 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
     warnings: list[str] = list(df.attrs.get("warnings", []))
     table = save_table(df, out)
     figs: list[Path] = []
+    tables: list[Path] = []  # the follow-up tables (matched learning, intruders): csv + md
 
     def attempt(what: str, fn, *args, **kwargs) -> None:
         try:
@@ -74,6 +76,16 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
                             y=y, stem=f"learning_vs_{y}{tag}")
             attempt("learning/forgetting vs tokens", F.plot_vs_tokens, part, out,
                     stem=f"learning_forgetting_vs_tokens{tag}")
+            attempt("matched learning", _matched, _at_best_lr(root, part), out, tag, tables)
+
+    try:  # LR searches: the best LR per setting and its ratio to full finetuning's
+        from learnforget.lr_scaling import write_lr_table
+
+        got = write_lr_table(root, out)
+        if got is not None:
+            tables.extend(got[1])
+    except ConfigError as e:
+        warnings.append(f"LR scaling: {e}")
 
     spectra_paths: list[Path] = []
     if spectra:
@@ -101,14 +113,20 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
             attempt(f"spectra curves of {run_dir.name}", F.plot_spectra_curves, loaded, sdir)
         sdf = collect_spectra(root)
         if len(sdf):
+            from learnforget.noise_baseline import add_gaussian_column, rank_context_table
+
+            sdf = add_gaussian_column(sdf)  # each rank for 90% beside a Gaussian's
+            tables.extend(save_table(rank_context_table(sdf), out, stem="rank_vs_gaussian")[:1])
             save_table(sdf, out, stem="spectra")
             attempt("rank vs tokens", F.plot_rank_vs_tokens, sdf, out / "spectra")
+    if intruders:
+        _intruders(root, out, cache_dir, figs, tables, warnings, verbose)
     if random_n:
         rm = random_matrix_comparison(n=random_n)
         (out / "random_matrices.json").write_text(dump_json(rm) + "\n")
         figs.extend(F.plot_random_matrices(rm, out))
     result = {"out": out, "table": table, "figures": figs, "spectra": spectra_paths,
-              "warnings": warnings, "n_rows": len(df),
+              "tables": tables, "warnings": warnings, "n_rows": len(df),
               "wandb": None if wandb is False else _mirror(root, out, figs, len(df), wandb)}
     if verbose:
         _print_outputs(root, out, result)
@@ -117,7 +135,8 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
 
 def _print_outputs(root: Path, out: Path, result: dict[str, Any]) -> None:
     """The tables and the PNG figures (each has an SVG beside it), and the W&B run."""
-    shown = [p for p in result["table"] + result["figures"] if p.suffix in (".csv", ".png")]
+    shown = [p for p in result["table"] + result["tables"] + result["figures"]
+             if p.suffix in (".csv", ".md", ".png")]
     print(f"learnforget: analysis of {root} ({result['n_rows']} rows) -> {out} "
           f"({len(shown)} tables and figures; SVG and parquet copies beside them)")
     for p in shown:
@@ -136,6 +155,76 @@ def _mirror(root: Path, out: Path, figs: list[Path], n_rows: int, force: bool | 
         return None
     return log_analysis(out, figs, logger_cfg=logger_cfg or default_logger(), group=group,
                         n_rows=n_rows)
+
+
+
+def _intruders(root: Path, out: Path, cache_dir: Path | None, figs: list[Path],
+               tables: list[Path], warnings: list[str], verbose: bool) -> None:
+    """Intruder dimensions of every run's checkpoints (learnforget.intruders), the summary
+    table (intruders.csv / .md: mean per module by method, tokens and module type, with the
+    count chance predicts) and the figures intruders_vs_rank / intruders_vs_tokens."""
+    from learnforget.collect import find_runs, save_table
+    from learnforget.intruders import collect_intruders, compute_intruders, plot_intruders, summary
+    from learnforget.record import atomic_open
+    from learnforget.spectra import list_checkpoints
+
+    for run_dir in find_runs(root):
+        if not list_checkpoints(run_dir):
+            continue
+        try:
+            compute_intruders(run_dir, cache_dir=cache_dir, verbose=verbose)
+        except ConfigError as e:
+            warnings.append(f"intruders of {run_dir}: {e}")
+            if verbose:
+                print(f"learnforget: warning: intruders of {run_dir}: {e}")
+    df = collect_intruders(root)
+    if not len(df):
+        return
+    s = summary(df)
+    tables.extend(save_table(s, out, stem="intruders")[:1])
+    md = out / "intruders.md"
+    with atomic_open(md, "w") as f:
+        f.write(f"# Intruder dimensions: mean per module (top k={int(df['k'].max())}, "
+                f"ε={df['eps'].iloc[0]:g}); chance = the count random directions would give\n\n"
+                + s.to_markdown(index=False, floatfmt=".3f") + "\n")
+    tables.append(md)
+    try:
+        figs.extend(plot_intruders(df, out / "intruders"))
+    except ConfigError as e:
+        warnings.append(f"intruder figures: {e}")
+
+
+def _at_best_lr(root: Path, part):
+    """The rows of each setting's best-LR runs when the root holds an LR search (a setting at
+    several LRs), so that matched learning compares each method at its own best LR."""
+    from learnforget.lr_scaling import collect_lr_runs, lr_table
+
+    runs = collect_lr_runs(root)
+    if not len(runs) or not (runs.groupby("setting")["lr"].nunique() > 1).any():
+        return part
+    best = lr_table(runs)[["setting", "best_lr"]]
+    keep = runs.merge(best, on="setting")
+    keep = set(keep.loc[keep["lr"] == keep["best_lr"], "run"])
+    return part[part["run"].isin(keep)]
+
+
+def _matched(part, out: Path, tag: str, tables: list[Path]) -> list[Path]:
+    """Forgetting at matched learning (and learning at matched forgetting) for every pair of
+    methods: against the Pareto plot's forgetting measure and, when present, drift."""
+    from learnforget import figures as F
+    from learnforget.matched import write_matched
+
+    learning = F.learning_column(part)
+    paths: list[Path] = []
+    ys = [F.forgetting_column(part)]
+    if "drift_kl" in part.columns and part["drift_kl"].notna().any():
+        ys.append("drift_kl")
+    for y in ys:
+        stem = f"matched_learning{'' if y == ys[0] else '_drift'}{tag}"
+        got = write_matched(part, out, learning, y, stem=stem)[1]
+        tables.extend(p for p in got if p.suffix in (".csv", ".md"))
+        paths.extend(p for p in got if p.suffix not in (".csv", ".md"))
+    return paths
 
 
 def _seedless_key(run_dir: Path) -> str:
@@ -289,6 +378,8 @@ def analyze_cli(args: Sequence[str]) -> int:
                    help="dense spectra through the Gram matrix (faster, same rank-for-90%%)")
     p.add_argument("--suite", default=None, help="eval suite to use (default: every suite)")
     p.add_argument("--cache-dir", type=Path, default=None, help="where base models are cached")
+    p.add_argument("--no-intruders", action="store_true",
+                   help="skip the intruder dimensions (one dense SVD per module and checkpoint)")
     p.add_argument("--random-n", type=int, default=1000,
                    help="size of the fig. S8 random matrices (0: skip)")
     w = p.add_mutually_exclusive_group()
@@ -301,7 +392,7 @@ def analyze_cli(args: Sequence[str]) -> int:
     analyze(a.root, a.out, spectra=not a.no_spectra, threshold=a.threshold,
             with_weights=a.with_weights, cache_dir=a.cache_dir,
             dense_method="gram" if a.gram else "svd", suite=a.suite, random_n=a.random_n,
-            wandb=a.wandb)
+            wandb=a.wandb, intruders=not a.no_intruders)
     return 0
 
 

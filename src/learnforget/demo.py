@@ -152,6 +152,10 @@ def summarise(study: str, overrides: Sequence[str]) -> bool:
           "pooled over the forgetting tasks (seeds' mean, envelope of their 95% bootstrap "
           "intervals); flips: items right→wrong / wrong→right, summed over seeds.")
     print(table)
+    for stem in ("matched_learning", "matched_learning_drift"):  # the headline, as numbers
+        md = out / f"{stem}.md"
+        if md.exists():
+            print("\n" + md.read_text().strip())
     figs = sorted(out.glob("learning_vs_*.png")) + sorted(out.glob("learning_forgetting_*.png"))
     spectra = sorted((out / "spectra").glob("*.png"))
     print("\nfigures:")

@@ -251,6 +251,21 @@ def _grid(rows: list[dict[str, Any]], matrix: str, key: str) -> tuple[np.ndarray
     return grid, layers, types
 
 
+def _noise_labels(record: dict[str, Any], matrix: str, types: list) -> list[str]:
+    """Module names with the rank for the threshold of a Gaussian matrix of their shape
+    (learnforget.noise_baseline): a ΔW rank near it is as spread as noise."""
+    from learnforget.noise_baseline import gaussian_rank_for_variance
+
+    thr = float(record.get("threshold") or 0.9)
+    out = []
+    for t in types:
+        shape = next((r["shape"] for r in record["rows"]
+                      if r["matrix"] == matrix and r["module_type"] == t), None)
+        out.append(f"{t}\n(Gaussian {gaussian_rank_for_variance(shape, thr)})"
+                   if shape else str(t))
+    return out
+
+
 def plot_rank_heatmap(record: dict[str, Any], out_dir: Path, *, stem: str | None = None,
                       key: str = "rank_for_variance") -> list[Path]:
     """Rank needed for the variance threshold (default 90%) per layer x module type, one panel
@@ -267,7 +282,8 @@ def plot_rank_heatmap(record: dict[str, Any], out_dir: Path, *, stem: str | None
         grid, layers, types = _grid(record["rows"], m, key)
         im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower",
                        interpolation="nearest")
-        ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
+        ax.set_xticks(range(len(types)), _noise_labels(record, m, types), rotation=45,
+                      ha="right")
         step = max(1, len(layers) // 16)
         ax.set_yticks(range(0, len(layers), step), [layers[i] for i in range(0, len(layers), step)])
         ax.set_xlabel("module")

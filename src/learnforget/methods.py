@@ -13,9 +13,10 @@ from learnforget.errors import ConfigError
 # The method keys each method reads; the others are ignored (and left out of the run name).
 USES: dict[str, tuple[str, ...]] = {
     "full": (),
-    "lora": ("r", "alpha", "dropout", "targets"),
-    "dora": ("r", "alpha", "dropout", "targets"),
-    "qlora": ("r", "alpha", "dropout", "targets", "quant_type", "double_quant", "compute_dtype"),
+    "lora": ("r", "alpha", "dropout", "targets", "init", "rslora"),
+    "dora": ("r", "alpha", "dropout", "targets", "init", "rslora"),
+    "qlora": ("r", "alpha", "dropout", "targets", "quant_type", "double_quant", "compute_dtype",
+              "init", "rslora"),
     "ia3": ("targets",),
     "prefix": ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"),
     "prompt": ("num_virtual_tokens", "prompt_init", "prompt_init_text"),
@@ -30,6 +31,8 @@ ADAPTER_METHODS = (*PEFT_METHODS, "adapter")
 LORA_FAMILY = ("lora", "dora", "qlora")
 QUANT_TYPES = ("nf4", "fp4", "int8")  # qlora's frozen base: 4-bit NF4/FP4 or 8-bit LLM.int8
 TARGET_SETS = ("attention", "mlp", "all")
+# LoRA variants (learnforget.lora_variants); at these values a run is plain LoRA
+VARIANT_DEFAULTS: dict[str, Any] = {"init": "default", "rslora": False}
 
 
 def effective_method(cfg: DictConfig) -> dict[str, Any]:
@@ -37,7 +40,9 @@ def effective_method(cfg: DictConfig) -> dict[str, Any]:
     validate_method(cfg)
     out: dict[str, Any] = {"name": cfg.name}
     for key in USES[cfg.name]:
-        value = cfg[key]
+        value = cfg.get(key, VARIANT_DEFAULTS.get(key))
+        if key in VARIANT_DEFAULTS and value == VARIANT_DEFAULTS[key]:
+            continue  # plain LoRA: the run's name and hash stay what they were
         if isinstance(value, ListConfig):
             value = list(value)
         out[key] = value
@@ -73,6 +78,17 @@ def validate_method(cfg: DictConfig) -> None:
             f"method.num_virtual_tokens must be a positive integer, got {cfg.num_virtual_tokens!r}")
     if "prompt_init" in uses and cfg.prompt_init not in ("random", "text"):
         raise ConfigError(f"method.prompt_init must be 'random' or 'text', got {cfg.prompt_init!r}")
+    if "init" in uses:
+        from learnforget.lora_variants import mutates_base, validate_init
+
+        init = cfg.get("init", "default")
+        validate_init(init, cfg.r)
+        if name == "qlora" and mutates_base(init):
+            raise ConfigError(f"method.init={init} with method=qlora is not supported (it writes "
+                              "a residual into the 4-bit base; expected default, gaussian or "
+                              "orthogonal)")
+    if "rslora" in uses and not isinstance(cfg.get("rslora", False), bool):
+        raise ConfigError(f"method.rslora must be true or false, got {cfg.rslora!r}")
     if "top_k" in uses and (not isinstance(cfg.top_k, int) or cfg.top_k <= 0):
         raise ConfigError(f"method.top_k must be a positive integer, got {cfg.top_k!r}")
     if name == "adapter":
@@ -245,6 +261,8 @@ def checkpoint_format(method: str) -> str:
 def _apply_peft(model, cfg, model_name, tokenizer_path, notes):
     import peft
 
+    from learnforget.lora_variants import capture_initial, mutates_base, peft_init
+
     eff = effective_method(cfg)
     task = peft.TaskType.CAUSAL_LM
     if cfg.name in LORA_FAMILY:
@@ -262,6 +280,8 @@ def _apply_peft(model, cfg, model_name, tokenizer_path, notes):
             target_modules=resolve_targets(model, cfg.targets, model_name),
             use_dora=cfg.name == "dora",
             bias="none",
+            init_lora_weights=peft_init(cfg.get("init", "default")),
+            use_rslora=bool(cfg.get("rslora", False)),
         )
     elif cfg.name == "ia3":
         targets = cfg.targets
@@ -295,9 +315,14 @@ def _apply_peft(model, cfg, model_name, tokenizer_path, notes):
     else:  # pragma: no cover - guarded by validate_method
         raise ConfigError(f"unknown method {cfg.name!r}")
     try:
-        return peft.get_peft_model(model, peft_cfg), notes
+        wrapped = peft.get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise ConfigError(f"method={cfg.name} on model={model_name}: {e}") from e
+    if cfg.name in LORA_FAMILY and mutates_base(cfg.get("init", "default")):
+        capture_initial(wrapped)
+        notes.append(f"method.init={cfg.init}: the base holds W - s B0 A0; checkpoints are "
+                     "converted to rank-2r LoRA adapters on the original base")
+    return wrapped, notes
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -321,7 +346,8 @@ def method_summary(cfg: DictConfig) -> str:
     abbrev = {"r": "r", "alpha": "a", "dropout": "do", "top_k": "k", "num_virtual_tokens": "v",
               "quant_type": "", "double_quant": "dq", "compute_dtype": "", "prefix_projection": "mlp",
               "prompt_init": "init", "encoder_hidden_size": "h", "prompt_init_text": None,
-              "bottleneck": "b", "placement": "", "adapter_act": ""}
+              "bottleneck": "b", "placement": "", "adapter_act": "", "init": "",
+              "rslora": "rs"}
     for key, value in eff.items():
         if key == "name" or abbrev.get(key, key) is None:
             continue

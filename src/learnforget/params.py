@@ -89,6 +89,8 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
     method = cfg.method.copy()
     if method.name == "prompt":  # text initialisation needs a tokenizer; the counts do not
         OmegaConf.update(method, "prompt_init", "random")
+    if "init" in method:  # PiSSA/OLoRA need real weights (an SVD/QR); the counts do not
+        OmegaConf.update(method, "init", "default")
     qlora = method.name == "qlora"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(build_config(cfg.model))

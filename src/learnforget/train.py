@@ -237,6 +237,11 @@ def save_checkpoint(out: Path, model, manifest: dict[str, Any],
             # state_dict: an FSDP model's weights, gathered on rank 0
             extra = {} if state_dict is None else {"state_dict": state_dict}
             model.save_pretrained(tmp, safe_serialization=True, **extra)
+            from learnforget.lora_variants import convert_saved_adapter, initial_factors
+
+            initial = initial_factors(model)
+            if initial is not None:  # PiSSA / OLoRA: a LoRA adapter on the original base
+                convert_saved_adapter(tmp, initial)
         atomic_write_json(tmp / "manifest.json", manifest)
         if out.exists():
             shutil.rmtree(out)

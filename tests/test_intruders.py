@@ -1,0 +1,178 @@
+"""Intruder dimensions: a planted intruder is found exactly; peft's detection agrees."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from learnforget.errors import ConfigError
+from learnforget.intruders import (
+    chance_level,
+    collect_intruders,
+    compute_intruders,
+    count,
+    energy_share,
+    left_singular,
+    module_row,
+    similarities,
+    summary,
+)
+from learnforget.train import fit, setup
+
+
+def orthonormal(n: int, k: int, seed: int) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, k)))
+    return q
+
+
+def planted(theta_deg: float):
+    """W_base = U diag(s) V^T (64 x 16); W_ft rotates u_1 by theta towards x, a direction
+    orthogonal to every base left singular vector. Returns (W_base, W_ft, U, x)."""
+    rng = np.random.default_rng(0)
+    u = orthonormal(64, 16, 1)
+    v = orthonormal(16, 16, 2)
+    s = np.linspace(10.0, 1.0, 16)
+    x = rng.standard_normal(64)
+    x -= u @ (u.T @ x)
+    x /= np.linalg.norm(x)
+    th = math.radians(theta_deg)
+    u_ft = u.copy()
+    u_ft[:, 0] = math.cos(th) * u[:, 0] + math.sin(th) * x
+    w_base = torch.from_numpy(u @ np.diag(s) @ v.T)
+    w_ft = torch.from_numpy(u_ft @ np.diag(s) @ v.T)
+    return w_base, w_ft, u, x
+
+
+@pytest.mark.parametrize("theta", [80.0, 30.0])
+def test_planted_intruder_is_found_exactly(theta):
+    w_base, w_ft, _, _ = planted(theta)
+    u_base, _ = left_singular(w_base)
+    row = module_row("m", "q_proj", 0, u_base, w_ft, w_ft - w_base, ks=(10,),
+                     epsilons=(0.1, 0.2, 0.5, 0.9))
+    c = math.cos(math.radians(theta))
+    # the top direction of W_ft is the rotated u_1: its best match is u_1, |cos| = cos(theta)
+    assert row["sims"][0] == pytest.approx(c, abs=1e-9)
+    assert row["sims"][1:] == pytest.approx([1.0] * 9, abs=1e-9)  # the others are base vectors
+    expected = {e: int(c < e) for e in (0.1, 0.2, 0.5, 0.9)}
+    assert row["counts"]["10"] == {f"{e:g}": n for e, n in expected.items()}
+    # energy: ΔW = s_1 (u_1' - u_1) v_1^T; the share along u_1' is (1 - cos) / 2 (ε = 0.5)
+    assert row["energy"] == pytest.approx((1 - c) / 2 if c < 0.5 else 0.0, abs=1e-9)
+
+
+def test_energy_share_of_a_rank_one_update_along_the_intruder():
+    u = torch.eye(4, dtype=torch.float64)[:, :2]
+    delta = torch.zeros(4, 3, dtype=torch.float64)
+    delta[0, 0], delta[1, 1] = 3.0, 4.0
+    assert energy_share(u, [0.0, 0.9], delta, 10, 0.5) == pytest.approx(9 / 25)
+    assert energy_share(u, [0.0, 0.1], delta, 10, 0.5) == pytest.approx(1.0)
+    assert count([0.05, 0.3, 0.7], 2, 0.5) == 2 and count([0.05, 0.3, 0.7], 1, 0.5) == 1
+
+
+def test_chance_level_matches_the_distribution_of_a_random_coordinate():
+    # d = 2, m = 1: a random unit vector's |first coordinate| = |cos(phi)|, phi uniform;
+    # P(|cos phi| < e) = 1 - 2 acos(e) / pi, E|cos phi| = 2 / pi
+    lvl = chance_level((2, 2), epsilons=(0.5,))
+    lvl1 = chance_level((2, 1), epsilons=(0.5,))
+    assert lvl["chance_rate"]["0.5"] == 0.0  # two orthonormal vectors: max >= 1/sqrt(2)
+    assert lvl1["chance_mean"] == pytest.approx(2 / math.pi, abs=0.02)
+    assert lvl1["chance_rate"]["0.5"] == pytest.approx(1 - 2 * math.acos(0.5) / math.pi,
+                                                       abs=0.02)
+    # a wide module: random directions are intruders at ε = 0.5 almost surely
+    assert chance_level((4096, 4096), epsilons=(0.5,))["chance_rate"]["0.5"] == 1.0
+
+
+def test_similarities_are_one_for_the_base_itself():
+    w, _, _, _ = planted(0.0)
+    u, _ = left_singular(w)
+    np.testing.assert_allclose(similarities(u, u), np.ones(16), atol=1e-12)
+
+
+# ------------------------------------------------------------------ a real tiny LoRA run
+
+def test_harness_and_peft_find_the_same_intruders(make_cfg, cache_dir):
+    from peft import PeftModel
+    from peft.tuners.lora.intruders import reduce_intruder_dimension
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_cfg("method=lora", "method.r=4", "train.lr=5e-2", "train.precision=fp32",
+                   "method.dropout=0.0")
+    run = fit(setup(cfg))
+    paths = compute_intruders(run, "step-000002", verbose=False)
+    import json
+
+    rec = json.loads(paths[0].read_text())
+    assert len(rec["rows"]) == 14 and rec["base_svd_cache_hits"] == 0
+    ours = {r["module"]: r for r in rec["rows"]}
+    info = json.loads((run / "run.json").read_text())
+    counted = {}
+    for eps in (0.5, 0.9):
+        model = AutoModelForCausalLM.from_pretrained(info["run"]["base_model"],
+                                                     dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, run / "checkpoints" / "step-000002")
+        lines: list[str] = []
+        reduce_intruder_dimension(model, top_k=10, threshold_epsilon=eps,
+                                  logging_sink=lines.append)
+        peft_counts = {}
+        for line in lines:
+            m = re.match(r"base_model\.model\.(.+): (?:Intruders: (\d+)|No intruders)", line)
+            if m:
+                peft_counts[m.group(1)] = int(m.group(2) or 0)
+        assert set(peft_counts) == set(ours)
+        for name, n in peft_counts.items():
+            assert ours[name]["counts"]["10"][f"{eps:g}"] == n, (name, eps)
+        counted[eps] = sum(peft_counts.values())
+    assert counted[0.9] > 0  # the comparison is not only of zeros
+    # a second run on the same base reads every base SVD from the cache
+    rec2 = json.loads(compute_intruders(run, "step-000002", force=True,
+                                        verbose=False)[0].read_text())
+    assert rec2["base_svd_cache_hits"] == 14  # stored in float32: similarities to ~1e-6
+    for a, b in zip(rec2["rows"], rec["rows"], strict=True):
+        np.testing.assert_allclose(a["sims"], b["sims"], atol=1e-5)
+    df = collect_intruders(cfg.paths.runs_dir)
+    assert len(df) == 14 and set(df["k"]) == {10}
+    s = summary(df)
+    assert set(s["module_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                     "up_proj", "down_proj"}
+    with pytest.raises(ConfigError, match="thresholds"):
+        compute_intruders(run, epsilons=(1.5,))
+
+
+def test_mitigated_run_has_peft_mitigation_known_answer(make_cfg):
+    """The derived run's ΔW = the rank-r truncation of (W_merged + (λ - 1) Σ_intruders
+    s_i u_i v_i^T) - W_base, computed here with numpy from the original checkpoint."""
+    import json
+
+    from learnforget.intruder_mitigation import mitigate_run
+    from learnforget.spectra import extract_deltas
+
+    cfg = make_cfg("method=lora", "method.r=4", "train.lr=5e-2", "train.precision=fp32",
+                   "method.dropout=0.0")
+    run = fit(setup(cfg))
+    derived = mitigate_run(run, threshold_epsilon=0.9, mitigation_lambda=0.5)
+    info = json.loads((derived / "run.json").read_text())
+    assert info["run"]["method_summary"].endswith("+intr0.5")
+    assert (derived / "checkpoints/step-000002/adapter_model.safetensors").exists()
+    orig = {md.name: md for md in extract_deltas(run, "step-000002", with_weights=True)}
+    new = {md.name: md for md in extract_deltas(derived, "step-000002")}
+    n_intruders = 0
+    for name, md in orig.items():
+        w = md.base.double().numpy()
+        wm = w + md.to_dense().numpy()
+        ub = np.linalg.svd(w, full_matrices=False)[0]
+        u, s, vt = np.linalg.svd(wm, full_matrices=False)
+        sims = np.abs(u[:, :10].T @ ub).max(axis=1)
+        idx = np.flatnonzero(sims < 0.9)
+        n_intruders += idx.size
+        wmit = wm + (0.5 - 1) * (u[:, idx] * s[idx]) @ vt[idx]
+        du, ds, dvt = np.linalg.svd(wmit - w, full_matrices=False)
+        expect = (du[:, :4] * ds[:4]) @ dvt[:4]
+        got = new[name].to_dense().numpy()
+        np.testing.assert_allclose(got, expect, atol=1e-4 * np.abs(expect).max() + 1e-7)
+        assert info["intruder_mitigation"]["intruders"]["step-000002"][name] == idx.size
+    assert n_intruders > 0
+    with pytest.raises(ConfigError, match="mitigation_lambda"):
+        mitigate_run(run, mitigation_lambda=2.0)
