@@ -59,8 +59,12 @@ def entries(out: Path, figures: Iterable[Path]) -> dict[str, Any]:
     logged: dict[str, Any] = {}
     for key, name in TABLES:
         path = Path(out) / name
-        if path.exists():
-            logged[f"table/{key}"] = wandb.Table(dataframe=pd.read_csv(path))
+        if path.exists() and path.stat().st_size > 0:
+            try:
+                frame = pd.read_csv(path)
+            except pd.errors.EmptyDataError:  # a table with no rows (e.g. no LR search here)
+                continue
+            logged[f"table/{key}"] = wandb.Table(dataframe=frame)
     for fig in sorted({Path(f) for f in figures if Path(f).suffix == ".png"}):
         rel = fig.relative_to(out) if fig.is_relative_to(out) else Path(fig.name)
         logged[f"figure/{rel.with_suffix('').as_posix()}"] = wandb.Image(str(fig))
