@@ -93,7 +93,7 @@ def test_similarities_are_one_for_the_base_itself():
 
 # ------------------------------------------------------------------ a real tiny LoRA run
 
-def test_harness_and_peft_find_the_same_intruders(make_cfg, cache_dir):
+def test_harness_and_peft_find_the_same_intruders(make_cfg, cache_dir, tmp_path):
     from peft import PeftModel
     from peft.tuners.lora.intruders import reduce_intruder_dimension
     from transformers import AutoModelForCausalLM
@@ -101,7 +101,8 @@ def test_harness_and_peft_find_the_same_intruders(make_cfg, cache_dir):
     cfg = make_cfg("method=lora", "method.r=4", "train.lr=5e-2", "train.precision=fp32",
                    "method.dropout=0.0")
     run = fit(setup(cfg))
-    paths = compute_intruders(run, "step-000002", verbose=False)
+    svd_cache = tmp_path / "svd-cache"  # a fresh base-SVD cache (the session cache may hold it)
+    paths = compute_intruders(run, "step-000002", verbose=False, cache_dir=svd_cache)
     import json
 
     rec = json.loads(paths[0].read_text())
@@ -127,8 +128,8 @@ def test_harness_and_peft_find_the_same_intruders(make_cfg, cache_dir):
         counted[eps] = sum(peft_counts.values())
     assert counted[0.9] > 0  # the comparison is not only of zeros
     # a second run on the same base reads every base SVD from the cache
-    rec2 = json.loads(compute_intruders(run, "step-000002", force=True,
-                                        verbose=False)[0].read_text())
+    rec2 = json.loads(compute_intruders(run, "step-000002", force=True, verbose=False,
+                                        cache_dir=svd_cache)[0].read_text())
     assert rec2["base_svd_cache_hits"] == 14  # stored in float32: similarities to ~1e-6
     for a, b in zip(rec2["rows"], rec["rows"], strict=True):
         np.testing.assert_allclose(a["sims"], b["sims"], atol=1e-5)

@@ -694,8 +694,10 @@ def memory_table(plan: Plan, activations: bool = False) -> list[dict[str, Any]]:
         c = job.cfg
         eff = effective_method(c.method)
         shape = [int(c.train.batch_size), int(c.train.seq_len)] if activations else []
+        policy = [str(c.train.precision), str(c.train.get("master_weights", "fp32")),
+                  bool(c.train.get("activation_checkpointing", False))]
         key = json.dumps([OmegaConf.to_container(c.model, resolve=True), eff,
-                          str(c.train.optimizer), *shape], sort_keys=True, default=str)
+                          str(c.train.optimizer), *policy, *shape], sort_keys=True, default=str)
         if key not in reports:
             try:
                 with warnings.catch_warnings():
