@@ -100,3 +100,19 @@ def metrics_rows(run: Path) -> list[dict]:
 
 def step_losses(run: Path) -> list[float]:
     return [r["loss"] for r in metrics_rows(run) if "loss" in r]
+
+
+def tiny_hflm(**kwargs):
+    """lm-eval's HFLM around a seeded, randomly initialised tiny Llama (eval mode) with the
+    package's tiny tokenizer: the model of the lm-eval parity tests."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from learnforget.models import tiny_tokenizer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=2048, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=512)).eval()
+    return HFLM(pretrained=model, tokenizer=tiny_tokenizer(), **kwargs)

@@ -17,14 +17,12 @@ import lm_eval
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
-import torch
+from conftest import tiny_hflm
 from lm_eval.tasks import TaskManager
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from learnforget import benchmark_data as bd
 from learnforget.errors import ConfigError
 from learnforget.lmeval_tasks import TaskSpec, builtin_yaml, evaluate, write_task_dir
-from learnforget.models import tiny_tokenizer
 from learnforget.paired import item_scores
 
 FIX = Path(__file__).parent / "fixtures" / "benchmarks"
@@ -111,13 +109,7 @@ def test_arc_record_refuses_an_unknown_query_format():
 
 @pytest.fixture(scope="module")
 def hflm():
-    from lm_eval.models.huggingface import HFLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=2048, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=512)).eval()
-    return HFLM(pretrained=model, tokenizer=tiny_tokenizer(), batch_size=4)
+    return tiny_hflm(batch_size=4)
 
 
 MC = ("hellaswag", "arc_challenge", "arc_easy", "winogrande", "piqa")

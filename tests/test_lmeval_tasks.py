@@ -13,11 +13,10 @@ from pathlib import Path
 
 import lm_eval
 import pytest
-import torch
+from conftest import tiny_hflm
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from learnforget.errors import ConfigError
 from learnforget.lmeval_tasks import (
@@ -34,7 +33,6 @@ from learnforget.lmeval_tasks import (
     task_config_hash,
     write_task_dir,
 )
-from learnforget.models import tiny_tokenizer
 from learnforget.tasks import humaneval_utils
 
 EVAL = Path(__file__).parent / "fixtures" / "eval"
@@ -60,13 +58,7 @@ def all_specs() -> list[TaskSpec]:
 
 @pytest.fixture(scope="module")
 def hflm():
-    from lm_eval.models.huggingface import HFLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=2048, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=512)).eval()
-    return HFLM(pretrained=model, tokenizer=tiny_tokenizer(), batch_size=8, max_gen_toks=12)
+    return tiny_hflm(batch_size=8, max_gen_toks=12)
 
 
 @pytest.fixture(scope="module")
