@@ -23,8 +23,8 @@
 import os
 from pathlib import Path
 
-from learnforget import figures
-from learnforget.collect import collect, pareto_front, save_table
+from learnforget.analysis import figures
+from learnforget.analysis.collect import collect, pareto_front, save_table
 
 ROOT = Path(os.environ.get("LEARNFORGET_RUNS_DIR", "runs"))
 OUT = Path(os.environ.get("LEARNFORGET_ANALYSIS_OUT", str(ROOT / "_analysis")))

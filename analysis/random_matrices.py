@@ -23,8 +23,8 @@
 import os
 from pathlib import Path
 
-from learnforget import figures
-from learnforget.spectra import dump_json, random_matrix_comparison
+from learnforget.analysis import figures
+from learnforget.analysis.spectra import dump_json, random_matrix_comparison
 
 ROOT = Path(os.environ.get("LEARNFORGET_RUNS_DIR", "runs"))
 OUT = Path(os.environ.get("LEARNFORGET_ANALYSIS_OUT", str(ROOT / "_analysis")))

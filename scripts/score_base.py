@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from learnforget.assets_cache import default_cache_dir
+    from learnforget.assets.fetch import default_cache_dir
+    from learnforget.assets.models import load_model
     from learnforget.config import compose
-    from learnforget.evaluate import score, task_specs
-    from learnforget.lmeval_tasks import write_task_dir
-    from learnforget.models import load_model
+    from learnforget.eval.lmeval_tasks import write_task_dir
+    from learnforget.eval.stage import score, task_specs
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -109,7 +109,7 @@ def tiny_hflm(**kwargs):
     from lm_eval.models.huggingface import HFLM
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from learnforget.models import tiny_tokenizer
+    from learnforget.assets.models import tiny_tokenizer
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(

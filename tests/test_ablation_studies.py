@@ -15,7 +15,7 @@ from conftest import FAST, OFFLINE_DATA
 
 from learnforget.config import compose
 from learnforget.errors import ConfigError
-from learnforget.sweep import (
+from learnforget.studies.sweep import (
     apply_size,
     estimate,
     expand,
@@ -225,7 +225,7 @@ def _int8_on_cpu() -> str | None:
 
 
 def _quantised(cfg, cache_dir):
-    from learnforget.models import load_model
+    from learnforget.assets.models import load_model
 
     model, _, path = load_model(cfg.model, cfg.method, cache_dir)
     return model, path
@@ -237,7 +237,7 @@ def test_quantisation_error_nf4_below_fp4_and_equal_to_a_direct_round_trip(make_
     quantises the per-block scales, so it changes the error a little, not the order."""
     from safetensors.torch import load_file
 
-    from learnforget.quantisation import quantisation_error, quantise_dequantise
+    from learnforget.methods.quantisation import quantisation_error, quantise_dequantise
 
     errors = {}
     kinds = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
@@ -286,7 +286,7 @@ def test_qlora_int8_trains_on_cpu_and_records_the_quantisation_error(make_cfg):
     reason = _int8_on_cpu()
     if reason:
         pytest.skip(reason)
-    from learnforget.train import train
+    from learnforget.train.loop import train
 
     out = train(make_cfg("method=qlora", "method.quant_type=int8", "method.r=4"))
     info = json.loads((out / "run.json").read_text())
@@ -304,7 +304,7 @@ def test_qlora_int8_trains_on_cpu_and_records_the_quantisation_error(make_cfg):
 def test_rank_ablation_runs_at_toy_scale_and_reports_memory(tmp_path, cache_dir, capsys):
     """The 15 jobs of lora_rank_ablation --size toy on tiny_llama (2 steps each, held-out CE
     only), then the dry run lists the measured peak next to every estimate."""
-    from learnforget.collect import collect
+    from learnforget.analysis.collect import collect
 
     runs = tmp_path / "runs"
     extra = [f"paths.runs_dir={runs}", f"paths.cache_dir={cache_dir}", *FAST,

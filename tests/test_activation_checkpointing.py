@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import OFFLINE_DATA
 
-from learnforget.bench import bench_memory
+from learnforget.bench.runner import bench_memory
 from learnforget.errors import ConfigError
-from learnforget.train import micro_batch, setup, train
+from learnforget.train.loop import micro_batch, setup, train
 
 SHAPE = ["train.batch_size=4", "train.seq_len=128"]
 

@@ -9,8 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from learnforget.models import load_model
-from learnforget.train import fit, setup
+from learnforget.assets.models import load_model
+from learnforget.train.loop import fit, setup
 
 INPUT = torch.tensor([[5, 17, 300, 42, 1000, 7, 99, 12]])
 

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from conftest import FAST, OFFLINE_DATA
 
-from learnforget.analyze import analyze
-from learnforget.collect import collect, find_runs, pareto_front
+from learnforget.analysis.collect import collect, find_runs, pareto_front
+from learnforget.analysis.stage import analyze
 from learnforget.config import compose
 from learnforget.errors import ConfigError
-from learnforget.train import fit, setup
+from learnforget.train.loop import fit, setup
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "analysis").glob("*.py"))
@@ -142,7 +142,7 @@ def _nonempty(path: Path) -> bool:
 
 
 def test_analyze_writes_table_figures_and_spectra(runs_root, tmp_path):
-    from learnforget.analyze import analyze
+    from learnforget.analysis.stage import analyze
 
     out = tmp_path / "analysis_out"
     res = analyze(runs_root, out, random_n=100, verbose=False)
@@ -175,7 +175,7 @@ def test_analyze_writes_table_figures_and_spectra(runs_root, tmp_path):
     assert intr["intruders"].between(0, 10).all() and intr["chance_intruders"].between(0, 10).all()
     assert {"intruders_vs_rank.png", "intruders_vs_tokens.png"} <= names
     # each rank for 90% beside a Gaussian matrix's of the module's shape
-    from learnforget.noise_baseline import gaussian_rank_for_variance
+    from learnforget.analysis.noise_baseline import gaussian_rank_for_variance
 
     ctx = pd.read_csv(out / "rank_vs_gaussian.csv")
     q = ctx[(ctx["module_type"] == "q_proj")].iloc[0]
@@ -216,7 +216,7 @@ def test_notebooks_are_jupytext_percent_files():
 # ------------------------------------------------------------------ benchmark
 
 def test_bench_spectra_small():
-    from learnforget.analyze import bench_spectra
+    from learnforget.analysis.stage import bench_spectra
 
     res = bench_spectra(layers=2, rank=8, modules=(("q_proj", 96, 96), ("up_proj", 160, 96),
                                                    ("down_proj", 96, 160)), verbose=False)
@@ -229,7 +229,7 @@ def test_bench_spectra_small():
 
 
 def test_cli_entry_points(runs_root, tmp_path, capsys):
-    from learnforget.analyze import analyze_cli, bench_cli
+    from learnforget.analysis.stage import analyze_cli, bench_cli
 
     out = tmp_path / "cli_out"
     assert analyze_cli([str(runs_root), "--out", str(out), "--no-spectra", "--random-n", "0"]) == 0
@@ -244,7 +244,7 @@ def test_cli_entry_points(runs_root, tmp_path, capsys):
 def test_collect_wandb_builds_the_table_from_a_group():
     from types import SimpleNamespace
 
-    from learnforget.collect import collect_wandb
+    from learnforget.analysis.collect import collect_wandb
 
     train = SimpleNamespace(name="r1", job_type="train",
                             config={"method": {"name": "lora", "r": 8}, "model": {"name": "m"},
@@ -266,7 +266,7 @@ def test_collect_wandb_builds_the_table_from_a_group():
 
 
 def test_learning_axis_skips_a_target_score_that_never_moves():
-    from learnforget.figures import learning_column
+    from learnforget.analysis.figures import learning_column
 
     flat = pd.DataFrame({"target_score": [0.0, 0.0, 0.0], "target_ce": [2.5, 2.4, 2.3]})
     assert learning_column(flat) == "target_ce"

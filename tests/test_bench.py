@@ -8,9 +8,9 @@ import json
 import pytest
 from conftest import OFFLINE_DATA
 
-from learnforget.bench import bench_memory, bench_train
+from learnforget.bench.runner import bench_memory, bench_train
 from learnforget.cli import main
-from learnforget.params import param_report
+from learnforget.train.params import param_report
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_bench_cli_writes_json_and_rejects_unknown_sections(tmp_path, extra, cap
 
 
 def test_precision_part_compares_bf16_and_fp32_on_the_same_batches(tmp_path, extra):
-    from learnforget.bench_precision import bench_precision, format_precision
+    from learnforget.bench.precision import bench_precision, format_precision
 
     r = bench_precision("tiny_llama", repeats=2, steps=3, batch_size=2, seq_len=32,
                         runs_dir=tmp_path, methods=("full",), extra=extra)

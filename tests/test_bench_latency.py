@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from learnforget.bench_latency import VARIANTS, build_variants, format_latency, run_latency
+from learnforget.bench.latency import VARIANTS, build_variants, format_latency, run_latency
 
 
 def test_every_variant_and_shape_is_timed(cache_dir):

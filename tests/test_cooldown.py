@@ -1,4 +1,4 @@
-"""Per-budget cooldowns as branches of one plateau run (learnforget.cooldown): the branch
+"""Per-budget cooldowns as branches of one plateau run (learnforget.train.cooldown): the branch
 points, the schedule (checked against the inverse-sqrt formula written out by hand), and end
 to end: each branch ends with the same weights and loss as a separate full-length run at its
 budget with its own cooldown."""
@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from learnforget.config import validate
-from learnforget.cooldown import branch_plan, plateau
 from learnforget.errors import ConfigError
-from learnforget.job import stage_complete
-from learnforget.optim import make_scheduler
-from learnforget.train import Plan, train
+from learnforget.studies.job import stage_complete
+from learnforget.train.cooldown import branch_plan, plateau
+from learnforget.train.loop import Plan, train
+from learnforget.train.optim import make_scheduler
 
 BRANCHES = ["train.schedule=inverse_sqrt", "train.warmup_steps=2", "train.cooldown_ratio=0.25",
             "train.num_threads=1", "data.format=shards", "data.shard_tokens=4000",

@@ -9,12 +9,12 @@ import json
 import pytest
 from conftest import FAST, OFFLINE_DATA
 
+from learnforget.analysis.spectra import compute_spectra
 from learnforget.cli import main
 from learnforget.config import compose
-from learnforget.evaluate import evaluate_run
-from learnforget.job import spectra_complete
-from learnforget.spectra import compute_spectra
-from learnforget.train import fit, setup
+from learnforget.eval.stage import evaluate_run
+from learnforget.studies.job import spectra_complete
+from learnforget.train.loop import fit, setup
 
 SMOKE = ["eval=smoke", "eval.limit=2", "eval.max_gen_toks=8", "eval.diversity.prompts=[]",
          "method.r=4"]
@@ -68,7 +68,7 @@ def test_a_truncated_base_cache_is_recomputed(scored_run, capsys):
 
 
 def test_a_truncated_eval_summary_makes_the_eval_stage_incomplete(scored_run):
-    from learnforget.job import eval_complete
+    from learnforget.studies.job import eval_complete
 
     cfg, out = scored_run
     assert eval_complete(out, "smoke")
@@ -94,7 +94,7 @@ def test_a_truncated_spectra_file_is_recomputed(make_cfg, capsys):
 
 
 def test_truncated_drift_references_are_regenerated(tmp_path, capsys):
-    from learnforget.drift import load_references, save_references
+    from learnforget.eval.drift import load_references, save_references
 
     path = tmp_path / "drift-refs-abc.json"
     save_references({"key": "k", "texts": ["a"]}, path)

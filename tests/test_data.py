@@ -1,4 +1,4 @@
-"""Tests for learnforget.data: loading, splitting, packing, masking, collating, errors."""
+"""Tests for learnforget.data.sources: loading, splitting, packing, masking, collating, errors."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from learnforget import data
-from learnforget.data import Example, build_data, collate, load_records, record_to_text
+from learnforget.data import sources as data
+from learnforget.data.sources import Example, build_data, collate, load_records, record_to_text
 from learnforget.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

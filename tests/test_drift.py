@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from learnforget import drift
+from learnforget.assets.models import tiny_tokenizer
 from learnforget.errors import ConfigError
-from learnforget.models import tiny_tokenizer
+from learnforget.eval import drift
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -150,9 +150,9 @@ def test_bootstrap_interval():
 def test_drift_grows_with_training_on_unrelated_text(make_cfg, cache_dir, tmp_path):
     """Full finetuning of tiny_llama on Python source: drift on general English prompts is
     > 0 after 2 steps and larger after 6; cached references are reused."""
-    from learnforget.evaluate import load_for_eval
-    from learnforget.models import load_tokenizer
-    from learnforget.train import fit, setup
+    from learnforget.assets.models import load_tokenizer
+    from learnforget.eval.stage import load_for_eval
+    from learnforget.train.loop import fit, setup
 
     cfg = make_cfg("model=tiny_llama", "method=full", "train.lr=1e-3",
                    "train.checkpoints.at=[2,6]")

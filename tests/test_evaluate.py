@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from learnforget.errors import ConfigError
-from learnforget.evaluate import evaluate_run, load_for_eval, score, task_specs
-from learnforget.train import fit, setup
+from learnforget.eval.stage import evaluate_run, load_for_eval, score, task_specs
+from learnforget.train.loop import fit, setup
 
 SMOKE_FAST = ["eval=smoke", "eval.limit=4", "eval.max_gen_toks=16"]
 
@@ -75,8 +75,8 @@ def test_unmerged_adapter_scores_like_the_merged_model(lora_run):
     cfg, run = lora_run
     from omegaconf import OmegaConf
 
-    from learnforget.lmeval_tasks import write_task_dir
-    from learnforget.models import load_tokenizer
+    from learnforget.assets.models import load_tokenizer
+    from learnforget.eval.lmeval_tasks import write_task_dir
 
     run_cfg = OmegaConf.load(run / "config.yaml")
     ev = cfg.eval.copy()
@@ -142,7 +142,7 @@ def test_paper_hub_suite_stops_before_model_work_without_the_hub(make_cfg, tmp_p
 
     from omegaconf import OmegaConf
 
-    import learnforget.evaluate as ev_mod
+    import learnforget.eval.stage as ev_mod
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     cfg = make_cfg("eval=paper_hub")
@@ -159,7 +159,7 @@ def test_paper_hub_suite_stops_before_model_work_without_the_hub(make_cfg, tmp_p
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(ev_mod, "load_for_eval", no_model)
-    monkeypatch.setattr("learnforget.models.load_tokenizer", no_model)
+    monkeypatch.setattr("learnforget.assets.models.load_tokenizer", no_model)
     with pytest.raises(ConfigError, match=re.escape(PAPER_HUB_MSG)):
         evaluate_run(run, cfg.eval)
     assert not (run / "eval").exists()
@@ -168,7 +168,7 @@ def test_paper_hub_suite_stops_before_model_work_without_the_hub(make_cfg, tmp_p
 def test_paper_suite_runs_offline_on_the_fetched_benchmarks(make_cfg, tmp_path, monkeypatch):
     """eval=paper needs no hub: with HF offline its tasks resolve to the `benchmarks` asset,
     and without that asset the error names the fetch command."""
-    import learnforget.benchmark_data as bd
+    import learnforget.assets.benchmarks as bd
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -193,8 +193,8 @@ def test_paper_suite_runs_offline_on_the_fetched_benchmarks(make_cfg, tmp_path, 
 def test_paper_hub_suite_specs(make_cfg, tmp_path, monkeypatch):
     """With the hub reachable (as far as the settings go): builtin specs by lm-eval name, and
     the sampled HumanEval settings pass through to its task; no network is used."""
-    from learnforget.evaluate import eval_key
-    from learnforget.lmeval_tasks import task_config_hash, write_task_dir
+    from learnforget.eval.lmeval_tasks import task_config_hash, write_task_dir
+    from learnforget.eval.stage import eval_key
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(var, "0")
@@ -229,7 +229,7 @@ def test_paper_hub_suite_specs(make_cfg, tmp_path, monkeypatch):
 def test_drift_in_the_eval_stage_and_the_analysis(make_cfg):
     """Drift is 0 for the base, > 0 for a finetuned checkpoint, and the analysis can use it as
     the forgetting axis."""
-    from learnforget.analyze import analyze
+    from learnforget.analysis.stage import analyze
 
     cfg = make_cfg("method=full", "train.lr=1e-3", "eval=drift",
                    "eval.ppl=[{name:target_heldout,source:run,max_blocks:2,role:target}]",

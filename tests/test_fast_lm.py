@@ -1,4 +1,4 @@
-"""The shared-context backend (learnforget.fast_lm, lm-eval model "lf-hf-shared") gives the
+"""The shared-context backend (learnforget.eval.fast_lm, lm-eval model "lf-hf-shared") gives the
 same per-item log-likelihoods as lm-eval's own HFLM (within 1e-4) and the same metrics, on
 every multiple-choice format, through lm-eval's own evaluation."""
 
@@ -12,10 +12,10 @@ from lm_eval.api.registry import get_model
 from lm_eval.models.huggingface import HFLM
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from learnforget import benchmark_data as bd
-from learnforget.fast_lm import SharedContextLM
-from learnforget.lmeval_tasks import TaskSpec, evaluate, write_task_dir
-from learnforget.models import tiny_tokenizer
+from learnforget.assets import benchmarks as bd
+from learnforget.assets.models import tiny_tokenizer
+from learnforget.eval.fast_lm import SharedContextLM
+from learnforget.eval.lmeval_tasks import TaskSpec, evaluate, write_task_dir
 
 FIX = Path(__file__).parent / "fixtures"
 

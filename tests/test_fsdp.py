@@ -26,9 +26,9 @@ from conftest import (
     train_single_process,
 )
 
-from learnforget import distributed
 from learnforget.config import compose, config_hash, validate
 from learnforget.errors import ConfigError
+from learnforget.train import distributed
 
 
 def _logits(ckpt: Path) -> torch.Tensor:
@@ -95,7 +95,7 @@ def test_strategy_is_checked_and_not_part_of_the_run_identity():
 
 
 def test_fsdp_applies_to_full_weight_methods_only():
-    from learnforget.train import parallel_strategy
+    from learnforget.train.loop import parallel_strategy
 
     two = distributed.Dist(rank=0, world=2)
     notes: list[str] = []

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from learnforget.config import compose
-from learnforget.params import param_report
-from learnforget.train import micro_batch, setup, train
+from learnforget.train.loop import micro_batch, setup, train
+from learnforget.train.params import param_report
 
 pytestmark = pytest.mark.gpu
 
@@ -62,8 +62,8 @@ def test_fsdp_on_one_rank_matches_unsharded(make_cfg, monkeypatch):
     unsharded model within bf16 tolerance."""
     import torch.distributed as dist
 
-    from learnforget import distributed
-    from learnforget.methods import decoder_layers
+    from learnforget.methods.peft_methods import decoder_layers
+    from learnforget.train import distributed
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29611")

@@ -1,4 +1,4 @@
-"""The dry run's per-GPU fit check (learnforget.gpu_fit): the FSDP arithmetic by hand, a full
+"""The dry run's per-GPU fit check (learnforget.train.gpu_fit): the FSDP arithmetic by hand, a full
 7B job that does not fit one GPU (with the change that makes it fit), and every paper study
 fitting one node of 8 x 80 GB as shipped."""
 
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from learnforget import gpu_fit
-from learnforget.sweep import sweep_cli
+from learnforget.studies.sweep import sweep_cli
+from learnforget.train import gpu_fit
 
 GIB = 2**30
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from learnforget.errors import ConfigError
-from learnforget.intruders import (
+from learnforget.analysis.intruders import (
     chance_level,
     collect_intruders,
     compute_intruders,
@@ -21,7 +20,8 @@ from learnforget.intruders import (
     similarities,
     summary,
 )
-from learnforget.train import fit, setup
+from learnforget.errors import ConfigError
+from learnforget.train.loop import fit, setup
 
 
 def orthonormal(n: int, k: int, seed: int) -> np.ndarray:
@@ -147,8 +147,8 @@ def test_mitigated_run_has_peft_mitigation_known_answer(make_cfg):
     s_i u_i v_i^T) - W_base, computed here with numpy from the original checkpoint."""
     import json
 
-    from learnforget.intruder_mitigation import mitigate_run
-    from learnforget.spectra import extract_deltas
+    from learnforget.analysis.intruder_mitigation import mitigate_run
+    from learnforget.analysis.spectra import extract_deltas
 
     cfg = make_cfg("method=lora", "method.r=4", "train.lr=5e-2", "train.precision=fp32",
                    "method.dropout=0.0")

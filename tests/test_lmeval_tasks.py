@@ -19,7 +19,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from learnforget.errors import ConfigError
-from learnforget.lmeval_tasks import (
+from learnforget.eval.lmeval_tasks import (
     BUILTIN,
     KINDS,
     OFFLINE_ENV,
@@ -33,7 +33,7 @@ from learnforget.lmeval_tasks import (
     task_config_hash,
     write_task_dir,
 )
-from learnforget.tasks import humaneval_utils
+from learnforget.eval.tasks import humaneval_utils
 
 EVAL = Path(__file__).parent / "fixtures" / "eval"
 SEED = 1234

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from learnforget.analysis.spectra import extract_deltas
 from learnforget.config import compose
 from learnforget.errors import ConfigError
-from learnforget.methods import method_summary
-from learnforget.params import param_report
-from learnforget.spectra import extract_deltas
-from learnforget.train import fit, setup
+from learnforget.methods.peft_methods import method_summary
+from learnforget.train.loop import fit, setup
+from learnforget.train.params import param_report
 
 VARIANTS = [("lora", ()), ("lora", ("method.rslora=true",)), ("lora", ("method.init=gaussian",)),
             ("lora", ("method.init=orthogonal",)), ("lora", ("method.init=pissa",)),
@@ -108,7 +108,7 @@ def test_conversion_matches_peft_and_the_live_model(tmp_path):
     import peft
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from learnforget.lora_variants import capture_initial, convert_saved_adapter
+    from learnforget.methods.lora_variants import capture_initial, convert_saved_adapter
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

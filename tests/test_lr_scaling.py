@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from learnforget.analysis.lr_scaling import format_lr_table, lr_table, write_lr_table
 from learnforget.errors import ConfigError
-from learnforget.lr_scaling import format_lr_table, lr_table, write_lr_table
 
 
 def make_run(root: Path, method: str, r: int | None, lr: float, loss: float, seed: int = 0,
@@ -76,7 +76,7 @@ def test_matched_learning_uses_each_settings_best_lr(tmp_path):
     """In an LR search, matched learning sees only the best-LR run of each setting."""
     import pandas as pd
 
-    from learnforget.analyze import _at_best_lr
+    from learnforget.analysis.stage import _at_best_lr
 
     for lr, loss in ((1e-4, 2.40), (2e-4, 2.41)):
         make_run(tmp_path, "full", None, lr, loss)

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from learnforget.analysis.matched import level_at, matched_difference, matched_table, write_matched
 from learnforget.errors import ConfigError
-from learnforget.matched import level_at, matched_difference, matched_table, write_matched
 
 
 def test_level_at_interpolates_first_crossing():

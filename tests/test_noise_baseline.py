@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from learnforget.noise_baseline import add_gaussian_column, gaussian_rank_for_variance
+from learnforget.analysis.noise_baseline import add_gaussian_column, gaussian_rank_for_variance
 
 
 def sampled_rank(m: int, n: int, threshold: float, seed: int) -> int:

@@ -1,4 +1,4 @@
-"""Paired statistics of a checkpoint against the base on the same items (learnforget.paired),
+"""Paired statistics of a checkpoint against the base on the same items (learnforget.eval.paired),
 on hand-made per-item results whose answers are worked out by hand (binomial sums, means),
 or checked against an independent reference (scipy's bootstrap, the normal interval)."""
 
@@ -11,8 +11,7 @@ import pytest
 from scipy import stats
 
 from learnforget.errors import ConfigError
-from learnforget.evaluate import paired_columns, paired_lines
-from learnforget.paired import (
+from learnforget.eval.paired import (
     item_records,
     item_scores,
     mcnemar_exact,
@@ -21,6 +20,7 @@ from learnforget.paired import (
     pooled_change,
     subset_indices,
 )
+from learnforget.eval.stage import paired_columns, paired_lines
 
 
 def mc_items(correct_choice: list[int], gold: list[int], *, doc_ids=None, lls=None) -> dict:
@@ -190,7 +190,7 @@ def test_paired_columns_and_printed_lines():
 def test_demo_table_shows_paired_changes_with_intervals():
     import pandas as pd
 
-    from learnforget.demo import results_table
+    from learnforget.studies.demo import results_table
 
     base = {"checkpoint": "base", "method_summary": "base", "tokens": 0, "seed": 0,
             "forgetting_score": 0.5}

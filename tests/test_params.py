@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from learnforget.config import compose
-from learnforget.params import param_report, quantised_bytes_per_param
+from learnforget.train.params import param_report, quantised_bytes_per_param
 
 # Llama-2-7B by hand: d=4096, ffn=11008, 32 layers, vocab 32000, untied head, no biases.
 D, F, L, V = 4096, 11008, 32, 32000

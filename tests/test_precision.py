@@ -1,4 +1,4 @@
-"""The mixed-precision policy (learnforget.precision): fp32 master weights under bf16 compute.
+"""The mixed-precision policy (learnforget.train.precision): fp32 master weights under bf16 compute.
 
 Full finetuning of a bf16-loaded model at the paper's LR (1e-5) must not lose its updates to
 bf16 rounding, and bf16 compute must follow the fp32 loss curve within a stated tolerance.
@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from learnforget import precision
 from learnforget.errors import ConfigError
-from learnforget.train import setup, train
+from learnforget.train import precision
+from learnforget.train.loop import setup, train
 
 # the paper's code-CPT numerics on llama2_7b's dtype settings (model.dtype=bfloat16, bf16)
 PAPER_NUMERICS = ["method=full", "model.dtype=bfloat16", "train.precision=bf16",

@@ -14,8 +14,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from learnforget.data import collate
-from learnforget.models import build_config
+from learnforget.assets.models import build_config
+from learnforget.data.sources import collate
 
 
 def _lora_grads(model, batch) -> dict[str, torch.Tensor]:
@@ -55,7 +55,7 @@ def _reference(s) -> torch.nn.Module:
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_qlora_gradients_match_dequantised_fp32_reference(make_cfg, quant_type):
-    from learnforget.train import setup
+    from learnforget.train.loop import setup
 
     s = setup(make_cfg("method=qlora", f"method.quant_type={quant_type}", "method.r=4",
                        "method.dropout=0.0"))
@@ -79,7 +79,7 @@ def test_qlora_gradients_match_dequantised_fp32_reference(make_cfg, quant_type):
                     reason="the wrong-gradient path exists only on CPUs with AVX512-BF16")
 def test_without_the_guard_gradients_are_wrong(make_cfg):
     """Shows that the guard is needed: re-enable the fast path and the gradients drift."""
-    from learnforget.train import setup
+    from learnforget.train.loop import setup
 
     s = setup(make_cfg("method=qlora", "method.r=4", "method.dropout=0.0",
                        "model.arch.attention_bias=false", "model.arch.mlp_bias=false"))

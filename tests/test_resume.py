@@ -110,7 +110,7 @@ def test_a_start_set_up_while_another_trained_does_not_train_again(make_cfg, cap
     """The second of two identical commands loads its model while the first trains; it takes
     the run lock only after the first finished. It must see "finished" under the lock and do
     nothing, and a finished run keeps no resume state."""
-    from learnforget.train import fit, setup
+    from learnforget.train.loop import fit, setup
 
     cfg = make_cfg("method=lora", "method.r=4")
     second = setup(cfg)  # started while the first is mid-run: not finished yet
@@ -127,7 +127,7 @@ def test_a_start_set_up_while_another_trained_does_not_train_again(make_cfg, cap
 def test_a_stale_resume_state_of_a_finished_run_is_ignored(make_cfg):
     """A finished run that still holds a train/resume.pt (as older versions left it) is not
     resumed by a start that set up before it finished (the file would not even load)."""
-    from learnforget.train import fit, setup
+    from learnforget.train.loop import fit, setup
 
     cfg = make_cfg("method=lora", "method.r=4")
     stale = setup(cfg)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from learnforget import sandbox
 from learnforget.errors import ConfigError
-from learnforget.sandbox import (
+from learnforget.eval import sandbox
+from learnforget.eval.sandbox import (
     CodeExecutionNotAllowed,
     check_completion,
     humaneval_program,
@@ -335,7 +335,7 @@ def test_large_program_and_main_guard():
 
 
 def test_nul_byte_program_fails_cleanly():
-    from learnforget.sandbox import run_in_sandbox
+    from learnforget.eval.sandbox import run_in_sandbox
 
     res = run_in_sandbox("x = 1\x00\n", allowed=True, timeout_s=5)
     assert res.status == "failed" and "null" in res.stderr.lower()

@@ -23,7 +23,7 @@ from conftest import FAST, TORCHRUN
 from safetensors.torch import load_file
 from test_shards import WORDS, make_docs, prep, tok  # noqa: F401 - tok is a fixture
 
-from learnforget.shards import ShardCorpus
+from learnforget.data.shards import ShardCorpus
 
 RSS_BOUND_MIB = 8.0
 COMMON = [*FAST, "data=local_text", "data.format=shards", "data.heldout_docs=2",
@@ -116,7 +116,7 @@ def test_two_gloo_ranks_read_disjoint_blocks_that_make_the_double_batch(tmp_path
     r0, r1 = json.loads(out.read_text())
     assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)
     corpus = ShardCorpus(tmp_path / "shards")
-    from learnforget.shards import sequence_blocks
+    from learnforget.data.shards import sequence_blocks
 
     n = corpus.n_tokens // 32
     for index, (b0, b1) in enumerate(zip(r0["batches"], r1["batches"], strict=True)):

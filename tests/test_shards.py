@@ -1,4 +1,4 @@
-"""Token shards (learnforget.shards): preparation (content, checksums, held-out split, resume
+"""Token shards (learnforget.data.shards): preparation (content, checksums, held-out split, resume
 after a kill), reading by position, the seeded block order, and what ranks read.
 
 References are independent of the code under test: the tokenizer called directly and numpy
@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from learnforget.errors import ConfigError
-from learnforget.shards import (
+from learnforget.data.shards import (
     ShardBlocks,
     ShardCorpus,
     accounting,
@@ -24,6 +23,7 @@ from learnforget.shards import (
     prepare_shards,
     sequence_blocks,
 )
+from learnforget.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_FILE = REPO / "src" / "learnforget" / "assets" / "tiny_tokenizer.json"
@@ -194,8 +194,14 @@ def _budget_rows(out: str) -> list[list[str]]:
 
 
 def test_code_cpt_dry_run_shows_each_jobs_budget_against_the_corpus(tmp_path, capsys, tok):
-    from learnforget.shards import ensure_corpus
-    from learnforget.sweep import apply_size, expand, find_study, load_study, print_data_budget
+    from learnforget.data.shards import ensure_corpus
+    from learnforget.studies.sweep import (
+        apply_size,
+        expand,
+        find_study,
+        load_study,
+        print_data_budget,
+    )
 
     paths = [f"paths.runs_dir={tmp_path / 'runs'}", f"paths.cache_dir={tmp_path / 'cache'}"]
     s, extra = apply_size(load_study(find_study("code_cpt")), None, paths)
@@ -244,7 +250,7 @@ def test_bad_data_settings_are_one_line_errors(args, words, capsys, tmp_path):
 def test_data_prepare_command_writes_the_corpus_training_reads(tmp_path, capsys):
     from learnforget.cli import main
     from learnforget.config import compose
-    from learnforget.shards import corpus_dir
+    from learnforget.data.shards import corpus_dir
 
     args = [f"paths.cache_dir={tmp_path}", "data.format=shards", "data.max_docs=6",
             "data.heldout_docs=1", "data.shard_tokens=5000"]
@@ -256,7 +262,7 @@ def test_data_prepare_command_writes_the_corpus_training_reads(tmp_path, capsys)
     # training finds the prepared corpus (same tokenizer fingerprint) and reads it
     from conftest import FAST
 
-    from learnforget.train import train
+    from learnforget.train.loop import train
 
     run = train(compose([*args, *FAST, f"paths.runs_dir={tmp_path / 'runs'}",
                          "train.num_threads=1"]))

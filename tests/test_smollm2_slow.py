@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from learnforget.config import compose
-from learnforget.train import fit, setup
+from learnforget.train.loop import fit, setup
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from learnforget.errors import ConfigError
-from learnforget.spectra import (
+from learnforget.analysis.spectra import (
     compute_spectra,
     dense_svdvals,
     dequantised_base,
@@ -30,7 +29,8 @@ from learnforget.spectra import (
     stable_rank,
     subspace_similarity,
 )
-from learnforget.train import fit, setup
+from learnforget.errors import ConfigError
+from learnforget.train.loop import fit, setup
 
 
 def orthonormal(n: int, k: int, seed: int) -> np.ndarray:
@@ -127,7 +127,7 @@ def test_module_names():
 
 
 def test_lora_scaling_follows_peft():
-    from learnforget.spectra import _lora_scale
+    from learnforget.analysis.spectra import _lora_scale
 
     cfg = {"lora_alpha": 32, "r": 16}
     assert _lora_scale(cfg, "model.layers.0.self_attn.q_proj", 16) == 2.0
@@ -277,7 +277,7 @@ def test_qlora_base_is_the_dequantised_nf4_it_trained_on(make_cfg, cache_dir):
     import bitsandbytes.functional as bnbf
     from omegaconf import OmegaConf
 
-    from learnforget.models import load_model
+    from learnforget.assets.models import load_model
 
     run = train_tiny(make_cfg, "qlora")
     cfg = OmegaConf.load(run / "config.yaml")
@@ -310,7 +310,7 @@ def test_lora_spectra_need_no_base_weights(make_cfg, tmp_path):
 
     from omegaconf import OmegaConf
 
-    from learnforget.spectra import base_model_folder
+    from learnforget.analysis.spectra import base_model_folder
 
     run = train_tiny(make_cfg, "lora")
     moved = tmp_path / "elsewhere" / run.name
@@ -337,7 +337,7 @@ def test_lora_spectra_need_no_base_weights(make_cfg, tmp_path):
 def test_rounding_floor_matches_numpy_on_real_bf16_rounding(shape):
     """The predicted floor (uniform +-ulp/2 errors, Marchenko-Pastur edge) against the actual
     error of storing a matrix in bf16, measured by numpy's SVD."""
-    from learnforget.spectra import rounding_floor
+    from learnforget.analysis.spectra import rounding_floor
 
     torch.manual_seed(0)
     w = torch.randn(*shape) * 0.02 + 0.001

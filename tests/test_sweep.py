@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from learnforget.config import compose
 from learnforget.errors import ConfigError
-from learnforget.sweep import (
+from learnforget.studies.sweep import (
     Composer,
     estimate,
     expand,
@@ -179,7 +179,7 @@ def test_a_stop_signal_outside_slurm_stops_the_sweep(monkeypatch, capsys):
     (as the signal would have) instead of letting a basic-launcher sweep run its next job."""
     import pytest
 
-    from learnforget.job import _hand_interrupt_to_submitit
+    from learnforget.studies.job import _hand_interrupt_to_submitit
 
     monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
     with pytest.raises(SystemExit) as e:

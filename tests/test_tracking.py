@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from learnforget.evaluate import evaluate_run
+from learnforget.eval.stage import evaluate_run
 from learnforget.record import RunLock
 from learnforget.tracking import scrub, wandb_mode
-from learnforget.train import fit, setup
+from learnforget.train.loop import fit, setup
 
 
 def test_scrub_redacts_secret_keys():
@@ -140,7 +140,7 @@ def test_wandb_log_failure_turns_the_mirror_off_once(make_cfg, monkeypatch, caps
 
 
 def test_a_failed_setup_never_leaves_run_json_running(make_cfg, monkeypatch):
-    from learnforget import train as train_mod
+    from learnforget.train import loop as train_mod
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

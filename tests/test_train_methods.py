@@ -10,8 +10,8 @@ import torch
 from conftest import OFFLINE_DATA
 
 from learnforget.config import conf_dir, run_name
-from learnforget.methods import METHODS
-from learnforget.train import fit, setup
+from learnforget.methods.peft_methods import METHODS
+from learnforget.train.loop import fit, setup
 
 CONF = conf_dir()
 ALL_METHODS = sorted(p.stem for p in (CONF / "method").glob("[!_]*.yaml"))
@@ -93,7 +93,7 @@ def test_rank_is_ignored_by_full_and_runs_deduplicate(make_cfg):
 
 
 def test_alpha_override_and_targets_sets(make_cfg):
-    from learnforget.methods import resolve_targets
+    from learnforget.methods.peft_methods import resolve_targets
 
     cfg = make_cfg("method=lora", "method.alpha=8", "method.targets=attention")
     s = setup(cfg)
@@ -172,7 +172,7 @@ def test_run_folder_layout(make_cfg):
 def test_grad_accumulation_matches_the_larger_batch(make_cfg):
     """CPT blocks have equal length, so 2 x 1 accumulated equals 1 x 2 (same data order); fp32
     compute, since bf16 rounds a batch of 2 and two of 1 differently."""
-    from learnforget.train import micro_batch
+    from learnforget.train.loop import micro_batch
 
     one = setup(make_cfg("method=full", "train.batch_size=2", "train.grad_accum=1",
                          "experiment_name=a", "train.checkpoints.at=[1]", "train.precision=fp32"))

@@ -89,11 +89,11 @@ def run_hydra(stage: str, task: Callable, overrides: Sequence[str]) -> int:
 
 
 def _train_then_eval(cfg):
-    from learnforget.train import train
+    from learnforget.train.loop import train
 
     out = train(cfg)
     if cfg.eval.after_train:
-        from learnforget.evaluate import eval_main
+        from learnforget.eval.stage import eval_main
 
         eval_main(cfg, out)
     return out
@@ -106,7 +106,7 @@ def cmd_train(args: Sequence[str]) -> int:
 def cmd_eval(args: Sequence[str]) -> int:
     """`learnforget eval RUN_DIR [eval=...]` or `learnforget eval <the run's overrides>`."""
     from learnforget.config import compose
-    from learnforget.evaluate import eval_main, evaluate_run
+    from learnforget.eval.stage import eval_main, evaluate_run
 
     args = list(args)
     if args and not args[0].startswith("-") and "=" not in args[0]:
@@ -124,31 +124,31 @@ def cmd_eval(args: Sequence[str]) -> int:
 
 
 def cmd_job(args: Sequence[str]) -> int:
-    from learnforget.job import run_job
+    from learnforget.studies.job import run_job
 
     return run_hydra("job", run_job, args)
 
 
 def cmd_sweep(args: Sequence[str]) -> int:
-    from learnforget.sweep import sweep_cli
+    from learnforget.studies.sweep import sweep_cli
 
     return sweep_cli(args)
 
 
 def cmd_analyze(args: Sequence[str]) -> int:
-    from learnforget.analyze import analyze_cli
+    from learnforget.analysis.stage import analyze_cli
 
     return analyze_cli(args)
 
 
 def cmd_bench(args: Sequence[str]) -> int:
-    from learnforget.bench import bench_cli
+    from learnforget.bench.runner import bench_cli
 
     return bench_cli(args)
 
 
 def cmd_demo(args: Sequence[str]) -> int:
-    from learnforget.demo import demo_cli
+    from learnforget.studies.demo import demo_cli
 
     return demo_cli(args)
 
@@ -157,7 +157,7 @@ def cmd_params(args: Sequence[str]) -> int:
     as_json = "--json" in args
     overrides = [a for a in args if a != "--json"]
     from learnforget.config import compose
-    from learnforget.params import format_report, param_report, report_dict
+    from learnforget.train.params import format_report, param_report, report_dict
 
     report = param_report(compose(overrides))
     print(json.dumps(report_dict(report), indent=2) if as_json else format_report(report))
@@ -173,7 +173,7 @@ def cmd_assets(args: Sequence[str]) -> int:
         i = rest.index("--cache-dir")
         cache = rest[i + 1]
         del rest[i:i + 2]
-    from learnforget.assets_cache import fetch_assets
+    from learnforget.assets.fetch import fetch_assets
 
     fetch_assets(Path(cache).expanduser(), rest or None)
     return 0
@@ -185,9 +185,9 @@ def cmd_data(args: Sequence[str]) -> int:
     if not args or args[0] != "prepare":
         return _fail("usage: learnforget data prepare [overrides] (data=... and model=... choose "
                      "the corpus and its tokenizer)")
+    from learnforget.assets.models import base_model_dir, load_tokenizer
     from learnforget.config import compose, validate
-    from learnforget.models import base_model_dir, load_tokenizer
-    from learnforget.shards import data_format, ensure_corpus, read_manifest
+    from learnforget.data.shards import data_format, ensure_corpus, read_manifest
 
     cfg = compose(args[1:])
     validate(cfg)

@@ -17,17 +17,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from learnforget.errors import ConfigError
-from learnforget.methods import effective_method, method_summary, validate_method
+from learnforget.methods.peft_methods import effective_method, method_summary, validate_method
 
 OPTIMIZERS = ("adamw", "lion", "lionw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "paged_lion")
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")   # = learnforget.precision.PRECISIONS (no torch here)
+PRECISIONS = ("auto", "fp32", "bf16")   # = learnforget.train.precision.PRECISIONS (no torch here)
 MASTER_WEIGHTS = ("fp32", "model_dtype")
 CHECKPOINT_UNITS = ("tokens", "epochs", "steps")
 REGIMES = ("cpt", "ift")
-DATA_FORMATS = ("memory", "shards")   # = learnforget.shards.FORMATS
+DATA_FORMATS = ("memory", "shards")   # = learnforget.data.shards.FORMATS
 LOGGER_MODES = ("auto", "offline", "online", "disabled")
-STRATEGIES = ("ddp", "fsdp")   # = learnforget.distributed.STRATEGIES (not imported: no torch here)
+STRATEGIES = ("ddp", "fsdp")   # = learnforget.train.distributed.STRATEGIES (not imported: no torch here)
 
 
 def conf_dir() -> Path:
@@ -107,7 +107,7 @@ def validate(cfg: DictConfig) -> None:
              f"train.checkpoints.at must be a non-empty list of positive numbers, got {at!r}")
     _require(at == sorted(set(at)),
              f"train.checkpoints.at must be strictly increasing, got {at!r}")
-    from learnforget import cooldown
+    from learnforget.train import cooldown
 
     cooldown.check(t)
     strategy = (t.get("distributed") or {}).get("strategy", "ddp")

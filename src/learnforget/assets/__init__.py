@@ -1,0 +1,1 @@
+"""Assets: models and datasets fetched into the local cache, and loading models from it."""

@@ -1,0 +1,1 @@
+"""Bench: side-by-side speed and memory benchmarks (learnforget bench)."""

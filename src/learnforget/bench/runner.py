@@ -1,0 +1,485 @@
+"""`learnforget bench`: the harness's performance figures, measured side by side in one process.
+
+    learnforget bench                      # train, memory, eval, latency on smollm2_135m
+    learnforget bench train memory         # some sections only
+    learnforget bench spectra [...]        # the ΔW spectra timings (learnforget.analysis.stage)
+    learnforget bench --model tiny_llama --repeats 2 --json bench.json
+
+Sections (each figure as the median over its section's repeats with its min-max spread):
+- train: the harness's training loop (`train.fit`: data, logging, clipping, schedule) against a
+  bare PyTorch loop (forward, backward, step, zero_grad) on the same model, data and
+  optimizer, for LoRA and full finetuning; throughput ratio harness / bare (goal >= 0.95), and
+  LoRA / full step time. Each repeat sets up one run that both loops then train, in
+  alternating order (ABBA) so drift on a shared machine hits both; the first step of each is
+  not timed, and a loop's rate is taken from its median step time. The same ratio by process
+  CPU seconds per step is printed beside it: time the hypervisor steals (reported for the
+  section, from /proc/stat) slows whichever loop it falls in, but is not CPU time.
+  Then bf16 compute (fp32 master weights) against fp32 compute: step-time ratio and both loss
+  curves on the same batches (learnforget.bench.precision).
+- memory: the peak tensor memory of two real training steps (torch's MemTracker: parameters,
+  gradients, optimizer state, activations, temporaries) against `learnforget params`'s
+  estimate (learnforget.train.activations), for LoRA and full; LoRA / full peak ratio.
+- eval: multiple-choice scoring, the harness's backend against plain lm-eval's HFLM and the
+  FLOP bound on the same items (learnforget.bench.eval_speed); lm-eval requests per second on the
+  offline suite's tasks (loglikelihood and
+  generate_until separately), base model.
+- latency: inference latency of each method relative to the base model
+  (learnforget.bench.latency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learnforget.errors import ConfigError
+
+SECTIONS = ("train", "memory", "eval", "latency")
+METHODS = {"lora": ["method=lora", "method.r=8", "train.lr=1e-3"],
+           "full": ["method=full", "train.lr=2e-4"]}
+
+
+def spread(xs: Sequence[float]) -> dict[str, Any]:
+    """Median, min and max of repeated measurements."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs),
+            "values": list(xs)}
+
+
+def _fmt(s: dict[str, Any], digits: int = 3) -> str:
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
+
+
+def run_cfg(model: str, method: str, runs_dir: Path, tag: str, *, batch_size: int, seq_len: int,
+            steps: int, extra: Sequence[str] = ()):
+    """The config of one benchmark run: CPT on the stdlib code, `steps` steps, no logger."""
+    from learnforget.config import compose
+
+    return compose([f"model={model}", *METHODS[method], "data=stdlib_code", "logger=none",
+                    f"train.batch_size={batch_size}", f"train.seq_len={seq_len}",
+                    "train.checkpoints.unit=steps", f"train.checkpoints.at=[{steps}]",
+                    "train.heldout_batches=0", "train.schedule=constant", f"experiment_name={tag}",
+                    f"paths.runs_dir={runs_dir}", *extra])
+
+
+# ------------------------------------------------------------------ train: harness vs bare loop
+
+def bare_steps(s, steps: int, offset: int = 0) -> dict[str, list]:
+    """A bare PyTorch loop over the run's batches `offset`..: wall seconds, process CPU
+    seconds and tokens of each of steps 2..`steps` (step 1 warms up)."""
+    s.model.train()
+    out: dict[str, list] = {"wall": [], "cpu": [], "tokens": []}
+    for i in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        n = _bare_step(s, offset + i)
+        if i >= 1:
+            out["wall"].append(time.perf_counter() - t0)
+            out["cpu"].append(time.process_time() - c0)
+            out["tokens"].append(n)
+    return out
+
+
+def _bare_step(s, i: int) -> int:
+    """Forward, backward, optimizer step and zero_grad on the run's i-th batch; its tokens."""
+    from learnforget.data.sources import collate
+
+    b = s.cfg.train.batch_size
+    n = len(s.data.train)
+    batch = collate([s.data.train[(i * b + j) % n] for j in range(b)], s.tokenizer.pad_token_id)
+    with s.policy.autocast(s.device):  # the run's compute precision, as train.fit runs it
+        loss = s.model(**batch).loss
+    loss.backward()
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return int(batch["attention_mask"].sum())
+
+
+def harness_steps(s, steps: int) -> dict[str, list]:
+    """`train.fit` for `steps` steps: wall seconds, process CPU seconds and tokens of each of
+    steps 2..`steps`, from the run's own metrics (wall_time_s and cpu_time_s are taken after
+    each step; the logging and progress bar of a step fall into the next one's time)."""
+    from learnforget.train.loop import fit
+
+    out = fit(s)
+    rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    rows = {r["step"]: r for r in rows if "wall_time_s" in r}
+    ks = range(2, steps + 1)
+    return {"wall": [rows[k]["wall_time_s"] - rows[k - 1]["wall_time_s"] for k in ks],
+            "cpu": [rows[k]["cpu_time_s"] - rows[k - 1]["cpu_time_s"] for k in ks],
+            "tokens": [rows[k]["tokens"] - rows[k - 1]["tokens"] for k in ks]}
+
+
+def cpu_steal_s() -> float | None:
+    """Seconds of CPU time the hypervisor gave to other guests so far (Linux /proc/stat, all
+    CPUs together); None where unknown. Stolen time slows every loop it falls in."""
+    import os
+
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def harness_extras_ms(s, runs_dir: Path, n: int = 20) -> dict[str, float]:
+    """Milliseconds per step of the work `train.fit` does beyond a bare step, each timed
+    directly (`n` calls, after one backward so every gradient exists): gradient-norm
+    clipping, drawing the seeded micro-batch, the scheduler, the memory probe and one metrics
+    line to disk. Noise-free where the loop ratios are not: it is the harness's own cost."""
+    from learnforget.tracking import DiskLogger
+    from learnforget.train.loop import micro_batch, peak_memory_mb
+
+    t, pad = s.cfg.train, s.tokenizer.pad_token_id
+    s.model(**micro_batch(s.data, s.plan, t, 0, s.cfg.seed, pad)).loss.backward()
+    log = DiskLogger(runs_dir / "extras" / "metrics.jsonl")
+    row = {"step": 1, "epoch": 0.1, "tokens": 1024, "loss": 2.0, "lr": 1e-3, "grad_norm": 1.0,
+           "tokens_per_s": 200.0, "step_time_s": 5.0, "wall_time_s": 5.0, "cpu_time_s": 9.0,
+           "peak_mem_mb": 4000.0}
+    parts = {"clip_grad_norm": lambda: torch.nn.utils.clip_grad_norm_(s.params, 1.0),
+             "micro_batch": lambda: micro_batch(s.data, s.plan, t, 1, s.cfg.seed, pad),
+             "scheduler": lambda: s.scheduler.get_last_lr(),
+             "peak_memory": lambda: peak_memory_mb("cpu"),
+             "metrics_line": lambda: log.log(row)}
+    out = {}
+    for name, fn in parts.items():
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out[name] = (time.perf_counter() - t0) / n * 1000
+    s.optimizer.zero_grad(set_to_none=True)
+    out["total"] = sum(out.values())
+    return out
+
+
+def bench_train(model: str, repeats: int, steps: int, batch_size: int, seq_len: int,
+                runs_dir: Path, methods: Sequence[str] = ("lora", "full"),
+                extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Per method and repeat, one `setup` (model, data, optimizer) that both loops then run
+    on, `steps` steps each, in alternating order (harness first in even repeats); a loop's
+    rate in a repeat is its tokens per step over its median step time (robust to a single
+    slow step on a shared machine)."""
+    from learnforget.train.loop import setup
+
+    if steps < 2:
+        raise ConfigError(f"--steps must be at least 2 (step 1 is not timed), got {steps}")
+    res: dict[str, Any] = {"model": model, "batch_size": batch_size, "seq_len": seq_len,
+                           "timed_steps": steps - 1, "methods": {}}
+    steal0 = cpu_steal_s()
+    for method in methods:
+        tps: dict[str, list[float]] = {"harness": [], "bare": []}
+        step_s: dict[str, list[float]] = {"harness": [], "bare": []}
+        cpu_s: dict[str, list[float]] = {"harness": [], "bare": []}
+        all_steps: dict[str, dict[str, list[float]]] = {"harness": {}, "bare": {}}
+        for rep in range(repeats):
+            cfg = run_cfg(model, method, runs_dir, f"bench-{method}-{rep}",
+                          batch_size=batch_size, seq_len=seq_len, steps=steps, extra=extra)
+            s = setup(cfg)
+            for which in (("harness", "bare") if rep % 2 == 0 else ("bare", "harness")):
+                m = harness_steps(s, steps) if which == "harness" else \
+                    bare_steps(s, steps, offset=steps)
+                median = statistics.median(m["wall"])
+                tps[which].append(statistics.mean(m["tokens"]) / median)
+                step_s[which].append(median)
+                cpu_s[which].append(statistics.median(m["cpu"]))
+                for k in ("wall", "cpu"):
+                    all_steps[which].setdefault(k, []).extend(round(x, 4) for x in m[k])
+            if rep == 0:
+                extras = harness_extras_ms(s, runs_dir)
+            del s
+        res["methods"][method] = {
+            "harness_tokens_per_s": spread(tps["harness"]), "bare_tokens_per_s": spread(tps["bare"]),
+            "harness_step_s": spread(step_s["harness"]), "bare_step_s": spread(step_s["bare"]),
+            "ratio_harness_over_bare": spread(
+                [h / b for h, b in zip(tps["harness"], tps["bare"], strict=True)]),
+            "harness_step_cpu_s": spread(cpu_s["harness"]), "bare_step_cpu_s": spread(cpu_s["bare"]),
+            "cpu_ratio_bare_over_harness": spread(
+                [b / h for h, b in zip(cpu_s["harness"], cpu_s["bare"], strict=True)]),
+            "harness_extras_ms": extras,
+            "harness_extras_share_of_bare_step": extras["total"] / 1000
+            / statistics.median(step_s["bare"]),
+            "steps": all_steps}
+    if {"lora", "full"} <= set(methods):
+        lo, fu = res["methods"]["lora"], res["methods"]["full"]
+        res["lora_over_full_step_time"] = spread(
+            [a / b for a, b in zip(lo["harness_step_s"]["values"], fu["harness_step_s"]["values"],
+                                   strict=True)])
+    steal1 = cpu_steal_s()
+    res["cpu_steal_s"] = None if steal0 is None or steal1 is None else steal1 - steal0
+    return res
+
+
+def format_train(r: dict[str, Any]) -> str:
+    lines = [f"training throughput, {r['model']}, {r['batch_size']} x {r['seq_len']} tokens per "
+             f"step, {r['timed_steps']} timed steps per loop and repeat (rate from the median step;"
+             f"\nmedian [min, max] over repeats):",
+             f"  {'method':<6} {'harness tok/s':>24} {'bare loop tok/s':>24} {'harness/bare':>22}"
+             f" {'by CPU time':>22}"]
+    for m, v in r["methods"].items():
+        lines.append(f"  {m:<6} {_fmt(v['harness_tokens_per_s'], 1):>24} "
+                     f"{_fmt(v['bare_tokens_per_s'], 1):>24} "
+                     f"{_fmt(v['ratio_harness_over_bare']):>22} "
+                     f"{_fmt(v['cpu_ratio_bare_over_harness']):>22}")
+    if "lora_over_full_step_time" in r:
+        lines.append(f"  LoRA r=8 / full step time: {_fmt(r['lora_over_full_step_time'])}")
+    for m, v in r["methods"].items():
+        e = v["harness_extras_ms"]
+        lines.append(f"  {m}: the harness's own work per step, timed directly: {e['total']:.1f} ms "
+                     f"= {100 * v['harness_extras_share_of_bare_step']:.2f}% of a bare step "
+                     f"(clip {e['clip_grad_norm']:.1f}, batch {e['micro_batch']:.2f}, metrics line "
+                     f"{e['metrics_line']:.3f} ms)")
+    if r.get("cpu_steal_s") is not None:
+        lines.append(f"  CPU time stolen by the hypervisor during the section: "
+                     f"{r['cpu_steal_s']:.0f} s (it slows whichever loop it falls in; the CPU-time "
+                     "ratio, bare CPU s per step / harness CPU s per step, does not count it)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ memory: estimate vs measured
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def measured_peak(s, steps: int = 2) -> dict[str, float]:
+    """Peak tensor memory (bytes, by kind) over `steps` real training steps, by MemTracker."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    model, opt = s.model, s.optimizer
+    model.train()
+    mt = MemTracker()
+    mt.track_external(model, opt)
+    for param in model.parameters():  # MemTracker hooks every parameter's gradient, and torch
+        if not param.requires_grad:   # refuses hooks on frozen ones: mark those as done
+            mt._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
+    with mt:
+        for i in range(steps):
+            _bare_step(s, i)
+            mt.reset_mod_stats()
+    peak = mt.get_tracker_snapshot("peak")
+    dev = next(iter(peak))
+    return {str(getattr(k, "value", k)).lower(): float(v) for k, v in peak[dev].items()}
+
+
+def bench_memory(model: str, repeats: int, batch_size: int, seq_len: int, runs_dir: Path,
+                 methods: Sequence[str] = ("lora", "full"),
+                 extra: Sequence[str] = ()) -> dict[str, Any]:
+    from learnforget.train.loop import setup
+    from learnforget.train.params import param_report
+
+    res: dict[str, Any] = {"model": model, "batch_size": batch_size, "seq_len": seq_len,
+                           "methods": {}}
+    for method in methods:
+        cfg = run_cfg(model, method, runs_dir, f"bench-mem-{method}", batch_size=batch_size,
+                      seq_len=seq_len, steps=2, extra=extra)
+        est = param_report(cfg)
+        peaks, parts = [], {}
+        for _ in range(repeats):
+            s = setup(cfg)
+            p = measured_peak(s)
+            peaks.append(p["total"])
+            parts = p
+            del s
+        res["methods"][method] = {
+            "estimate_bytes": est.peak_bytes, "estimate_parts": {
+                "weights": est.weights_bytes, "gradients": est.grads_bytes,
+                "optimizer": est.optimizer_bytes, "activations": est.activations_bytes,
+                "logits": est.logits_bytes},
+            "measured_peak_bytes": spread(peaks), "measured_parts": parts,
+            "estimate_over_measured": spread([est.peak_bytes / p for p in peaks])}
+    if {"lora", "full"} <= set(methods):
+        res["lora_over_full_peak"] = (res["methods"]["lora"]["measured_peak_bytes"]["median"]
+                                      / res["methods"]["full"]["measured_peak_bytes"]["median"])
+    return res
+
+
+def format_memory(r: dict[str, Any]) -> str:
+    mib = 2**20
+    lines = [f"peak memory of a training step, {r['model']}, {r['batch_size']} x {r['seq_len']} "
+             "tokens (measured: MemTracker over 2 real steps; estimate: learnforget params):",
+             f"  {'method':<6} {'estimate MiB':>13} {'measured MiB':>13} {'estimate/measured':>20}"
+             "   measured parts (MiB)"]
+    for m, v in r["methods"].items():
+        parts = ", ".join(f"{k} {b / mib:.0f}" for k, b in v["measured_parts"].items()
+                          if k != "total" and b > 0)
+        lines.append(f"  {m:<6} {v['estimate_bytes'] / mib:>13.0f} "
+                     f"{v['measured_peak_bytes']['median'] / mib:>13.0f} "
+                     f"{_fmt(v['estimate_over_measured']):>20}   {parts}")
+    if "lora_over_full_peak" in r:
+        lines.append(f"  LoRA r=8 / full measured peak: {r['lora_over_full_peak']:.3f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ eval: lm-eval requests/s
+
+def bench_eval(model: str, repeats: int, limit: int, runs_dir: Path,
+               extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Requests per second of the offline suite's lm-eval tasks on the base model, by request
+    type: the multiple-choice tasks (loglikelihood) and HumanEval (generate_until)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from learnforget.assets.models import base_model_dir, load_tokenizer
+    from learnforget.config import compose
+    from learnforget.eval.lmeval_tasks import evaluate, write_task_dir
+    from learnforget.eval.stage import load_for_eval, task_specs
+
+    cfg = compose([f"model={model}", "method=full", "eval=offline", f"paths.runs_dir={runs_dir}",
+                   *extra])
+    cache = Path(cfg.paths.cache_dir).expanduser()
+    specs = task_specs(cfg.eval, cache)
+    groups = {"loglikelihood": [s for s in specs if s.kind != "humaneval"],
+              "generate_until": [s for s in specs if s.kind == "humaneval"]}
+    include = write_task_dir(specs, runs_dir / "bench-eval-tasks")
+    net = load_for_eval(cfg, None, cache, "cpu")
+    tok = load_tokenizer(base_model_dir(cfg.model, cache))
+    lm = HFLM(pretrained=net, tokenizer=tok, batch_size=int(cfg.eval.batch_size),
+              max_gen_toks=int(cfg.eval.max_gen_toks))
+    res: dict[str, Any] = {"model": model, "limit": limit, "batch_size": int(cfg.eval.batch_size),
+                           "max_gen_toks": int(cfg.eval.max_gen_toks), "types": {}}
+    for kind, group in groups.items():
+        if not group:
+            continue
+        rates, n_req = [], 0
+        for _ in range(repeats):
+            counter = _count_requests(lm)
+            t0 = time.perf_counter()
+            evaluate(lm, group, include, limit=limit, batch_size=int(cfg.eval.batch_size),
+                     code_exec_allowed=True)
+            secs = time.perf_counter() - t0
+            n_req = counter()
+            rates.append(n_req / secs)
+        res["types"][kind] = {"tasks": [s.name for s in group], "requests": n_req,
+                              "requests_per_s": spread(rates)}
+    return res
+
+
+def _count_requests(lm) -> Callable[[], int]:
+    """Wrap the LM's request methods to count the requests of the next evaluation."""
+    n = {"n": 0}
+    for name in ("loglikelihood", "generate_until"):
+        orig = getattr(type(lm), name)
+
+        def wrapped(reqs, *a, _orig=orig, **kw):
+            n["n"] += len(reqs)
+            return _orig(lm, reqs, *a, **kw)
+
+        setattr(lm, name, wrapped)
+    return lambda: n["n"]
+
+
+def format_eval(r: dict[str, Any]) -> str:
+    lines = [f"eval throughput, {r['model']}, offline suite, limit {r['limit']} documents per task,"
+             f" batch {r['batch_size']}, up to {r['max_gen_toks']} generated tokens:"]
+    for kind, v in r["types"].items():
+        lines.append(f"  {kind:<15} {v['requests']:>5} requests  "
+                     f"{_fmt(v['requests_per_s'], 2)} requests/s  ({', '.join(v['tasks'])})")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the command
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _cache_dir(extra: Sequence[str]) -> Path | None:
+    given = [o.split("=", 1)[1] for o in extra if o.startswith("paths.cache_dir=")]
+    return Path(given[-1]).expanduser() if given else None
+
+
+def bench_cli(args: Sequence[str]) -> int:
+    args = list(args)
+    if args and args[0] == "spectra":
+        from learnforget.analysis.stage import bench_cli as spectra_cli
+
+        return spectra_cli(args)
+    p = argparse.ArgumentParser(prog="learnforget bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sections", nargs="*", default=list(SECTIONS),
+                   help=f"any of {', '.join(SECTIONS)} (default: all); or `spectra`; KEY=VALUE "
+                        "words are config overrides for every benchmark run")
+    p.add_argument("--model", default="smollm2_135m")
+    p.add_argument("--repeats", type=int, default=4, help="repeats of the train section")
+    p.add_argument("--memory-repeats", type=int, default=2, help="repeats of the memory section "
+                   "(MemTracker counts tensor bytes: the same on every repeat)")
+    p.add_argument("--eval-repeats", type=int, default=2)
+    p.add_argument("--precision-repeats", type=int, default=2, help="repeats of the train "
+                   "section's bf16-vs-fp32 part")
+    p.add_argument("--steps", type=int, default=6, help="training steps per repeat (the first "
+                   "is not timed)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-limit", type=int, default=16, help="documents per eval task")
+    p.add_argument("--eval-items", type=int, default=40, help="items per task of the "
+                   "side-by-side scoring figure (HellaSwag, ARC-Challenge; harness vs lm-eval)")
+    p.add_argument("--latency-repeats", type=int, default=3)
+    p.add_argument("--latency-seq-lens", default="32,128",
+                   help="short and long sequence lengths for the latency table")
+    p.add_argument("--latency-batch-sizes", default="1,16")
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the numbers here (default: runs/_bench/bench-<time>.json)")
+    extra = [s for s in args if "=" in s and not s.startswith("-")]
+    a = p.parse_args([s for s in args if s not in extra])
+    a.sections = a.sections or list(SECTIONS)
+    bad = [s for s in a.sections if s not in SECTIONS]
+    if bad:
+        raise ConfigError(f"unknown bench section {bad[0]!r} (expected any of: "
+                          f"{', '.join(SECTIONS)}, or `spectra` alone)")
+    for flag in ("repeats", "memory_repeats", "eval_repeats", "latency_repeats",
+                 "precision_repeats"):
+        if getattr(a, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got "
+                              f"{getattr(a, flag)}")
+    from learnforget.files import atomic_write_json
+    from learnforget.record import meta_info
+
+    result: dict[str, Any] = {"meta": meta_info(), "torch_threads": torch.get_num_threads(),
+                              "args": {k: (str(v) if isinstance(v, Path) else v)
+                                       for k, v in vars(a).items()}}
+    with tempfile.TemporaryDirectory(prefix="learnforget-bench-") as tmp:
+        runs = Path(tmp)
+        for section in a.sections:
+            t0 = time.perf_counter()
+            if section == "train":
+                from learnforget.bench.precision import bench_precision, format_precision
+
+                r = bench_train(a.model, a.repeats, a.steps, a.batch_size, a.seq_len, runs,
+                                extra=extra)
+                r["precision"] = bench_precision(a.model, a.precision_repeats, a.steps,
+                                                 a.batch_size, a.seq_len, runs, extra=extra)
+                text = format_train(r) + "\n" + format_precision(r["precision"])
+            elif section == "memory":
+                r = bench_memory(a.model, a.memory_repeats, a.batch_size, a.seq_len, runs, extra=extra)
+                text = format_memory(r)
+            elif section == "eval":
+                from learnforget.bench.eval_speed import bench_eval_compare, format_compare
+
+                r = bench_eval(a.model, a.eval_repeats, a.eval_limit, runs, extra=extra)
+                r["compare"] = bench_eval_compare(a.model, a.eval_repeats, a.eval_items, runs,
+                                                  extra=extra)
+                text = format_eval(r) + "\n" + format_compare(r["compare"])
+            else:
+                from learnforget.bench.latency import format_latency, run_latency
+
+                r = run_latency(a.model, repeats=a.latency_repeats,
+                                batch_sizes=_ints(a.latency_batch_sizes),
+                                seq_lens=_ints(a.latency_seq_lens), cache_dir=_cache_dir(extra))
+                text = format_latency(r)
+            r["section_wall_s"] = time.perf_counter() - t0
+            result[section] = r
+            print(text, flush=True)
+            print(flush=True)
+    out = a.json or Path("runs") / "_bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    atomic_write_json(out, result)
+    print(f"learnforget: bench numbers -> {out}")
+    return 0

@@ -1,0 +1,1 @@
+"""Data: datasets, tokenization, packing, instruction masks and token shards."""

@@ -1,0 +1,59 @@
+"""Scoring a base model alone, without a trained run:
+
+    learnforget eval model=smollm2_135m eval=offline
+
+scores the base model (QLoRA: its quantised base) on the suite into the base cache under
+runs/_base/<model>/, which every run's eval with the same suite settings then reuses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from learnforget.eval.stage import (
+    base_model_id,
+    base_scores,
+    checked_specs,
+    drift_eval_for,
+    eval_key,
+    print_rows,
+    summarize,
+)
+
+
+def evaluate_base(cfg: DictConfig) -> Path:
+    """Score the base model of cfg.model (QLoRA: its quantised base) on suite cfg.eval without
+    a trained run, into the base cache that every run's eval then reuses (runs/_base/).
+    Returns the cache file."""
+    from learnforget.console import LOG_NAME, library_output
+
+    folder = Path(cfg.paths.runs_dir).resolve() / "_base" / base_model_id(cfg)
+    with library_output(folder / LOG_NAME, f"eval {cfg.eval.name} (base model)"):
+        return _evaluate_base(cfg)
+
+
+def _evaluate_base(cfg: DictConfig) -> Path:
+    from learnforget.assets.models import load_model
+    from learnforget.eval.lmeval_tasks import write_task_dir
+
+    ev = cfg.eval
+    cache_dir = Path(cfg.paths.cache_dir).expanduser()
+    runs_root = Path(cfg.paths.runs_dir).resolve()
+    specs = checked_specs(ev, cache_dir)
+    model_id = base_model_id(cfg)
+    include_path = (write_task_dir(specs, runs_root / "_base" / model_id / "tasks") if specs
+                    else runs_root)
+    key = eval_key(ev, specs, include_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base_method = cfg.method if cfg.method.name == "qlora" else OmegaConf.create({"name": "full"})
+    model, tokenizer, _ = load_model(cfg.model, base_method, cache_dir, device)
+    model.eval()
+    drift_eval = drift_eval_for(ev, cfg, runs_root, tokenizer, lambda: model)
+    base = base_scores(cfg, ev, key, runs_root, tokenizer, specs, include_path, cache_dir,
+                       device, drift_eval, model=model)
+    print_rows([{"checkpoint": "base", "step": 0, "tokens": 0, **summarize(base, base)}])
+    print(f"learnforget: base scores of {model_id} on eval={ev.name}: {base['cache_file']}")
+    return Path(base["cache_file"])

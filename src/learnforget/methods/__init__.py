@@ -1,0 +1,1 @@
+"""Methods: finetuning methods (peft and the harness's own) and how they are applied."""

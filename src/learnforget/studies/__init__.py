@@ -1,0 +1,1 @@
+"""Studies: study files, their dry run, launching jobs, and the demo."""

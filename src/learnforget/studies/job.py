@@ -1,0 +1,204 @@
+"""One job = one run through the stages train -> eval -> spectra: the task of every sweep.
+
+    learnforget job model=tiny_llama method=lora data=stdlib_code      # all three stages
+    learnforget job ... 'stages=[train,eval]'                           # a subset
+    learnforget sweep demo_tiny                                           # many jobs (sweep.py)
+
+Each stage is skipped when its outputs are already complete, so a job can be rerun at any
+time: a finished run is not retrained, a scored run not rescored, and an interrupted one
+resumes from `train/resume.pt`. What the job did is kept in `<run>/job.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from learnforget.config import config_hash, run_dir, run_name, validate
+from learnforget.errors import ConfigError
+from learnforget.files import atomic_write_json, is_locked, read_json, read_result
+
+STAGES = ("train", "eval", "spectra")
+JOB_FILE = "job.json"
+
+
+def job_stages(cfg: DictConfig) -> list[str]:
+    """The stages the config asks for (key `stages`; all three when absent), in run order."""
+    raw = cfg.get("stages", None)
+    if raw is None:
+        return list(STAGES)
+    items = [raw] if isinstance(raw, str) else list(raw)
+    unknown = [s for s in items if s not in STAGES]
+    if unknown or not items:
+        raise ConfigError(f"stages={items!r}: expected a non-empty list of {', '.join(STAGES)}")
+    return [s for s in STAGES if s in items]
+
+
+def checkpoint_names(out: Path) -> list[str]:
+    d = out / "checkpoints"
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir()
+                  if not p.name.startswith(".") and (p / "manifest.json").exists())
+
+
+# ----------------------------------------------------------------------------- completeness
+
+def train_complete(out: Path, chash: str | None = None) -> bool:
+    info = read_json(out / "run.json") or {}
+    return info.get("status") == "finished" and (chash is None or info.get("config_hash") == chash)
+
+
+def eval_complete(out: Path, suite: str) -> bool:
+    """The suite's summary exists and has a row for every checkpoint of the run."""
+    summary = read_result(out / "eval" / f"summary-{suite}.json")
+    if not summary:
+        return False
+    have = {r.get("checkpoint") for r in summary.get("rows", [])}
+    ckpts = checkpoint_names(out)
+    return bool(ckpts) and set(ckpts) <= have
+
+
+def spectra_complete(out: Path) -> bool:
+    """Every checkpoint has its spectra, or an earlier job found it has no ΔW to take."""
+    ckpts = checkpoint_names(out)
+    if not ckpts:
+        return False
+    done = set((read_result(out / JOB_FILE) or {}).get("spectra_checkpoints", []))
+    return all(c in done or _parses(out / "spectra" / f"{c}.json") for c in ckpts)
+
+
+def _parses(path: Path) -> bool:
+    """The file exists and is whole JSON (a file cut short is recomputed by its stage)."""
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def stage_complete(cfg: DictConfig, stage: str, out: Path | None = None) -> bool:
+    out = run_dir(cfg) if out is None else out
+    if stage == "train":
+        from learnforget.train.cooldown import branches_complete, cooldown_mode
+
+        return train_complete(out, config_hash(cfg)) and (
+            cooldown_mode(cfg.train) != "branches" or branches_complete(out))
+    if stage == "eval":
+        return eval_complete(out, str(cfg.eval.name))
+    if stage == "spectra":
+        return spectra_complete(out)
+    raise ConfigError(f"unknown stage {stage!r} (expected one of: {', '.join(STAGES)})")
+
+
+def _locked(out: Path) -> bool:
+    """True while another process holds the run's lock (trains it right now)."""
+    return is_locked(out / ".lock")
+
+
+def job_state(cfg: DictConfig, out: Path | None = None) -> tuple[str, str | None]:
+    """(state, next stage): `done` (every requested stage complete), `running` (the run's lock
+    is held), `resume` (a resume state or a finished earlier stage to build on), `new`."""
+    out = run_dir(cfg) if out is None else out
+    todo = [s for s in job_stages(cfg) if not stage_complete(cfg, s, out)]
+    if not todo:
+        return "done", None
+    if _locked(out):
+        return "running", todo[0]
+    if (out / "train" / "resume.pt").exists() or todo[0] != "train" \
+            or train_complete(out, config_hash(cfg)):
+        return "resume", todo[0]
+    return "new", todo[0]
+
+
+# ----------------------------------------------------------------------------- the job
+
+def _hand_interrupt_to_submitit() -> None:
+    """Training caught the scheduler's stop signal (saving its state) and returned: pass the
+    signal on to submitit's handler, which train restored, so that a SLURM job is requeued
+    (and resumes) instead of ending as if it had finished."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        # no scheduler to requeue the job: stop here, as the signal's default action would,
+        # rather than go on to the sweep's next job (a rerun resumes from the saved state)
+        print("learnforget: stopped by a signal; the state is saved, rerun the same command "
+              "to resume", flush=True)
+        raise SystemExit(143)
+    try:
+        from submitit import JobEnvironment
+    except ImportError:
+        return
+    os.kill(os.getpid(), JobEnvironment._usr_sig())
+
+
+def run_job(cfg: DictConfig) -> dict[str, Any]:
+    """Run the config's stages on its run folder; returns {"run", "run_dir", "stages"} with
+    one status per stage: done | skipped (already complete) | interrupted | failed | blocked
+    (an earlier stage is not finished) | busy (another process trains the run)."""
+    validate(cfg)
+    stages = job_stages(cfg)
+    out, name, chash = run_dir(cfg), run_name(cfg), config_hash(cfg)
+    if cfg.train.get("num_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.train.num_threads))  # for every stage, not only train
+    from learnforget.train.distributed import env_from_slurm
+
+    env_from_slurm()  # several SLURM tasks (tasks_per_node > 1): RANK etc. for this check
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    status: dict[str, str] = {}
+    record = read_result(out / JOB_FILE) or {}
+    trained = train_complete(out, chash)
+    t0 = time.time()
+    current = None
+    try:
+        for stage in stages:
+            current = stage
+            if stage != "train" and not trained:
+                status[stage] = "blocked"
+                continue
+            if stage != "train" and not main_rank:
+                continue  # data-parallel ranks > 0 only train
+            if stage_complete(cfg, stage, out):
+                status[stage] = "skipped"
+                continue
+            status[stage] = "failed"  # until it returns
+            if stage == "train":
+                from learnforget.train.loop import train
+
+                train(cfg)
+                info = read_json(out / "run.json") or {}
+                trained = info.get("status") == "finished" and info.get("config_hash") == chash
+                status[stage] = "done" if trained else (
+                    "busy" if _locked(out) else str(info.get("status", "failed")))
+            elif stage == "eval":
+                from learnforget.eval.stage import eval_main
+
+                eval_main(cfg, out)
+                status[stage] = "done"
+            else:
+                from learnforget.analysis.spectra import compute_spectra
+
+                ckpts = checkpoint_names(out)
+                compute_spectra(out, cache_dir=Path(cfg.paths.cache_dir).expanduser())
+                record["spectra_checkpoints"] = ckpts
+                status[stage] = "done"
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or submitit requeueing the job
+        if current is not None:
+            status[current] = "interrupted"
+        raise
+    finally:
+        if main_rank and out.exists():
+            record.update({"run": name, "config_hash": chash, "stages": dict(status),
+                           "requested": stages, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                           "wall_time_s": round(time.time() - t0, 3)})
+            atomic_write_json(out / JOB_FILE, record)
+    print(f"learnforget: job {name}: " + ", ".join(f"{k} {v}" for k, v in status.items()))
+    if status.get("train") == "interrupted":
+        _hand_interrupt_to_submitit()
+    return {"run": name, "run_dir": str(out), "stages": status}
+

@@ -1,0 +1,1 @@
+"""Train: the train stage: loop, optimizers, precision, distributed, resume, memory."""

@@ -1,0 +1,171 @@
+"""Per-budget cooldowns as short branches of one plateau run (``train.cooldown_mode=branches``).
+
+The paper cools every CPT budget B down separately over its last ``cooldown_ratio`` x B. Rather
+than one full run per budget, the main run trains on the schedule's plateau (inverse_sqrt or
+constant, no cooldown) and, at step ``b = S - round(cooldown_ratio * S)`` of each budget
+(S: the budget's optimizer steps), writes a resume state (trainable weights, optimizer,
+schedule, RNG, data position) into ``<run>/branches/<label>/train/resume.pt``. Each branch is an
+ordinary resumable run in that folder: the same config with ``train.cooldown_mode=single`` and
+``train.checkpoints.at=[B]``, so it resumes at step b and anneals linearly to 0 at step S, with
+the data order of the main run. Its budget checkpoint is then published as the main run's
+checkpoint of budget B (``checkpoints/<label>``, the manifest marked ``cooldown: branch``), so
+evaluation, spectra and the analysis use the branch ends as the budgets' points.
+
+The inverse-sqrt plateau does not depend on the run's length, so a branch follows exactly
+the schedule, data and RNG of a separate full-length run at budget B (the closing test
+compares them).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, open_dict
+
+from learnforget.errors import ConfigError
+from learnforget.files import atomic_write_json, read_json
+
+MODES = ("single", "branches")
+PLATEAU_SCHEDULES = ("inverse_sqrt", "constant")  # schedules whose plateau ignores the length
+
+
+def cooldown_mode(t: Any) -> str:
+    mode = str(t.get("cooldown_mode", "single") or "single")
+    if mode not in MODES:
+        raise ConfigError(f"train.cooldown_mode={mode!r} is unknown (expected one of: "
+                          f"{', '.join(MODES)})")
+    return mode
+
+
+def check(t: Any) -> None:
+    """A branches run needs a schedule with a length-free plateau and a cooldown share."""
+    if cooldown_mode(t) != "branches":
+        return
+    if t.schedule not in PLATEAU_SCHEDULES:
+        raise ConfigError(f"train.cooldown_mode=branches needs train.schedule inverse_sqrt or "
+                          f"constant (a plateau that does not depend on the run's length), not "
+                          f"{t.schedule!r}")
+    if not 0 < float(t.cooldown_ratio) < 1:
+        raise ConfigError(f"train.cooldown_mode=branches needs 0 < train.cooldown_ratio < 1, got "
+                          f"{t.cooldown_ratio!r}")
+
+
+def branch_step(budget_steps: int, ratio: float) -> int:
+    """Where budget S's branch starts: S minus its cooldown (as optim.lr_factor rounds it)."""
+    return budget_steps - int(round(ratio * budget_steps))
+
+
+def branch_plan(plan: Any, t: Any) -> Any:
+    """The main run's plan in branches mode: train to the last branch point, save no budget
+    checkpoint, save a branch state at each budget's branch point."""
+    ratio = float(t.cooldown_ratio)
+    points: dict[int, str] = {}
+    for steps, label in sorted(plan.checkpoints.items()):
+        b = branch_step(steps, ratio)
+        if b < 1:
+            raise ConfigError(f"train.cooldown_mode=branches: budget {label} is {steps} step(s), so "
+                              f"its cooldown (train.cooldown_ratio={ratio}) starts at step {b}: "
+                              "use larger budgets or a smaller train.cooldown_ratio")
+        if b in points:
+            raise ConfigError(f"train.cooldown_mode=branches: budgets {points[b]} and {label} would "
+                              f"branch at the same step {b}: space the budgets further apart")
+        points[b] = label
+    return replace(plan, total_steps=max(points), checkpoints={}, branch_points=points,
+                   budgets=dict(plan.checkpoints))
+
+
+def plateau(t: DictConfig) -> DictConfig:
+    """The train config the main run's schedule is made from: no cooldown."""
+    if cooldown_mode(t) != "branches":
+        return t
+    out = copy.deepcopy(t)
+    with open_dict(out):
+        out.cooldown_ratio = 0.0
+    return out
+
+
+def branch_dir(main: Path, label: str) -> Path:
+    return main / "branches" / label
+
+
+def branch_config(cfg: DictConfig, main: Path, label: str, budget: float) -> DictConfig:
+    """Budget `label`'s branch: the same run at that one budget, cooled down, in a sub-folder."""
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.train.cooldown_mode = "single"
+        out.train.checkpoints.at = [budget]
+        out.paths.runs_dir = str(main / "branches")
+        out.experiment_name = "."
+        out.run_name = label
+    return out
+
+
+def _publish(src: Path, dst: Path, extra: dict[str, Any]) -> None:
+    """Copy a branch's budget checkpoint into the main run (to a temporary folder, renamed)."""
+    tmp = dst.parent / f".tmp-{dst.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    manifest = read_json(tmp / "manifest.json") or {}
+    atomic_write_json(tmp / "manifest.json", {**manifest, **extra})
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
+def run_branches(cfg: DictConfig, main: Path) -> dict[str, Any]:
+    """Train every budget's branch that is not finished (each resumable), publish its budget
+    checkpoint into the main run and record the branches in the main run's run.json."""
+    from learnforget.train import distributed
+    from learnforget.train.loop import train
+
+    d = distributed.init()
+    distributed.barrier(d)  # rank 0 has written the main run's run.json: every rank reads it
+    info = read_json(main / "run.json") or {}
+    if info.get("status") != "finished":
+        return {}
+    t = cfg.train
+    budgets = {str(label): int(step) for step, label in
+               (info.get("train", {}).get("budgets") or {}).items()}
+    at = {str(label): a for label, a in zip(sorted(budgets, key=budgets.get),
+                                            sorted(float(x) for x in t.checkpoints.at),
+                                            strict=True)}
+    record: dict[str, Any] = {"mode": "branches", "cooldown_ratio": float(t.cooldown_ratio),
+                              "branches": {}, "complete": False}
+    for label, steps in sorted(budgets.items(), key=lambda kv: kv[1]):
+        budget = at[label]
+        budget = int(budget) if float(budget).is_integer() else budget
+        bcfg = branch_config(cfg, main, label, budget)
+        bdir = branch_dir(main, label)
+        train(bcfg)
+        distributed.barrier(d)  # rank 0 has written the branch's run.json
+        binfo = read_json(bdir / "run.json") or {}
+        if binfo.get("status") != "finished":
+            return record  # interrupted: the rerun resumes this branch
+        ck = bdir / "checkpoints" / label
+        entry = {"branch": f"branches/{label}", "from_step": branch_step(steps, float(t.cooldown_ratio)),
+                 "to_step": steps, "final_loss": (read_json(ck / "manifest.json") or {}).get("loss"),
+                 "heldout_loss": (read_json(ck / "manifest.json") or {}).get("heldout_loss")}
+        record["branches"][label] = entry
+        if d.main:
+            _publish(ck, main / "checkpoints" / label,
+                     {"cooldown": "branch", "branch": entry["branch"],
+                      "branch_from_step": entry["from_step"]})
+    record["complete"] = True
+    if d.main:
+        info = read_json(main / "run.json") or {}
+        info["cooldown"] = record
+        info.setdefault("train", {})["checkpoints"] = sorted(
+            p.name for p in (main / "checkpoints").glob("*-*") if not p.name.startswith("."))
+        atomic_write_json(main / "run.json", info)
+    distributed.barrier(d)
+    return record
+
+
+def branches_complete(out: Path) -> bool:
+    info = read_json(out / "run.json") or {}
+    return bool((info.get("cooldown") or {}).get("complete"))

@@ -1,0 +1,166 @@
+"""Does a job fit its GPUs? The per-GPU peak of a training step under the job's strategy,
+against the GPU memory of its cluster profile, with the change that would make it fit.
+
+Per GPU (one rank per GPU; `learnforget params` gives the parts, learnforget.train.activations the
+activations of one rank's micro-batch):
+
+- one process or DDP: weights + optimizer + max(activations + max(2 x logits, recompute),
+  gradients); DDP adds its gradient buckets (one more copy of the trainable gradients);
+- FSDP (full-weight methods): weights, gradients and optimizer state / ranks, plus what is
+  all-gathered at a time: the root unit (embeddings, final norm, LM head) and two decoder
+  layers (the running one and the prefetched next) in the compute dtype, and one layer's
+  unsharded fp32 gradients before their reduce-scatter; plus the activations.
+
+This is an estimate for planning: CUDA's allocator cache, NCCL buffers and fragmentation come
+on top, so a job is said to fit only below `headroom` (90%) of the GPU's memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from learnforget.methods.peft_methods import checkpoint_format
+
+HEADROOM = 0.90
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """What a cluster profile gives one job."""
+
+    ranks: int                 # one rank per GPU: nodes x tasks_per_node
+    gpu_mem_gib: float | None  # memory of one GPU (profile key gpu_mem_gb), None: unknown
+
+
+def gpu_plan(profile: dict[str, Any]) -> GpuPlan:
+    tasks = int(profile.get("tasks_per_node") or 1)
+    nodes = int(profile.get("nodes") or 1)
+    mem = profile.get("gpu_mem_gb")
+    return GpuPlan(max(1, tasks * nodes), None if mem is None else float(mem))
+
+
+def strategy(cfg: DictConfig, ranks: int) -> str:
+    """single | ddp | fsdp, as train.setup would choose it on `ranks` ranks."""
+    if ranks <= 1:
+        return "single"
+    wanted = str((cfg.train.get("distributed") or {}).get("strategy", "ddp"))
+    if wanted == "fsdp" and checkpoint_format(cfg.method.name) == "safetensors":
+        return "fsdp"
+    return "ddp"
+
+
+def per_gpu_bytes(rep: Any, how: str, ranks: int) -> float:
+    """The per-GPU peak of a training step (see the module docstring); `rep` a ParamReport with
+    activations traced."""
+    act = (rep.activations_bytes or 0.0) + max(2 * (rep.logits_bytes or 0.0), rep.recompute_bytes)
+    if how != "fsdp":
+        return rep.peak_bytes + (rep.grads_bytes if how == "ddp" else 0.0)
+    compute_b = 2 if rep.compute == "bf16" else 4
+    gathered = (rep.root_params + 2 * rep.layer_params) * compute_b + rep.layer_params * 4
+    states = (rep.weights_bytes + rep.grads_bytes + rep.optimizer_bytes) / ranks
+    return states + gathered + act
+
+
+_REPORTS: dict[str, Any] = {}  # per distinct model x method x train settings (per process)
+
+
+def report(cfg: DictConfig):
+    """`learnforget params` with activations, as the run would train on a GPU (cached)."""
+    import json
+
+    from learnforget.methods.peft_methods import effective_method
+    from learnforget.train.params import param_report
+
+    key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True),
+                      effective_method(cfg.method),
+                      OmegaConf.to_container(cfg.train, resolve=True)], sort_keys=True, default=str)
+    if key not in _REPORTS:
+        _REPORTS[key] = param_report(cfg, activations=True, device="cuda")
+    return _REPORTS[key]
+
+
+def check(cfg: DictConfig, plan: GpuPlan) -> dict[str, Any]:
+    """Per-GPU estimate of one job on `plan`, whether it fits, and if not the first change of
+    a short list that makes it fit (each re-estimated)."""
+    rep = report(cfg)
+    how = strategy(cfg, plan.ranks)
+    need = per_gpu_bytes(rep, how, plan.ranks)
+    t = cfg.train
+    row = {"strategy": how, "ranks": plan.ranks, "per_gpu_gib": need / GIB,
+           "gpu_mem_gib": plan.gpu_mem_gib,
+           "global_batch": int(t.batch_size) * int(t.grad_accum) * plan.ranks,
+           "checkpointing": bool(t.get("activation_checkpointing", False)),
+           "precision": f"{rep.compute}/{rep.master.replace('float', 'fp').replace('bfloat', 'bf')}",
+           "fits": None,
+           "advice": None}
+    if rep.activations_bytes is None:
+        row["advice"] = f"activations not estimated ({rep.activations_note})"
+        return row
+    if plan.gpu_mem_gib is None:
+        row["advice"] = "the cluster profile has no gpu_mem_gb: fit not checked"
+        return row
+    limit = HEADROOM * plan.gpu_mem_gib * GIB
+    row["fits"] = need <= limit
+    if not row["fits"]:
+        row["advice"] = _advice(cfg, plan, limit)
+    return row
+
+
+def _variant(cfg: DictConfig, **train: Any) -> DictConfig:
+    c = cfg.copy()
+    for key, value in train.items():
+        OmegaConf.update(c, f"train.{key}", value, force_add=True)
+    return c
+
+
+def _advice(cfg: DictConfig, plan: GpuPlan, limit: float) -> str:
+    """The first change, in order of cost, whose re-estimate fits: activation checkpointing;
+    FSDP on 8 GPUs (full-weight methods), then with checkpointing too; micro-batch 1 with
+    checkpointing (the global batch kept by grad_accum)."""
+    t = cfg.train
+    ckpt_on = bool(t.get("activation_checkpointing", False))
+    tries: list[tuple[str, DictConfig, GpuPlan]] = []
+    if not ckpt_on:
+        tries.append(("train.activation_checkpointing=true",
+                      _variant(cfg, activation_checkpointing=True), plan))
+    if checkpoint_format(cfg.method.name) == "safetensors":
+        fsdp_plan = GpuPlan(max(plan.ranks, 8), plan.gpu_mem_gib)
+        text = (f"FSDP on {fsdp_plan.ranks} GPUs (--cluster llama7b_full_fsdp "
+                "train.distributed.strategy=fsdp, grad_accum divided by the ranks)")
+        for ck in ([False, True] if not ckpt_on else [True]):
+            c = _variant(cfg, activation_checkpointing=ck)
+            OmegaConf.update(c, "train.distributed.strategy", "fsdp", force_add=True)
+            tries.append((text + (" and train.activation_checkpointing=true" if ck and not ckpt_on
+                                  else ""), c, fsdp_plan))
+    if int(t.batch_size) > 1:
+        accum = int(t.batch_size) * int(t.grad_accum)
+        tries.append((f"train.batch_size=1 train.grad_accum={accum}"
+                       + ("" if ckpt_on else " train.activation_checkpointing=true"),
+                       _variant(cfg, batch_size=1, grad_accum=accum,
+                                activation_checkpointing=True), plan))
+    for text, c, p in tries:
+        need = per_gpu_bytes(report(c), strategy(c, p.ranks), p.ranks)
+        if need <= limit:
+            return f"fits with {text}: {need / GIB:.1f} GiB per GPU"
+    return "no single change fits it: more GPUs (FSDP) or a shorter train.seq_len"
+
+
+def format_rows(rows: list[dict[str, Any]], methods: list[str]) -> str:
+    """The dry run's fit table: one line per job."""
+    lines = ["\nfit per GPU: est. peak of one training step on one GPU (weights, gradients, "
+             "optimizer state as the strategy shards them, + one micro-batch's activations; "
+             f"fits = below {HEADROOM:.0%} of the profile's gpu_mem_gb)",
+             f"{'#':>3}  {'method':<22} {'strategy':<8} {'ranks':>5} {'global batch':>12} "
+             f"{'compute/master':>14} {'ckpt':>5} {'est. GiB/GPU':>12} {'GPU GiB':>8}  fits"]
+    for (i, r), m in zip(enumerate(rows, 1), methods, strict=True):
+        mem = "-" if r["gpu_mem_gib"] is None else f"{r['gpu_mem_gib']:.0f}"
+        fits = {True: "yes", False: "NO", None: "?"}[r["fits"]]
+        lines.append(f"{i:>3}  {m:<22} {r['strategy']:<8} {r['ranks']:>5} {r['global_batch']:>12} "
+                     f"{r['precision']:>14} "
+                     f"{'on' if r['checkpointing'] else 'off':>5} {r['per_gpu_gib']:>12.1f} "
+                     f"{mem:>8}  {fits}" + (f"  ({r['advice']})" if r["advice"] else ""))
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""What a run leaves on disk to continue from or to be scored: its resume state (trainable
+weights, optimizer, schedule, RNG, data position; FSDP: sharded) and its budget checkpoints,
+each written atomically."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from learnforget.errors import ConfigError
+from learnforget.files import atomic_open, atomic_write_json, read_json
+from learnforget.train import distributed
+from learnforget.train.distributed import Dist
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_resume(path: Path, model, optimizer, scheduler, progress: dict[str, Any],
+                d: Dist | None = None) -> None:
+    """Everything needed to continue exactly: trainable weights, optimizer, schedule, RNG,
+    data position. Written to a temporary file and renamed. An FSDP model's weights and
+    optimizer state go to a sharded folder beside it (every rank calls this; rank 0 writes
+    the file)."""
+    shards = None
+    if d is not None and distributed.is_sharded(model):
+        shards = distributed.save_sharded(path.parent, model, optimizer, d)
+        if not d.main:
+            return
+    state = {
+        "model": trainable_state(model) if shards is None else {},
+        "optimizer": optimizer.state_dict() if shards is None else None,
+        "sharded": shards,
+        "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "progress": progress,
+    }
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+    if shards is not None:
+        distributed.drop_other_shards(path.parent, keep=shards)
+
+
+def load_resume(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    world = state["progress"].get("world")
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if world is not None and world != ranks:  # the global batch (the data position) depends on it
+        raise ConfigError(f"resume state {path} was written by a run on {world} rank(s); "
+                          f"resume it on {world} (this process group has {ranks})")
+    if state.get("sharded"):
+        if not distributed.is_sharded(model):
+            raise ConfigError(f"resume state {path} is sharded (FSDP): resume with "
+                              "train.distributed.strategy=fsdp")
+        distributed.load_sharded(path.parent / state["sharded"], model, optimizer)
+        state["optimizer"] = None
+    elif distributed.is_sharded(model):
+        raise ConfigError(f"resume state {path} is not sharded: resume with "
+                          "train.distributed.strategy=ddp")
+    params = dict(model.named_parameters())
+    missing = set(state["model"]) - set(params)
+    if missing:
+        raise ConfigError(f"resume state {path} does not fit this model (e.g. {sorted(missing)[0]})")
+    with torch.no_grad():
+        for n, v in state["model"].items():
+            params[n].copy_(v.to(params[n].device))
+    if state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["progress"]
+
+
+def save_checkpoint(out: Path, model, manifest: dict[str, Any],
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """A budget checkpoint: peft adapter files for peft methods, adapter.safetensors for
+    bottleneck adapters, safetensors of the whole model otherwise."""
+    from learnforget.methods import bottleneck
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        if bottleneck.has_adapters(model):
+            bottleneck.save_adapter(model, tmp)
+        else:
+            # state_dict: an FSDP model's weights, gathered on rank 0
+            extra = {} if state_dict is None else {"state_dict": state_dict}
+            model.save_pretrained(tmp, safe_serialization=True, **extra)
+            from learnforget.methods.lora_variants import convert_saved_adapter, initial_factors
+
+            initial = initial_factors(model)
+            if initial is not None:  # PiSSA / OLoRA: a LoRA adapter on the original base
+                convert_saved_adapter(tmp, initial)
+        atomic_write_json(tmp / "manifest.json", manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def finished_under_lock(out: Path, chash: str) -> bool:
+    """Read with the run's lock held: did another process finish this run meanwhile?"""
+    info = read_json(out / "run.json")
+    return bool(info) and info.get("status") == "finished" and info.get("config_hash") == chash
+
+
+def drop_resume_state(resume_path: Path) -> None:
+    """Remove train/resume.pt (and FSDP's resume-shards-*/): a finished run resumes nothing."""
+    resume_path.unlink(missing_ok=True)
+    for shards in resume_path.parent.glob("resume-shards-*"):
+        shutil.rmtree(shards, ignore_errors=True)
