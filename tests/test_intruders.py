@@ -177,3 +177,21 @@ def test_mitigated_run_has_peft_mitigation_known_answer(make_cfg):
     assert n_intruders > 0
     with pytest.raises(ConfigError, match="mitigation_lambda"):
         mitigate_run(run, mitigation_lambda=2.0)
+
+
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48), (30, 30)])
+def test_top_left_singular_matches_numpy_svd(shape):
+    """The Gram-matrix route gives numpy's leading left singular vectors (up to sign)."""
+    from learnforget.analysis.intruders import top_left_singular
+
+    rng = np.random.default_rng(1)
+    m, n = shape
+    q1, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    q2, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    s = np.linspace(10.0, 1.0, min(m, n))  # distinct singular values
+    w = q1[:, : len(s)] @ np.diag(s) @ q2[:, : len(s)].T
+    u_ref = np.linalg.svd(w, full_matrices=False)[0][:, :8]
+    u = top_left_singular(torch.from_numpy(w), 8).numpy()
+    assert u.shape == (m, 8)
+    np.testing.assert_allclose(np.abs((u * u_ref).sum(axis=0)), 1.0, atol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(u, axis=0), 1.0, atol=1e-9)
