@@ -10,7 +10,7 @@ import torch
 from conftest import OFFLINE_DATA
 
 from learnforget.config import conf_dir, run_name
-from learnforget.methods.peft_methods import METHODS
+from learnforget.methods.registry import BUILTIN, is_data_method, validate_method
 from learnforget.train.loop import fit, setup
 
 CONF = conf_dir()
@@ -18,8 +18,14 @@ ALL_METHODS = sorted(p.stem for p in (CONF / "method").glob("[!_]*.yaml"))
 ALL_DATA = sorted(p.stem for p in (CONF / "data").glob("[!_]*.yaml"))
 
 
-def test_config_groups_list_every_method():
-    assert sorted(METHODS) == ALL_METHODS
+def test_config_groups_list_every_method(make_cfg):
+    assert set(BUILTIN) <= set(ALL_METHODS)
+    for method in ALL_METHODS:  # each file is a method of that name: built in or peft by data
+        cfg = make_cfg(f"method={method}").method
+        validate_method(cfg)
+        assert cfg.name == method
+        assert (method in BUILTIN) != is_data_method(cfg)
+    assert {"vera", "loha"} <= set(ALL_METHODS) - set(BUILTIN)  # added by YAML alone
 
 
 @pytest.mark.parametrize("data", ALL_DATA)
@@ -93,7 +99,7 @@ def test_rank_is_ignored_by_full_and_runs_deduplicate(make_cfg):
 
 
 def test_alpha_override_and_targets_sets(make_cfg):
-    from learnforget.methods.peft_methods import resolve_targets
+    from learnforget.methods.modules import resolve_targets
 
     cfg = make_cfg("method=lora", "method.alpha=8", "method.targets=attention")
     s = setup(cfg)

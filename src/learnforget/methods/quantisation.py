@@ -141,3 +141,18 @@ def quantisation_report(model: torch.nn.Module, base_path: str, method_cfg: Any)
     except Exception as e:  # a measurement, not a reason to fail the training run
         return {"quant_type": str(method_cfg.quant_type),
                 "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
+def disable_bnb_cpu_fastpath(model: torch.nn.Module) -> int:
+    """Turn off bitsandbytes' AVX512-BF16 4-bit CPU path on every Linear4bit.
+
+    After the first no-grad eval forward it repacks the weights and routes training through
+    `gemv_4bit`, which has no autograd kernel: gradients through frozen 4-bit layers are then
+    silently wrong (bitsandbytes 0.50, CPUs with AVX512-BF16). Returns the number of layers.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n

@@ -12,14 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM
 
 from learnforget.assets.models import build_config, torch_dtype
-from learnforget.methods.peft_methods import (
-    ADAPTER_METHODS,
-    LORA_FAMILY,
-    apply_method,
-    count_parameters,
-    decoder_layers,
-    linear_modules,
-)
+from learnforget.methods.apply import apply_method, count_parameters
+from learnforget.methods.modules import decoder_layers, linear_modules
+from learnforget.methods.registry import LORA_FAMILY, checkpoint_format
 
 OPTIMIZER_STATES = {  # bytes of optimizer state per trainable parameter, given param bytes b
     "adamw": lambda b: 2 * b, "paged_adamw": lambda b: 2 * b,
@@ -124,7 +119,8 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
     b = torch.finfo(dtype).bits / 8
     # trainable weights, their gradients and optimizer state: the master dtype (fp32 unless
     # train.master_weights=model_dtype; peft and bottleneck adapters are float32 anyway)
-    tb = 4.0 if cfg.method.name in ADAPTER_METHODS else float(dtype_bytes(policy.master))
+    adapter = checkpoint_format(cfg.method) != "safetensors"
+    tb = 4.0 if adapter else float(dtype_bytes(policy.master))
     frozen = total - trainable
     if qlora and cfg.method.quant_type == "int8":  # LLM.int8: 1 byte + a float32 scale per row
         weights = (quant_params + 4 * quant_rows + (frozen - quant_params) * b + trainable * tb)
