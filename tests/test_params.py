@@ -72,6 +72,8 @@ def test_methods_added_by_yaml_count_exactly():
     outs = 4 * D + 2 * F + D                          # q,k,v,o: D; gate,up: F; down: D
     assert vera.trainable == L * (outs + 7 * 256) == 1_417_216
     assert vera.total == LLAMA2_7B + vera.trainable
+    # memory: bf16 frozen base, fp32 vectors, and the shared fp32 projections A (r x F), B (F x r)
+    assert vera.weights_bytes == 2 * LLAMA2_7B + 4 * vera.trainable + 4 * 2 * 256 * F
     # LoHa: two rank-r factor pairs per layer, 2 r (in + out) values; r = 8
     loha = param_report(compose(["model=llama2_7b", "method=loha"]))
     in_plus_out = 4 * (D + D) + 2 * (D + F) + (F + D)

@@ -98,6 +98,24 @@ def test_rank_is_ignored_by_full_and_runs_deduplicate(make_cfg):
     assert "method.r is ignored by method=full" in s.notes
 
 
+def test_a_yaml_method_is_identified_by_its_peft_section(make_cfg):
+    vera = make_cfg("method=vera")
+    assert "-vera_r256_all-" in run_name(vera)
+    assert "-vera_r64_all-" in run_name(make_cfg("method=vera", "method.r=64"))  # ${..r}
+    assert run_name(make_cfg("method=vera", "method.top_k=5")) == run_name(vera)  # not read
+    changed = make_cfg("method=vera", "method.peft.d_initial=0.5")
+    assert run_name(changed) != run_name(vera) and "-vera_r256_all-" in run_name(changed)
+    lora = make_cfg("method=lora")  # a built-in's peft section names the type only...
+    extra = make_cfg("method=lora", "+method.peft.lora_bias=true")  # ...an added argument counts
+    assert run_name(extra) != run_name(lora)
+    s = setup(make_cfg("method=vera", "method.r=4", "method.targets=attention"))
+    peft_cfg = s.model.peft_config["default"]
+    assert type(peft_cfg).__name__ == "VeraConfig" and peft_cfg.r == 4
+    assert set(peft_cfg.target_modules) == {"self_attn.q_proj", "self_attn.k_proj",
+                                            "self_attn.v_proj", "self_attn.o_proj"}
+    assert "method.top_k is ignored by method=vera" in s.notes
+
+
 def test_alpha_override_and_targets_sets(make_cfg):
     from learnforget.methods.modules import resolve_targets
 

@@ -92,7 +92,8 @@ def effective_method(cfg: DictConfig) -> dict[str, Any]:
     """The method's settings that matter (alpha resolved to 2r): this defines the run."""
     validate_method(cfg)
     out: dict[str, Any] = {"name": cfg.name}
-    if is_data_method(cfg):
+    if is_data_method(cfg):  # the shared keys it reads (r for sweeps, collect) and its section
+        out.update({k: _plain(cfg[k]) for k in uses(cfg)})
         out[PEFT] = peft_settings(cfg)
         return out
     for key in USES[cfg.name]:
@@ -201,12 +202,10 @@ _ABBREV = {"r": "r", "alpha": "a", "dropout": "do", "top_k": "k", "num_virtual_t
 
 
 def method_summary(cfg: DictConfig) -> str:
-    """A short, filesystem-safe description: 'lora_r16_a32_all', 'full', 'topk_k2', 'vera_r256'
-    (a data method: its name and the shared keys it reads; the hash in the run name tells
-    other peft settings apart)."""
+    """A short, filesystem-safe description: 'lora_r16_a32_all', 'full', 'topk_k2',
+    'vera_r256_all' (a data method: its name and the shared keys it reads; the hash in the run
+    name tells its other peft settings apart)."""
     eff = effective_method(cfg)
-    if is_data_method(cfg):
-        eff = {"name": cfg.name, **{k: _plain(cfg[k]) for k in uses(cfg)}}
     parts = [cfg.name]
     for key, value in eff.items():
         if key == "name" or _ABBREV.get(key, key) is None:

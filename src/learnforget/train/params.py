@@ -69,6 +69,10 @@ def quantised_bytes_per_param(blocksize: int = 64, double_quant: bool = True) ->
     return (4 + extra_bits) / 8
 
 
+def _buffer_bytes(model: torch.nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in model.buffers())
+
+
 def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu") -> ParamReport:
     """Counts and memory for cfg.model x cfg.method x cfg.train.optimizer on the meta device,
     under the precision policy the run would use on `device` (learnforget.train.precision: fp32
@@ -90,6 +94,7 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(build_config(cfg.model))
         base_trainable, base_total = count_parameters(model)
+        base_buffers = _buffer_bytes(model)
         quant_params = sum(dict(model.named_modules())[n].weight.numel()
                            for n in linear_modules(model)) if qlora else 0
         quant_rows = sum(dict(model.named_modules())[n].weight.shape[0]
@@ -100,6 +105,7 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
         if qlora:  # same adapter as LoRA on a base whose linear weights are 4-bit
             OmegaConf.update(method, "name", "lora")
         model, _ = apply_method(model, method, model_name=cfg.model.name)
+        method_buffers = _buffer_bytes(model) - base_buffers  # e.g. VeRA's shared projections
         frozen_dtype = torch_dtype(cfg.method.compute_dtype if qlora else policy.frozen)
         for p in model.parameters():  # the dtypes a real run trains in (learnforget.train.precision)
             p.data = p.data.to(policy.master_dtype if p.requires_grad else frozen_dtype)
@@ -129,6 +135,7 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
                    + (frozen - quant_params) * b + trainable * tb)
     else:
         weights = frozen * b + trainable * tb
+    weights += method_buffers
     optimizer = str(cfg.train.optimizer)
     state_b = OPTIMIZER_STATES[optimizer](tb)
     return ParamReport(model=cfg.model.name, method=cfg.method.name
