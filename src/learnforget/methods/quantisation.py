@@ -5,7 +5,8 @@ Per quantised linear layer, the relative Frobenius error ||W - dequant(quant(W))
 where W is the weight in the base model's checkpoint and dequant(quant(W)) is what the loaded
 layer actually holds (dequantised from its own 4-bit blocks or int8 rows), plus the mean and
 the maximum over layers and the error of all layers together. `learnforget train` records it
-in run.json (`train.quantisation`) for every qlora run.
+in run.json (`train.quantisation`) for every qlora run. Also: turning off bitsandbytes' 4-bit
+CPU fast path, whose gradients are wrong (`disable_bnb_cpu_fastpath`).
 """
 
 from __future__ import annotations
