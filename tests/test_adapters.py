@@ -21,7 +21,8 @@ def _logits(model) -> torch.Tensor:
         return model(input_ids=INPUT, attention_mask=torch.ones_like(INPUT)).logits
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt", "qlora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt", "qlora", "vera",
+                                    "loha"])
 def test_adapter_save_reload_gives_identical_logits(make_cfg, method):
     cfg = make_cfg(f"method={method}", "method.r=4", "method.num_virtual_tokens=4")
     s = setup(cfg)
@@ -32,7 +33,7 @@ def test_adapter_save_reload_gives_identical_logits(make_cfg, method):
     assert torch.equal(_logits(reloaded), trained)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "vera", "loha"])
 def test_merged_weights_match_base_plus_adapter(make_cfg, method):
     s = setup(make_cfg(f"method={method}", "method.r=4", "train.lr=1e-2"))
     fit(s)
@@ -40,7 +41,8 @@ def test_merged_weights_match_base_plus_adapter(make_cfg, method):
     base_only = AutoModelForCausalLM.from_pretrained(s.base_path)
     assert not torch.allclose(_logits(base_only), unmerged, atol=1e-4)  # the adapter matters
     merged = s.model.merge_and_unload()
-    assert not any("lora" in n or "ia3" in n for n, _ in merged.named_parameters())
+    adapter_names = ("lora", "ia3", "vera", "hada")
+    assert not any(a in n for a in adapter_names for n, _ in merged.named_parameters())
     torch.testing.assert_close(_logits(merged), unmerged, atol=1e-5, rtol=1e-5)
 
 

@@ -108,6 +108,15 @@ def test_config_composes_without_torch():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_config_validates_and_names_every_method_without_torch():
+    code = ("import sys, learnforget.config as c\n"
+            "for m in sorted(p.stem for p in (c.conf_dir() / 'method').glob('[!_]*.yaml')):\n"
+            "    cfg = c.compose(['model=tiny_llama', f'method={m}']); c.validate(cfg); c.run_name(cfg)\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: _module_name(p))
 def test_module_size(path):
     n = len(path.read_text().splitlines())

@@ -19,7 +19,7 @@ from learnforget.config import compose, validate
 from learnforget.errors import ConfigError
 from learnforget.eval.stage import load_for_eval
 from learnforget.methods import bottleneck
-from learnforget.methods.peft_methods import apply_method, count_parameters
+from learnforget.methods.apply import apply_method, count_parameters
 from learnforget.train.loop import fit, setup
 from learnforget.train.params import param_report
 

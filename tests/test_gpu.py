@@ -62,7 +62,7 @@ def test_fsdp_on_one_rank_matches_unsharded(make_cfg, monkeypatch):
     unsharded model within bf16 tolerance."""
     import torch.distributed as dist
 
-    from learnforget.methods.peft_methods import decoder_layers
+    from learnforget.methods.modules import decoder_layers
     from learnforget.train import distributed
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")

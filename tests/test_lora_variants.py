@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from learnforget.analysis.spectra import extract_deltas
 from learnforget.config import compose
 from learnforget.errors import ConfigError
-from learnforget.methods.peft_methods import method_summary
+from learnforget.methods.registry import method_summary
 from learnforget.train.loop import fit, setup
 from learnforget.train.params import param_report
 

@@ -65,6 +65,23 @@ def test_full_and_other_methods():
     assert prefix.trainable == 20 * L * 2 * D
 
 
+def test_methods_added_by_yaml_count_exactly():
+    # VeRA: per adapted layer a scaling vector b (out_features) and d (r); the random
+    # projections A, B are shared buffers, not parameters. All 7 linear layers per block.
+    vera = param_report(compose(["model=llama2_7b", "method=vera"]))        # r = 256
+    outs = 4 * D + 2 * F + D                          # q,k,v,o: D; gate,up: F; down: D
+    assert vera.trainable == L * (outs + 7 * 256) == 1_417_216
+    assert vera.total == LLAMA2_7B + vera.trainable
+    # memory: bf16 frozen base, fp32 vectors, and the shared fp32 projections A (r x F), B (F x r)
+    assert vera.weights_bytes == 2 * LLAMA2_7B + 4 * vera.trainable + 4 * 2 * 256 * F
+    # LoHa: two rank-r factor pairs per layer, 2 r (in + out) values; r = 8
+    loha = param_report(compose(["model=llama2_7b", "method=loha"]))
+    in_plus_out = 4 * (D + D) + 2 * (D + F) + (F + D)
+    assert loha.trainable == L * 2 * 8 * in_plus_out == 39_976_960
+    assert param_report(compose(["model=llama2_7b", "method=loha", "method.r=4",
+                                 "method.targets=attention"])).trainable == L * 2 * 4 * 8 * D
+
+
 def test_qlora_memory_uses_4bit_weights():
     q = param_report(compose(["model=llama2_7b", "method=qlora", "method.r=16"]))
     assert q.trainable == lora_params(16)

@@ -256,6 +256,34 @@ def test_dora_delta_is_merge_and_unload_minus_base(make_cfg):
     assert n == 14
 
 
+@pytest.mark.parametrize(("method", "max_rank"), [("vera", 4), ("loha", 16)])
+def test_yaml_methods_delta_is_merged_minus_base(make_cfg, method, max_rank):
+    """VeRA and LoHa (peft methods added by YAML alone): ΔW = merged - base, as peft's own
+    merge_and_unload gives it, of rank at most r (VeRA) or r^2 (LoHa's Hadamard product)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = train_tiny(make_cfg, method)
+    base = base_weights(run)
+    info = json.loads((run / "run.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(info["run"]["base_model"], dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, run / "checkpoints/step-000002").merge_and_unload()
+    sd = merged.state_dict()
+    ds = extract_deltas(run, "step-000002")
+    assert ds.source.startswith(method.upper()) and "merged into the base with peft" in ds.source
+    n = 0
+    for md in ds:
+        ref = sd[md.name + ".weight"] - base[md.name + ".weight"]
+        assert ref.abs().max() > 1e-6
+        torch.testing.assert_close(md.dense, ref, atol=1e-6, rtol=0)
+        n += 1
+    assert n == 14  # 7 linear layers x 2 blocks (method.targets=all)
+    compute_spectra(run, "step-000002", verbose=False)
+    rec, _ = load_spectra(run, "step-000002")
+    assert rec["method"] == method and len(rec["rows"]) == 14
+    assert all(r["numerical_rank"] <= max_rank for r in rec["rows"])
+
+
 def test_ia3_delta_is_the_rescaling(make_cfg):
     run = train_tiny(make_cfg, "ia3")
     base = base_weights(run)

@@ -10,7 +10,7 @@ import torch
 from conftest import OFFLINE_DATA
 
 from learnforget.config import conf_dir, run_name
-from learnforget.methods.peft_methods import METHODS
+from learnforget.methods.registry import BUILTIN, is_data_method, validate_method
 from learnforget.train.loop import fit, setup
 
 CONF = conf_dir()
@@ -18,8 +18,14 @@ ALL_METHODS = sorted(p.stem for p in (CONF / "method").glob("[!_]*.yaml"))
 ALL_DATA = sorted(p.stem for p in (CONF / "data").glob("[!_]*.yaml"))
 
 
-def test_config_groups_list_every_method():
-    assert sorted(METHODS) == ALL_METHODS
+def test_config_groups_list_every_method(make_cfg):
+    assert set(BUILTIN) <= set(ALL_METHODS)
+    for method in ALL_METHODS:  # each file is a method of that name: built in or peft by data
+        cfg = make_cfg(f"method={method}").method
+        validate_method(cfg)
+        assert cfg.name == method
+        assert (method in BUILTIN) != is_data_method(cfg)
+    assert {"vera", "loha"} <= set(ALL_METHODS) - set(BUILTIN)  # added by YAML alone
 
 
 @pytest.mark.parametrize("data", ALL_DATA)
@@ -92,8 +98,26 @@ def test_rank_is_ignored_by_full_and_runs_deduplicate(make_cfg):
     assert "method.r is ignored by method=full" in s.notes
 
 
+def test_a_yaml_method_is_identified_by_its_peft_section(make_cfg):
+    vera = make_cfg("method=vera")
+    assert "-vera_r256_all-" in run_name(vera)
+    assert "-vera_r64_all-" in run_name(make_cfg("method=vera", "method.r=64"))  # ${..r}
+    assert run_name(make_cfg("method=vera", "method.top_k=5")) == run_name(vera)  # not read
+    changed = make_cfg("method=vera", "method.peft.d_initial=0.5")
+    assert run_name(changed) != run_name(vera) and "-vera_r256_all-" in run_name(changed)
+    lora = make_cfg("method=lora")  # a built-in's peft section names the type only...
+    extra = make_cfg("method=lora", "+method.peft.lora_bias=true")  # ...an added argument counts
+    assert run_name(extra) != run_name(lora)
+    s = setup(make_cfg("method=vera", "method.r=4", "method.targets=attention"))
+    peft_cfg = s.model.peft_config["default"]
+    assert type(peft_cfg).__name__ == "VeraConfig" and peft_cfg.r == 4
+    assert set(peft_cfg.target_modules) == {"self_attn.q_proj", "self_attn.k_proj",
+                                            "self_attn.v_proj", "self_attn.o_proj"}
+    assert "method.top_k is ignored by method=vera" in s.notes
+
+
 def test_alpha_override_and_targets_sets(make_cfg):
-    from learnforget.methods.peft_methods import resolve_targets
+    from learnforget.methods.modules import resolve_targets
 
     cfg = make_cfg("method=lora", "method.alpha=8", "method.targets=attention")
     s = setup(cfg)

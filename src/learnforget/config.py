@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from learnforget.errors import ConfigError
-from learnforget.methods.peft_methods import effective_method, method_summary, validate_method
+from learnforget.methods.registry import effective_method, method_summary, validate_method
 
 OPTIMIZERS = ("adamw", "lion", "lionw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "paged_lion")
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
@@ -28,6 +28,8 @@ REGIMES = ("cpt", "ift")
 DATA_FORMATS = ("memory", "shards")   # = learnforget.data.shards.FORMATS
 LOGGER_MODES = ("auto", "offline", "online", "disabled")
 STRATEGIES = ("ddp", "fsdp")   # = learnforget.train.distributed.STRATEGIES (not imported: no torch here)
+COOLDOWN_MODES = ("single", "branches")   # learnforget.train.cooldown
+PLATEAU_SCHEDULES = ("inverse_sqrt", "constant")  # schedules whose plateau ignores the length
 
 
 def conf_dir() -> Path:
@@ -107,9 +109,7 @@ def validate(cfg: DictConfig) -> None:
              f"train.checkpoints.at must be a non-empty list of positive numbers, got {at!r}")
     _require(at == sorted(set(at)),
              f"train.checkpoints.at must be strictly increasing, got {at!r}")
-    from learnforget.train import cooldown
-
-    cooldown.check(t)
+    _check_cooldown(t)
     strategy = (t.get("distributed") or {}).get("strategy", "ddp")
     _require(strategy in STRATEGIES,
              f"train.distributed.strategy {strategy!r} is unknown (expected one of: "
@@ -125,6 +125,28 @@ def validate(cfg: DictConfig) -> None:
     _require(fmt != "shards" or cfg.data.regime == "cpt",
              f"data.format=shards is for continued pretraining (data.regime=cpt), not "
              f"data.regime={cfg.data.regime}: instruction sets use data.format=memory")
+
+
+def cooldown_mode(t: Any) -> str:
+    """train.cooldown_mode: single (one run per budget) or branches (learnforget.train.cooldown)."""
+    mode = str(t.get("cooldown_mode", "single") or "single")
+    if mode not in COOLDOWN_MODES:
+        raise ConfigError(f"train.cooldown_mode={mode!r} is unknown (expected one of: "
+                          f"{', '.join(COOLDOWN_MODES)})")
+    return mode
+
+
+def _check_cooldown(t: Any) -> None:
+    """A branches run needs a schedule with a length-free plateau and a cooldown share."""
+    if cooldown_mode(t) != "branches":
+        return
+    if t.schedule not in PLATEAU_SCHEDULES:
+        raise ConfigError(f"train.cooldown_mode=branches needs train.schedule inverse_sqrt or "
+                          f"constant (a plateau that does not depend on the run's length), not "
+                          f"{t.schedule!r}")
+    if not 0 < float(t.cooldown_ratio) < 1:
+        raise ConfigError(f"train.cooldown_mode=branches needs 0 < train.cooldown_ratio < 1, got "
+                          f"{t.cooldown_ratio!r}")
 
 
 def _plain(node: Any) -> Any:

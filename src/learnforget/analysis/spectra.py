@@ -473,6 +473,8 @@ def extract_deltas(run_dir: Path, checkpoint: str | Path, *, with_weights: bool 
     """ΔW of every linear module of one checkpoint (None for methods that change no weight
     matrix: prefix and prompt tuning, bottleneck adapters). `lora_via="merge"` takes plain LoRA through peft's
     merge as well (the dense reference the factor route is tested against)."""
+    from learnforget.methods.apply import changes_weights
+
     if lora_via not in ("factors", "merge"):
         raise ConfigError(f"lora_via {lora_via!r} is unknown (expected factors or merge)")
     run_dir = Path(run_dir)
@@ -492,8 +494,8 @@ def extract_deltas(run_dir: Path, checkpoint: str | Path, *, with_weights: bool 
     elif peft_type == "LORA" and not adapter_cfg.get("use_dora") and (
             lora_via == "factors" or method == "qlora"):
         route = "factors"
-    elif peft_type in ("LORA", "IA3"):
-        route = "merge"
+    elif peft_type is not None and changes_weights(ckpt):
+        route = "merge"  # any other peft type (DoRA, IA3, VeRA, LoHa, ...): merged minus base
     else:
         return None  # prefix / prompt tuning: no weight matrix changes
     try:

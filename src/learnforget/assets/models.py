@@ -187,7 +187,7 @@ def load_model(
         kwargs["device_map"] = device
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantise:
-        from learnforget.methods.peft_methods import disable_bnb_cpu_fastpath
+        from learnforget.methods.quantisation import disable_bnb_cpu_fastpath
 
         disable_bnb_cpu_fastpath(model)  # one numeric path for training and evaluation
     else:

@@ -64,7 +64,8 @@ def build_variants(model_name: str, cache_dir: Path | None = None, seed: int = 0
     """{variant: model in eval mode} from one loaded base model, and a description of each."""
     from learnforget.assets.models import load_model
     from learnforget.config import compose
-    from learnforget.methods.peft_methods import apply_method, count_parameters, effective_method
+    from learnforget.methods.apply import apply_method, count_parameters
+    from learnforget.methods.registry import effective_method
 
     names = ["base", *(v for v in (variants or VARIANTS) if v != "base")]  # base: the reference
     unknown = [v for v in names if v not in VARIANTS]

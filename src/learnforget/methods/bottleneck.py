@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from learnforget.errors import ConfigError
+from learnforget.methods.modules import decoder_layers
+from learnforget.methods.registry import ADAPTER_ACTS, PLACEMENTS, validate_adapter
 
-PLACEMENTS = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",)}
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 CHILD = "bottleneck_adapter"  # the adapter's attribute name on the module it follows
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "bottleneck_config.json"
@@ -44,19 +44,6 @@ SUBMODULES = {"attention": ("self_attn", "attn", "attention", "self_attention"),
               "mlp": ("mlp", "feed_forward", "ffn")}
 
 
-def validate(bottleneck: Any, placement: Any, act: Any) -> None:
-    """ConfigError naming the bad value and what was expected."""
-    if not isinstance(bottleneck, int) or isinstance(bottleneck, bool) or bottleneck <= 0:
-        raise ConfigError(f"method.bottleneck must be a positive integer (the adapter's inner "
-                          f"width), got {bottleneck!r}")
-    if placement not in PLACEMENTS:
-        raise ConfigError(f"method.placement {placement!r} is unknown (expected one of: "
-                          f"{', '.join(PLACEMENTS)})")
-    if act not in ACTIVATIONS:
-        raise ConfigError(f"method.adapter_act {act!r} is unknown (expected one of: "
-                          f"{', '.join(ACTIVATIONS)})")
-
-
 class BottleneckAdapter(nn.Module):
     """h -> h + up(act(down(h))), computed in float32 and returned in h's dtype."""
 
@@ -64,7 +51,7 @@ class BottleneckAdapter(nn.Module):
                  device: torch.device | str | None = None):
         super().__init__()
         self.down = nn.Linear(hidden, bottleneck, device=device, dtype=torch.float32)
-        self.act = ACTIVATIONS[act]()
+        self.act = getattr(nn, ADAPTER_ACTS[act])()
         self.up = nn.Linear(bottleneck, hidden, device=device, dtype=torch.float32)
         nn.init.zeros_(self.up.weight)  # identity at the start: the base model's output
         nn.init.zeros_(self.up.bias)
@@ -108,9 +95,7 @@ def add_adapters(model: nn.Module, bottleneck: int = 64, placement: str = "houls
     """Freeze the model and insert adapters in every decoder layer; returns the adapter spec
     (what `bottleneck_config.json` records). Adapters go on the device of the module they
     follow (the meta device included, for `learnforget params`)."""
-    from learnforget.methods.peft_methods import decoder_layers
-
-    validate(bottleneck, placement, act)
+    validate_adapter(bottleneck, placement, act)
     if has_adapters(model):
         raise ConfigError("method=adapter: this model already has bottleneck adapters")
     model_type = getattr(model.config, "model_type", type(model).__name__)

@@ -27,11 +27,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from learnforget.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: method validation needs none
+    import torch
 
 INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")
 UNSUPPORTED = {"eva": "needs a calibration data loader (peft initialize_lora_eva_weights)",
@@ -95,6 +96,7 @@ def _saved_key(param_name: str) -> str:
 def convert_saved_adapter(folder: Path, initial: dict[str, torch.Tensor]) -> None:
     """Rewrite a saved PiSSA/OLoRA adapter in `folder` as a rank-2r LoRA on the original base
     (peft's subtract_mutated_init + the config changes of save_pretrained)."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     folder = Path(folder)

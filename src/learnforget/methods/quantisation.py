@@ -5,7 +5,8 @@ Per quantised linear layer, the relative Frobenius error ||W - dequant(quant(W))
 where W is the weight in the base model's checkpoint and dequant(quant(W)) is what the loaded
 layer actually holds (dequantised from its own 4-bit blocks or int8 rows), plus the mean and
 the maximum over layers and the error of all layers together. `learnforget train` records it
-in run.json (`train.quantisation`) for every qlora run.
+in run.json (`train.quantisation`) for every qlora run. Also: turning off bitsandbytes' 4-bit
+CPU fast path, whose gradients are wrong (`disable_bnb_cpu_fastpath`).
 """
 
 from __future__ import annotations
@@ -141,3 +142,18 @@ def quantisation_report(model: torch.nn.Module, base_path: str, method_cfg: Any)
     except Exception as e:  # a measurement, not a reason to fail the training run
         return {"quant_type": str(method_cfg.quant_type),
                 "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
+def disable_bnb_cpu_fastpath(model: torch.nn.Module) -> int:
+    """Turn off bitsandbytes' AVX512-BF16 4-bit CPU path on every Linear4bit.
+
+    After the first no-grad eval forward it repacks the weights and routes training through
+    `gemv_4bit`, which has no autograd kernel: gradients through frozen 4-bit layers are then
+    silently wrong (bitsandbytes 0.50, CPUs with AVX512-BF16). Returns the number of layers.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n

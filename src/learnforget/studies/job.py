@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from learnforget.config import config_hash, run_dir, run_name, validate
+from learnforget.config import config_hash, cooldown_mode, run_dir, run_name, validate
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_write_json, is_locked, read_json, read_result
 
@@ -85,7 +85,7 @@ def _parses(path: Path) -> bool:
 def stage_complete(cfg: DictConfig, stage: str, out: Path | None = None) -> bool:
     out = run_dir(cfg) if out is None else out
     if stage == "train":
-        from learnforget.train.cooldown import branches_complete, cooldown_mode
+        from learnforget.train.cooldown import branches_complete
 
         return train_complete(out, config_hash(cfg)) and (
             cooldown_mode(cfg.train) != "branches" or branches_complete(out))

@@ -553,7 +553,7 @@ def safe_eval(expr: str, names: dict[str, Any]) -> Any:
 
 def estimate_names(cfg: DictConfig, extra: dict[str, Any]) -> dict[str, Any]:
     """What a cost formula can use about a job: tokens trained, epochs, checkpoints, method..."""
-    from learnforget.methods.peft_methods import effective_method
+    from learnforget.methods.registry import effective_method
 
     t = cfg.train
     at = [float(a) for a in t.checkpoints.at]
@@ -613,7 +613,7 @@ def _rel(p: Path) -> str:
 
 def shown_params(job: Job, params: list[str] | None = None) -> str:
     """The job's own overrides, without method keys its method ignores (rank for full)."""
-    from learnforget.methods.peft_methods import ignored_keys
+    from learnforget.methods.registry import ignored_keys
 
     ignored = {f"method.{k}" for k in ignored_keys(job.cfg.method)}
     return " ".join(p for p in (job.params if params is None else params)
@@ -685,7 +685,7 @@ def memory_table(plan: Plan, activations: bool = False) -> list[dict[str, Any]]:
     import warnings
 
     from learnforget.files import read_json
-    from learnforget.methods.peft_methods import effective_method, method_summary
+    from learnforget.methods.registry import effective_method, method_summary
     from learnforget.train.params import param_report
 
     reports = _PARAM_REPORTS

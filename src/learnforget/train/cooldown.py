@@ -27,32 +27,9 @@ from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
+from learnforget.config import cooldown_mode
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_write_json, read_json
-
-MODES = ("single", "branches")
-PLATEAU_SCHEDULES = ("inverse_sqrt", "constant")  # schedules whose plateau ignores the length
-
-
-def cooldown_mode(t: Any) -> str:
-    mode = str(t.get("cooldown_mode", "single") or "single")
-    if mode not in MODES:
-        raise ConfigError(f"train.cooldown_mode={mode!r} is unknown (expected one of: "
-                          f"{', '.join(MODES)})")
-    return mode
-
-
-def check(t: Any) -> None:
-    """A branches run needs a schedule with a length-free plateau and a cooldown share."""
-    if cooldown_mode(t) != "branches":
-        return
-    if t.schedule not in PLATEAU_SCHEDULES:
-        raise ConfigError(f"train.cooldown_mode=branches needs train.schedule inverse_sqrt or "
-                          f"constant (a plateau that does not depend on the run's length), not "
-                          f"{t.schedule!r}")
-    if not 0 < float(t.cooldown_ratio) < 1:
-        raise ConfigError(f"train.cooldown_mode=branches needs 0 < train.cooldown_ratio < 1, got "
-                          f"{t.cooldown_ratio!r}")
 
 
 def branch_step(budget_steps: int, ratio: float) -> int:

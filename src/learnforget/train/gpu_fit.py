@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from learnforget.methods.peft_methods import checkpoint_format
+from learnforget.methods.registry import checkpoint_format, effective_method
 
 HEADROOM = 0.90
 GIB = 2**30
@@ -48,7 +48,7 @@ def strategy(cfg: DictConfig, ranks: int) -> str:
     if ranks <= 1:
         return "single"
     wanted = str((cfg.train.get("distributed") or {}).get("strategy", "ddp"))
-    if wanted == "fsdp" and checkpoint_format(cfg.method.name) == "safetensors":
+    if wanted == "fsdp" and checkpoint_format(cfg.method) == "safetensors":
         return "fsdp"
     return "ddp"
 
@@ -72,7 +72,6 @@ def report(cfg: DictConfig):
     """`learnforget params` with activations, as the run would train on a GPU (cached)."""
     import json
 
-    from learnforget.methods.peft_methods import effective_method
     from learnforget.train.params import param_report
 
     key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True),
@@ -127,7 +126,7 @@ def _advice(cfg: DictConfig, plan: GpuPlan, limit: float) -> str:
     if not ckpt_on:
         tries.append(("train.activation_checkpointing=true",
                       _variant(cfg, activation_checkpointing=True), plan))
-    if checkpoint_format(cfg.method.name) == "safetensors":
+    if checkpoint_format(cfg.method) == "safetensors":
         fsdp_plan = GpuPlan(max(plan.ranks, 8), plan.gpu_mem_gib)
         text = (f"FSDP on {fsdp_plan.ranks} GPUs (--cluster llama7b_full_fsdp "
                 "train.distributed.strategy=fsdp, grad_accum divided by the ranks)")

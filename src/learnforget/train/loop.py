@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from learnforget.assets.models import load_model
-from learnforget.config import config_hash, run_dir, run_identity, run_name, validate
+from learnforget.config import config_hash, cooldown_mode, run_dir, run_identity, run_name, validate
 from learnforget.data.shards import (
     accounting,
     corpus_dir,
@@ -36,14 +36,9 @@ from learnforget.data.sources import TokenizedData, build_data, collate
 from learnforget.errors import ConfigError
 from learnforget.eval.crossentropy import mean_cross_entropy
 from learnforget.files import atomic_write_json, atomic_write_text, read_json
-from learnforget.methods.peft_methods import (
-    apply_method,
-    checkpoint_format,
-    count_parameters,
-    decoder_layers,
-    ignored_keys,
-    method_summary,
-)
+from learnforget.methods.apply import apply_method, count_parameters
+from learnforget.methods.modules import decoder_layers
+from learnforget.methods.registry import checkpoint_format, ignored_keys, method_summary
 from learnforget.record import RunLock, check_same_run, meta_info
 from learnforget.tracking import Loggers, make_loggers, scrub
 from learnforget.train import cooldown, distributed, precision
@@ -102,7 +97,7 @@ def make_plan(t: DictConfig, data: TokenizedData, world: int = 1) -> Plan:
         a_str = f"{a:g}" if unit == "epochs" else f"{int(a):09d}" if unit == "tokens" else f"{int(a):06d}"
         labels[s] = f"{unit.rstrip('s')}-{a_str}"
     plan = Plan(micro, steps_per_epoch, max(steps), labels)
-    return cooldown.branch_plan(plan, t) if cooldown.cooldown_mode(t) == "branches" else plan
+    return cooldown.branch_plan(plan, t) if cooldown_mode(t) == "branches" else plan
 
 
 def micro_batch(data: TokenizedData, plan: Plan, t: DictConfig, index: int, seed: int,
@@ -296,7 +291,7 @@ def parallel_strategy(cfg: DictConfig, d: Dist, notes: list[str]) -> str | None:
         return None
     dcfg = cfg.train.get("distributed") or {}
     strategy = str(dcfg.get("strategy", "ddp"))
-    if strategy == "fsdp" and checkpoint_format(cfg.method.name) != "safetensors":
+    if strategy == "fsdp" and checkpoint_format(cfg.method) != "safetensors":
         notes.append(f"train.distributed.strategy=fsdp shards full-weight methods only; "
                      f"method={cfg.method.name} trains with ddp")
         return "ddp"
@@ -316,7 +311,7 @@ def train(cfg: DictConfig) -> Path:
     with library_output(run_dir(cfg) / LOG_NAME, "train"):
         s = setup(cfg)
         out = run_dir(cfg) if s is None else fit(s)
-    if cooldown.cooldown_mode(cfg.train) == "branches":
+    if cooldown_mode(cfg.train) == "branches":
         cooldown.run_branches(cfg, out)
     return out
 
@@ -460,7 +455,7 @@ def fit(s: Setup) -> Path:
                 manifest = {"label": label, "step": step, "tokens": progress["tokens"],
                             "epoch": step / plan.steps_per_epoch, "loss": step_loss,
                             "heldout_loss": hl, "method": cfg.method.name,
-                            "format": checkpoint_format(cfg.method.name),
+                            "format": checkpoint_format(cfg.method),
                             "weights_dtype": s.policy.master,
                             "base_model": base_path}
                 if d.main:

@@ -12,14 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM
 
 from learnforget.assets.models import build_config, torch_dtype
-from learnforget.methods.peft_methods import (
-    ADAPTER_METHODS,
-    LORA_FAMILY,
-    apply_method,
-    count_parameters,
-    decoder_layers,
-    linear_modules,
-)
+from learnforget.methods.apply import apply_method, count_parameters
+from learnforget.methods.modules import decoder_layers, linear_modules
+from learnforget.methods.registry import LORA_FAMILY, checkpoint_format
 
 OPTIMIZER_STATES = {  # bytes of optimizer state per trainable parameter, given param bytes b
     "adamw": lambda b: 2 * b, "paged_adamw": lambda b: 2 * b,
@@ -74,6 +69,10 @@ def quantised_bytes_per_param(blocksize: int = 64, double_quant: bool = True) ->
     return (4 + extra_bits) / 8
 
 
+def _buffer_bytes(model: torch.nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in model.buffers())
+
+
 def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu") -> ParamReport:
     """Counts and memory for cfg.model x cfg.method x cfg.train.optimizer on the meta device,
     under the precision policy the run would use on `device` (learnforget.train.precision: fp32
@@ -95,6 +94,7 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(build_config(cfg.model))
         base_trainable, base_total = count_parameters(model)
+        base_buffers = _buffer_bytes(model)
         quant_params = sum(dict(model.named_modules())[n].weight.numel()
                            for n in linear_modules(model)) if qlora else 0
         quant_rows = sum(dict(model.named_modules())[n].weight.shape[0]
@@ -105,6 +105,7 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
         if qlora:  # same adapter as LoRA on a base whose linear weights are 4-bit
             OmegaConf.update(method, "name", "lora")
         model, _ = apply_method(model, method, model_name=cfg.model.name)
+        method_buffers = _buffer_bytes(model) - base_buffers  # e.g. VeRA's shared projections
         frozen_dtype = torch_dtype(cfg.method.compute_dtype if qlora else policy.frozen)
         for p in model.parameters():  # the dtypes a real run trains in (learnforget.train.precision)
             p.data = p.data.to(policy.master_dtype if p.requires_grad else frozen_dtype)
@@ -124,7 +125,8 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
     b = torch.finfo(dtype).bits / 8
     # trainable weights, their gradients and optimizer state: the master dtype (fp32 unless
     # train.master_weights=model_dtype; peft and bottleneck adapters are float32 anyway)
-    tb = 4.0 if cfg.method.name in ADAPTER_METHODS else float(dtype_bytes(policy.master))
+    adapter = checkpoint_format(cfg.method) != "safetensors"
+    tb = 4.0 if adapter else float(dtype_bytes(policy.master))
     frozen = total - trainable
     if qlora and cfg.method.quant_type == "int8":  # LLM.int8: 1 byte + a float32 scale per row
         weights = (quant_params + 4 * quant_rows + (frozen - quant_params) * b + trainable * tb)
@@ -133,6 +135,7 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
                    + (frozen - quant_params) * b + trainable * tb)
     else:
         weights = frozen * b + trainable * tb
+    weights += method_buffers
     optimizer = str(cfg.train.optimizer)
     state_b = OPTIMIZER_STATES[optimizer](tb)
     return ParamReport(model=cfg.model.name, method=cfg.method.name
