@@ -106,7 +106,7 @@ def base_model_dir(model_cfg: DictConfig, cache_dir: Path, *, fetch: bool = True
             _atomic_save_dir(path, write)
         return str(path)
     if source == "gguf":
-        from learnforget.assets.fetch import ensure_gguf_model
+        from learnforget.assets.gguf_models import ensure_gguf_model
 
         return str(ensure_gguf_model(model_cfg, cache_dir, fetch=fetch))
     if source == "hub":

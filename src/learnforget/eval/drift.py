@@ -304,7 +304,7 @@ def cached_references(path: Path, base_model, tokenizer, settings: Mapping[str, 
                       model_id: str) -> dict[str, Any]:
     """Load the references at `path` if they were made with these settings, else generate
     them with `base_model` and save them there (under a file lock: one writer)."""
-    from learnforget.assets.fetch import file_lock
+    from learnforget.files import file_lock
 
     key = reference_key(settings, tokenizer, model_id)
     path = Path(path)

@@ -34,7 +34,7 @@ ROLES = ("target", "forgetting")
 def resolve_data_path(value: str, cache_dir: Path, task: str) -> Path:
     """`asset:humaneval`, `asset:bigbench/<task>`, `asset:benchmarks/<set>` (hellaswag,
     arc_challenge, arc_easy, winogrande, piqa, gsm8k), or a path (relative: to the repository)."""
-    from learnforget.assets import fetch as assets_cache
+    from learnforget.assets import eval_data as assets_cache
 
     if value.startswith("asset:"):
         name = value.removeprefix("asset:")
@@ -161,7 +161,7 @@ def ppl_examples(p: DictConfig, run_cfg: DictConfig, tokenizer, seq_len: int, ca
                           cache_dir=cache_dir)
         return data.heldout[:max_blocks], f"held-out split of data={run_cfg.data.name}"
     if p.source == "asset":
-        from learnforget.assets import fetch as assets_cache
+        from learnforget.assets import eval_data as assets_cache
 
         if p.path != "shakespeare":
             raise ConfigError(f"eval ppl set {p.name}: unknown asset {p.path!r} (expected shakespeare)")
@@ -429,7 +429,7 @@ def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, 
                 drift_eval=None, model=None) -> dict[str, Any]:
     """The base model's scores, computed once per (model, quantisation, suite settings).
     `model`: the base model when the caller has it loaded already."""
-    from learnforget.assets.fetch import file_lock
+    from learnforget.files import file_lock
 
     model_id = base_model_id(run_cfg)
     ppl_run = any(p.source == "run" for p in ev.ppl)
