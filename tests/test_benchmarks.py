@@ -22,8 +22,10 @@ from lm_eval.tasks import TaskManager
 
 from learnforget.assets import benchmarks as bd
 from learnforget.errors import ConfigError
-from learnforget.eval.lmeval_tasks import TaskSpec, builtin_yaml, evaluate, write_task_dir
+from learnforget.eval.lm_eval_run import evaluate
 from learnforget.eval.paired import item_scores
+from learnforget.eval.task_specs import TaskSpec, builtin_yaml
+from learnforget.eval.task_yaml import write_task_dir
 
 FIX = Path(__file__).parent / "fixtures" / "benchmarks"
 SEED = 1234

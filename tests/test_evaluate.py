@@ -76,7 +76,7 @@ def test_unmerged_adapter_scores_like_the_merged_model(lora_run):
     from omegaconf import OmegaConf
 
     from learnforget.assets.models import load_tokenizer
-    from learnforget.eval.lmeval_tasks import write_task_dir
+    from learnforget.eval.task_yaml import write_task_dir
 
     run_cfg = OmegaConf.load(run / "config.yaml")
     ev = cfg.eval.copy()
@@ -193,8 +193,8 @@ def test_paper_suite_runs_offline_on_the_fetched_benchmarks(make_cfg, tmp_path, 
 def test_paper_hub_suite_specs(make_cfg, tmp_path, monkeypatch):
     """With the hub reachable (as far as the settings go): builtin specs by lm-eval name, and
     the sampled HumanEval settings pass through to its task; no network is used."""
-    from learnforget.eval.lmeval_tasks import task_config_hash, write_task_dir
     from learnforget.eval.stage import eval_key
+    from learnforget.eval.task_yaml import task_config_hash, write_task_dir
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(var, "0")

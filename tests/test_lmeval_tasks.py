@@ -19,7 +19,8 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from learnforget.errors import ConfigError
-from learnforget.eval.lmeval_tasks import (
+from learnforget.eval.lm_eval_run import evaluate
+from learnforget.eval.task_specs import (
     BUILTIN,
     KINDS,
     OFFLINE_ENV,
@@ -27,12 +28,10 @@ from learnforget.eval.lmeval_tasks import (
     builtin_yaml,
     chance_level,
     clean_metric_key,
-    evaluate,
     primary_metric,
     require_hub,
-    task_config_hash,
-    write_task_dir,
 )
+from learnforget.eval.task_yaml import task_config_hash, write_task_dir
 from learnforget.eval.tasks import humaneval_utils
 
 EVAL = Path(__file__).parent / "fixtures" / "eval"

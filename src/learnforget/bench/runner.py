@@ -327,8 +327,9 @@ def bench_eval(model: str, repeats: int, limit: int, runs_dir: Path,
 
     from learnforget.assets.models import base_model_dir, load_tokenizer
     from learnforget.config import compose
-    from learnforget.eval.lmeval_tasks import evaluate, write_task_dir
+    from learnforget.eval.lm_eval_run import evaluate
     from learnforget.eval.stage import load_for_eval, task_specs
+    from learnforget.eval.task_yaml import write_task_dir
 
     cfg = compose([f"model={model}", "method=full", "eval=offline", f"paths.runs_dir={runs_dir}",
                    *extra])

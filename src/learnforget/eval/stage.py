@@ -57,12 +57,12 @@ def resolve_data_path(value: str, cache_dir: Path, task: str) -> Path:
 
 
 def task_specs(ev: DictConfig, cache_dir: Path) -> list:
-    """The suite's tasks as lmeval_tasks.TaskSpecs. Keys of a task entry: name, kind, data,
+    """The suite's tasks as task_specs.TaskSpecs. Keys of a task entry: name, kind, data,
     fewshot_data, num_fewshot, role, chance, limit (overrides the suite's), max_gen_toks; HumanEval
     sampling: samples, temperature, top_p, ks.
     Kind builtin (name = lm-eval's task name, no data) needs the Hugging Face hub: a ConfigError
     here, before any model work, where HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set."""
-    from learnforget.eval.lmeval_tasks import (
+    from learnforget.eval.task_specs import (
         BUILTIN,
         BUILTIN_YAML,
         TaskSpec,
@@ -105,8 +105,8 @@ def task_subsets(ev: DictConfig, specs) -> dict[str, list[int]]:
     the task's data file drawn with seed `ev.subset_seed` (learnforget.eval.paired.subset_indices),
     the same for the base model and every checkpoint. A subset as large as the file is the
     whole file (no entry)."""
-    from learnforget.eval.lmeval_tasks import _read_records
     from learnforget.eval.paired import subset_indices
+    from learnforget.eval.task_specs import read_records
 
     sizes = {str(t.name): t.get("subset") for t in ev.tasks if t.get("subset") is not None}
     out: dict[str, list[int]] = {}
@@ -120,7 +120,7 @@ def task_subsets(ev: DictConfig, specs) -> dict[str, list[int]]:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"eval task {spec.name}: subset must be an integer >= 1, "
                               f"got {size!r}")
-        n_docs = len(_read_records(Path(spec.data_file), spec))
+        n_docs = len(read_records(Path(spec.data_file), spec))
         idx = subset_indices(n_docs, size, int(ev.get("subset_seed", 0)))
         if idx is not None:
             out[spec.name] = idx
@@ -290,7 +290,7 @@ def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_
 
 def _score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,
            cache_dir: Path, drift_eval=None) -> dict[str, Any]:
-    from learnforget.eval.lmeval_tasks import evaluate as run_tasks
+    from learnforget.eval.lm_eval_run import evaluate as run_tasks
 
     tasks: dict[str, Any] = {}
     if specs:
@@ -404,7 +404,7 @@ def paired_columns(scores: dict[str, Any], base: dict[str, Any]) -> dict[str, An
 def eval_key(ev: DictConfig, specs, include_path: Path) -> str:
     """Hash of everything that defines the scores: the suite's settings and each task's
     config and data (so a changed task file invalidates cached results)."""
-    from learnforget.eval.lmeval_tasks import task_config_hash
+    from learnforget.eval.task_yaml import task_config_hash
 
     settings = OmegaConf.to_container(ev, resolve=True)
     for volatile in ("checkpoint", "after_train"):
@@ -483,7 +483,7 @@ def evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None = 
 def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
                   cache_dir: Path | None) -> Path:
     from learnforget.assets.models import load_tokenizer
-    from learnforget.eval.lmeval_tasks import write_task_dir
+    from learnforget.eval.task_yaml import write_task_dir
 
     run_dir = Path(run_dir).resolve()
     cfg_path = run_dir / "config.yaml"
