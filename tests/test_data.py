@@ -1,4 +1,4 @@
-"""Tests for learnforget.data.sources: loading, splitting, packing, masking, collating, errors."""
+"""Tests for learnforget.data (settings, sources, packing): loading, splitting, packing, masking, collating, errors."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from learnforget.data import sources as data
-from learnforget.data.sources import Example, build_data, collate, load_records, record_to_text
+from learnforget.data.packing import Example, build_data, collate
+from learnforget.data.settings import record_to_text
+from learnforget.data.sources import load_records, records_sha256, split_records, stdlib_files
 from learnforget.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_cpt_packing_blocks_eos_and_token_count(tok):
     td = build_data(cfg, tok, seq_len=seq_len, seed=0)
     assert td.regime == "cpt"
 
-    train_docs, heldout_docs = data.split_records(corpus_docs(), 4)
+    train_docs, heldout_docs = split_records(corpus_docs(), 4)
     # Expected stream, built independently: each document's ids, then EOS.
     stream: list[int] = []
     for doc in train_docs:
@@ -117,7 +118,7 @@ def test_cpt_heldout_documents_disjoint_from_train(tok):
     td = build_data(cfg, tok, seq_len=16, seed=0)
     train_text = tok.decode([t for ex in td.train for t in ex.input_ids])
     held_text = tok.decode([t for ex in td.heldout for t in ex.input_ids])
-    train_docs, heldout_docs = data.split_records(corpus_docs(), 5)
+    train_docs, heldout_docs = split_records(corpus_docs(), 5)
     assert len(heldout_docs) == 5 and not set(train_docs) & set(heldout_docs)
     assert set(train_docs) | set(heldout_docs) == set(corpus_docs())
     for doc in heldout_docs:
@@ -130,14 +131,14 @@ def test_cpt_heldout_documents_disjoint_from_train(tok):
 
 def test_split_records_is_seeded_and_nested():
     records = [f"doc {i}" for i in range(50)]
-    train, held = data.split_records(records, 7)
-    assert (train, held) == data.split_records(list(records), 7)
+    train, held = split_records(records, 7)
+    assert (train, held) == split_records(list(records), 7)
     assert len(held) == 7 and len(train) == 43
     assert sorted(train + held, key=lambda s: int(s.split()[1])) == records
     assert train == [r for r in records if r not in held]  # original order kept
-    _, held_more = data.split_records(records, 12)
+    _, held_more = split_records(records, 12)
     assert set(held) < set(held_more)
-    _, held_none = data.split_records(records, 0)
+    _, held_none = split_records(records, 0)
     assert held_none == []
 
 
@@ -163,7 +164,7 @@ def test_ift_masks_prompt_and_keeps_response_with_eos(tok):
     )
     assert cfg.prompt_template == "Q: {prompt}\nA: "
     td = build_data(cfg, tok, seq_len=128, seed=0)
-    train_pairs, heldout_pairs = data.split_records(instruct_pairs(), 4)
+    train_pairs, heldout_pairs = split_records(instruct_pairs(), 4)
     assert len(td.train) == 28 and len(td.heldout) == 4
     n_response_tokens = 0
     for ex, (prompt, response) in zip(
@@ -307,7 +308,7 @@ def test_stdlib_source_small(tok):
     docs = load_records(cfg)
     assert len(docs) == 6 and len(set(docs)) == 6 and all(d.strip() for d in docs)
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = data._stdlib_files(root)
+    files = stdlib_files(root)
     assert files == sorted(files) and "os.py" in files
     for rel in files:
         parts = Path(rel).parts
@@ -360,8 +361,8 @@ def test_build_data_is_deterministic(tok):
     assert dump(a) == dump(b)
     assert len(a.train) == 180 and len(a.heldout) == 20
     assert re.fullmatch(r"[0-9a-f]{64}", a.info["records_sha256"])
-    assert a.info["records_sha256"] == data.records_sha256(load_records(cfg))
-    assert a.info["records_sha256"] != data.records_sha256(
+    assert a.info["records_sha256"] == records_sha256(load_records(cfg))
+    assert a.info["records_sha256"] != records_sha256(
         load_records(data_cfg("arith_ift", "data.max_docs=199"))
     )
 

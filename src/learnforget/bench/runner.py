@@ -88,7 +88,7 @@ def bare_steps(s, steps: int, offset: int = 0) -> dict[str, list]:
 
 def _bare_step(s, i: int) -> int:
     """Forward, backward, optimizer step and zero_grad on the run's i-th batch; its tokens."""
-    from learnforget.data.sources import collate
+    from learnforget.data.packing import collate
 
     b = s.cfg.train.batch_size
     n = len(s.data.train)

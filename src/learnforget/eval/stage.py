@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from learnforget.config import conf_dir
-from learnforget.data.sources import build_data, load_records, pack_documents
+from learnforget.data.packing import build_data, pack_documents
+from learnforget.data.sources import load_records
 from learnforget.errors import ConfigError
 from learnforget.eval.crossentropy import mean_cross_entropy
 from learnforget.files import atomic_write_json, read_json, read_result
