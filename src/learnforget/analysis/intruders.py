@@ -150,7 +150,8 @@ def compute_intruders(run_dir: Path, checkpoint: str | None = None, *,
                       verbose: bool = True) -> list[Path]:
     """<run>/intruders/<checkpoint>.json for each checkpoint (or one); skipped when done with
     the same grid. Returns the JSON paths."""
-    from learnforget.analysis.spectra import base_model_folder, extract_deltas, list_checkpoints
+    from learnforget.analysis.deltas import extract_deltas
+    from learnforget.analysis.weights import base_model_folder, list_checkpoints
 
     if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
         raise ConfigError(f"intruder k values must be positive integers, got {list(ks)!r}")
