@@ -14,6 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from learnforget.assets.eval_data import SUITE_DATA
 from learnforget.data.packing import Example, build_data, collate
 from learnforget.data.settings import record_to_text
 from learnforget.data.sources import load_records, records_sha256, split_records, stdlib_files
@@ -57,7 +58,7 @@ def ids_of(tok, text: str) -> list[int]:
 
 
 def corpus_docs() -> list[str]:
-    lines = (FIXTURES / "tiny_corpus.jsonl").read_text().splitlines()
+    lines = (SUITE_DATA / "tiny_corpus.jsonl").read_text().splitlines()
     return [json.loads(line)["text"] for line in lines]
 
 
@@ -71,7 +72,7 @@ def instruct_pairs() -> list[tuple[str, str]]:
 
 def test_cpt_packing_blocks_eos_and_token_count(tok):
     cfg = data_cfg(
-        "local_text", f"data.path={FIXTURES / 'tiny_corpus.jsonl'}", "data.heldout_docs=4"
+        "local_text", f"data.path={SUITE_DATA / 'tiny_corpus.jsonl'}", "data.heldout_docs=4"
     )
     seq_len = 32
     td = build_data(cfg, tok, seq_len=seq_len, seed=0)
@@ -113,7 +114,7 @@ def test_cpt_packing_blocks_eos_and_token_count(tok):
 
 def test_cpt_heldout_documents_disjoint_from_train(tok):
     cfg = data_cfg(
-        "local_text", f"data.path={FIXTURES / 'tiny_corpus.jsonl'}", "data.heldout_docs=5"
+        "local_text", f"data.path={SUITE_DATA / 'tiny_corpus.jsonl'}", "data.heldout_docs=5"
     )
     td = build_data(cfg, tok, seq_len=16, seed=0)
     train_text = tok.decode([t for ex in td.train for t in ex.input_ids])
@@ -238,7 +239,7 @@ def test_collate_right_pads():
 
 def test_collate_packed_cpt_blocks_need_no_padding(tok):
     cfg = data_cfg(
-        "local_text", f"data.path={FIXTURES / 'tiny_corpus.jsonl'}", "data.heldout_docs=2"
+        "local_text", f"data.path={SUITE_DATA / 'tiny_corpus.jsonl'}", "data.heldout_docs=2"
     )
     td = build_data(cfg, tok, seq_len=32, seed=0)
     batch = collate(td.train[:4], pad_id=PAD_ID)
@@ -260,10 +261,10 @@ def test_local_txt_is_one_document():
 
 
 def test_local_jsonl_cpt_and_ift_and_max_docs():
-    cfg = data_cfg("local_text", f"data.path={FIXTURES / 'tiny_corpus.jsonl'}")
+    cfg = data_cfg("local_text", f"data.path={SUITE_DATA / 'tiny_corpus.jsonl'}")
     assert load_records(cfg) == corpus_docs()
     capped = data_cfg(
-        "local_text", f"data.path={FIXTURES / 'tiny_corpus.jsonl'}", "data.max_docs=5"
+        "local_text", f"data.path={SUITE_DATA / 'tiny_corpus.jsonl'}", "data.max_docs=5"
     )
     assert load_records(capped) == corpus_docs()[:5]
     ift = data_cfg("local_instruct", f"data.path={FIXTURES / 'tiny_instruct.jsonl'}")
@@ -282,7 +283,7 @@ def test_local_json_list_with_custom_fields(tmp_path):
     assert pairs == [(r["question"], r["answer"]) for r in raw] and len(pairs) == 12
     # A .json file holding JSON lines (as datasets' to_json writes) is read as such.
     lines = tmp_path / "lines.json"
-    lines.write_text((FIXTURES / "tiny_corpus.jsonl").read_text())
+    lines.write_text((SUITE_DATA / "tiny_corpus.jsonl").read_text())
     assert load_records(data_cfg("local_text", f"data.path={lines}")) == corpus_docs()
 
 
@@ -296,7 +297,7 @@ def test_local_folder_reads_text_files_sorted():
 
 
 def test_local_relative_path_is_relative_to_cwd(monkeypatch):
-    monkeypatch.chdir(FIXTURES)
+    monkeypatch.chdir(SUITE_DATA)
     assert load_records(data_cfg("local_text", "data.path=tiny_corpus.jsonl")) == corpus_docs()
 
 
@@ -387,7 +388,7 @@ def test_error_missing_field_names_field_file_line_and_keys():
     msg = str(err.value)
     assert "'text'" in msg and f"{path}:3" in msg and "['body', 'id']" in msg
     with pytest.raises(ConfigError, match=r"'prompt'.*tiny_corpus\.jsonl:1.*\['id', 'text'\]"):
-        load_records(data_cfg("local_instruct", f"data.path={FIXTURES / 'tiny_corpus.jsonl'}"))
+        load_records(data_cfg("local_instruct", f"data.path={SUITE_DATA / 'tiny_corpus.jsonl'}"))
 
 
 def test_error_path_not_given():
@@ -534,7 +535,7 @@ def test_record_to_text_for_each_config(name, record, expected):
 
 def test_tokenization_cache_gives_the_same_data_without_tokenizing_again(tok, tmp_path,
                                                                          monkeypatch):
-    for name, extra in (("local_text", [f"data.path={FIXTURES / 'tiny_corpus.jsonl'}",
+    for name, extra in (("local_text", [f"data.path={SUITE_DATA / 'tiny_corpus.jsonl'}",
                                         "data.heldout_docs=4"]),
                         ("arith_ift", ["data.max_docs=60", "data.heldout_docs=6"])):
         cfg = data_cfg(name, *extra)

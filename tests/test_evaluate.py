@@ -180,7 +180,7 @@ def test_paper_suite_runs_offline_on_the_fetched_benchmarks(make_cfg, tmp_path, 
                         lambda cache, name, fetch=True: fix / "benchmarks" / bd.file_name(name))
     for t in cfg.eval.tasks:
         if t.kind == "humaneval":
-            t.data = "tests/fixtures/eval/humaneval.jsonl"
+            t.data = "package:humaneval.jsonl"
     specs = {s.name: s for s in task_specs(cfg.eval, tmp_path / "empty_cache")}
     assert {n: (s.kind, s.role, s.num_fewshot, s.data_file.name)
             for n, s in list(specs.items())[:4]} == {
@@ -201,7 +201,7 @@ def test_paper_hub_suite_specs(make_cfg, tmp_path, monkeypatch):
     cfg = make_cfg("eval=paper_hub")
     for t in cfg.eval.tasks:  # the HumanEval asset is not in the test cache: a fixture instead
         if t.kind == "humaneval":
-            t.data = "tests/fixtures/eval/humaneval.jsonl"
+            t.data = "package:humaneval.jsonl"
     specs = task_specs(cfg.eval, Path(cfg.paths.cache_dir))
     by_name = {s.name: s for s in specs}
     assert list(by_name) == ["hellaswag", "arc_challenge", "winogrande", "gsm8k", "lf_humaneval",

@@ -7,7 +7,7 @@ base), take the top-k left singular vectors u_1..u_k of W_ft. u_i is an intruder
 largest |cosine| with any left singular vector of W_base (the min(out, in) columns of U_base
 from the thin SVD) is below ε. This is exactly the test peft's
 `peft.tuners.lora.intruders.reduce_intruder_dimension` applies (top_k=10, ε=0.5 by default);
-tests/test_intruders.py checks that both find the same intruders.
+test_intruders.py checks that both find the same intruders.
 
 Reported per module and checkpoint (<run>/intruders/<checkpoint>.json):
     sims        the k_max similarities max_j |<u_i, U_base[:, j]>|, i = 1..k_max

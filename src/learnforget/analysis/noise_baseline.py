@@ -6,7 +6,7 @@ squared singular values / q follow the Marchenko-Pastur law on [(1 - √λ)², (
 density sqrt((b - x)(x - a)) / (2π λ x). Its quantiles at (i - 1/2) / p, i = 1..p, are the
 typical eigenvalues; the rank for a variance share is taken from them exactly as
 learnforget.analysis.svd.rank_for_variance does from a real spectrum. The entries' scale cancels.
-tests/test_noise_baseline.py checks it against numpy SVDs of sampled Gaussian matrices.
+test_noise_baseline.py checks it against numpy SVDs of sampled Gaussian matrices.
 """
 
 from __future__ import annotations

