@@ -13,8 +13,13 @@ import pytest
 
 from learnforget.errors import ConfigError
 from learnforget.eval import sandbox
-from learnforget.eval.humaneval import check_completion, humaneval_program, pass_at_k
-from learnforget.eval.sandbox import CodeExecutionNotAllowed, run_in_sandbox
+from learnforget.eval.sandbox import (
+    CodeExecutionNotAllowed,
+    check_completion,
+    humaneval_program,
+    pass_at_k,
+    run_in_sandbox,
+)
 
 ADD_PROBLEM = {
     "task_id": "Test/0",

@@ -40,11 +40,6 @@ SPECTRA_VERSION = 1
 MATRICES = ("delta", "base", "ft")
 
 
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with atomic_open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
 def spectra_settings(*, with_weights: bool, dense_method: str, lora_via: str) -> dict[str, Any]:
     return {"version": SPECTRA_VERSION, "with_weights": bool(with_weights),
             "dense_method": dense_method, "lora_via": lora_via}
@@ -141,7 +136,8 @@ def compute_spectra(run_dir: Path, checkpoint: str | Sequence[str] | None = None
                   "base_model": ds.base_model, "settings": settings, "threshold": threshold,
                   "unchanged_modules": list(ds.skipped), "n_modules": len(ds.names),
                   "wall_time_s": time.perf_counter() - t0, "rows": rows}
-        _atomic_savez(npz, arrays)
+        with atomic_open(npz, "wb") as f:
+            np.savez(f, **arrays)
         atomic_write_json(js, record)
         paths.append(js)
         if verbose:

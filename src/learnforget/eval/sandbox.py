@@ -1,5 +1,5 @@
-"""Run untrusted (model-written) Python in a sandbox: the parent side (isolation probe, launch,
-clean-up). The sandbox's own first process is `sandbox_child`.
+"""Run untrusted (model-written) Python in a sandbox, and HumanEval's pass@k. This is the parent
+side (isolation probe, launch, clean-up); the sandbox's own first process is `sandbox_child`.
 
 HumanEval is scored by running each completion against the problem's tests. The code is
 untrusted, so nothing runs without the explicit opt-in `eval.allow_code_execution=true`
@@ -36,7 +36,7 @@ either, as RLIMIT_NPROC does not bind root. The guard is a second line only.
 After every run all processes of the run are killed and waited for: its process group, its pid
 namespace, and its uid (when it had its own).
 
-`humaneval.check_completion` keeps no state but the cached probe, so it can run from a thread pool.
+`check_completion` keeps no state but the cached probe, so it can run from a thread pool.
 """
 
 from __future__ import annotations
@@ -361,3 +361,40 @@ def _kill_all(pgid: int, uid: int | None, pidns: str | None, deadline_s: float =
             except OSError:
                 pass
         time.sleep(0.01)
+
+
+# ----------------------------------------------------------------------------- HumanEval
+
+def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
+    """The program HumanEval's own harness runs."""
+    return prompt + completion + "\n" + test + "\n" + f"check({entry_point})\n"
+
+
+def check_completion(problem: dict, completion: str, *, allowed: bool,
+                     timeout_s: float = 10.0) -> SandboxResult:
+    """Run `completion` against a HumanEval problem (keys prompt, test, entry_point)."""
+    require_opt_in(allowed)
+    missing = [k for k in ("prompt", "test", "entry_point") if k not in problem]
+    if missing:
+        raise ConfigError(f"HumanEval problem lacks {', '.join(missing)} (expected the keys "
+                          "prompt, test, entry_point of HumanEval's jsonl)")
+    program = humaneval_program(problem["prompt"], completion, problem["test"],
+                                problem["entry_point"])
+    return run_in_sandbox(program, allowed=allowed, timeout_s=timeout_s)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), n samples with c correct."""
+    import numpy as np
+
+    for name, v in (("n", n), ("c", c), ("k", k)):
+        if isinstance(v, bool) or int(v) != v:
+            raise ValueError(f"pass_at_k: {name} must be an integer, got {v!r}")
+    n, c, k = int(n), int(c), int(k)
+    if n < 1 or k < 1 or not 0 <= c <= n:
+        raise ValueError(f"pass_at_k needs n >= 1, k >= 1 and 0 <= c <= n, got n={n} c={c} k={k}")
+    if k > n:
+        raise ValueError(f"pass_at_k: k={k} is larger than the number of samples n={n}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))

@@ -1,6 +1,6 @@
 """Hooks of the local HumanEval tasks: they run completions against the problem's tests in
-`learnforget.eval.sandbox` (through `learnforget.eval.humaneval`), replacing lm-eval's built-in
-metric (HF `evaluate`'s code_eval, which is fetched from the hub when imported).
+`learnforget.eval.sandbox`, replacing lm-eval's built-in metric (HF `evaluate`'s code_eval, which is
+fetched from the hub when imported).
 
 - Greedy (one completion per problem): `process_results`, lm-eval's per-document hook, gives
   pass@1 = 1.0 or 0.0.
@@ -8,11 +8,11 @@ metric (HF `evaluate`'s code_eval, which is fetched from the hub when imported).
   each problem's n completions into programs (prompt + completion, as lm-eval's own humaneval
   filter "create_test"), and the metric `pass_at_k` (a `metric_list` entry with `k: [...]`, as
   lm-eval's humaneval_64.yaml) runs them and reports, per problem, the unbiased pass@k of
-  Chen et al. (2021), `humaneval.pass_at_k(n, c, k)` with c passing programs. lm-eval's `mean`
+  Chen et al. (2021), `sandbox.pass_at_k(n, c, k)` with c passing programs. lm-eval's `mean`
   aggregation then averages over problems: `mean_pass_at_k` on the (n, c) counts.
 
 lm-eval calls hooks without any of our settings, so the opt-in to run model-written code
-travels in an environment variable that `learnforget.eval.lm_eval_run.evaluate` sets for the
+travels in an environment variable that `learnforget.eval.lmeval_tasks.evaluate` sets for the
 duration of its call. Without it the hooks refuse (ConfigError from `sandbox.require_opt_in`)."""
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ def _timeout_s() -> float:
 def process_results(doc: dict[str, Any], results: Sequence[str]) -> dict[str, float]:
     """pass@1 of the one greedy completion in `results` (lm-eval: one string per request;
     generation stops before the task's `until` sequences, which are not included)."""
-    from learnforget.eval.humaneval import check_completion
-    from learnforget.eval.sandbox import require_opt_in
+    from learnforget.eval.sandbox import check_completion, require_opt_in
 
     allowed = code_exec_allowed()
     require_opt_in(allowed)
@@ -63,7 +62,7 @@ def build_predictions(resps: Iterable[Sequence[str]], docs: Iterable[dict]) -> l
 
 def problem_pass_at_k(n: int, c: int, ks: Iterable[int]) -> dict[str, float]:
     """{"pass@k": unbiased pass@k} of one problem with `c` of `n` samples passing."""
-    from learnforget.eval.humaneval import pass_at_k as estimator
+    from learnforget.eval.sandbox import pass_at_k as estimator
 
     return {f"pass@{k}": estimator(n, c, k) for k in ks}
 
@@ -86,7 +85,7 @@ def count_passed(programs: Sequence[str], test: str) -> int:
     allowed = code_exec_allowed()
     require_opt_in(allowed)
     timeout_s = _timeout_s()
-    # = humaneval.humaneval_program(prompt, completion, test, entry_point): the target is
+    # = sandbox.humaneval_program(prompt, completion, test, entry_point): the target is
     # "<test>\ncheck(<entry_point>)" and the head is prompt + completion.
     sources = [head + "\n" + test + "\n" for head in programs]
     # Python refuses source with NUL bytes (and argv cannot carry them): failed, not run
