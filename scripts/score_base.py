@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from learnforget.assets.fetch import default_cache_dir
+    from learnforget.assets.cache import default_cache_dir
     from learnforget.assets.models import load_model
     from learnforget.config import compose
-    from learnforget.eval.lmeval_tasks import write_task_dir
     from learnforget.eval.stage import score, task_specs
+    from learnforget.eval.task_yaml import write_task_dir
 
     if a.threads:
         torch.set_num_threads(a.threads)

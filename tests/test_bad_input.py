@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from conftest import FAST, FIXTURES
+from conftest import FAST
 
+from learnforget.assets.eval_data import SUITE_DATA
 from learnforget.cli import main
 
 
@@ -95,4 +96,4 @@ def test_unknown_command(cli):
 
 
 def test_fixture_paths_exist():
-    assert (FIXTURES / "tiny_corpus.jsonl").exists()
+    assert (SUITE_DATA / "tiny_corpus.jsonl").exists()

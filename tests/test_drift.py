@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from learnforget.assets.models import tiny_tokenizer
 from learnforget.errors import ConfigError
-from learnforget.eval import drift
+from learnforget.eval import drift, drift_refs
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -39,34 +39,34 @@ def base():
 
 @pytest.fixture(scope="module")
 def refs(base, tok):
-    return drift.generate_references(base, tok, drift.load_prompts(6, seed=1), seed=3, **GEN)
+    return drift_refs.generate_references(base, tok, drift_refs.load_prompts(6, seed=1), seed=3, **GEN)
 
 
 def test_prompt_set_ships_and_subsets_are_seeded():
-    everything = drift.load_prompts()
+    everything = drift_refs.load_prompts()
     assert len(everything) >= 60 and len(set(everything)) == len(everything)
     assert all(isinstance(p, str) and 10 < len(p) < 200 for p in everything)
-    a, b = drift.load_prompts(16, seed=5), drift.load_prompts(16, seed=5)
+    a, b = drift_refs.load_prompts(16, seed=5), drift_refs.load_prompts(16, seed=5)
     assert a == b and len(set(a)) == 16 and set(a) <= set(everything)
-    assert drift.load_prompts(16, seed=6) != a
-    assert drift.load_prompts(8, seed=5) == a[:8]  # nested: a smaller subset is a prefix
+    assert drift_refs.load_prompts(16, seed=6) != a
+    assert drift_refs.load_prompts(8, seed=5) == a[:8]  # nested: a smaller subset is a prefix
     with pytest.raises(ConfigError):
-        drift.load_prompts(len(everything) + 1)
+        drift_refs.load_prompts(len(everything) + 1)
     with pytest.raises(ConfigError):
-        drift.settings_from({"n_prompt": 3})
-    assert drift.settings_from({"enabled": True, "n_prompts": 8})["n_prompts"] == 8
+        drift_refs.settings_from({"n_prompt": 3})
+    assert drift_refs.settings_from({"enabled": True, "n_prompts": 8})["n_prompts"] == 8
 
 
 def test_references_are_reproducible_and_complete(base, tok, refs, tmp_path):
-    again = drift.generate_references(base, tok, drift.load_prompts(6, seed=1), seed=3, **GEN)
+    again = drift_refs.generate_references(base, tok, drift_refs.load_prompts(6, seed=1), seed=3, **GEN)
     assert again["texts"] == refs["texts"]
-    other = drift.generate_references(base, tok, drift.load_prompts(6, seed=1), seed=4, **GEN)
+    other = drift_refs.generate_references(base, tok, drift_refs.load_prompts(6, seed=1), seed=4, **GEN)
     assert other["texts"] != refs["texts"]
     # a prompt gets the same samples in any subset that contains it
-    sub = drift.generate_references(base, tok, drift.load_prompts(6, seed=1)[2:4], seed=3, **GEN)
+    sub = drift_refs.generate_references(base, tok, drift_refs.load_prompts(6, seed=1)[2:4], seed=3, **GEN)
     assert [t["continuation_ids"] for t in sub["texts"] if t["prompt_index"] == 0] == [
         t["continuation_ids"] for t in refs["texts"] if t["prompt_index"] == 2]
-    counts = {v: sum(t["variant"] == v for t in refs["texts"]) for v in drift.VARIANTS}
+    counts = {v: sum(t["variant"] == v for t in refs["texts"]) for v in drift_refs.VARIANTS}
     assert counts == {"greedy": 6, "sampled": 12, "chat_greedy": 6, "chat_sampled": 12}
     assert refs["chat"] == {"used": True, "reason": None}
     for t in refs["texts"]:
@@ -81,14 +81,14 @@ def test_references_are_reproducible_and_complete(base, tok, refs, tmp_path):
     assert pred == t["continuation_ids"]
     # JSON round trip, atomic save
     path = tmp_path / "refs" / "r.json"
-    drift.save_references(refs, path)
-    assert drift.load_references(path) == json.loads(json.dumps(refs))
-    assert drift.load_references(tmp_path / "none.json") is None
+    drift_refs.save_references(refs, path)
+    assert drift_refs.load_references(path) == json.loads(json.dumps(refs))
+    assert drift_refs.load_references(tmp_path / "none.json") is None
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]
 
 
 def test_no_chat_template_skips_chat(base):
-    r = drift.generate_references(base, tiny_tokenizer(), ["Tell me about rivers."], **GEN)
+    r = drift_refs.generate_references(base, tiny_tokenizer(), ["Tell me about rivers."], **GEN)
     assert {t["variant"] for t in r["texts"]} == {"greedy", "sampled"}
     assert r["chat"]["used"] is False and "no chat template" in r["chat"]["reason"]
 
@@ -97,7 +97,7 @@ def test_base_against_itself_is_exactly_zero(base, refs):
     same = drift.drift_scores(base, base, refs, batch_size=4)
     twin = drift.drift_scores(base, copy.deepcopy(base), refs, batch_size=4)
     for result in (same, twin):
-        assert set(result["variants"]) == {*drift.VARIANTS, "all"}
+        assert set(result["variants"]) == {*drift_refs.VARIANTS, "all"}
         for entry in result["variants"].values():
             assert entry["kl"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0}
             assert entry["delta_ce"]["mean"] == 0.0
@@ -196,18 +196,18 @@ def test_row_sampler_draws_from_the_softmax_and_respects_top_p():
     scores = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
     n = 20000
     gens = [torch.Generator().manual_seed(i) for i in range(n)]
-    draws = drift._RowSampler(gens, 1.0, 1.0)(None, scores.expand(n, -1)).argmax(-1)
+    draws = drift_refs._RowSampler(gens, 1.0, 1.0)(None, scores.expand(n, -1)).argmax(-1)
     freq = torch.bincount(draws, minlength=5).double() / n
     expected = torch.softmax(scores[0].double(), -1)
     assert torch.allclose(freq, expected, atol=4 * (expected * (1 - expected) / n).sqrt().max())
-    hot = drift._RowSampler(gens[:2000], 0.5, 1.0)(None, scores.expand(2000, -1)).argmax(-1)
+    hot = drift_refs._RowSampler(gens[:2000], 0.5, 1.0)(None, scores.expand(2000, -1)).argmax(-1)
     assert (hot == 0).double().mean() > expected[0] + 0.1  # a lower temperature sharpens
-    nucleus = drift._RowSampler(gens[:2000], 1.0, 0.8)(None, scores.expand(2000, -1)).argmax(-1)
+    nucleus = drift_refs._RowSampler(gens[:2000], 1.0, 0.8)(None, scores.expand(2000, -1)).argmax(-1)
     assert set(nucleus.tolist()) == {0, 1}  # p = .64, .24, .09, ...: the top 2 reach 0.8
-    mixed = drift._RowSampler([None, torch.Generator().manual_seed(0)], 1.0, 1.0)(
+    mixed = drift_refs._RowSampler([None, torch.Generator().manual_seed(0)], 1.0, 1.0)(
         None, scores.expand(2, -1))
     assert torch.equal(mixed[0], scores[0])
-    again = drift._RowSampler([torch.Generator().manual_seed(0)], 1.0, 1.0)(None, scores)
+    again = drift_refs._RowSampler([torch.Generator().manual_seed(0)], 1.0, 1.0)(None, scores)
     assert torch.equal(again[0], mixed[1])  # a row's draw depends on its generator alone
 
 

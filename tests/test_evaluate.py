@@ -76,7 +76,7 @@ def test_unmerged_adapter_scores_like_the_merged_model(lora_run):
     from omegaconf import OmegaConf
 
     from learnforget.assets.models import load_tokenizer
-    from learnforget.eval.lmeval_tasks import write_task_dir
+    from learnforget.eval.task_yaml import write_task_dir
 
     run_cfg = OmegaConf.load(run / "config.yaml")
     ev = cfg.eval.copy()
@@ -180,7 +180,7 @@ def test_paper_suite_runs_offline_on_the_fetched_benchmarks(make_cfg, tmp_path, 
                         lambda cache, name, fetch=True: fix / "benchmarks" / bd.file_name(name))
     for t in cfg.eval.tasks:
         if t.kind == "humaneval":
-            t.data = "tests/fixtures/eval/humaneval.jsonl"
+            t.data = "package:humaneval.jsonl"
     specs = {s.name: s for s in task_specs(cfg.eval, tmp_path / "empty_cache")}
     assert {n: (s.kind, s.role, s.num_fewshot, s.data_file.name)
             for n, s in list(specs.items())[:4]} == {
@@ -193,15 +193,15 @@ def test_paper_suite_runs_offline_on_the_fetched_benchmarks(make_cfg, tmp_path, 
 def test_paper_hub_suite_specs(make_cfg, tmp_path, monkeypatch):
     """With the hub reachable (as far as the settings go): builtin specs by lm-eval name, and
     the sampled HumanEval settings pass through to its task; no network is used."""
-    from learnforget.eval.lmeval_tasks import task_config_hash, write_task_dir
     from learnforget.eval.stage import eval_key
+    from learnforget.eval.task_yaml import task_config_hash, write_task_dir
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(var, "0")
     cfg = make_cfg("eval=paper_hub")
     for t in cfg.eval.tasks:  # the HumanEval asset is not in the test cache: a fixture instead
         if t.kind == "humaneval":
-            t.data = "tests/fixtures/eval/humaneval.jsonl"
+            t.data = "package:humaneval.jsonl"
     specs = task_specs(cfg.eval, Path(cfg.paths.cache_dir))
     by_name = {s.name: s for s in specs}
     assert list(by_name) == ["hellaswag", "arc_challenge", "winogrande", "gsm8k", "lf_humaneval",

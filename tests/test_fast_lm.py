@@ -15,7 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from learnforget.assets import benchmarks as bd
 from learnforget.assets.models import tiny_tokenizer
 from learnforget.eval.fast_lm import SharedContextLM
-from learnforget.eval.lmeval_tasks import TaskSpec, evaluate, write_task_dir
+from learnforget.eval.lm_eval_run import evaluate
+from learnforget.eval.task_specs import TaskSpec
+from learnforget.eval.task_yaml import write_task_dir
 
 FIX = Path(__file__).parent / "fixtures"
 

@@ -147,8 +147,8 @@ def test_mitigated_run_has_peft_mitigation_known_answer(make_cfg):
     s_i u_i v_i^T) - W_base, computed here with numpy from the original checkpoint."""
     import json
 
+    from learnforget.analysis.deltas import extract_deltas
     from learnforget.analysis.intruder_mitigation import mitigate_run
-    from learnforget.analysis.spectra import extract_deltas
 
     cfg = make_cfg("method=lora", "method.r=4", "train.lr=5e-2", "train.precision=fp32",
                    "method.dropout=0.0")

@@ -18,8 +18,10 @@ from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
+from learnforget.assets.eval_data import SUITE_DATA
 from learnforget.errors import ConfigError
-from learnforget.eval.lmeval_tasks import (
+from learnforget.eval.lm_eval_run import evaluate
+from learnforget.eval.task_specs import (
     BUILTIN,
     KINDS,
     OFFLINE_ENV,
@@ -27,15 +29,14 @@ from learnforget.eval.lmeval_tasks import (
     builtin_yaml,
     chance_level,
     clean_metric_key,
-    evaluate,
     primary_metric,
     require_hub,
-    task_config_hash,
-    write_task_dir,
 )
+from learnforget.eval.task_yaml import task_config_hash, write_task_dir
 from learnforget.eval.tasks import humaneval_utils
 
-EVAL = Path(__file__).parent / "fixtures" / "eval"
+EVAL = Path(__file__).parent / "fixtures" / "eval"  # test-only task files
+SUITE = SUITE_DATA  # the files the smoke suite ships with
 SEED = 1234
 BOOTSTRAP = 100
 
@@ -46,12 +47,12 @@ def n_records(path: Path) -> int:
 
 def all_specs() -> list[TaskSpec]:
     return [
-        TaskSpec("lf_hellaswag", "hellaswag", EVAL / "hellaswag.jsonl"),
-        TaskSpec("lf_arc", "arc_challenge", EVAL / "arc_challenge.jsonl"),
-        TaskSpec("lf_winogrande", "winogrande", EVAL / "winogrande.jsonl"),
-        TaskSpec("lf_gsm8k", "gsm8k", EVAL / "gsm8k.jsonl",
+        TaskSpec("lf_hellaswag", "hellaswag", SUITE / "hellaswag.jsonl"),
+        TaskSpec("lf_arc", "arc_challenge", SUITE / "arc_challenge.jsonl"),
+        TaskSpec("lf_winogrande", "winogrande", SUITE / "winogrande.jsonl"),
+        TaskSpec("lf_gsm8k", "gsm8k", SUITE / "gsm8k.jsonl",
                  fewshot_file=EVAL / "gsm8k_train.jsonl", num_fewshot=2, role="target"),
-        TaskSpec("lf_humaneval", "humaneval", EVAL / "humaneval.jsonl"),
+        TaskSpec("lf_humaneval", "humaneval", SUITE / "humaneval.jsonl"),
         TaskSpec("lf_mc", "mc_json", EVAL / "mc_json.jsonl"),
     ]
 
@@ -152,7 +153,7 @@ class RiggedLM(LM):
 
 
 def test_humaneval_scores_through_the_sandbox(tmp_path, monkeypatch):
-    spec = TaskSpec("lf_he", "humaneval", EVAL / "humaneval.jsonl", max_gen_toks=8)
+    spec = TaskSpec("lf_he", "humaneval", SUITE / "humaneval.jsonl", max_gen_toks=8)
     include = write_task_dir([spec], tmp_path / "tasks")
     problems = [json.loads(x) for x in spec.data_file.read_text().splitlines()]
     # the full lm-eval pipeline with a model that knows the answers
@@ -175,7 +176,7 @@ def test_humaneval_scores_through_the_sandbox(tmp_path, monkeypatch):
 
 def test_config_hash_follows_what_defines_the_task(tmp_path):
     data = tmp_path / "hs.jsonl"
-    shutil.copy(EVAL / "hellaswag.jsonl", data)
+    shutil.copy(SUITE / "hellaswag.jsonl", data)
     spec = TaskSpec("lf_hs", "hellaswag", data)
     h0 = task_config_hash(write_task_dir([spec], tmp_path / "a"), "lf_hs")
     assert task_config_hash(write_task_dir([spec], tmp_path / "b"), "lf_hs") == h0  # path-free
@@ -207,7 +208,7 @@ def test_bad_specs_are_config_errors(tmp_path):
         write_task_dir([TaskSpec("lf_x", "arc_challenge", EVAL / "mc_json.jsonl")], tmp_path / "t")
     with pytest.raises(ConfigError, match="5 few-shot examples need a pool of at least 5"):
         tiny = tmp_path / "gsm.jsonl"
-        tiny.write_text("".join((EVAL / "gsm8k.jsonl").read_text().splitlines(True)[:5]))
+        tiny.write_text("".join((SUITE / "gsm8k.jsonl").read_text().splitlines(True)[:5]))
         write_task_dir([TaskSpec("lf_x", "gsm8k", tiny)], tmp_path / "t")  # built-in: 5 shots
     with pytest.raises(ConfigError, match="used twice"):
         write_task_dir([TaskSpec("a", "mc_json", EVAL / "mc_json.jsonl")] * 2, tmp_path / "t")
@@ -228,7 +229,7 @@ def test_metric_names():
 
 def sampled_spec(**kw) -> TaskSpec:
     args = {"samples": 3, "temperature": 0.2, "top_p": 0.95, "ks": [1, 2, 3]} | kw
-    return TaskSpec("lf_he_sampled", "humaneval", EVAL / "humaneval.jsonl", **args)
+    return TaskSpec("lf_he_sampled", "humaneval", SUITE / "humaneval.jsonl", **args)
 
 
 def formula(n: int, c: int, k: int) -> float:
@@ -251,7 +252,7 @@ def test_pass_at_k_aggregation_matches_the_formula():
 def test_sampled_humaneval_task_config(tmp_path):
     """humaneval_64.yaml's sampling setup (repeats, do_sample, temperature, top_p, a filter
     that keeps all n completions, a pass@k metric with k: [...]); greedy stays the default."""
-    greedy = TaskSpec("lf_he", "humaneval", EVAL / "humaneval.jsonl")
+    greedy = TaskSpec("lf_he", "humaneval", SUITE / "humaneval.jsonl")
     include = write_task_dir([greedy, sampled_spec()], tmp_path)
     cfg = load_yaml(include / "lf_he_sampled.yaml", resolve_func=False)
     builtin64 = load_yaml(Path(lm_eval.__file__).parent / "tasks/humaneval/humaneval_64.yaml",
@@ -342,7 +343,7 @@ def test_bad_sampling_settings_are_config_errors(tmp_path):
     bad("samples must be an integer >= 1", samples=0)
     bad("apply to sampled HumanEval only", samples=None)
     with pytest.raises(ConfigError, match="samples is for kind humaneval"):
-        write_task_dir([TaskSpec("lf_g", "gsm8k", EVAL / "gsm8k.jsonl", num_fewshot=2,
+        write_task_dir([TaskSpec("lf_g", "gsm8k", SUITE / "gsm8k.jsonl", num_fewshot=2,
                                  samples=3, temperature=0.2)], tmp_path)
 
 
@@ -408,7 +409,7 @@ def test_bad_builtin_specs_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="'mmlu' is not one of hellaswag, arc_challenge"):
         write_task_dir([TaskSpec("mmlu", BUILTIN)], tmp_path)
     with pytest.raises(ConfigError, match="give no data or few-shot file"):
-        write_task_dir([TaskSpec("hellaswag", BUILTIN, EVAL / "hellaswag.jsonl")], tmp_path)
+        write_task_dir([TaskSpec("hellaswag", BUILTIN, SUITE / "hellaswag.jsonl")], tmp_path)
     with pytest.raises(ConfigError, match="max_gen_toks"):
         write_task_dir([TaskSpec("hellaswag", BUILTIN, max_gen_toks=8)], tmp_path)
     with pytest.raises(ConfigError, match="no data file given"):

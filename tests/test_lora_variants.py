@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from learnforget.analysis.spectra import extract_deltas
+from learnforget.analysis.deltas import extract_deltas
 from learnforget.config import compose
 from learnforget.errors import ConfigError
 from learnforget.methods.registry import method_summary

@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from learnforget.assets.models import build_config
-from learnforget.data.sources import collate
+from learnforget.data.packing import collate
 
 
 def _lora_grads(model, batch) -> dict[str, torch.Tensor]:

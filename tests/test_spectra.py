@@ -11,24 +11,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from learnforget.analysis.spectra import (
-    compute_spectra,
+from learnforget.analysis.deltas import dequantised_base, extract_deltas
+from learnforget.analysis.spectra import compute_spectra, load_spectra, random_matrix_comparison
+from learnforget.analysis.svd import (
     dense_svdvals,
-    dequantised_base,
     effective_rank,
-    extract_deltas,
-    load_spectra,
     lowrank_svd,
     lowrank_svdvals,
-    module_types,
     numerical_rank,
-    parse_module,
-    random_matrix_comparison,
     rank_for_variance,
     spectrum_summary,
     stable_rank,
     subspace_similarity,
 )
+from learnforget.analysis.weights import module_types, parse_module
 from learnforget.errors import ConfigError
 from learnforget.train.loop import fit, setup
 
@@ -127,7 +123,7 @@ def test_module_names():
 
 
 def test_lora_scaling_follows_peft():
-    from learnforget.analysis.spectra import _lora_scale
+    from learnforget.analysis.deltas import _lora_scale
 
     cfg = {"lora_alpha": 32, "r": 16}
     assert _lora_scale(cfg, "model.layers.0.self_attn.q_proj", 16) == 2.0
@@ -338,7 +334,7 @@ def test_lora_spectra_need_no_base_weights(make_cfg, tmp_path):
 
     from omegaconf import OmegaConf
 
-    from learnforget.analysis.spectra import base_model_folder
+    from learnforget.analysis.weights import base_model_folder
 
     run = train_tiny(make_cfg, "lora")
     moved = tmp_path / "elsewhere" / run.name
@@ -365,7 +361,7 @@ def test_lora_spectra_need_no_base_weights(make_cfg, tmp_path):
 def test_rounding_floor_matches_numpy_on_real_bf16_rounding(shape):
     """The predicted floor (uniform +-ulp/2 errors, Marchenko-Pastur edge) against the actual
     error of storing a matrix in bf16, measured by numpy's SVD."""
-    from learnforget.analysis.spectra import rounding_floor
+    from learnforget.analysis.weights import rounding_floor
 
     torch.manual_seed(0)
     w = torch.randn(*shape) * 0.02 + 0.001

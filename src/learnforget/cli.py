@@ -173,7 +173,7 @@ def cmd_assets(args: Sequence[str]) -> int:
         i = rest.index("--cache-dir")
         cache = rest[i + 1]
         del rest[i:i + 2]
-    from learnforget.assets.fetch import fetch_assets
+    from learnforget.assets.registry import fetch_assets
 
     fetch_assets(Path(cache).expanduser(), rest or None)
     return 0

@@ -12,7 +12,9 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -41,6 +43,28 @@ def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path, *, replace: bool = True) -> Iterator[Path]:
+    """A folder built under a temporary name beside `dest` and renamed to `dest` when the block
+    succeeds. The yielded path does not exist yet: the block creates it (``mkdir`` or a
+    ``save_pretrained``). An existing `dest` is replaced (moved aside, then deleted) or, with
+    ``replace=False``, kept: another process won the race and the new copy is dropped. On any
+    exception nothing is renamed and the temporary folder (``.<name>.tmp-*``) is removed."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        build = work / dest.name
+        yield build
+        if dest.exists():
+            if not replace:
+                return
+            os.replace(dest, work / "old")
+        os.replace(build, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -65,7 +65,7 @@ def mitigate_checkpoint(base_dir: Path, ckpt: Path, out: Path, *, top_k: int = 1
 def mitigate_run(run_dir: Path, *, top_k: int = 10, threshold_epsilon: float = 0.5,
                  mitigation_lambda: float = 0.75, cache_dir: Path | None = None) -> Path:
     """The sibling run `<run>-intr<λ>` with every checkpoint mitigated (see module doc)."""
-    from learnforget.analysis.spectra import base_model_folder, list_checkpoints
+    from learnforget.analysis.weights import base_model_folder, list_checkpoints
 
     run_dir = Path(run_dir)
     info = read_json(run_dir / "run.json") or {}

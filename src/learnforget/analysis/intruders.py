@@ -7,7 +7,7 @@ base), take the top-k left singular vectors u_1..u_k of W_ft. u_i is an intruder
 largest |cosine| with any left singular vector of W_base (the min(out, in) columns of U_base
 from the thin SVD) is below ε. This is exactly the test peft's
 `peft.tuners.lora.intruders.reduce_intruder_dimension` applies (top_k=10, ε=0.5 by default);
-tests/test_intruders.py checks that both find the same intruders.
+test_intruders.py checks that both find the same intruders.
 
 Reported per module and checkpoint (<run>/intruders/<checkpoint>.json):
     sims        the k_max similarities max_j |<u_i, U_base[:, j]>|, i = 1..k_max
@@ -165,7 +165,8 @@ def compute_intruders(run_dir: Path, checkpoint: str | None = None, *,
                       verbose: bool = True) -> list[Path]:
     """<run>/intruders/<checkpoint>.json for each checkpoint (or one); skipped when done with
     the same grid. Returns the JSON paths."""
-    from learnforget.analysis.spectra import base_model_folder, extract_deltas, list_checkpoints
+    from learnforget.analysis.deltas import extract_deltas
+    from learnforget.analysis.weights import base_model_folder, list_checkpoints
 
     if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
         raise ConfigError(f"intruder k values must be positive integers, got {list(ks)!r}")

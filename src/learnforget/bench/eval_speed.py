@@ -64,9 +64,11 @@ def bench_eval_compare(model: str, repeats: int, n_items: int, runs_dir: Path,
     from learnforget.assets.models import base_model_dir, load_tokenizer
     from learnforget.config import compose
     from learnforget.eval.fast_lm import SharedContextLM
-    from learnforget.eval.lmeval_tasks import TaskSpec, evaluate, write_task_dir
+    from learnforget.eval.lm_eval_run import evaluate
     from learnforget.eval.paired import subset_indices
     from learnforget.eval.stage import load_for_eval
+    from learnforget.eval.task_specs import TaskSpec
+    from learnforget.eval.task_yaml import write_task_dir
 
     cfg = compose([f"model={model}", "method=full", f"paths.runs_dir={runs_dir}", *extra])
     cache = Path(cfg.paths.cache_dir).expanduser()

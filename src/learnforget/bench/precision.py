@@ -28,7 +28,7 @@ def _losses(run: Path) -> list[float]:
 def bench_precision(model: str, repeats: int, steps: int, batch_size: int, seq_len: int,
                     runs_dir: Path, methods: Sequence[str] = ("lora", "full"),
                     extra: Sequence[str] = ()) -> dict[str, Any]:
-    from learnforget.bench.runner import cpu_steal_s, harness_steps, run_cfg, spread
+    from learnforget.bench.measure import cpu_steal_s, harness_steps, run_cfg, spread
     from learnforget.train.loop import setup
 
     res: dict[str, Any] = {"model": model, "batch_size": batch_size, "seq_len": seq_len,
@@ -62,15 +62,15 @@ def bench_precision(model: str, repeats: int, steps: int, batch_size: int, seq_l
 
 
 def format_precision(r: dict[str, Any]) -> str:
-    from learnforget.bench.runner import _fmt
+    from learnforget.bench.measure import fmt_spread
 
     lines = [f"bf16 compute (fp32 masters) vs fp32 compute, {r['model']}, {r['batch_size']} x "
              f"{r['seq_len']} tokens, median step over {r['timed_steps']} timed steps "
              "(median [min, max] over repeats):",
              f"  {'method':<6} {'bf16 s/step':>24} {'fp32 s/step':>24} {'bf16/fp32 time':>22}"]
     for m, v in r["methods"].items():
-        lines.append(f"  {m:<6} {_fmt(v['bf16_step_s']):>24} {_fmt(v['fp32_step_s']):>24} "
-                     f"{_fmt(v['bf16_over_fp32_step_time']):>22}")
+        lines.append(f"  {m:<6} {fmt_spread(v['bf16_step_s']):>24} {fmt_spread(v['fp32_step_s']):>24} "
+                     f"{fmt_spread(v['bf16_over_fp32_step_time']):>22}")
     for m, v in r["methods"].items():
         lines.append(f"  {m} loss per step (same batches), max relative difference "
                      f"{v['max_rel_loss_diff']:.2e}:")

@@ -30,7 +30,6 @@ Sections (each figure as the median over its section's repeats with its min-max 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -40,36 +39,11 @@ from typing import Any
 
 import torch
 
+from learnforget.bench.measure import cpu_steal_s, fmt_spread, harness_steps, run_cfg, spread
 from learnforget.errors import ConfigError
 
 SECTIONS = ("train", "memory", "eval", "latency")
-METHODS = {"lora": ["method=lora", "method.r=8", "train.lr=1e-3"],
-           "full": ["method=full", "train.lr=2e-4"]}
 
-
-def spread(xs: Sequence[float]) -> dict[str, Any]:
-    """Median, min and max of repeated measurements."""
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs),
-            "values": list(xs)}
-
-
-def _fmt(s: dict[str, Any], digits: int = 3) -> str:
-    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
-
-
-def run_cfg(model: str, method: str, runs_dir: Path, tag: str, *, batch_size: int, seq_len: int,
-            steps: int, extra: Sequence[str] = ()):
-    """The config of one benchmark run: CPT on the stdlib code, `steps` steps, no logger."""
-    from learnforget.config import compose
-
-    return compose([f"model={model}", *METHODS[method], "data=stdlib_code", "logger=none",
-                    f"train.batch_size={batch_size}", f"train.seq_len={seq_len}",
-                    "train.checkpoints.unit=steps", f"train.checkpoints.at=[{steps}]",
-                    "train.heldout_batches=0", "train.schedule=constant", f"experiment_name={tag}",
-                    f"paths.runs_dir={runs_dir}", *extra])
-
-
-# ------------------------------------------------------------------ train: harness vs bare loop
 
 def bare_steps(s, steps: int, offset: int = 0) -> dict[str, list]:
     """A bare PyTorch loop over the run's batches `offset`..: wall seconds, process CPU
@@ -88,7 +62,7 @@ def bare_steps(s, steps: int, offset: int = 0) -> dict[str, list]:
 
 def _bare_step(s, i: int) -> int:
     """Forward, backward, optimizer step and zero_grad on the run's i-th batch; its tokens."""
-    from learnforget.data.sources import collate
+    from learnforget.data.packing import collate
 
     b = s.cfg.train.batch_size
     n = len(s.data.train)
@@ -99,33 +73,6 @@ def _bare_step(s, i: int) -> int:
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     return int(batch["attention_mask"].sum())
-
-
-def harness_steps(s, steps: int) -> dict[str, list]:
-    """`train.fit` for `steps` steps: wall seconds, process CPU seconds and tokens of each of
-    steps 2..`steps`, from the run's own metrics (wall_time_s and cpu_time_s are taken after
-    each step; the logging and progress bar of a step fall into the next one's time)."""
-    from learnforget.train.loop import fit
-
-    out = fit(s)
-    rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
-    rows = {r["step"]: r for r in rows if "wall_time_s" in r}
-    ks = range(2, steps + 1)
-    return {"wall": [rows[k]["wall_time_s"] - rows[k - 1]["wall_time_s"] for k in ks],
-            "cpu": [rows[k]["cpu_time_s"] - rows[k - 1]["cpu_time_s"] for k in ks],
-            "tokens": [rows[k]["tokens"] - rows[k - 1]["tokens"] for k in ks]}
-
-
-def cpu_steal_s() -> float | None:
-    """Seconds of CPU time the hypervisor gave to other guests so far (Linux /proc/stat, all
-    CPUs together); None where unknown. Stolen time slows every loop it falls in."""
-    import os
-
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()
-        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def harness_extras_ms(s, runs_dir: Path, n: int = 20) -> dict[str, float]:
@@ -222,12 +169,12 @@ def format_train(r: dict[str, Any]) -> str:
              f"  {'method':<6} {'harness tok/s':>24} {'bare loop tok/s':>24} {'harness/bare':>22}"
              f" {'by CPU time':>22}"]
     for m, v in r["methods"].items():
-        lines.append(f"  {m:<6} {_fmt(v['harness_tokens_per_s'], 1):>24} "
-                     f"{_fmt(v['bare_tokens_per_s'], 1):>24} "
-                     f"{_fmt(v['ratio_harness_over_bare']):>22} "
-                     f"{_fmt(v['cpu_ratio_bare_over_harness']):>22}")
+        lines.append(f"  {m:<6} {fmt_spread(v['harness_tokens_per_s'], 1):>24} "
+                     f"{fmt_spread(v['bare_tokens_per_s'], 1):>24} "
+                     f"{fmt_spread(v['ratio_harness_over_bare']):>22} "
+                     f"{fmt_spread(v['cpu_ratio_bare_over_harness']):>22}")
     if "lora_over_full_step_time" in r:
-        lines.append(f"  LoRA r=8 / full step time: {_fmt(r['lora_over_full_step_time'])}")
+        lines.append(f"  LoRA r=8 / full step time: {fmt_spread(r['lora_over_full_step_time'])}")
     for m, v in r["methods"].items():
         e = v["harness_extras_ms"]
         lines.append(f"  {m}: the harness's own work per step, timed directly: {e['total']:.1f} ms "
@@ -311,7 +258,7 @@ def format_memory(r: dict[str, Any]) -> str:
                           if k != "total" and b > 0)
         lines.append(f"  {m:<6} {v['estimate_bytes'] / mib:>13.0f} "
                      f"{v['measured_peak_bytes']['median'] / mib:>13.0f} "
-                     f"{_fmt(v['estimate_over_measured']):>20}   {parts}")
+                     f"{fmt_spread(v['estimate_over_measured']):>20}   {parts}")
     if "lora_over_full_peak" in r:
         lines.append(f"  LoRA r=8 / full measured peak: {r['lora_over_full_peak']:.3f}")
     return "\n".join(lines)
@@ -327,8 +274,9 @@ def bench_eval(model: str, repeats: int, limit: int, runs_dir: Path,
 
     from learnforget.assets.models import base_model_dir, load_tokenizer
     from learnforget.config import compose
-    from learnforget.eval.lmeval_tasks import evaluate, write_task_dir
+    from learnforget.eval.lm_eval_run import evaluate
     from learnforget.eval.stage import load_for_eval, task_specs
+    from learnforget.eval.task_yaml import write_task_dir
 
     cfg = compose([f"model={model}", "method=full", "eval=offline", f"paths.runs_dir={runs_dir}",
                    *extra])
@@ -379,7 +327,7 @@ def format_eval(r: dict[str, Any]) -> str:
              f" batch {r['batch_size']}, up to {r['max_gen_toks']} generated tokens:"]
     for kind, v in r["types"].items():
         lines.append(f"  {kind:<15} {v['requests']:>5} requests  "
-                     f"{_fmt(v['requests_per_s'], 2)} requests/s  ({', '.join(v['tasks'])})")
+                     f"{fmt_spread(v['requests_per_s'], 2)} requests/s  ({', '.join(v['tasks'])})")
     return "\n".join(lines)
 
 

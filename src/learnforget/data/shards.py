@@ -27,13 +27,10 @@ never trained on.
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import itertools
 import json
-import os
-import random
-import sysconfig
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +38,18 @@ from typing import Any
 
 import numpy as np
 
-from learnforget.data import sources as _data
-from learnforget.data.sources import Example, TokenizedData, tokenizer_fingerprint
+from learnforget.data.packing import Example, TokenizedData, tokenizer_fingerprint
+from learnforget.data.settings import (
+    DATA_SEED,
+    cfg_heldout_docs,
+    cfg_max_docs,
+    cfg_name,
+)
+from learnforget.data.sources import (
+    iter_documents,
+)
 from learnforget.errors import ConfigError
-from learnforget.files import atomic_write_json, read_json
+from learnforget.files import atomic_open, atomic_write_json, file_lock, read_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -106,86 +111,29 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 # --------------------------------------------------------------------------- documents
 
-def iter_documents(cfg: Any) -> tuple[Iterator[str], str]:
-    """The source's non-empty documents one at a time (at most ``max_docs``), and a
-    description of the source. Nothing is read before the iterator is consumed."""
-    regime = _data._regime(cfg)
-    if regime != "cpt":
-        raise ConfigError(f"data.format=shards is for continued pretraining (data.regime=cpt), "
-                          f"not {regime!r}: instruction sets keep data.format=memory")
-    source = _data._source(cfg)
-    max_docs = _data._max_docs(cfg)
-    if source == "stdlib":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        files = _data._stdlib_files(root)
-        random.Random(_data.DATA_SEED).shuffle(files)
-        texts: Iterator[Any] = (_data._read_text(root / f) for f in files)
-        desc = f"stdlib: {root} ({len(files)} .py files, data seed {_data.DATA_SEED})"
-    elif source == "local":
-        path = _data._local_path(cfg)
-        if path.is_dir():
-            files_ = _data._folder_files(path)
-            texts = (_data._read_text(f) for f in files_)
-            desc = f"local folder: {path} ({len(files_)} files)"
-        elif path.suffix.lower() == ".txt":
-            texts = iter([_data._read_text(path)])
-            desc = f"local file: {path} (one document)"
-        else:
-            texts = (_data.record_to_text(cfg, rec, where)
-                     for rec, where in _data._iter_json_records(path))
-            desc = f"local file: {path}"
-    elif source == "synthetic":
-        docs, desc = _data._load_synthetic(cfg, regime)
-        texts = iter(docs)
-    else:
-        texts, desc = _hub_documents(cfg)
-    docs_it = (t for t in texts if isinstance(t, str) and t.strip())
-    if max_docs is not None:
-        docs_it = itertools.islice(docs_it, max_docs)
-        desc += f"; first {max_docs} documents (data.max_docs)"
-    return docs_it, desc
-
-
-def _hub_documents(cfg: Any) -> tuple[Iterator[str], str]:
-    hub_id = _data._get(cfg, "hub_id")
-    if not hub_id:
-        raise ConfigError(f"data.hub_id is required for data={_data._name(cfg)} with data.source=hub")
-    if _data._is_offline():
-        raise _data._hub_unreachable(cfg, hub_id)
-    import datasets
-
-    kwargs: dict[str, Any] = {"split": _data._get(cfg, "hub_split"), "streaming": True}
-    hub_config = _data._get(cfg, "hub_config")
-    if hub_config:
-        kwargs["data_dir" if hub_id == "bigcode/starcoderdata" else "name"] = hub_config
-    try:
-        ds = datasets.load_dataset(hub_id, **kwargs)
-    except _data._hub_errors() as err:
-        raise _data._hub_unreachable(cfg, hub_id, f"{type(err).__name__}: {err}") from None
-
-    def rows() -> Iterator[str]:
-        try:
-            for i, rec in enumerate(ds, start=1):
-                yield _data.record_to_text(cfg, rec, f"{hub_id} record #{i}")
-        except _data._hub_errors() as err:
-            raise _data._hub_unreachable(cfg, hub_id, f"{type(err).__name__}: {err}") from None
-
-    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    return rows(), f"hub: {hub_id} ({args})"
 
 
 # --------------------------------------------------------------------------- preparation
+
+class _Discarded(Exception):
+    """Thrown into a shard's atomic_open to drop it."""
+
 
 class _ShardWriter:
     """One shard being written: a temporary file, its token count and running sha256."""
 
     def __init__(self, folder: Path, name: str, dtype: np.dtype) -> None:
         self.final = folder / name
-        self.tmp = folder / f".{name}.tmp"
-        self.f = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
+        self._file = atomic_open(self.final, "wb")  # renamed into place by close()
+        self.f = self._file.__enter__()
         self.dtype = dtype
         self.sha = hashlib.sha256()
         self.tokens = self.docs = 0
+
+    def discard(self) -> None:
+        """Drop the shard: its temporary file is removed, nothing is renamed."""
+        with contextlib.suppress(_Discarded):
+            self._file.__exit__(_Discarded, _Discarded(), None)
 
     def add(self, ids: Sequence[int], eos_id: int) -> None:
         arr = np.empty(len(ids) + 1, dtype=self.dtype)
@@ -198,10 +146,7 @@ class _ShardWriter:
         self.docs += 1
 
     def close(self) -> dict[str, Any]:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.final)
+        self._file.__exit__(None, None, None)
         return {"file": self.final.name, "tokens": self.tokens, "docs": self.docs,
                 "sha256": self.sha.hexdigest()}
 
@@ -299,8 +244,7 @@ def prepare_shards(docs: Iterable[str], tokenizer: Any, out_dir: Path, *, shard_
         else:
             manifest["shards"].append(entry)
     elif writer is not None:
-        writer.f.close()
-        writer.tmp.unlink()
+        writer.discard()
     if not manifest["shards"]:
         raise ConfigError(f"data: the source ({source}) gives no training documents after the "
                           f"{heldout_docs} held-out ones (lower data.heldout_docs)")
@@ -440,15 +384,15 @@ def ensure_corpus(data_cfg: Any, model_cfg: Any, tokenizer: Any, cache_dir: Path
                               f"{tokenizer_id(model_cfg)}'s (fingerprint differs): remove them")
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".prepare.lock", "w") as lock:  # jobs of a study share the corpus:
-        fcntl.flock(lock, fcntl.LOCK_EX)                # one prepares, the others wait for it
+    with file_lock(folder / ".prepare.lock"):  # jobs of a study share the corpus: one
+        # prepares, the others wait for it
         m = read_manifest(folder)
         if not (m and m.get("complete")):
             docs, desc = iter_documents(data_cfg)
-            print(f"learnforget: tokenizing data={_data._name(data_cfg)} into shards at {folder}"
+            print(f"learnforget: tokenizing data={cfg_name(data_cfg)} into shards at {folder}"
                   + (" (resuming)" if m else ""))
             prepare_shards(docs, tokenizer, folder, shard_tokens=shard_tokens(data_cfg),
-                           heldout_docs=_data._heldout_docs(data_cfg), source=desc,
+                           heldout_docs=cfg_heldout_docs(data_cfg), source=desc,
                            tokenizer_name=tokenizer_id(model_cfg))
     return ensure_corpus(data_cfg, model_cfg, tokenizer, cache_dir)  # checks the tokenizer
 
@@ -466,7 +410,7 @@ def shard_data(data_cfg: Any, folder: Path, seq_len: int, seed: int = 0) -> Shar
         raise ConfigError(f"seq_len={seq_len!r}: expected an integer >= 2")
     corpus = ShardCorpus(folder)
     train = ShardBlocks(corpus, seq_len)
-    name = _data._name(data_cfg)
+    name = cfg_name(data_cfg)
     if len(train) == 0:
         raise ConfigError(f"data={name}: the shards hold {corpus.n_tokens} training tokens, fewer "
                           f"than one block of seq_len={seq_len}")
@@ -474,8 +418,8 @@ def shard_data(data_cfg: Any, folder: Path, seq_len: int, seed: int = 0) -> Shar
     m = corpus.manifest
     info = {"name": name, "regime": "cpt", "format": "shards", "source": m["source"],
             "shards": str(folder), "n_shards": len(m["shards"]), "checksum": m["checksum"],
-            "tokenizer": m["tokenizer"], "data_seed": _data.DATA_SEED, "run_seed": seed,
-            "seq_len": seq_len, "max_docs": _data._max_docs(data_cfg),
+            "tokenizer": m["tokenizer"], "data_seed": DATA_SEED, "run_seed": seed,
+            "seq_len": seq_len, "max_docs": cfg_max_docs(data_cfg),
             "n_docs_train": m["n_train_docs"],
             "n_docs_heldout": m["heldout"]["docs"] if m["heldout"] else 0,
             "n_train_examples": len(train), "n_heldout_examples": len(heldout),

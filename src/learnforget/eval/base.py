@@ -37,7 +37,7 @@ def evaluate_base(cfg: DictConfig) -> Path:
 
 def _evaluate_base(cfg: DictConfig) -> Path:
     from learnforget.assets.models import load_model
-    from learnforget.eval.lmeval_tasks import write_task_dir
+    from learnforget.eval.task_yaml import write_task_dir
 
     ev = cfg.eval
     cache_dir = Path(cfg.paths.cache_dir).expanduser()

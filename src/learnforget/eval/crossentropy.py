@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from learnforget.data.sources import Example, collate
+from learnforget.data.packing import Example, collate
 
 
 @torch.no_grad()

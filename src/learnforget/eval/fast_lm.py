@@ -8,7 +8,7 @@ the context once with the KV cache on, and then all the group's continuations as
 copies of that cache. The log-likelihood of each continuation and its greedy flag are computed
 as HFLM computes them (log-softmax of the model's logits at the continuation's positions); only
 the order of floating-point work changes, so the values agree with HFLM's to ~1e-6 in float32
-(tests/test_fast_lm.py requires 1e-4). Requests that cannot share (a context of fewer than
+(test_fast_lm.py requires 1e-4). Requests that cannot share (a context of fewer than
 2 tokens, one request per context, sequences HFLM would truncate) go to HFLM's own code, as
 does everything if the model does not accept a cache (it is then used for nothing at all).
 Generation and rolling log-likelihoods are HFLM's.

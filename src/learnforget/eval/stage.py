@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from learnforget.config import conf_dir
-from learnforget.data.sources import build_data, load_records, pack_documents
+from learnforget.data.packing import build_data, pack_documents
+from learnforget.data.sources import load_records
 from learnforget.errors import ConfigError
 from learnforget.eval.crossentropy import mean_cross_entropy
 from learnforget.files import atomic_write_json, read_json, read_result
@@ -33,9 +34,12 @@ ROLES = ("target", "forgetting")
 
 def resolve_data_path(value: str, cache_dir: Path, task: str) -> Path:
     """`asset:humaneval`, `asset:bigbench/<task>`, `asset:benchmarks/<set>` (hellaswag,
-    arc_challenge, arc_easy, winogrande, piqa, gsm8k), or a path (relative: to the repository)."""
-    from learnforget.assets import fetch as assets_cache
+    arc_challenge, arc_easy, winogrande, piqa, gsm8k), `package:<file>` (the small data files
+    shipped with the package for the built-in suites), or a path (relative: to the repository)."""
+    from learnforget.assets import eval_data as assets_cache
 
+    if value.startswith("package:"):
+        return assets_cache.suite_file(value.removeprefix("package:"), task)
     if value.startswith("asset:"):
         name = value.removeprefix("asset:")
         if name == "humaneval":
@@ -57,12 +61,12 @@ def resolve_data_path(value: str, cache_dir: Path, task: str) -> Path:
 
 
 def task_specs(ev: DictConfig, cache_dir: Path) -> list:
-    """The suite's tasks as lmeval_tasks.TaskSpecs. Keys of a task entry: name, kind, data,
+    """The suite's tasks as task_specs.TaskSpecs. Keys of a task entry: name, kind, data,
     fewshot_data, num_fewshot, role, chance, limit (overrides the suite's), max_gen_toks; HumanEval
     sampling: samples, temperature, top_p, ks.
     Kind builtin (name = lm-eval's task name, no data) needs the Hugging Face hub: a ConfigError
     here, before any model work, where HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set."""
-    from learnforget.eval.lmeval_tasks import (
+    from learnforget.eval.task_specs import (
         BUILTIN,
         BUILTIN_YAML,
         TaskSpec,
@@ -105,8 +109,8 @@ def task_subsets(ev: DictConfig, specs) -> dict[str, list[int]]:
     the task's data file drawn with seed `ev.subset_seed` (learnforget.eval.paired.subset_indices),
     the same for the base model and every checkpoint. A subset as large as the file is the
     whole file (no entry)."""
-    from learnforget.eval.lmeval_tasks import _read_records
     from learnforget.eval.paired import subset_indices
+    from learnforget.eval.task_specs import read_records
 
     sizes = {str(t.name): t.get("subset") for t in ev.tasks if t.get("subset") is not None}
     out: dict[str, list[int]] = {}
@@ -120,7 +124,7 @@ def task_subsets(ev: DictConfig, specs) -> dict[str, list[int]]:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"eval task {spec.name}: subset must be an integer >= 1, "
                               f"got {size!r}")
-        n_docs = len(_read_records(Path(spec.data_file), spec))
+        n_docs = len(read_records(Path(spec.data_file), spec))
         idx = subset_indices(n_docs, size, int(ev.get("subset_seed", 0)))
         if idx is not None:
             out[spec.name] = idx
@@ -161,7 +165,7 @@ def ppl_examples(p: DictConfig, run_cfg: DictConfig, tokenizer, seq_len: int, ca
                           cache_dir=cache_dir)
         return data.heldout[:max_blocks], f"held-out split of data={run_cfg.data.name}"
     if p.source == "asset":
-        from learnforget.assets import fetch as assets_cache
+        from learnforget.assets import eval_data as assets_cache
 
         if p.path != "shakespeare":
             raise ConfigError(f"eval ppl set {p.name}: unknown asset {p.path!r} (expected shakespeare)")
@@ -290,7 +294,7 @@ def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_
 
 def _score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,
            cache_dir: Path, drift_eval=None) -> dict[str, Any]:
-    from learnforget.eval.lmeval_tasks import evaluate as run_tasks
+    from learnforget.eval.lm_eval_run import evaluate as run_tasks
 
     tasks: dict[str, Any] = {}
     if specs:
@@ -404,7 +408,7 @@ def paired_columns(scores: dict[str, Any], base: dict[str, Any]) -> dict[str, An
 def eval_key(ev: DictConfig, specs, include_path: Path) -> str:
     """Hash of everything that defines the scores: the suite's settings and each task's
     config and data (so a changed task file invalidates cached results)."""
-    from learnforget.eval.lmeval_tasks import task_config_hash
+    from learnforget.eval.task_yaml import task_config_hash
 
     settings = OmegaConf.to_container(ev, resolve=True)
     for volatile in ("checkpoint", "after_train"):
@@ -429,7 +433,7 @@ def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, 
                 drift_eval=None, model=None) -> dict[str, Any]:
     """The base model's scores, computed once per (model, quantisation, suite settings).
     `model`: the base model when the caller has it loaded already."""
-    from learnforget.assets.fetch import file_lock
+    from learnforget.files import file_lock
 
     model_id = base_model_id(run_cfg)
     ppl_run = any(p.source == "run" for p in ev.ppl)
@@ -483,7 +487,7 @@ def evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None = 
 def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
                   cache_dir: Path | None) -> Path:
     from learnforget.assets.models import load_tokenizer
-    from learnforget.eval.lmeval_tasks import write_task_dir
+    from learnforget.eval.task_yaml import write_task_dir
 
     run_dir = Path(run_dir).resolve()
     cfg_path = run_dir / "config.yaml"

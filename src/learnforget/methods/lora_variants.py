@@ -15,7 +15,7 @@ scaling, B0 A0 the initial factors). Every checkpoint is therefore converted, as
 of rank 2r against the ORIGINAL base: B' = [B | -B0], A' = [A ; A0], alpha doubled (times
 sqrt 2 with rsLoRA) so the scaling stays s. Then ΔW = s (B A - B0 A0) = W_ft - W_original, and
 eval, spectra and intruders read the checkpoint like any LoRA adapter
-(tests/test_lora_variants.py checks the files against peft's own conversion and ΔW against a
+(test_lora_variants.py checks the files against peft's own conversion and ΔW against a
 numpy truncated SVD). Resume re-runs the (deterministic) initialisation on the original base
 and restores B, A, so B0 A0 are the same as in the first session.
 eva and corda (data-driven) and loftq (QLoRA) need calibration data or a quantised base

@@ -104,7 +104,8 @@ def demo_cli(args: Sequence[str]) -> int:
         raise ConfigError(f"--size {a.size!r} is unknown (expected one of: {', '.join(SIZES)})")
     t0 = time.perf_counter()
     if ASSETS[a.size] and not a.no_fetch:
-        from learnforget.assets.fetch import default_cache_dir, fetch_assets
+        from learnforget.assets.cache import default_cache_dir
+        from learnforget.assets.registry import fetch_assets
 
         cache = next((Path(o.split("=", 1)[1]).expanduser() for o in a.overrides
                       if o.startswith("paths.cache_dir=")), default_cache_dir())

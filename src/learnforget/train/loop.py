@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from learnforget.assets.models import load_model
 from learnforget.config import config_hash, cooldown_mode, run_dir, run_identity, run_name, validate
+from learnforget.data.packing import TokenizedData, build_data, collate
 from learnforget.data.shards import (
     accounting,
     corpus_dir,
@@ -32,7 +33,6 @@ from learnforget.data.shards import (
     sequence_blocks,
     shard_data,
 )
-from learnforget.data.sources import TokenizedData, build_data, collate
 from learnforget.errors import ConfigError
 from learnforget.eval.crossentropy import mean_cross_entropy
 from learnforget.files import atomic_write_json, atomic_write_text, read_json

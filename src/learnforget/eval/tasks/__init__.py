@@ -1,1 +1,1 @@
-"""Hooks that lm-eval task YAMLs written by `learnforget.eval.lmeval_tasks` reference with `!function`."""
+"""Hooks that lm-eval task YAMLs written by `learnforget.eval.task_yaml` reference with `!function`."""

@@ -1,0 +1,196 @@
+"""Evaluating a model on a task folder with lm-eval's public API, offline where the tasks allow.
+
+`evaluate` refuses, before any model work, kind builtin tasks when HF_HUB_OFFLINE or
+HF_DATASETS_OFFLINE is set (`require_hub`). Result metric names: lm-eval reports
+`"<metric>,<filter>"`; `evaluate` returns clean keys: `<metric>` for filter "none" (and
+"create_test", the sampled HumanEval's), `<metric>_strict` for "strict-match",
+`<metric>_flexible` for "flexible-extract", else `<metric>_<filter>` (non-alphanumerics → "_").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from learnforget.errors import ConfigError
+from learnforget.eval.task_specs import (
+    BUILTIN,
+    DEFAULT_BOOTSTRAP_ITERS,
+    LMEVAL_PRIMARY,
+    TaskSpec,
+    base_kind,
+    chance_level,
+    clean_metric_key,
+    lm_eval_version,
+    primary_metric,
+    require_hub,
+    validate_specs,
+)
+from learnforget.eval.task_yaml import task_config_hash
+from learnforget.eval.tasks import humaneval_utils
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str) -> Iterator[None]:
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+@contextlib.contextmanager
+def _lm_batch_size(lm: Any, batch_size: int | None) -> Iterator[None]:
+    """lm-eval ignores simple_evaluate's batch_size for an already built LM: set the HFLM's."""
+    if batch_size is None or not hasattr(lm, "batch_size_per_gpu"):
+        yield
+        return
+    old = lm.batch_size_per_gpu
+    lm.batch_size_per_gpu = int(batch_size)
+    try:
+        yield
+    finally:
+        lm.batch_size_per_gpu = old
+
+
+@contextlib.contextmanager
+def _no_env_info() -> Iterator[None]:
+    """lm-eval adds torch's collect_env report to every result (about 5 s of subprocesses such
+    as `pip list` per call); run.json's meta info already records the versions."""
+    import lm_eval.evaluator as ev
+
+    saved = ev.add_env_info
+    ev.add_env_info = lambda results: None
+    try:
+        yield
+    finally:
+        ev.add_env_info = saved
+
+
+def _num(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None  # lm-eval writes "N/A" where no stderr could be computed
+
+
+def evaluate(
+    lm: Any,
+    specs: list[TaskSpec],
+    include_path: Path,
+    *,
+    limit: int | None = None,
+    batch_size: int | None = 8,
+    seed: int = 1234,
+    log_samples: bool = False,
+    code_exec_allowed: bool = False,
+    bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS,
+    samples: dict[str, list[int]] | None = None,
+    items: bool = False,
+) -> dict[str, dict]:
+    """Evaluate `lm` (an lm-eval LM, e.g. HFLM) on the tasks of `specs` written into
+    `include_path` by write_task_dir, in one `lm_eval.simple_evaluate` call.
+
+    Returns {task name: {"metrics", "stderr" (clean metric keys; stderr None where lm-eval has
+    none), "n" (documents evaluated), "primary_metric", "primary", "chance", "role", "kind",
+    "num_fewshot", "config_hash", "lm_eval_version"} (+ "samples" with log_samples)}.
+    `samples` ({task name: document indices}, lm-eval's own `samples=`) scores fixed subsets
+    (not together with `limit`); `items` adds "items", the per-item results from lm-eval's
+    per-sample log (learnforget.eval.paired.item_records), and "subset" (the indices or None).
+    `batch_size` (None: the LM's own) is set on the HFLM for the call. Running model-written
+    code (humaneval) needs `code_exec_allowed=True`, and builtin tasks need the Hugging Face
+    hub (`require_hub`); otherwise a ConfigError is raised before anything runs."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    validate_specs(specs)
+    for spec in specs:
+        if spec.kind == BUILTIN:
+            require_hub(spec.name)
+    include_path = Path(include_path)
+    for spec in specs:
+        if not (include_path / f"{spec.name}.yaml").is_file():
+            raise ConfigError(f"task {spec.name!r}: no task file in {include_path} "
+                              "(write it with write_task_dir first)")
+    if any(s.kind == "humaneval" for s in specs):
+        from learnforget.eval.sandbox import require_opt_in
+
+        require_opt_in(code_exec_allowed)
+    hashes = {s.name: task_config_hash(include_path, s.name) for s in specs}
+    tm = TaskManager(include_path=str(include_path), include_defaults=False)
+    with _env(humaneval_utils.ENV_ALLOW, "1" if code_exec_allowed else "0"), \
+            _lm_batch_size(lm, batch_size), _no_env_info():
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[s.name for s in specs],
+            task_manager=tm,
+            limit=limit,
+            batch_size=batch_size,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=log_samples or items,
+            confirm_run_unsafe_code=code_exec_allowed,
+            samples=samples or None,
+        )
+    if out is None:  # non-zero rank of a distributed run
+        return {}
+    results = {s.name: _task_result(out, s, hashes[s.name], log_samples) for s in specs}
+    if items:
+        for s in specs:
+            results[s.name]["items"] = _items(out, s)
+            results[s.name]["subset"] = (samples or {}).get(s.name)
+    return results
+
+
+def _items(out: dict, spec: TaskSpec) -> dict[str, list]:
+    """Per-item results of the primary metric (learnforget.eval.paired.item_records)."""
+    from learnforget.eval.paired import item_records
+
+    key = LMEVAL_PRIMARY[base_kind(spec)]
+    metric, _, filt = key.partition(",")
+    logged = [x for x in out.get("samples", {}).get(spec.name, [])
+              if x.get("filter") in (filt, humaneval_utils.SAMPLED_FILTER)]
+    return item_records(logged, metric, normalised=metric == "acc_norm")
+
+
+def _task_result(out: dict, spec: TaskSpec, config_hash: str, log_samples: bool) -> dict:
+    raw = out["results"][spec.name]
+    metrics: dict[str, float] = {}
+    stderr: dict[str, float | None] = {}
+    for key, value in raw.items():
+        if "," not in key:  # "alias" and the like
+            continue
+        metric, _, filt = key.partition(",")
+        if metric.endswith("_stderr"):
+            stderr[clean_metric_key(f"{metric[: -len('_stderr')]},{filt}")] = _num(value)
+        elif _num(value) is not None:
+            metrics[clean_metric_key(key)] = float(value)
+    n_samples = out.get("n-samples", {}).get(spec.name, {})
+    n = n_samples.get("effective", n_samples.get("original"))
+    primary = primary_metric(spec.kind, spec.name)
+    res = {
+        "metrics": metrics,
+        "stderr": stderr,
+        "n": None if n is None else int(n),
+        "primary_metric": primary,
+        "primary": metrics.get(primary),
+        "chance": chance_level(spec),
+        "role": spec.role,
+        "kind": spec.kind,
+        "num_fewshot": out.get("n-shot", {}).get(spec.name),
+        "config_hash": config_hash,
+        "lm_eval_version": lm_eval_version(),
+    }
+    if log_samples:
+        res["samples"] = out.get("samples", {}).get(spec.name, [])
+    return res
