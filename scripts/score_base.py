@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     from learnforget.assets.models import load_model
     from learnforget.config import compose
     from learnforget.eval.lmeval_tasks import write_task_dir
-    from learnforget.eval.stage import score, task_specs
+    from learnforget.eval.scoring import score
+    from learnforget.eval.suite import task_specs
 
     if a.threads:
         torch.set_num_threads(a.threads)

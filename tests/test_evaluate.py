@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from learnforget.errors import ConfigError
-from learnforget.eval.stage import evaluate_run, load_for_eval, score, task_specs
+from learnforget.eval.scoring import load_for_eval, score
+from learnforget.eval.stage import evaluate_run
+from learnforget.eval.suite import task_specs
 from learnforget.train.loop import fit, setup
 
 SMOKE_FAST = ["eval=smoke", "eval.limit=4", "eval.max_gen_toks=16"]
@@ -194,7 +196,7 @@ def test_paper_hub_suite_specs(make_cfg, tmp_path, monkeypatch):
     """With the hub reachable (as far as the settings go): builtin specs by lm-eval name, and
     the sampled HumanEval settings pass through to its task; no network is used."""
     from learnforget.eval.lmeval_tasks import task_config_hash, write_task_dir
-    from learnforget.eval.stage import eval_key
+    from learnforget.eval.suite import eval_key
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(var, "0")

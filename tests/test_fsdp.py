@@ -29,6 +29,7 @@ from conftest import (
 from learnforget.config import compose, config_hash, validate
 from learnforget.errors import ConfigError
 from learnforget.train import distributed
+from learnforget.train.loop import TEST_CRASH_ENV
 
 
 def _logits(ckpt: Path) -> torch.Tensor:
@@ -48,7 +49,7 @@ def test_two_process_fsdp_matches_single_process_and_resumes(tmp_path, cache_dir
     fsdp = [str(TORCHRUN), "--nproc_per_node=2", "--master_port=29527", "-m", "learnforget.cli",
             "train", *MULTI_RANK, "train.batch_size=2", "experiment_name=fsdp",
             "train.distributed.strategy=fsdp"]
-    killed = subprocess.run([*fsdp, "train.crash_at_step=3"], env=env, capture_output=True,
+    killed = subprocess.run(fsdp, env={**env, TEST_CRASH_ENV: "3"}, capture_output=True,
                             text=True, timeout=300)
     assert killed.returncode != 0  # both ranks died after step 3, like a killed job
     run_1 = next((tmp_path / "runs/single").iterdir())

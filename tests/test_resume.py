@@ -1,6 +1,7 @@
 """A run killed after its first checkpoint resumes and ends where an uninterrupted run ends.
 
-The kill is `os._exit(137)` right after the first checkpoint (train.crash_at_step): no
+The kill is `os._exit(137)` right after the first checkpoint (the test hook
+LEARNFORGET_TEST_CRASH_AT_STEP, learnforget.train.loop.test_crash_step): no
 clean-up, no final write, as with SIGKILL. Tolerance: weights and losses equal to 1e-6
 (on one thread they are bit-identical in practice).
 """
@@ -18,12 +19,18 @@ import torch
 from conftest import FAST
 from safetensors.torch import load_file
 
+from learnforget.train.loop import TEST_CRASH_ENV
+
 COMMON = [*FAST, "train.checkpoints.at=[2,4]", "train.num_threads=1", "data.max_docs=8",
           "data.heldout_docs=2", "method.r=4"]
 
 
-def _train(runs: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _train(runs: Path, cache: Path, *overrides: str,
+           crash_at: int | None = None) -> subprocess.CompletedProcess:
+    """`learnforget train` in a subprocess; with `crash_at`, it dies (os._exit) after that step."""
     env = {**os.environ, "LEARNFORGET_RUNS_DIR": str(runs), "LEARNFORGET_CACHE_DIR": str(cache)}
+    if crash_at is not None:
+        env[TEST_CRASH_ENV] = str(crash_at)
     return subprocess.run([sys.executable, "-m", "learnforget.cli", "train", *COMMON, *overrides],
                           env=env, capture_output=True, text=True, timeout=300)
 
@@ -46,7 +53,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, cache_dir, method):
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     killed = _train(runs, cache_dir, f"method={method}", "experiment_name=killed",
-                    "train.crash_at_step=2")
+                    crash_at=2)
     assert killed.returncode == 137, killed.stderr[-2000:]
     run_b = next((runs / "killed").iterdir())
     assert json.loads((run_b / "run.json").read_text())["status"] == "running"  # died mid-run

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from test_shards import WORDS, make_docs, prep, tok  # noqa: F401 - tok is a fixture
 
 from learnforget.data.shards import ShardCorpus
+from learnforget.train.loop import TEST_CRASH_ENV
 
 RSS_BOUND_MIB = 8.0
 COMMON = [*FAST, "data=local_text", "data.format=shards", "data.heldout_docs=2",
@@ -39,9 +40,12 @@ def _write_corpus(folder: Path, n_docs: int, seed: int = 0) -> Path:
     return folder
 
 
-def _train(runs: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _train(runs: Path, cache: Path, *overrides: str,
+           crash_at: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "LEARNFORGET_RUNS_DIR": str(runs), "LEARNFORGET_CACHE_DIR": str(cache),
            "OMP_NUM_THREADS": "1"}
+    if crash_at is not None:  # the test hook: die (os._exit) after that step
+        env[TEST_CRASH_ENV] = str(crash_at)
     return subprocess.run([sys.executable, "-m", "learnforget.cli", "train", *COMMON, *overrides],
                           env=env, capture_output=True, text=True, timeout=300)
 
@@ -83,7 +87,7 @@ def test_run_killed_mid_corpus_resumes_to_the_same_weights(tmp_path, cache_dir):
     common = [f"data.path={folder}", "data.shard_tokens=3000", "train.checkpoints.at=[2,4]"]
     ref = _train(runs, cache_dir, *common, "experiment_name=straight")
     assert ref.returncode == 0, ref.stderr[-2000:]
-    killed = _train(runs, cache_dir, *common, "experiment_name=killed", "train.crash_at_step=2")
+    killed = _train(runs, cache_dir, *common, "experiment_name=killed", crash_at=2)
     assert killed.returncode == 137, killed.stderr[-2000:]
     resumed = _train(runs, cache_dir, *common, "experiment_name=killed")
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]

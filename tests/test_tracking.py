@@ -9,7 +9,7 @@ import time
 import pytest
 
 from learnforget.eval.stage import evaluate_run
-from learnforget.record import RunLock
+from learnforget.runfolder import RunLock
 from learnforget.tracking import scrub, wandb_mode
 from learnforget.train.loop import fit, setup
 

@@ -172,7 +172,7 @@ def test_run_folder_layout(make_cfg):
 def test_grad_accumulation_matches_the_larger_batch(make_cfg):
     """CPT blocks have equal length, so 2 x 1 accumulated equals 1 x 2 (same data order); fp32
     compute, since bf16 rounds a batch of 2 and two of 1 differently."""
-    from learnforget.train.loop import micro_batch
+    from learnforget.train.plan import micro_batch
 
     one = setup(make_cfg("method=full", "train.batch_size=2", "train.grad_accum=1",
                          "experiment_name=a", "train.checkpoints.at=[1]", "train.precision=fp32"))

@@ -66,7 +66,7 @@ def bench_eval_compare(model: str, repeats: int, n_items: int, runs_dir: Path,
     from learnforget.eval.fast_lm import SharedContextLM
     from learnforget.eval.lmeval_tasks import TaskSpec, evaluate, write_task_dir
     from learnforget.eval.paired import subset_indices
-    from learnforget.eval.stage import load_for_eval
+    from learnforget.eval.scoring import load_for_eval
 
     cfg = compose([f"model={model}", "method=full", f"paths.runs_dir={runs_dir}", *extra])
     cache = Path(cfg.paths.cache_dir).expanduser()

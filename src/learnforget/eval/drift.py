@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from learnforget.errors import ConfigError
+from learnforget.runfolder import base_dir
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "assets" / "drift_prompts.json"
 FORMAT_VERSION = 2  # 2: batched generation, Gumbel-max sampling with a generator per text
@@ -297,14 +298,14 @@ def reference_key(settings: Mapping[str, Any], tokenizer, model_id: str) -> str:
 
 def references_path(runs_root: Path, model_id: str, key: str) -> Path:
     """Where the eval stage caches them: beside the base scores."""
-    return Path(runs_root) / "_base" / model_id / f"drift-refs-{key[:12]}.json"
+    return base_dir(runs_root, model_id) / f"drift-refs-{key[:12]}.json"
 
 
 def cached_references(path: Path, base_model, tokenizer, settings: Mapping[str, Any], *,
                       model_id: str) -> dict[str, Any]:
     """Load the references at `path` if they were made with these settings, else generate
     them with `base_model` and save them there (under a file lock: one writer)."""
-    from learnforget.assets.fetch import file_lock
+    from learnforget.files import file_lock
 
     key = reference_key(settings, tokenizer, model_id)
     path = Path(path)
