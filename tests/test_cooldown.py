@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from learnforget.config import validate
 from learnforget.errors import ConfigError
+from learnforget.runfolder import RunFolder
 from learnforget.studies.job import stage_complete
 from learnforget.train.cooldown import branch_plan, plateau
 from learnforget.train.loop import train
@@ -81,10 +82,10 @@ def test_branch_ends_match_separate_full_length_runs(make_cfg):
     cfg = make_cfg(*BRANCHES, "train.cooldown_mode=branches", "train.checkpoints.at=[4,8]",
                    "experiment_name=branches")
     main = train(cfg)
-    info = json.loads((main / "run.json").read_text())
-    assert info["status"] == "finished" and info["train"]["total_steps"] == 6  # 8 - 2
-    assert info["train"]["data"]["accounting"]["sequences"] == 8 * 2  # to the last budget
-    cool = info["cooldown"]
+    info = RunFolder(main).read_record()
+    assert info.status == "finished" and info.train.total_steps == 6  # 8 - 2
+    assert info.train.data["accounting"]["sequences"] == 8 * 2  # to the last budget
+    cool = info.cooldown
     assert cool["complete"] and set(cool["branches"]) == {"step-000004", "step-000008"}
     assert cool["branches"]["step-000004"]["from_step"] == 3
     assert stage_complete(cfg, "train", main)
@@ -102,7 +103,7 @@ def test_branch_ends_match_separate_full_length_runs(make_cfg):
             torch.testing.assert_close(w_branch[k], w_sep[k], atol=1e-6, rtol=0)
     # a rerun finds everything done and trains nothing
     again = train(cfg)
-    assert json.loads((again / "run.json").read_text())["cooldown"] == cool
+    assert RunFolder(again).read_record().cooldown == cool
 
 
 @pytest.mark.slow

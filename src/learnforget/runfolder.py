@@ -22,6 +22,7 @@ import os
 import platform
 import socket
 import subprocess
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,25 +43,30 @@ BASE = "_base"  # <runs root>/_base/<model id>/: shared base-model results
 ANALYSIS = "_analysis"  # <runs root>/_analysis/: tables and figures of `learnforget analyze`
 MANIFEST = "manifest.json"  # in each checkpoint folder: label, step, tokens, loss, format
 
-# What a run folder holds: name -> path inside it (<label>: a checkpoint label such as
-# step-000004; <suite>: an eval suite's name).
-LAYOUT: dict[str, str] = {
-    "config": "config.yaml",              # the resolved config the run was trained with
-    "record": "run.json",                 # RunRecord: status, run, train, meta sections
-    "log": LOG_NAME,                      # what the libraries said, every stage appends
-    "job": "job.json",                    # what the last job did per stage
-    "lock": ".lock",                      # held while a process trains the run
-    "tokenizer": "tokenizer/",            # the tokenizer, saved for eval
-    "metrics": "train/metrics.jsonl",     # one line per logged step
-    "resume": "train/resume.pt",          # resume state (FSDP: + train/resume-shards-*/)
-    "checkpoint": "checkpoints/<label>/",  # weights or adapter + manifest.json
-    "eval_result": "eval/<label>.json",   # one checkpoint's scores on a suite
-    "eval_summary": "eval/summary-<suite>.json",  # one row per checkpoint (+ .csv)
-    "eval_tasks": "eval/tasks/",          # the lm-eval task folder written for the suite
-    "spectra": "spectra/<label>.json",    # singular values of each module's delta W
-    "intruders": "intruders/<label>.json",  # intruder dimensions of each module
-    "branch": "branches/<label>/",        # a cooldown branch: a run folder of its own
-    "wandb": "wandb/",                    # W&B's files when logger=wandb mirrors the run
+# What a run folder holds: name -> (path inside it, what it is). <label>: a checkpoint label
+# such as step-000004; <suite>: an eval suite's name.
+LAYOUT: dict[str, tuple[str, str]] = {
+    "config": ("config.yaml", "the resolved config (secrets redacted)"),
+    "record": ("run.json", "RunRecord: status and the run, train, meta sections (below)"),
+    "log": (LOG_NAME, "what the libraries said during each stage (lm-eval, warnings)"),
+    "job": ("job.json", "what the last `learnforget job` did per stage"),
+    "lock": (".lock", "held while a process trains the run (the OS drops it on exit)"),
+    "tokenizer": ("tokenizer/", "the tokenizer, for eval"),
+    "metrics": ("train/metrics.jsonl", "per step: loss, lr, grad_norm, tokens, tokens_per_s, "
+                "peak_mem_mb; per checkpoint (and step 0): heldout_loss"),
+    "resume": ("train/resume.pt", "resume state (weights, optimizer, schedule, RNG, data "
+               "position; FSDP: + train/resume-shards-*/); removed when the run finishes"),
+    "checkpoint": ("checkpoints/<label>/", "adapter files or model.safetensors + "
+                   f"{MANIFEST} (step, tokens, epoch, loss, heldout_loss, format)"),
+    "eval_result": ("eval/<label>.json", "one checkpoint's scores on a suite"),
+    "eval_summary": ("eval/summary-<suite>.json", "one row per checkpoint and the base "
+                     "(+ .csv)"),
+    "eval_tasks": ("eval/tasks/", "the lm-eval task folder written for the suite"),
+    "spectra": ("spectra/<label>.json", "singular values of each module's delta W"),
+    "intruders": ("intruders/<label>.json", "intruder dimensions of each module"),
+    "branch": ("branches/<label>/", "train.cooldown_mode=branches: a budget's cooldown, a "
+               "run folder of its own"),
+    "wandb": ("wandb/", "the W&B mirror when logger=wandb (`wandb sync` uploads it)"),
 }
 
 
@@ -78,7 +84,7 @@ def find_runs(root: Path) -> list[Path]:
     """Run folders (holding run.json) under root, skipping folders whose name starts with
     '_' or '.' (the shared _base scores, _hydra logs, _analysis output)."""
     root = Path(root)
-    record = LAYOUT["record"]
+    record = LAYOUT["record"][0]
     if (root / record).exists():
         return [root]
     found = []
@@ -136,7 +142,7 @@ class RunInfo(Section):
 
 @dataclass
 class TrainInfo(Section):
-    """How the run trains (written at its start) and how far it got (at its end)."""
+    """How it trains (written at the start) and how far it got (at the end)."""
 
     trainable_params: int | None = None
     total_params: int | None = None
@@ -276,7 +282,7 @@ class RunFolder:
         return f"RunFolder({str(self.path)!r})"
 
     def _at(self, key: str, **fill: str) -> Path:
-        rel = LAYOUT[key].rstrip("/")
+        rel = LAYOUT[key][0].rstrip("/")
         for name, value in fill.items():
             rel = rel.replace(f"<{name}>", value)
         return self.path / rel
@@ -412,3 +418,29 @@ class RunLock:
         if self._fd is not None:
             unlock(self._fd)
             self._fd = None
+
+
+def readme_section() -> str:
+    """The layout and run.json's sections as README's "Run folder" block shows them (a test
+    checks that README.md holds exactly this text)."""
+    lines = ["```", "<run folder>/"]
+    for path, what in LAYOUT.values():
+        lines.append(textwrap.fill(what, 92, initial_indent=f"  {path:<26} ",
+                                   subsequent_indent=" " * 29))
+    lines += ["", f"run.json (schema_version {SCHEMA_VERSION}; config_hash also at the top level):", "  status".ljust(28) +
+              " " + " | ".join(STATUSES)]
+    for key, cls in (("run", RunInfo), ("train", TrainInfo), ("meta", MetaInfo)):
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        lines.append(textwrap.fill(f"{cls.__name__}: {cls.__doc__.strip()}", 92,
+                                   initial_indent=f"  {key:<26} ", subsequent_indent=" " * 29))
+        row = "    "
+        for n in names:
+            if len(row) + len(n) + 2 > 92:
+                lines.append(row.rstrip())
+                row = "    "
+            row += n + ", "
+        lines.append(row.rstrip(", "))
+    lines += ["  cooldown".ljust(28) + " train.cooldown_mode=branches: each budget's branch",
+              "  intruder_mitigation".ljust(28) + " a derived run: the mitigation settings",
+              "```"]
+    return "\n".join(lines) + "\n"
