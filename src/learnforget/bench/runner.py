@@ -446,7 +446,8 @@ def bench_cli(args: Sequence[str]) -> int:
     from learnforget.files import atomic_write_json
     from learnforget.runfolder import meta_info
 
-    result: dict[str, Any] = {"meta": meta_info().to_dict(), "torch_threads": torch.get_num_threads(),
+    result: dict[str, Any] = {"meta": meta_info().to_dict(),
+                              "torch_threads": torch.get_num_threads(),
                               "args": {k: (str(v) if isinstance(v, Path) else v)
                                        for k, v in vars(a).items()}}
     with tempfile.TemporaryDirectory(prefix="learnforget-bench-") as tmp:
