@@ -99,7 +99,7 @@ def find_runs(root: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------- run.json
 
-@dataclass
+@dataclass(kw_only=True)
 class Section:
     """A run.json section: known keys as fields; keys it does not know kept in `extra`."""
 
@@ -120,7 +120,7 @@ class Section:
         return {**out, **self.extra}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunInfo(Section):
     """What was trained: the run's identity."""
 
@@ -140,7 +140,7 @@ class RunInfo(Section):
     OMIT_IF_NONE = ("derived_from",)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainInfo(Section):
     """How it trains (written at the start) and how far it got (at the end)."""
 
@@ -171,7 +171,7 @@ class TrainInfo(Section):
                     "tokens_seen", "data_position", "wall_time_s", "peak_mem_mb", "checkpoints")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MetaInfo(Section):
     """Where and with what it ran."""
 
@@ -301,6 +301,7 @@ class RunFolder:
         """<runs root>/_base: the base-model results every run under the root shares."""
         return self.runs_root / BASE
 
+    # the folder's files (LAYOUT), each a Path
     config = property(lambda self: self._at("config"))
     record_path = property(lambda self: self._at("record"))
     log = property(lambda self: self._at("log"))
