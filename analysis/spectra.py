@@ -25,9 +25,10 @@ import os
 from pathlib import Path
 
 from learnforget.analysis import figures
-from learnforget.analysis.collect import collect_spectra, find_runs, save_table
+from learnforget.analysis.collect import collect_spectra, save_table
 from learnforget.analysis.spectra import compare_subspaces, compute_spectra, load_spectra
 from learnforget.analysis.weights import list_checkpoints
+from learnforget.runfolder import find_runs
 
 ROOT = Path(os.environ.get("LEARNFORGET_RUNS_DIR", "runs"))
 OUT = Path(os.environ.get("LEARNFORGET_ANALYSIS_OUT", str(ROOT / "_analysis")))

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     from learnforget.assets.cache import default_cache_dir
     from learnforget.assets.models import load_model
     from learnforget.config import compose
-    from learnforget.eval.stage import score, task_specs
+    from learnforget.eval.scoring import score
+    from learnforget.eval.suite import task_specs
     from learnforget.eval.task_yaml import write_task_dir
 
     if a.threads:

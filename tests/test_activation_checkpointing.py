@@ -9,7 +9,8 @@ from conftest import OFFLINE_DATA
 
 from learnforget.bench.runner import bench_memory
 from learnforget.errors import ConfigError
-from learnforget.train.loop import micro_batch, setup, train
+from learnforget.train.loop import setup, train
+from learnforget.train.plan import micro_batch
 
 SHAPE = ["train.batch_size=4", "train.seq_len=128"]
 

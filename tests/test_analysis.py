@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 from conftest import FAST, OFFLINE_DATA
 
-from learnforget.analysis.collect import collect, find_runs, pareto_front
+from learnforget.analysis.collect import collect, pareto_front
 from learnforget.analysis.stage import analyze
 from learnforget.config import compose
 from learnforget.errors import ConfigError
+from learnforget.runfolder import find_runs
 from learnforget.train.loop import fit, setup
 
 REPO = Path(__file__).resolve().parents[1]

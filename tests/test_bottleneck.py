@@ -18,7 +18,7 @@ from learnforget.analysis.spectra import compute_spectra
 from learnforget.assets.models import load_model
 from learnforget.config import compose, validate
 from learnforget.errors import ConfigError
-from learnforget.eval.stage import load_for_eval
+from learnforget.eval.scoring import load_for_eval
 from learnforget.methods import bottleneck
 from learnforget.methods.apply import apply_method, count_parameters
 from learnforget.train.loop import fit, setup

@@ -14,10 +14,12 @@ from safetensors.torch import load_file
 
 from learnforget.config import validate
 from learnforget.errors import ConfigError
+from learnforget.runfolder import RunFolder
 from learnforget.studies.job import stage_complete
 from learnforget.train.cooldown import branch_plan, plateau
-from learnforget.train.loop import Plan, train
+from learnforget.train.loop import train
 from learnforget.train.optim import make_scheduler
+from learnforget.train.plan import Plan
 
 BRANCHES = ["train.schedule=inverse_sqrt", "train.warmup_steps=2", "train.cooldown_ratio=0.25",
             "train.num_threads=1", "data.format=shards", "data.shard_tokens=4000",
@@ -80,10 +82,10 @@ def test_branch_ends_match_separate_full_length_runs(make_cfg):
     cfg = make_cfg(*BRANCHES, "train.cooldown_mode=branches", "train.checkpoints.at=[4,8]",
                    "experiment_name=branches")
     main = train(cfg)
-    info = json.loads((main / "run.json").read_text())
-    assert info["status"] == "finished" and info["train"]["total_steps"] == 6  # 8 - 2
-    assert info["train"]["data"]["accounting"]["sequences"] == 8 * 2  # to the last budget
-    cool = info["cooldown"]
+    info = RunFolder(main).read_record()
+    assert info.status == "finished" and info.train.total_steps == 6  # 8 - 2
+    assert info.train.data["accounting"]["sequences"] == 8 * 2  # to the last budget
+    cool = info.cooldown
     assert cool["complete"] and set(cool["branches"]) == {"step-000004", "step-000008"}
     assert cool["branches"]["step-000004"]["from_step"] == 3
     assert stage_complete(cfg, "train", main)
@@ -101,7 +103,7 @@ def test_branch_ends_match_separate_full_length_runs(make_cfg):
             torch.testing.assert_close(w_branch[k], w_sep[k], atol=1e-6, rtol=0)
     # a rerun finds everything done and trains nothing
     again = train(cfg)
-    assert json.loads((again / "run.json").read_text())["cooldown"] == cool
+    assert RunFolder(again).read_record().cooldown == cool
 
 
 @pytest.mark.slow
@@ -114,18 +116,21 @@ def test_a_branch_killed_midway_resumes_to_the_uninterrupted_end(tmp_path, cache
 
     from conftest import FAST
 
+    from learnforget.train.loop import TEST_CRASH_ENV
+
     env = {**os.environ, "LEARNFORGET_RUNS_DIR": str(tmp_path / "runs"),
            "LEARNFORGET_CACHE_DIR": str(cache_dir)}
     args = [sys.executable, "-m", "learnforget.cli", "train", *FAST, *BRANCHES,
             "data.max_docs=8", "data.heldout_docs=2", "train.cooldown_mode=branches",
             "train.checkpoints.at=[4,12]"]
 
-    def run(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*args, *extra], env=env, capture_output=True, text=True,
-                              timeout=300)
+    def run(*extra: str, crash_at: int | None = None) -> subprocess.CompletedProcess:
+        hook = {} if crash_at is None else {TEST_CRASH_ENV: str(crash_at)}
+        return subprocess.run([*args, *extra], env={**env, **hook}, capture_output=True,
+                              text=True, timeout=300)
 
     assert run("experiment_name=straight").returncode == 0
-    killed = run("experiment_name=killed", "train.crash_at_step=10")
+    killed = run("experiment_name=killed", crash_at=10)
     assert killed.returncode == 137, killed.stderr[-2000:]
     main = next((tmp_path / "runs/killed").iterdir())
     assert (main / "checkpoints/step-000004/manifest.json").exists()  # first branch published

@@ -151,7 +151,7 @@ def test_drift_grows_with_training_on_unrelated_text(make_cfg, cache_dir, tmp_pa
     """Full finetuning of tiny_llama on Python source: drift on general English prompts is
     > 0 after 2 steps and larger after 6; cached references are reused."""
     from learnforget.assets.models import load_tokenizer
-    from learnforget.eval.stage import load_for_eval
+    from learnforget.eval.scoring import load_for_eval
     from learnforget.train.loop import fit, setup
 
     cfg = make_cfg("model=tiny_llama", "method=full", "train.lr=1e-3",

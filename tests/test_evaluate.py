@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from learnforget.errors import ConfigError
-from learnforget.eval.stage import evaluate_run, load_for_eval, score, task_specs
+from learnforget.eval.scoring import load_for_eval, score
+from learnforget.eval.stage import evaluate_run
+from learnforget.eval.suite import task_specs
 from learnforget.train.loop import fit, setup
 
 SMOKE_FAST = ["eval=smoke", "eval.limit=4", "eval.max_gen_toks=16"]
@@ -193,7 +195,7 @@ def test_paper_suite_runs_offline_on_the_fetched_benchmarks(make_cfg, tmp_path, 
 def test_paper_hub_suite_specs(make_cfg, tmp_path, monkeypatch):
     """With the hub reachable (as far as the settings go): builtin specs by lm-eval name, and
     the sampled HumanEval settings pass through to its task; no network is used."""
-    from learnforget.eval.stage import eval_key
+    from learnforget.eval.suite import eval_key
     from learnforget.eval.task_yaml import task_config_hash, write_task_dir
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):

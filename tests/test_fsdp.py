@@ -28,7 +28,9 @@ from conftest import (
 
 from learnforget.config import compose, config_hash, validate
 from learnforget.errors import ConfigError
+from learnforget.runfolder import RunFolder
 from learnforget.train import distributed
+from learnforget.train.loop import TEST_CRASH_ENV
 
 
 def _logits(ckpt: Path) -> torch.Tensor:
@@ -48,12 +50,12 @@ def test_two_process_fsdp_matches_single_process_and_resumes(tmp_path, cache_dir
     fsdp = [str(TORCHRUN), "--nproc_per_node=2", "--master_port=29527", "-m", "learnforget.cli",
             "train", *MULTI_RANK, "train.batch_size=2", "experiment_name=fsdp",
             "train.distributed.strategy=fsdp"]
-    killed = subprocess.run([*fsdp, "train.crash_at_step=3"], env=env, capture_output=True,
+    killed = subprocess.run(fsdp, env={**env, TEST_CRASH_ENV: "3"}, capture_output=True,
                             text=True, timeout=300)
     assert killed.returncode != 0  # both ranks died after step 3, like a killed job
     run_1 = next((tmp_path / "runs/single").iterdir())
     run_2 = next((tmp_path / "runs/fsdp").iterdir())
-    assert json.loads((run_2 / "run.json").read_text())["status"] == "running"
+    assert RunFolder(run_2).read_record().status == "running"
     shards = [p.name for p in (run_2 / "train").iterdir() if "resume-shards" in p.name]
     assert len(shards) == 1 and (run_2 / "train" / shards[0] / ".metadata").exists(), shards
     assert torch.load(run_2 / "train/resume.pt", weights_only=False)["sharded"] == shards[0]
@@ -61,10 +63,10 @@ def test_two_process_fsdp_matches_single_process_and_resumes(tmp_path, cache_dir
     resumed = subprocess.run(fsdp, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout and "from step 2" in resumed.stdout, resumed.stdout
-    info = json.loads((run_2 / "run.json").read_text())
-    assert info["status"] == "finished" and info["train"]["ranks"] == 2
-    assert info["train"]["distributed"] == "fsdp"
-    assert "resumed from step 2" in info["train"]["notes"]
+    info = RunFolder(run_2).read_record()
+    assert info.status == "finished" and info.train.ranks == 2
+    assert info.train.distributed == "fsdp"
+    assert "resumed from step 2" in info.train.notes
 
     a, b = step_losses(run_1), step_losses(run_2)
     steps = [r["step"] for r in metrics_rows(run_2) if "loss" in r]

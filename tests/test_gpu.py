@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from learnforget.config import compose
-from learnforget.train.loop import micro_batch, setup, train
+from learnforget.train.loop import setup, train
 from learnforget.train.params import param_report
+from learnforget.train.plan import micro_batch
 
 pytestmark = pytest.mark.gpu
 

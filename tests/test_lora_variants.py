@@ -177,7 +177,7 @@ def test_pissa_run_killed_and_resumed_matches_uninterrupted(tmp_path, cache_dir)
     runs = tmp_path / "runs"
     pissa = ("method=lora", "method.init=pissa", "train.precision=fp32")
     assert _train(runs, cache_dir, *pissa, "experiment_name=straight").returncode == 0
-    killed = _train(runs, cache_dir, *pissa, "experiment_name=killed", "train.crash_at_step=2")
+    killed = _train(runs, cache_dir, *pissa, "experiment_name=killed", crash_at=2)
     assert killed.returncode == 137, killed.stderr[-2000:]
     resumed = _train(runs, cache_dir, *pissa, "experiment_name=killed")
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]

@@ -20,7 +20,7 @@ from learnforget.eval.paired import (
     pooled_change,
     subset_indices,
 )
-from learnforget.eval.stage import paired_columns, paired_lines
+from learnforget.eval.summary import paired_columns, paired_lines
 
 
 def mc_items(correct_choice: list[int], gold: list[int], *, doc_ids=None, lls=None) -> dict:

@@ -1,6 +1,7 @@
 """A run killed after its first checkpoint resumes and ends where an uninterrupted run ends.
 
-The kill is `os._exit(137)` right after the first checkpoint (train.crash_at_step): no
+The kill is `os._exit(137)` right after the first checkpoint (the test hook
+LEARNFORGET_TEST_CRASH_AT_STEP, learnforget.train.loop.test_crash_step): no
 clean-up, no final write, as with SIGKILL. Tolerance: weights and losses equal to 1e-6
 (on one thread they are bit-identical in practice).
 """
@@ -18,12 +19,19 @@ import torch
 from conftest import FAST
 from safetensors.torch import load_file
 
+from learnforget.runfolder import RunFolder
+from learnforget.train.loop import TEST_CRASH_ENV
+
 COMMON = [*FAST, "train.checkpoints.at=[2,4]", "train.num_threads=1", "data.max_docs=8",
           "data.heldout_docs=2", "method.r=4"]
 
 
-def _train(runs: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _train(runs: Path, cache: Path, *overrides: str,
+           crash_at: int | None = None) -> subprocess.CompletedProcess:
+    """`learnforget train` in a subprocess; with `crash_at`, it dies (os._exit) after that step."""
     env = {**os.environ, "LEARNFORGET_RUNS_DIR": str(runs), "LEARNFORGET_CACHE_DIR": str(cache)}
+    if crash_at is not None:
+        env[TEST_CRASH_ENV] = str(crash_at)
     return subprocess.run([sys.executable, "-m", "learnforget.cli", "train", *COMMON, *overrides],
                           env=env, capture_output=True, text=True, timeout=300)
 
@@ -46,10 +54,10 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, cache_dir, method):
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     killed = _train(runs, cache_dir, f"method={method}", "experiment_name=killed",
-                    "train.crash_at_step=2")
+                    crash_at=2)
     assert killed.returncode == 137, killed.stderr[-2000:]
     run_b = next((runs / "killed").iterdir())
-    assert json.loads((run_b / "run.json").read_text())["status"] == "running"  # died mid-run
+    assert RunFolder(run_b).read_record().status == "running"  # died mid-run
     assert (run_b / "checkpoints/step-000002").exists()
     assert not (run_b / "checkpoints/step-000004").exists()
 
@@ -59,8 +67,8 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, cache_dir, method):
 
     run_a = next((runs / "straight").iterdir())
     assert run_a.name == run_b.name  # same config, same run name
-    info_b = json.loads((run_b / "run.json").read_text())
-    assert info_b["status"] == "finished" and "resumed from step 2" in info_b["train"]["notes"]
+    info_b = RunFolder(run_b).read_record()
+    assert info_b.status == "finished" and "resumed from step 2" in info_b.train.notes
     la, lb = _losses(run_a), _losses(run_b)
     assert [s for s, _ in la] == [s for s, _ in lb]
     for (_, x), (_, y) in zip(la, lb, strict=True):
@@ -89,14 +97,14 @@ def test_sigterm_saves_state_and_the_rerun_finishes(tmp_path, cache_dir):
     assert proc.returncode == 0, stderr[-2000:]
     assert "SIGTERM received" in stdout
     run = next((runs / "default").iterdir())
-    info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "interrupted" and 2 <= info["train"]["steps_done"] < 200
+    info = RunFolder(run).read_record()
+    assert info.status == "interrupted" and 2 <= info.train.steps_done < 200
     assert (run / "train/resume.pt").exists()
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"resuming {run.name} from step {info['train']['steps_done']}" in done.stdout
-    info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "finished" and info["train"]["steps_done"] == 200
+    assert f"resuming {run.name} from step {info.train.steps_done}" in done.stdout
+    info = RunFolder(run).read_record()
+    assert info.status == "finished" and info.train.steps_done == 200
 
 
 # ------------------------------------------------------------------ no double training
@@ -115,7 +123,7 @@ def test_a_start_set_up_while_another_trained_does_not_train_again(make_cfg, cap
     cfg = make_cfg("method=lora", "method.r=4")
     second = setup(cfg)  # started while the first is mid-run: not finished yet
     out = fit(setup(cfg))
-    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert RunFolder(out).read_record().status == "finished"
     assert not (out / "train/resume.pt").exists()
     before = _snapshot(out)
     capsys.readouterr()
@@ -156,7 +164,7 @@ def test_a_second_process_started_mid_run_skips_it(tmp_path, cache_dir):
     first.send_signal(signal.SIGSTOP)  # hold it mid-run, lock taken
     try:
         run = next((runs / "default").iterdir())
-        assert json.loads((run / "run.json").read_text())["status"] == "running"
+        assert RunFolder(run).read_record().status == "running"
         second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     finally:
         first.send_signal(signal.SIGCONT)
@@ -165,8 +173,8 @@ def test_a_second_process_started_mid_run_skips_it(tmp_path, cache_dir):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "is being trained by another process" in second.stdout
     assert "resuming" not in second.stdout + stdout
-    info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "finished" and info["train"]["steps_done"] == 40
+    info = RunFolder(run).read_record()
+    assert info.status == "finished" and info.train.steps_done == 40
     steps = [s for s, _ in _losses(run)]
     assert steps.count(3) == 1 and steps.count(40) == 2  # step 40: loss and held-out loss
     assert not (run / "train/resume.pt").exists()

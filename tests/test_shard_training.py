@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 from test_shards import WORDS, make_docs, prep, tok  # noqa: F401 - tok is a fixture
 
 from learnforget.data.shards import ShardCorpus
+from learnforget.runfolder import RunFolder, RunRecord
+from learnforget.train.loop import TEST_CRASH_ENV
 
 RSS_BOUND_MIB = 8.0
 COMMON = [*FAST, "data=local_text", "data.format=shards", "data.heldout_docs=2",
@@ -39,16 +41,18 @@ def _write_corpus(folder: Path, n_docs: int, seed: int = 0) -> Path:
     return folder
 
 
-def _train(runs: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _train(runs: Path, cache: Path, *overrides: str,
+           crash_at: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "LEARNFORGET_RUNS_DIR": str(runs), "LEARNFORGET_CACHE_DIR": str(cache),
            "OMP_NUM_THREADS": "1"}
+    if crash_at is not None:  # the test hook: die (os._exit) after that step
+        env[TEST_CRASH_ENV] = str(crash_at)
     return subprocess.run([sys.executable, "-m", "learnforget.cli", "train", *COMMON, *overrides],
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-def _run_info(runs: Path, experiment: str) -> dict:
-    run = next((runs / experiment).iterdir())
-    return json.loads((run / "run.json").read_text())
+def _run_info(runs: Path, experiment: str) -> RunRecord:
+    return RunFolder(next((runs / experiment).iterdir())).read_record()
 
 
 @pytest.mark.slow
@@ -64,8 +68,8 @@ def test_peak_rss_stays_flat_when_the_corpus_grows_tenfold(tmp_path, cache_dir):
                    f"experiment_name={name}")
         assert p.returncode == 0, p.stderr[-2000:]
         info = _run_info(runs, name)
-        peaks[name] = info["train"]["peak_mem_mb"]
-        tokens[name] = info["train"]["data"].get("corpus_tokens")
+        peaks[name] = info.train.peak_mem_mb
+        tokens[name] = info.train.data.get("corpus_tokens")
     assert tokens["big"] >= 9 * tokens["small"]  # the corpus did grow ~10x
     grown = peaks["big"] - peaks["small"]
     print(f"peak RSS MiB: {peaks}; corpus tokens: {tokens}")
@@ -83,21 +87,21 @@ def test_run_killed_mid_corpus_resumes_to_the_same_weights(tmp_path, cache_dir):
     common = [f"data.path={folder}", "data.shard_tokens=3000", "train.checkpoints.at=[2,4]"]
     ref = _train(runs, cache_dir, *common, "experiment_name=straight")
     assert ref.returncode == 0, ref.stderr[-2000:]
-    killed = _train(runs, cache_dir, *common, "experiment_name=killed", "train.crash_at_step=2")
+    killed = _train(runs, cache_dir, *common, "experiment_name=killed", crash_at=2)
     assert killed.returncode == 137, killed.stderr[-2000:]
     resumed = _train(runs, cache_dir, *common, "experiment_name=killed")
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
     a = next((runs / "straight").iterdir())
     b = next((runs / "killed").iterdir())
-    info = json.loads((b / "run.json").read_text())
-    assert info["status"] == "finished" and "resumed from step 2" in info["train"]["notes"]
-    data = info["train"]["data"]
+    info = RunFolder(b).read_record()
+    assert info.status == "finished" and "resumed from step 2" in info.train.notes
+    data = info.train.data
     assert data["format"] == "shards" and data["n_shards"] >= 3  # reads cross several shards
     wa, wb = _weights(a, "step-000004"), _weights(b, "step-000004")
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=0, rtol=0)
-    assert info["train"]["data_position"] == 4 * 2  # sequences read: 4 steps x batch 2
+    assert info.train.data_position == 4 * 2  # sequences read: 4 steps x batch 2
     acc = data["accounting"]
     assert acc["sequences"] == 4 * 2 and acc["unique_tokens"] == 8 * 32
     assert acc["repeated_tokens"] == 0

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from learnforget.eval.stage import evaluate_run
-from learnforget.record import RunLock
+from learnforget.runfolder import RunFolder, RunLock
 from learnforget.tracking import scrub, wandb_mode
 from learnforget.train.loop import fit, setup
 
@@ -42,7 +42,7 @@ def test_wandb_offline_mirror(make_cfg, monkeypatch):
         if p.is_file():
             assert b"hf_SECRET_abc123" not in p.read_bytes(), p
     assert "<redacted>" in (out / "config.yaml").read_text()
-    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert RunFolder(out).read_record().status == "finished"
 
 
 def test_logger_none_writes_only_the_disk_record(make_cfg):
@@ -86,7 +86,7 @@ def test_offline_mode_with_a_key_trains_and_scores_without_leaking_it(make_cfg, 
     cfg = make_cfg("logger=wandb", "experiment_name=node", "eval=smoke", "eval.limit=2",
                    "eval.max_gen_toks=8", "eval.diversity.prompts=[]")
     out = fit(setup(cfg))
-    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert RunFolder(out).read_record().status == "finished"
     summary = json.loads(evaluate_run(out, cfg.eval, cfg.logger).read_text())
     assert [r["checkpoint"] for r in summary["rows"]] == ["base", "step-000001", "step-000002"]
     assert len(list((out / "wandb").glob("offline-run-*"))) == 2  # train and eval
@@ -108,8 +108,8 @@ def test_wandb_init_failure_leaves_the_disk_record_and_warns(make_cfg, monkeypat
     cfg = make_cfg("logger=wandb", "eval=smoke", "eval.limit=2", "eval.max_gen_toks=8",
                    "eval.diversity.prompts=[]")
     out = fit(setup(cfg))
-    info = json.loads((out / "run.json").read_text())
-    assert info["status"] == "finished" and info["train"]["steps_done"] == 2
+    info = RunFolder(out).read_record()
+    assert info.status == "finished" and info.train.steps_done == 2
     assert len(metrics := (out / "train/metrics.jsonl").read_text().splitlines()) >= 3, metrics
     evaluate_run(out, cfg.eval, cfg.logger)
     assert (out / "eval/summary-smoke.json").exists()
@@ -131,7 +131,7 @@ def test_wandb_log_failure_turns_the_mirror_off_once(make_cfg, monkeypatch, caps
 
     monkeypatch.setattr(tracking.WandbLogger, "log", broken_log)
     out = fit(setup(make_cfg("logger=wandb", "train.checkpoints.at=[2,3]")))
-    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert RunFolder(out).read_record().status == "finished"
     steps = [json.loads(x)["step"] for x in (out / "train/metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 2, 3, 3]  # the disk record is whole
     assert len(calls) == 1  # dropped after its first failure
@@ -149,5 +149,5 @@ def test_a_failed_setup_never_leaves_run_json_running(make_cfg, monkeypatch):
     s = setup(make_cfg())
     with pytest.raises(OSError, match="disk full"):
         fit(s)
-    assert json.loads((s.out / "run.json").read_text())["status"] == "failed"
+    assert RunFolder(s.out).read_record().status == "failed"
     assert RunLock(s.out).acquire()  # the lock was released

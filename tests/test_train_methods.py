@@ -11,6 +11,7 @@ from conftest import OFFLINE_DATA
 
 from learnforget.config import conf_dir, run_name
 from learnforget.methods.registry import BUILTIN, is_data_method, validate_method
+from learnforget.runfolder import RunFolder
 from learnforget.train.loop import fit, setup
 
 CONF = conf_dir()
@@ -54,10 +55,10 @@ def test_two_steps_change_exactly_the_trainable_parameters(make_cfg, method):
     for name, (trainable, value) in before.items():
         changed = not torch.equal(value, after[name].detach())
         assert changed == trainable, f"{method}: {name} trainable={trainable} changed={changed}"
-    info = json.loads((out / "run.json").read_text())
-    assert info["status"] == "finished"
-    assert info["train"]["steps_done"] == 2
-    assert info["train"]["checkpoints"] == ["step-000001", "step-000002"]
+    info = RunFolder(out).read_record()
+    assert info.status == "finished"
+    assert info.train.steps_done == 2
+    assert info.train.checkpoints == ["step-000001", "step-000002"]
     rows = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in rows if "loss" in r)
@@ -187,16 +188,16 @@ def test_run_folder_layout(make_cfg):
     for rel in ("config.yaml", "run.json", "train/metrics.jsonl", "tokenizer/tokenizer.json"):
         assert (out / rel).exists(), rel
     assert not (out / "train/resume.pt").exists()  # a finished run keeps no resume state
-    info = json.loads((out / "run.json").read_text())
-    assert info["meta"]["versions"]["torch"].startswith("2.")
-    assert info["train"]["trainable_params"] < info["train"]["total_params"]
-    assert info["train"]["peak_mem_mb"] > 0 and info["train"]["wall_time_s"] > 0
+    info = RunFolder(out).read_record()
+    assert info.meta.versions["torch"].startswith("2.")
+    assert info.train.trainable_params < info.train.total_params
+    assert info.train.peak_mem_mb > 0 and info.train.wall_time_s > 0
 
 
 def test_grad_accumulation_matches_the_larger_batch(make_cfg):
     """CPT blocks have equal length, so 2 x 1 accumulated equals 1 x 2 (same data order); fp32
     compute, since bf16 rounds a batch of 2 and two of 1 differently."""
-    from learnforget.train.loop import micro_batch
+    from learnforget.train.plan import micro_batch
 
     one = setup(make_cfg("method=full", "train.batch_size=2", "train.grad_accum=1",
                          "experiment_name=a", "train.checkpoints.at=[1]", "train.precision=fp32"))
@@ -232,5 +233,5 @@ def test_bf16_autocast_and_prompt_text_init(make_cfg):
     # text init: the virtual tokens start as the embeddings of the text's tokens (repeated)
     torch.testing.assert_close(prompt[0], emb[ids[0]])
     out = fit(s)
-    info = json.loads((out / "run.json").read_text())
-    assert info["train"]["precision"] == "bf16" and info["status"] == "finished"
+    info = RunFolder(out).read_record()
+    assert info.train.precision == "bf16" and info.status == "finished"

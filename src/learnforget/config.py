@@ -167,7 +167,6 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     train = _plain(cfg.train)
     for volatile in ("log_every", "num_threads", "heldout_batches"):
         train.pop(volatile, None)
-    train.pop("crash_at_step", None)
     if train.get("cooldown_mode") == "single":  # the default: older runs keep their hash
         train.pop("cooldown_mode")
     train.pop("distributed", None)  # how the ranks share the work, not what they compute

@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig
 
+from learnforget.runfolder import RunFolder
+
 SECRET = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.I)
 
 
@@ -108,8 +110,9 @@ class WandbLogger:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
-        os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / "wandb" / ".cache"))
-        os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb" / ".data"))
+        wandb_dir = RunFolder(run_dir).wandb
+        os.environ.setdefault("WANDB_CACHE_DIR", str(wandb_dir / ".cache"))
+        os.environ.setdefault("WANDB_DATA_DIR", str(wandb_dir / ".data"))
         self.mode = wandb_mode(logger_cfg.mode)
         self.run = wandb.init(
             project=logger_cfg.project,

@@ -8,9 +8,7 @@ tokens 0 included), and the Pareto front of learning vs forgetting.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from learnforget.errors import ConfigError
-from learnforget.files import read_json, read_result
+from learnforget.files import atomic_open, read_result
+from learnforget.runfolder import RunFolder, RunRecord, find_runs
 
 META_COLUMNS = ["run", "experiment", "model", "method", "method_summary", "rank", "alpha",
                 "targets", "data", "regime", "seed", "status", "suite", "checkpoint", "step",
@@ -37,39 +36,28 @@ LOWER_IS_BETTER_HINTS = ("_ce", "ce/", "loss", "ppl", "drift_kl")
 
 # ------------------------------------------------------------------ finding runs
 
-def find_runs(root: Path) -> list[Path]:
-    """Run folders (holding run.json) under root, skipping folders whose name starts with
-    '_' or '.' (the shared _base scores, _hydra logs, _analysis output)."""
-    root = Path(root)
-    if (root / "run.json").exists():
-        return [root]
-    found = []
-    for here, dirs, files in os.walk(root):
-        if "run.json" in files:
-            found.append(Path(here))
-            dirs[:] = []  # a run folder holds no further runs
-            continue
-        dirs[:] = sorted(d for d in dirs if not d.startswith(("_", ".")))
-    return sorted(found)
-
-
-def _settings(info: dict[str, Any]) -> dict[str, Any]:
-    run = info.get("run") or {}
-    ms = run.get("method_settings") or {}
+def _settings(info: RunRecord | None) -> dict[str, Any]:
+    """A run's settings and resources from its record (None: an empty row)."""
+    if info is None:
+        return {k: None for k in ("run", "experiment", "model", "method", "method_summary",
+                                  "rank", "alpha", "targets", "data", "regime", "seed", "status",
+                                  "trainable_params", "total_params", "trainable_pct",
+                                  "peak_mem_mb", "wall_time_s", "tokens_seen")}
+    run, train = info.run, info.train
+    ms = run.method_settings or {}
     targets = ms.get("targets")
     if isinstance(targets, list):
         targets = "+".join(map(str, targets))
-    train = info.get("train") or {}
     return {
-        "run": run.get("name"), "experiment": run.get("experiment"), "model": run.get("model"),
-        "method": run.get("method"), "method_summary": run.get("method_summary"),
+        "run": run.name, "experiment": run.experiment, "model": run.model,
+        "method": run.method, "method_summary": run.method_summary,
         "rank": ms.get("r"), "alpha": ms.get("alpha"), "targets": targets,
-        "data": run.get("data"), "regime": run.get("regime"), "seed": run.get("seed"),
-        "status": info.get("status"),
-        "trainable_params": train.get("trainable_params"),
-        "total_params": train.get("total_params"), "trainable_pct": train.get("trainable_pct"),
-        "peak_mem_mb": train.get("peak_mem_mb"), "wall_time_s": train.get("wall_time_s"),
-        "tokens_seen": train.get("tokens_seen"),
+        "data": run.data, "regime": run.regime, "seed": run.seed,
+        "status": info.status,
+        "trainable_params": train.trainable_params,
+        "total_params": train.total_params, "trainable_pct": train.trainable_pct,
+        "peak_mem_mb": train.peak_mem_mb, "wall_time_s": train.wall_time_s,
+        "tokens_seen": train.tokens_seen,
     }
 
 
@@ -96,19 +84,17 @@ def collect(root: Path, *, suite: str | None = None, out: Path | None = None,
     warnings: list[str] = []
     rows: list[dict[str, Any]] = []
     for run_dir in runs:
-        info = read_json(run_dir / "run.json") or {}
-        meta = _settings(info)
+        folder = RunFolder(run_dir)
+        meta = _settings(folder.read_record())
         meta["run"] = meta["run"] or run_dir.name
-        pattern = f"summary-{suite}.json" if suite else "summary-*.json"
-        summaries = sorted((run_dir / "eval").glob(pattern))
+        summaries = folder.eval_summaries(suite)
         if not summaries:
-            what = f"eval/summary-{suite}.json" if suite else "eval summary (eval/summary-*.json)"
+            rel = folder.eval_summary(suite or "*").relative_to(run_dir)
+            what = rel if suite else f"eval summary ({rel})"
             _warn(warnings, f"run {run_dir} has no {what}: skipped (score it with "
                             f"`learnforget eval {run_dir}`)", verbose)
             continue
-        manifests = {p.name: read_json(p / "manifest.json") or {}
-                     for p in (run_dir / "checkpoints").glob("*") if p.is_dir()} \
-            if (run_dir / "checkpoints").exists() else {}
+        manifests = folder.manifests()
         for path in summaries:
             try:
                 summary = json.loads(path.read_text())
@@ -149,23 +135,12 @@ def collect(root: Path, *, suite: str | None = None, out: Path | None = None,
     return df
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_table(df: pd.DataFrame, out_dir: Path, stem: str = "runs") -> list[Path]:
     """<out_dir>/<stem>.csv, and <stem>.parquet when pyarrow is importable."""
     out_dir = Path(out_dir)
     csv = out_dir / f"{stem}.csv"
-    _atomic(csv, lambda tmp: df.to_csv(tmp, index=False))
+    with atomic_open(csv, "w") as f:
+        df.to_csv(f, index=False)
     paths = [csv]
     try:
         import pyarrow  # noqa: F401
@@ -174,7 +149,8 @@ def save_table(df: pd.DataFrame, out_dir: Path, stem: str = "runs") -> list[Path
     pq = out_dir / f"{stem}.parquet"
     plain = df.copy()
     plain.attrs = {}
-    _atomic(pq, lambda tmp: plain.to_parquet(tmp, index=False))
+    with atomic_open(pq, "wb") as f:
+        plain.to_parquet(f, index=False)
     paths.append(pq)
     return paths
 
@@ -234,9 +210,10 @@ def collect_spectra(root: Path, *, matrix: str | None = None) -> pd.DataFrame:
     checkpoint x module x matrix), with the run's settings."""
     rows = []
     for run_dir in find_runs(Path(root)):
-        meta = _settings(read_json(run_dir / "run.json") or {})
+        folder = RunFolder(run_dir)
+        meta = _settings(folder.read_record())
         meta["run"] = meta["run"] or run_dir.name
-        for js in sorted((run_dir / "spectra").glob("*.json")):
+        for js in sorted(folder.spectra_dir.glob(folder.spectra("*").name)):
             rec = read_result(js) or {}  # a file cut short: left out (spectra redo it)
             for r in rec.get("rows", []):
                 if matrix and r.get("matrix") != matrix:

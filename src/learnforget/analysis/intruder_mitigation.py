@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_write_json, read_json
+from learnforget.runfolder import MANIFEST, RunFolder
 
 
 def mitigate_checkpoint(base_dir: Path, ckpt: Path, out: Path, *, top_k: int = 10,
@@ -51,8 +53,8 @@ def mitigate_checkpoint(base_dir: Path, ckpt: Path, out: Path, *, top_k: int = 1
     model.save_pretrained(tmp, selected_adapters=["intruder_reduced"])
     sub = tmp / "intruder_reduced"  # peft writes a non-default adapter into a subfolder
     src = sub if sub.exists() else tmp
-    manifest = read_json(ckpt / "manifest.json") or {}
-    atomic_write_json(src / "manifest.json", {**manifest, "intruder_mitigation": {
+    manifest = read_json(ckpt / MANIFEST) or {}
+    atomic_write_json(src / MANIFEST, {**manifest, "intruder_mitigation": {
         "top_k": top_k, "threshold_epsilon": threshold_epsilon,
         "mitigation_lambda": mitigation_lambda, "intruders": counts, "source": str(ckpt)}})
     if out.exists():
@@ -68,8 +70,9 @@ def mitigate_run(run_dir: Path, *, top_k: int = 10, threshold_epsilon: float = 0
     from learnforget.analysis.weights import base_model_folder, list_checkpoints
 
     run_dir = Path(run_dir)
-    info = read_json(run_dir / "run.json") or {}
-    method = (info.get("run") or {}).get("method")
+    source = RunFolder(run_dir)
+    info = source.read_record()
+    method = info.run.method if info else None
     if method not in ("lora", "dora"):
         raise ConfigError(f"intruder mitigation needs a LoRA run, got method={method!r} in "
                           f"{run_dir} (expected lora or dora)")
@@ -77,25 +80,23 @@ def mitigate_run(run_dir: Path, *, top_k: int = 10, threshold_epsilon: float = 0
         raise ConfigError(f"mitigation_lambda must be in [0, 1], got {mitigation_lambda!r}")
     base_dir = base_model_folder(run_dir, cache_dir)
     tag = f"intr{mitigation_lambda:g}"
-    out = run_dir.parent / f"{run_dir.name}-{tag}"
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    derived = RunFolder(run_dir.parent / f"{run_dir.name}-{tag}")
+    out = derived.path
+    derived.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     all_counts: dict[str, Any] = {}
     for ck in list_checkpoints(run_dir):
         all_counts[ck.name] = mitigate_checkpoint(
-            base_dir, ck, out / "checkpoints" / ck.name, top_k=top_k,
+            base_dir, ck, derived.checkpoint(ck.name), top_k=top_k,
             threshold_epsilon=threshold_epsilon, mitigation_lambda=mitigation_lambda)
-    for name in ("config.yaml", "tokenizer"):
-        src = run_dir / name
-        if src.is_dir():
-            shutil.copytree(src, out / name, dirs_exist_ok=True)
-        elif src.exists():
-            shutil.copy2(src, out / name)
-    run = dict(info.get("run") or {})
-    run.update(name=out.name, method_summary=f"{run.get('method_summary')}+{tag}",
-               derived_from=str(run_dir))
-    atomic_write_json(out / "run.json", {**info, "run": run, "intruder_mitigation": {
-        "top_k": top_k, "threshold_epsilon": threshold_epsilon,
-        "mitigation_lambda": mitigation_lambda, "intruders": all_counts}})
+    if source.config.exists():
+        shutil.copy2(source.config, derived.config)
+    if source.tokenizer.is_dir():
+        shutil.copytree(source.tokenizer, derived.tokenizer, dirs_exist_ok=True)
+    info.run = replace(info.run, name=out.name, derived_from=str(run_dir),
+                       method_summary=f"{info.run.method_summary}+{tag}")
+    info.intruder_mitigation = {"top_k": top_k, "threshold_epsilon": threshold_epsilon,
+                                "mitigation_lambda": mitigation_lambda, "intruders": all_counts}
+    derived.write_record(info)
     (out / "DERIVED.txt").write_text(json.dumps({"from": str(run_dir), "by": "peft "
                                                  "reduce_intruder_dimension"}) + "\n")
     return out

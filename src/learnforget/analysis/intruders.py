@@ -36,6 +36,7 @@ import torch
 
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_open, atomic_write_json, read_json
+from learnforget.runfolder import RunFolder, find_runs
 
 KS = (5, 10, 20)
 EPSILONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -179,7 +180,7 @@ def compute_intruders(run_dir: Path, checkpoint: str | None = None, *,
     settings = {"version": INTRUDERS_VERSION, "ks": list(ks), "epsilons": list(epsilons)}
     paths: list[Path] = []
     for ck in ckpts:
-        js = run_dir / "intruders" / f"{ck.name}.json"
+        js = RunFolder(run_dir).intruders(ck.name)
         old = read_json(js)
         if old and not force and old.get("settings") == settings:
             paths.append(js)
@@ -211,7 +212,7 @@ def compute_intruders(run_dir: Path, checkpoint: str | None = None, *,
 def _cache_root(run_dir: Path, cache_dir: Path | None) -> Path | None:
     if cache_dir is not None:
         return Path(cache_dir)
-    cfg = run_dir / "config.yaml"
+    cfg = RunFolder(run_dir).config
     if cfg.exists():
         from omegaconf import OmegaConf
 
@@ -225,12 +226,13 @@ def _cache_root(run_dir: Path, cache_dir: Path | None) -> Path | None:
 def collect_intruders(root: Path, k: int = DEFAULT_K, eps: float = DEFAULT_EPS) -> pd.DataFrame:
     """One row per run x checkpoint x module: intruders at (k, ε), the energy share and the
     count chance predicts (chance_rate(ε) * k)."""
-    from learnforget.analysis.collect import _settings, find_runs
+    from learnforget.analysis.collect import _settings
 
     rows = []
     for run_dir in find_runs(Path(root)):
-        meta = _settings(read_json(run_dir / "run.json") or {})
-        for js in sorted((run_dir / "intruders").glob("*.json")):
+        folder = RunFolder(run_dir)
+        meta = _settings(folder.read_record())
+        for js in sorted(folder.intruders_dir.glob(folder.intruders("*").name)):
             rec = read_json(js) or {}
             for r in rec.get("rows", []):
                 kk = min(k, len(r["sims"]))

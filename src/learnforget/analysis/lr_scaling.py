@@ -30,12 +30,13 @@ import pandas as pd
 
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_open, read_json
+from learnforget.runfolder import RunFolder, find_runs
 
 FORGETTING = ("forgetting_score", "forgetting_ce", "drift_kl")
 
 
 def _last_heldout(run_dir: Path) -> tuple[int | None, float | None]:
-    path = run_dir / "train" / "metrics.jsonl"
+    path = RunFolder(run_dir).metrics
     if not path.exists():
         return None, None
     best: tuple[int | None, float | None] = (None, None)
@@ -53,13 +54,13 @@ def collect_lr_runs(root: Path) -> pd.DataFrame:
     """One row per run: setting, lr, seed, last held-out loss and (if scored) forgetting."""
     import yaml
 
-    from learnforget.analysis.collect import _settings, find_runs
+    from learnforget.analysis.collect import _settings
 
     rows = []
     for run_dir in find_runs(Path(root)):
-        info = read_json(run_dir / "run.json") or {}
-        meta = _settings(info)
-        cfg_path = run_dir / "config.yaml"
+        folder = RunFolder(run_dir)
+        meta = _settings(folder.read_record())
+        cfg_path = folder.config
         cfg = (yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else None) or {}
         lr = (cfg.get("train") or {}).get("lr")
         step, loss = _last_heldout(run_dir)
@@ -69,7 +70,7 @@ def collect_lr_runs(root: Path) -> pd.DataFrame:
                "setting": meta["method_summary"], "rank": meta["rank"], "model": meta["model"],
                "data": meta["data"], "seed": meta["seed"], "lr": float(lr), "step": step,
                "heldout_loss": loss, "run_dir": str(run_dir)}
-        for s in sorted((run_dir / "eval").glob("summary-*.json")):
+        for s in folder.eval_summaries():
             summary = read_json(s) or {}
             last = [r for r in summary.get("rows", []) if r.get("checkpoint") != "base"]
             if last:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from learnforget.errors import ConfigError
+from learnforget.runfolder import ANALYSIS, RunFolder, find_runs
 
 
 def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
@@ -31,7 +32,7 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
     Returns {"out", "table", "figures", "spectra", "warnings", "n_rows", "wandb"}; prints the
     paths."""
     from learnforget.analysis import figures as F
-    from learnforget.analysis.collect import collect, collect_spectra, find_runs, save_table
+    from learnforget.analysis.collect import collect, collect_spectra, save_table
     from learnforget.analysis.spectra import (
         compute_spectra,
         dump_json,
@@ -41,7 +42,7 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
     from learnforget.analysis.weights import list_checkpoints
 
     root = Path(root)
-    out = Path(out) if out is not None else root / "_analysis"
+    out = Path(out) if out is not None else root / ANALYSIS
     df = collect(root, suite=suite, verbose=verbose)
     warnings: list[str] = list(df.attrs.get("warnings", []))
     table = save_table(df, out)
@@ -147,7 +148,6 @@ def _print_outputs(root: Path, out: Path, result: dict[str, Any]) -> None:
 
 def _mirror(root: Path, out: Path, figs: list[Path], n_rows: int, force: bool | None):
     """The analysis W&B run (learnforget.analysis.wandb_tables): its folder, or None."""
-    from learnforget.analysis.collect import find_runs
     from learnforget.analysis.wandb_tables import default_logger, log_analysis, study_logger
 
     logger_cfg, group = study_logger(find_runs(root), root)
@@ -163,7 +163,7 @@ def _intruders(root: Path, out: Path, cache_dir: Path | None, figs: list[Path],
     """Intruder dimensions of every run's checkpoints (learnforget.analysis.intruders), the summary
     table (intruders.csv / .md: mean per module by method, tokens and module type, with the
     count chance predicts) and the figures intruders_vs_rank / intruders_vs_tokens."""
-    from learnforget.analysis.collect import find_runs, save_table
+    from learnforget.analysis.collect import save_table
     from learnforget.analysis.intruders import (
         collect_intruders,
         compute_intruders,
@@ -236,7 +236,7 @@ def _seedless_key(run_dir: Path) -> str:
     """A run's resolved config without its seed: runs that differ only by seed share it."""
     import yaml
 
-    path = run_dir / "config.yaml"
+    path = RunFolder(run_dir).config
     cfg = (yaml.safe_load(path.read_text()) if path.exists() else None) or {"run": str(run_dir)}
     for key in ("seed", "run_name"):
         cfg.pop(key, None)

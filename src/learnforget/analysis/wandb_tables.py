@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from learnforget.runfolder import RunFolder
+
 # (key in W&B, file in the analysis folder); entries whose file is absent are left out
 TABLES: tuple[tuple[str, str], ...] = (
     ("runs", "runs.csv"),                          # every run x checkpoint: the study's table
@@ -34,7 +36,7 @@ def study_logger(run_dirs: Iterable[Path], root: Path) -> tuple[DictConfig | Non
     logger: DictConfig | None = None
     experiments: set[str] = set()
     for run_dir in run_dirs:
-        path = Path(run_dir) / "config.yaml"
+        path = RunFolder(run_dir).config
         if not path.exists():
             continue
         cfg = OmegaConf.load(path)

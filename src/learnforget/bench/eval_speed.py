@@ -66,7 +66,7 @@ def bench_eval_compare(model: str, repeats: int, n_items: int, runs_dir: Path,
     from learnforget.eval.fast_lm import SharedContextLM
     from learnforget.eval.lm_eval_run import evaluate
     from learnforget.eval.paired import subset_indices
-    from learnforget.eval.stage import load_for_eval
+    from learnforget.eval.scoring import load_for_eval
     from learnforget.eval.task_specs import TaskSpec
     from learnforget.eval.task_yaml import write_task_dir
 

@@ -40,10 +40,11 @@ def harness_steps(s, steps: int) -> dict[str, list]:
     """`train.fit` for `steps` steps: wall seconds, process CPU seconds and tokens of each of
     steps 2..`steps`, from the run's own metrics (wall_time_s and cpu_time_s are taken after
     each step; the logging and progress bar of a step fall into the next one's time)."""
+    from learnforget.runfolder import RunFolder
     from learnforget.train.loop import fit
 
     out = fit(s)
-    rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in RunFolder(out).metrics.read_text().splitlines()]
     rows = {r["step"]: r for r in rows if "wall_time_s" in r}
     ks = range(2, steps + 1)
     return {"wall": [rows[k]["wall_time_s"] - rows[k - 1]["wall_time_s"] for k in ks],

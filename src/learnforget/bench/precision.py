@@ -21,7 +21,9 @@ PRECISIONS = ("bf16", "fp32")
 
 
 def _losses(run: Path) -> list[float]:
-    rows = [json.loads(x) for x in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    from learnforget.runfolder import RunFolder
+
+    rows = [json.loads(x) for x in RunFolder(run).metrics.read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
 
 

@@ -81,7 +81,8 @@ def harness_extras_ms(s, runs_dir: Path, n: int = 20) -> dict[str, float]:
     clipping, drawing the seeded micro-batch, the scheduler, the memory probe and one metrics
     line to disk. Noise-free where the loop ratios are not: it is the harness's own cost."""
     from learnforget.tracking import DiskLogger
-    from learnforget.train.loop import micro_batch, peak_memory_mb
+    from learnforget.train.loop import peak_memory_mb
+    from learnforget.train.plan import micro_batch
 
     t, pad = s.cfg.train, s.tokenizer.pad_token_id
     s.model(**micro_batch(s.data, s.plan, t, 0, s.cfg.seed, pad)).loss.backward()
@@ -275,7 +276,8 @@ def bench_eval(model: str, repeats: int, limit: int, runs_dir: Path,
     from learnforget.assets.models import base_model_dir, load_tokenizer
     from learnforget.config import compose
     from learnforget.eval.lm_eval_run import evaluate
-    from learnforget.eval.stage import load_for_eval, task_specs
+    from learnforget.eval.scoring import load_for_eval
+    from learnforget.eval.suite import task_specs
     from learnforget.eval.task_yaml import write_task_dir
 
     cfg = compose([f"model={model}", "method=full", "eval=offline", f"paths.runs_dir={runs_dir}",
@@ -389,9 +391,10 @@ def bench_cli(args: Sequence[str]) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got "
                               f"{getattr(a, flag)}")
     from learnforget.files import atomic_write_json
-    from learnforget.record import meta_info
+    from learnforget.runfolder import meta_info
 
-    result: dict[str, Any] = {"meta": meta_info(), "torch_threads": torch.get_num_threads(),
+    result: dict[str, Any] = {"meta": meta_info().to_dict(),
+                              "torch_threads": torch.get_num_threads(),
                               "args": {k: (str(v) if isinstance(v, Path) else v)
                                        for k, v in vars(a).items()}}
     with tempfile.TemporaryDirectory(prefix="learnforget-bench-") as tmp:

@@ -13,15 +13,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from learnforget.eval.stage import (
-    base_model_id,
-    base_scores,
-    checked_specs,
-    drift_eval_for,
-    eval_key,
-    print_rows,
-    summarize,
-)
+from learnforget.eval.scoring import base_model_id, base_scores, drift_eval_for
+from learnforget.eval.suite import checked_specs, eval_key
+from learnforget.eval.summary import print_rows, summarize
+from learnforget.runfolder import base_dir, runs_root
 
 
 def evaluate_base(cfg: DictConfig) -> Path:
@@ -30,7 +25,7 @@ def evaluate_base(cfg: DictConfig) -> Path:
     Returns the cache file."""
     from learnforget.console import LOG_NAME, library_output
 
-    folder = Path(cfg.paths.runs_dir).resolve() / "_base" / base_model_id(cfg)
+    folder = base_dir(runs_root(cfg), base_model_id(cfg))
     with library_output(folder / LOG_NAME, f"eval {cfg.eval.name} (base model)"):
         return _evaluate_base(cfg)
 
@@ -41,18 +36,17 @@ def _evaluate_base(cfg: DictConfig) -> Path:
 
     ev = cfg.eval
     cache_dir = Path(cfg.paths.cache_dir).expanduser()
-    runs_root = Path(cfg.paths.runs_dir).resolve()
+    root = runs_root(cfg)
     specs = checked_specs(ev, cache_dir)
     model_id = base_model_id(cfg)
-    include_path = (write_task_dir(specs, runs_root / "_base" / model_id / "tasks") if specs
-                    else runs_root)
+    include_path = write_task_dir(specs, base_dir(root, model_id) / "tasks") if specs else root
     key = eval_key(ev, specs, include_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base_method = cfg.method if cfg.method.name == "qlora" else OmegaConf.create({"name": "full"})
     model, tokenizer, _ = load_model(cfg.model, base_method, cache_dir, device)
     model.eval()
-    drift_eval = drift_eval_for(ev, cfg, runs_root, tokenizer, lambda: model)
-    base = base_scores(cfg, ev, key, runs_root, tokenizer, specs, include_path, cache_dir,
+    drift_eval = drift_eval_for(ev, cfg, root, tokenizer, lambda: model)
+    base = base_scores(cfg, ev, key, root, tokenizer, specs, include_path, cache_dir,
                        device, drift_eval, model=model)
     print_rows([{"checkpoint": "base", "step": 0, "tokens": 0, **summarize(base, base)}])
     print(f"learnforget: base scores of {model_id} on eval={ev.name}: {base['cache_file']}")

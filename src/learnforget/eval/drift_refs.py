@@ -21,6 +21,7 @@ import torch
 
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_write_text, file_lock, read_result
+from learnforget.runfolder import base_dir
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "assets" / "drift_prompts.json"
 FORMAT_VERSION = 2  # 2: batched generation, Gumbel-max sampling with a generator per text
@@ -266,7 +267,7 @@ def reference_key(settings: Mapping[str, Any], tokenizer, model_id: str) -> str:
 
 def references_path(runs_root: Path, model_id: str, key: str) -> Path:
     """Where the eval stage caches them: beside the base scores."""
-    return Path(runs_root) / "_base" / model_id / f"drift-refs-{key[:12]}.json"
+    return base_dir(runs_root, model_id) / f"drift-refs-{key[:12]}.json"
 
 
 def cached_references(path: Path, base_model, tokenizer, settings: Mapping[str, Any], *,

@@ -21,10 +21,10 @@ from omegaconf import DictConfig
 
 from learnforget.config import config_hash, cooldown_mode, run_dir, run_name, validate
 from learnforget.errors import ConfigError
-from learnforget.files import atomic_write_json, is_locked, read_json, read_result
+from learnforget.files import read_result
+from learnforget.runfolder import RunFolder
 
 STAGES = ("train", "eval", "spectra")
-JOB_FILE = "job.json"
 
 
 def job_stages(cfg: DictConfig) -> list[str]:
@@ -39,38 +39,31 @@ def job_stages(cfg: DictConfig) -> list[str]:
     return [s for s in STAGES if s in items]
 
 
-def checkpoint_names(out: Path) -> list[str]:
-    d = out / "checkpoints"
-    if not d.is_dir():
-        return []
-    return sorted(p.name for p in d.iterdir()
-                  if not p.name.startswith(".") and (p / "manifest.json").exists())
-
-
 # ----------------------------------------------------------------------------- completeness
 
 def train_complete(out: Path, chash: str | None = None) -> bool:
-    info = read_json(out / "run.json") or {}
-    return info.get("status") == "finished" and (chash is None or info.get("config_hash") == chash)
+    return RunFolder(out).finished(chash)
 
 
 def eval_complete(out: Path, suite: str) -> bool:
     """The suite's summary exists and has a row for every checkpoint of the run."""
-    summary = read_result(out / "eval" / f"summary-{suite}.json")
+    folder = RunFolder(out)
+    summary = read_result(folder.eval_summary(suite))
     if not summary:
         return False
     have = {r.get("checkpoint") for r in summary.get("rows", [])}
-    ckpts = checkpoint_names(out)
+    ckpts = folder.checkpoint_labels()
     return bool(ckpts) and set(ckpts) <= have
 
 
 def spectra_complete(out: Path) -> bool:
     """Every checkpoint has its spectra, or an earlier job found it has no ΔW to take."""
-    ckpts = checkpoint_names(out)
+    folder = RunFolder(out)
+    ckpts = folder.checkpoint_labels()
     if not ckpts:
         return False
-    done = set((read_result(out / JOB_FILE) or {}).get("spectra_checkpoints", []))
-    return all(c in done or _parses(out / "spectra" / f"{c}.json") for c in ckpts)
+    done = set(folder.read_job().get("spectra_checkpoints", []))
+    return all(c in done or _parses(folder.spectra(c)) for c in ckpts)
 
 
 def _parses(path: Path) -> bool:
@@ -96,11 +89,6 @@ def stage_complete(cfg: DictConfig, stage: str, out: Path | None = None) -> bool
     raise ConfigError(f"unknown stage {stage!r} (expected one of: {', '.join(STAGES)})")
 
 
-def _locked(out: Path) -> bool:
-    """True while another process holds the run's lock (trains it right now)."""
-    return is_locked(out / ".lock")
-
-
 def job_state(cfg: DictConfig, out: Path | None = None) -> tuple[str, str | None]:
     """(state, next stage): `done` (every requested stage complete), `running` (the run's lock
     is held), `resume` (a resume state or a finished earlier stage to build on), `new`."""
@@ -108,9 +96,9 @@ def job_state(cfg: DictConfig, out: Path | None = None) -> tuple[str, str | None
     todo = [s for s in job_stages(cfg) if not stage_complete(cfg, s, out)]
     if not todo:
         return "done", None
-    if _locked(out):
+    if RunFolder(out).locked():
         return "running", todo[0]
-    if (out / "train" / "resume.pt").exists() or todo[0] != "train" \
+    if RunFolder(out).resume.exists() or todo[0] != "train" \
             or train_complete(out, config_hash(cfg)):
         return "resume", todo[0]
     return "new", todo[0]
@@ -142,6 +130,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     stages = job_stages(cfg)
     out, name, chash = run_dir(cfg), run_name(cfg), config_hash(cfg)
+    folder = RunFolder(out)
     if cfg.train.get("num_threads"):
         import torch
 
@@ -151,7 +140,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     env_from_slurm()  # several SLURM tasks (tasks_per_node > 1): RANK etc. for this check
     main_rank = int(os.environ.get("RANK", "0")) == 0
     status: dict[str, str] = {}
-    record = read_result(out / JOB_FILE) or {}
+    record = folder.read_job()
     trained = train_complete(out, chash)
     t0 = time.time()
     current = None
@@ -171,10 +160,10 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
                 from learnforget.train.loop import train
 
                 train(cfg)
-                info = read_json(out / "run.json") or {}
-                trained = info.get("status") == "finished" and info.get("config_hash") == chash
+                info = folder.read_record()
+                trained = folder.finished(chash)
                 status[stage] = "done" if trained else (
-                    "busy" if _locked(out) else str(info.get("status", "failed")))
+                    "busy" if folder.locked() else info.status if info else "failed")
             elif stage == "eval":
                 from learnforget.eval.stage import eval_main
 
@@ -183,7 +172,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             else:
                 from learnforget.analysis.spectra import compute_spectra
 
-                ckpts = checkpoint_names(out)
+                ckpts = folder.checkpoint_labels()
                 compute_spectra(out, cache_dir=Path(cfg.paths.cache_dir).expanduser())
                 record["spectra_checkpoints"] = ckpts
                 status[stage] = "done"
@@ -196,7 +185,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             record.update({"run": name, "config_hash": chash, "stages": dict(status),
                            "requested": stages, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                            "wall_time_s": round(time.time() - t0, 3)})
-            atomic_write_json(out / JOB_FILE, record)
+            folder.write_job(record)
     print(f"learnforget: job {name}: " + ", ".join(f"{k} {v}" for k, v in status.items()))
     if status.get("train") == "interrupted":
         _hand_interrupt_to_submitit()

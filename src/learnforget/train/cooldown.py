@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, open_dict
 from learnforget.config import cooldown_mode
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_write_json, read_json
+from learnforget.runfolder import MANIFEST, RunFolder
 
 
 def branch_step(budget_steps: int, ratio: float) -> int:
@@ -66,17 +68,13 @@ def plateau(t: DictConfig) -> DictConfig:
     return out
 
 
-def branch_dir(main: Path, label: str) -> Path:
-    return main / "branches" / label
-
-
 def branch_config(cfg: DictConfig, main: Path, label: str, budget: float) -> DictConfig:
     """Budget `label`'s branch: the same run at that one budget, cooled down, in a sub-folder."""
     out = copy.deepcopy(cfg)
     with open_dict(out):
         out.train.cooldown_mode = "single"
         out.train.checkpoints.at = [budget]
-        out.paths.runs_dir = str(main / "branches")
+        out.paths.runs_dir = str(RunFolder(main).branch(label).path.parent)
         out.experiment_name = "."
         out.run_name = label
     return out
@@ -87,27 +85,28 @@ def _publish(src: Path, dst: Path, extra: dict[str, Any]) -> None:
     tmp = dst.parent / f".tmp-{dst.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    manifest = read_json(tmp / "manifest.json") or {}
-    atomic_write_json(tmp / "manifest.json", {**manifest, **extra})
+    manifest = read_json(tmp / MANIFEST) or {}
+    atomic_write_json(tmp / MANIFEST, {**manifest, **extra})
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(tmp, dst)
 
 
-def run_branches(cfg: DictConfig, main: Path) -> dict[str, Any]:
-    """Train every budget's branch that is not finished (each resumable), publish its budget
-    checkpoint into the main run and record the branches in the main run's run.json."""
+def run_branches(cfg: DictConfig, main: Path, train: Callable[[DictConfig], Path]
+                 ) -> dict[str, Any]:
+    """Train (with `train`, the train stage) every budget's branch that is not finished (each
+    resumable), publish its budget checkpoint into the main run and record the branches in the
+    main run's run.json."""
     from learnforget.train import distributed
-    from learnforget.train.loop import train
 
     d = distributed.init()
     distributed.barrier(d)  # rank 0 has written the main run's run.json: every rank reads it
-    info = read_json(main / "run.json") or {}
-    if info.get("status") != "finished":
+    folder = RunFolder(main)
+    info = folder.read_record()
+    if info is None or not info.finished:
         return {}
     t = cfg.train
-    budgets = {str(label): int(step) for step, label in
-               (info.get("train", {}).get("budgets") or {}).items()}
+    budgets = {str(label): int(step) for step, label in (info.train.budgets or {}).items()}
     at = {str(label): a for label, a in zip(sorted(budgets, key=budgets.get),
                                             sorted(float(x) for x in t.checkpoints.at),
                                             strict=True)}
@@ -116,33 +115,30 @@ def run_branches(cfg: DictConfig, main: Path) -> dict[str, Any]:
     for label, steps in sorted(budgets.items(), key=lambda kv: kv[1]):
         budget = at[label]
         budget = int(budget) if float(budget).is_integer() else budget
-        bcfg = branch_config(cfg, main, label, budget)
-        bdir = branch_dir(main, label)
-        train(bcfg)
+        branch = folder.branch(label)
+        train(branch_config(cfg, main, label, budget))
         distributed.barrier(d)  # rank 0 has written the branch's run.json
-        binfo = read_json(bdir / "run.json") or {}
-        if binfo.get("status") != "finished":
+        if not branch.finished():
             return record  # interrupted: the rerun resumes this branch
-        ck = bdir / "checkpoints" / label
-        entry = {"branch": f"branches/{label}", "from_step": branch_step(steps, float(t.cooldown_ratio)),
-                 "to_step": steps, "final_loss": (read_json(ck / "manifest.json") or {}).get("loss"),
-                 "heldout_loss": (read_json(ck / "manifest.json") or {}).get("heldout_loss")}
+        manifest = branch.manifest(label) or {}
+        entry = {"branch": str(branch.path.relative_to(main)),
+                 "from_step": branch_step(steps, float(t.cooldown_ratio)), "to_step": steps,
+                 "final_loss": manifest.get("loss"), "heldout_loss": manifest.get("heldout_loss")}
         record["branches"][label] = entry
         if d.main:
-            _publish(ck, main / "checkpoints" / label,
+            _publish(branch.checkpoint(label), folder.checkpoint(label),
                      {"cooldown": "branch", "branch": entry["branch"],
                       "branch_from_step": entry["from_step"]})
     record["complete"] = True
     if d.main:
-        info = read_json(main / "run.json") or {}
-        info["cooldown"] = record
-        info.setdefault("train", {})["checkpoints"] = sorted(
-            p.name for p in (main / "checkpoints").glob("*-*") if not p.name.startswith("."))
-        atomic_write_json(main / "run.json", info)
+        info = folder.read_record()
+        info.cooldown = record
+        info.train.checkpoints = folder.checkpoint_labels()
+        folder.write_record(info)
     distributed.barrier(d)
     return record
 
 
 def branches_complete(out: Path) -> bool:
-    info = read_json(out / "run.json") or {}
-    return bool((info.get("cooldown") or {}).get("complete"))
+    info = RunFolder(out).read_record()
+    return bool(info and (info.cooldown or {}).get("complete"))

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from learnforget.errors import ConfigError
-from learnforget.files import atomic_open, atomic_write_json, read_json
+from learnforget.files import atomic_open, atomic_write_json
+from learnforget.runfolder import MANIFEST
 from learnforget.train import distributed
 from learnforget.train.distributed import Dist
 
@@ -105,19 +106,13 @@ def save_checkpoint(out: Path, model, manifest: dict[str, Any],
             initial = initial_factors(model)
             if initial is not None:  # PiSSA / OLoRA: a LoRA adapter on the original base
                 convert_saved_adapter(tmp, initial)
-        atomic_write_json(tmp / "manifest.json", manifest)
+        atomic_write_json(tmp / MANIFEST, manifest)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def finished_under_lock(out: Path, chash: str) -> bool:
-    """Read with the run's lock held: did another process finish this run meanwhile?"""
-    info = read_json(out / "run.json")
-    return bool(info) and info.get("status") == "finished" and info.get("config_hash") == chash
 
 
 def drop_resume_state(resume_path: Path) -> None:

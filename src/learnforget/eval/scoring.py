@@ -1,0 +1,210 @@
+"""Scoring one model on a suite: loading a checkpoint (or the base) for eval, lm-eval tasks,
+cross-entropy sets, diversity, drift; the base model's scores, cached once per settings."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from learnforget.errors import ConfigError
+from learnforget.eval.crossentropy import mean_cross_entropy
+from learnforget.eval.suite import _chance_of, ppl_examples, task_subsets
+from learnforget.files import atomic_write_json, file_lock, read_json, read_result
+from learnforget.runfolder import MANIFEST, base_dir, package_versions
+
+# ------------------------------------------------------------------ models
+
+class StripVirtualTokens(torch.nn.Module):
+    """Prompt tuning prepends virtual tokens, and peft returns their logits too; lm-eval
+    expects one logit row per input token, so drop the first `n` rows."""
+
+    def __init__(self, model: torch.nn.Module, n: int):
+        super().__init__()
+        self.model, self.n = model, n
+
+    def forward(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        out.logits = out.logits[:, self.n:, :]
+        return out
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+
+def load_for_eval(run_cfg: DictConfig, ckpt: Path | None, cache_dir: Path, device: str):
+    """The base model (ckpt None) or a checkpoint: adapters (peft or bottleneck) on their
+    (quantised) base, unmerged."""
+    from transformers import AutoModelForCausalLM
+
+    from learnforget.assets.models import load_model, torch_dtype
+
+    manifest = read_json(ckpt / MANIFEST) if ckpt else None
+    if manifest and manifest["format"] == "safetensors":
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype(run_cfg.model.dtype))
+        model.to(device)
+    else:
+        base_method = run_cfg.method if run_cfg.method.name == "qlora" else OmegaConf.create(
+            {"name": "full"})
+        model, _, _ = load_model(run_cfg.model, base_method, cache_dir, device)
+        if manifest and manifest["format"] == "bottleneck_adapter":
+            from learnforget.methods.bottleneck import load_adapter
+
+            model = load_adapter(model, ckpt)
+        elif manifest:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, ckpt)
+            cfg = model.peft_config["default"]
+            if type(cfg).__name__ == "PromptTuningConfig":
+                model = StripVirtualTokens(model, cfg.num_virtual_tokens)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def diversity(model, tokenizer, d: DictConfig, seed: int) -> dict[str, Any]:
+    """Unique completions among `samples` sampled per prompt (paper fig. 5)."""
+    if not d.prompts:
+        return {}
+    per_prompt = {}
+    for i, prompt in enumerate(d.prompts):
+        torch.manual_seed(seed + i)
+        enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+        out = model.generate(**enc, do_sample=True, temperature=float(d.temperature),
+                             top_p=float(d.top_p), max_new_tokens=int(d.max_new_tokens),
+                             num_return_sequences=int(d.samples),
+                             pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        per_prompt[prompt] = len(set(texts))
+    return {"samples": int(d.samples), "unique": per_prompt,
+            "mean_unique": sum(per_prompt.values()) / len(per_prompt)}
+
+
+BACKENDS = ("hf", "shared")
+
+
+def lm_class(model, backend: str):
+    """lm-eval's HFLM ("hf"), or learnforget.eval.fast_lm.SharedContextLM ("shared": a question's
+    context once for all its choices; the same log-likelihoods within 1e-4). Prompt and prefix
+    tuning put virtual tokens in front of every call, which a shared KV cache would repeat:
+    those models always get HFLM."""
+    from lm_eval.models.huggingface import HFLM
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"eval.backend={backend!r} is unknown (expected one of: "
+                          f"{', '.join(BACKENDS)})")
+    peft_cfg = getattr(model, "peft_config", {}).get("default") if hasattr(
+        model, "peft_config") else None
+    virtual = isinstance(model, StripVirtualTokens) or (
+        peft_cfg is not None and getattr(peft_cfg, "num_virtual_tokens", None))
+    if backend == "hf" or virtual:
+        return HFLM
+    from learnforget.eval.fast_lm import SharedContextLM
+
+    return SharedContextLM
+
+
+def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,
+          cache_dir: Path, drift_eval=None) -> dict[str, Any]:
+    """All of a suite's numbers for one model: lm-eval tasks, cross-entropy sets, diversity,
+    drift from the base model (with `drift_eval`, a learnforget.eval.drift.DriftEval)."""
+    from learnforget.console import library_bars
+
+    t0 = time.perf_counter()
+    with library_bars():  # lm-eval's per-task bars and the drift bar: to the run's log file
+        return {**_score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,
+                         drift_eval), "wall_time_s": time.perf_counter() - t0}
+
+
+def _score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,
+           cache_dir: Path, drift_eval=None) -> dict[str, Any]:
+    from learnforget.eval.lm_eval_run import evaluate as run_tasks
+
+    tasks: dict[str, Any] = {}
+    if specs:
+        os.environ["LEARNFORGET_CODE_EXEC_TIMEOUT_S"] = str(float(ev.code_timeout_s))
+        lm = lm_class(model, str(ev.get("backend", "hf")))(
+            pretrained=model, tokenizer=tokenizer, batch_size=int(ev.batch_size),
+            max_gen_toks=int(ev.max_gen_toks))
+        # a task entry's own `limit` overrides the suite's: one lm-eval call per distinct limit;
+        # tasks with a fixed `subset` (lm-eval's samples=, no limit) go in one call of their own
+        subsets = task_subsets(ev, specs)
+        limits = {str(t.name): t.get("limit", ev.limit) for t in ev.tasks}
+        groups: dict[Any, list] = {}
+        for spec in specs:
+            key = ("subset",) if spec.name in subsets else limits.get(spec.name, ev.limit)
+            groups.setdefault(key, []).append(spec)
+        for limit, group in groups.items():
+            fixed = limit == ("subset",)
+            tasks.update(run_tasks(lm, group, include_path, limit=None if fixed else limit,
+                                   batch_size=int(ev.batch_size), seed=int(ev.seed),
+                                   code_exec_allowed=bool(ev.allow_code_execution),
+                                   samples={s.name: subsets[s.name] for s in group} if fixed
+                                   else None, items=bool(ev.get("items", True))))
+        for spec in specs:
+            if tasks[spec.name].get("chance") is None and spec.data_file is not None:
+                tasks[spec.name]["chance"] = _chance_of(spec)
+    ppl = {}
+    for p in ev.ppl:
+        examples, source = ppl_examples(p, run_cfg, tokenizer, int(ev.seq_len), cache_dir)
+        ce, n = mean_cross_entropy(model, examples, batch_size=int(ev.batch_size),
+                                   pad_id=tokenizer.pad_token_id, device=model.device)
+        ppl[str(p.name)] = {"ce": ce, "ppl": math.exp(ce), "n_tokens": n, "source": source,
+                            "role": str(p.get("role", "forgetting"))}
+    return {"tasks": tasks, "ppl": ppl,
+            "diversity": diversity(model, tokenizer, ev.diversity, int(ev.seed)),
+            "drift": drift_eval.score(model) if drift_eval is not None else {}}
+
+
+def base_model_id(run_cfg: DictConfig) -> str:
+    """The base model a run's checkpoints are scored against (QLoRA: its 4-bit base)."""
+    model_id = run_cfg.model.name
+    if run_cfg.method.name == "qlora":  # adapters are scored on the base they trained on
+        m = run_cfg.method
+        model_id += (f"-8bit-int8-{m.compute_dtype}" if m.quant_type == "int8" else
+                     f"-4bit-{m.quant_type}{'-dq' if m.double_quant else ''}-{m.compute_dtype}")
+    return model_id
+
+
+def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, tokenizer,
+                specs, include_path: Path, cache_dir: Path, device: str,
+                drift_eval=None, model=None) -> dict[str, Any]:
+    """The base model's scores, computed once per (model, quantisation, suite settings).
+    `model`: the base model when the caller has it loaded already."""
+    model_id = base_model_id(run_cfg)
+    ppl_run = any(p.source == "run" for p in ev.ppl)
+    data_id = f"-{run_cfg.data.name}" if ppl_run else ""
+    path = base_dir(runs_root, model_id) / f"{ev.name}{data_id}-{key[:12]}.json"
+    with file_lock(path.with_suffix(".lock")):
+        cached = read_result(path)
+        if cached and cached.get("eval_key") == key:
+            return {**cached, "cache_file": str(path)}
+        print(f"learnforget: scoring the base model {model_id} on eval={ev.name} (cached after)")
+        if model is None:
+            model = (drift_eval.base_model if drift_eval is not None
+                     else load_for_eval(run_cfg, None, cache_dir, device))
+        result = {"eval_key": key, "model": model_id, "suite": ev.name,
+                  **score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,
+                          drift_eval),
+                  "versions": package_versions()}
+        atomic_write_json(path, result)
+        return {**result, "cache_file": str(path)}
+
+
+def drift_eval_for(ev: DictConfig, run_cfg: DictConfig, runs_root: Path, tokenizer, load_base):
+    """A DriftEval when the suite measures drift (eval.drift.enabled), else None."""
+    if ev.get("drift") is None or not ev.drift.get("enabled", False):
+        return None
+    from learnforget.eval.drift import DriftEval
+
+    return DriftEval(ev.drift, model_id=base_model_id(run_cfg), runs_root=runs_root,
+                     tokenizer=tokenizer, load_base=load_base)

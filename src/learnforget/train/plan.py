@@ -1,0 +1,125 @@
+"""What a run reads and when it saves: its data (in memory or token shards), the plan of
+optimizer steps and checkpoints, and the micro-batch of every step (seeded, resumable)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from learnforget.config import cooldown_mode
+from learnforget.data.packing import TokenizedData, build_data, collate
+from learnforget.data.shards import (
+    accounting,
+    corpus_dir,
+    data_format,
+    ensure_corpus,
+    sequence_blocks,
+    shard_data,
+)
+from learnforget.errors import ConfigError
+from learnforget.train import cooldown, distributed
+from learnforget.train.distributed import Dist
+
+
+@dataclass
+class Plan:
+    """How long the run is and where it saves: all in optimizer steps, fixed before training."""
+
+    micro_per_epoch: int        # micro-batches in one pass over the training set
+    steps_per_epoch: float      # optimizer steps in one pass
+    total_steps: int
+    checkpoints: dict[int, str]  # step -> checkpoint label
+    branch_points: dict[int, str] = field(default_factory=dict)  # cooldown branches: step -> budget
+    budgets: dict[int, str] = field(default_factory=dict)  # cooldown branches: budget step -> label
+
+
+def make_plan(t: DictConfig, data: TokenizedData, world: int = 1) -> Plan:
+    n = len(data.train)
+    drop_last = data.regime == "cpt"
+    per_micro = t.batch_size * world  # one micro-batch across all data-parallel ranks
+    micro = n // per_micro if drop_last else math.ceil(n / per_micro)
+    if micro < t.grad_accum:
+        raise ConfigError(
+            f"data={data.info.get('name', '?')} has {n} training examples, fewer than one optimizer "
+            f"step needs (train.batch_size={t.batch_size} x train.grad_accum={t.grad_accum} x "
+            f"{world} ranks)")
+    steps_per_epoch = (n / per_micro if getattr(data, "streamed", False) else micro) / t.grad_accum
+    unit = t.checkpoints.unit
+    if unit == "steps":
+        steps = [int(a) for a in t.checkpoints.at]
+    elif unit == "epochs":
+        steps = [max(1, round(a * steps_per_epoch)) for a in t.checkpoints.at]
+    else:  # tokens: CPT steps are exact (packed blocks); IFT uses the mean example length
+        mean_len = data.info.get("mean_train_len") or t.seq_len
+        per_step = per_micro * t.grad_accum * (t.seq_len if drop_last else mean_len)
+        steps = [max(1, math.ceil(a / per_step)) for a in t.checkpoints.at]
+    if len(set(steps)) != len(steps):
+        raise ConfigError(
+            f"train.checkpoints.at={list(t.checkpoints.at)} ({unit}) maps two budgets onto the same "
+            f"optimizer step ({steps}): space the budgets further apart or use smaller batches")
+    labels = {}
+    for a, s in zip(t.checkpoints.at, steps, strict=True):
+        a_str = f"{a:g}" if unit == "epochs" else f"{int(a):09d}" if unit == "tokens" else f"{int(a):06d}"
+        labels[s] = f"{unit.rstrip('s')}-{a_str}"
+    plan = Plan(micro, steps_per_epoch, max(steps), labels)
+    return cooldown.branch_plan(plan, t) if cooldown_mode(t) == "branches" else plan
+
+
+def micro_batch(data: TokenizedData, plan: Plan, t: DictConfig, index: int, seed: int,
+                pad_id: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """This rank's part of micro-batch number `index` of the whole run: a seeded permutation
+    per epoch, so the data position after a resume is exactly where the interrupted run was,
+    and `world` ranks together see what one process with `world` x batch_size would."""
+    if getattr(data, "streamed", False):  # token shards: blocks by position, no epoch array
+        ids = sequence_blocks(index, t.batch_size, rank, world, len(data.train), seed)
+        return collate([data.train[i] for i in ids], pad_id)
+    epoch, within = divmod(index, plan.micro_per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(data.train), generator=g)
+    start = (within * world + rank) * t.batch_size
+    ids = order[start:start + t.batch_size].tolist()
+    return collate([data.train[i] for i in ids], pad_id)
+
+
+
+
+def load_data(cfg: DictConfig, tokenizer: Any, d: Dist, cache_dir: Path) -> TokenizedData:
+    """The run's data: in memory (data.format=memory), or token shards read by position
+    (data.format=shards; rank 0 prepares them first when they are missing or partial)."""
+    t = cfg.train
+    if data_format(cfg.data) == "shards":
+        if not d.main:  # rank 0 tokenizes the corpus into the cache first
+            distributed.barrier(d)
+        folder = ensure_corpus(cfg.data, cfg.model, tokenizer, cache_dir) if d.main else \
+            corpus_dir(cache_dir, cfg.data, cfg.model)
+        if d.main:
+            distributed.barrier(d)
+        data = shard_data(cfg.data, folder, t.seq_len, seed=cfg.seed)
+    else:
+        data = build_data(cfg.data, tokenizer, t.seq_len, seed=cfg.seed, cache_dir=cache_dir)
+    data.info.setdefault("name", cfg.data.name)
+    data.info.setdefault("format", "memory")
+    max_docs = cfg.data.get("max_docs")
+    data.info.setdefault("max_docs", max_docs)
+    n_docs = data.info.get("n_docs_train", 0) + data.info.get("n_docs_heldout", 0)
+    data.info["max_docs_reached"] = max_docs is not None and n_docs >= max_docs  # source cut
+    return data
+
+
+def data_accounting(t: DictConfig, data: TokenizedData, plan: Plan, world: int) -> dict[str, Any]:
+    """Unique and repeated tokens of the whole run (all ranks, to the last budget; with
+    cooldown branches, to the end of the last budget's branch)."""
+    steps = max(plan.budgets) if plan.budgets else plan.total_steps
+    sequences = steps * t.grad_accum * t.batch_size * world
+    n = len(data.train)
+    if not getattr(data, "streamed", False) and data.regime == "cpt":
+        n = plan.micro_per_epoch * t.batch_size * world  # the rest of an epoch is dropped
+    per_seq = t.seq_len if data.regime == "cpt" else data.info["n_train_tokens"] / len(data.train)
+    return accounting(n, sequences, per_seq)
+
+
