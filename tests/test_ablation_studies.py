@@ -15,16 +15,10 @@ from conftest import FAST, OFFLINE_DATA
 
 from learnforget.config import compose
 from learnforget.errors import ConfigError
-from learnforget.studies.sweep import (
-    apply_size,
-    estimate,
-    expand,
-    find_study,
-    load_study,
-    memory_table,
-    sweep_cli,
-    sweep_main,
-)
+from learnforget.studies.command import sweep_cli, sweep_main
+from learnforget.studies.plan import estimate, expand
+from learnforget.studies.report import memory_table
+from learnforget.studies.study import apply_size, find_study, load_study
 
 LLAMA_D, LLAMA_LAYERS = 4096, 32
 STUDIES = {"lora_which_matrices": 7, "lora_rank_ablation": 15, "qlora_dtypes": 7,
