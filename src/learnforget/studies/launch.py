@@ -174,7 +174,8 @@ def report_failures(outcomes: Sequence[Outcome]) -> None:
     for o in outcomes:
         if o.error is None:
             continue
-        text = str(o.error).strip().splitlines()[0] if str(o.error).strip() else ""
-        print(f"learnforget: job #{o.job.index} ({o.job.run_dir.name}) failed: "
-              f"{type(o.error).__name__}: {text}" + (f" (log: {o.log})" if o.log else ""),
-              file=sys.stderr)
+        lines = str(o.error).strip().splitlines() or [""]
+        # submitit's FailedJobError holds the job's traceback: its last line names the error
+        what = lines[-1].strip() if o.log else f"{type(o.error).__name__}: {lines[0]}"
+        print(f"learnforget: job #{o.job.index} ({o.job.run_dir.name}) failed: {what}"
+              + (f" (log: {o.log})" if o.log else ""), file=sys.stderr)
