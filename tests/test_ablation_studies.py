@@ -149,7 +149,7 @@ def test_every_study_has_a_toy_size_on_the_tiny_llama(name, tmp_path):
     assert {j.cfg.model.name for j in toy.jobs} == {"tiny_llama"}
     assert {j.cfg.data.name for j in toy.jobs} == {"arith_ift"}
     assert {j.run_dir.parent.name for j in toy.jobs} == {f"{name}_toy"}
-    assert toy.study.gpu_hours == 0 and all(j.gpu_hours == 0 for j in toy.jobs)
+    assert toy.study.cost == 0 and all(j.gpu_hours == 0 for j in toy.jobs)
     assert all(j.gpu_hours > 0 for j in full.jobs)
 
 

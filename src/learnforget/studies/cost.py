@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from learnforget.errors import ConfigError
-from learnforget.studies.values import matches
+from learnforget.studies.values import fmt, matches
 
 COST_KEYS = ("tokens_per_gpu_s", "epoch_tokens", "eval_gpu_hours", "speed")
 
@@ -39,16 +39,16 @@ class Cost:
 
     def describe(self) -> str:
         """One line for the dry run."""
-        parts = [f"tokens / ({self.tokens_per_gpu_s:g} tokens/s x speed) + checkpoints x "
+        parts = [f"tokens / ({self.tokens_per_gpu_s:g} tokens/s x speed) / 3600 + checkpoints x "
                  f"{self.eval_gpu_hours:g} h"]
-        if self.epoch_tokens is not None:
-            parts.append(f"epoch_tokens={self.epoch_tokens}")
-        parts += [f"speed x{f:g} where {_show(m) or 'always'}" for m, f in self.speed]
+        if isinstance(self.epoch_tokens, dict):
+            parts.append("epoch_tokens " + ", ".join(f"{k}={v:,.0f}"
+                                                     for k, v in self.epoch_tokens.items()))
+        elif self.epoch_tokens is not None:
+            parts.append(f"epoch_tokens={self.epoch_tokens:,.0f}")
+        parts += [f"speed x{f:g}" + (f" where {' '.join(f'{k}={fmt(v)}' for k, v in m.items())}"
+                                     if m else "") for m, f in self.speed]
         return "; ".join(parts)
-
-
-def _show(match: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in match.items())
 
 
 def _number(value: Any, what: str, positive: bool = True) -> float:
