@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -175,7 +176,8 @@ def report_failures(outcomes: Sequence[Outcome]) -> None:
         if o.error is None:
             continue
         lines = str(o.error).strip().splitlines() or [""]
-        # submitit's FailedJobError holds the job's traceback: its last line names the error
-        what = lines[-1].strip() if o.log else f"{type(o.error).__name__}: {lines[0]}"
+        # submitit's errors quote the job's traceback: its last "...Error: ..." line says what
+        raised = [x.strip() for x in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", x)]
+        what = raised[-1] if o.log and raised else f"{type(o.error).__name__}: {lines[0]}"
         print(f"learnforget: job #{o.job.index} ({o.job.run_dir.name}) failed: {what}"
               + (f" (log: {o.log})" if o.log else ""), file=sys.stderr)
