@@ -132,6 +132,29 @@ def test_costs_are_data_and_a_formula_is_an_error(tmp_path):
         load_study(formula)
 
 
+def test_launcher_choices_and_hydra_overrides_are_checked_before_any_job(tmp_path):
+    runs = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="--launcher 'local_slurm' is unknown.*submitit_slurm"):
+        sweep_main("demo_tiny", [f"paths.runs_dir={runs}"], launcher="local_slurm")
+    with pytest.raises(ConfigError, match="'hydra.job.name=x': a study takes hydra.launcher"):
+        sweep_main("demo_tiny", [f"paths.runs_dir={runs}", "hydra.job.name=x"])
+    assert not runs.exists()
+
+
+def test_a_preempted_study_job_is_resubmitted_with_its_overrides():
+    """submitit requeues a preempted or timed-out SLURM job by asking its callable to
+    checkpoint: a study job comes back as itself with the same overrides (and then resumes its
+    run from train/resume.pt)."""
+    import submitit
+
+    from learnforget.studies.launch import StudyJob
+
+    job = StudyJob()
+    delayed = job.checkpoint(["method=lora", "seed=1"])
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert delayed.function is job and delayed.args == (["method=lora", "seed=1"],)
+
+
 def test_the_private_api_adapter_still_works(tmp_path, monkeypatch):
     """studies/_private_api.py is the one use of private library APIs (submitit's sbatch
     script without submitting): this fails loudly when a submitit release changes them."""
