@@ -27,8 +27,7 @@ from pathlib import Path
 from learnforget.analysis import figures
 from learnforget.analysis.collect import collect_spectra, save_table
 from learnforget.analysis.spectra import compare_subspaces, compute_spectra, load_spectra
-from learnforget.analysis.weights import list_checkpoints
-from learnforget.runfolder import find_runs
+from learnforget.runfolder import RunFolder, find_runs
 
 ROOT = Path(os.environ.get("LEARNFORGET_RUNS_DIR", "runs"))
 OUT = Path(os.environ.get("LEARNFORGET_ANALYSIS_OUT", str(ROOT / "_analysis")))
@@ -40,7 +39,7 @@ THRESHOLD = float(os.environ.get("LEARNFORGET_THRESHOLD", "0.9"))
 # ## Compute what is missing (stored in `<run>/spectra/`, skipped when already done)
 
 # %%
-runs = [r for r in find_runs(ROOT) if list_checkpoints(r)]
+runs = [r for r in find_runs(ROOT) if RunFolder(r).checkpoint_dirs()]
 done = {}
 for run in runs:
     paths = compute_spectra(run, threshold=THRESHOLD, with_weights=WITH_WEIGHTS,
@@ -84,7 +83,7 @@ for p in figures.plot_rank_vs_tokens(table, OUT / "spectra"):
 # %%
 by_method = {}
 for run in done:
-    method = load_spectra(run, list_checkpoints(run)[-1].name)[0]["method"]
+    method = load_spectra(run, RunFolder(run).checkpoint_dirs()[-1].name)[0]["method"]
     by_method.setdefault(method, []).append(run)
 for lora_run in by_method.get("lora", [])[:1]:
     for full_run in by_method.get("full", [])[:1]:

@@ -19,15 +19,32 @@ from learnforget.assets.eval_data import SUITE_DATA  # noqa: E402
 from learnforget.config import compose  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def small_run_overrides() -> list[str]:
+    """conf/debug/fast.yaml, the one definition of a small run, as key=value overrides (value
+    overrides, so that they replace what a study or an earlier override sets, as `debug=fast`
+    on its own would not)."""
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).parents[1] / "conf" / "debug" / "fast.yaml").read_text())
+    out = [f"{k.removeprefix('override /')}={v}" for d in raw.pop("defaults", [])
+           for k, v in d.items()]
+
+    def flat(prefix: str, node) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                flat(f"{prefix}{k}.", v)
+            else:
+                out.append(f"{prefix}{k}=" + (f"[{','.join(map(str, v))}]" if isinstance(v, list)
+                                              else str(v)))
+
+    flat("", raw)
+    return out
+
+
 # A run of 2 optimizer steps on tiny data: checkpoints after step 1 and step 2.
-FAST = [
-    "logger=none",
-    "train.batch_size=2",
-    "train.seq_len=32",
-    "train.checkpoints.unit=steps",
-    "train.checkpoints.at=[1,2]",
-    "train.heldout_batches=1",
-]
+FAST = small_run_overrides()
 # Offline data sets with their required settings.
 OFFLINE_DATA = {
     "stdlib_code": ["data.max_docs=8", "data.heldout_docs=2"],

@@ -15,16 +15,10 @@ from conftest import FAST, OFFLINE_DATA
 
 from learnforget.config import compose
 from learnforget.errors import ConfigError
-from learnforget.studies.sweep import (
-    apply_size,
-    estimate,
-    expand,
-    find_study,
-    load_study,
-    memory_table,
-    sweep_cli,
-    sweep_main,
-)
+from learnforget.studies.command import sweep_cli, sweep_main
+from learnforget.studies.plan import estimate, expand
+from learnforget.studies.report import memory_table
+from learnforget.studies.study import apply_size, find_study, load_study
 
 LLAMA_D, LLAMA_LAYERS = 4096, 32
 STUDIES = {"lora_which_matrices": 7, "lora_rank_ablation": 15, "qlora_dtypes": 7,
@@ -155,7 +149,7 @@ def test_every_study_has_a_toy_size_on_the_tiny_llama(name, tmp_path):
     assert {j.cfg.model.name for j in toy.jobs} == {"tiny_llama"}
     assert {j.cfg.data.name for j in toy.jobs} == {"arith_ift"}
     assert {j.run_dir.parent.name for j in toy.jobs} == {f"{name}_toy"}
-    assert toy.study.gpu_hours == 0 and all(j.gpu_hours == 0 for j in toy.jobs)
+    assert toy.study.cost == 0 and all(j.gpu_hours == 0 for j in toy.jobs)
     assert all(j.gpu_hours > 0 for j in full.jobs)
 
 

@@ -19,7 +19,8 @@ import subprocess
 import sys
 import time
 
-from learnforget.studies.sweep import expand, find_study, load_study
+from learnforget.studies.plan import expand
+from learnforget.studies.study import find_study, load_study
 
 CHEAP = ["seed=0", "train.checkpoints.at=[2048]", "data.max_docs=40", "data.heldout_docs=4",
          "eval.limit=2"]

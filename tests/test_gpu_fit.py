@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from learnforget.studies.sweep import sweep_cli
+from learnforget.studies.command import sweep_cli
 from learnforget.train import gpu_fit
 
 GIB = 2**30

@@ -14,7 +14,8 @@ import torch
 from conftest import TORCHRUN, multi_rank_env
 from safetensors.torch import load_file
 
-from learnforget.studies.sweep import apply_size, expand, find_study, load_study
+from learnforget.studies.plan import expand
+from learnforget.studies.study import apply_size, find_study, load_study
 from learnforget.train.loop import train
 
 PAPER_STUDIES = ["code_cpt", "math_cpt", "code_ift", "math_ift", "lr_search"]

@@ -195,13 +195,9 @@ def _budget_rows(out: str) -> list[list[str]]:
 
 def test_code_cpt_dry_run_shows_each_jobs_budget_against_the_corpus(tmp_path, capsys, tok):
     from learnforget.data.shards import ensure_corpus
-    from learnforget.studies.sweep import (
-        apply_size,
-        expand,
-        find_study,
-        load_study,
-        print_data_budget,
-    )
+    from learnforget.studies.plan import expand
+    from learnforget.studies.report import print_data_budget
+    from learnforget.studies.study import apply_size, find_study, load_study
 
     paths = [f"paths.runs_dir={tmp_path / 'runs'}", f"paths.cache_dir={tmp_path / 'cache'}"]
     s, extra = apply_size(load_study(find_study("code_cpt")), None, paths)

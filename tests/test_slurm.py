@@ -152,7 +152,8 @@ def test_sweep_on_slurm_survives_preemption(slurm_cluster, tmp_path):
     exe = Path(sys.executable).with_name("learnforget")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "learnforget.cli"]
     cmd += ["train", "-m", "hydra/launcher=local_slurm", "method=lora", "method.r=2,4,8,16",
-            "debug=fast", "train.checkpoints.unit=steps",
+            "debug=fast", "train.seq_len=64", "data.max_docs=40", "data.heldout_docs=4",
+            "train.checkpoints.unit=steps",
             f"train.checkpoints.at=[{FIRST_CKPT},{LAST_STEP}]", "train.heldout_batches=1",
             f"hydra.sweep.dir={sweep}"]
     log = (tmp_path / "sweep.log").open("w")
@@ -274,6 +275,9 @@ def test_fsdp_run_over_two_slurm_tasks(slurm_cluster, tmp_path):
     p = subprocess.run(_learnforget("train", "-m", "hydra/launcher=local_slurm",
                                     "hydra.launcher.tasks_per_node=2", "method=full",
                                     "train.distributed.strategy=fsdp", "debug=fast",
+                                    "train.seq_len=64", "train.checkpoints.at=[2,4]",
+                                    "train.heldout_batches=2", "data.max_docs=40",
+                                    "data.heldout_docs=4",
                                     f"hydra.sweep.dir={sweep}"),
                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     logs = "\n".join(f.read_text(errors="replace")[-2000:]

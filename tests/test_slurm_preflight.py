@@ -17,7 +17,7 @@ import pytest
 
 from learnforget.cli import main
 from learnforget.errors import ConfigError
-from learnforget.studies.sweep import sweep_main
+from learnforget.studies.command import sweep_main
 
 FAKE_SBATCH = """#!/bin/bash
 # a fake sbatch: records each call (arguments, then the script it read) and answers like SLURM
@@ -109,7 +109,7 @@ def test_no_sbatch_on_path_is_one_error(tmp_path, monkeypatch, capsys):
 
 
 def test_the_7b_fsdp_profile_asks_for_one_task_per_gpu(tmp_path, fake_slurm, capsys):
-    from learnforget.studies.sweep import (
+    from learnforget.studies.cluster import (
         cluster_profile_path,
         load_cluster_profile,
         slurm_preflight,

@@ -19,8 +19,9 @@ def _mentions(folder: Path, root: Path = ROOT) -> list[str]:
     """``file:line: text`` for every line of a text file under `folder` naming ``tests/``."""
     hits = []
     for path in sorted(folder.rglob("*")):
-        if not path.is_file() or "__pycache__" in path.parts:
-            continue
+        if not path.is_file() or any(part == "__pycache__" or part.endswith(".egg-info")
+                                      for part in path.parts):
+            continue  # build outputs (pip's egg-info lists every file, tests/ included)
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:

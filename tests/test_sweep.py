@@ -4,6 +4,7 @@ cluster profiles fail before any job; a tiny study runs, reruns nothing, reruns 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import time
@@ -14,17 +15,10 @@ from omegaconf import OmegaConf
 
 from learnforget.config import compose
 from learnforget.errors import ConfigError
-from learnforget.studies.sweep import (
-    Composer,
-    estimate,
-    expand,
-    find_study,
-    load_cluster_profile,
-    load_study,
-    refresh_states,
-    sweep_cli,
-    sweep_main,
-)
+from learnforget.studies.cluster import load_cluster_profile
+from learnforget.studies.command import sweep_cli, sweep_main
+from learnforget.studies.plan import estimate, expand, refresh_states
+from learnforget.studies.study import expand_overrides, find_study, load_study
 
 
 @pytest.fixture
@@ -68,10 +62,118 @@ def test_code_ift_dry_run_lists_the_paper_grid(tmp_path, capsys, no_network):
     assert total == pytest.approx(313.8, abs=0.1)
 
 
-def test_composer_matches_compose():
-    ov = ["experiment_name=x", "model=llama2_7b", "method=full", "method.r=64", "debug=fast",
-          "train.betas=[0.9,0.95]", "stages=[train,eval]", "+extra=3"]
-    assert OmegaConf.to_container(Composer()(ov)) == OmegaConf.to_container(compose(ov))
+def test_the_study_model_expands_without_composing_and_jobs_compose_as_compose(tmp_path):
+    """The pure study model gives every job's override list; each job's config is exactly what
+    learnforget.config.compose makes of that list (Hydra's public compose API)."""
+    study = load_study(_write(tmp_path / "x.yaml", """
+description: one full job, its rank ignored
+experiment_name: x
+stages: [train, eval]
+holds: [model=llama2_7b, debug=fast, "train.betas=[0.9,0.95]", +extra=3]
+sweep: {method: [full], method.r: [64]}
+"""))
+    ex = expand_overrides(study, [f"paths.runs_dir={tmp_path}"])
+    assert (ex.combinations, ex.excluded, ex.hydra) == (1, 0, [])
+    assert ex.jobs == [(["experiment_name=x", "stages=[train,eval]", "model=llama2_7b",
+                         "debug=fast", "train.betas=[0.9,0.95]", "+extra=3", "method=full",
+                         "method.r=64", f"paths.runs_dir={tmp_path}"],
+                        ["method=full", "method.r=64"])]
+    (job,) = expand(study, [f"paths.runs_dir={tmp_path}"]).jobs
+    assert OmegaConf.to_container(job.cfg) == OmegaConf.to_container(compose(ex.jobs[0][0]))
+    assert job.cfg.extra == 3 and list(job.cfg.stages) == ["train", "eval"]
+
+
+def test_one_definition_of_a_small_run():
+    """debug=fast, the tests' FAST and the start of every toy size are one small run."""
+    from conftest import FAST
+
+    from learnforget.studies.study import available_studies
+
+    assert OmegaConf.to_container(compose(["debug=fast"])) == OmegaConf.to_container(compose(FAST))
+    toys = 0
+    for name in available_studies():
+        toy = load_study(find_study(name)).sizes.get("toy")
+        if toy:
+            toys += 1
+            assert toy["overrides"][0] == "debug=fast", name
+    assert toys >= 10
+
+
+def test_costs_are_data_and_a_formula_is_an_error(tmp_path):
+    from learnforget.studies.cost import Cost, gpu_hours, parse_cost
+
+    cost = parse_cost({"tokens_per_gpu_s": 1000, "eval_gpu_hours": 0.5,
+                       "speed": [{"match": {"method": "lora"}, "factor": 0.5},
+                                 {"match": {"train.precision": ["fp32", "bf16"]}, "factor": 0.5}]},
+                      "study x: cost")
+    full = compose(["method=full", "train.checkpoints.unit=tokens",
+                    "train.checkpoints.at=[3600000,7200000]", "train.precision=fp32"])
+    lora = compose(["method=lora", "train.checkpoints.unit=steps", "train.checkpoints.at=[10]",
+                    "train.batch_size=4", "train.grad_accum=2", "train.seq_len=90",
+                    "train.precision=bf16"])
+    assert gpu_hours(cost, full) == pytest.approx(7_200_000 / 500 / 3600 + 2 * 0.5)
+    assert gpu_hours(cost, lora) == pytest.approx(10 * 8 * 90 / 250 / 3600 + 0.5)
+    assert gpu_hours(2.5, lora) == 2.5
+    assert isinstance(cost, Cost) and "speed x0.5 where method=lora" in cost.describe()
+    for bad, match in [({"eval_gpu_hours": 1}, "tokens_per_gpu_s is required"),
+                       ({"tokens_per_gpu_s": 5, "speeds": 1}, r"unknown key\(s\) \['speeds'\]"),
+                       ({"tokens_per_gpu_s": 5, "speed": [{"factor": "fast"}]}, "speed\\[0\\]"),
+                       ({"tokens_per_gpu_s": -1}, "tokens_per_gpu_s must be a positive number")]:
+        with pytest.raises(ConfigError, match=match):
+            parse_cost(bad, "study x: cost")
+    epochs = compose(["train.checkpoints.unit=epochs", "train.checkpoints.at=[1,2]"])
+    with pytest.raises(ConfigError, match="epoch_tokens is needed"):
+        gpu_hours(cost, epochs)
+    per_data = parse_cost({"tokens_per_gpu_s": 1, "epoch_tokens": {"magicoder_evol": 3600}}, "c")
+    with pytest.raises(ConfigError, match="no entry for data=stdlib_code"):
+        gpu_hours(per_data, epochs)
+    formula = _write(tmp_path / "f.yaml", 'description: x\ngpu_hours_per_job: "tokens / 5000"\n')
+    with pytest.raises(ConfigError, match="gpu_hours_per_job must be a number.*`cost:` mapping"):
+        load_study(formula)
+
+
+def test_launcher_choices_and_hydra_overrides_are_checked_before_any_job(tmp_path):
+    runs = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="--launcher 'local_slurm' is unknown.*submitit_slurm"):
+        sweep_main("demo_tiny", [f"paths.runs_dir={runs}"], launcher="local_slurm")
+    with pytest.raises(ConfigError, match="'hydra.job.name=x': a study takes hydra.launcher"):
+        sweep_main("demo_tiny", [f"paths.runs_dir={runs}", "hydra.job.name=x"])
+    assert not runs.exists()
+
+
+def test_a_preempted_study_job_is_resubmitted_with_its_overrides():
+    """submitit requeues a preempted or timed-out SLURM job by asking its callable to
+    checkpoint: a study job comes back as itself with the same overrides (and then resumes its
+    run from train/resume.pt)."""
+    import submitit
+
+    from learnforget.studies.launch import StudyJob
+
+    job = StudyJob()
+    delayed = job.checkpoint(["method=lora", "seed=1"])
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert delayed.function is job and delayed.args == (["method=lora", "seed=1"],)
+
+
+def test_the_private_api_adapter_still_works(tmp_path, monkeypatch):
+    """studies/_private_api.py is the one use of private library APIs (submitit's sbatch
+    script without submitting): this fails loudly when a submitit release changes them."""
+    from learnforget.studies._private_api import submission_script
+    from learnforget.studies.cluster import slurm_executor
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    executor = slurm_executor({"partition": "gpu", "timeout_min": 600, "cpus_per_task": 4},
+                              tmp_path / "logs")
+    script = submission_script(executor, 3)
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=600", "#SBATCH --cpus-per-task=4",
+                 "#SBATCH --array=0-2%", "#SBATCH --job-name=learnforget"):
+        assert line in script, (line, script)
+    assert "srun " in script and script.rstrip().endswith(" true")  # the command it was given
+    assert "#SBATCH --array" not in submission_script(slurm_executor({}, tmp_path / "l"), 1)
 
 
 def _write(path: Path, text: str) -> Path:

@@ -37,55 +37,14 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from learnforget.app import run_hydra
 from learnforget.console import VERBOSE_ENV
 from learnforget.errors import ConfigError
 
 USAGE = __doc__ or ""
-HYDRA_FLAGS = ("-m", "--multirun", "--cfg", "-c", "--help", "-h", "--info", "--hydra-help",
-               "--resolve", "--package", "-p", "--shell-completion", "-sc")
-
-
 def _fail(msg: str) -> int:
     print(f"learnforget: error: {msg}", file=sys.stderr)
     return 2
-
-
-def _precheck(overrides: Sequence[str]) -> None:
-    """Compose once up front so a bad override is a one-line error, not a Hydra traceback."""
-    if any(a in HYDRA_FLAGS or a.startswith("hydra") for a in overrides):
-        return
-    from learnforget.config import compose, validate
-
-    validate(compose(overrides))
-
-
-def run_hydra(stage: str, task: Callable, overrides: Sequence[str]) -> int:
-    """Run `task(cfg)` as a Hydra app (so -m multirun and launchers work)."""
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from learnforget.config import conf_dir
-
-    _precheck(overrides)
-
-    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
-    def app(cfg):
-        try:
-            return task(cfg)
-        except ConfigError as e:
-            if HydraConfig.get().mode == RunMode.MULTIRUN:
-                raise  # the launcher records the failed job; the other jobs go on
-            print(f"learnforget: error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    saved = sys.argv
-    sys.argv = [f"learnforget-{stage}", *overrides]
-    try:
-        app()
-    finally:
-        sys.argv = saved
-    return 0
 
 
 def _train_then_eval(cfg):
@@ -107,11 +66,12 @@ def cmd_eval(args: Sequence[str]) -> int:
     """`learnforget eval RUN_DIR [eval=...]` or `learnforget eval <the run's overrides>`."""
     from learnforget.config import compose
     from learnforget.eval.stage import eval_main, evaluate_run
+    from learnforget.runfolder import RunFolder
 
     args = list(args)
     if args and not args[0].startswith("-") and "=" not in args[0]:
         run_dir = Path(args.pop(0))
-        if not (run_dir / "config.yaml").exists():
+        if not RunFolder(run_dir).config.exists():
             return _fail(f"{run_dir} is not a run folder (expected a folder with config.yaml, "
                          "e.g. runs/default/<run name>)")
         cfg = compose(args)
@@ -130,7 +90,7 @@ def cmd_job(args: Sequence[str]) -> int:
 
 
 def cmd_sweep(args: Sequence[str]) -> int:
-    from learnforget.studies.sweep import sweep_cli
+    from learnforget.studies.command import sweep_cli
 
     return sweep_cli(args)
 

@@ -26,7 +26,6 @@ from learnforget.analysis.weights import (
     base_model_folder,
     block_weights,
     canonical_name,
-    list_checkpoints,
     model_type,
     module_types,
     natural_key,
@@ -36,6 +35,7 @@ from learnforget.analysis.weights import (
 )
 from learnforget.errors import ConfigError
 from learnforget.files import read_json
+from learnforget.runfolder import MANIFEST, RunFolder
 
 
 @dataclass
@@ -130,12 +130,14 @@ def extract_deltas(run_dir: Path, checkpoint: str | Path, *, with_weights: bool 
     if lora_via not in ("factors", "merge"):
         raise ConfigError(f"lora_via {lora_via!r} is unknown (expected factors or merge)")
     run_dir = Path(run_dir)
-    ckpt = Path(checkpoint) if Path(checkpoint).is_absolute() else run_dir / "checkpoints" / str(checkpoint)
-    manifest = read_json(ckpt / "manifest.json")
+    folder = RunFolder(run_dir)
+    ckpt = Path(checkpoint) if Path(checkpoint).is_absolute() else folder.checkpoint(str(checkpoint))
+    manifest = read_json(ckpt / MANIFEST)
     if manifest is None:
         raise ConfigError(f"{ckpt} is not a checkpoint (no manifest.json); checkpoints of "
-                          f"{run_dir.name}: {[p.name for p in list_checkpoints(run_dir)]}")
-    info = read_json(run_dir / "run.json") or {}
+                          f"{run_dir.name}: {[p.name for p in folder.checkpoint_dirs()]}")
+    record = folder.read_record()
+    info = record.to_dict() if record else {}
     method = manifest.get("method") or (info.get("run") or {}).get("method", "?")
     adapter_cfg = read_json(ckpt / "adapter_config.json") or {}
     peft_type = adapter_cfg.get("peft_type")

@@ -67,7 +67,7 @@ def mitigate_checkpoint(base_dir: Path, ckpt: Path, out: Path, *, top_k: int = 1
 def mitigate_run(run_dir: Path, *, top_k: int = 10, threshold_epsilon: float = 0.5,
                  mitigation_lambda: float = 0.75, cache_dir: Path | None = None) -> Path:
     """The sibling run `<run>-intr<λ>` with every checkpoint mitigated (see module doc)."""
-    from learnforget.analysis.weights import base_model_folder, list_checkpoints
+    from learnforget.analysis.weights import base_model_folder
 
     run_dir = Path(run_dir)
     source = RunFolder(run_dir)
@@ -84,7 +84,7 @@ def mitigate_run(run_dir: Path, *, top_k: int = 10, threshold_epsilon: float = 0
     out = derived.path
     derived.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     all_counts: dict[str, Any] = {}
-    for ck in list_checkpoints(run_dir):
+    for ck in RunFolder(run_dir).checkpoint_dirs():
         all_counts[ck.name] = mitigate_checkpoint(
             base_dir, ck, derived.checkpoint(ck.name), top_k=top_k,
             threshold_epsilon=threshold_epsilon, mitigation_lambda=mitigation_lambda)

@@ -167,14 +167,15 @@ def compute_intruders(run_dir: Path, checkpoint: str | None = None, *,
     """<run>/intruders/<checkpoint>.json for each checkpoint (or one); skipped when done with
     the same grid. Returns the JSON paths."""
     from learnforget.analysis.deltas import extract_deltas
-    from learnforget.analysis.weights import base_model_folder, list_checkpoints
+    from learnforget.analysis.weights import base_model_folder
+    from learnforget.runfolder import RunFolder
 
     if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
         raise ConfigError(f"intruder k values must be positive integers, got {list(ks)!r}")
     if not epsilons or any(not 0 < e < 1 for e in epsilons):
         raise ConfigError(f"intruder thresholds ε must be in (0, 1), got {list(epsilons)!r}")
     run_dir = Path(run_dir)
-    ckpts = [p for p in list_checkpoints(run_dir) if checkpoint in (None, p.name)]
+    ckpts = [p for p in RunFolder(run_dir).checkpoint_dirs() if checkpoint in (None, p.name)]
     if checkpoint is not None and not ckpts:
         raise ConfigError(f"checkpoint {checkpoint!r} not found in {run_dir}")
     settings = {"version": INTRUDERS_VERSION, "ks": list(ks), "epsilons": list(epsilons)}

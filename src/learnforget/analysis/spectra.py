@@ -32,9 +32,9 @@ from learnforget.analysis.svd import (
     spectrum_summary,
     subspace_similarity,
 )
-from learnforget.analysis.weights import list_checkpoints
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_open, atomic_write_json, read_json, read_result
+from learnforget.runfolder import MANIFEST, RunFolder
 
 SPECTRA_VERSION = 1
 MATRICES = ("delta", "base", "ft")
@@ -94,7 +94,7 @@ def compute_spectra(run_dir: Path, checkpoint: str | Sequence[str] | None = None
         raise ConfigError(f"dense_method {dense_method!r} is unknown (expected one of "
                           f"{DENSE_METHODS})")
     run_dir = Path(run_dir)
-    ckpts = list_checkpoints(run_dir)
+    ckpts = RunFolder(run_dir).checkpoint_dirs()
     if checkpoint is not None:
         wanted = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
         missing = [c for c in wanted if c not in {p.name for p in ckpts}]
@@ -104,10 +104,11 @@ def compute_spectra(run_dir: Path, checkpoint: str | Sequence[str] | None = None
         ckpts = [p for p in ckpts if p.name in wanted]
     settings = spectra_settings(with_weights=with_weights, dense_method=dense_method,
                                 lora_via=lora_via)
-    out_dir = run_dir / "spectra"
+    folder = RunFolder(run_dir)
     paths = []
     for ck in ckpts:
-        js, npz = out_dir / f"{ck.name}.json", out_dir / f"{ck.name}.npz"
+        js = folder.spectra(ck.name)
+        npz = js.with_suffix(".npz")
         old = read_result(js)
         if old and not force and old.get("settings") == settings and npz.exists():
             if old.get("threshold") != threshold:
@@ -119,7 +120,7 @@ def compute_spectra(run_dir: Path, checkpoint: str | Sequence[str] | None = None
                             lora_via=lora_via)
         if ds is None:
             if verbose:
-                method = (read_json(ck / "manifest.json") or {}).get("method", "?")
+                method = (read_json(ck / MANIFEST) or {}).get("method", "?")
                 print(f"learnforget: {run_dir.name}/{ck.name}: method={method} changes no weight "
                       "matrix of the base model (prefix/prompt tuning and bottleneck adapters "
                       "add parameters instead): ΔW is undefined, no spectra")
@@ -157,11 +158,11 @@ def _resummarise(js: Path, npz: Path, record: dict[str, Any], threshold: float) 
 
 def load_spectra(run_dir: Path, checkpoint: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(the JSON record, {"<matrix>:<module>": singular values}) of one checkpoint."""
-    d = Path(run_dir) / "spectra"
-    record = read_json(d / f"{checkpoint}.json")
+    js = RunFolder(run_dir).spectra(checkpoint)
+    record = read_json(js)
     if record is None:
         raise ConfigError(f"no spectra for {run_dir}/{checkpoint}: run compute_spectra first")
-    with np.load(d / f"{checkpoint}.npz") as z:
+    with np.load(js.with_suffix(".npz")) as z:
         return record, {k: z[k] for k in z.files}
 
 
@@ -176,7 +177,7 @@ def compare_subspaces(lora_run: Path, full_run: Path, lora_checkpoint: str | Non
     def last(run: Path, label: str | None) -> str:
         if label:
             return label
-        cks = list_checkpoints(run)
+        cks = RunFolder(run).checkpoint_dirs()
         if not cks:
             raise ConfigError(f"run {run} has no checkpoints")
         return cks[-1].name

@@ -39,7 +39,7 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
         load_spectra,
         random_matrix_comparison,
     )
-    from learnforget.analysis.weights import list_checkpoints
+    from learnforget.runfolder import RunFolder
 
     root = Path(root)
     out = Path(out) if out is not None else root / ANALYSIS
@@ -92,7 +92,7 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
     if spectra:
         plotted: set[str] = set()
         for run_dir in find_runs(root):
-            if not list_checkpoints(run_dir):
+            if not RunFolder(run_dir).checkpoint_dirs():
                 continue
             try:
                 got = compute_spectra(run_dir, threshold=threshold, with_weights=with_weights,
@@ -170,11 +170,11 @@ def _intruders(root: Path, out: Path, cache_dir: Path | None, figs: list[Path],
         plot_intruders,
         summary,
     )
-    from learnforget.analysis.weights import list_checkpoints
     from learnforget.files import atomic_open
+    from learnforget.runfolder import RunFolder
 
     for run_dir in find_runs(root):
-        if not list_checkpoints(run_dir):
+        if not RunFolder(run_dir).checkpoint_dirs():
             continue
         try:
             compute_intruders(run_dir, cache_dir=cache_dir, verbose=verbose)

@@ -14,6 +14,7 @@ import torch
 
 from learnforget.errors import ConfigError
 from learnforget.files import read_json
+from learnforget.runfolder import RunFolder
 
 CONV1D_MODEL_TYPES = ("gpt2",)  # weights stored (in, out): transposed to (out, in) here
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
@@ -108,12 +109,13 @@ def base_model_folder(run_dir: Path, cache_dir: Path | None = None) -> Path:
     """The local folder with the run's base weights: run.json's base_model, else the model
     config rebuilt/located through learnforget.assets.models (tiny models rebuild deterministically),
     else the Hugging Face cache (offline)."""
-    info = read_json(run_dir / "run.json") or {}
-    recorded = (info.get("run") or {}).get("base_model")
+    folder = RunFolder(run_dir)
+    record = folder.read_record()
+    recorded = record.run.base_model if record else None
     if recorded and (Path(recorded) / "config.json").exists():
         return Path(recorded)
     candidate = recorded
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = folder.config
     if cfg_path.exists():
         from omegaconf import OmegaConf
 
@@ -137,16 +139,6 @@ def base_model_folder(run_dir: Path, cache_dir: Path | None = None) -> Path:
             pass
     raise ConfigError(f"the base weights of run {run_dir} are not available locally (recorded "
                       f"base_model: {recorded!r}); pass cache_dir= or fetch the base model")
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders of a run with a manifest, in step order."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.exists():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-             and (p / "manifest.json").exists()]
-    return sorted(found, key=lambda p: (read_json(p / "manifest.json") or {}).get("step", 0))
 
 
 def model_type(folder: Path) -> str:

@@ -113,7 +113,7 @@ def demo_cli(args: Sequence[str]) -> int:
         fetch_assets(cache, ASSETS[a.size])
     t_fetch = time.perf_counter() - t0
 
-    from learnforget.studies.sweep import sweep_main
+    from learnforget.studies.command import sweep_main
 
     study = SIZES[a.size]
     rc = sweep_main(study, a.overrides, analyze=True)
@@ -131,7 +131,7 @@ def summarise(study: str, overrides: Sequence[str]) -> bool:
     import pandas as pd
 
     from learnforget.config import compose
-    from learnforget.studies.sweep import find_study, load_study
+    from learnforget.studies.study import find_study, load_study
 
     s = load_study(find_study(study))
     runs_dir = Path(compose([o for o in overrides if o.startswith("paths.")]).paths.runs_dir)

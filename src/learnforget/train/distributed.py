@@ -12,6 +12,7 @@ resume states are sharded with torch.distributed.checkpoint).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -54,10 +55,8 @@ def env_from_slurm(environ: dict[str, str] | None = None) -> bool:
     ntasks = int(env.get("SLURM_STEP_NUM_TASKS") or "1")
     if ntasks <= 1:
         return False
-    from submitit.slurm.slurm import _parse_node_list
-
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
-    nodes = _parse_node_list(nodelist)
+    nodes = expand_nodelist(nodelist)
     job = int(env.get("SLURM_JOB_ID") or "0")
     per_node = ntasks // max(1, int(env.get("SLURM_STEP_NUM_NODES") or len(nodes) or 1))
     env.setdefault("MASTER_ADDR", nodes[0])
@@ -65,6 +64,24 @@ def env_from_slurm(environ: dict[str, str] | None = None) -> bool:
     env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(ntasks),
                LOCAL_RANK=env.get("SLURM_LOCALID", "0"), LOCAL_WORLD_SIZE=str(per_node))
     return True
+
+
+def expand_nodelist(text: str) -> list[str]:
+    """SLURM's compact host list as host names: 'gpu[07-08,10],cpu1' -> gpu07, gpu08, gpu10,
+    cpu1 (zero padding kept). submitit's TorchDistributedEnvironment is not used: it works only
+    inside a submitit job (a hand-written srun has no JobEnvironment), counts the job's tasks
+    rather than the step's, and rewrites CUDA_VISIBLE_DEVICES."""
+    hosts: list[str] = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", text):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            hosts += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
+    if not hosts:
+        raise ValueError(f"cannot read the SLURM node list {text!r} (expected e.g. gpu[07-08])")
+    return hosts
 
 
 def init() -> Dist:

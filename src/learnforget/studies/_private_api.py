@@ -1,0 +1,19 @@
+"""The one place that uses private library APIs; test_sweep.py checks each still works.
+
+submitit has no public way to get the sbatch script of a submission without submitting it,
+which the pre-flight check (`sbatch --test-only`) needs so that SLURM judges exactly what
+submitit would send.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def submission_script(executor: Any, n_jobs: int) -> str:
+    """The sbatch script a submitit SLURM AutoExecutor would submit for `n_jobs` jobs (one job
+    array when n_jobs > 1)."""
+    slurm = executor._executor  # AutoExecutor -> its SlurmExecutor
+    if n_jobs > 1:  # submitit submits several jobs as one array
+        slurm.parameters["map_count"] = n_jobs
+    return slurm._make_submission_file_text("true", "preflight")

@@ -1,0 +1,190 @@
+"""SLURM cluster profiles (conf/cluster/*.yaml) and the checks before a submission: the
+profile's keys, `sbatch --test-only` on the script submitit would submit, and a refused
+submission as one error line."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+from learnforget.config import conf_dir
+from learnforget.errors import ConfigError
+
+
+def _slurm_conf_cls():
+    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+
+    return SlurmQueueConf
+
+
+def cluster_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(_slurm_conf_cls())
+            if f.name not in ("_target_", "submitit_folder", "name")]
+
+
+def cluster_profile_path(explicit: str | os.PathLike | None = None,
+                         study_default: str | None = None) -> Path:
+    """--cluster FILE, else $LEARNFORGET_CLUSTER, else the study's `cluster` (a profile its jobs
+    need, e.g. 8 GPUs for FSDP), else ~/.config/learnforget/cluster.yaml, else
+    conf/cluster/default.yaml."""
+    if not explicit and not os.environ.get("LEARNFORGET_CLUSTER") and study_default:
+        explicit = study_default
+    if explicit:
+        p = Path(explicit).expanduser()
+        named = conf_dir() / "cluster" / f"{explicit}.yaml"  # --cluster fsdp_8gpu
+        if not p.exists() and p.suffix == "" and named.exists():
+            return named
+        if not p.exists():
+            raise ConfigError(f"cluster profile {p} not found")
+        return p
+    env = os.environ.get("LEARNFORGET_CLUSTER")
+    if env:
+        p = Path(env).expanduser()
+        if not p.exists():
+            raise ConfigError(f"cluster profile {p} (from LEARNFORGET_CLUSTER) not found")
+        return p
+    user = Path("~/.config/learnforget/cluster.yaml").expanduser()
+    return user if user.exists() else conf_dir() / "cluster" / "default.yaml"
+
+
+OWN_PROFILE_KEYS = ("gpu_mem_gb",)  # learnforget's own profile keys: never passed to submitit
+
+
+def profile_resources(path: str | os.PathLike) -> dict[str, Any]:
+    """The GPUs a profile gives one job (nodes, tasks_per_node, gpu_mem_gb), for fit checks."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    load_cluster_profile(path)  # the same checks as a launch
+    return {k: raw.get(k) for k in ("nodes", "tasks_per_node", "gpus_per_node", "gpu_mem_gb")}
+
+
+def load_cluster_profile(path: str | os.PathLike) -> dict[str, Any]:
+    """The SLURM settings of a profile file, checked against the launcher's fields (and
+    learnforget's own keys, which are checked and left out)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cluster profile {path}: {str(e).splitlines()[0]}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"cluster profile {path}: expected a mapping of key: value")
+    known = cluster_keys() + list(OWN_PROFILE_KEYS)
+    for key in raw:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"cluster profile {path}: unknown key {key!r}{hint}; expected one "
+                              f"of: {', '.join(known)}")
+    own = {k: raw.pop(k) for k in OWN_PROFILE_KEYS if k in raw}
+    mem = own.get("gpu_mem_gb")
+    if mem is not None and not (isinstance(mem, (int, float)) and mem > 0):
+        raise ConfigError(f"cluster profile {path}: gpu_mem_gb must be a positive number (GB of "
+                          f"one GPU), got {mem!r}")
+    merged = OmegaConf.structured(_slurm_conf_cls())
+    for key, value in raw.items():
+        try:
+            merged = OmegaConf.merge(merged, {key: value})
+        except Exception as e:  # omegaconf validation errors: wrong types
+            raise ConfigError(f"cluster profile {path}: {key}: "
+                              f"{str(e).splitlines()[0]}") from e
+    out = {k: OmegaConf.to_container(merged, resolve=False)[k] for k in raw}
+    if int(merged.timeout_min) <= 10 and int(merged.max_num_timeout) == 0:
+        print(f"learnforget: warning: cluster profile {path}: with timeout_min <= 10 submitit "
+              "treats every signal as a timeout and max_num_timeout=0 then fails the job; "
+              "use timeout_min > 10 or max_num_timeout >= 1", file=sys.stderr)
+    return out
+
+
+def _one_line(text: str) -> str:
+    return " | ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+
+
+def slurm_executor(profile: dict[str, Any], folder: Path, name: str = "learnforget"):
+    """A submitit AutoExecutor for SLURM with the profile on SlurmQueueConf's defaults, its keys
+    mapped to submitit's as hydra-submitit-launcher maps them."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(_slurm_conf_cls()), profile)
+    except Exception as e:  # omegaconf: a hydra.launcher.* override of an unknown key or type
+        raise ConfigError(f"SLURM launcher settings: {_one_line(e)}") from e
+    params = {k: v for k, v in OmegaConf.to_container(merged, resolve=False).items()
+              if k not in ("_target_", "submitit_folder")}
+    params["name"] = name
+    max_num_timeout = params.pop("max_num_timeout")
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    try:
+        executor = submitit.AutoExecutor(cluster="slurm", folder=str(folder),
+                                         slurm_max_num_timeout=max_num_timeout)
+    except RuntimeError as e:  # no srun: submitit cannot run jobs here
+        raise ConfigError(f"--launcher submitit_slurm: {e} (srun is not on PATH)") from e
+    try:
+        executor.update_parameters(**{k if k in base else f"slurm_{k}": v
+                                      for k, v in params.items()})
+    except ValueError as e:
+        raise ConfigError(f"cluster profile: {_one_line(e)}") from e
+    return executor
+
+
+def sbatch_script(profile: dict[str, Any], n_jobs: int, folder: Path) -> str:
+    """The sbatch script submitit would submit for a job array of `n_jobs` with this profile."""
+    from learnforget.studies._private_api import submission_script
+
+    return submission_script(slurm_executor(profile, folder, "learnforget-preflight"), n_jobs)
+
+
+def slurm_preflight(profile: dict[str, Any], where: Path, n_jobs: int) -> str:
+    """Ask SLURM, before anything is written or submitted, whether it accepts the sweep's job
+    array as submitit will submit it: `sbatch --test-only` on the same script (partition,
+    account, qos, time, memory, GPUs, array...). A refusal is one ConfigError quoting sbatch.
+    Returns sbatch's answer (when and where the jobs would start)."""
+    import subprocess
+    import tempfile
+
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise ConfigError("--launcher submitit_slurm submits with sbatch, which is not on PATH "
+                          "(run the sweep on a SLURM login node)")
+    settings = ", ".join(f"{k}={v}" for k, v in profile.items()
+                         if k in ("partition", "account", "qos", "timeout_min", "mem_gb",
+                                  "gpus_per_node", "tasks_per_node", "nodes", "cpus_per_task",
+                                  "gres", "constraint"))
+    with tempfile.TemporaryDirectory(prefix="learnforget-preflight-") as tmp:
+        script = sbatch_script(profile, n_jobs, Path(tmp))
+        try:
+            p = subprocess.run([sbatch, "--test-only"], input=script, capture_output=True,
+                               text=True, timeout=120)
+        except subprocess.TimeoutExpired as e:
+            raise ConfigError("sbatch --test-only did not answer within 120 s (is slurmctld "
+                              "reachable?); nothing was submitted") from e
+    if p.returncode != 0:
+        raise ConfigError(
+            f"SLURM refuses the job array ({n_jobs} job(s); cluster profile {where}: {settings}); "
+            f"nothing was submitted. sbatch --test-only said: "
+            f"{_one_line(p.stderr or p.stdout) or f'exit status {p.returncode}'}")
+    return _one_line(p.stderr or p.stdout)
+
+
+def submission_refusal(error: BaseException) -> str | None:
+    """sbatch's error text when `error` (raised by a launcher) is a refused sbatch submission
+    (submitit raises FailedJobError from the failed sbatch call), else None."""
+    import subprocess
+
+    seen = error
+    while seen is not None:
+        if isinstance(seen, subprocess.CalledProcessError):
+            cmd = seen.cmd if isinstance(seen.cmd, (list, tuple)) else str(seen.cmd).split()
+            if cmd and Path(str(cmd[0])).name == "sbatch":
+                return _one_line(seen.stderr or seen.output or error) or str(seen)
+        if type(seen).__name__ == "FailedSubmissionError":
+            return _one_line(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
