@@ -178,6 +178,17 @@ def test_mitigated_run_has_peft_mitigation_known_answer(make_cfg):
     with pytest.raises(ConfigError, match="mitigation_lambda"):
         mitigate_run(run, mitigation_lambda=2.0)
 
+    # the same through the command line: a sibling run per λ, the same intruders found
+    from learnforget.cli import main
+
+    assert main(["mitigate", str(run), "--lambda", "0.25", "--eps", "0.9"]) == 0
+    info2 = json.loads((run.parent / f"{run.name}-intr0.25" / "run.json").read_text())
+    assert info2["intruder_mitigation"]["mitigation_lambda"] == 0.25
+    assert info2["intruder_mitigation"]["intruders"] == info["intruder_mitigation"]["intruders"]
+    assert main(["mitigate", str(run), "--lambda", "big"]) == 2
+    assert main(["mitigate", str(run), "--sigma", "1"]) == 2
+    assert main(["mitigate", str(run), "--lambda", "3"]) != 0  # out of [0, 1]: one line
+
 
 @pytest.mark.parametrize("shape", [(48, 20), (20, 48), (30, 30)])
 def test_top_left_singular_matches_numpy_svd(shape):

