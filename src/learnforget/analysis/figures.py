@@ -47,8 +47,8 @@ LABELS = {
                                        "log-likelihood (nats; higher = less forgetting)",
     "drift_kl": "Forgetting: drift from the base model,\nKL(base || ckpt) (nats/token; lower = less)",
 }
-METHOD_ORDER = ("full", "lora", "qlora", "dora", "ia3", "topk", "bitfit", "adapter", "prefix",
-                "prompt")
+METHOD_ORDER = ("full", "lora", "qlora", "dora", "vera", "loha", "ia3", "topk", "bitfit", "adapter",
+                "prefix", "prompt")
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
