@@ -176,6 +176,17 @@ def test_the_private_api_adapter_still_works(tmp_path, monkeypatch):
     assert "#SBATCH --array" not in submission_script(slurm_executor({}, tmp_path / "l"), 1)
 
 
+def test_the_requeue_signal_is_the_one_submitit_handles():
+    """The other private call: the signal submitit's SLURM handler requeues a job on (USR2
+    unless SUBMITIT_USR_SIG, read when submitit is imported, names another)."""
+    import signal
+
+    from learnforget.studies._private_api import requeue_signal
+
+    want = getattr(signal, "SIG" + os.environ.get("SUBMITIT_USR_SIG", "USR2"))
+    assert requeue_signal() == want
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

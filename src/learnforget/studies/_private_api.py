@@ -1,8 +1,10 @@
 """The one place that uses private library APIs; test_sweep.py checks each still works.
 
-submitit has no public way to get the sbatch script of a submission without submitting it,
-which the pre-flight check (`sbatch --test-only`) needs so that SLURM judges exactly what
-submitit would send.
+- submitit has no public way to get the sbatch script of a submission without submitting it,
+  which the pre-flight check (`sbatch --test-only`) needs so that SLURM judges exactly what
+  submitit would send.
+- nor to name the signal its SLURM handler requeues a job on (`JobEnvironment._usr_sig`),
+  which a job that caught that signal itself re-raises after saving its state.
 """
 
 from __future__ import annotations
@@ -17,3 +19,10 @@ def submission_script(executor: Any, n_jobs: int) -> str:
     if n_jobs > 1:  # submitit submits several jobs as one array
         slurm.parameters["map_count"] = n_jobs
     return slurm._make_submission_file_text("true", "preflight")
+
+
+def requeue_signal() -> int:
+    """The signal submitit's SLURM job handler requeues (and resumes) a job on."""
+    from submitit import JobEnvironment
+
+    return int(JobEnvironment._usr_sig())

@@ -116,11 +116,9 @@ def _hand_interrupt_to_submitit() -> None:
         print("learnforget: stopped by a signal; the state is saved, rerun the same command "
               "to resume", flush=True)
         raise SystemExit(143)
-    try:
-        from submitit import JobEnvironment
-    except ImportError:
-        return
-    os.kill(os.getpid(), JobEnvironment._usr_sig())
+    from learnforget.studies._private_api import requeue_signal
+
+    os.kill(os.getpid(), requeue_signal())
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any]:
