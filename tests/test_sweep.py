@@ -4,7 +4,6 @@ cluster profiles fail before any job; a tiny study runs, reruns nothing, reruns 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import time
@@ -153,38 +152,6 @@ def test_a_preempted_study_job_is_resubmitted_with_its_overrides():
     delayed = job.checkpoint(["method=lora", "seed=1"])
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
     assert delayed.function is job and delayed.args == (["method=lora", "seed=1"],)
-
-
-def test_the_private_api_adapter_still_works(tmp_path, monkeypatch):
-    """studies/_private_api.py is the one use of private library APIs (submitit's sbatch
-    script without submitting): this fails loudly when a submitit release changes them."""
-    from learnforget.studies._private_api import submission_script
-    from learnforget.studies.cluster import slurm_executor
-
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
-    (bin_dir / "srun").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    executor = slurm_executor({"partition": "gpu", "timeout_min": 600, "cpus_per_task": 4},
-                              tmp_path / "logs")
-    script = submission_script(executor, 3)
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=600", "#SBATCH --cpus-per-task=4",
-                 "#SBATCH --array=0-2%", "#SBATCH --job-name=learnforget"):
-        assert line in script, (line, script)
-    assert "srun " in script and script.rstrip().endswith(" true")  # the command it was given
-    assert "#SBATCH --array" not in submission_script(slurm_executor({}, tmp_path / "l"), 1)
-
-
-def test_the_requeue_signal_is_the_one_submitit_handles():
-    """The other private call: the signal submitit's SLURM handler requeues a job on (USR2
-    unless SUBMITIT_USR_SIG, read when submitit is imported, names another)."""
-    import signal
-
-    from learnforget.studies._private_api import requeue_signal
-
-    want = getattr(signal, "SIG" + os.environ.get("SUBMITIT_USR_SIG", "USR2"))
-    assert requeue_signal() == want
 
 
 def _write(path: Path, text: str) -> Path:

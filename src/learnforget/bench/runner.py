@@ -191,22 +191,13 @@ def format_train(r: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------ memory: estimate vs measured
 
-class _NoHook:
-    def remove(self) -> None:
-        pass
-
-
 def measured_peak(s, steps: int = 2) -> dict[str, float]:
     """Peak tensor memory (bytes, by kind) over `steps` real training steps, by MemTracker."""
-    from torch.distributed._tools.mem_tracker import MemTracker
+    from learnforget.private_api import memory_tracker
 
     model, opt = s.model, s.optimizer
     model.train()
-    mt = MemTracker()
-    mt.track_external(model, opt)
-    for param in model.parameters():  # MemTracker hooks every parameter's gradient, and torch
-        if not param.requires_grad:   # refuses hooks on frozen ones: mark those as done
-            mt._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
+    mt = memory_tracker(model, opt)
     with mt:
         for i in range(steps):
             _bare_step(s, i)

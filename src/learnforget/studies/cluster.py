@@ -136,7 +136,7 @@ def slurm_executor(profile: dict[str, Any], folder: Path, name: str = "learnforg
 
 def sbatch_script(profile: dict[str, Any], n_jobs: int, folder: Path) -> str:
     """The sbatch script submitit would submit for a job array of `n_jobs` with this profile."""
-    from learnforget.studies._private_api import submission_script
+    from learnforget.private_api import submission_script
 
     return submission_script(slurm_executor(profile, folder, "learnforget-preflight"), n_jobs)
 

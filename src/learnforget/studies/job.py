@@ -116,7 +116,7 @@ def _hand_interrupt_to_submitit() -> None:
         print("learnforget: stopped by a signal; the state is saved, rerun the same command "
               "to resume", flush=True)
         raise SystemExit(143)
-    from learnforget.studies._private_api import requeue_signal
+    from learnforget.private_api import requeue_signal
 
     os.kill(os.getpid(), requeue_signal())
 

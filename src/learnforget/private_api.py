@@ -1,10 +1,13 @@
-"""The one place that uses private library APIs; test_sweep.py checks each still works.
+"""The one place that uses private library APIs; test_private_api.py checks each still works.
 
 - submitit has no public way to get the sbatch script of a submission without submitting it,
   which the pre-flight check (`sbatch --test-only`) needs so that SLURM judges exactly what
   submitit would send.
 - nor to name the signal its SLURM handler requeues a job on (`JobEnvironment._usr_sig`),
   which a job that caught that signal itself re-raises after saving its state.
+- torch's MemTracker (`torch.distributed._tools`, the only tracker of peak memory by kind on
+  CPU) hooks every parameter's gradient and refuses frozen ones, which must be marked as
+  done through its private hook table (`learnforget bench memory`).
 """
 
 from __future__ import annotations
@@ -26,3 +29,20 @@ def requeue_signal() -> int:
     from submitit import JobEnvironment
 
     return int(JobEnvironment._usr_sig())
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def memory_tracker(model: Any, optimizer: Any) -> Any:
+    """A torch MemTracker following `model` and `optimizer`, frozen parameters included."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    mt = MemTracker()
+    mt.track_external(model, optimizer)
+    for param in model.parameters():  # MemTracker hooks every parameter's gradient, and torch
+        if not param.requires_grad:   # refuses hooks on frozen ones: mark those as done
+            mt._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
+    return mt
