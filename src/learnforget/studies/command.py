@@ -21,6 +21,7 @@ from learnforget.studies.cluster import cluster_profile_path, load_cluster_profi
 from learnforget.studies.launch import launch, report_failures
 from learnforget.studies.plan import estimate, expand, refresh_states, shown_path
 from learnforget.studies.report import (
+    fit_rows,
     memory_table,
     print_data_budget,
     print_fit,
@@ -66,10 +67,12 @@ def sweep_main(study: str, overrides: Sequence[str] = (), *, dry_run: bool = Fal
     if dry_run:
         print_data_budget(plan)
         t0 = time.perf_counter()
+        fit = fit_rows(plan, Path(cluster)) if launcher == "submitit_slurm" and plan.jobs \
+            else None  # first: its traced reports serve the memory table where policies agree
         rows = memory_table(plan, activations=activations)
         print_memory(rows)
-        if launcher == "submitit_slurm" and plan.jobs:
-            print_fit(plan, Path(cluster), [r["method"] for r in rows])
+        if fit is not None:
+            print_fit(plan, fit, [r["method"] for r in rows])
         print(f"(parameter reports in {time.perf_counter() - t0:.1f}s)")
         return 0
     launched = launch(plan, launcher, cluster)

@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from learnforget.studies.cluster import profile_resources
 from learnforget.studies.cost import Cost
 from learnforget.studies.plan import Job, Plan, shown_path
@@ -70,8 +68,7 @@ def print_plan(plan: Plan, total: float | None, launcher: str) -> None:
     print(f"launcher: {launcher}; would launch {n_launch} job(s)")
 
 
-def memory_table(plan: Plan, activations: bool = False,
-                 reports: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def memory_table(plan: Plan, activations: bool = False) -> list[dict[str, Any]]:
     """Per job: trainable parameters and the memory estimate of `learnforget params` (meta
     device, nothing downloaded; computed once per distinct model x method x optimizer (x batch
     shape with `activations`)), next to what the run measured once it has run (run.json:
@@ -79,35 +76,23 @@ def memory_table(plan: Plan, activations: bool = False,
 
     est_mib: weights + gradients + optimizer state; with `activations`, peak_est_mib adds one
     training step's activations traced on the meta device (slower: ~1-2 s per setting for a
-    7B model). `reports` caches the reports per setting between calls."""
-    import json
+    7B model)."""
     import warnings
 
     from learnforget.methods.registry import effective_method, method_summary
     from learnforget.runfolder import RunFolder, TrainInfo
-    from learnforget.train.params import param_report
+    from learnforget.train.params import cached_param_report
 
-    reports = {} if reports is None else reports
     rows = []
     for job in plan.jobs:
         c = job.cfg
         eff = effective_method(c.method)
-        shape = [int(c.train.batch_size), int(c.train.seq_len)] if activations else []
-        policy = [str(c.train.precision), str(c.train.get("master_weights", "fp32")),
-                  bool(c.train.get("activation_checkpointing", False))]
-        key = json.dumps([OmegaConf.to_container(c.model, resolve=True), eff,
-                          str(c.train.optimizer), *policy, *shape], sort_keys=True, default=str)
-        if key not in reports:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # transformers/peft deprecation notices
-                    try:
-                        reports[key] = param_report(c, activations=activations)
-                    except TypeError:  # a param_report without activation tracing
-                        reports[key] = param_report(c)
-            except Exception as e:  # a method the meta-device count cannot build: say so
-                reports[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        rep = reports[key]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # transformers/peft deprecation notices
+                rep: Any = cached_param_report(c, activations=activations)
+        except Exception as e:  # a method the meta-device count cannot build: say so
+            rep = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if c.method.name == "qlora":
             base = str(eff["quant_type"]) + ("+dq" if eff.get("double_quant") else "")
         else:
@@ -171,13 +156,19 @@ def print_data_budget(plan: Plan) -> None:
     print("\n" + format_budget_rows(rows, [j.index for j in plan.jobs]))
 
 
-def print_fit(plan: Plan, profile: Path, methods: list[str]) -> None:
-    """Whether each job fits the GPUs of its cluster profile (learnforget.train.gpu_fit), and its
-    global batch against the study's."""
+def fit_rows(plan: Plan, profile: Path) -> tuple[Any, list[dict[str, Any]], Path]:
+    """Whether each job fits the GPUs of its cluster profile (learnforget.train.gpu_fit)."""
     from learnforget.train import gpu_fit
 
     gp = gpu_fit.gpu_plan(profile_resources(profile))
-    rows = [gpu_fit.check(j.cfg, gp) for j in plan.jobs]
+    return gp, [gpu_fit.check(j.cfg, gp) for j in plan.jobs], profile
+
+
+def print_fit(plan: Plan, fit: tuple[Any, list[dict[str, Any]], Path], methods: list[str]) -> None:
+    """The fit table of `fit_rows`, and each job's global batch against the study's."""
+    from learnforget.train import gpu_fit
+
+    gp, rows, profile = fit
     print(f"\ncluster profile {shown_path(profile)}: {gp.ranks} GPU(s) per job"
           + (f", {gp.gpu_mem_gib:g} GB each" if gp.gpu_mem_gib else ", gpu_mem_gb not set"))
     print(gpu_fit.format_rows(rows, methods))

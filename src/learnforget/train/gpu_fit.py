@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from learnforget.methods.registry import checkpoint_format, effective_method
+from learnforget.methods.registry import checkpoint_format
 
 HEADROOM = 0.90
 GIB = 2**30
@@ -65,21 +65,12 @@ def per_gpu_bytes(rep: Any, how: str, ranks: int) -> float:
     return states + gathered + act
 
 
-_REPORTS: dict[str, Any] = {}  # per distinct model x method x train settings (per process)
-
-
 def report(cfg: DictConfig):
-    """`learnforget params` with activations, as the run would train on a GPU (cached)."""
-    import json
+    """`learnforget params` with activations, as the run would train on a GPU (cached per
+    setting: learnforget.train.params.cached_param_report)."""
+    from learnforget.train.params import cached_param_report
 
-    from learnforget.train.params import param_report
-
-    key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True),
-                      effective_method(cfg.method),
-                      OmegaConf.to_container(cfg.train, resolve=True)], sort_keys=True, default=str)
-    if key not in _REPORTS:
-        _REPORTS[key] = param_report(cfg, activations=True, device="cuda")
-    return _REPORTS[key]
+    return cached_param_report(cfg, activations=True, device="cuda")
 
 
 def check(cfg: DictConfig, plan: GpuPlan) -> dict[str, Any]:

@@ -153,6 +153,44 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
                        layer_params=layer_params, root_params=root_params)
 
 
+_REPORTS: dict[str, ParamReport] = {}  # per process: see cached_param_report
+
+
+def _report_key(cfg: DictConfig, activations: bool, device: str) -> str:
+    """What param_report reads: the model, the method's effective settings, the optimizer, the
+    precision policy's dtypes, checkpointing and (with activations) the micro-batch shape; not
+    the LR, seeds, budgets, data or the device itself (cpu and cuda share a key when their
+    policies type the tensors alike)."""
+    import json
+
+    from learnforget.methods.registry import effective_method
+    from learnforget.train.precision import resolve
+
+    t = cfg.train
+    policy = resolve(str(t.precision), str(t.get("master_weights", "fp32")), str(cfg.model.dtype),
+                     str(cfg.method.name), device)
+    shape = [int(t.batch_size), int(t.seq_len)] if activations else []
+    return json.dumps([OmegaConf.to_container(cfg.model, resolve=True),
+                       effective_method(cfg.method), str(t.optimizer), policy.compute,
+                       policy.master, policy.frozen, bool(t.get("activation_checkpointing", False)),
+                       *shape], sort_keys=True, default=str)
+
+
+def cached_param_report(cfg: DictConfig, activations: bool = True,
+                        device: str = "cpu") -> ParamReport:
+    """param_report, computed once per distinct setting in this process (a dry run asks for
+    the same 7B report once per job and per table). Without `activations`, a report that
+    traced them already serves (its counts and state bytes are the same)."""
+    key = _report_key(cfg, activations, device)
+    if key not in _REPORTS and not activations:
+        traced = _REPORTS.get(_report_key(cfg, True, device))
+        if traced is not None:
+            return traced
+    if key not in _REPORTS:
+        _REPORTS[key] = param_report(cfg, activations=activations, device=device)
+    return _REPORTS[key]
+
+
 def format_report(r: ParamReport) -> str:
     gib = 2**30
     lines = [
