@@ -20,7 +20,8 @@ from learnforget.train.params import param_report
 VARIANTS = [("lora", ()), ("lora", ("method.rslora=true",)), ("lora", ("method.init=gaussian",)),
             ("lora", ("method.init=orthogonal",)), ("lora", ("method.init=pissa",)),
             ("lora", ("method.init=pissa_niter_2",)), ("lora", ("method.init=olora",)),
-            ("lora", ("method.init=eva",)), ("lora", ("method.init=corda",)), ("dora", ())]
+            ("lora", ("method.init=eva",)), ("lora", ("method.init=corda",)),
+            ("qlora", ("method.init=eva",)), ("dora", ())]
 
 
 def tiny_lora_count(r: int) -> int:
