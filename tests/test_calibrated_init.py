@@ -157,6 +157,7 @@ def test_runs_checkpoint_delta_against_the_original_base(make_cfg):
         dw = md.to_dense().numpy()
         np.testing.assert_allclose(dw, scale * (b[:, :R] @ a[:R] - b0 @ a0), atol=1e-5)
         assert np.abs(dw).max() > 1e-4
+    _peft_merge_agrees(run)
     run = fit(setup(make_cfg(*common, "method.init=eva")))
     acfg = json.loads((run / "checkpoints/step-000002/adapter_config.json").read_text())
     assert acfg["r"] == R and acfg["init_lora_weights"] == "eva" and not acfg["rank_pattern"]
@@ -165,6 +166,18 @@ def test_runs_checkpoint_delta_against_the_original_base(make_cfg):
         assert b.shape[1] == R
         np.testing.assert_allclose(md.to_dense().numpy(), scale * (np.asarray(b, np.float64)
                                    @ np.asarray(a, np.float64)), atol=1e-6)
+    _peft_merge_agrees(run)
+
+
+def _peft_merge_agrees(run) -> None:
+    """peft loads the checkpoint as it is saved: its merge minus the original base is the
+    factors' ΔW."""
+    factors = {md.name: md.to_dense() for md in extract_deltas(run, "step-000002")}
+    merged = {md.name: md.to_dense() for md in extract_deltas(run, "step-000002",
+                                                              lora_via="merge")}
+    assert factors.keys() == merged.keys()
+    for name, dw in factors.items():
+        torch.testing.assert_close(merged[name].double(), dw, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("init", ["eva", "corda"])
@@ -209,9 +222,14 @@ def test_bad_calibrated_settings_are_one_line_errors(make_cfg):
 
 
 def test_calibration_batches_name_only_calibrated_runs(make_cfg):
-    """method.calibration_batches defines eva/corda runs (name 'cbN', hash) and no other."""
+    """method.calibration_batches defines eva/corda runs (name 'cbN', hash) and no other (it is
+    an ignored key there)."""
     from learnforget.config import run_name
+    from learnforget.methods.registry import ignored_keys
 
+    assert "calibration_batches" in ignored_keys(make_cfg("method=lora").method)
+    assert "calibration_batches" not in ignored_keys(make_cfg("method=dora",
+                                                              "method.init=corda").method)
     assert run_name(make_cfg("method=lora")) == run_name(
         make_cfg("method=lora", "method.calibration_batches=3"))
     assert "_eva_cb8" in run_name(make_cfg("method=lora", "method.init=eva"))

@@ -21,7 +21,7 @@ VARIANTS = [("lora", ()), ("lora", ("method.rslora=true",)), ("lora", ("method.i
             ("lora", ("method.init=orthogonal",)), ("lora", ("method.init=pissa",)),
             ("lora", ("method.init=pissa_niter_2",)), ("lora", ("method.init=olora",)),
             ("lora", ("method.init=eva",)), ("lora", ("method.init=corda",)),
-            ("qlora", ("method.init=eva",)), ("dora", ())]
+            ("qlora", ("method.init=eva",)), ("dora", ("method.init=corda",)), ("dora", ())]
 
 
 def tiny_lora_count(r: int) -> int:

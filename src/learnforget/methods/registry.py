@@ -127,6 +127,8 @@ def ignored_keys(cfg: DictConfig) -> list[str]:
     used = uses(cfg)
     if cfg.name == "qlora" and cfg.get("quant_type") == "int8":
         used = tuple(k for k in used if k != "double_quant")
+    if not is_calibrated(cfg.get("init", "default")):  # read by method.init=eva|corda only
+        used = tuple(k for k in used if k != "calibration_batches")
     return sorted(k for k in cfg if k not in ("name", PEFT) and k not in used)
 
 
