@@ -1,7 +1,8 @@
 """Data-driven LoRA initialisations through peft, calibrated on the run's own training data.
 
-    method.init=eva     EVA (Paischer et al. 2024): A = the top-r right singular vectors of each
-                        layer's input activations (peft initialize_lora_eva_weights), B = 0.
+    method.init=eva     EVA (Paischer et al. 2024): A = the top-r principal directions of each
+                        layer's input activations (peft initialize_lora_eva_weights: an
+                        incremental PCA over the batches until they converge), B = 0.
                         The base is unchanged and ΔW = s B A is plain LoRA. rho is pinned to 1
                         (no rank redistribution), so every layer keeps rank r and the counts are
                         plain LoRA's.
