@@ -235,3 +235,42 @@ def test_calibration_batches_name_only_calibrated_runs(make_cfg):
     assert "_eva_cb8" in run_name(make_cfg("method=lora", "method.init=eva"))
     assert run_name(make_cfg("method=lora", "method.init=eva")) != run_name(
         make_cfg("method=lora", "method.init=eva", "method.calibration_batches=3"))
+
+
+def test_two_ranks_calibrate_on_the_same_sequences_as_one_process(tmp_path, cache_dir):
+    """CorDA on 2 DDP ranks (batch 2 each, 2 calibration batches) reads the stream's first 4
+    sequences, as one process with batch 4 and 1 calibration batch does: the same initial
+    factors on every rank (the losses match the single process's) and in the checkpoint."""
+    import subprocess
+    import sys
+
+    from conftest import MULTI_RANK, TORCHRUN, multi_rank_env, step_losses
+    from safetensors.torch import load_file
+
+    if not TORCHRUN.exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    env = multi_rank_env(tmp_path, cache_dir)
+    corda = ["method=lora", f"method.r={R}", "method.init=corda", "method.dropout=0.0"]
+    single = subprocess.run(
+        [sys.executable, "-m", "learnforget.cli", "train", *MULTI_RANK, *corda,
+         "train.batch_size=4", "method.calibration_batches=1", "experiment_name=single"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run(
+        [str(TORCHRUN), "--nproc_per_node=2", "--master_port=29519", "-m", "learnforget.cli",
+         "train", *MULTI_RANK, *corda, "train.batch_size=2", "method.calibration_batches=2",
+         "experiment_name=ddp"], env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    run_1 = next((tmp_path / "runs/single").iterdir())
+    run_2 = next((tmp_path / "runs/ddp").iterdir())
+    a, b = step_losses(run_1), step_losses(run_2)
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b, strict=True):
+        assert abs(x - y) <= 1e-5 * abs(x), (a, b)
+    wa = load_file(run_1 / "checkpoints/step-000002/adapter_model.safetensors")
+    wb = load_file(run_2 / "checkpoints/step-000002/adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k, v in wa.items():  # the initial factors: A0 below A, -B0 beside B
+        half = v[R:] if ".lora_A." in k else v[:, R:]
+        other = wb[k][R:] if ".lora_A." in k else wb[k][:, R:]
+        torch.testing.assert_close(half, other, atol=1e-5, rtol=1e-4)
