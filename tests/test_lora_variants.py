@@ -20,7 +20,8 @@ from learnforget.train.params import param_report
 VARIANTS = [("lora", ()), ("lora", ("method.rslora=true",)), ("lora", ("method.init=gaussian",)),
             ("lora", ("method.init=orthogonal",)), ("lora", ("method.init=pissa",)),
             ("lora", ("method.init=pissa_niter_2",)), ("lora", ("method.init=olora",)),
-            ("dora", ())]
+            ("lora", ("method.init=eva",)), ("lora", ("method.init=corda",)),
+            ("qlora", ("method.init=eva",)), ("dora", ("method.init=corda",)), ("dora", ())]
 
 
 def tiny_lora_count(r: int) -> int:
@@ -41,10 +42,11 @@ def test_each_variant_trains_two_steps_with_exact_counts(make_cfg, method, extra
     assert info["status"] == "finished"
     acfg = json.loads((run / "checkpoints/step-000002/adapter_config.json").read_text())
     init = next((e.split("=")[1] for e in extra if "init" in e), "default")
-    if init.startswith(("pissa", "olora")):  # converted: a rank-2r LoRA on the original base
+    if init.startswith(("pissa", "olora", "corda")):  # converted: rank-2r LoRA on the original base
         assert acfg["r"] == 8 and acfg["lora_alpha"] == 16
         assert acfg["init_lora_weights"] is True and acfg["learnforget_converted_from"] == init
-        assert init in run.name and method_summary(cfg.method).endswith(init)
+        suffix = f"{init}_cb8" if init == "corda" else init  # calibration batches: 8
+        assert init in run.name and method_summary(cfg.method).endswith(suffix)
     else:
         assert acfg["r"] == 4
     assert acfg["use_rslora"] is ("method.rslora=true" in extra)
@@ -64,8 +66,8 @@ def test_plain_lora_keeps_its_name_and_hash(make_cfg):
 def test_bad_variant_settings_are_one_line_errors(make_cfg):
     with pytest.raises(ConfigError, match="method.init 'svd' is unknown"):
         setup(make_cfg("method=lora", "method.init=svd"))
-    with pytest.raises(ConfigError, match="method.init=eva is not supported yet"):
-        setup(make_cfg("method=lora", "method.init=eva"))
+    with pytest.raises(ConfigError, match="method.init=mica is not supported yet"):
+        setup(make_cfg("method=lora", "method.init=mica"))
     with pytest.raises(ConfigError, match="even rank, got method.r=3"):
         setup(make_cfg("method=lora", "method.init=orthogonal", "method.r=3"))
     with pytest.raises(ConfigError, match="qlora is not supported"):
@@ -158,7 +160,8 @@ LLAMA2_7B = {16: 39_976_960, 64: 159_907_840}
 
 
 @pytest.mark.parametrize("extra", [(), ("method.rslora=true",), ("method.init=pissa",),
-                                   ("method.init=olora",), ("method=dora",)])
+                                   ("method.init=olora",), ("method.init=eva",),
+                                   ("method.init=corda",), ("method=dora",)])
 @pytest.mark.parametrize("r", [16, 64])
 def test_llama2_7b_counts_are_exact(r, extra):
     method = next((e.split("=")[1] for e in extra if e.startswith("method=")), "lora")

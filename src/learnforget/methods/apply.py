@@ -11,6 +11,8 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from learnforget.errors import ConfigError
+from learnforget.methods import calibrated_init
+from learnforget.methods.calibrated_init import BatchSource
 from learnforget.methods.lora_variants import capture_initial, mutates_base, peft_init
 from learnforget.methods.modules import decoder_layers, final_norm, linear_modules, resolve_targets
 from learnforget.methods.registry import (
@@ -30,8 +32,10 @@ def apply_method(
     *,
     model_name: str = "",
     tokenizer_path: str | None = None,
+    calibration: BatchSource | None = None,
 ) -> tuple[torch.nn.Module, list[str]]:
-    """Freeze/wrap the model for the method. Returns the model to train and notes for run.json."""
+    """Freeze/wrap the model for the method. Returns the model to train and notes for run.json.
+    `calibration` gives the training stream's micro-batches (method.init=eva, corda)."""
     validate_method(cfg)
     name = cfg.name
     notes = [f"method.{k} is ignored by method={name}" for k in ignored_keys(cfg)
@@ -58,7 +62,7 @@ def apply_method(
 
         add_adapters(model, cfg.bottleneck, cfg.placement, cfg.adapter_act)
         return model, notes
-    return _apply_peft(model, cfg, model_name, tokenizer_path, notes)
+    return _apply_peft(model, cfg, model_name, tokenizer_path, notes, calibration)
 
 
 def _train_top_blocks(model: PreTrainedModel, k: int) -> None:
@@ -124,6 +128,8 @@ def peft_config(model, cfg: DictConfig, model_name: str = "", tokenizer_path: st
                           f"{', '.join(peft.PeftType.__members__)})")
     if not is_data_method(cfg):
         args = {**_builtin_arguments(model, cfg, kind, model_name, tokenizer_path), **args}
+        if kind == "LORA":  # eva/corda sub-configs, completed (a user's method.peft ones kept)
+            args.update(calibrated_init.calibrated_arguments(cfg.get("init", "default"), args))
     targets = args.get("target_modules")
     if targets in TARGET_SETS or isinstance(targets, list):
         args["target_modules"] = resolve_targets(model, targets, model_name)
@@ -134,7 +140,7 @@ def peft_config(model, cfg: DictConfig, model_name: str = "", tokenizer_path: st
                           f"{args}: {str(e).splitlines()[0]}") from e
 
 
-def _apply_peft(model, cfg, model_name, tokenizer_path, notes):
+def _apply_peft(model, cfg, model_name, tokenizer_path, notes, calibration):
     import peft
 
     if cfg.name == "qlora":
@@ -146,15 +152,36 @@ def _apply_peft(model, cfg, model_name, tokenizer_path, notes):
             notes.append(f"qlora: bitsandbytes' AVX512-BF16 CPU fast path disabled on {n} "
                          "4-bit layers (it gives wrong gradients)")
     config = peft_config(model, cfg, model_name, tokenizer_path)
+    init = str(cfg.get("init", "default")) if cfg.name in LORA_FAMILY else "default"
+    batches = _calibration_batches(model, cfg, init, calibration)
     try:
-        wrapped = peft.get_peft_model(model, config)
+        if init == "corda":  # the covariance statistics, on the base model before wrapping
+            calibrated_init.prepare_corda(model, config, batches)
+        wrapped = peft.get_peft_model(model, config, low_cpu_mem_usage=init == "eva")
+        if init == "eva":  # A from the activations' SVD, after wrapping (peft's EVA recipe)
+            calibrated_init.initialise_eva(wrapped, batches)
     except ValueError as e:
         raise ConfigError(f"method={cfg.name} on model={model_name}: {e}") from e
-    if cfg.name in LORA_FAMILY and mutates_base(cfg.get("init", "default")):
+    if batches:
+        notes.append(calibrated_init.calibration_note(init, len(batches),
+                                                      len(batches[0]["input_ids"])))
+    if cfg.name in LORA_FAMILY and mutates_base(init):
         capture_initial(wrapped)
-        notes.append(f"method.init={cfg.init}: the base holds W - s B0 A0; checkpoints are "
+        notes.append(f"method.init={init}: the base holds W - s B0 A0; checkpoints are "
                      "converted to rank-2r LoRA adapters on the original base")
     return wrapped, notes
+
+
+def _calibration_batches(model, cfg, init: str, calibration: BatchSource | None):
+    """The calibration batches of a data-driven init (None for the others)."""
+    if not calibrated_init.is_calibrated(init):
+        return None
+    if calibration is None:
+        raise ConfigError(f"method.init={init} needs the run's training data to calibrate on "
+                          "(apply_method(calibration=...): the train stage passes it)")
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    n = int(cfg.get("calibration_batches", calibrated_init.DEFAULT_CALIBRATION_BATCHES))
+    return calibrated_init.calibration_batches(calibration, n, device)
 
 
 def changes_weights(adapter_folder: Path) -> bool:

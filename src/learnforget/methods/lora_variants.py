@@ -8,18 +8,23 @@
     method.init=pissa_niter_N   the same through N subspace iterations of a randomised SVD
     method.init=olora           B A from the QR of W (first r columns of Q, rows of R):
                                 W_res = W - s B A
+    method.init=eva             A from the SVD of each layer's input activations, B = 0
+    method.init=corda           B A from the SVD of W C (C the input covariance): W_res = W - s B A
+                                (eva, corda: calibrated on the run's own training data, see
+                                learnforget.methods.calibrated_init)
 
-PiSSA and OLoRA change the base: the model trains W_res + s B A, with W_res = W - s B0 A0 (s the
-scaling, B0 A0 the initial factors). Every checkpoint is therefore converted, as peft's
+PiSSA, OLoRA and CorDA change the base: the model trains W_res + s B A, with W_res = W - s B0 A0
+(s the scaling, B0 A0 the initial factors). Every checkpoint is therefore converted, as peft's
 `save_pretrained(path_initial_model_for_weight_conversion=...)` does, to a plain LoRA adapter
 of rank 2r against the ORIGINAL base: B' = [B | -B0], A' = [A ; A0], alpha doubled (times
 sqrt 2 with rsLoRA) so the scaling stays s. Then ΔW = s (B A - B0 A0) = W_ft - W_original, and
 eval, spectra and intruders read the checkpoint like any LoRA adapter
 (test_lora_variants.py checks the files against peft's own conversion and ΔW against a
-numpy truncated SVD). Resume re-runs the (deterministic) initialisation on the original base
-and restores B, A, so B0 A0 are the same as in the first session.
-eva and corda (data-driven) and loftq (QLoRA) need calibration data or a quantised base
-and are not wired yet: they are refused with an error.
+numpy truncated SVD; test_calibrated_init.py checks CorDA's against numpy). Resume re-runs the
+(deterministic) initialisation on the original base and restores B, A, so B0 A0 are the same
+as in the first session. EVA leaves the base unchanged (B0 = 0): its checkpoints are plain LoRA.
+loftq (QLoRA only) is refused: peft 0.21 computes LoftQ on a "cuda"/"xpu" device only, and
+the harness's qlora path is built and tested on CPU.
 """
 
 from __future__ import annotations
@@ -34,12 +39,12 @@ from learnforget.errors import ConfigError
 if TYPE_CHECKING:  # torch is imported where tensors are handled: method validation needs none
     import torch
 
-INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")
-UNSUPPORTED = {"eva": "needs a calibration data loader (peft initialize_lora_eva_weights)",
-               "corda": "needs covariance statistics from calibration data (peft preprocess_corda)",
-               "loftq": "needs a LoftQConfig and the full-precision base (QLoRA)",
+INITS = ("default", "gaussian", "orthogonal", "pissa", "olora", "eva", "corda")
+UNSUPPORTED = {"loftq": "is CUDA-only: peft 0.21's LoftQ (init_lora_weights=loftq and "
+                        "replace_lora_weights_loftq) quantises and decomposes on a 'cuda'/'xpu' "
+                        "device (peft.utils.loftq_utils), so it cannot run or be tested on CPU",
                "mica": "freezes lora_B (a different trainable count)"}
-MUTATES_BASE = ("pissa", "olora")
+MUTATES_BASE = ("pissa", "olora", "corda")
 _NITER = re.compile(r"^pissa_niter_(\d+)$")
 
 
@@ -72,7 +77,7 @@ def mutates_base(init: Any) -> bool:
 # ------------------------------------------------------------------ conversion to plain LoRA
 
 def capture_initial(model: torch.nn.Module) -> None:
-    """Remember B0, A0 of every LoRA layer (PiSSA/OLoRA) on the model, for the conversion."""
+    """Remember B0, A0 of every LoRA layer (PiSSA/OLoRA/CorDA) on the model, for the conversion."""
     init = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
             if ".lora_A." in n or ".lora_B." in n}
     model._learnforget_initial_lora = init  # type: ignore[attr-defined]
@@ -94,7 +99,7 @@ def _saved_key(param_name: str) -> str:
 
 
 def convert_saved_adapter(folder: Path, initial: dict[str, torch.Tensor]) -> None:
-    """Rewrite a saved PiSSA/OLoRA adapter in `folder` as a rank-2r LoRA on the original base
+    """Rewrite a saved PiSSA/OLoRA/CorDA adapter in `folder` as a rank-2r LoRA on the original base
     (peft's subtract_mutated_init + the config changes of save_pretrained)."""
     import torch
     from safetensors.torch import load_file, save_file

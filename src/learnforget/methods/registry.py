@@ -20,15 +20,20 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from learnforget.errors import ConfigError
+from learnforget.methods.calibrated_init import (
+    DEFAULT_CALIBRATION_BATCHES,
+    is_calibrated,
+    validate_calibration,
+)
 from learnforget.methods.lora_variants import mutates_base, validate_init
 
 # The method keys each built-in method reads; the others are ignored (and left out of the run name).
 USES: dict[str, tuple[str, ...]] = {
     "full": (),
-    "lora": ("r", "alpha", "dropout", "targets", "init", "rslora"),
-    "dora": ("r", "alpha", "dropout", "targets", "init", "rslora"),
+    "lora": ("r", "alpha", "dropout", "targets", "init", "rslora", "calibration_batches"),
+    "dora": ("r", "alpha", "dropout", "targets", "init", "rslora", "calibration_batches"),
     "qlora": ("r", "alpha", "dropout", "targets", "quant_type", "double_quant", "compute_dtype",
-              "init", "rslora"),
+              "init", "rslora", "calibration_batches"),
     "ia3": ("targets",),
     "prefix": ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"),
     "prompt": ("num_virtual_tokens", "prompt_init", "prompt_init_text"),
@@ -100,6 +105,10 @@ def effective_method(cfg: DictConfig) -> dict[str, Any]:
         value = cfg.get(key, VARIANT_DEFAULTS.get(key))
         if key in VARIANT_DEFAULTS and value == VARIANT_DEFAULTS[key]:
             continue  # plain LoRA: the run's name and hash stay what they were
+        if key == "calibration_batches":
+            if not is_calibrated(cfg.get("init", "default")):
+                continue  # read only by the data-driven inits (eva, corda)
+            value = cfg.get(key, DEFAULT_CALIBRATION_BATCHES)
         if isinstance(value, ListConfig):
             value = list(value)
         out[key] = value
@@ -118,6 +127,8 @@ def ignored_keys(cfg: DictConfig) -> list[str]:
     used = uses(cfg)
     if cfg.name == "qlora" and cfg.get("quant_type") == "int8":
         used = tuple(k for k in used if k != "double_quant")
+    if not is_calibrated(cfg.get("init", "default")):  # read by method.init=eva|corda only
+        used = tuple(k for k in used if k != "calibration_batches")
     return sorted(k for k in cfg if k not in ("name", PEFT) and k not in used)
 
 
@@ -170,11 +181,15 @@ def validate_method(cfg: DictConfig) -> None:
         raise ConfigError(f"method.prompt_init must be 'random' or 'text', got {cfg.prompt_init!r}")
     if "init" in used:
         init = cfg.get("init", "default")
+        if str(init) == "loftq" and name != "qlora":
+            raise ConfigError(f"method.init=loftq needs method=qlora (LoftQ initialises LoRA "
+                              f"against a quantised base), got method={name}")
         validate_init(init, cfg.r)
+        validate_calibration(init, cfg.get("calibration_batches", DEFAULT_CALIBRATION_BATCHES))
         if name == "qlora" and mutates_base(init):
             raise ConfigError(f"method.init={init} with method=qlora is not supported (it writes "
-                              "a residual into the 4-bit base; expected default, gaussian or "
-                              "orthogonal)")
+                              "a residual into the 4-bit base; expected default, gaussian, "
+                              "orthogonal or eva)")
     if "rslora" in used and not isinstance(cfg.get("rslora", False), bool):
         raise ConfigError(f"method.rslora must be true or false, got {cfg.rslora!r}")
     if "top_k" in used and (not isinstance(cfg.top_k, int) or cfg.top_k <= 0):
@@ -198,6 +213,7 @@ _ABBREV = {"r": "r", "alpha": "a", "dropout": "do", "top_k": "k", "num_virtual_t
            "quant_type": "", "double_quant": "dq", "compute_dtype": "", "prefix_projection": "mlp",
            "prompt_init": "init", "encoder_hidden_size": "h", "prompt_init_text": None,
            "bottleneck": "b", "placement": "", "adapter_act": "", "init": "", "rslora": "rs",
+           "calibration_batches": "cb",
            PEFT: None}
 
 

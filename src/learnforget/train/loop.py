@@ -136,19 +136,21 @@ def setup(cfg: DictConfig) -> Setup | None:
         from learnforget.methods.quantisation import quantisation_report
 
         quantisation = quantisation_report(model, base_path, cfg.method)
+    data = load_data(cfg, tokenizer, d, cache_dir)  # before the method: eva/corda calibrate on it
+    plan = make_plan(t, data, d.world)
     # Seed after loading: adapter init, dropout and data order then never depend on whether
     # the base model came from the cache or was built just now.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model, notes = apply_method(model, cfg.method, model_name=cfg.model.name,
-                                tokenizer_path=base_path if Path(base_path).exists() else None)
+                                tokenizer_path=base_path if Path(base_path).exists() else None,
+                                calibration=lambda i: micro_batch(data, plan, t, i, cfg.seed,
+                                                                  tokenizer.pad_token_id))
     notes += precision.apply(model, policy)
     if t.get("activation_checkpointing", False):
         enable_activation_checkpointing(model, cfg.method.name)
     trainable, total = count_parameters(model)
-    data = load_data(cfg, tokenizer, d, cache_dir)
-    plan = make_plan(t, data, d.world)
     data.info["accounting"] = data_accounting(t, data, plan, d.world)
     strategy = parallel_strategy(cfg, d, notes)
     if strategy == "fsdp":
