@@ -180,7 +180,7 @@ def _peft_merge_agrees(run) -> None:
         torch.testing.assert_close(merged[name].double(), dw, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("init", ["eva", "corda"])
+@pytest.mark.parametrize("init", [pytest.param("eva", marks=pytest.mark.slow), "corda"])
 def test_run_killed_and_resumed_matches_uninterrupted(tmp_path, cache_dir, init):
     """Resume re-runs the deterministic calibrated init on the original base (same data, same
     batches) and restores B, A: the final checkpoint equals the uninterrupted run's."""
@@ -237,6 +237,7 @@ def test_calibration_batches_name_only_calibrated_runs(make_cfg):
         make_cfg("method=lora", "method.init=eva", "method.calibration_batches=3"))
 
 
+@pytest.mark.slow  # ~20 s: two torchrun ranks; test_ddp covers the multi-rank path by default
 def test_two_ranks_calibrate_on_the_same_sequences_as_one_process(tmp_path, cache_dir):
     """CorDA on 2 DDP ranks (batch 2 each, 2 calibration batches) reads the stream's first 4
     sequences, as one process with batch 4 and 1 calibration batch does: the same initial

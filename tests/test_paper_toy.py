@@ -91,14 +91,16 @@ def test_toy_full_and_lora_learn_at_the_paper_lr(study, tmp_path, cache_dir):
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 @pytest.mark.parametrize("study,ckpt", [
-    ("code_cpt", "false"), ("code_ift", "true"),
+    ("code_ift", "true"),
+    pytest.param("code_cpt", "false", marks=pytest.mark.slow),
     pytest.param("math_cpt", "false", marks=pytest.mark.slow),
     pytest.param("math_ift", "false", marks=pytest.mark.slow),
     pytest.param("lr_search", "true", marks=pytest.mark.slow)])
 def test_toy_full_finetuning_as_two_rank_fsdp(study, ckpt, tmp_path, cache_dir):
     """The full job of each paper study on 2 gloo ranks with FSDP2 (fp32 sharded masters
-    all-gathered in bf16, gradients reduced in fp32), some with activation checkpointing; one
-    CPT and one IFT study in the default suite, the other three marked slow."""
+    all-gathered in bf16, gradients reduced in fp32), some with activation checkpointing; the
+    IFT study with checkpointing in the default suite (test_fsdp covers FSDP without it), the
+    other four marked slow."""
     job = _pick(_plan(study, "toy", tmp_path, cache_dir), "full")
     env = {**multi_rank_env(tmp_path, cache_dir), "OMP_NUM_THREADS": "1"}
     args = [a for a in job.overrides if not a.startswith(("paths.", "train.distributed.strategy"))]

@@ -87,24 +87,28 @@ def test_sigterm_saves_state_and_the_rerun_finishes(tmp_path, cache_dir):
     runs = tmp_path / "runs"
     env = {**os.environ, "LEARNFORGET_RUNS_DIR": str(runs), "LEARNFORGET_CACHE_DIR": str(cache_dir)}
     args = [sys.executable, "-m", "learnforget.cli", "train", *COMMON, "method=lora",
-            "train.checkpoints.at=[2,200]"]
+            "train.checkpoints.at=[2,40]"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(runs.glob("default/*/checkpoints/step-000002")) and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.05)
+    # held mid-run (SIGSTOP) while SIGTERM is queued, so it arrives before the run can finish
+    # however fast the machine is; the handler runs on SIGCONT
+    proc.send_signal(signal.SIGSTOP)
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
     assert "SIGTERM received" in stdout
     run = next((runs / "default").iterdir())
     info = RunFolder(run).read_record()
-    assert info.status == "interrupted" and 2 <= info.train.steps_done < 200
+    assert info.status == "interrupted" and 2 <= info.train.steps_done < 40
     assert (run / "train/resume.pt").exists()
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resuming {run.name} from step {info.train.steps_done}" in done.stdout
     info = RunFolder(run).read_record()
-    assert info.status == "finished" and info.train.steps_done == 200
+    assert info.status == "finished" and info.train.steps_done == 40
 
 
 # ------------------------------------------------------------------ no double training

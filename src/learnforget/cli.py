@@ -213,6 +213,22 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
+OWN_HELP = ("train", "job", "sweep", "analyze", "bench", "demo")  # Hydra's or argparse's --help
+
+
+def command_usage(cmd: str) -> str:
+    """The lines of USAGE that describe `learnforget CMD`."""
+    out: list[str] = []
+    for line in USAGE.splitlines():
+        if line.startswith(f"    learnforget {cmd} ") or line == f"    learnforget {cmd}":
+            out.append(line)
+        elif out and line.startswith("     ") and not line.lstrip().startswith("learnforget "):
+            out.append(line)
+        elif out:
+            break
+    return "usage:\n" + "\n".join(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--verbose" in args:  # the libraries' own console output (lm-eval INFO lines, bars)
@@ -229,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd, rest = args[0], args[1:]
     if cmd not in COMMANDS:
         return _fail(f"unknown command {cmd!r} (expected one of: {', '.join(COMMANDS)})")
+    if cmd not in OWN_HELP and any(a in ("-h", "--help") for a in rest):
+        print(command_usage(cmd))
+        return 0
     try:
         return COMMANDS[cmd](rest)
     except ConfigError as e:
