@@ -70,8 +70,21 @@ def test_which_matrices_lists_seven_settings_with_one_parameter_budget(tmp_path,
     assert len({j.run_dir for j in plan.jobs}) == 7
 
 
-def test_rank_ablation_lists_fifteen_jobs(tmp_path, capsys):
+def test_rank_ablation_lists_fifteen_jobs(tmp_path, capsys, monkeypatch):
+    from learnforget.train import params
+
+    calls = []
+    real = params.param_report
+
+    def counted(cfg, activations=True, device="cpu"):
+        calls.append(activations)
+        return real(cfg, activations=activations, device=device)
+
+    monkeypatch.setattr(params, "param_report", counted)
+    monkeypatch.setattr(params, "_REPORTS", {})
     assert sweep_cli(["lora_rank_ablation", "--dry-run", f"paths.runs_dir={tmp_path}"]) == 0
+    # one traced report per job (15 distinct ranks x targets), shared by the fit and memory tables
+    assert calls == [True] * 15
     out = capsys.readouterr().out
     assert "15 combinations -> 15 jobs (0 duplicate(s) merged" in out
     plan = _plan("lora_rank_ablation", tmp_path)
@@ -82,10 +95,11 @@ def test_rank_ablation_lists_fifteen_jobs(tmp_path, capsys):
     assert got == {(t, r) for t in [("q_proj",), ("q_proj", "v_proj"),
                                     ("q_proj", "k_proj", "v_proj", "o_proj")]
                    for r in (1, 2, 4, 8, 64)}
-    for j, row in zip(plan.jobs, memory_table(plan), strict=True):
+    for j, row in zip(plan.jobs, memory_table(plan), strict=True):  # cached: no new report
         want = j.cfg.method.r * 2 * LLAMA_D * LLAMA_LAYERS * len(j.cfg.method.targets)
         assert row["trainable"] == want
         assert row["peak_mib"] is None  # nothing has run
+    assert len(calls) == 15
     assert sum(j.gpu_hours for j in plan.jobs) == pytest.approx(232.0, abs=0.1)
     assert "GPU-hours: 232.0 in all" in out
 

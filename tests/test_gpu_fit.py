@@ -84,3 +84,21 @@ def test_every_paper_study_fits_one_8x80_node_as_shipped(study, tmp_path, capsys
     out = capsys.readouterr().out
     n = int(out.split("fit: ")[1].split(" of ")[1].split()[0])
     assert f"fit: {n} of {n} job(s) fit" in out and "WARNING" not in out
+
+
+def test_report_key_ignores_the_lr_and_seed_not_what_the_estimate_reads():
+    """One cached parameter report serves every job of an LR grid (lr_search: 6 LRs per
+    method); what changes the estimate gets its own (see test_ablation_studies for the count
+    of reports in a dry run)."""
+    from learnforget.config import compose
+    from learnforget.train.params import _report_key as key
+
+    base = ["model=llama2_7b", "method=lora", "train.precision=bf16"]
+    assert key(compose([*base, "train.lr=1e-4"]), True, "cuda") == key(
+        compose([*base, "train.lr=3e-4", "seed=3"]), True, "cuda")
+    assert key(compose(base), True, "cuda") == key(compose(base), True, "cpu")  # same policy
+    assert key(compose(base), True, "cuda") != key(compose(base), False, "cuda")
+    for other in (["train.precision=fp32"], ["train.seq_len=512"], ["method.r=8"],
+                  ["train.activation_checkpointing=true"], ["train.optimizer=lion"],
+                  ["method.dropout=0.1"], ["model.dtype=float32"]):
+        assert key(compose([*base, *other]), True, "cuda") != key(compose(base), True, "cuda"), other
