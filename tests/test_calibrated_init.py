@@ -1,7 +1,7 @@
 """Data-driven LoRA initialisations (method.init=eva, corda) calibrated on the run's own training
 data: which batches they read, CorDA's initial factors against numpy (known answer), EVA's
 A-only init, ΔW against the original base in a run's checkpoints, resume, and the errors
-(loftq refused)."""
+(loftq without qlora)."""
 
 from __future__ import annotations
 
@@ -207,8 +207,8 @@ def test_run_killed_and_resumed_matches_uninterrupted(tmp_path, cache_dir, init)
 def test_bad_calibrated_settings_are_one_line_errors(make_cfg):
     cases = [
         (("method=lora", "method.init=loftq"), "method.init=loftq needs method=qlora"),
-        (("method=qlora", "method.init=loftq"), "method.init=loftq is not supported yet: it is "
-                                                "CUDA-only"),
+        (("method=qlora", "method.init=loftq", "method.loftq_iter=0"),
+         "method.loftq_iter must be a positive integer"),  # loftq runs now: tests/test_loftq.py
         (("method=lora", "method.init=eva", "method.calibration_batches=0"),
          "method.calibration_batches must be a positive integer"),
         (("method=qlora", "method.init=corda"), "method.init=corda with method=qlora is not"),

@@ -160,6 +160,10 @@ def _apply_peft(model, cfg, model_name, tokenizer_path, notes, calibration):
         wrapped = peft.get_peft_model(model, config, low_cpu_mem_usage=init == "eva")
         if init == "eva":  # A from the activations' SVD, after wrapping (peft's EVA recipe)
             calibrated_init.initialise_eva(wrapped, batches)
+        if init == "loftq":  # base Q and factors B, A from the checkpoint's W (CPU LoftQ)
+            from learnforget.methods.loftq import initialise_loftq
+
+            notes.append(initialise_loftq(wrapped, cfg))
     except ValueError as e:
         raise ConfigError(f"method={cfg.name} on model={model_name}: {e}") from e
     if batches:

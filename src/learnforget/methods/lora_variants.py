@@ -23,8 +23,8 @@ eval, spectra and intruders read the checkpoint like any LoRA adapter
 numpy truncated SVD; test_calibrated_init.py checks CorDA's against numpy). Resume re-runs the
 (deterministic) initialisation on the original base and restores B, A, so B0 A0 are the same
 as in the first session. EVA leaves the base unchanged (B0 = 0): its checkpoints are plain LoRA.
-loftq (QLoRA only) is refused: peft 0.21 computes LoftQ on a "cuda"/"xpu" device only, and
-the harness's qlora path is built and tested on CPU.
+    method.init=loftq           (qlora only) B A from the SVD of the quantisation residual
+                                W - deQ(Q): learnforget.methods.loftq, peft's algorithm on CPU
 """
 
 from __future__ import annotations
@@ -39,11 +39,8 @@ from learnforget.errors import ConfigError
 if TYPE_CHECKING:  # torch is imported where tensors are handled: method validation needs none
     import torch
 
-INITS = ("default", "gaussian", "orthogonal", "pissa", "olora", "eva", "corda")
-UNSUPPORTED = {"loftq": "is CUDA-only: peft 0.21's LoftQ (init_lora_weights=loftq and "
-                        "replace_lora_weights_loftq) quantises and decomposes on a 'cuda'/'xpu' "
-                        "device (peft.utils.loftq_utils), so it cannot run or be tested on CPU",
-               "mica": "freezes lora_B (a different trainable count)"}
+INITS = ("default", "gaussian", "orthogonal", "pissa", "olora", "eva", "corda", "loftq")
+UNSUPPORTED = {"mica": "freezes lora_B (a different trainable count)"}
 MUTATES_BASE = ("pissa", "olora", "corda")
 _NITER = re.compile(r"^pissa_niter_(\d+)$")
 
@@ -65,9 +62,10 @@ def validate_init(init: Any, r: int) -> None:
 
 
 def peft_init(init: Any) -> bool | str:
-    """The value for peft's LoraConfig(init_lora_weights=...)."""
+    """The value for peft's LoraConfig(init_lora_weights=...): loftq wraps with the default and
+    sets the factors after (peft's own LoftQ runs on CUDA only)."""
     s = str(init)
-    return True if s == "default" else s
+    return True if s in ("default", "loftq") else s
 
 
 def mutates_base(init: Any) -> bool:

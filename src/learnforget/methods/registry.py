@@ -25,6 +25,8 @@ from learnforget.methods.calibrated_init import (
     is_calibrated,
     validate_calibration,
 )
+from learnforget.methods.loftq import DEFAULT_ITER as LOFTQ_DEFAULT_ITER
+from learnforget.methods.loftq import validate_loftq
 from learnforget.methods.lora_variants import mutates_base, validate_init
 
 # The method keys each built-in method reads; the others are ignored (and left out of the run name).
@@ -33,7 +35,7 @@ USES: dict[str, tuple[str, ...]] = {
     "lora": ("r", "alpha", "dropout", "targets", "init", "rslora", "calibration_batches"),
     "dora": ("r", "alpha", "dropout", "targets", "init", "rslora", "calibration_batches"),
     "qlora": ("r", "alpha", "dropout", "targets", "quant_type", "double_quant", "compute_dtype",
-              "init", "rslora", "calibration_batches"),
+              "init", "rslora", "calibration_batches", "loftq_iter"),
     "ia3": ("targets",),
     "prefix": ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"),
     "prompt": ("num_virtual_tokens", "prompt_init", "prompt_init_text"),
@@ -109,6 +111,10 @@ def effective_method(cfg: DictConfig) -> dict[str, Any]:
             if not is_calibrated(cfg.get("init", "default")):
                 continue  # read only by the data-driven inits (eva, corda)
             value = cfg.get(key, DEFAULT_CALIBRATION_BATCHES)
+        if key == "loftq_iter":
+            if str(cfg.get("init", "default")) != "loftq":
+                continue  # read only by method.init=loftq
+            value = cfg.get(key, LOFTQ_DEFAULT_ITER)
         if isinstance(value, ListConfig):
             value = list(value)
         out[key] = value
@@ -129,6 +135,8 @@ def ignored_keys(cfg: DictConfig) -> list[str]:
         used = tuple(k for k in used if k != "double_quant")
     if not is_calibrated(cfg.get("init", "default")):  # read by method.init=eva|corda only
         used = tuple(k for k in used if k != "calibration_batches")
+    if str(cfg.get("init", "default")) != "loftq":  # read by method.init=loftq only
+        used = tuple(k for k in used if k != "loftq_iter")
     return sorted(k for k in cfg if k not in ("name", PEFT) and k not in used)
 
 
@@ -185,6 +193,8 @@ def validate_method(cfg: DictConfig) -> None:
             raise ConfigError(f"method.init=loftq needs method=qlora (LoftQ initialises LoRA "
                               f"against a quantised base), got method={name}")
         validate_init(init, cfg.r)
+        if str(init) == "loftq":
+            validate_loftq(cfg)
         validate_calibration(init, cfg.get("calibration_batches", DEFAULT_CALIBRATION_BATCHES))
         if name == "qlora" and mutates_base(init):
             raise ConfigError(f"method.init={init} with method=qlora is not supported (it writes "
@@ -213,7 +223,7 @@ _ABBREV = {"r": "r", "alpha": "a", "dropout": "do", "top_k": "k", "num_virtual_t
            "quant_type": "", "double_quant": "dq", "compute_dtype": "", "prefix_projection": "mlp",
            "prompt_init": "init", "encoder_hidden_size": "h", "prompt_init_text": None,
            "bottleneck": "b", "placement": "", "adapter_act": "", "init": "", "rslora": "rs",
-           "calibration_batches": "cb",
+           "calibration_batches": "cb", "loftq_iter": "it",
            PEFT: None}
 
 

@@ -1,0 +1,162 @@
+"""LoftQ for QLoRA on CPU (learnforget.methods.loftq): known answers for the algorithm (it
+shrinks the quantisation error, more iterations never raise it, one iteration is numpy's
+truncated SVD of W - deQ(Q)), and the qlora run: its base is the loader's own 4-bit weight, its
+factors LoftQ's, its counts plain LoRA's; bad settings are one-line errors; resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from learnforget.config import compose
+from learnforget.errors import ConfigError
+from learnforget.methods.loftq import dequantise_4bit, loftq_factors, quantise_4bit
+from learnforget.methods.quantisation import is_quantised
+from learnforget.train.loop import fit, setup
+from learnforget.train.params import param_report
+
+NF4 = OmegaConf.create({"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"})
+
+
+def _weights() -> list[torch.Tensor]:
+    """The linear weights of a small random Llama (2 layers, hidden 64, MLP 128)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=2))
+    return [m.weight.detach().float() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+
+
+def _errors(w: torch.Tensor, n_iter: int, scale: float = 2.0) -> tuple[float, float]:
+    """(||W - deQ(Q)||, ||W - deQ(Q) - s B A||) of LoftQ with n_iter iterations, rank 4."""
+    q, state, a, b = loftq_factors(w, 4, n_iter, scale, lambda x: quantise_4bit(x, NF4))
+    deq = dequantise_4bit(q, state)
+    return float(torch.linalg.norm(w - deq)), float(torch.linalg.norm(w - deq - scale * b @ a))
+
+
+def test_loftq_error_is_below_qlora_and_non_increasing_in_iterations():
+    for w in _weights():
+        plain = float(torch.linalg.norm(w - dequantise_4bit(*quantise_4bit(w, NF4))))
+        quant1, after = _errors(w, 1)
+        assert quant1 == pytest.approx(plain, rel=0, abs=0)  # first Q = quant(W): the loader's
+        assert after < 0.97 * plain
+        errs = [after] + [_errors(w, n)[1] for n in (2, 3, 5)]
+        assert all(e1 <= e0 * (1 + 1e-6) for e0, e1 in zip(errs, errs[1:], strict=False)), errs
+
+
+def test_one_iteration_is_numpys_truncated_svd_of_the_residual():
+    """The same deQ(Q); numpy's SVD of W - deQ(Q): s B A is its rank-r truncation, and
+    B = U sqrt(S) / sqrt(s), A = sqrt(S) V^T / sqrt(s) up to each pair's sign."""
+    w, r, scale = _weights()[0], 4, 0.5
+    q, state, a, b = loftq_factors(w, r, 1, scale, lambda x: quantise_4bit(x, NF4))
+    res = (w - dequantise_4bit(q, state)).double().numpy()
+    u, s, vt = np.linalg.svd(res, full_matrices=False)
+    trunc = (u[:, :r] * s[:r]) @ vt[:r]
+    np.testing.assert_allclose(scale * (b.double() @ a.double()).numpy(), trunc, atol=1e-5 * s[0])
+    b_np = u[:, :r] * np.sqrt(s[:r]) / np.sqrt(scale)
+    a_np = (np.sqrt(s[:r])[:, None] * vt[:r]) / np.sqrt(scale)
+    signs = np.sign(np.sum(b.double().numpy() * b_np, axis=0))
+    np.testing.assert_allclose(b.double().numpy(), b_np * signs, atol=1e-4)
+    np.testing.assert_allclose(a.double().numpy(), a_np * signs[:, None], atol=1e-4)
+
+
+def tiny_lora_count(r: int) -> int:
+    """tiny_llama: 1472 LoRA parameters per unit rank (tests/test_lora_variants.py)."""
+    return 2 * r * (4 * 128 + 2 * 320 + 320)
+
+
+def test_loftq_qlora_trains_two_steps_on_its_loaders_base(make_cfg):
+    """The run's 4-bit base is bit-for-bit what the qlora loader built (loftq_iter=1), its
+    initial factors are LoftQ's on the checkpoint's W, and it trains with plain LoRA's counts."""
+    from safetensors.torch import load_file as load
+
+    from learnforget.assets.models import load_model
+
+    cfg = make_cfg("method=qlora", "method.init=loftq", "method.r=4", "train.lr=1e-2",
+                   "method.dropout=0.0")
+    s = setup(cfg)
+    assert s.trainable == tiny_lora_count(4)
+    note = next(n for n in s.notes if n.startswith("method.init=loftq"))
+    before, after = (float(x.split()[0].rstrip(";")) for x in note.split("||/||W|| ")[1:3])
+    assert after < before and "14 layers" in note
+    loaded, _, path = load_model(cfg.model, cfg.method, Path(cfg.paths.cache_dir))
+    fresh = {n: m for n, m in loaded.named_modules() if is_quantised(m)}
+    w = load(f"{path}/model.safetensors")
+    checked = 0
+    for name, module in s.model.named_modules():
+        if not is_quantised(module):
+            continue
+        plain = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        assert torch.equal(module.weight.data, fresh[plain].weight.data), plain
+        lora = s.model.get_submodule(name.removesuffix(".base_layer"))
+        _, _, a, b = loftq_factors(w[plain + ".weight"], 4, 1, 2.0,
+                                   lambda x: quantise_4bit(x, cfg.method))
+        torch.testing.assert_close(lora.lora_A["default"].weight, a, rtol=0, atol=0)
+        torch.testing.assert_close(lora.lora_B["default"].weight, b, rtol=0, atol=0)
+        checked += 1
+    assert checked == 14
+    run = fit(s)
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["train"]["trainable_params"] == tiny_lora_count(4)
+    assert any("method.init=loftq" in n for n in info["train"]["notes"])
+    acfg = json.loads((run / "checkpoints/step-000002/adapter_config.json").read_text())
+    assert acfg["r"] == 4 and acfg["init_lora_weights"] is True  # plain LoRA on the 4-bit base
+    assert "_loftq_it1" in run.name
+
+
+@pytest.mark.parametrize("r", [16, 64])
+def test_llama2_7b_counts_are_qloras(r):
+    rep = param_report(compose(["model=llama2_7b", "method=qlora", f"method.r={r}",
+                                "method.init=loftq"]), activations=False)
+    assert rep.trainable == {16: 39_976_960, 64: 159_907_840}[r]  # test_lora_variants.LLAMA2_7B
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (("method=lora",), "method.init=loftq needs method=qlora"),
+    (("method=dora",), "method.init=loftq needs method=qlora"),
+    (("method=qlora", "method.loftq_iter=0"), "method.loftq_iter must be a positive integer"),
+    (("method=qlora", "method.loftq_iter=two"), "method.loftq_iter must be a positive integer"),
+    (("method=qlora", "method.loftq_iter=3"), r"method.loftq_iter=3 is not supported .*expected 1"),
+    (("method=qlora", "method.quant_type=int8"), "needs a 4-bit base"),
+])
+def test_bad_loftq_settings_are_one_line_errors(make_cfg, overrides, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        setup(make_cfg("method.init=loftq", *overrides))
+    assert "\n" not in str(e.value)
+
+
+def test_plain_qlora_keeps_its_name():
+    from learnforget.config import run_name
+
+    a, b = compose(["method=qlora"]), compose(["method=qlora", "method.loftq_iter=1"])
+    assert run_name(a) == run_name(b) and "loftq" not in run_name(a) and "it1" not in run_name(a)
+
+
+def test_loftq_run_killed_and_resumed_matches_uninterrupted(tmp_path, cache_dir):
+    """Resume re-runs the deterministic LoftQ init and restores B, A: same losses, same
+    final adapter as the uninterrupted run."""
+    from test_resume import _losses, _train, _weights
+
+    runs = tmp_path / "runs"
+    loftq = ("method=qlora", "method.init=loftq", "method.r=4")
+    assert _train(runs, cache_dir, *loftq, "experiment_name=straight").returncode == 0
+    killed = _train(runs, cache_dir, *loftq, "experiment_name=killed", crash_at=2)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    resumed = _train(runs, cache_dir, *loftq, "experiment_name=killed")
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
+    run_a, run_b = next((runs / "straight").iterdir()), next((runs / "killed").iterdir())
+    for (_, x), (_, y) in zip(_losses(run_a), _losses(run_b), strict=True):
+        assert abs(x - y) <= 1e-6
+    wa, wb = _weights(run_a / "checkpoints/step-000004"), _weights(run_b / "checkpoints/step-000004")
+    assert wa.keys() == wb.keys() and len(wa) == 28
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+    assert load_file(run_a / "checkpoints/step-000004/adapter_model.safetensors").keys() == wa.keys()
