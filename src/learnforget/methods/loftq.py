@@ -28,11 +28,12 @@ The initialisation is deterministic; resume re-runs it and restores B, A.
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from learnforget.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: method validation needs none
+    import torch
 
 DEFAULT_ITER = 1
 MAX_RUN_ITER = 1  # more iterations change the 4-bit base, which eval and spectra do not rebuild
@@ -71,13 +72,12 @@ def dequantise_4bit(q: torch.Tensor, state) -> torch.Tensor:
     return bnbf.dequantize_4bit(q, state).float()
 
 
-@torch.no_grad()
 def loftq_factors(w: torch.Tensor, r: int, n_iter: int, scale: float, quantise):
     """LoftQ on one weight: (Q, quant_state, A, B) with deQ(Q) + scale B A ~ W. `quantise(x)`
-    returns (Q, quant_state); A is (r, in), B (out, r), float32."""
+    returns (Q, quant_state); A is (r, in), B (out, r), float32 (no autograd: W is detached)."""
     from peft.utils.loftq_utils import _low_rank_decomposition
 
-    w = w.float()
+    w = w.detach().float()
     res = w
     for i in range(n_iter):
         q, state = quantise(res)
@@ -101,10 +101,10 @@ def _checkpoint_folder(model: torch.nn.Module) -> str:
     return str(files[0].parent)
 
 
-@torch.no_grad()
 def initialise_loftq(model: torch.nn.Module, method_cfg: Any, adapter: str = "default") -> str:
     """Set every 4-bit LoRA layer of the peft `model` to LoftQ: its base to Q, its factors to
     B, A. Returns a note for run.json with the mean relative errors before and after."""
+    import torch
     from peft.tuners.lora import Linear4bit
     from peft.utils.loftq_utils import _SafetensorLoader
 
@@ -121,8 +121,9 @@ def initialise_loftq(model: torch.nn.Module, method_cfg: Any, adapter: str = "de
                                        lambda x: quantise_4bit(x, method_cfg))
         weight = module.get_base_layer().weight
         weight.data, weight.quant_state = q.to(weight.device), state
-        module.lora_A[adapter].weight.copy_(a)
-        module.lora_B[adapter].weight.copy_(b)
+        with torch.no_grad():
+            module.lora_A[adapter].weight.copy_(a)
+            module.lora_B[adapter].weight.copy_(b)
         deq = dequantise_4bit(q, state)
         norm = float(torch.linalg.norm(w))
         quant_err.append(float(torch.linalg.norm(w - deq)) / norm)
