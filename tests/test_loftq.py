@@ -110,6 +110,22 @@ def test_loftq_qlora_trains_two_steps_on_its_loaders_base(make_cfg):
     acfg = json.loads((run / "checkpoints/step-000002/adapter_config.json").read_text())
     assert acfg["r"] == 4 and acfg["init_lora_weights"] is True  # plain LoRA on the 4-bit base
     assert "_loftq_it1" in run.name
+    # the spectra's ΔW: s B A on W_base = deQ(Q), the very base the run trained on, so that
+    # W_ft - W_original = s B A - (W - deQ(Q))
+    from learnforget.analysis.deltas import extract_deltas
+
+    live = {n.removeprefix("base_model.model.").replace(".base_layer", ""): m
+            for n, m in s.model.named_modules() if is_quantised(m)}
+    ds = extract_deltas(run, "step-000002", with_weights=True, cache_dir=Path(cfg.paths.cache_dir))
+    assert ds.base == "dequantised nf4" and len(ds.names) == 14
+    for md in ds:
+        deq = dequantise_4bit(live[md.name].weight.data, live[md.name].weight.quant_state)
+        assert torch.equal(md.base, deq), md.name
+        B, A, scale = md.factors
+        assert B.shape[1] == 4 and scale == 2.0
+        orig = w[md.name + ".weight"].double()
+        torch.testing.assert_close(md.ft.double() - orig, md.to_dense() - (orig - deq.double()),
+                                   atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("r", [16, 64])
