@@ -156,6 +156,7 @@ def test_plain_qlora_keeps_its_name():
     assert run_name(a) == run_name(b) and "loftq" not in run_name(a) and "it1" not in run_name(a)
 
 
+@pytest.mark.slow  # ~22 s; the default suite resumes PiSSA and CorDA through the same path
 def test_loftq_run_killed_and_resumed_matches_uninterrupted(tmp_path, cache_dir):
     """Resume re-runs the deterministic LoftQ init and restores B, A: same losses, same
     final adapter as the uninterrupted run."""
