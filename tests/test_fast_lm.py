@@ -45,8 +45,8 @@ def test_same_loglikelihoods_as_hflm(model, tmp_path):
     for name, cls in (("hf", HFLM), ("shared", SharedContextLM)):
         lm = cls(pretrained=model, tokenizer=tok, batch_size=4)
         if name == "shared":
-            lm._score_group = lambda ctx, conts, f=lm._score_group: groups.append(
-                len(conts)) or f(ctx, conts)
+            lm._score_packed = lambda qs, f=lm._score_packed: groups.extend(
+                len(conts) for _, conts in qs) or f(qs)
         runs[name] = evaluate(lm, specs, include, batch_size=4, seed=1234, items=True)
     assert not lm._sharing_failed
     # at least one group per question whose choices share the context (all but winogrande,
