@@ -86,18 +86,26 @@ def test_unmerged_lora_adapter_gives_the_same_loglikelihoods(model, tmp_path):
 
 
 def _tiny(kind: str):
-    """A tiny random causal LM: Llama (sdpa or eager attention) or GPT-2 (learned positions)."""
+    """A tiny random causal LM: Llama (sdpa or eager attention, or a forward without
+    `logits_to_keep`) or GPT-2 (learned positions)."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    class FullLogits(LlamaForCausalLM):
+        """A forward without `logits_to_keep`: the backend gathers the scored positions."""
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kw):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, **kw)
 
     torch.manual_seed(0)
     if kind == "gpt2":
         return GPT2LMHeadModel(GPT2Config(vocab_size=2048, n_embd=64, n_layer=2, n_head=4,
                                           n_positions=512, bos_token_id=0,
                                           eos_token_id=0)).eval()
-    return LlamaForCausalLM(LlamaConfig(
+    return (FullLogits if kind == "llama_full_logits" else LlamaForCausalLM)(LlamaConfig(
         vocab_size=2048, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=512,
-        attn_implementation=kind.removeprefix("llama_"))).eval()
+        attn_implementation="eager" if kind == "llama_eager" else "sdpa")).eval()
 
 
 def _requests(model) -> list:
@@ -121,7 +129,8 @@ def _requests(model) -> list:
             for c, cont in enumerate(conts)]
 
 
-@pytest.mark.parametrize("kind", ["llama_sdpa", "llama_eager", "gpt2", "lora"])
+@pytest.mark.parametrize("kind", ["llama_sdpa", "llama_eager", "llama_full_logits", "gpt2",
+                                  "lora"])
 def test_packed_batches_give_hflm_values(kind):
     """Several questions per forward pass (different context and continuation lengths,
     one-token continuations) give HFLM's log-likelihoods and greedy flags; lone contexts and
@@ -139,6 +148,7 @@ def test_packed_batches_give_hflm_values(kind):
     tok = tiny_tokenizer()
     ref = HFLM(pretrained=net, tokenizer=tok, batch_size=4)._loglikelihood_tokens(reqs)
     lm = SharedContextLM(pretrained=net, tokenizer=tok, batch_size=4)
+    assert ("logits_to_keep" in lm._base_forward_params()) == (kind != "llama_full_logits")
     batches: list[list[int]] = []
     lm._score_packed = lambda qs, f=lm._score_packed: batches.append(
         [len(c) + sum(len(x) - 1 for x in k) for c, k in qs]) or f(qs)
