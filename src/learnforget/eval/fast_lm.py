@@ -28,8 +28,9 @@ take the packed form (not a causal LM, an attention implementation other than ea
 sliding window, no `position_ids` argument, or an error on the first try: `_sharing_failed`).
 Generation and rolling log-likelihoods are HFLM's.
 
-Measured (`learnforget bench eval`, SmolLM2-135M, 40 HellaSwag + 40 ARC-Challenge items, batch 8,
-2 threads): see README.md.
+On `learnforget bench eval`'s items (SmolLM2-135M, 40 HellaSwag + 40 ARC-Challenge, batch 8)
+HFLM runs 17,639 request tokens with logits at every one; this backend runs 8,933 tokens in 10
+batches (8,207 + 8% padding) with logits at 5,143 positions.
 """
 
 from __future__ import annotations
