@@ -7,7 +7,7 @@ through lm-eval's own evaluation, alternating which goes first on each repeat. R
 backend: items/s (and items per process CPU second: on a shared machine the fairer
 ratio) and tokens/s, where tokens are those of the requests as lm-eval forms them
 (context + continuation per choice: the work plain lm-eval does), so the ratio of the rates is
-the speed-up; the tokens the shared backend actually runs through the model; the largest
+the speed-up; the largest
 per-choice log-likelihood difference between the two; and the FLOP bound: the CPU's float32
 GEMM rate (2048 x 2048 matmul, best of 5) over 2 x (weights of every linear layer, LM head
 included) FLOPs per token.
