@@ -89,8 +89,10 @@ def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
                       **score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,
                               drift_eval),
                       "meta": meta_info().to_dict()}
+            result["meta"]["precision"] = result["precision"]
             atomic_write_json(out, result)
             del model
+        _same_precision(base, result, ckpt.name)
         row = {"checkpoint": ckpt.name, "step": result["step"], "tokens": result["tokens"],
                **summarize(result, base)}
         rows.append(row)
@@ -104,6 +106,15 @@ def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
     loggers.finish("finished")
     print_rows(rows)
     return path
+
+
+def _same_precision(base: dict, result: dict, label: str) -> None:
+    """A paired change needs the base and the checkpoint scored in one precision."""
+    b = (base.get("precision") or {}).get("setting", "model")
+    c = (result.get("precision") or {}).get("setting", "model")
+    if b != c:
+        raise ConfigError(f"checkpoint {label} was scored with eval.precision={c!r}, the base "
+                          f"with {b!r}: delete one of the results to rescore it")
 
 
 def eval_main(cfg: DictConfig, run_dir: Path | None = None) -> Path:
