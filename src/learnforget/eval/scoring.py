@@ -149,9 +149,11 @@ def lm_class(model, backend: str):
 
 
 def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,
-          cache_dir: Path, drift_eval=None) -> dict[str, Any]:
-    """All of a suite's numbers for one model: lm-eval tasks, cross-entropy sets, diversity,
-    drift from the base model (with `drift_eval`, a learnforget.eval.drift.DriftEval)."""
+          cache_dir: Path, drift_eval=None, task_cache: dict | None = None) -> dict[str, Any]:
+    """All of a suite's numbers for one model, in eval.precision: lm-eval tasks, cross-entropy
+    sets, diversity, drift from the base model (with `drift_eval`, a
+    learnforget.eval.drift.DriftEval). `task_cache`: a dict kept across one stage's calls, so
+    lm-eval's task objects are built once (learnforget.eval.lm_eval_run.evaluate)."""
     from learnforget.console import library_bars
 
     t0 = time.perf_counter()
@@ -163,12 +165,12 @@ def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_
     model = cast_for_scoring(model, ev)
     with library_bars():  # lm-eval's per-task bars and the drift bar: to the run's log file
         return {**_score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,
-                         drift_eval), "precision": precision_record(model, ev),
+                         drift_eval, task_cache), "precision": precision_record(model, ev),
                 "wall_time_s": time.perf_counter() - t0}
 
 
 def _score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,
-           cache_dir: Path, drift_eval=None) -> dict[str, Any]:
+           cache_dir: Path, drift_eval=None, task_cache: dict | None = None) -> dict[str, Any]:
     from learnforget.eval.lm_eval_run import evaluate as run_tasks
 
     tasks: dict[str, Any] = {}
@@ -191,7 +193,8 @@ def _score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include
                                    batch_size=int(ev.batch_size), seed=int(ev.seed),
                                    code_exec_allowed=bool(ev.allow_code_execution),
                                    samples={s.name: subsets[s.name] for s in group} if fixed
-                                   else None, items=bool(ev.get("items", True))))
+                                   else None, items=bool(ev.get("items", True)),
+                                   task_cache=task_cache))
         for spec in specs:
             if tasks[spec.name].get("chance") is None and spec.data_file is not None:
                 tasks[spec.name]["chance"] = _chance_of(spec)
@@ -219,9 +222,9 @@ def base_model_id(run_cfg: DictConfig) -> str:
 
 def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, tokenizer,
                 specs, include_path: Path, cache_dir: Path, device: str,
-                drift_eval=None, model=None) -> dict[str, Any]:
+                drift_eval=None, model=None, task_cache: dict | None = None) -> dict[str, Any]:
     """The base model's scores, computed once per (model, quantisation, suite settings).
-    `model`: the base model when the caller has it loaded already."""
+    `model`: the base model when the caller has it loaded already; `task_cache`: see score."""
     model_id = base_model_id(run_cfg)
     ppl_run = any(p.source == "run" for p in ev.ppl)
     data_id = f"-{run_cfg.data.name}" if ppl_run else ""
@@ -236,7 +239,7 @@ def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, 
                      else load_for_eval(run_cfg, None, cache_dir, device))
         result = {"eval_key": key, "model": model_id, "suite": ev.name,
                   **score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,
-                          drift_eval),
+                          drift_eval, task_cache),
                   "versions": package_versions()}
         atomic_write_json(path, result)
         return {**result, "cache_file": str(path)}
