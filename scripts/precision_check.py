@@ -30,7 +30,7 @@ from learnforget.eval.task_yaml import write_task_dir
 from learnforget.runfolder import RunFolder
 
 
-def _score_all(runs, checkpoint, suite, precision, work):
+def _score_all(runs, checkpoint, suite, precision, work, with_base: bool = True):
     ev = compose([f"eval={suite}", f"eval.precision={precision}"]).eval
     first = RunFolder(Path(runs[0]).resolve())
     run_cfg = OmegaConf.load(first.config)
@@ -40,14 +40,15 @@ def _score_all(runs, checkpoint, suite, precision, work):
     tok = load_tokenizer(str(first.tokenizer))
     drift = drift_eval_for(ev, run_cfg, work.parent / "root", tok,
                            lambda: load_for_eval(run_cfg, None, cache, "cpu"))
-    out = {"base": score(drift.base_model, tok, run_cfg, ev, specs, include, cache, drift)}
+    out = {"base": score(drift.base_model, tok, run_cfg, ev, specs, include, cache, drift)} \
+        if with_base else {}
     for r in runs:
         folder = RunFolder(Path(r).resolve())
         cfg = OmegaConf.load(folder.config)
-        t0 = time.perf_counter()
         model = load_for_eval(cfg, folder.checkpoint(checkpoint), cache, "cpu")
+        c0 = time.process_time()
         res = score(model, tok, cfg, ev, specs, include, cache, drift)
-        res["load_s"] = time.perf_counter() - t0 - res["wall_time_s"]
+        res["cpu_s"] = time.process_time() - c0
         out[folder.path.name] = res
         del model
     return out
@@ -98,6 +99,19 @@ def report(fp, bf) -> None:
               f"{bf[name]['wall_time_s']:.1f} |")
 
 
+def timing(runs, checkpoint, suite, work, repeats: int) -> None:
+    """Wall and process CPU time of one checkpoint's scoring, the precisions alternating (the
+    task folder and drift references built; the drift base log-probs are in the time)."""
+    print("\n## timing: one checkpoint scored, precisions alternating")
+    print("| precision | wall s | CPU s |")
+    print("|---|---|---|")
+    for _ in range(repeats):
+        for prec in ("model", "bf16"):
+            res = _score_all(runs[:1], checkpoint, suite, prec, work / f"t-{prec}", False)
+            r = res[Path(runs[0]).resolve().name]
+            print(f"| {prec} | {r['wall_time_s']:.1f} | {r['cpu_s']:.1f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+")
@@ -105,6 +119,8 @@ def main() -> None:
     p.add_argument("--suite", default="demo")
     p.add_argument("--work", default="/tmp/precision_check")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--timing", type=int, default=0, help="then time the first run's "
+                   "checkpoint this many times per precision")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     work = Path(a.work)
@@ -118,6 +134,8 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results[prec], default=str))
     report(results["model"], results["bf16"])
+    if a.timing:
+        timing(a.runs, a.checkpoint, a.suite, work, a.timing)
 
 
 if __name__ == "__main__":
