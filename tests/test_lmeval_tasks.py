@@ -119,6 +119,33 @@ def test_matches_plain_simple_evaluate(hflm, suite):
         assert plain["n-shot"][name] == ours[name]["num_fewshot"]
 
 
+def test_tasks_built_once_give_the_numbers_of_a_fresh_load(hflm, suite):
+    """A task_cache (one eval stage) reuses lm-eval's task objects: every call, also after a
+    call with other items, gives the per-item results and metrics of a fresh load (fewshot
+    examples reseeded, requests rebuilt)."""
+    specs, include = suite
+    specs = [s for s in specs if s.kind in ("hellaswag", "winogrande", "gsm8k")]
+    pick = {s.name: [0, 2, 3] for s in specs}
+    run = lambda cache, samples=pick: evaluate(  # noqa: E731
+        hflm, specs, include, batch_size=8, seed=SEED, bootstrap_iters=BOOTSTRAP,
+        samples=samples, items=True, log_samples=True, task_cache=cache)
+    fresh = run(None)
+    cache: dict = {}
+    first = run(cache)
+    (loaded,) = cache.values()
+    other = run(cache, {s.name: [1, 4] for s in specs})
+    again = run(cache)
+    assert list(cache.values()) == [loaded]  # built once
+    for name in pick:
+        assert other[name]["items"]["doc_id"] == [1, 4]
+        for res in (first, again):
+            assert res[name]["items"] == fresh[name]["items"], name
+            assert res[name]["metrics"] == fresh[name]["metrics"], name
+            assert res[name]["stderr"] == fresh[name]["stderr"], name
+            assert [x["arguments"] for x in res[name]["samples"]] == \
+                [x["arguments"] for x in fresh[name]["samples"]], name
+
+
 def test_builtin_tasks_override_only_the_data_source(suite):
     """The merged config equals the built-in task's except task name, tag and data keys."""
     specs, include = suite

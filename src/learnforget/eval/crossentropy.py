@@ -12,8 +12,8 @@ from learnforget.data.packing import Example, collate
 @torch.no_grad()
 def mean_cross_entropy(model: torch.nn.Module, examples: Sequence[Example], *, batch_size: int,
                        pad_id: int, device: str | torch.device = "cpu") -> tuple[float, int]:
-    """(mean CE in nats over every predicted label token, number of such tokens), fp32 and in
-    eval mode; the model's training mode is restored afterwards."""
+    """(mean CE in nats over every predicted label token, number of such tokens), the loss in
+    fp32 (the model in its own dtype), in eval mode; the model's training mode is restored afterwards."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

@@ -60,18 +60,29 @@ def _lm_batch_size(lm: Any, batch_size: int | None) -> Iterator[None]:
         lm.batch_size_per_gpu = old
 
 
-@contextlib.contextmanager
-def _no_env_info() -> Iterator[None]:
-    """lm-eval adds torch's collect_env report to every result (about 5 s of subprocesses such
-    as `pip list` per call); run.json's meta info already records the versions."""
-    import lm_eval.evaluator as ev
+def _seed(seed: int) -> None:
+    """simple_evaluate's seeds: python's random, numpy's and torch's."""
+    import random
 
-    saved = ev.add_env_info
-    ev.add_env_info = lambda results: None
-    try:
-        yield
-    finally:
-        ev.add_env_info = saved
+    import numpy as np
+    from lm_eval.utils import set_torch_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    set_torch_seed(seed)
+
+
+def _load_tasks(include_path: Path, names: list[str]) -> dict:
+    """lm-eval's task objects (TaskManager.load), with simple_evaluate's config defaults:
+    num_fewshot 0 where a task sets none."""
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(include_path), include_defaults=False)
+    loaded = tm.load(names)
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+    return loaded
 
 
 def _num(v: Any) -> float | None:
@@ -94,9 +105,12 @@ def evaluate(
     bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS,
     samples: dict[str, list[int]] | None = None,
     items: bool = False,
+    task_cache: dict | None = None,
 ) -> dict[str, dict]:
     """Evaluate `lm` (an lm-eval LM, e.g. HFLM) on the tasks of `specs` written into
-    `include_path` by write_task_dir, in one `lm_eval.simple_evaluate` call.
+    `include_path` by write_task_dir, in one lm-eval evaluation: the steps of
+    `lm_eval.simple_evaluate` (seeds, TaskManager.load, 0-shot default, fewshot seed,
+    `lm_eval.evaluator.evaluate`) without its environment report.
 
     Returns {task name: {"metrics", "stderr" (clean metric keys; stderr None where lm-eval has
     none), "n" (documents evaluated), "primary_metric", "primary", "chance", "role", "kind",
@@ -106,9 +120,12 @@ def evaluate(
     per-sample log (learnforget.eval.paired.item_records), and "subset" (the indices or None).
     `batch_size` (None: the LM's own) is set on the HFLM for the call. Running model-written
     code (humaneval) needs `code_exec_allowed=True`, and builtin tasks need the Hugging Face
-    hub (`require_hub`); otherwise a ConfigError is raised before anything runs."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    hub (`require_hub`); otherwise a ConfigError is raised before anything runs.
+    `task_cache`: a dict kept across calls (one eval stage: the base and every checkpoint)
+    holding the loaded task objects (data, process_docs), built once per task folder and task
+    configs; each call rebuilds the tasks' requests (lm-eval's build_all_requests) and reseeds,
+    so the numbers are those of a fresh load."""
+    import lm_eval.evaluator
 
     validate_specs(specs)
     for spec in specs:
@@ -124,23 +141,27 @@ def evaluate(
 
         require_opt_in(code_exec_allowed)
     hashes = {s.name: task_config_hash(include_path, s.name) for s in specs}
-    tm = TaskManager(include_path=str(include_path), include_defaults=False)
+    names = [s.name for s in specs]
+    cache_key = (str(include_path), tuple(names), tuple(hashes[n] for n in names))
+    loaded = None if task_cache is None else task_cache.get(cache_key)
     with _env(humaneval_utils.ENV_ALLOW, "1" if code_exec_allowed else "0"), \
-            _lm_batch_size(lm, batch_size), _no_env_info():
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[s.name for s in specs],
-            task_manager=tm,
+            _lm_batch_size(lm, batch_size):
+        _seed(seed)
+        if loaded is None:
+            loaded = _load_tasks(include_path, names)
+            if task_cache is not None:
+                task_cache[cache_key] = loaded
+            _seed(seed)
+        for task in loaded["tasks"].values():
+            task.set_fewshot_seed(seed=seed)
+        out = lm_eval.evaluator.evaluate(
+            lm=lm,
+            task_dict=loaded,
             limit=limit,
-            batch_size=batch_size,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
+            samples=samples or None,
             bootstrap_iters=bootstrap_iters,
             log_samples=log_samples or items,
             confirm_run_unsafe_code=code_exec_allowed,
-            samples=samples or None,
         )
     if out is None:  # non-zero rank of a distributed run
         return {}

@@ -14,7 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from learnforget.errors import ConfigError
 from learnforget.eval.crossentropy import mean_cross_entropy
-from learnforget.eval.suite import _chance_of, ppl_examples, task_subsets
+from learnforget.eval.suite import (
+    _chance_of,
+    ppl_examples,
+    scoring_precision,
+    task_subsets,
+)
 from learnforget.files import atomic_write_json, file_lock, read_json, read_result
 from learnforget.runfolder import MANIFEST, base_dir, package_versions
 
@@ -89,6 +94,36 @@ def diversity(model, tokenizer, d: DictConfig, seed: int) -> dict[str, Any]:
             "mean_unique": sum(per_prompt.values()) / len(per_prompt)}
 
 
+def _logits_fp32(module, args, output):
+    if getattr(output, "logits", None) is not None and output.logits.dtype != torch.float32:
+        output.logits = output.logits.float()
+    return output
+
+
+def cast_for_scoring(model, ev: DictConfig):
+    """The model in eval.precision's dtype (in place; `model`: unchanged). A cast model's
+    logits come back in fp32, so every log-softmax (lm-eval, cross-entropy, drift) is fp32.
+    Quantised (QLoRA) models keep their own compute dtype: only `model` applies."""
+    dtype = {"model": None, "fp32": torch.float32, "bf16": torch.bfloat16}[scoring_precision(ev)]
+    if dtype is None:
+        return model
+    if any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules()):
+        raise ConfigError(f"eval.precision={ev.precision!r} cannot cast a quantised model "
+                          "(QLoRA scores in its compute dtype): use eval.precision=model")
+    if getattr(model, "_lf_scoring_dtype", None) != dtype:
+        model.to(dtype)
+        if getattr(model, "_lf_scoring_dtype", None) is None:
+            model.register_forward_hook(_logits_fp32)
+        model._lf_scoring_dtype = dtype
+    return model
+
+
+def precision_record(model, ev: DictConfig) -> dict[str, str]:
+    """What a result records of its scoring precision: the setting and the weights' dtype."""
+    dtype = next(model.parameters()).dtype
+    return {"setting": scoring_precision(ev), "dtype": str(dtype).removeprefix("torch.")}
+
+
 BACKENDS = ("hf", "shared")
 
 
@@ -114,19 +149,28 @@ def lm_class(model, backend: str):
 
 
 def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,
-          cache_dir: Path, drift_eval=None) -> dict[str, Any]:
-    """All of a suite's numbers for one model: lm-eval tasks, cross-entropy sets, diversity,
-    drift from the base model (with `drift_eval`, a learnforget.eval.drift.DriftEval)."""
+          cache_dir: Path, drift_eval=None, task_cache: dict | None = None) -> dict[str, Any]:
+    """All of a suite's numbers for one model, in eval.precision: lm-eval tasks, cross-entropy
+    sets, diversity, drift from the base model (with `drift_eval`, a
+    learnforget.eval.drift.DriftEval). `task_cache`: a dict kept across one stage's calls, so
+    lm-eval's task objects are built once (learnforget.eval.lm_eval_run.evaluate)."""
     from learnforget.console import library_bars
 
     t0 = time.perf_counter()
+    if drift_eval is not None and scoring_precision(ev) != "model":
+        # the reference texts (a probe set shared by every precision) come from the base model
+        # as loaded; its drift scoring is then in the suite's precision like everything else
+        _ = drift_eval.refs
+        cast_for_scoring(drift_eval.base_model, ev)
+    model = cast_for_scoring(model, ev)
     with library_bars():  # lm-eval's per-task bars and the drift bar: to the run's log file
         return {**_score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,
-                         drift_eval), "wall_time_s": time.perf_counter() - t0}
+                         drift_eval, task_cache), "precision": precision_record(model, ev),
+                "wall_time_s": time.perf_counter() - t0}
 
 
 def _score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,
-           cache_dir: Path, drift_eval=None) -> dict[str, Any]:
+           cache_dir: Path, drift_eval=None, task_cache: dict | None = None) -> dict[str, Any]:
     from learnforget.eval.lm_eval_run import evaluate as run_tasks
 
     tasks: dict[str, Any] = {}
@@ -149,7 +193,8 @@ def _score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include
                                    batch_size=int(ev.batch_size), seed=int(ev.seed),
                                    code_exec_allowed=bool(ev.allow_code_execution),
                                    samples={s.name: subsets[s.name] for s in group} if fixed
-                                   else None, items=bool(ev.get("items", True))))
+                                   else None, items=bool(ev.get("items", True)),
+                                   task_cache=task_cache))
         for spec in specs:
             if tasks[spec.name].get("chance") is None and spec.data_file is not None:
                 tasks[spec.name]["chance"] = _chance_of(spec)
@@ -177,9 +222,9 @@ def base_model_id(run_cfg: DictConfig) -> str:
 
 def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, tokenizer,
                 specs, include_path: Path, cache_dir: Path, device: str,
-                drift_eval=None, model=None) -> dict[str, Any]:
+                drift_eval=None, model=None, task_cache: dict | None = None) -> dict[str, Any]:
     """The base model's scores, computed once per (model, quantisation, suite settings).
-    `model`: the base model when the caller has it loaded already."""
+    `model`: the base model when the caller has it loaded already; `task_cache`: see score."""
     model_id = base_model_id(run_cfg)
     ppl_run = any(p.source == "run" for p in ev.ppl)
     data_id = f"-{run_cfg.data.name}" if ppl_run else ""
@@ -194,7 +239,7 @@ def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, 
                      else load_for_eval(run_cfg, None, cache_dir, device))
         result = {"eval_key": key, "model": model_id, "suite": ev.name,
                   **score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,
-                          drift_eval),
+                          drift_eval, task_cache),
                   "versions": package_versions()}
         atomic_write_json(path, result)
         return {**result, "cache_file": str(path)}

@@ -65,8 +65,9 @@ def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
     tokenizer = load_tokenizer(str(folder.tokenizer))
     drift_eval = drift_eval_for(ev, run_cfg, folder.runs_root, tokenizer,
                                 lambda: load_for_eval(run_cfg, None, cache_dir, device))
+    task_cache: dict = {}  # lm-eval's task objects, built once for the base and every checkpoint
     base = base_scores(run_cfg, ev, key, folder.runs_root, tokenizer, specs, include_path,
-                       cache_dir, device, drift_eval)
+                       cache_dir, device, drift_eval, task_cache=task_cache)
 
     from learnforget.tracking import mirror_loggers
 
@@ -87,10 +88,12 @@ def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
                       "eval_key": key, "suite": ev.name, "batch_size": int(ev.batch_size),
                       "seed": int(ev.seed), "limit": ev.limit,
                       **score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,
-                              drift_eval),
+                              drift_eval, task_cache),
                       "meta": meta_info().to_dict()}
+            result["meta"]["precision"] = result["precision"]
             atomic_write_json(out, result)
             del model
+        _same_precision(base, result, ckpt.name)
         row = {"checkpoint": ckpt.name, "step": result["step"], "tokens": result["tokens"],
                **summarize(result, base)}
         rows.append(row)
@@ -104,6 +107,15 @@ def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
     loggers.finish("finished")
     print_rows(rows)
     return path
+
+
+def _same_precision(base: dict, result: dict, label: str) -> None:
+    """A paired change needs the base and the checkpoint scored in one precision."""
+    b = (base.get("precision") or {}).get("setting", "model")
+    c = (result.get("precision") or {}).get("setting", "model")
+    if b != c:
+        raise ConfigError(f"checkpoint {label} was scored with eval.precision={c!r}, the base "
+                          f"with {b!r}: delete one of the results to rescore it")
 
 
 def eval_main(cfg: DictConfig, run_dir: Path | None = None) -> Path:

@@ -15,6 +15,17 @@ from learnforget.data.sources import load_records
 from learnforget.errors import ConfigError
 
 ROLES = ("target", "forgetting")
+PRECISIONS = ("model", "fp32", "bf16")
+
+
+def scoring_precision(ev: DictConfig) -> str:
+    """eval.precision, checked: `model` (the dtype the model is loaded in, run_cfg.model.dtype;
+    the default), `fp32` or `bf16` (the weights cast to it for scoring, logits to fp32)."""
+    value = str(ev.get("precision", "model"))
+    if value not in PRECISIONS:
+        raise ConfigError(f"eval.precision={value!r} is unknown (expected one of: "
+                          f"{', '.join(PRECISIONS)})")
+    return value
 
 
 # ------------------------------------------------------------------ suite -> task specs
@@ -174,19 +185,23 @@ def ppl_examples(p: DictConfig, run_cfg: DictConfig, tokenizer, seq_len: int, ca
 
 def eval_key(ev: DictConfig, specs, include_path: Path) -> str:
     """Hash of everything that defines the scores: the suite's settings and each task's
-    config and data (so a changed task file invalidates cached results)."""
+    config and data (so a changed task file invalidates cached results). eval.precision
+    `model` (the default) is left out, so suites from before the setting keep their keys."""
     from learnforget.eval.task_yaml import task_config_hash
 
     settings = OmegaConf.to_container(ev, resolve=True)
     for volatile in ("checkpoint", "after_train"):
         settings.pop(volatile, None)
+    if settings.get("precision", "model") == "model":
+        settings.pop("precision", None)
     hashes = {s.name: task_config_hash(include_path, s.name) for s in specs}
     blob = json.dumps({"settings": settings, "tasks": hashes}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def checked_specs(ev: DictConfig, cache_dir: Path) -> list:
-    """The suite's task specs, after the code-execution opt-in check."""
+    """The suite's task specs, after the code-execution opt-in check (and eval.precision's)."""
+    scoring_precision(ev)
     if ev.allow_code_execution is False and any(t.kind == "humaneval" for t in ev.tasks):
         from learnforget.eval.sandbox import require_opt_in
 
