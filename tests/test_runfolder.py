@@ -18,7 +18,9 @@ from learnforget.runfolder import (
     RunRecord,
     TrainInfo,
     base_dir,
+    cpu_info,
     find_runs,
+    meta_info,
     readme_section,
 )
 
@@ -117,3 +119,33 @@ def test_a_folder_holding_another_run_is_refused(tmp_path):
     folder.check_same_run("abc123def456")
     with pytest.raises(ConfigError, match="holds a different run"):
         folder.check_same_run("f" * 64)
+
+
+# an abridged /proc/cpuinfo of this project's 2-core VM (two processors, the first wins)
+CPUINFO = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: fpu sse2 avx512f avx512_bf16 amx_bf16 amx_tile avx512_fp16
+
+processor\t: 1
+model name\t: Another CPU
+flags\t\t: fpu
+"""
+
+
+def test_cpu_info_names_the_model_and_its_bf16_instruction_sets():
+    got = cpu_info(CPUINFO)
+    assert got["model"] == "Intel(R) Xeon(R) Processor"
+    assert got["bf16_flags"] == ["amx_bf16", "amx_tile", "avx512_bf16"]
+    assert isinstance(got["torch_capability"], str) and got["torch_capability"]
+    assert cpu_info("processor\t: 0\nflags\t: fpu sse2\n")["bf16_flags"] == []
+
+
+def test_run_json_meta_records_the_cpu(tmp_path):
+    meta = meta_info()
+    assert meta.cpu is not None and set(meta.cpu) == {"model", "bf16_flags", "torch_capability"}
+    folder = RunFolder(tmp_path / "e" / "r")
+    folder.write_record(RunRecord(status="running", run=RunInfo(name="r", config_hash="h"),
+                                  train=TrainInfo(), meta=meta))
+    raw = json.loads(folder.record_path.read_text())["meta"]
+    assert raw["cpu"] == meta.cpu and raw["device_name"] == meta.device_name
+    assert "cpu" not in MetaInfo().to_dict()  # records without it stay as they were

@@ -182,8 +182,10 @@ class MetaInfo(Section):
     host: str | None = None
     cuda: bool | None = None
     device_name: str | None = None
+    cpu: dict[str, Any] | None = None  # model, bf16 flags, torch's kernel ISA (see cpu_info)
     torch_threads: int | None = None
     slurm_job_id: str | None = None
+    OMIT_IF_NONE = ("cpu",)
 
 
 STATUSES = ("running", "finished", "failed", "interrupted")
@@ -259,15 +261,40 @@ def git_commit() -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
+def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The CPU a run computed on: its model name, its bf16 instruction sets and the ISA torch's
+    CPU kernels dispatch to. bf16 results differ between CPUs (the same code, torch and data
+    gave bit-identical weights on one VM and different ones on another), so run.json keeps it.
+    `cpuinfo`: the text of /proc/cpuinfo (read when None; empty off Linux)."""
+    import torch
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name") or platform.processor() or None,
+            "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+            "torch_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def meta_info() -> MetaInfo:
     import torch
 
+    cpu = cpu_info()
     return MetaInfo(
         versions=package_versions(), git=git_commit(), python=platform.python_version(),
         platform=platform.platform(), host=socket.gethostname(), cuda=torch.cuda.is_available(),
         device_name=(torch.cuda.get_device_name(0) if torch.cuda.is_available()
-                     else platform.processor()),
-        torch_threads=torch.get_num_threads(), slurm_job_id=os.environ.get("SLURM_JOB_ID"))
+                     else cpu["model"]),
+        cpu=cpu, torch_threads=torch.get_num_threads(),
+        slurm_job_id=os.environ.get("SLURM_JOB_ID"))
 
 
 # ----------------------------------------------------------------------------- the folder
