@@ -184,20 +184,12 @@ def _peft_merge_agrees(run) -> None:
 def test_run_killed_and_resumed_matches_uninterrupted(tmp_path, cache_dir, init):
     """Resume re-runs the deterministic calibrated init on the original base (same data, same
     batches) and restores B, A: the final checkpoint equals the uninterrupted run's."""
-    from test_resume import _losses, _train, _weights
+    from test_resume import killed_and_straight
 
     runs = tmp_path / "runs"
     args = ("method=lora", f"method.init={init}", "method.calibration_batches=2",
             "train.precision=fp32")
-    assert _train(runs, cache_dir, *args, "experiment_name=straight").returncode == 0
-    killed = _train(runs, cache_dir, *args, "experiment_name=killed", crash_at=2)
-    assert killed.returncode == 137, killed.stderr[-2000:]
-    resumed = _train(runs, cache_dir, *args, "experiment_name=killed")
-    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
-    run_a, run_b = next((runs / "straight").iterdir()), next((runs / "killed").iterdir())
-    for (_, x), (_, y) in zip(_losses(run_a), _losses(run_b), strict=True):
-        assert abs(x - y) <= 1e-6
-    wa, wb = _weights(run_a / "checkpoints/step-000004"), _weights(run_b / "checkpoints/step-000004")
+    wa, wb = killed_and_straight(runs, cache_dir, *args)
     rank = 2 * R if init == "corda" else R  # converted (corda) or plain (eva), method.r=4
     assert wa.keys() == wb.keys() and all(rank in v.shape for v in wa.values())
     for k in wa:

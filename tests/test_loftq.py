@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from learnforget.config import compose
 from learnforget.errors import ConfigError
@@ -160,20 +159,12 @@ def test_plain_qlora_keeps_its_name():
 def test_loftq_run_killed_and_resumed_matches_uninterrupted(tmp_path, cache_dir):
     """Resume re-runs the deterministic LoftQ init and restores B, A: same losses, same
     final adapter as the uninterrupted run."""
-    from test_resume import _losses, _train, _weights
+    from test_resume import killed_and_straight
 
     runs = tmp_path / "runs"
     loftq = ("method=qlora", "method.init=loftq", "method.r=4")
-    assert _train(runs, cache_dir, *loftq, "experiment_name=straight").returncode == 0
-    killed = _train(runs, cache_dir, *loftq, "experiment_name=killed", crash_at=2)
-    assert killed.returncode == 137, killed.stderr[-2000:]
-    resumed = _train(runs, cache_dir, *loftq, "experiment_name=killed")
-    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
-    run_a, run_b = next((runs / "straight").iterdir()), next((runs / "killed").iterdir())
-    for (_, x), (_, y) in zip(_losses(run_a), _losses(run_b), strict=True):
-        assert abs(x - y) <= 1e-6
-    wa, wb = _weights(run_a / "checkpoints/step-000004"), _weights(run_b / "checkpoints/step-000004")
+    wa, wb = killed_and_straight(runs, cache_dir, *loftq)
     assert wa.keys() == wb.keys() and len(wa) == 28
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
-    assert load_file(run_a / "checkpoints/step-000004/adapter_model.safetensors").keys() == wa.keys()
+    assert all("lora_A" in k or "lora_B" in k for k in wa)  # the adapter file, not the base

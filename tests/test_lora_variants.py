@@ -175,19 +175,11 @@ def test_llama2_7b_counts_are_exact(r, extra):
 def test_pissa_run_killed_and_resumed_matches_uninterrupted(tmp_path, cache_dir):
     """Resume re-runs the deterministic PiSSA init on the original base and restores B, A:
     the final converted checkpoint equals the uninterrupted run's."""
-    from test_resume import _losses, _train, _weights
+    from test_resume import killed_and_straight
 
     runs = tmp_path / "runs"
     pissa = ("method=lora", "method.init=pissa", "train.precision=fp32")
-    assert _train(runs, cache_dir, *pissa, "experiment_name=straight").returncode == 0
-    killed = _train(runs, cache_dir, *pissa, "experiment_name=killed", crash_at=2)
-    assert killed.returncode == 137, killed.stderr[-2000:]
-    resumed = _train(runs, cache_dir, *pissa, "experiment_name=killed")
-    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
-    run_a, run_b = next((runs / "straight").iterdir()), next((runs / "killed").iterdir())
-    for (_, x), (_, y) in zip(_losses(run_a), _losses(run_b), strict=True):
-        assert abs(x - y) <= 1e-6
-    wa, wb = _weights(run_a / "checkpoints/step-000004"), _weights(run_b / "checkpoints/step-000004")
+    wa, wb = killed_and_straight(runs, cache_dir, *pissa)
     assert wa.keys() == wb.keys() and all(v.shape[0] == 8 or v.shape[1] == 8 for v in wa.values())
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)

@@ -41,6 +41,23 @@ def _losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r.get("loss", r.get("heldout_loss"))) for r in rows]
 
 
+def killed_and_straight(runs: Path, cache: Path, *overrides: str, crash_at: int = 2
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Train `overrides` straight through, and again killed after step `crash_at` then
+    resumed; assert the resume happened and both loss curves agree to 1e-6. Returns the final
+    (step 4) checkpoint weights of the straight and of the resumed run."""
+    assert _train(runs, cache, *overrides, "experiment_name=straight").returncode == 0
+    killed = _train(runs, cache, *overrides, "experiment_name=killed", crash_at=crash_at)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    resumed = _train(runs, cache, *overrides, "experiment_name=killed")
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
+    run_a, run_b = next((runs / "straight").iterdir()), next((runs / "killed").iterdir())
+    for (_, x), (_, y) in zip(_losses(run_a), _losses(run_b), strict=True):
+        assert abs(x - y) <= 1e-6
+    return (_weights(run_a / "checkpoints/step-000004"),
+            _weights(run_b / "checkpoints/step-000004"))
+
+
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     name = "adapter_model.safetensors" if (ckpt / "adapter_model.safetensors").exists() \
         else "model.safetensors"
