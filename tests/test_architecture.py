@@ -121,3 +121,24 @@ def test_config_validates_and_names_every_method_without_torch():
 def test_module_size(path):
     n = len(path.read_text().splitlines())
     assert n <= MAX_LINES, f"{_module_name(path)} has {n} lines (at most {MAX_LINES})"
+
+
+def private_imports() -> dict[str, list[str]]:
+    """module -> the private names (a leading underscore) it imports from other libraries."""
+    found: dict[str, list[str]] = {}
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.split(".")[0] not in ("learnforget", "__future__"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                parts = [p for p in node.module.split(".") if p.startswith("_")]
+                if private or parts:
+                    found.setdefault(name, []).append(f"{node.module}: {private or parts}")
+    return found
+
+
+def test_only_the_adapter_imports_private_library_names():
+    """Private library APIs live in learnforget.private_api alone (tested there)."""
+    found = private_imports()
+    assert set(found) <= {"learnforget.private_api"}, found
+    assert "learnforget.private_api" in found  # the check sees the imports it must allow

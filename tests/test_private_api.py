@@ -56,3 +56,30 @@ def test_memory_tracker_follows_a_model_with_frozen_parameters():
     total = peak[dev]["Total"]
     trainable = (64 + 64 * 8 + 8) * 4  # bias of layer 0 + layer 1, float32
     assert total >= 64 * 64 * 4 + trainable * 4  # weights (frozen too) + grads + 2 Adam states
+
+
+def test_peft_loftq_pieces_match_numpy_and_the_saved_weights(tmp_path):
+    """peft's private LoftQ SVD step against numpy's truncated SVD, and its safetensors reader
+    against the weights a tiny Llama saved: fails when a peft release changes either."""
+    import numpy as np
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from learnforget.private_api import low_rank_decomposition, safetensor_loader
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 40, generator=g, dtype=torch.float64)
+    left, right = low_rank_decomposition(w.float(), 5)
+    assert tuple(left.shape) == (24, 5) and tuple(right.shape) == (5, 40)
+    u, s, vt = np.linalg.svd(w.numpy(), full_matrices=False)
+    best = (u[:, :5] * s[:5]) @ vt[:5]
+    np.testing.assert_allclose((left @ right).double().numpy(), best, atol=1e-4)
+
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4))
+    base.save_pretrained(tmp_path)  # model.safetensors
+    saved = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    got = safetensor_loader(model, str(tmp_path)).get_tensor(
+        "model.layers.0.self_attn.q_proj.weight")
+    torch.testing.assert_close(got, saved)

@@ -8,6 +8,10 @@
 - torch's MemTracker (`torch.distributed._tools`, the only tracker of peak memory by kind on
   CPU) hooks every parameter's gradient and refuses frozen ones, which must be marked as
   done through its private hook table (`learnforget bench memory`).
+- peft's LoftQ runs only on CUDA through its public `LoftQConfig`; the CPU path
+  (`methods/loftq.py`) reuses its two building blocks from `peft.utils.loftq_utils`: the SVD
+  step (`_low_rank_decomposition`) and the reader of base weights by module name
+  (`_SafetensorLoader`).
 """
 
 from __future__ import annotations
@@ -46,3 +50,20 @@ def memory_tracker(model: Any, optimizer: Any) -> Any:
         if not param.requires_grad:   # refuses hooks on frozen ones: mark those as done
             mt._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
     return mt
+
+
+def low_rank_decomposition(w: Any, rank: int) -> tuple[Any, Any]:
+    """peft's LoftQ SVD step: (L, R), out x rank and rank x in, with L @ R the best rank-`rank`
+    approximation of w (the singular values split as their square roots between the two)."""
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    out = _low_rank_decomposition(w, reduced_rank=rank)
+    return out["L"], out["R"]
+
+
+def safetensor_loader(model: Any, folder: str) -> Any:
+    """peft's LoftQ reader of a peft `model`'s base weights from the safetensors in `folder`:
+    `.get_tensor("model.layers.0.self_attn.q_proj.weight")`."""
+    from peft.utils.loftq_utils import _SafetensorLoader
+
+    return _SafetensorLoader(model, folder)

@@ -3,8 +3,9 @@
 
 peft 0.21's LoftQ (init_lora_weights=loftq, replace_lora_weights_loftq) moves every weight to a
 "cuda"/"xpu" device; this is its algorithm (peft.utils.loftq_utils.loftq_init) on the device the
-run trains on, with peft's own CPU pieces: its `_SafetensorLoader` reads W from the base
-checkpoint and its `_low_rank_decomposition` takes the SVD. Per quantised linear layer, from
+run trains on, with peft's own CPU pieces (private: reached through learnforget.private_api):
+its `_SafetensorLoader` reads W from the base checkpoint and its `_low_rank_decomposition`
+takes the SVD. Per quantised linear layer, from
 R = W and for N iterations:
 
     Q = quant(R)                     bitsandbytes quantize_4bit with the run's settings (quant_type,
@@ -75,14 +76,13 @@ def dequantise_4bit(q: torch.Tensor, state) -> torch.Tensor:
 def loftq_factors(w: torch.Tensor, r: int, n_iter: int, scale: float, quantise):
     """LoftQ on one weight: (Q, quant_state, A, B) with deQ(Q) + scale B A ~ W. `quantise(x)`
     returns (Q, quant_state); A is (r, in), B (out, r), float32 (no autograd: W is detached)."""
-    from peft.utils.loftq_utils import _low_rank_decomposition
+    from learnforget.private_api import low_rank_decomposition
 
     w = w.detach().float()
     res = w
     for i in range(n_iter):
         q, state = quantise(res)
-        out = _low_rank_decomposition(w - dequantise_4bit(q, state), reduced_rank=r)
-        left, right = out["L"], out["R"]
+        left, right = low_rank_decomposition(w - dequantise_4bit(q, state), r)
         if i + 1 < n_iter:
             res = w - left @ right
     root = math.sqrt(scale)
@@ -106,10 +106,11 @@ def initialise_loftq(model: torch.nn.Module, method_cfg: Any, adapter: str = "de
     B, A. Returns a note for run.json with the mean relative errors before and after."""
     import torch
     from peft.tuners.lora import Linear4bit
-    from peft.utils.loftq_utils import _SafetensorLoader
+
+    from learnforget.private_api import safetensor_loader
 
     n_iter = int(method_cfg.get("loftq_iter", DEFAULT_ITER))
-    loader = _SafetensorLoader(model, _checkpoint_folder(model))
+    loader = safetensor_loader(model, _checkpoint_folder(model))
     prefix = "base_model.model."
     quant_err, loftq_err = [], []
     for name, module in model.named_modules():
