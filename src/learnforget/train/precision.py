@@ -39,16 +39,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
-    """True on CPUs with bf16 arithmetic (AVX512-BF16 or AMX-BF16; Linux /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"avx512_bf16", "amx_bf16"} & flags)
-    except OSError:
-        pass
-    return False
+    """True on CPUs with bf16 arithmetic (AVX512-BF16 or AMX-BF16; Linux /proc/cpuinfo, read by
+    learnforget.runfolder.cpu_info, which run.json records)."""
+    from learnforget.runfolder import cpu_info
+
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()["bf16_flags"]))
 
 
 def device_has_bf16(device: str) -> bool:
