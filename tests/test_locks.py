@@ -284,3 +284,15 @@ def test_one_winner_among_processes_racing_for_a_stale_lock(tmp_path):
         assert sum(wins) == 1, wins
         assert not excl.exists()  # released by the winner
         assert not (tmp_path / ".lock.excl.break").exists()
+
+
+def test_a_run_trains_under_the_lock_file_and_says_so(make_cfg, monkeypatch):
+    from learnforget.train.loop import train
+
+    monkeypatch.setenv(locks.LOCK_ENV, "file")
+    out = train(make_cfg("method=lora", "method.r=4"))
+    rec = RunFolder(out).read_record()
+    assert rec.status == "finished"
+    assert any("run lock: .lock.excl" in n and "LEARNFORGET_LOCK=file" in n
+               for n in rec.train.notes), rec.train.notes
+    assert not (out / ".lock.excl").exists()  # released
