@@ -107,7 +107,10 @@ def test_mount_table_decides_the_lock_kind(tmp_path, monkeypatch):
         table.write_text(NFS.format(root=root, local=local))
         k, why = locks.lock_kind(root / "runs/.lock")
         assert k == kind and (local in why if kind == "file" else why == ""), (local, why)
-    assert locks.flock_is_global(locks.Mount("/x", "nfs", frozenset({"rw", "nolock"})))[0] is False
+    for fstype, opt in (("nfs", "nolock"), ("gfs2", "localflocks"), ("beegfs", "rw")):
+        assert locks.flock_is_global(locks.Mount("/x", fstype, frozenset({"rw", opt})))[0] is False
+    for fstype in ("ext4", "xfs", "ceph", "gpfs", "tmpfs"):
+        assert locks.flock_is_global(locks.Mount("/x", fstype, frozenset({"rw"}))) == (True, "")
 
 
 def test_env_forces_the_lock_and_a_bad_value_is_one_line(tmp_path, monkeypatch):

@@ -1,18 +1,20 @@
 """Exclusive locks that hold across the nodes of a cluster (learnforget.files re-exports them).
 
 Where the file system's ``flock`` excludes across nodes (local disks, NFS with its default
-``local_lock=none``, Lustre mounted ``-o flock``, CephFS) a lock is an advisory ``fcntl.flock``
-that the OS drops when its process dies. Elsewhere flock either raises (Lustre's default
-``noflock``: ENOSYS) or excludes only the processes of one node (Lustre ``localflock``, NFS
-``local_lock=flock|all`` or ``nolock``, BeeGFS without ``tuneUseGlobalFileLocks``), and POSIX
-``fcntl`` locks follow the same mount options there, so they are no way out. There the lock is
-a file created with ``O_CREAT|O_EXCL`` (atomic on NFSv3+ and Lustre: the server or metadata
-server decides) beside the flock file, named ``<lock>.excl``, holding ``host pid slurm-job time
-token``. A daemon thread touches it every HEARTBEAT_S seconds; a holder whose heartbeat is older
-than STALE_S seconds, or that ran on this host and is gone, or that was this SLURM job before
-a requeue (a lower SLURM_RESTART_COUNT: SLURM killed that run), is taken over. Takeover is serialised by a
-second ``O_EXCL`` file (``<lock>.excl.break``) and re-reads the holder under it, so two
-processes never both take over one stale lock.
+``local_lock=none``: flock is sent to the server as a whole-file lock since Linux 2.6.12,
+Lustre mounted ``-o flock``, CephFS, GPFS) a lock is an advisory ``fcntl.flock`` that the OS
+drops when its process dies. Elsewhere flock either raises (Lustre's default ``noflock``:
+ENOSYS) or excludes only the processes of one node (Lustre ``localflock``, NFS
+``local_lock=flock|all`` or ``nolock``, GFS2 ``localflocks``, BeeGFS without
+``tuneUseGlobalFileLocks``), and POSIX ``fcntl`` locks follow the same mount options there, so
+they are no way out. There the lock is a file created with ``O_CREAT|O_EXCL`` (atomic on NFSv3+
+and Lustre: the server or metadata server decides) beside the flock file, named
+``<lock>.excl``, holding ``host pid slurm-job time token``. A daemon thread touches it every
+HEARTBEAT_S seconds; a holder whose heartbeat is older than STALE_S seconds, or that ran on
+this host and is gone, or that was this SLURM job before a requeue (a lower
+SLURM_RESTART_COUNT: SLURM killed that run), is taken over. Takeover is serialised by a second
+``O_EXCL`` file (``<lock>.excl.break``) and re-reads the holder under it, so two processes
+never both take over one stale lock.
 
 Which lock a path gets (``lock_kind``): the mount holding it, read from /proc/self/mountinfo,
 and the environment variable LEARNFORGET_LOCK (auto | flock | file) to force either. A flock
@@ -116,7 +118,8 @@ def flock_is_global(m: Mount | None) -> tuple[bool, str]:
             return True, ""
         if m.option("localflock") is not None:
             return False, f"{where} is mounted localflock: flock excludes only this node"
-        return False, f"{where} is mounted without flock (noflock): flock raises ENOSYS"
+        return False, (f"{where} lists neither flock nor localflock (noflock: flock raises "
+                       "ENOSYS; a lock file is correct either way)")
     if m.fstype.startswith("nfs"):
         local = m.option("local_lock")
         if local in ("flock", "all"):
@@ -124,6 +127,8 @@ def flock_is_global(m: Mount | None) -> tuple[bool, str]:
         if m.option("nolock") is not None:
             return False, f"{where} is mounted nolock: locks exclude only this node"
         return True, ""
+    if m.fstype == "gfs2" and m.option("localflocks") is not None:
+        return False, f"{where} is mounted localflocks: flock excludes only this node"
     if m.fstype == "beegfs":
         return False, (f"{where}: BeeGFS flock excludes only this node unless the client sets "
                        "tuneUseGlobalFileLocks (not visible in the mount table)")
