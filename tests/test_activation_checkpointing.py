@@ -9,32 +9,49 @@ from conftest import OFFLINE_DATA
 
 from learnforget.bench.runner import bench_memory
 from learnforget.errors import ConfigError
+from learnforget.methods.modules import decoder_layers
 from learnforget.train.loop import setup, train
 from learnforget.train.plan import micro_batch
 
 SHAPE = ["train.batch_size=4", "train.seq_len=128"]
 
 
-def _grads(make_cfg, method: str, ckpt: bool, precision: str) -> dict[str, torch.Tensor]:
+def _grads(make_cfg, method: str, ckpt: bool, precision: str
+           ) -> tuple[dict[str, torch.Tensor], int, int]:
+    """(gradients of one micro-batch, decoder layers, MLP forward calls during forward and
+    backward). setup() leaves the model as from_pretrained does, in eval mode, where
+    transformers never checkpoints: the step is taken in training mode, as train() does."""
     s = setup(make_cfg(f"method={method}", *SHAPE, f"train.precision={precision}",
                        f"train.activation_checkpointing={str(ckpt).lower()}"))
+    s.model.train()
+    layers = decoder_layers(s.model)
+    calls = [0]
+    hooks = [layer.mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+             for layer in layers]  # inside the checkpointed forward: recomputation calls it again
     batch = micro_batch(s.data, s.plan, s.cfg.train, 0, 0, s.tokenizer.pad_token_id)
     torch.manual_seed(0)  # LoRA dropout: the recomputed forward restores the RNG state
     with s.policy.autocast(s.device):
         loss = s.model(**batch).loss
     loss.backward()
-    return {n: p.grad.clone() for n, p in s.model.named_parameters() if p.grad is not None}
+    for h in hooks:
+        h.remove()
+    grads = {n: p.grad.clone() for n, p in s.model.named_parameters() if p.grad is not None}
+    return grads, len(layers), calls[0]
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_same_gradients_with_and_without_checkpointing(make_cfg, method, precision):
-    """Tolerance: 1e-6 relative to each tensor's largest gradient (measured: identical, 0.0;
-    the recomputation runs the same kernels on the same inputs)."""
-    plain, ckpt = (_grads(make_cfg, method, c, precision) for c in (False, True))
+    """Checkpointing recomputed every layer in the backward pass (twice the MLP calls) and gave
+    the same gradients. Tolerance: 1e-6 relative to each tensor's largest gradient (measured in
+    training mode, with the recomputation: identical, 0.0 for all four; the recomputation runs
+    the same kernels on the same inputs)."""
+    (plain, n, calls_plain), (ckpt, _, calls_ckpt) = (
+        _grads(make_cfg, method, c, precision) for c in (False, True))
+    assert (calls_plain, calls_ckpt) == (n, 2 * n)
     assert plain.keys() == ckpt.keys() and len(plain) > 10
-    for n, g in plain.items():
-        assert (ckpt[n] - g).abs().max() <= 1e-6 * g.abs().max(), n
+    for name, g in plain.items():
+        assert (ckpt[name] - g).abs().max() <= 1e-6 * g.abs().max(), name
 
 
 def test_checkpointing_lowers_measured_activation_memory(tmp_path, cache_dir):

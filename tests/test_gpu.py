@@ -44,16 +44,27 @@ def test_fp32_masters_on_cuda_keep_every_update(make_cfg):
 
 
 def test_activation_checkpointing_gradients_on_cuda(make_cfg):
-    grads = []
+    """In training mode (setup() leaves the model in eval mode, where transformers does not
+    checkpoint): the checkpointed run recomputes every layer (twice the MLP calls)."""
+    from learnforget.methods.modules import decoder_layers
+
+    grads, calls = [], []
     for ckpt in ("false", "true"):
         s = setup(make_cfg("method=full", "train.precision=bf16", "train.batch_size=4",
                            "train.seq_len=128", f"train.activation_checkpointing={ckpt}"))
+        s.model.train()
+        layers = decoder_layers(s.model)
+        n = [0]
+        for layer in layers:
+            layer.mlp.register_forward_pre_hook(lambda *_, n=n: n.__setitem__(0, n[0] + 1))
         b = {k: v.cuda() for k, v in micro_batch(s.data, s.plan, s.cfg.train, 0, 0,
                                                   s.tokenizer.pad_token_id).items()}
         with s.policy.autocast(s.device):
             loss = s.model(**b).loss
         loss.backward()
         grads.append({n: p.grad.float().cpu() for n, p in s.model.named_parameters()})
+        calls.append(n[0] / len(layers))
+    assert calls == [1, 2]
     for n, g in grads[0].items():  # cuDNN/cuBLAS may pick other kernels on recompute
         assert (grads[1][n] - g).abs().max() <= 1e-3 * g.abs().max() + 1e-8, n
 
@@ -74,6 +85,7 @@ def test_fsdp_on_one_rank_matches_unsharded(make_cfg, monkeypatch):
         for sharded in (False, True):
             s = setup(make_cfg("method=full", "train.precision=bf16", "train.optimizer=adamw",
                                "train.lr=1e-3"))
+            s.model.train()  # as train() does (setup() leaves from_pretrained's eval mode)
             if sharded:
                 distributed.shard_model(s.model, decoder_layers(s.model), True, torch.bfloat16)
             opt = torch.optim.AdamW([p for p in s.model.parameters() if p.requires_grad], lr=1e-3)
@@ -103,6 +115,7 @@ def test_memory_estimate_within_10_percent_on_1b_llama(tmp_path, cache_dir, meth
                  "train.checkpoints.unit=steps", "train.checkpoints.at=[2]"]
     est = param_report(compose(overrides), device="cuda")
     s = setup(compose(overrides))
+    s.model.train()  # as train() does: LoRA dropout keeps its masks for the backward
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     for i in range(2):  # the second step has optimizer state

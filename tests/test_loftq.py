@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from learnforget.config import compose
 from learnforget.errors import ConfigError
-from learnforget.methods.loftq import dequantise_4bit, loftq_factors, quantise_4bit
+from learnforget.methods.loftq import dequantise_4bit, loftq_factors, place_4bit, quantise_4bit
 from learnforget.methods.quantisation import is_quantised
 from learnforget.train.loop import fit, setup
 from learnforget.train.params import param_report
@@ -168,3 +168,60 @@ def test_loftq_run_killed_and_resumed_matches_uninterrupted(tmp_path, cache_dir)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
     assert all("lora_A" in k or "lora_B" in k for k in wa)  # the adapter file, not the base
+
+
+def _state_tensors(state, prefix: str = "quant_state") -> dict[str, torch.Tensor]:
+    """Every tensor a bitsandbytes QuantState holds, nested states included (walked from its
+    attributes, not from bitsandbytes' own list of what QuantState.to moves)."""
+    out = {}
+    for k, v in vars(state).items():
+        if isinstance(v, torch.Tensor):
+            out[f"{prefix}.{k}"] = v
+        elif type(v).__name__ == "QuantState":
+            out |= _state_tensors(v, f"{prefix}.{k}")
+    return out
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+def test_packed_weight_and_its_quant_state_move_together(quant_type, double_quant):
+    """place_4bit puts LoftQ's packed weight AND its quant_state (absmax, code, the nested
+    state) on the layer weight's device: here the meta device standing in for CUDA."""
+    cfg = OmegaConf.create({"quant_type": quant_type, "double_quant": double_quant,
+                            "compute_dtype": "float32"})
+    q, state = quantise_4bit(_weights()[0], cfg)
+    tensors = _state_tensors(state)
+    assert {"quant_state.absmax", "quant_state.code"} <= tensors.keys()
+    assert double_quant == ("quant_state.state2.absmax" in tensors)
+    assert all(t.device.type == "cpu" for t in tensors.values())
+    weight = torch.nn.Parameter(torch.empty(0, dtype=torch.uint8, device="meta"),
+                                requires_grad=False)
+    place_4bit(weight, q, state)
+    assert weight.device.type == "meta" and weight.shape == q.shape
+    assert weight.quant_state is state
+    moved = _state_tensors(weight.quant_state)
+    assert moved.keys() == tensors.keys()
+    assert {n: t.device.type for n, t in moved.items()} == dict.fromkeys(moved, "meta")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_loftq_on_cuda_keeps_quant_state_beside_the_weight(make_cfg):
+    """On CUDA every 4-bit layer's packed weight and quant_state sit on the GPU and a training
+    step runs (a quant_state left on the CPU fails in the 4-bit matmul)."""
+    import bitsandbytes as bnb
+
+    from learnforget.train.plan import micro_batch
+
+    s = setup(make_cfg("method=qlora", "method.init=loftq", "method.r=4"))
+    s.model.train()
+    layers = [m for m in s.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers
+    for m in layers:
+        assert m.weight.device.type == "cuda"
+        assert {t.device.type for t in _state_tensors(m.weight.quant_state).values()} == {"cuda"}
+    b = {k: v.cuda() for k, v in micro_batch(s.data, s.plan, s.cfg.train, 0, 0,
+                                              s.tokenizer.pad_token_id).items()}
+    with s.policy.autocast(s.device):
+        loss = s.model(**b).loss
+    loss.backward()
+    assert torch.isfinite(loss)

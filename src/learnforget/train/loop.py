@@ -246,6 +246,8 @@ def claim(s: Setup, folder: RunFolder) -> RunLock | None:
         lock.release()
         print(f"learnforget: {s.name} is already finished ({s.out}); skipping")
         return None
+    if lock.note:  # not flock: which lock and why (cluster file systems)
+        s.notes.append(lock.note)
     return lock
 
 
