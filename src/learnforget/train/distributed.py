@@ -93,16 +93,16 @@ DEFAULT_DEAD_RANK_S = 60.0   # train.distributed.dead_rank_s
 @dataclass
 class _Job:
     """This process's part of the job: the c10d store of the rendezvous, how long a rank waits
-    for work another rank does alone, the dead-rank watchdog, and how deep train() calls are."""
+    for work another rank does alone, the dead-rank watchdog, the barriers passed."""
 
     store: Any
     wait_min: float
     watchdog: Any = None
     barriers: int = 0
-    depth: int = 0
 
 
 _JOB: _Job | None = None
+_DEPTH = 0  # how deep in session() (train() calls) this process is
 
 
 def setting(settings: Any, key: str, default: float, zero_ok: bool = False) -> float:
@@ -150,7 +150,7 @@ def init(settings: Any = None) -> Dist:
         store, rank, world = next(rendezvous("env://", timeout=timeout))
         store.set_timeout(timeout)
         # what init_process_group(init_method="env://") does, keeping the store
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 store=dist.PrefixStore("default_pg", store), rank=rank,
                                 world_size=world, timeout=timeout)
         _JOB = _Job(dist.PrefixStore("learnforget", store), wait_min)
@@ -179,24 +179,19 @@ def session():
     """Around a rank's training (train() calls nest for cooldown branches): when the outermost
     ends normally this rank leaves the job cleanly (the watchdog stops watching it); when it
     raises, the rank stops heartbeating so the other ranks end soon, not at the timeout."""
-    job = _JOB
-    if job is not None:
-        job.depth += 1
+    global _DEPTH
+    _DEPTH += 1
     try:
         yield
     except BaseException:
-        job = job or _JOB
-        if job is not None and job.watchdog is not None:
-            job.watchdog.abandon()
+        if _JOB is not None and _JOB.watchdog is not None:
+            _JOB.watchdog.abandon()
         raise
     else:
-        job = job or _JOB
-        if job is not None and job.watchdog is not None and job.depth <= 1:
-            job.watchdog.done()
+        if _DEPTH == 1 and _JOB is not None and _JOB.watchdog is not None:
+            _JOB.watchdog.done()
     finally:
-        job = job or _JOB
-        if job is not None:
-            job.depth = max(0, job.depth - 1)
+        _DEPTH -= 1
 
 
 def all_reduce(value: float, d: Dist, op: str = "sum") -> float:
