@@ -140,3 +140,101 @@ def test_a_dead_rank_ends_the_job_in_bounded_time_and_the_rerun_resumes(tmp_path
     assert f"resuming {run.name} from step 1" in results[0][1], results[0][1][-2000:]
     info = RunFolder(run).read_record()
     assert info.status == "finished" and info.train.steps_done == 4
+
+
+# ------------------------------------------------------------------ in one process (fast)
+
+def _store(world: int = 2):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, world, is_master=True, wait_for_workers=False,
+                           timeout=timedelta(seconds=10))
+
+    def connect():
+        return dist.TCPStore("127.0.0.1", port, world, is_master=False,
+                             timeout=timedelta(seconds=10))
+
+    return server, connect
+
+
+class _Recording:
+    """Watchdog.die without the os._exit: the dead rank it named, and when."""
+
+    def __init__(self, dog):
+        self.dead: list[tuple[int, float]] = []
+        dog.die = lambda r, **_: (self.dead.append((r, time.monotonic())), dog.stopped.set())
+
+
+def test_the_watchdog_names_a_rank_that_stopped_heartbeating():
+    """Rank 0's watchdog on a real TCPStore: rank 1 heartbeats, then stops without leaving
+    (a crash): rank 0 names it dead after dead_after_s (0.6 s), give or take an interval."""
+    from learnforget.train.watchdog import Watchdog
+
+    _server, connect = _store()
+    zero = Watchdog(connect, 0, 2, 0.6, "t1")
+    one = Watchdog(connect, 1, 2, 0.6, "t1")
+    seen = _Recording(zero)
+    zero.start(), one.start()
+    time.sleep(1.0)
+    assert seen.dead == []  # both alive for longer than dead_after_s
+    one.abandon()
+    stopped = time.monotonic()
+    deadline = stopped + 5
+    while not seen.dead and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [r for r, _ in seen.dead] == [1]
+    assert 0.6 - 0.2 <= seen.dead[0][1] - stopped <= 0.6 + 3 * zero.interval
+
+
+def test_a_rank_that_left_cleanly_is_not_dead():
+    from learnforget.train.watchdog import Watchdog
+
+    _server, connect = _store()
+    zero = Watchdog(connect, 0, 2, 0.6, "t2")
+    one = Watchdog(connect, 1, 2, 0.6, "t2")
+    seen = _Recording(zero)
+    zero.start(), one.start()
+    time.sleep(0.3)
+    one.done()
+    time.sleep(1.5)
+    assert seen.dead == []
+    zero.done()  # rank 0 waits for the others' `done`: there already
+
+
+def test_only_the_outermost_training_leaves_the_job(monkeypatch):
+    """train() nests for cooldown branches: a branch ending is not the rank leaving; a raise at
+    any depth stops the heartbeat."""
+    from learnforget.train import distributed
+
+    calls: list[str] = []
+
+    class Dog:
+        def done(self):
+            calls.append("done")
+
+        def abandon(self):
+            calls.append("abandon")
+
+    monkeypatch.setattr(distributed, "_JOB", distributed._Job(None, 1.0, Dog()))
+    with distributed.session():
+        with distributed.session():
+            pass
+        assert calls == []
+    assert calls == ["done"]
+    with pytest.raises(ValueError), distributed.session(), distributed.session():
+        raise ValueError
+    assert calls == ["done", "abandon", "abandon"]
+
+
+@pytest.mark.parametrize("key,value", [("timeout_min", 0), ("timeout_min", "soon"),
+                                       ("wait_min", -1), ("dead_rank_s", -5)])
+def test_a_bad_distributed_setting_is_one_config_error(key, value):
+    from learnforget.errors import ConfigError
+    from learnforget.train.distributed import setting
+
+    with pytest.raises(ConfigError, match=f"train.distributed.{key}="):
+        setting({key: value}, key, 1.0, zero_ok=key == "dead_rank_s")
+    assert setting({}, key, 7.0) == 7.0
