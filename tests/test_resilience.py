@@ -5,9 +5,10 @@ with faults injected from outside the package (tests/rank_worker.py):
 - rank 0 spends longer in a single-rank step (its first budget checkpoint) than the process
   group's timeout: the other rank waits on the c10d store, not in a collective, and the run
   finishes; with the old collective barrier the same setting times out (slow test);
-- one rank is killed (SIGKILL) while rank 0 works alone: rank 0 notices within
-  train.distributed.dead_rank_s (heartbeats on the store), exits 75 with one line naming the
-  dead rank, and the rerun resumes from the last (timed) resume state.
+- one rank is killed (SIGKILL) while rank 0 works alone: the other notices within
+  train.distributed.dead_rank_s (heartbeats on the store; rank 0's death also by its store
+  going away), exits 75 with one line naming the dead rank, and the rerun resumes from the
+  last (timed) resume state.
 """
 
 from __future__ import annotations
@@ -98,13 +99,17 @@ def test_the_same_setting_times_out_with_a_collective_barrier(tmp_path, cache_di
     print(f"collective barrier: rank 1 failed (rc {rc1}) after {took:.1f}s")
 
 
-@pytest.mark.slow  # ~60 s on 2 busy cores (two launches)
-def test_a_dead_rank_ends_the_job_in_bounded_time_and_the_rerun_resumes(tmp_path, cache_dir):
-    """Rank 1 is SIGKILLed while rank 0 spends 120 s alone in a checkpoint: rank 0 exits 75
-    within dead_rank_s (3 s) plus a heartbeat interval and slack, naming rank 1; without the
-    watchdog it would finish its 120 s and then wait in a collective (NCCL: the 30-minute
-    process-group timeout). The rerun resumes from the timed resume state of step 1."""
-    marks = tmp_path / "marks"
+@pytest.mark.slow  # ~30-60 s on 2 busy cores (one or two launches)
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_dead_rank_ends_the_job_in_bounded_time_and_the_rerun_resumes(tmp_path, cache_dir,
+                                                                        killed):
+    """One rank is SIGKILLed while rank 0 spends 120 s alone in a checkpoint (rank 1 waits at
+    the barrier after it). Killed rank 1: rank 0 exits 75 within dead_rank_s (3 s) plus a
+    heartbeat interval and slack, naming rank 1; without the watchdog it would finish its
+    120 s and then wait in a collective (NCCL: the 30-minute process-group timeout). Killed
+    rank 0 (the store's host): rank 1 exits 75 naming rank 0. The rerun resumes from the
+    timed resume state of step 1."""
+    marks, survivor = tmp_path / "marks", 1 - killed
     env = {**multi_rank_env(tmp_path, cache_dir), "LF_TEST_SLOW_CKPT_S": "120",
            "LF_TEST_MARK_DIR": str(marks)}
     overrides = ["train.distributed.dead_rank_s=3", "train.resume_every_min=0.0001",
@@ -116,24 +121,30 @@ def test_a_dead_rank_ends_the_job_in_bounded_time_and_the_rerun_resumes(tmp_path
             assert procs[0].poll() is None, procs[0].communicate()[1][-3000:]
             time.sleep(0.1)
         assert (marks / "slow").exists(), "rank 0 never reached its checkpoint"
-        os.kill(int((marks / "pid-1").read_text()), signal.SIGKILL)
-        killed = time.monotonic()
-        procs[0].wait(timeout=60)
-        took = time.monotonic() - killed
+        os.kill(int((marks / f"pid-{killed}").read_text()), signal.SIGKILL)
+        t_kill = time.monotonic()
+        procs[survivor].wait(timeout=60)
+        took = time.monotonic() - t_kill
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    (rc0, _, stderr0), (rc1, _, _) = finish(procs)
-    assert rc1 == -signal.SIGKILL
-    assert rc0 == EXIT_DEAD_RANK, stderr0[-3000:]
-    lines = [x for x in stderr0.splitlines() if "is dead" in x]
-    assert len(lines) == 1 and "rank 1 of 2 is dead" in lines[0], stderr0[-3000:]
-    assert 3 <= took <= 3 + 12, took  # dead_rank_s, then at most an interval and slack
-    print(f"rank 0 exited {took:.1f}s after rank 1 was killed (dead_rank_s=3): {lines[0]}")
+    results = finish(procs)
+    assert results[killed][0] == -signal.SIGKILL
+    rc, _, stderr = results[survivor]
+    assert rc == EXIT_DEAD_RANK, stderr[-3000:]
+    lines = [x for x in stderr.splitlines() if "is dead" in x]
+    assert len(lines) == 1 and f"rank {killed} of 2 is dead" in lines[0], stderr[-3000:]
+    assert took <= 3 + 12, took  # dead_rank_s, then at most an interval and slack
+    if killed == 1:
+        assert took >= 3  # rank 0 noticed by the missing heartbeat, nothing sooner
+    print(f"rank {survivor} exited {took:.1f}s after rank {killed} was killed "
+          f"(dead_rank_s=3): {lines[0]}")
 
     run = next((tmp_path / "runs/dead").iterdir())
     assert RunFolder(run).read_record().status == "running"  # died mid-run
+    if killed == 0:
+        return
     results = finish(launch(multi_rank_env(tmp_path, cache_dir), *overrides))
     for rc, _, stderr in results:
         assert rc == 0, stderr[-3000:]

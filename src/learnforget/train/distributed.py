@@ -224,6 +224,10 @@ def barrier(d: Dist) -> None:
         _JOB.store.set(f"{key}/all", "1")
     try:
         _JOB.store.wait([f"{key}/all"], timedelta(minutes=_JOB.wait_min))
+    except dist.DistNetworkError as e:  # rank 0, the store's host, has gone
+        if _JOB.watchdog is not None:
+            _JOB.watchdog.die(0, why=f"its store stopped answering: {type(e).__name__}")
+        raise
     except RuntimeError as e:  # torch raises a DistStoreError (a RuntimeError) on timeout
         raise RuntimeError(f"learnforget: rank {d.rank} waited longer than "
                            f"train.distributed.wait_min={_JOB.wait_min:g} at barrier "
