@@ -199,3 +199,64 @@ def test_a_second_process_started_mid_run_skips_it(tmp_path, cache_dir):
     steps = [s for s, _ in _losses(run)]
     assert steps.count(3) == 1 and steps.count(40) == 2  # step 40: loss and held-out loss
     assert not (run / "train/resume.pt").exists()
+
+
+# ------------------------------------------------------------------ timed resume saves
+
+def test_a_run_killed_between_budgets_resumes_from_its_timed_save(tmp_path, cache_dir):
+    """train.resume_every_min: a run killed (os._exit, as SIGKILL) at step 5, between its
+    budgets at steps 2 and 6, resumes from the timed save after step 4 (every step is past
+    the tiny interval; the write is in the background, so a kill during it would leave step
+    3's), not from the budget at step 2, and ends bit-identical to an uninterrupted run."""
+    runs = tmp_path / "runs"
+    timed = ["method=lora", "train.checkpoints.at=[2,6]", "train.resume_every_min=0.0001"]
+    ref = _train(runs, cache_dir, *timed, "experiment_name=straight")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    killed = _train(runs, cache_dir, *timed, "experiment_name=killed", crash_at=5)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    run_b = next((runs / "killed").iterdir())
+    saved = torch.load(run_b / "train/resume.pt", weights_only=False)["progress"]["step"]
+    assert saved in (3, 4), saved  # the interval (one step here), not back to the budget at 2
+    resumed = _train(runs, cache_dir, *timed, "experiment_name=killed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"from step {saved}" in resumed.stdout
+    run_a = next((runs / "straight").iterdir())
+    assert run_a.name == run_b.name  # resume_every_min is not part of the run's identity
+    assert RunFolder(run_b).read_record().status == "finished"
+    assert not (run_b / "train/resume.pt").exists()  # a finished run keeps none
+    la, lb = _losses(run_a), _losses(run_b)
+    assert la == lb  # bit-identical losses, the resumed steps logged again once
+    for label in ("step-000002", "step-000006"):
+        wa, wb = _weights(run_a / "checkpoints" / label), _weights(run_b / "checkpoints" / label)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), label
+
+
+def test_the_timed_save_is_decided_by_rank_0s_clock_and_the_interval(monkeypatch):
+    """One process: no save before the interval, one after it, none at the last step; a stop
+    signal wins over a due timed save; every save resets the clock."""
+    from learnforget.train import saving
+    from learnforget.train.distributed import Dist
+
+    now = [1000.0]
+    monkeypatch.setattr(saving.time, "monotonic", lambda: now[0])
+    saver = saving.ResumeSaver(60.0, Dist(), sharded=False)
+    assert saver.decide(None, 1, 10) is None
+    now[0] += 59.9
+    assert saver.decide(None, 2, 10) is None
+    now[0] += 0.2
+    assert saver.decide(None, 3, 10) == saving.TIMED
+    assert saver.decide(None, 10, 10) is None  # the run ends here: nothing to resume
+    assert saver.decide("SIGTERM", 3, 10) == saving.STOP
+    saver.last = now[0]  # what save() does
+    assert saver.decide(None, 4, 10) is None
+    assert saving.ResumeSaver(0.0, Dist(), sharded=False).decide(None, 3, 10) is None
+
+
+@pytest.mark.parametrize("value", ["-1", "'often'"])
+def test_a_bad_resume_interval_is_one_config_error(make_cfg, value):
+    from learnforget.errors import ConfigError
+    from learnforget.train.saving import resume_every_s
+
+    with pytest.raises(ConfigError, match="train.resume_every_min"):
+        resume_every_s(make_cfg(f"train.resume_every_min={value}").train)

@@ -165,7 +165,7 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     if data.get("format") == "memory":  # the default: runs from before data.format keep their hash
         data.pop("format")
     train = _plain(cfg.train)
-    for volatile in ("log_every", "num_threads", "heldout_batches"):
+    for volatile in ("log_every", "num_threads", "heldout_batches", "resume_every_min"):
         train.pop(volatile, None)
     if train.get("cooldown_mode") == "single":  # the default: older runs keep their hash
         train.pop("cooldown_mode")

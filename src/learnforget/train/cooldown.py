@@ -99,7 +99,8 @@ def run_branches(cfg: DictConfig, main: Path, train: Callable[[DictConfig], Path
     main run's run.json."""
     from learnforget.train import distributed
 
-    d = distributed.init()
+    d = distributed.init(cfg.train.get("distributed"))
+    # the barriers wait on the job's store, not in a collective: rank 0 may work alone for long
     distributed.barrier(d)  # rank 0 has written the main run's run.json: every rank reads it
     folder = RunFolder(main)
     info = folder.read_record()
@@ -129,6 +130,7 @@ def run_branches(cfg: DictConfig, main: Path, train: Callable[[DictConfig], Path
             _publish(branch.checkpoint(label), folder.checkpoint(label),
                      {"cooldown": "branch", "branch": entry["branch"],
                       "branch_from_step": entry["from_step"]})
+        distributed.barrier(d)  # rank 0's copy (27 GB at 7B) is done before the next branch
     record["complete"] = True
     if d.main:
         info = folder.read_record()

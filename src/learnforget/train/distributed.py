@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,18 +85,113 @@ def expand_nodelist(text: str) -> list[str]:
     return hosts
 
 
-def init() -> Dist:
-    """Join the process group the launcher set up (WORLD_SIZE > 1), else a single process."""
+DEFAULT_TIMEOUT_MIN = 30.0   # = conf/train/default.yaml train.distributed.timeout_min
+DEFAULT_WAIT_MIN = 360.0     # train.distributed.wait_min
+DEFAULT_DEAD_RANK_S = 60.0   # train.distributed.dead_rank_s
+
+
+@dataclass
+class _Job:
+    """This process's part of the job: the c10d store of the rendezvous, how long a rank waits
+    for work another rank does alone, the dead-rank watchdog, the barriers passed."""
+
+    store: Any
+    wait_min: float
+    watchdog: Any = None
+    barriers: int = 0
+
+
+_JOB: _Job | None = None
+_DEPTH = 0  # how deep in session() (train() calls) this process is
+
+
+def setting(settings: Any, key: str, default: float, zero_ok: bool = False) -> float:
+    """A number of train.distributed (a ConfigError naming it when it is not one, or not > 0;
+    with `zero_ok`, 0 means off)."""
+    from learnforget.errors import ConfigError
+
+    value = (settings or {}).get(key)
+    value = default if value is None else value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not number >= 0 or (number == 0 and not zero_ok):
+        raise ConfigError(f"train.distributed.{key}={value!r} is not valid (expected a number "
+                          f"{'>= 0, 0: off' if zero_ok else '> 0'})")
+    return number
+
+
+def init(settings: Any = None) -> Dist:
+    """Join the process group the launcher set up (WORLD_SIZE > 1), else a single process.
+
+    `settings` (train.distributed): `timeout_min`, the process-group timeout of every
+    collective (NCCL's own default is 10 minutes); `wait_min`, how long `barrier` waits for
+    work one rank does alone; `dead_rank_s`, after how long without a heartbeat a rank counts
+    as dead and the job ends (0: off; learnforget.train.watchdog). The rendezvous is torch's
+    env:// one, done here so that the job's c10d store is at hand for `barrier` and the
+    watchdog."""
+    global _JOB
+    from datetime import timedelta
+
     env_from_slurm()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    timeout = timedelta(minutes=setting(settings, "timeout_min", DEFAULT_TIMEOUT_MIN))
+    wait_min = setting(settings, "wait_min", DEFAULT_WAIT_MIN)
+    dead_s = setting(settings, "dead_rank_s", DEFAULT_DEAD_RANK_S, zero_ok=True)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
+        from torch.distributed.rendezvous import rendezvous
+
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        store, rank, world = next(rendezvous("env://", timeout=timeout))
+        store.set_timeout(timeout)
+        # what init_process_group(init_method="env://") does, keeping the store
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                store=dist.PrefixStore("default_pg", store), rank=rank,
+                                world_size=world, timeout=timeout)
+        _JOB = _Job(dist.PrefixStore("learnforget", store), wait_min)
+        if dead_s > 0:
+            _JOB.watchdog = _start_watchdog(rank, world, dead_s)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def _start_watchdog(rank: int, world: int, dead_s: float):
+    """The dead-rank watchdog on its own client of the rendezvous store (MASTER_ADDR/PORT;
+    keys apart per torchrun restart)."""
+    from datetime import timedelta
+
+    from learnforget.train.watchdog import Watchdog
+
+    def connect():
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                             world, is_master=False, timeout=timedelta(seconds=max(30, dead_s)))
+
+    prefix = f"learnforget-watchdog/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return Watchdog(connect, rank, world, dead_s, prefix).start()
+
+
+@contextmanager
+def session():
+    """Around a rank's training (train() calls nest for cooldown branches): when the outermost
+    ends normally this rank leaves the job cleanly (the watchdog stops watching it); when it
+    raises, the rank stops heartbeating so the other ranks end soon, not at the timeout."""
+    global _DEPTH
+    _DEPTH += 1
+    try:
+        yield
+    except BaseException:
+        if _JOB is not None and _JOB.watchdog is not None:
+            _JOB.watchdog.abandon()
+        raise
+    else:
+        if _DEPTH == 1 and _JOB is not None and _JOB.watchdog is not None:
+            _JOB.watchdog.done()
+    finally:
+        _DEPTH -= 1
 
 
 def all_reduce(value: float, d: Dist, op: str = "sum") -> float:
@@ -110,8 +206,32 @@ def all_reduce(value: float, d: Dist, op: str = "sum") -> float:
 
 
 def barrier(d: Dist) -> None:
-    if d.world > 1:
+    """Every rank waits here until all have arrived, on the job's c10d store rather than with a
+    collective: the usual reason to wait is work one rank does alone (rank 0 writing a
+    checkpoint, copying a cooldown branch's checkpoint, building the model cache), which may
+    take far longer than the process-group timeout (NCCL's watchdog would kill the job). The
+    wait is bounded by train.distributed.wait_min; a dead rank ends it sooner (the watchdog)."""
+    if d.world <= 1:
+        return
+    from datetime import timedelta
+
+    if _JOB is None:  # a process group this module did not set up
         dist.barrier()
+        return
+    _JOB.barriers += 1
+    key = f"barrier/{_JOB.barriers}"
+    if int(_JOB.store.add(key, 1)) == d.world:
+        _JOB.store.set(f"{key}/all", "1")
+    try:
+        _JOB.store.wait([f"{key}/all"], timedelta(minutes=_JOB.wait_min))
+    except dist.DistNetworkError as e:  # rank 0, the store's host, has gone
+        if _JOB.watchdog is not None:
+            _JOB.watchdog.die(0, why=f"its store stopped answering: {type(e).__name__}")
+        raise
+    except RuntimeError as e:  # torch raises a DistStoreError (a RuntimeError) on timeout
+        raise RuntimeError(f"learnforget: rank {d.rank} waited longer than "
+                           f"train.distributed.wait_min={_JOB.wait_min:g} at barrier "
+                           f"{_JOB.barriers} for the other ranks ({e})") from e
 
 
 # ------------------------------------------------------------------ FSDP (FSDP2, fully_shard)
@@ -165,10 +285,10 @@ def save_sharded(folder: Path, model: torch.nn.Module, optimizer, d: Dist) -> st
         folder.mkdir(parents=True, exist_ok=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
-    dist.barrier()
+    barrier(d)
     if d.main:
         os.replace(tmp, final)
-    dist.barrier()
+    barrier(d)
     return name[0]
 
 

@@ -36,7 +36,8 @@ from learnforget.train.activations import enable_checkpointing
 from learnforget.train.distributed import Dist
 from learnforget.train.optim import make_optimizer, make_scheduler
 from learnforget.train.plan import Plan, data_accounting, load_data, make_plan, micro_batch
-from learnforget.train.run_state import drop_resume_state, load_resume, save_checkpoint, save_resume
+from learnforget.train.run_state import drop_resume_state, load_resume, save_checkpoint
+from learnforget.train.saving import STOP, ResumeSaver, resume_every_s
 from learnforget.train.signals import StopSignals
 
 TEST_CRASH_ENV = "LEARNFORGET_TEST_CRASH_AT_STEP"  # tests only: see test_crash_step
@@ -114,7 +115,7 @@ def setup(cfg: DictConfig) -> Setup | None:
     folder.check_same_run(chash)
     if cfg.train.num_threads:
         torch.set_num_threads(int(cfg.train.num_threads))
-    d = distributed.init()
+    d = distributed.init(cfg.train.get("distributed"))
     device = d.device
     cache_dir = Path(cfg.paths.cache_dir).expanduser()
     t = cfg.train
@@ -191,11 +192,12 @@ def train(cfg: DictConfig) -> Path:
     from learnforget.console import library_output
 
     folder = RunFolder(run_dir(cfg))
-    with library_output(folder.log, "train"):
-        s = setup(cfg)
-        out = folder.path if s is None else fit(s)
-    if cooldown_mode(cfg.train) == "branches":
-        cooldown.run_branches(cfg, out, train)
+    with distributed.session():  # a rank that fails here ends the job soon (the watchdog)
+        with library_output(folder.log, "train"):
+            s = setup(cfg)
+            out = folder.path if s is None else fit(s)
+        if cooldown_mode(cfg.train) == "branches":
+            cooldown.run_branches(cfg, out, train)
     return out
 
 
@@ -231,6 +233,7 @@ class OpenRun:
     loggers: Loggers
     progress: dict[str, Any]
     resumed: bool
+    saver: ResumeSaver
 
 
 def claim(s: Setup, folder: RunFolder) -> RunLock | None:
@@ -289,6 +292,10 @@ def open_run(s: Setup) -> OpenRun | None:
     """Lock the folder, resume, write config.yaml, tokenizer/ and run.json, open the loggers."""
     cfg, main = s.cfg, s.dist.main
     folder = RunFolder(s.out)
+    saver = ResumeSaver(resume_every_s(cfg.train), s.dist, s.strategy == "fsdp")
+    if saver.sharded and saver.every_s:
+        s.notes.append("train.resume_every_min: the timed resume saves of FSDP are synchronous "
+                       "(every rank writes its shards), not in the background")
     lock = claim(s, folder)
     if lock is None:
         return None
@@ -315,7 +322,7 @@ def open_run(s: Setup) -> OpenRun | None:
             folder.write_record(record)
         lock.release()
         raise
-    return OpenRun(folder, lock, record, loggers, progress, resumed)
+    return OpenRun(folder, lock, record, loggers, progress, resumed, saver)
 
 
 def wrap_model(s: Setup) -> torch.nn.Module:
@@ -374,15 +381,17 @@ def save_budget(s: Setup, run: OpenRun, step: int, step_loss: float) -> None:
     if s.dist.main:
         save_checkpoint(run.folder.checkpoint(label), s.model, manifest, full)
     del full
+    if s.strategy == "fsdp":  # the other ranks wait on the store, not in save_sharded's collectives
+        distributed.barrier(s.dist)
     if step < plan.total_steps:  # the last checkpoint ends the run: no state to keep
-        save_resume(run.folder.resume, s.model, s.optimizer, s.scheduler, run.progress, s.dist)
+        run.saver.save(run.folder.resume, s.model, s.optimizer, s.scheduler, run.progress)
 
 
 def save_branch(s: Setup, run: OpenRun, step: int) -> None:
     """A budget's cooldown branch starts here: its resume state, on the plateau."""
     log_heldout(s, run, step)
     branch = run.folder.branch(s.plan.branch_points[step])
-    save_resume(branch.resume, s.model, s.optimizer, s.scheduler, run.progress, s.dist)
+    run.saver.save(branch.resume, s.model, s.optimizer, s.scheduler, run.progress)
 
 
 def test_crash_step() -> int | None:
@@ -435,10 +444,13 @@ def train_loop(s: Setup, run: OpenRun, stop: StopSignals) -> str:
             distributed.barrier(d)
         if step == crash_at:
             os._exit(137)  # testing: die like a killed process, with no clean-up at all
-        if distributed.all_reduce(1.0 if stop.signal else 0.0, d, "max"):
+        save = run.saver.decide(stop.signal, step, plan.total_steps)  # the same on every rank
+        if save and save != STOP and rank_saves:  # timed: rank 0's clock said so
+            run.saver.timed(run.folder.resume, s.model, s.optimizer, s.scheduler, progress)
+        if save == STOP:
             stop.signal = stop.signal or "a stop signal on another rank"
             if rank_saves:
-                save_resume(run.folder.resume, s.model, s.optimizer, s.scheduler, progress, d)
+                run.saver.save(run.folder.resume, s.model, s.optimizer, s.scheduler, progress)
             distributed.barrier(d)
             print(f"learnforget: {stop.signal} received at step {step}: state saved, "
                   "rerun the same command to resume")
@@ -452,6 +464,10 @@ def finish(s: Setup, run: OpenRun, status: str) -> None:
     """run.json with the status and totals; a finished run drops its resume state; the
     loggers close and the lock is released."""
     progress, record = run.progress, run.record
+    try:  # a resume state still being written is on disk before anything below
+        run.saver.close()
+    except Exception as e:
+        print(f"learnforget: warning: the last timed resume save failed: {e}")
     record.status = status
     record.train.steps_done = progress["step"]
     record.train.tokens_seen = progress["tokens"]

@@ -4,6 +4,7 @@ each written atomically."""
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import shutil
@@ -36,6 +37,13 @@ def save_resume(path: Path, model, optimizer, scheduler, progress: dict[str, Any
         shards = distributed.save_sharded(path.parent, model, optimizer, d)
         if not d.main:
             return
+    write_resume(path, resume_state(model, optimizer, scheduler, progress, shards), shards)
+
+
+def resume_state(model, optimizer, scheduler, progress: dict[str, Any],
+                 shards: str | None = None, snapshot: bool = False) -> dict[str, Any]:
+    """The resume state as it is now (with `snapshot`: a CPU copy that later training steps
+    cannot change, for a write in the background)."""
     state = {
         "model": trainable_state(model) if shards is None else {},
         "optimizer": optimizer.state_dict() if shards is None else None,
@@ -46,6 +54,24 @@ def save_resume(path: Path, model, optimizer, scheduler, progress: dict[str, Any
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         "progress": progress,
     }
+    if snapshot:  # trainable_state is a copy already
+        state = {k: v if k == "model" else _cpu_copy(v) for k, v in state.items()}
+    return state
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """Tensors copied to the CPU, containers rebuilt, other mutable leaves deep-copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def write_resume(path: Path, state: dict[str, Any], shards: str | None = None) -> None:
+    """Rank 0: the resume file (atomically); with FSDP shards, older shard folders go."""
     with atomic_open(path, "wb") as f:
         torch.save(state, f)
     if shards is not None:
