@@ -106,7 +106,7 @@ def _submit(executor: Any, todo: list[Job], overrides: list[list[str]], what: st
     outcomes = []
     for job, handle in zip(todo, handles, strict=True):
         try:
-            handle.result()
+            handle.results()
             outcomes.append(Outcome(job))
         except Exception as e:  # submitit's FailedJobError / UncompletedJobError
             outcomes.append(Outcome(job, e, Path(handle.paths.stderr)))

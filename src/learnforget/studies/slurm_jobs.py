@@ -124,11 +124,12 @@ def launch_slurm(name: str, todo: list[Job], profile: dict[str, Any], path: Path
         eval_h = dict(zip(eval_idx, handles, strict=True))
         print(f"learnforget: jobs: training array {array or '-'} ({len(train_h)} task(s), the "
               f"profile's resources), eval/spectra array {handles[0].job_id.split('_')[0]} "
-              f"({len(eval_h)} task(s), 1 GPU each, {dep or 'no dependency'})")
+              f"({len(eval_h)} task(s), 1 task{' + 1 GPU' if eprof.get('gpus_per_node') else ''} "
+              f"each, {dep or 'no dependency'})")
     errors: dict[int, tuple[BaseException, Path | None]] = {}
     if prep is not None:
         try:
-            prep.result()
+            prep.results()
         except Exception as e:  # submitit's FailedJobError / UncompletedJobError
             _cancel(list(train_h.values()) + list(eval_h.values()))
             err = ConfigError(f"the preparation job {prep.job_id} failed, so no training job "
@@ -136,7 +137,7 @@ def launch_slurm(name: str, todo: list[Job], profile: dict[str, Any], path: Path
             return [Outcome(j, err, Path(prep.paths.stderr)) for j in todo]
     for i, h in train_h.items():
         try:
-            h.result()
+            h.results()  # every task (rank) of the job: result() asserts a single task
         except Exception as e:
             errors[i] = (e, Path(h.paths.stderr))
             if i in eval_h and train_idx == eval_idx:
@@ -146,7 +147,7 @@ def launch_slurm(name: str, todo: list[Job], profile: dict[str, Any], path: Path
         eval_h = {}
     for i, h in eval_h.items():
         try:
-            h.result()
+            h.results()  # every task (rank) of the job: result() asserts a single task
         except Exception as e:
             errors.setdefault(i, (e, Path(h.paths.stderr)))
     return [Outcome(j, *errors.get(i, (None, None))) for i, j in enumerate(todo)]
