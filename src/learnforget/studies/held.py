@@ -134,9 +134,9 @@ def print_held(plan: Plan, launcher: str, cluster: str | None) -> None:
             t, e = split_hours(cost, j.cfg)
             train_h += t
             eval_h += e
-        print(f"GPU-hours held ({len(jobs)} job(s)): training {train_h:,.1f} (= {train_h / gpus:,.1f} "
-              f"wall-hours x {gpus} GPU(s) held per job) + eval/spectra {eval_h:,.1f} (x 1 GPU) = "
-              f"{train_h + eval_h:,.1f}")
+        print(f"GPU-hours held ({len(jobs)} job(s)): training {train_h:,.1f} (the jobs' "
+              f"{train_h / gpus:,.1f} wall-hours x {gpus} GPU(s) each) + eval/spectra "
+              f"{eval_h:,.1f} (x 1 GPU) = {train_h + eval_h:,.1f}")
         if slurm and gpus > 1 and eval_h:
             print(f"  (eval inside the {gpus}-GPU training job would hold {gpus} x {eval_h:,.1f} = "
                   f"{gpus * eval_h:,.1f} GPU-hours for it, {gpus - 1} GPU(s) idle)")
