@@ -95,7 +95,7 @@ def launch_slurm(name: str, todo: list[Job], profile: dict[str, Any], path: Path
         executor = slurm_executor(stage_profile(path, "prepare", settings), folder,
                                   f"lf-{name}-prepare")
         prep = submit_array(executor, PrepareJob(), [[list(j.overrides) for j in todo]],
-                            f"the preparation of {what}")[0]
+                            f"{what}: its preparation job")[0]
         print(f"learnforget: preparation of {', '.join(i.label for i in missing)}: CPU job "
               f"{prep.job_id}; the training jobs wait for it (afterok)")
     stages = [job_stages(j.cfg) for j in todo]
@@ -109,7 +109,7 @@ def launch_slurm(name: str, todo: list[Job], profile: dict[str, Any], path: Path
         executor = slurm_executor(profile, folder, f"lf-{name}", dependency=after_prep)
         handles = submit_array(executor, StudyJob(),
                                [with_stages(args[i], ["train"]) for i in train_idx],
-                               f"the training of {what}")
+                               f"{what}: its training array")
         train_h = dict(zip(train_idx, handles, strict=True))
     if eval_idx:
         eprof = stage_profile(path, "eval", settings)
@@ -120,7 +120,7 @@ def launch_slurm(name: str, todo: list[Job], profile: dict[str, Any], path: Path
         executor = slurm_executor(eprof, folder, f"lf-{name}-eval", dependency=dep)
         handles = submit_array(executor, StudyJob(),
                                [with_stages(args[i], [s for s in stages[i] if s in EVAL_STAGES])
-                                for i in eval_idx], f"the evaluation of {what}")
+                                for i in eval_idx], f"{what}: its eval/spectra array")
         eval_h = dict(zip(eval_idx, handles, strict=True))
         print(f"learnforget: jobs: training array {array or '-'} ({len(train_h)} task(s), the "
               f"profile's resources), eval/spectra array {handles[0].job_id.split('_')[0]} "
