@@ -215,3 +215,56 @@ def test_two_gloo_ranks_on_an_empty_cache_prepare_before_the_process_group(tmp_p
     assert info["status"] == "finished" and info["train"]["ranks"] == 2
     assert "rank 0 prepares model=tiny_llama (tiny), data=stdlib_code shards" in both, both[-3000:]
     assert "rank 1 of 2 waits for rank 0 to prepare" in both, both[-3000:]
+
+
+class _FakeHandle:
+    def __init__(self, job_id: str, fail: bool = False):
+        self.job_id, self.fail, self.cancelled = job_id, fail, False
+        self.paths = type("P", (), {"stderr": f"/nowhere/{job_id}.err"})()
+
+    def results(self):
+        if self.fail:
+            raise RuntimeError("training failed")
+        return [None]
+
+    def cancel(self, check=True):
+        self.cancelled = True
+
+
+def test_slurm_chain_dependencies_and_cancellation(tmp_path, monkeypatch):
+    """launch_slurm with SLURM replaced by a recorder: which arrays it submits with which
+    --dependency, and that a failed training task cancels its own eval task only."""
+    from learnforget.studies import slurm_jobs
+
+    submitted = []
+
+    def executor(profile, folder, name, dependency=None):
+        return {"name": name, "dependency": dependency, "gpus": profile.get("gpus_per_node")}
+
+    def submit(ex, fn, args, what):
+        first = 100 + len(submitted)
+        submitted.append({**ex, "args": args})
+        return [_FakeHandle(f"{first}_{k}", fail=(ex["name"] == "lf-s" and k == 1))
+                for k in range(len(args))]
+
+    monkeypatch.setattr(slurm_jobs, "slurm_executor", executor)
+    monkeypatch.setattr(slurm_jobs, "submit_array", submit)
+    monkeypatch.setattr("learnforget.studies.prepare.missing_inputs", lambda cfgs: [])
+    profile = tmp_path / "p.yaml"
+    profile.write_text("gpus_per_node: 8\ntasks_per_node: 8\nmem_gb: 256\n")
+    study = tmp_path / "s.yaml"
+    study.write_text("description: d\nholds: [model=tiny_llama, 'stages=[train,eval,spectra]']\n"
+                     "sweep:\n  seed: [0, 1, 2]\n")
+    plan = expand(load_study(study), [f"paths.runs_dir={tmp_path / 'runs'}"])
+    refresh_states(plan)
+    plan.jobs[2].next_stage = "eval"  # trained already: no training task for it
+    out = slurm_jobs.launch_slurm("s", plan.jobs, {"gpus_per_node": 8}, profile,
+                                  tmp_path / "f", {})
+    train, evals, trained = submitted
+    assert (train["name"], train["dependency"], len(train["args"])) == ("lf-s", None, 2)
+    assert all(a[-1] == "stages=[train]" for a in train["args"])
+    assert (evals["dependency"], evals["gpus"], len(evals["args"])) == ("aftercorr:100", 1, 2)
+    assert all(a[-1] == "stages=[eval,spectra]" for a in evals["args"])
+    assert (trained["dependency"], len(trained["args"])) == (None, 1)
+    assert [o.error is None for o in out] == [True, False, True]
+    assert "training failed" in str(out[1].error)

@@ -113,7 +113,8 @@ def print_held(plan: Plan, launcher: str, cluster: str | None) -> None:
         pr = stage_profile(cluster, "prepare")
         print(f"  1. preparation: 1 CPU job, no GPU (mem_gb={pr.get('mem_gb')}, cpus_per_task="
               f"{pr.get('cpus_per_task')}): {state}; only when something is to prepare")
-        print(f"  2. training: an array of {len(jobs)} task(s), each {int(profile.get('nodes') or 1)} "
+        n_train = sum(j.next_stage == "train" for j in jobs) if todo else len(jobs)
+        print(f"  2. training: an array of {n_train} task(s), each {int(profile.get('nodes') or 1)} "
               f"node(s) x {gpus} GPU(s) ({shown_path(Path(cluster))}), stages=[train]; "
               "--dependency=afterok:<preparation>")
         if has_eval:

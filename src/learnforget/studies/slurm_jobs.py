@@ -9,7 +9,9 @@ dependencies, so that no GPU sits idle or waits on work a CPU does:
    successfully;
 3. eval and spectra: a second array with the profile's 1-GPU variant (`eval:` settings),
    `stages=[eval,spectra]`, `--dependency=aftercorr:<training array>`: task i starts when
-   training task i completed successfully (SLURM's array-to-array dependency).
+   training task i completed successfully (SLURM's array-to-array dependency). Jobs whose
+   training is already complete get no training task; their eval tasks form their own array,
+   after the preparation only.
 
 A failed preparation cancels both arrays; a failed training task cancels its eval task (its
 dependency could never be satisfied and it would stay pending).
@@ -99,7 +101,8 @@ def launch_slurm(name: str, todo: list[Job], profile: dict[str, Any], path: Path
         print(f"learnforget: preparation of {', '.join(i.label for i in missing)}: CPU job "
               f"{prep.job_id}; the training jobs wait for it (afterok)")
     stages = [job_stages(j.cfg) for j in todo]
-    train_idx = [i for i, st in enumerate(stages) if "train" in st]
+    # training only where it is not complete (a job resumed at its eval holds no training GPUs)
+    train_idx = [i for i, j in enumerate(todo) if "train" in stages[i] and j.next_stage == "train"]
     eval_idx = [i for i, st in enumerate(stages) if set(st) & set(EVAL_STAGES)]
     train_h: dict[int, Any] = {}
     eval_h: dict[int, Any] = {}
@@ -111,20 +114,25 @@ def launch_slurm(name: str, todo: list[Job], profile: dict[str, Any], path: Path
                                [with_stages(args[i], ["train"]) for i in train_idx],
                                f"{what}: its training array")
         train_h = dict(zip(train_idx, handles, strict=True))
-    if eval_idx:
-        eprof = stage_profile(path, "eval", settings)
-        array = train_h[train_idx[0]].job_id.split("_")[0] if train_idx else None
-        dep = after_prep if array is None else (
-            f"aftercorr:{array}" if train_idx == eval_idx else f"afterok:{array}")
-        args = with_threads(todo, eprof.get("cpus_per_task"))
+    array = train_h[train_idx[0]].job_id.split("_")[0] if train_idx else None
+    corresponding = bool(train_idx) and set(train_idx) <= set(eval_idx)
+    eprof = stage_profile(path, "eval", settings)
+    eargs = with_threads(todo, eprof.get("cpus_per_task"))
+    groups = [  # (jobs, dependency): after their own training task; trained already
+        ([i for i in train_idx if i in eval_idx],
+         f"aftercorr:{array}" if corresponding else f"afterok:{array}"),
+        ([i for i in eval_idx if i not in train_idx], after_prep)]
+    for idx, dep in groups:
+        if not idx:
+            continue
         executor = slurm_executor(eprof, folder, f"lf-{name}-eval", dependency=dep)
         handles = submit_array(executor, StudyJob(),
-                               [with_stages(args[i], [s for s in stages[i] if s in EVAL_STAGES])
-                                for i in eval_idx], f"{what}: its eval/spectra array")
-        eval_h = dict(zip(eval_idx, handles, strict=True))
+                               [with_stages(eargs[i], [s for s in stages[i] if s in EVAL_STAGES])
+                                for i in idx], f"{what}: its eval/spectra array")
+        eval_h.update(zip(idx, handles, strict=True))
         print(f"learnforget: jobs: training array {array or '-'} ({len(train_h)} task(s), the "
               f"profile's resources), eval/spectra array {handles[0].job_id.split('_')[0]} "
-              f"({len(eval_h)} task(s), 1 task{' + 1 GPU' if eprof.get('gpus_per_node') else ''} "
+              f"({len(idx)} task(s), 1 task{' + 1 GPU' if eprof.get('gpus_per_node') else ''} "
               f"each, {dep or 'no dependency'})")
     errors: dict[int, tuple[BaseException, Path | None]] = {}
     if prep is not None:
@@ -140,11 +148,10 @@ def launch_slurm(name: str, todo: list[Job], profile: dict[str, Any], path: Path
             h.results()  # every task (rank) of the job: result() asserts a single task
         except Exception as e:
             errors[i] = (e, Path(h.paths.stderr))
-            if i in eval_h and train_idx == eval_idx:
+            if i in eval_h and corresponding:
                 eval_h.pop(i).cancel(check=False)  # aftercorr: it would stay pending
-    if errors and train_idx != eval_idx:  # afterok on the whole array: never satisfied
-        _cancel(list(eval_h.values()))
-        eval_h = {}
+    if errors and not corresponding:  # afterok on the whole training array: never satisfied
+        _cancel([eval_h.pop(i) for i in train_idx if i in eval_h])
     for i, h in eval_h.items():
         try:
             h.results()  # every task (rank) of the job: result() asserts a single task
