@@ -84,6 +84,10 @@ def eval_fit_lines(plan: Plan, gpu_mem_gb: float | None) -> list[str]:
         verdict = "fits" if need <= limit else "does NOT fit"
         lines.append(f"{what} -> {verdict} below {HEADROOM:.0%} of {gpu_mem_gb:g} GB "
                      f"(largest batch that fits: {most})")
+    if lines:
+        lines.append("  (estimate, bytes: P x b + B x L x (V x 4 x 2 + N x 2 x H x b + (4H + 2I) x b):"
+                     " weights in the scoring dtype b, fp32 logits and log-softmax, the KV cache, "
+                     "one layer's activations; B eval.batch_size, L max_position_embeddings)")
     return lines
 
 
