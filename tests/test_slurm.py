@@ -289,3 +289,123 @@ def test_fsdp_run_over_two_slurm_tasks(slurm_cluster, tmp_path):
     assert info["train"]["ranks"] == 2 and info["train"]["distributed"] == "fsdp"
     assert (run / "checkpoints" / "step-000004" / "model.safetensors").exists()
     assert len(list(sweep.glob(".submitit/*/*_1_log.out"))) == 1  # the second task ran
+
+
+TOY_STUDY = """\
+description: toy study for the SLURM dependency test
+launcher: submitit_slurm
+stages: [train, eval, spectra]
+holds:
+  - debug=fast
+  - model=tiny_llama
+  - data=stdlib_code
+  - data.format=shards
+  - data.shard_tokens=20000
+  - data.max_docs=40
+  - data.heldout_docs=8
+  - eval=smoke
+  - eval.tasks=[]
+  - train.seq_len=64
+  - train.checkpoints.unit=steps
+  - train.checkpoints.at=[2,4]
+  - train.heldout_batches=1
+sweep:
+  method: [lora]
+  method.r: [2, 4]
+"""
+
+# the CPU stand-in of a multi-GPU profile: 2 tasks (ranks) per training job, no GPU keys
+STAND_IN_PROFILE = """\
+timeout_min: 60
+max_num_timeout: 3
+tasks_per_node: 2
+cpus_per_task: 1
+mem_gb: 2
+gpus_per_node: null
+eval: {mem_gb: 1}
+prepare: {mem_gb: 1}
+"""
+
+
+def _slurm_times(c: Cluster, job: str) -> dict[str, tuple[float, float, str]]:
+    """SLURM's own record of a job or array: task id -> (start, end, state), from `scontrol show
+    job -o` (the controller keeps finished jobs for MinJobAge=3600 s on this cluster)."""
+    out = {}
+    for line in c.run("scontrol", "show", "job", "-o", job).splitlines():
+        f = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        task = f"{f['ArrayJobId']}_{f['ArrayTaskId']}" if f.get("ArrayTaskId") else f["JobId"]
+        stamp = [time.mktime(time.strptime(f[k], "%Y-%m-%dT%H:%M:%S"))
+                 for k in ("StartTime", "EndTime")]
+        out[task] = (stamp[0], stamp[1], f["JobState"])
+    return out
+
+
+def test_preparation_runs_first_and_eval_jobs_after_their_training(slurm_cluster, tmp_path):
+    """`learnforget sweep` on SLURM: a CPU preparation job (tiny model + token shards), the
+    training array (2 ranks per job, the CPU stand-in of a GPU profile) with afterok on it, and
+    a 1-task eval/spectra array with aftercorr on the training array. SLURM's own start and end
+    times show that no training task started before the preparation ended, and every eval task
+    started after its own training task ended."""
+    c = slurm_cluster
+    study, profile = tmp_path / "toy_prep.yaml", tmp_path / "stand_in.yaml"
+    study.write_text(TOY_STUDY)
+    profile.write_text(STAND_IN_PROFILE)
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    env = dict(c.env, LEARNFORGET_RUNS_DIR=str(runs), LEARNFORGET_CACHE_DIR=str(cache))
+    log = (tmp_path / "sweep.log").open("w")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(_learnforget("sweep", str(study), "--cluster", str(profile),
+                                         "--no-analyze", f"hydra.sweep.dir={tmp_path / 'sw'}"),
+                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    pending_on_dependency: set[str] = set()
+    try:  # while it runs: squeue's view of the training tasks waiting on their dependency
+        while proc.poll() is None and time.monotonic() - t0 < 300:
+            for line in c.run("squeue", "-h", "-o", "%i|%T|%r|%j", check=False).splitlines():
+                jid, state, reason, name = (line.split("|") + ["", "", "", ""])[:4]
+                if state == "PENDING" and reason == "Dependency" and name == "lf-toy_prep":
+                    pending_on_dependency.add(jid)
+            time.sleep(0.3)
+        rc = proc.wait(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    out = _tail(tmp_path / "sweep.log", 80)
+    elapsed = time.monotonic() - t0
+    jobs = "\n".join(p.read_text(errors="replace")[-1500:]
+                     for p in sorted((tmp_path / "sw").glob(".submitit/*/*_log.*")))
+    assert rc == 0, f"sweep failed ({rc}) after {elapsed:.0f}s\n{out}\n{jobs}\n{c.logs()}"
+    prep = re.search(r"CPU job (\d+);", out).group(1)
+    train, evals, corresponds = re.search(
+        r"training array (\d+) \(2 task\(s\).*eval/spectra array (\d+) \(2 task\(s\), 1 task "
+        r"each, aftercorr:(\d+)\)", out).group(1, 2, 3)
+    assert corresponds == train, out
+    # the scripts submitit gave sbatch carry the dependencies
+    scripts = {p.parent.name: p.read_text() for p in (tmp_path / "sw").glob(".submitit/*/*_submission.sh")}
+    assert any(f"--dependency=afterok:{prep}" in s and "--ntasks-per-node=2" in s
+               for s in scripts.values()), scripts.keys()
+    assert any(f"--dependency=aftercorr:{train}" in s and "--ntasks-per-node=1" in s
+               for s in scripts.values()), scripts.keys()
+    # SLURM's own records
+    p_start, p_end, p_state = _slurm_times(c, prep)[prep]
+    t_times, e_times = _slurm_times(c, train), _slurm_times(c, evals)
+    assert p_state == "COMPLETED" and len(t_times) == 2 and len(e_times) == 2, (t_times, e_times)
+    for task, (start, _end, state) in t_times.items():
+        assert state == "COMPLETED" and start >= p_end, (task, start, p_end)
+    for i in range(2):
+        t_end = t_times[f"{train}_{i}"][1]
+        e_start, _, e_state = e_times[f"{evals}_{i}"]
+        assert e_state == "COMPLETED" and e_start >= t_end, (i, e_start, t_end)
+    assert pending_on_dependency, "squeue never showed a training task pending on Dependency"
+    # what the jobs did: training tasks trained only; eval tasks scored and took spectra
+    folders = [r for r in sorted((runs / "toy_prep").iterdir()) if not r.name.startswith("_")]
+    assert len(folders) == 2, folders
+    for run in folders:
+        rec = json.loads((run / "job.json").read_text())
+        assert rec["requested"] == ["eval", "spectra"], rec
+        assert rec["stages"] == {"eval": "done", "spectra": "done"}, rec
+        assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    print(f"toy study on SLURM in {elapsed:.0f}s: preparation {prep} ended at {p_end:.0f}, "
+          f"training tasks started at {sorted(s for s, _, _ in t_times.values())}, eval tasks "
+          f"started at {sorted(s for s, _, _ in e_times.values())}")

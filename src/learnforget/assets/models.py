@@ -64,7 +64,8 @@ def tiny_tokenizer(max_length: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def _tiny_dir(model_cfg: DictConfig, cache_dir: Path) -> Path:
+def tiny_model_dir(model_cfg: DictConfig, cache_dir: Path) -> Path:
+    """Where a tiny (source: tiny) model is built: one folder per architecture."""
     arch = json.dumps(OmegaConf.to_container(model_cfg.arch, resolve=True), sort_keys=True)
     digest = hashlib.sha256(f"{arch}|{TINY_INIT_SEED}".encode()).hexdigest()[:10]
     return cache_dir / "models" / f"{model_cfg.name}-{digest}"
@@ -74,7 +75,7 @@ def base_model_dir(model_cfg: DictConfig, cache_dir: Path, *, fetch: bool = True
     """Where the base weights live: a local folder (built or converted once) or a hub id."""
     source = model_cfg.source
     if source == "tiny":
-        path = _tiny_dir(model_cfg, cache_dir)
+        path = tiny_model_dir(model_cfg, cache_dir)
         if not (path / "config.json").exists():
 
             with atomic_dir(path, replace=False) as tmp:  # a racing process's copy is kept

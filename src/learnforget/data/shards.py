@@ -372,9 +372,18 @@ def sequence_blocks(index: int, batch_size: int, rank: int, world: int, n_blocks
 
 # --------------------------------------------------------------------------- run data
 
-def ensure_corpus(data_cfg: Any, model_cfg: Any, tokenizer: Any, cache_dir: Path) -> Path:
+def corpus_complete(cache_dir: Path, data_cfg: Any, model_cfg: Any) -> bool:
+    """The corpus of this data config and tokenizer is prepared (its manifest says complete)."""
+    m = read_manifest(corpus_dir(cache_dir, data_cfg, model_cfg))
+    return bool(m and m.get("complete"))
+
+
+def ensure_corpus(data_cfg: Any, model_cfg: Any, tokenizer: Any, cache_dir: Path, *,
+                  prepare: bool = True) -> Path:
     """The shard folder of this data config and tokenizer, prepared (or finished) first when
-    it is not complete; a complete one made by another tokenizer is an error."""
+    it is not complete; a complete one made by another tokenizer is an error. With
+    prepare=False an incomplete corpus is a one-line ConfigError (a rank of a multi-rank job
+    never tokenizes: `learnforget prepare` or rank 0 before the process group does)."""
     folder = corpus_dir(cache_dir, data_cfg, model_cfg)
     m = read_manifest(folder)
     fp = tokenizer_fingerprint(tokenizer)
@@ -383,6 +392,10 @@ def ensure_corpus(data_cfg: Any, model_cfg: Any, tokenizer: Any, cache_dir: Path
             raise ConfigError(f"token shards {folder} were made by another tokenizer than "
                               f"{tokenizer_id(model_cfg)}'s (fingerprint differs): remove them")
         return folder
+    if not prepare:
+        raise ConfigError(f"token shards of data={cfg_name(data_cfg)} are not prepared ({folder} "
+                          "is missing or partial): run `learnforget prepare <the run's overrides>` "
+                          "first")
     folder.mkdir(parents=True, exist_ok=True)
     with file_lock(folder / ".prepare.lock"):  # jobs of a study share the corpus: one
         # prepares, the others wait for it

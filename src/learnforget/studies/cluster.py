@@ -55,7 +55,10 @@ def cluster_profile_path(explicit: str | os.PathLike | None = None,
     return user if user.exists() else conf_dir() / "cluster" / "default.yaml"
 
 
-OWN_PROFILE_KEYS = ("gpu_mem_gb",)  # learnforget's own profile keys: never passed to submitit
+OWN_PROFILE_KEYS = ("gpu_mem_gb", "prepare", "eval")  # learnforget's own: never passed to submitit
+STAGE_PROFILES = ("prepare", "eval")  # sub-mappings: the CPU preparation job, the 1-GPU eval jobs
+GPU_KEYS = ("gpus_per_node", "gpus_per_task", "gres", "mem_per_gpu", "cpus_per_gpu")
+EVAL_MIN_MEM_GB = 32
 
 
 def profile_resources(path: str | os.PathLike) -> dict[str, Any]:
@@ -83,6 +86,17 @@ def load_cluster_profile(path: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(f"cluster profile {path}: unknown key {key!r}{hint}; expected one "
                               f"of: {', '.join(known)}")
     own = {k: raw.pop(k) for k in OWN_PROFILE_KEYS if k in raw}
+    for which in STAGE_PROFILES:
+        sub = own.get(which)
+        if sub is None:
+            continue
+        allowed = cluster_keys() + (["gpu_mem_gb"] if which == "eval" else [])
+        bad = [k for k in sub] if isinstance(sub, dict) else None
+        if bad is None or any(k not in allowed for k in bad):
+            wrong = "not a mapping" if bad is None else \
+                f"unknown key {next(k for k in bad if k not in allowed)!r}"
+            raise ConfigError(f"cluster profile {path}: {which}: {wrong}; expected a mapping of "
+                              f"the profile's keys ({', '.join(allowed)})")
     mem = own.get("gpu_mem_gb")
     if mem is not None and not (isinstance(mem, (int, float)) and mem > 0):
         raise ConfigError(f"cluster profile {path}: gpu_mem_gb must be a positive number (GB of "
@@ -102,16 +116,58 @@ def load_cluster_profile(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def stage_profile(path: str | os.PathLike, which: str,
+                  settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The SLURM settings of a sweep's `prepare` job (CPU) or `eval` jobs (one GPU each), made
+    from the profile (with the command line's hydra.launcher.* settings):
+
+    - both: nodes=1, tasks_per_node=1; then the profile's `prepare:` / `eval:` mapping on top;
+    - prepare: no GPU keys at all (gpus_per_node, gres, ... removed: no GPU is requested);
+    - eval: one GPU (gpus_per_node=1 where the profile asks for GPUs, none where it does not,
+      e.g. a CPU stand-in) and mem_gb = the profile's mem_gb / its GPUs per node, at least
+      EVAL_MIN_MEM_GB (never more than the profile's). The result keeps gpu_mem_gb (learnforget's
+      own key, for the eval batch check); pass it through cluster_settings before submitit."""
+    import math
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    base = {**load_cluster_profile(path), **(settings or {})}
+    out = {k: v for k, v in base.items() if k not in GPU_KEYS}
+    out.update(nodes=1, tasks_per_node=1)
+    if which == "eval":
+        gpus = base.get("gpus_per_node")
+        if gpus is not None or base.get("gres"):
+            out["gpus_per_node"] = 1
+        n = gpus if isinstance(gpus, int) and gpus > 1 else 1
+        if base.get("mem_gb") and n > 1:
+            out["mem_gb"] = min(base["mem_gb"], max(EVAL_MIN_MEM_GB, math.ceil(base["mem_gb"] / n)))
+        out["gpu_mem_gb"] = raw.get("gpu_mem_gb")
+    elif which != "prepare":
+        raise ConfigError(f"stage profile {which!r}: expected one of {', '.join(STAGE_PROFILES)}")
+    out.update(raw.get(which) or {})
+    return out
+
+
+def cluster_settings(profile: dict[str, Any]) -> dict[str, Any]:
+    """The profile without learnforget's own keys: what submitit gets."""
+    return {k: v for k, v in profile.items() if k not in OWN_PROFILE_KEYS}
+
+
 def _one_line(text: str) -> str:
     return " | ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
 
 
-def slurm_executor(profile: dict[str, Any], folder: Path, name: str = "learnforget"):
+def slurm_executor(profile: dict[str, Any], folder: Path, name: str = "learnforget",
+                   dependency: str | None = None):
     """A submitit AutoExecutor for SLURM with the profile on SlurmQueueConf's defaults, its keys
-    mapped to submitit's as hydra-submitit-launcher maps them."""
+    mapped to submitit's as hydra-submitit-launcher maps them; `dependency` becomes sbatch
+    --dependency (e.g. afterok:123, aftercorr:124)."""
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
+    profile = cluster_settings(profile)
+    if dependency:
+        profile = {**profile, "additional_parameters": {
+            **(profile.get("additional_parameters") or {}), "dependency": dependency}}
     try:
         merged = OmegaConf.merge(OmegaConf.structured(_slurm_conf_cls()), profile)
     except Exception as e:  # omegaconf: a hydra.launcher.* override of an unknown key or type

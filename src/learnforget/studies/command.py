@@ -18,6 +18,7 @@ from typing import Any
 
 from learnforget.errors import ConfigError
 from learnforget.studies.cluster import cluster_profile_path, load_cluster_profile
+from learnforget.studies.held import print_held
 from learnforget.studies.launch import launch, report_failures
 from learnforget.studies.plan import estimate, expand, refresh_states, shown_path
 from learnforget.studies.report import (
@@ -73,6 +74,7 @@ def sweep_main(study: str, overrides: Sequence[str] = (), *, dry_run: bool = Fal
         print_memory(rows)
         if fit is not None:
             print_fit(plan, fit, [r["method"] for r in rows])
+        print_held(plan, launcher, cluster)  # the jobs it submits, GPU-hours held, eval batch
         print(f"(parameter reports in {time.perf_counter() - t0:.1f}s)")
         return 0
     launched = launch(plan, launcher, cluster)

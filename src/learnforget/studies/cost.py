@@ -114,9 +114,18 @@ def trained_tokens(cfg: DictConfig, epoch_tokens: float | None) -> float | None:
 
 
 def gpu_hours(cost: Cost | float, cfg: DictConfig) -> float:
-    """The job's GPU-hours under the study's cost model (a number: the same for every job)."""
+    """The job's GPU-hours under the study's cost model (a number: the same for every job):
+    training GPU-hours + evaluation GPU-hours (split_hours)."""
+    return sum(split_hours(cost, cfg))
+
+
+def split_hours(cost: Cost | float, cfg: DictConfig) -> tuple[float, float]:
+    """(training GPU-hours, evaluation GPU-hours) of the job. Training: tokens at
+    tokens_per_gpu_s on each GPU, so wall-hours x the GPUs its job holds; evaluation:
+    checkpoints x eval_gpu_hours on one GPU (its own 1-GPU job on SLURM). A plain number per
+    job counts as training."""
     if not isinstance(cost, Cost):
-        return float(cost)
+        return float(cost), 0.0
     epoch = cost.epoch_tokens
     if isinstance(epoch, dict):
         data = str(cfg.data.name)
@@ -131,5 +140,5 @@ def gpu_hours(cost: Cost | float, cfg: DictConfig) -> float:
     for match, factor in cost.speed:
         if matches({k: config_value(cfg, k) for k in match}, match):
             speed *= factor
-    return (tokens / (cost.tokens_per_gpu_s * speed) / 3600
-            + len(cfg.train.checkpoints.at) * cost.eval_gpu_hours)
+    return (tokens / (cost.tokens_per_gpu_s * speed) / 3600,
+            len(cfg.train.checkpoints.at) * cost.eval_gpu_hours)

@@ -1,7 +1,8 @@
 """Run a plan's jobs that are not done, each `learnforget.studies.job.run_job` on its composed
 config: `basic` one after another in this process, `submitit_local` side by side as local
-processes and `submitit_slurm` as one SLURM job array, both through submitit's public
-AutoExecutor. A SLURM job that is preempted or times out is requeued (StudyJob is
+processes (both after preparing every input of the jobs in this process), and `submitit_slurm`
+as a CPU preparation job, a training array and a 1-GPU eval/spectra array chained by SLURM
+dependencies (learnforget.studies.slurm_jobs), all through submitit's public AutoExecutor. A SLURM job that is preempted or times out is requeued (StudyJob is
 Checkpointable) and resumes its run. Logs go to runs/_sweeps/<date>/<time>-<study>/.
 """
 
@@ -13,43 +14,32 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
 import yaml
 
-from learnforget.config import compose
 from learnforget.errors import ConfigError
 from learnforget.studies.cluster import (
+    STAGE_PROFILES,
     cluster_profile_path,
     load_cluster_profile,
-    slurm_executor,
     slurm_preflight,
-    submission_refusal,
+    stage_profile,
 )
 from learnforget.studies.job import run_job
 from learnforget.studies.plan import Job, Plan, shown_path
+from learnforget.studies.slurm_jobs import (
+    Outcome,
+    StudyJob,
+    launch_slurm,
+    submit_array,
+    with_threads,
+)
 from learnforget.studies.values import split_override
 
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local jobs are killed after timeout_min
-
-
-class StudyJob(submitit.helpers.Checkpointable):
-    """One job in a submitit worker: compose its overrides, run its stages. On preemption or a
-    time limit submitit resubmits it with the same overrides (Checkpointable.checkpoint)."""
-
-    def __call__(self, overrides: list[str]) -> dict[str, Any]:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        return run_job(compose(overrides))
-
-
-@dataclass
-class Outcome:
-    job: Job
-    error: BaseException | None = None
-    log: Path | None = None
 
 
 def usable_cores() -> int:
@@ -89,14 +79,6 @@ def _logs_folder(plan: Plan, given: Path | None) -> Path:
     return path
 
 
-def _with_threads(todo: list[Job], threads: int | None) -> list[list[str]]:
-    """Each job's overrides, with train.num_threads=threads unless the jobs set it."""
-    lists = [list(j.overrides) for j in todo]
-    if threads and not any(split_override(o)[0] == "train.num_threads" for o in lists[0]):
-        lists = [o + [f"train.num_threads={threads}"] for o in lists]
-    return lists
-
-
 def _run_here(todo: list[Job]) -> list[Outcome]:
     """The basic launcher: one job after another in this process; a failed job is reported
     and the next one runs (Ctrl-C and a stop signal end the sweep)."""
@@ -110,20 +92,21 @@ def _run_here(todo: list[Job]) -> list[Outcome]:
     return outcomes
 
 
+def _prepare_here(todo: list[Job]) -> None:
+    """Every distinct input of the jobs (model, token shards), prepared before the first job."""
+    from learnforget.studies.prepare import prepare_configs
+
+    for line in prepare_configs([j.cfg for j in todo]):
+        print(f"learnforget: preparation: {line}")
+
+
 def _submit(executor: Any, todo: list[Job], overrides: list[list[str]], what: str) -> list[Outcome]:
     """Submit the jobs as one array and wait for them; a refused sbatch is one error line."""
-    try:
-        handles = executor.map_array(StudyJob(), overrides)
-    except Exception as e:
-        refused = submission_refusal(e)
-        if refused is None:
-            raise
-        raise ConfigError(f"SLURM refused the submission of {what}; no job started. sbatch "
-                          f"said: {refused}") from e
+    handles = submit_array(executor, StudyJob(), overrides, what)
     outcomes = []
     for job, handle in zip(todo, handles, strict=True):
         try:
-            handle.result()
+            handle.results()
             outcomes.append(Outcome(job))
         except Exception as e:  # submitit's FailedJobError / UncompletedJobError
             outcomes.append(Outcome(job, e, Path(handle.paths.stderr)))
@@ -144,6 +127,9 @@ def launch(plan: Plan, launcher: str, cluster: str | None = None) -> list[Outcom
               + ", ".join(f"{k}={v}" for k, v in profile.items()))
         answer = slurm_preflight(profile, path, len(todo))
         print(f"learnforget: sbatch --test-only accepts the job array: {answer}")
+        for which in STAGE_PROFILES:  # the CPU preparation job and the 1-GPU eval array
+            sub = stage_profile(path, which, settings)
+            slurm_preflight(sub, path, 1 if which == "prepare" else len(todo))
     elif settings and launcher == "basic":
         raise ConfigError(f"hydra.launcher.* settings do nothing with the basic launcher (got "
                           f"{', '.join(settings)})")
@@ -152,12 +138,14 @@ def launch(plan: Plan, launcher: str, cluster: str | None = None) -> list[Outcom
     (logs / "jobs.yaml").write_text(yaml.safe_dump([list(j.overrides) for j in todo]))
     print(f"learnforget: launching {len(todo)} job(s) of study {plan.study.name} with "
           f"{launcher} (logs: {shown_path(logs)})")
+    if launcher != "submitit_slurm":  # preparation first, in this process, on the CPU
+        _prepare_here(todo)
     if launcher == "basic":
         return _run_here(todo)
     folder = logs / ".submitit" / "%j"
     if launcher == "submitit_local":
         threads = max(1, usable_cores() // len(todo))
-        overrides = _with_threads(todo, threads)
+        overrides = with_threads(todo, threads)
         kept = overrides[0] == todo[0].overrides
         print(f"learnforget: submitit_local runs all {len(todo)} job(s) side by side on "
               f"{usable_cores()} core(s): train.num_threads={threads} each"
@@ -166,8 +154,7 @@ def launch(plan: Plan, launcher: str, cluster: str | None = None) -> list[Outcom
         executor.update_parameters(**{"timeout_min": LOCAL_TIMEOUT_MIN, "cpus_per_task": threads,
                                       "name": f"lf-{plan.study.name}", **settings})
         return _submit(executor, todo, overrides, what)
-    executor = slurm_executor(profile, folder, f"lf-{plan.study.name}")
-    return _submit(executor, todo, _with_threads(todo, profile.get("cpus_per_task")), what)
+    return launch_slurm(plan.study.name, todo, profile, path, folder, settings)
 
 
 def report_failures(outcomes: Sequence[Outcome]) -> None:

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from learnforget.assets.inputs import ready_before_ranks
 from learnforget.assets.models import load_model
 from learnforget.config import config_hash, cooldown_mode, run_dir, run_identity, run_name, validate
 from learnforget.data.packing import TokenizedData
@@ -115,6 +116,7 @@ def setup(cfg: DictConfig) -> Setup | None:
     folder.check_same_run(chash)
     if cfg.train.num_threads:
         torch.set_num_threads(int(cfg.train.num_threads))
+    ready_before_ranks(cfg)  # several ranks: rank 0 prepares missing inputs, no collective
     d = distributed.init(cfg.train.get("distributed"))
     device = d.device
     cache_dir = Path(cfg.paths.cache_dir).expanduser()
@@ -125,13 +127,9 @@ def setup(cfg: DictConfig) -> Setup | None:
     if cfg.method.name == "qlora":  # the frozen base is quantised; the rest in compute_dtype
         policy = replace(policy, frozen=f"{cfg.method.quant_type} (rest {cfg.method.compute_dtype})",
                          load=str(cfg.method.compute_dtype))
-    if not d.main:  # rank 0 builds or converts the base model into the cache first
-        distributed.barrier(d)
     model, tokenizer, base_path = load_model(
         cfg.model, cfg.method, cache_dir, device,
         dtype=None if cfg.method.name == "qlora" else policy.load)
-    if d.main:
-        distributed.barrier(d)
     quantisation = None
     if cfg.method.name == "qlora":  # how far the quantised base is from the checkpoint's weights
         from learnforget.methods.quantisation import quantisation_report

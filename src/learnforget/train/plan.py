@@ -15,14 +15,13 @@ from learnforget.config import cooldown_mode
 from learnforget.data.packing import TokenizedData, build_data, collate
 from learnforget.data.shards import (
     accounting,
-    corpus_dir,
     data_format,
     ensure_corpus,
     sequence_blocks,
     shard_data,
 )
 from learnforget.errors import ConfigError
-from learnforget.train import cooldown, distributed
+from learnforget.train import cooldown
 from learnforget.train.distributed import Dist
 
 
@@ -90,15 +89,12 @@ def micro_batch(data: TokenizedData, plan: Plan, t: DictConfig, index: int, seed
 
 def load_data(cfg: DictConfig, tokenizer: Any, d: Dist, cache_dir: Path) -> TokenizedData:
     """The run's data: in memory (data.format=memory), or token shards read by position
-    (data.format=shards; rank 0 prepares them first when they are missing or partial)."""
+    (data.format=shards). A single process prepares missing shards itself; with several ranks
+    every rank only reads them (prepared before the process group: `learnforget prepare`, or
+    rank 0 in learnforget.assets.inputs.ready_before_ranks), and missing shards are an error."""
     t = cfg.train
     if data_format(cfg.data) == "shards":
-        if not d.main:  # rank 0 tokenizes the corpus into the cache first
-            distributed.barrier(d)
-        folder = ensure_corpus(cfg.data, cfg.model, tokenizer, cache_dir) if d.main else \
-            corpus_dir(cache_dir, cfg.data, cfg.model)
-        if d.main:
-            distributed.barrier(d)
+        folder = ensure_corpus(cfg.data, cfg.model, tokenizer, cache_dir, prepare=d.world <= 1)
         data = shard_data(cfg.data, folder, t.seq_len, seed=cfg.seed)
     else:
         data = build_data(cfg.data, tokenizer, t.seq_len, seed=cfg.seed, cache_dir=cache_dir)
