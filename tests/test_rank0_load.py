@@ -132,3 +132,45 @@ def test_which_runs_load_on_rank0_only():
     assert rank0_load.note(cfg("method=full"), Dist()) == []
     with pytest.raises(ConfigError, match="load_weights 'rank_zero' is unknown"):
         rank0_load.from_rank0(cfg("train.distributed.load_weights=rank_zero"), 1)
+
+
+# ------------------------------------------------------------------ the dry run's host RAM
+
+LLAMA2_7B_PARAMS = 6_738_415_616  # Touvron et al. 2023 / the hub checkpoint's parameter count
+
+
+def _host_lines(out: str) -> list[str]:
+    block = out.split("\nhost RAM per node:")[1].split("\nfit: ")[0]
+    return [x for x in block.splitlines()[1:] if x.strip()]
+
+
+def test_dry_run_states_host_ram_per_node(tmp_path, capsys):
+    from learnforget.studies.command import sweep_cli
+
+    assert sweep_cli(["code_cpt", "--dry-run", "method=full,lora", "method.r=16",
+                      f"paths.runs_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "against the profile's mem_gb (256 GB)" in out
+    fp32 = LLAMA2_7B_PARAMS * 4 / 2**30  # fp32 masters: 25.1 GiB (27.0 GB)
+    full, lora = _host_lines(out)
+    assert full.split()[:4] == ["job", "1", "full", "fsdp"]
+    assert f"{fp32:.1f} GiB: rank 0 reads" in full and f"8 x {fp32:.1f} = {8 * fp32:.1f} GiB" in full
+    bf16 = LLAMA2_7B_PARAMS * 2 / 2**30  # LoRA's frozen base stays in model.dtype (bf16)
+    assert f"{bf16:.1f} GiB: rank 0 reads" in lora and "ddp" in lora
+    assert "WARNING" not in "\n".join(_host_lines(out))
+
+
+def test_dry_run_warns_when_every_rank_reading_exceeds_mem_gb(tmp_path, capsys):
+    from learnforget.studies.command import sweep_cli
+
+    prof = tmp_path / "p.yaml"
+    prof.write_text("nodes: 1\ntasks_per_node: 8\ngpus_per_node: 8\ngpu_mem_gb: 80\nmem_gb: 128\n")
+    assert sweep_cli(["code_cpt", "--dry-run", "--cluster", str(prof), "method=full",
+                      "train.distributed.strategy=fsdp", "train.distributed.load_weights=every_rank",
+                      f"paths.runs_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    (line,) = _host_lines(out)[:1]
+    fp32 = LLAMA2_7B_PARAMS * 4 / 2**30
+    assert f"{8 * fp32:.1f} GiB: every rank reads the weights, 8 x {fp32:.1f} GiB" in line
+    assert "(train.distributed.load_weights=every_rank)" in line and "exceeds mem_gb" in line
+    assert "WARNING: 1 job(s) need more host RAM than the profile's mem_gb (128 GB)" in out
