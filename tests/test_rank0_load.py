@@ -32,6 +32,9 @@ CASES = {
     "lora_ddp": ["method=lora", "method.dropout=0.1", "train.distributed.strategy=ddp"],
     "lora_fsdp_bf16": ["method=lora", "train.distributed.strategy=fsdp", "train.precision=bf16"],
     "adapter_ddp": ["method=adapter"],  # its layers are built on the meta device: no RNG drawn
+    "dora_ddp": ["method=dora"],  # its magnitudes are norms of the base weights
+    "vera_ddp": ["method=vera"],  # shared random projections (buffers)
+    "prefix_ddp": ["method=prefix"],
 }
 
 
@@ -39,7 +42,7 @@ def _load(folder: Path, name: str, rank: int) -> dict:
     return torch.load(folder / f"{name}-rank{rank}.pt", weights_only=False)
 
 
-@pytest.mark.slow  # ~70 s: two torchrun launches of 2 ranks, 5 setups each
+@pytest.mark.slow  # ~90 s: two torchrun launches of 2 ranks, 8 setups each
 @needs_torchrun
 def test_rank0_weights_are_bitwise_the_per_rank_weights(tmp_path, cache_dir):
     base = [f"paths.runs_dir={tmp_path / 'runs'}", f"paths.cache_dir={cache_dir}", *FAST,
