@@ -152,17 +152,38 @@ def bnb_config(method_cfg: DictConfig):
     )
 
 
+def meta_model(path: str, dtype: torch.dtype) -> PreTrainedModel:
+    """The model of `path` without its weights: every parameter and buffer on the meta device
+    (no memory), built from config.json (and generation_config.json) alone, in eval mode like
+    `from_pretrained`'s. Multi-rank runs fill it from rank 0 (learnforget.train.rank0_load)."""
+    from transformers import GenerationConfig
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: from_config's, as from_pretrained keeps it
+        pass
+    return model.eval()
+
+
 def load_model(
     model_cfg: DictConfig, method_cfg: DictConfig, cache_dir: Path, device: str = "cpu",
-    dtype: str | None = None,
+    dtype: str | None = None, weights: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """Base model (4-bit or int8 for QLoRA), its tokenizer, and the folder or id it came from.
-    `dtype` overrides model.dtype (the training precision policy's load dtype)."""
+    `dtype` overrides model.dtype (the training precision policy's load dtype). weights=False:
+    the model on the meta device (`meta_model`), no weights read (not for QLoRA)."""
     quantise = method_cfg.name == "qlora"
     if quantise:
         check_quantisable(model_cfg, method_cfg.quant_type)
     path = base_model_dir(model_cfg, cache_dir)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype or model_cfg.dtype)}
+    if not weights:
+        if quantise:
+            raise ValueError("load_model(weights=False): a 4-bit base cannot be built on meta")
+        return meta_model(path, kwargs["dtype"]), load_tokenizer(path), path
     if quantise:
         kwargs["quantization_config"] = bnb_config(method_cfg)
         kwargs["dtype"] = torch_dtype(method_cfg.compute_dtype)

@@ -65,7 +65,8 @@ def profile_resources(path: str | os.PathLike) -> dict[str, Any]:
     """The GPUs a profile gives one job (nodes, tasks_per_node, gpu_mem_gb), for fit checks."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     load_cluster_profile(path)  # the same checks as a launch
-    return {k: raw.get(k) for k in ("nodes", "tasks_per_node", "gpus_per_node", "gpu_mem_gb")}
+    return {k: raw.get(k) for k in ("nodes", "tasks_per_node", "gpus_per_node", "gpu_mem_gb",
+                                    "mem_gb")}
 
 
 def load_cluster_profile(path: str | os.PathLike) -> dict[str, Any]:

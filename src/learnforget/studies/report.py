@@ -172,6 +172,7 @@ def print_fit(plan: Plan, fit: tuple[Any, list[dict[str, Any]], Path], methods: 
     print(f"\ncluster profile {shown_path(profile)}: {gp.ranks} GPU(s) per job"
           + (f", {gp.gpu_mem_gib:g} GB each" if gp.gpu_mem_gib else ", gpu_mem_gb not set"))
     print(gpu_fit.format_rows(rows, methods))
+    print(gpu_fit.format_host_rows(rows, methods))
     want = plan.study.global_batch
     bad = [r for r in rows if want and r["global_batch"] != want]
     if bad:

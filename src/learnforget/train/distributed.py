@@ -310,3 +310,38 @@ def load_sharded(folder: Path, model: torch.nn.Module, optimizer) -> None:
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
+
+
+# ------------------------------------------------------------------ weights from rank 0
+
+def broadcast_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor] | None,
+                         device: str) -> None:
+    """Fill every rank's model with rank 0's weights and buffers. The other ranks' models are on
+    the meta device (plain, or FSDP2-sharded); they get storage on `device` first (`to_empty`,
+    parameters swapped in place so that tied weights stay one tensor; FSDP2 does so itself).
+
+    Sharded: torch's set_model_state_dict(full_state_dict, broadcast_from_rank0) from `full`,
+    rank 0's whole state dict taken before sharding (None elsewhere): one tensor at a time, each
+    rank keeps its shards. Unsharded: each parameter and buffer broadcast in place, as DDP's
+    constructor does (set_model_state_dict would hold every received tensor until it loads them:
+    twice the model). Buffers left out of state dicts (non-persistent: Llama's rotary inv_freq)
+    are broadcast in both cases. A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank0 = dist.get_rank() == 0
+    if not rank0:
+        swap = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            model.to_empty(device=device)
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(swap)
+    if is_sharded(model):
+        set_model_state_dict(model, full if rank0 else {}, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
+        in_state = set(model.state_dict())
+        tensors = [b for name, b in model.named_buffers() if name not in in_state]
+    else:
+        tensors = [*model.parameters(), *model.buffers()]
+    for t in tensors:
+        dist.broadcast(t.detach(), src=0)

@@ -34,13 +34,38 @@ class GpuPlan:
 
     ranks: int                 # one rank per GPU: nodes x tasks_per_node
     gpu_mem_gib: float | None  # memory of one GPU (profile key gpu_mem_gb), None: unknown
+    per_node: int = 1          # ranks on one node (tasks_per_node)
+    host_mem_gib: float | None = None  # host memory of one node (profile key mem_gb)
 
 
 def gpu_plan(profile: dict[str, Any]) -> GpuPlan:
     tasks = int(profile.get("tasks_per_node") or 1)
     nodes = int(profile.get("nodes") or 1)
-    mem = profile.get("gpu_mem_gb")
-    return GpuPlan(max(1, tasks * nodes), None if mem is None else float(mem))
+    mem, host = profile.get("gpu_mem_gb"), profile.get("mem_gb")
+    return GpuPlan(max(1, tasks * nodes), None if mem is None else float(mem), max(1, tasks),
+                   None if host is None else float(host))
+
+
+def host_ram(cfg: DictConfig, plan: GpuPlan, rep: Any) -> dict[str, Any]:
+    """Host RAM of the base weights on a job's busiest node while it loads them: one copy per
+    rank on the node when every rank reads them (the behaviour before
+    learnforget.train.rank0_load; still QLoRA's and the weight- or data-driven inits'), one
+    copy (rank 0's) when only rank 0 does. A copy is the base model's parameters in the dtype
+    they load in (fp32 masters for full finetuning); QLoRA's, its quantised weights (loaded per
+    rank). The mapped checkpoint file (page cache, shared by the node's ranks) and each
+    process's own memory come on top."""
+    from learnforget.train.precision import dtype_bytes
+    from learnforget.train.rank0_load import from_rank0, per_rank_reason
+
+    per_node = min(plan.per_node, plan.ranks)
+    copy = (rep.weights_bytes - rep.trainable * dtype_bytes(rep.master)  # the adapters: on GPU
+            if cfg.method.name == "qlora" else rep.base_total * dtype_bytes(rep.frozen))
+    every = per_node * copy
+    now = copy if from_rank0(cfg, plan.ranks) else every
+    return {"host_copy_gib": copy / GIB, "host_every_rank_gib": every / GIB,
+            "host_gib": now / GIB, "host_per_node": per_node, "host_mem_gib": plan.host_mem_gib,
+            "host_fits": None if plan.host_mem_gib is None else now <= plan.host_mem_gib * GIB,
+            "host_why": None if plan.ranks <= 1 else per_rank_reason(cfg)}
 
 
 def strategy(cfg: DictConfig, ranks: int) -> str:
@@ -86,7 +111,8 @@ def check(cfg: DictConfig, plan: GpuPlan) -> dict[str, Any]:
            "checkpointing": bool(t.get("activation_checkpointing", False)),
            "precision": f"{rep.compute}/{rep.master.replace('float', 'fp').replace('bfloat', 'bf')}",
            "fits": None,
-           "advice": None}
+           "advice": None,
+           **host_ram(cfg, plan, rep)}
     if rep.activations_bytes is None:
         row["advice"] = f"activations not estimated ({rep.activations_note})"
         return row
@@ -154,3 +180,46 @@ def format_rows(rows: list[dict[str, Any]], methods: list[str]) -> str:
                      f"{'on' if r['checkpointing'] else 'off':>5} {r['per_gpu_gib']:>12.1f} "
                      f"{mem:>8}  {fits}" + (f"  ({r['advice']})" if r["advice"] else ""))
     return "\n".join(lines)
+
+
+def format_host_rows(rows: list[dict[str, Any]], methods: list[str]) -> str:
+    """The dry run's host-RAM lines: one per distinct setting, with the jobs it covers; a
+    WARNING where it exceeds the profile's mem_gb."""
+    groups: dict[tuple, list[int]] = {}
+    for (i, r), m in zip(enumerate(rows, 1), methods, strict=True):
+        key = (m.split("_")[0], r["strategy"], r["host_per_node"],
+               round(r["host_copy_gib"], 1), round(r["host_gib"], 1),
+               round(r["host_every_rank_gib"], 1), r["host_why"], r["host_mem_gib"], r["host_fits"])
+        groups.setdefault(key, []).append(i)
+    mem = rows[0]["host_mem_gib"] if rows else None
+    lines = ["\nhost RAM per node: the base weights in host memory while a job loads them, on its "
+             "busiest node (the mapped checkpoint file and each process's own memory come on "
+             "top), against the profile's mem_gb"
+             + (f" ({mem:g} GB)" if mem is not None else " (not set: not checked)")]
+    for (m, how, per_node, copy, now, every, why, _, fits), jobs in groups.items():
+        label = f"job {jobs[0]}" if len(jobs) == 1 else f"jobs {_ranges(jobs)}"
+        if per_node <= 1:
+            text = f"{now:.1f} GiB (one rank per node)"
+        elif why is None:
+            text = (f"{now:.1f} GiB: rank 0 reads the weights, the node's other {per_node - 1} "
+                    f"ranks receive theirs on their GPUs (before: every rank read them, "
+                    f"{per_node} x {copy:.1f} = {every:.1f} GiB)")
+        else:
+            text = f"{now:.1f} GiB: every rank reads the weights, {per_node} x {copy:.1f} GiB ({why})"
+        lines.append(f"  {label:<10} {m:<8} {how:<6} {text}"
+                     + ("  WARNING: exceeds mem_gb" if fits is False else ""))
+    n_bad = sum(r["host_fits"] is False for r in rows)
+    if n_bad:
+        lines.append(f"WARNING: {n_bad} job(s) need more host RAM than the profile's mem_gb "
+                     f"({mem:g} GB) while loading: raise mem_gb or use "
+                     "train.distributed.load_weights=rank0 where it applies")
+    return "\n".join(lines)
+
+
+def _ranges(jobs: list[int]) -> str:
+    out, start = [], jobs[0]
+    for a, b in zip(jobs, [*jobs[1:], None], strict=True):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(out)

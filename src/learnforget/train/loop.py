@@ -32,7 +32,7 @@ from learnforget.methods.modules import decoder_layers
 from learnforget.methods.registry import checkpoint_format, ignored_keys, method_summary
 from learnforget.runfolder import RunFolder, RunInfo, RunLock, RunRecord, TrainInfo, meta_info
 from learnforget.tracking import Loggers, make_loggers, scrub
-from learnforget.train import cooldown, distributed, precision
+from learnforget.train import cooldown, distributed, precision, rank0_load
 from learnforget.train.activations import enable_checkpointing
 from learnforget.train.distributed import Dist
 from learnforget.train.optim import make_optimizer, make_scheduler
@@ -127,9 +127,10 @@ def setup(cfg: DictConfig) -> Setup | None:
     if cfg.method.name == "qlora":  # the frozen base is quantised; the rest in compute_dtype
         policy = replace(policy, frozen=f"{cfg.method.quant_type} (rest {cfg.method.compute_dtype})",
                          load=str(cfg.method.compute_dtype))
+    meta = rank0_load.from_rank0(cfg, d.world)  # ranks > 0 on meta, weights from rank 0
     model, tokenizer, base_path = load_model(
         cfg.model, cfg.method, cache_dir, device,
-        dtype=None if cfg.method.name == "qlora" else policy.load)
+        dtype=None if cfg.method.name == "qlora" else policy.load, weights=d.main or not meta)
     quantisation = None
     if cfg.method.name == "qlora":  # how far the quantised base is from the checkpoint's weights
         from learnforget.methods.quantisation import quantisation_report
@@ -146,16 +147,22 @@ def setup(cfg: DictConfig) -> Setup | None:
                                 tokenizer_path=base_path if Path(base_path).exists() else None,
                                 calibration=lambda i: micro_batch(data, plan, t, i, cfg.seed,
                                                                   tokenizer.pad_token_id))
-    notes += precision.apply(model, policy)
+    if meta:
+        rank0_load.same_rng_as_rank0(d)
+    notes += rank0_load.note(cfg, d) + precision.apply(model, policy)
     if t.get("activation_checkpointing", False):
         enable_activation_checkpointing(model, cfg.method.name)
     trainable, total = count_parameters(model)
     data.info["accounting"] = data_accounting(t, data, plan, d.world)
     strategy = parallel_strategy(cfg, d, notes)
+    source = rank0_load.source_state(model, d, strategy) if meta else None
     if strategy == "fsdp":
         distributed.shard_model(model, decoder_layers(model),
                                 bool(t.distributed.get("reshard_after_forward", True)),
                                 compute_dtype=policy.autocast_dtype)
+    if meta:
+        rank0_load.fill(model, source, d, device)
+    del source
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, opt_notes = make_optimizer(params, t, device)
     scheduler = make_scheduler(optimizer, cooldown.plateau(t), plan.total_steps)
