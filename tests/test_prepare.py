@@ -68,6 +68,20 @@ def test_prepare_one_run_and_memory_data_has_only_the_model(tmp_path, capsys):
     assert "goes with a study" in capsys.readouterr().err
 
 
+def test_a_hub_model_given_as_a_local_folder_is_ready_as_it_is(tmp_path, monkeypatch):
+    """model.source=hub with model.hub_id a local folder (from_pretrained reads it): nothing to
+    fetch, and the hub is never asked (offline: a lookup of that id would raise)."""
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    cfg = compose(["model=tiny_llama", "model.source=hub", f"model.hub_id={folder}",
+                   f"paths.cache_dir={tmp_path / 'cache'}"])
+    [item] = run_inputs(cfg)
+    assert is_ready(item)
+    missing = compose(["model=tiny_llama", "model.source=hub",
+                       f"model.hub_id={tmp_path / 'absent'}", f"paths.cache_dir={tmp_path}"])
+    assert not is_ready(run_inputs(missing)[0])
+
+
 def _two_ranks(monkeypatch, rank: int, tag: str = "test-job") -> None:
     for k in ("SLURM_PROCID", "SLURM_JOB_ID"):
         monkeypatch.delenv(k, raising=False)

@@ -66,6 +66,10 @@ def run_inputs(cfg: Any) -> list[Input]:
 
 
 def _hub_snapshot(hub_id: str, *, local_only: bool) -> str:
+    """The model's files: a local folder given as model.hub_id as it is (from_pretrained reads
+    it; nothing to fetch), else a snapshot in the Hugging Face cache."""
+    if Path(str(hub_id)).expanduser().is_dir():
+        return str(Path(str(hub_id)).expanduser())
     from huggingface_hub import snapshot_download
 
     return snapshot_download(str(hub_id), allow_patterns=HUB_PATTERNS, local_files_only=local_only)
