@@ -25,13 +25,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, OFFLINE_DATA, TORCHRUN
+from conftest import FAST, OFFLINE_DATA, TORCHRUN, multi_rank_env, step_losses
 from omegaconf import open_dict
 
-from learnforget.config import config_hash, run_name
+from learnforget.config import config_hash, run_dir, run_name
 from learnforget.data.packing import IGNORE_INDEX
 from learnforget.errors import ConfigError
-from learnforget.train.loop import setup
+from learnforget.train.loop import TEST_CRASH_ENV, setup
 from learnforget.train.plan import loss_tokens, micro_batch
 from learnforget.train.step import prepends_virtual_tokens, rank_seed
 
@@ -136,6 +136,19 @@ def test_new_keys_are_checked_and_keep_cpt_run_names(make_cfg):
     assert config_hash(with_key_removed) == config_hash(old)
 
 
+def test_an_ift_run_names_its_folder_from_before_the_token_loss(make_cfg, capsys):
+    cfg = make_cfg("train.checkpoints.at=[1]", data="local_instruct")
+    assert not any("micro_batch_mean to continue" in n for n in setup(cfg).notes)
+    old = run_dir(make_cfg("train.checkpoints.at=[1]", "train.loss_norm=micro_batch_mean",
+                           data="local_instruct"))
+    old.mkdir(parents=True)  # an IFT run trained before train.loss_norm existed
+    notes = setup(cfg).notes
+    assert any(old.name in n and "train.loss_norm=micro_batch_mean to continue" in n
+               for n in notes), notes
+    assert old.name in capsys.readouterr().out
+    assert run_dir(cfg) != old
+
+
 def test_rank_seeds_differ_by_rank_and_step_and_repeat():
     seeds = {(step, rank): rank_seed(7, step, rank) for step in (1, 2, 3) for rank in range(8)}
     assert len(set(seeds.values())) == len(seeds)
@@ -201,3 +214,57 @@ def test_two_ranks_reduce_once_per_step_and_update_as_one_process(tmp_path, cach
     lora = r["lora_dropout"]
     assert lora["init_equal"] and not lora["masks_equal"], lora["mask_shape"]
     assert any("reseeded at every step per rank" in n for n in lora["notes"])
+
+
+@pytest.mark.slow  # ~60-90 s: three 2-rank runs
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+def test_two_rank_lora_with_dropout_resumes_exactly(tmp_path, cache_dir):
+    """Per-rank dropout seeds are a function of (seed, step, rank): a 2-rank LoRA run (dropout
+    0.5) killed after step 3 and resumed from step 2 ends with the losses and adapter weights of
+    the uninterrupted run, bit for bit (gloo on the CPU is deterministic)."""
+    from safetensors.torch import load_file
+
+    env = multi_rank_env(tmp_path, cache_dir)
+    lora = [*FAST, "method=lora", "method.r=4", "method.dropout=0.5", "train.checkpoints.at=[2,4]",
+            "train.num_threads=1", "data.max_docs=8", "data.heldout_docs=2", "train.lr=1e-2",
+            "train.precision=fp32", "train.batch_size=2", "train.grad_accum=2"]
+
+    def launch(experiment: str, crash: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(TORCHRUN), "--nproc_per_node=2", "--master_port=29543", "-m", "learnforget.cli",
+             "train", *lora, f"experiment_name={experiment}"],
+            env={**env, TEST_CRASH_ENV: crash} if crash else env, capture_output=True, text=True,
+            timeout=300)
+
+    straight = launch("straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert launch("killed", crash="3").returncode != 0
+    resumed = launch("killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "from step 2" in resumed.stdout, resumed.stdout
+    a = next((tmp_path / "runs/straight").iterdir())
+    b = next((tmp_path / "runs/killed").iterdir())
+    assert step_losses(a) == step_losses(b)
+    wa = load_file(a / "checkpoints/step-000004/adapter_model.safetensors")
+    wb = load_file(b / "checkpoints/step-000004/adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_the_fit_check_counts_fsdp_gradients_held_between_micro_batches(make_cfg):
+    """With grad_sync=step FSDP2 keeps every layer's unsharded gradient (reduce dtype) until the
+    last micro-batch: the per-GPU estimate adds all of them instead of one layer's."""
+    from types import SimpleNamespace
+
+    from learnforget.train import gpu_fit
+
+    gib = 2**30
+    rep = SimpleNamespace(weights_bytes=28 * gib, grads_bytes=28 * gib, optimizer_bytes=56 * gib,
+                          activations_bytes=4 * gib, logits_bytes=gib, recompute_bytes=0.0,
+                          compute="bf16", root_params=300_000_000, layer_params=200_000_000)
+    once = gpu_fit.per_gpu_bytes(rep, "fsdp", 8, accumulates=True)
+    every = gpu_fit.per_gpu_bytes(rep, "fsdp", 8, accumulates=False)
+    assert once - every == 28 * gib - 200_000_000 * 4
+    assert gpu_fit.accumulates_unsharded(make_cfg("train.grad_accum=4"))
+    assert not gpu_fit.accumulates_unsharded(make_cfg("train.grad_accum=1"))
+    assert not gpu_fit.accumulates_unsharded(
+        make_cfg("train.grad_accum=4", "train.distributed.grad_sync=micro_batch"))

@@ -23,7 +23,7 @@ optimizer and schedule step.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,8 +33,8 @@ from learnforget.config import GRAD_SYNCS, LOSS_NORMS
 from learnforget.errors import ConfigError
 from learnforget.train.plan import loss_tokens, micro_batch
 
-if TYPE_CHECKING:
-    from learnforget.train.loop import Setup
+# `s` below is the run's learnforget.train.loop.Setup (not imported: loop imports this module)
+Setup = Any
 
 def loss_norm(t: DictConfig) -> str:
     """train.loss_norm, checked."""
