@@ -100,13 +100,18 @@ def test_loss_tokens_count_every_rank_and_micro_batch(make_cfg):
         assert loss_tokens(s.data, s.plan, t, step, s.cfg.seed, world=2) == expected
 
 
-@pytest.mark.parametrize("method", ALL_METHODS)
-def test_the_count_is_the_models_own_for_every_method(make_cfg, method):
+@pytest.mark.parametrize(("method", "data", "model"), [
+    *[(m, "local_instruct", "tiny_llama") for m in ALL_METHODS],
+    # packed CPT blocks: every first label is a target, which only prompt tuning scores
+    ("full", "stdlib_code", "tiny_llama"), ("prompt", "stdlib_code", "tiny_llama"),
+    ("prefix", "stdlib_code", "tiny_llama"), ("lora", "local_instruct", "tiny_gpt2")])
+def test_the_count_is_the_models_own_for_every_method(make_cfg, method, data, model):
     """The model's loss divided by our count (num_items_in_batch) equals its own mean over the
     tokens it scores, through every method's wrapper (prompt tuning prepends virtual tokens
     labelled -100, so its first label becomes a target)."""
-    s = setup(make_cfg(*IFT[1:], f"method={method}", "method.r=4", "method.num_virtual_tokens=4",
-                       "method.dropout=0.0", "train.batch_size=4", data="local_instruct"))
+    s = setup(make_cfg(*IFT[1:], f"method={method}", f"model={model}", "method.r=4",
+                       "method.num_virtual_tokens=4", "method.dropout=0.0", "train.batch_size=4",
+                       data=data))
     s.model.eval()
     n = loss_tokens(s.data, s.plan, s.cfg.train, 1, s.cfg.seed,
                     prepends=prepends_virtual_tokens(s.model))
@@ -116,6 +121,9 @@ def test_the_count_is_the_models_own_for_every_method(make_cfg, method):
         summed = s.model(**b, num_items_in_batch=n).loss
     torch.testing.assert_close(summed, mean, rtol=1e-6, atol=0)
     assert prepends_virtual_tokens(s.model) == (method == "prompt")
+    if data == "stdlib_code":  # the count with and without the first label differs here
+        assert loss_tokens(s.data, s.plan, s.cfg.train, 1, s.cfg.seed, prepends=True) == n + (
+            0 if method == "prompt" else 4)
 
 
 def test_new_keys_are_checked_and_keep_cpt_run_names(make_cfg):
