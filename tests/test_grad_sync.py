@@ -13,7 +13,8 @@ same comparison by far more than that.
 Collectives: grad_accum=4 on 2 gloo ranks: DDP's comm hook (which reduces a bucket of
 gradients) runs only in the backward pass of the last micro-batch, and in all four with
 train.distributed.grad_sync=micro_batch; FSDP2 reduce-scatters once per shard unit (2 layers +
-root) per step, not per micro-batch; the step's scalars (loss, tokens) take one all-reduce."""
+root) per step with grad_sync=step (by default, auto, once per micro-batch: gradients stay
+sharded); the step's scalars (loss, tokens) take one all-reduce."""
 
 from __future__ import annotations
 
@@ -191,10 +192,9 @@ def test_two_ranks_reduce_once_per_step_and_update_as_one_process(tmp_path, cach
              "ddp_accum4_every": ["train.batch_size=1", "train.grad_accum=4",
                                   "train.distributed.grad_sync=micro_batch"],
              "fsdp_accum4": ["train.batch_size=1", "train.grad_accum=4",
-                             "train.distributed.strategy=fsdp"],
-             "fsdp_accum4_every": ["train.batch_size=1", "train.grad_accum=4",
-                                   "train.distributed.strategy=fsdp",
-                                   "train.distributed.grad_sync=micro_batch"],
+                             "train.distributed.strategy=fsdp", "train.distributed.grad_sync=step"],
+             "fsdp_accum4_auto": ["train.batch_size=1", "train.grad_accum=4",
+                                  "train.distributed.strategy=fsdp"],
              "lora_dropout": ["data=stdlib_code", "method=lora", "method.r=4",
                               "method.dropout=0.5", "train.batch_size=1"]}
     r = _probe(tmp_path, cache_dir, cases)
@@ -211,11 +211,12 @@ def test_two_ranks_reduce_once_per_step_and_update_as_one_process(tmp_path, cach
     every = r["ddp_accum4_every"]
     assert every["synced_micro_batches"] == [1, 2, 3, 4]  # the counter sees every reduction
     assert every["all_reduce_calls"] - every["hook_calls"] == 1
-    # FSDP2: one reduce-scatter per shard unit (2 decoder layers + the root) per step
+    # FSDP2 with grad_sync=step: one reduce-scatter per shard unit (2 decoder layers + the root)
+    # per step; by default (auto) one per unit and micro-batch, keeping gradients sharded
     assert r["fsdp_accum4"]["reduce_scatter_calls"] == 3
-    assert r["fsdp_accum4_every"]["reduce_scatter_calls"] == 12
+    assert r["fsdp_accum4_auto"]["reduce_scatter_calls"] == 12
     assert r["fsdp_accum4"]["all_reduce_calls"] == 1
-    assert _gap(r["fsdp_accum4_every"]["delta"], r["fsdp_accum4"]["delta"]) <= TOL
+    assert _gap(r["fsdp_accum4_auto"]["delta"], r["fsdp_accum4"]["delta"]) <= TOL
     assert _gap(r["ddp_accum4"]["delta"], r["fsdp_accum4"]["delta"]) <= TOL
 
     # per-rank dropout masks, one adapter init on every rank (CPT blocks: equal shapes)
@@ -260,7 +261,8 @@ def test_two_rank_lora_with_dropout_resumes_exactly(tmp_path, cache_dir):
 
 def test_the_fit_check_counts_fsdp_gradients_held_between_micro_batches(make_cfg):
     """With grad_sync=step FSDP2 keeps every layer's unsharded gradient (reduce dtype) until the
-    last micro-batch: the per-GPU estimate adds all of them instead of one layer's."""
+    last micro-batch: the per-GPU estimate adds all of them instead of one layer's (why FSDP's
+    default, auto, reduce-scatters every micro-batch)."""
     from types import SimpleNamespace
 
     from learnforget.train import gpu_fit
@@ -272,7 +274,7 @@ def test_the_fit_check_counts_fsdp_gradients_held_between_micro_batches(make_cfg
     once = gpu_fit.per_gpu_bytes(rep, "fsdp", 8, accumulates=True)
     every = gpu_fit.per_gpu_bytes(rep, "fsdp", 8, accumulates=False)
     assert once - every == 28 * gib - 200_000_000 * 4
-    assert gpu_fit.accumulates_unsharded(make_cfg("train.grad_accum=4"))
-    assert not gpu_fit.accumulates_unsharded(make_cfg("train.grad_accum=1"))
-    assert not gpu_fit.accumulates_unsharded(
-        make_cfg("train.grad_accum=4", "train.distributed.grad_sync=micro_batch"))
+    step = "train.distributed.grad_sync=step"
+    assert gpu_fit.accumulates_unsharded(make_cfg("train.grad_accum=4", step))
+    assert not gpu_fit.accumulates_unsharded(make_cfg("train.grad_accum=1", step))
+    assert not gpu_fit.accumulates_unsharded(make_cfg("train.grad_accum=4"))  # auto: per micro-batch

@@ -30,7 +30,7 @@ LOGGER_MODES = ("auto", "offline", "online", "disabled")
 STRATEGIES = ("ddp", "fsdp")   # = learnforget.train.distributed.STRATEGIES (not imported: no torch here)
 COOLDOWN_MODES = ("single", "branches")   # learnforget.train.cooldown
 LOSS_NORMS = ("tokens", "micro_batch_mean")   # learnforget.train.step
-GRAD_SYNCS = ("step", "micro_batch")   # learnforget.train.step
+GRAD_SYNCS = ("auto", "step", "micro_batch")   # learnforget.train.step
 PLATEAU_SCHEDULES = ("inverse_sqrt", "constant")  # schedules whose plateau ignores the length
 
 
@@ -116,7 +116,7 @@ def validate(cfg: DictConfig) -> None:
     _require(strategy in STRATEGIES,
              f"train.distributed.strategy {strategy!r} is unknown (expected one of: "
              f"{', '.join(STRATEGIES)})")
-    norm, sync = t.get("loss_norm", "tokens"), (t.get("distributed") or {}).get("grad_sync", "step")
+    norm, sync = t.get("loss_norm", "tokens"), (t.get("distributed") or {}).get("grad_sync", "auto")
     _require(norm in LOSS_NORMS,
              f"train.loss_norm {norm!r} is unknown (expected one of: {', '.join(LOSS_NORMS)})")
     _require(sync in GRAD_SYNCS, f"train.distributed.grad_sync {sync!r} is unknown (expected "

@@ -10,7 +10,8 @@ activations of one rank's micro-batch):
   all-gathered at a time: the root unit (embeddings, final norm, LM head) and two decoder
   layers (the running one and the prefetched next) in the compute dtype, and one layer's
   unsharded fp32 gradients before their reduce-scatter (all layers' with grad_accum > 1 and
-  train.distributed.grad_sync=step: FSDP2 keeps them unsharded until the last micro-batch);
+  train.distributed.grad_sync=step, not FSDP's default: FSDP2 then keeps them unsharded until
+  the last micro-batch);
   plus the activations.
 
 This is an estimate for planning: CUDA's allocator cache, NCCL buffers and fragmentation come
@@ -70,9 +71,10 @@ def per_gpu_bytes(rep: Any, how: str, ranks: int, accumulates: bool = False) -> 
 
 
 def accumulates_unsharded(cfg: DictConfig) -> bool:
-    """Gradients reduced once per step over several micro-batches (learnforget.train.step)."""
+    """FSDP gradients reduced once per step over several micro-batches (learnforget.train.step:
+    only with train.distributed.grad_sync=step; auto reduce-scatters every micro-batch)."""
     t = cfg.train
-    return int(t.grad_accum) > 1 and (t.get("distributed") or {}).get("grad_sync", "step") == "step"
+    return int(t.grad_accum) > 1 and (t.get("distributed") or {}).get("grad_sync") == "step"
 
 
 def report(cfg: DictConfig):

@@ -140,7 +140,8 @@ def setup(cfg: DictConfig) -> Setup | None:
     data = load_data(cfg, tokenizer, d, cache_dir)  # before the method: eva/corda calibrate on it
     plan = make_plan(t, data, d.world)
     # Seed after loading: adapter init, dropout and data order then never depend on whether
-    # the base model came from the cache or was built just now.
+    # the base model came from the cache or was built just now. The same seed on every rank: one
+    # model and adapter init; with several ranks, train_step reseeds dropout per rank and step.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

@@ -1,9 +1,11 @@
 """One optimizer step: grad_accum micro-batches, one gradient reduction over the ranks, the
 optimizer and schedule step.
 
-- Gradient sync once per optimizer step (train.distributed.grad_sync=step): DDP's `no_sync()`
-  and FSDP2's `set_requires_gradient_sync(False)` for every micro-batch but the last, so the
-  ranks reduce gradients once per step instead of once per micro-batch.
+- Gradient sync once per optimizer step (train.distributed.grad_sync=step, the default for
+  DDP): DDP's `no_sync()` and FSDP2's `set_requires_gradient_sync(False)` for every
+  micro-batch but the last, so the ranks reduce gradients once per step instead of once per
+  micro-batch. FSDP defaults to a reduce-scatter per micro-batch (grad_sync=auto): without it
+  FSDP2 keeps every layer's unsharded fp32 gradient until the last micro-batch.
 - Loss normalisation (train.loss_norm=tokens): a step's loss is the sum of its token losses
   over all micro-batches and all ranks divided by the step's loss tokens over all ranks, as
   llm-foundry (`accumulate_train_batch_on_tokens`) and transformers' Trainer
@@ -45,12 +47,17 @@ def loss_norm(t: DictConfig) -> str:
     return str(value)
 
 
-def grad_sync(t: DictConfig) -> str:
-    """train.distributed.grad_sync, checked."""
-    value = (t.get("distributed") or {}).get("grad_sync", "step")
+def grad_sync(t: DictConfig, strategy: str | None) -> str:
+    """train.distributed.grad_sync for this strategy: step or micro_batch. auto: step for DDP
+    (every rank holds whole gradients anyway), micro_batch for FSDP (gradients stay sharded;
+    step would hold every unsharded fp32 gradient between micro-batches: 4 bytes per
+    trainable parameter per rank, 25 GiB for a 7B model)."""
+    value = (t.get("distributed") or {}).get("grad_sync", "auto")
     if value not in GRAD_SYNCS:
         raise ConfigError(f"train.distributed.grad_sync {value!r} is unknown (expected one of: "
                           f"{', '.join(GRAD_SYNCS)})")
+    if value == "auto":
+        return "micro_batch" if strategy == "fsdp" else "step"
     return str(value)
 
 
@@ -85,15 +92,16 @@ def step_notes(cfg: DictConfig, world: int, strategy: str | None) -> list[str]:
                  "normalisation before 2026-12): IFT tokens weigh by how the batch is cut "
                  "(train.loss_norm=tokens weighs every loss token equally)"]
     if world > 1:
-        sync = grad_sync(t)
-        notes.append("gradients reduced over the ranks once per optimizer step "
-                     "(train.distributed.grad_sync=step)" if sync == "step" else
+        sync, asked = grad_sync(t, strategy), (t.get("distributed") or {}).get("grad_sync", "auto")
+        notes.append(f"gradients reduced over the ranks once per optimizer step "
+                     f"(train.distributed.grad_sync={asked})" if sync == "step" else
                      f"gradients reduced over the ranks after every micro-batch "
-                     f"(train.distributed.grad_sync=micro_batch: {t.grad_accum} per step)")
+                     f"(train.distributed.grad_sync={asked}: {t.grad_accum} per step"
+                     + (", fsdp keeps gradients sharded; step would hold them unsharded)"
+                        if strategy == "fsdp" else ")"))
         if sync == "step" and strategy == "fsdp" and t.grad_accum > 1:
             notes.append("fsdp with grad_sync=step: each rank holds unsharded fp32 gradients "
-                         "between micro-batches (4 bytes per trainable parameter; "
-                         "train.distributed.grad_sync=micro_batch keeps them sharded)")
+                         "between micro-batches (4 bytes per trainable parameter)")
         notes.append("dropout RNG reseeded at every step per rank from (seed, step, rank); "
                      "model and adapter init identical on every rank")
     return notes
@@ -155,7 +163,7 @@ def train_step(s: Setup, net: torch.nn.Module, step: int) -> tuple[float, int, f
     tokens of all ranks, gradient norm before clipping)."""
     t, d = s.cfg.train, s.dist
     by_tokens = loss_norm(t) == "tokens"
-    once = grad_sync(t) == "step"
+    once = grad_sync(t, s.strategy) == "step"
     scale: dict[str, Any] = {}
     if by_tokens:  # the model sums its token losses and divides by n / world (see module doc)
         n = loss_tokens(s.data, s.plan, t, step, s.cfg.seed, d.world,
