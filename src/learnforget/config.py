@@ -29,6 +29,8 @@ DATA_FORMATS = ("memory", "shards")   # = learnforget.data.shards.FORMATS
 LOGGER_MODES = ("auto", "offline", "online", "disabled")
 STRATEGIES = ("ddp", "fsdp")   # = learnforget.train.distributed.STRATEGIES (not imported: no torch here)
 COOLDOWN_MODES = ("single", "branches")   # learnforget.train.cooldown
+LOSS_NORMS = ("tokens", "micro_batch_mean")   # learnforget.train.step
+GRAD_SYNCS = ("auto", "step", "micro_batch")   # learnforget.train.step
 PLATEAU_SCHEDULES = ("inverse_sqrt", "constant")  # schedules whose plateau ignores the length
 
 
@@ -114,6 +116,11 @@ def validate(cfg: DictConfig) -> None:
     _require(strategy in STRATEGIES,
              f"train.distributed.strategy {strategy!r} is unknown (expected one of: "
              f"{', '.join(STRATEGIES)})")
+    norm, sync = t.get("loss_norm", "tokens"), (t.get("distributed") or {}).get("grad_sync", "auto")
+    _require(norm in LOSS_NORMS,
+             f"train.loss_norm {norm!r} is unknown (expected one of: {', '.join(LOSS_NORMS)})")
+    _require(sync in GRAD_SYNCS, f"train.distributed.grad_sync {sync!r} is unknown (expected "
+             f"one of: {', '.join(GRAD_SYNCS)})")
     mode = (cfg.get("logger") or {}).get("mode", "auto")
     _require(mode in LOGGER_MODES,
              f"logger.mode {mode!r} is unknown (expected one of: {', '.join(LOGGER_MODES)})")
@@ -171,6 +178,11 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
         train.pop("cooldown_mode")
     train.pop("distributed", None)  # how the ranks share the work, not what they compute
     train.pop("activation_checkpointing", None)  # recomputes activations: same gradients
+    if train.get("loss_norm") == "micro_batch_mean" or data.get("regime") == "cpt":
+        # micro_batch_mean: the loss before train.loss_norm (older runs keep their hash); cpt:
+        # packed blocks, every micro-batch has as many loss tokens, so both are one loss. An
+        # IFT run with loss_norm=tokens is a different computation: a new name.
+        train.pop("loss_norm", None)
     return {"model": model, "method": effective_method(cfg.method), "data": data,
             "train": train, "seed": cfg.seed}
 

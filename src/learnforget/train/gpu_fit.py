@@ -9,7 +9,10 @@ activations of one rank's micro-batch):
 - FSDP (full-weight methods): weights, gradients and optimizer state / ranks, plus what is
   all-gathered at a time: the root unit (embeddings, final norm, LM head) and two decoder
   layers (the running one and the prefetched next) in the compute dtype, and one layer's
-  unsharded fp32 gradients before their reduce-scatter; plus the activations.
+  unsharded fp32 gradients before their reduce-scatter (all layers' with grad_accum > 1 and
+  train.distributed.grad_sync=step, not FSDP's default: FSDP2 then keeps them unsharded until
+  the last micro-batch);
+  plus the activations.
 
 This is an estimate for planning: CUDA's allocator cache, NCCL buffers and fragmentation come
 on top, so a job is said to fit only below `headroom` (90%) of the GPU's memory.
@@ -78,16 +81,25 @@ def strategy(cfg: DictConfig, ranks: int) -> str:
     return "ddp"
 
 
-def per_gpu_bytes(rep: Any, how: str, ranks: int) -> float:
+def per_gpu_bytes(rep: Any, how: str, ranks: int, accumulates: bool = False) -> float:
     """The per-GPU peak of a training step (see the module docstring); `rep` a ParamReport with
-    activations traced."""
+    activations traced; `accumulates`: FSDP holds every unsharded gradient between micro-batches
+    (see accumulates_unsharded)."""
     act = (rep.activations_bytes or 0.0) + max(2 * (rep.logits_bytes or 0.0), rep.recompute_bytes)
     if how != "fsdp":
         return rep.peak_bytes + (rep.grads_bytes if how == "ddp" else 0.0)
     compute_b = 2 if rep.compute == "bf16" else 4
-    gathered = (rep.root_params + 2 * rep.layer_params) * compute_b + rep.layer_params * 4
+    gathered = (rep.root_params + 2 * rep.layer_params) * compute_b + (
+        rep.grads_bytes if accumulates else rep.layer_params * 4)
     states = (rep.weights_bytes + rep.grads_bytes + rep.optimizer_bytes) / ranks
     return states + gathered + act
+
+
+def accumulates_unsharded(cfg: DictConfig) -> bool:
+    """FSDP gradients reduced once per step over several micro-batches (learnforget.train.step:
+    only with train.distributed.grad_sync=step; auto reduce-scatters every micro-batch)."""
+    t = cfg.train
+    return int(t.grad_accum) > 1 and (t.get("distributed") or {}).get("grad_sync") == "step"
 
 
 def report(cfg: DictConfig):
@@ -103,7 +115,7 @@ def check(cfg: DictConfig, plan: GpuPlan) -> dict[str, Any]:
     a short list that makes it fit (each re-estimated)."""
     rep = report(cfg)
     how = strategy(cfg, plan.ranks)
-    need = per_gpu_bytes(rep, how, plan.ranks)
+    need = per_gpu_bytes(rep, how, plan.ranks, accumulates_unsharded(cfg))
     t = cfg.train
     row = {"strategy": how, "ranks": plan.ranks, "per_gpu_gib": need / GIB,
            "gpu_mem_gib": plan.gpu_mem_gib,
@@ -159,7 +171,7 @@ def _advice(cfg: DictConfig, plan: GpuPlan, limit: float) -> str:
                        _variant(cfg, batch_size=1, grad_accum=accum,
                                 activation_checkpointing=True), plan))
     for text, c, p in tries:
-        need = per_gpu_bytes(report(c), strategy(c, p.ranks), p.ranks)
+        need = per_gpu_bytes(report(c), strategy(c, p.ranks), p.ranks, accumulates_unsharded(c))
         if need <= limit:
             return f"fits with {text}: {need / GIB:.1f} GiB per GPU"
     return "no single change fits it: more GPUs (FSDP) or a shorter train.seq_len"

@@ -40,6 +40,7 @@ from learnforget.train.plan import Plan, data_accounting, load_data, make_plan, 
 from learnforget.train.run_state import drop_resume_state, load_resume, save_checkpoint
 from learnforget.train.saving import STOP, ResumeSaver, resume_every_s
 from learnforget.train.signals import StopSignals
+from learnforget.train.step import legacy_note, step_notes, train_step, wrap_model
 
 TEST_CRASH_ENV = "LEARNFORGET_TEST_CRASH_AT_STEP"  # tests only: see test_crash_step
 
@@ -139,7 +140,8 @@ def setup(cfg: DictConfig) -> Setup | None:
     data = load_data(cfg, tokenizer, d, cache_dir)  # before the method: eva/corda calibrate on it
     plan = make_plan(t, data, d.world)
     # Seed after loading: adapter init, dropout and data order then never depend on whether
-    # the base model came from the cache or was built just now.
+    # the base model came from the cache or was built just now. The same seed on every rank: one
+    # model and adapter init; with several ranks, train_step reseeds dropout per rank and step.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -155,6 +157,11 @@ def setup(cfg: DictConfig) -> Setup | None:
     trainable, total = count_parameters(model)
     data.info["accounting"] = data_accounting(t, data, plan, d.world)
     strategy = parallel_strategy(cfg, d, notes)
+    notes += step_notes(cfg, d.world, strategy)
+    if (old := legacy_note(cfg)) is not None:
+        notes.append(old)
+        if d.main:
+            print(f"learnforget: {old}")
     source = rank0_load.source_state(model, d, strategy) if meta else None
     if strategy == "fsdp":
         distributed.shard_model(model, decoder_layers(model),
@@ -328,39 +335,6 @@ def open_run(s: Setup) -> OpenRun | None:
         lock.release()
         raise
     return OpenRun(folder, lock, record, loggers, progress, resumed, saver)
-
-
-def wrap_model(s: Setup) -> torch.nn.Module:
-    """What the loop calls: DDP around the model on several ranks (FSDP: already sharded)."""
-    if s.dist.world <= 1 or s.strategy == "fsdp":
-        return s.model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(s.model, device_ids=[torch.device(s.device).index]
-                                   if s.device.startswith("cuda") else None)
-
-
-def train_step(s: Setup, net: torch.nn.Module, step: int) -> tuple[float, int, float]:
-    """One optimizer step over grad_accum micro-batches: (mean loss over ranks, tokens of all
-    ranks, gradient norm before clipping)."""
-    t, d = s.cfg.train, s.dist
-    step_loss, step_tokens = 0.0, 0
-    for k in range(t.grad_accum):
-        index = (step - 1) * t.grad_accum + k
-        batch = micro_batch(s.data, s.plan, t, index, s.cfg.seed, s.tokenizer.pad_token_id,
-                            d.rank, d.world)
-        batch = {key: v.to(s.device) for key, v in batch.items()}
-        with s.policy.autocast(s.device):
-            loss = net(**batch).loss / t.grad_accum
-        loss.backward()
-        step_loss += float(loss.detach())
-        step_tokens += int(batch["attention_mask"].sum())
-    grad_norm = torch.nn.utils.clip_grad_norm_(s.params, t.grad_clip or float("inf"))
-    s.optimizer.step()
-    s.scheduler.step()
-    s.optimizer.zero_grad(set_to_none=True)
-    return (distributed.all_reduce(step_loss, d) / d.world,
-            int(distributed.all_reduce(step_tokens, d)), float(grad_norm))
 
 
 def log_heldout(s: Setup, run: OpenRun, step: int) -> float | None:

@@ -3,6 +3,7 @@ optimizer steps and checkpoints, and the micro-batch of every step (seeded, resu
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from learnforget.config import cooldown_mode
-from learnforget.data.packing import TokenizedData, build_data, collate
+from learnforget.data.packing import IGNORE_INDEX, TokenizedData, build_data, collate
 from learnforget.data.shards import (
     accounting,
     data_format,
@@ -69,22 +70,67 @@ def make_plan(t: DictConfig, data: TokenizedData, world: int = 1) -> Plan:
     return cooldown.branch_plan(plan, t) if cooldown_mode(t) == "branches" else plan
 
 
+def micro_batch_ids(data: TokenizedData, plan: Plan, t: DictConfig, index: int, seed: int,
+                    rank: int = 0, world: int = 1) -> list[int]:
+    """The training examples of this rank's part of micro-batch number `index` of the whole
+    run: a seeded permutation per epoch, so the data position after a resume is exactly where
+    the interrupted run was, and `world` ranks together see what one process with `world` x
+    batch_size would."""
+    if getattr(data, "streamed", False):  # token shards: blocks by position, no epoch array
+        return sequence_blocks(index, t.batch_size, rank, world, len(data.train), seed)
+    epoch, within = divmod(index, plan.micro_per_epoch)
+    start = (within * world + rank) * t.batch_size
+    return _epoch_order(len(data.train), seed, epoch)[start:start + t.batch_size].tolist()
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the n training examples in this epoch (kept: every micro-batch of the
+    epoch slices it; read only)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 def micro_batch(data: TokenizedData, plan: Plan, t: DictConfig, index: int, seed: int,
                 pad_id: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-    """This rank's part of micro-batch number `index` of the whole run: a seeded permutation
-    per epoch, so the data position after a resume is exactly where the interrupted run was,
-    and `world` ranks together see what one process with `world` x batch_size would."""
-    if getattr(data, "streamed", False):  # token shards: blocks by position, no epoch array
-        ids = sequence_blocks(index, t.batch_size, rank, world, len(data.train), seed)
-        return collate([data.train[i] for i in ids], pad_id)
-    epoch, within = divmod(index, plan.micro_per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(data.train), generator=g)
-    start = (within * world + rank) * t.batch_size
-    ids = order[start:start + t.batch_size].tolist()
+    """This rank's part of micro-batch number `index`, collated (see micro_batch_ids)."""
+    ids = micro_batch_ids(data, plan, t, index, seed, rank, world)
     return collate([data.train[i] for i in ids], pad_id)
 
 
+def loss_tokens(data: TokenizedData, plan: Plan, t: DictConfig, step: int, seed: int,
+                world: int = 1, prepends: bool = False) -> int:
+    """The tokens that optimizer step `step` computes a loss on, over all its micro-batches and
+    all `world` ranks, without reading a batch: each example's labels other than -100 after
+    the causal shift (transformers' ForCausalLMLoss: position j predicts label j + 1, so the
+    first label is never a target), or all of them when the method `prepends` virtual tokens
+    with label -100 (peft prompt tuning: the first label is then predicted from the last
+    virtual token). Token shards are packed blocks whose every label is a target."""
+    indices = range((step - 1) * t.grad_accum, step * t.grad_accum)
+    if getattr(data, "streamed", False):
+        per_block = data.train.seq_len - (0 if prepends else 1)
+        return per_block * t.batch_size * world * len(indices)
+    counts = _label_counts(data)
+    drop = 0 if prepends else 1
+    total = 0
+    for index in indices:  # every rank's slice of the micro-batch: one span of the order
+        epoch, within = divmod(index, plan.micro_per_epoch)
+        start = within * world * t.batch_size
+        ids = _epoch_order(len(data.train), seed, epoch)[start:start + world * t.batch_size]
+        total += int(counts[0][ids].sum()) - drop * int(counts[1][ids].sum())
+    return total
+
+
+def _label_counts(data: TokenizedData) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per training example: its labels other than -100, and whether its first label is one
+    (computed once, kept on the data object)."""
+    cached = data.__dict__.get("_label_counts")
+    if cached is None:
+        valid = torch.tensor([sum(1 for x in ex.labels if x != IGNORE_INDEX) for ex in data.train],
+                             dtype=torch.long)
+        first = torch.tensor([int(bool(ex.labels) and ex.labels[0] != IGNORE_INDEX)
+                              for ex in data.train], dtype=torch.long)
+        cached = data.__dict__["_label_counts"] = (valid, first)
+    return cached
 
 
 def load_data(cfg: DictConfig, tokenizer: Any, d: Dist, cache_dir: Path) -> TokenizedData:
