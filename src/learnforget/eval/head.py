@@ -32,21 +32,19 @@ from learnforget.eval.suite import head_policy
 
 class Fp32Head(torch.nn.Module):
     """An output layer computing `hidden.float() @ W32.T (+ b32)` in fp32 with autocast off.
-    `head` (the replaced nn.Linear) stays a submodule so the model's structure, tied weights
-    and state_dict keep their meaning; W32 is a plain attribute (not a parameter or buffer), so
-    a later `model.to(dtype)` cannot round it, and it follows the hidden state's device."""
+    `head` (the replaced nn.Linear, put back by eval.head=model) stays a submodule and its
+    parameter `weight` is this module's too, so transformers' `tie_weights` (which lm-eval's
+    HFLM calls) can re-tie it to the input embeddings as on any head; W32 is a plain attribute
+    (not a parameter or buffer), so neither that nor a later `model.to(dtype)` can round it,
+    and it follows the hidden state's device."""
 
     def __init__(self, head: torch.nn.Linear):
         super().__init__()
         self.head = head
+        self.weight = head.weight
         self.source_dtype = head.weight.dtype
         self._weight = head.weight.detach().to(torch.float32)
         self._bias = None if head.bias is None else head.bias.detach().to(torch.float32)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The replaced layer's weight (what tied-weight code and peft look for)."""
-        return self.head.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._weight.device != hidden.device:
