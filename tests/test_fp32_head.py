@@ -23,7 +23,7 @@ from learnforget.eval.crossentropy import mean_cross_entropy
 from learnforget.eval.fast_lm import SharedContextLM
 from learnforget.eval.head import Fp32Head, apply_head_policy, head_record
 from learnforget.eval.scoring import prepare_for_scoring
-from learnforget.eval.suite import body_dtype, eval_key, head_policy
+from learnforget.eval.suite import body_dtype, eval_key, head_note, head_policy
 
 BF16_BODY = OmegaConf.create({"precision": "bf16", "head": "fp32"})
 BF16_BODY_HEAD = OmegaConf.create({"precision": "bf16", "head": "model"})
@@ -211,3 +211,14 @@ def test_body_dtype_follows_precision_model_and_qlora():
     assert body_dtype(OmegaConf.create({"precision": "model"}), qlora) == "float32"
     fp32_run = OmegaConf.merge(run, {"model": {"dtype": "float32"}})
     assert body_dtype(OmegaConf.create({"precision": "bf16"}), fp32_run) == "bfloat16"
+
+
+def test_head_note_only_where_the_head_changes_scores():
+    bf16_run = OmegaConf.create({"model": {"dtype": "bfloat16"}, "method": {"name": "lora"}})
+    fp32_run = OmegaConf.merge(bf16_run, {"model": {"dtype": "float32"}})
+    model_precision = OmegaConf.create({"precision": "model", "head": "fp32"})
+    assert "fp32 LM head and log-softmax on a bfloat16 body" in head_note(model_precision,
+                                                                         bf16_run)
+    assert head_note(model_precision, fp32_run) is None
+    assert head_note(OmegaConf.merge(model_precision, {"head": "model"}), bf16_run) is None
+    assert head_note(OmegaConf.create({"precision": "bf16"}), fp32_run) is not None

@@ -21,7 +21,7 @@ from learnforget.eval.scoring import (
     load_for_eval,
     score,
 )
-from learnforget.eval.suite import body_dtype, checked_specs, eval_key
+from learnforget.eval.suite import body_dtype, checked_specs, eval_key, head_note
 from learnforget.eval.summary import print_rows, summarize, write_csv
 from learnforget.files import atomic_write_json, read_result
 from learnforget.runfolder import RunFolder, meta_info
@@ -61,6 +61,8 @@ def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
     specs = checked_specs(ev, cache_dir)
     include_path = write_task_dir(specs, folder.eval_tasks) if specs else run_dir
     key = eval_key(ev, specs, include_path, body_dtype=body_dtype(ev, run_cfg))
+    if note := head_note(ev, run_cfg):
+        print(f"learnforget: {note}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(str(folder.tokenizer))
     drift_eval = drift_eval_for(ev, run_cfg, folder.runs_root, tokenizer,

@@ -59,6 +59,16 @@ def head_in_key(ev: DictConfig, dtype: str) -> bool:
     return head_policy(ev) == "fp32" and dtype not in ("float32", "fp32")
 
 
+def head_note(ev: DictConfig, run_cfg: DictConfig) -> str | None:
+    """One line for the user where eval.head changes scores (learnforget.eval.head), else None."""
+    dtype = body_dtype(ev, run_cfg)
+    if not head_in_key(ev, dtype):
+        return None
+    return (f"eval.head=fp32: log-likelihoods through an fp32 LM head and log-softmax on a "
+            f"{dtype} body, for the base and every checkpoint (scores before 2026-12-07 used a "
+            f"{dtype} head: eval.head=model)")
+
+
 # ------------------------------------------------------------------ suite -> task specs
 
 def resolve_data_path(value: str, cache_dir: Path, task: str) -> Path:
