@@ -100,6 +100,22 @@ def _lm_lls(cls, ev, *, reference: bool = False, tied: bool = False) -> list[flo
     return got
 
 
+@pytest.mark.parametrize("cls", [HFLM, SharedContextLM])
+def test_fp32_body_scores_are_bit_identical_under_either_head(cls):
+    """eval.precision=fp32 (or an fp32 model): the fp32 head is the model's own computation,
+    so results (and cached results, whose key does not change) stay exactly as they were."""
+    lls = {}
+    for head in ("fp32", "model"):
+        model = _model()
+        apply_head_policy(model, OmegaConf.create({"head": head}))
+        assert isinstance(model.lm_head, Fp32Head) is (head == "fp32")
+        lm = cls(pretrained=model, tokenizer=tiny_tokenizer(), batch_size=4)
+        reqs = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i)
+                for i, p in enumerate(PAIRS)]
+        lls[head] = lm.loglikelihood(reqs, disable_tqdm=True)
+    assert lls["fp32"] == lls["model"]
+
+
 @pytest.mark.parametrize(("cls", "tied"), [(HFLM, False), (SharedContextLM, False),
                                            (HFLM, True)])
 def test_fp32_head_matches_float64_reference_and_bf16_head_does_not(cls, tied):
