@@ -3,8 +3,8 @@
     PYTHONPATH=src python scripts/head_precision.py runs/default/<run> --checkpoint step-000008 \
         --subset hellaswag=100,arc_challenge=100,winogrande=100 --out /tmp/head_precision.json
 
-Scores the base model and one checkpoint of the run (a full finetune's safetensors folder or an
-adapter; `--scale s` scores base + s x (checkpoint - base) instead, a larger ΔW) on fixed seeded
+Scores the base model and one checkpoint of the run (a full finetune's safetensors folder, or an
+adapter, merged in fp32) on fixed seeded
 subsets of HellaSwag, ARC-Challenge and WinoGrande (the demo suite's task definitions: lm-eval's
 own YAMLs on the real data from `learnforget assets fetch`), with one body and three heads:
 
@@ -136,16 +136,11 @@ def set_head(model, kind: str, weight: torch.Tensor, original) -> None:
         model.set_output_embeddings(Fp64Head(weight))
 
 
-def load(run_cfg, folder: RunFolder, checkpoint: str | None, cache: Path, scale: float,
-         base_state: dict | None = None):
+def load(run_cfg, folder: RunFolder, checkpoint: str | None, cache: Path):
     model = load_for_eval(run_cfg, folder.checkpoint(checkpoint) if checkpoint else None,
                           cache, "cpu")
     if hasattr(model, "merge_and_unload"):  # an adapter: its ΔW merged, in fp32
         model = model.merge_and_unload()
-    if scale != 1.0 and base_state is not None:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(base_state[name] + scale * (p - base_state[name]))
     return model.eval()
 
 
@@ -209,7 +204,6 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--subset", default="hellaswag=100,arc_challenge=100,winogrande=100",
                    help="items per task, task=N,... (fixed seeded subsets, eval.subset_seed 0)")
-    p.add_argument("--scale", type=float, default=1.0, help="score base + s x ΔW")
     p.add_argument("--backend", default="shared", choices=("hf", "shared"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="/tmp/head_precision")
@@ -228,18 +222,14 @@ def main() -> None:
     subsets = task_subsets(ev, specs)
     tok = load_tokenizer(str(folder.tokenizer))
     scores = {}
-    base = load(run_cfg, folder, None, cache, 1.0)
-    base_state = {k: v.detach().clone() for k, v in base.named_parameters()} \
-        if a.scale != 1.0 else None
-    for name, model in (("base", base), ("checkpoint", None)):
-        if model is None:
-            model = load(run_cfg, folder, a.checkpoint, cache, a.scale, base_state)
+    for name, checkpoint in (("base", None), ("checkpoint", a.checkpoint)):
+        model = load(run_cfg, folder, checkpoint, cache)
         emulated_bf16_body(model)
         print(f"{name}:", flush=True)
         scores[name] = score_heads(model, tok, ev, specs, include, subsets, a.backend)
         del model
-    lines = [f"run {folder.path.name}, checkpoint {a.checkpoint}, ΔW scale {a.scale}, "
-             f"backend {a.backend}, subsets {a.subset}", "", *report(scores)]
+    lines = [f"run {folder.path.name}, checkpoint {a.checkpoint}, backend {a.backend}, "
+             f"subsets {a.subset}", "", *report(scores)]
     print("\n".join(lines))
     if a.out:
         Path(a.out).write_text(json.dumps({"args": vars(a), "report": lines, "scores": scores},
