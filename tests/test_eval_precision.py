@@ -27,9 +27,11 @@ def test_bad_precision_is_a_one_line_error():
 
 def test_default_precision_keeps_the_old_key_and_others_change_it(tmp_path):
     old = OmegaConf.create({"name": "s", "seed": 1})
-    key = eval_key(old, [], tmp_path)
-    assert eval_key(OmegaConf.merge(old, {"precision": "model"}), [], tmp_path) == key
-    keys = {eval_key(OmegaConf.merge(old, {"precision": p}), [], tmp_path) for p in
+    key = eval_key(old, [], tmp_path, body_dtype="float32")
+    assert eval_key(OmegaConf.merge(old, {"precision": "model"}), [], tmp_path,
+                    body_dtype="float32") == key
+    keys = {eval_key(OmegaConf.merge(old, {"precision": p}), [], tmp_path,
+                     body_dtype={"fp32": "float32", "bf16": "bfloat16"}[p]) for p in
             ("fp32", "bf16")}
     assert len(keys) == 2 and key not in keys
 
@@ -56,10 +58,16 @@ def test_stage_records_precision_and_keeps_base_caches_apart(make_cfg):
     fp_result = json.loads(last.read_text())
     assert fp_result["precision"] == {"setting": "model", "dtype": "float32"}
     assert fp_result["meta"]["precision"] == fp_result["precision"]
+    fp32_head = {"policy": "fp32", "logits": "float32", "weight": "float32"}
+    assert fp_result["head"] == fp_result["meta"]["head"] == fp32_head
+    # an fp32 body: eval.head changes nothing, so neither the key nor the stored results
+    same = json.loads(evaluate_run(run, OmegaConf.merge(cfg.eval, {"head": "model"})).read_text())
+    assert same["eval_key"] == fp["eval_key"] and json.loads(last.read_text()) == fp_result
     ev = OmegaConf.merge(cfg.eval, {"precision": "bf16"})
     bf = json.loads(evaluate_run(run, ev).read_text())
     bf_result = json.loads(last.read_text())  # rescored: its key changed
     assert bf_result["precision"] == {"setting": "bf16", "dtype": "bfloat16"}
+    assert bf_result["head"] == fp32_head  # the fp32 copy of the weight as loaded (fp32)
     assert bf_result["meta"]["precision"]["setting"] == "bf16"
     bases = sorted((run.parents[1] / "_base").rglob("smoke*.json"))
     assert len(bases) == 2  # one base per precision, each keyed by it

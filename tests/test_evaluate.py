@@ -220,7 +220,7 @@ def test_paper_hub_suite_specs(make_cfg, tmp_path, monkeypatch):
     include = write_task_dir(specs, tmp_path / "tasks")
     gen = (include / "lf_humaneval_sampled.yaml").read_text()
     assert "repeats: 50" in gen and "temperature: 0.2" in gen and "top_p: 0.95" in gen
-    assert eval_key(cfg.eval, specs, include)  # every task hashes (builtin: its YAML text)
+    assert eval_key(cfg.eval, specs, include, body_dtype="float32")  # every task hashes (builtin: its YAML text)
     assert task_config_hash(include, "gsm8k") != task_config_hash(include, "hellaswag")
     bad = cfg.eval.copy()
     bad.tasks[0].name = "mmlu"

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from learnforget.eval.scoring import base_model_id, base_scores, drift_eval_for
-from learnforget.eval.suite import checked_specs, eval_key
+from learnforget.eval.suite import body_dtype, checked_specs, eval_key, head_note
 from learnforget.eval.summary import print_rows, summarize
 from learnforget.runfolder import base_dir, runs_root
 
@@ -40,7 +40,9 @@ def _evaluate_base(cfg: DictConfig) -> Path:
     specs = checked_specs(ev, cache_dir)
     model_id = base_model_id(cfg)
     include_path = write_task_dir(specs, base_dir(root, model_id) / "tasks") if specs else root
-    key = eval_key(ev, specs, include_path)
+    key = eval_key(ev, specs, include_path, body_dtype=body_dtype(ev, cfg))
+    if note := head_note(ev, cfg):
+        print(f"learnforget: {note}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base_method = cfg.method if cfg.method.name == "qlora" else OmegaConf.create({"name": "full"})
     model, tokenizer, _ = load_model(cfg.model, base_method, cache_dir, device)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from learnforget.errors import ConfigError
 from learnforget.eval.crossentropy import mean_cross_entropy
+from learnforget.eval.head import apply_head_policy, head_record
 from learnforget.eval.suite import (
     _chance_of,
     ppl_examples,
@@ -95,7 +96,8 @@ def diversity(model, tokenizer, d: DictConfig, seed: int) -> dict[str, Any]:
 
 
 def _logits_fp32(module, args, output):
-    if getattr(output, "logits", None) is not None and output.logits.dtype != torch.float32:
+    logits = getattr(output, "logits", None)
+    if logits is not None and logits.is_floating_point() and logits.element_size() < 4:
         output.logits = output.logits.float()
     return output
 
@@ -116,6 +118,12 @@ def cast_for_scoring(model, ev: DictConfig):
             model.register_forward_hook(_logits_fp32)
         model._lf_scoring_dtype = dtype
     return model
+
+
+def prepare_for_scoring(model, ev: DictConfig):
+    """The model as every scorer sees it (in place): eval.head's output layer (an fp32 copy
+    taken from the weight as loaded: learnforget.eval.head), then eval.precision's dtype."""
+    return cast_for_scoring(apply_head_policy(model, ev), ev)
 
 
 def precision_record(model, ev: DictConfig) -> dict[str, str]:
@@ -157,16 +165,17 @@ def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_
     from learnforget.console import library_bars
 
     t0 = time.perf_counter()
-    if drift_eval is not None and scoring_precision(ev) != "model":
-        # the reference texts (a probe set shared by every precision) come from the base model
-        # as loaded; its drift scoring is then in the suite's precision like everything else
+    if drift_eval is not None:
+        # the reference texts (a probe set shared by every precision and head) come from the
+        # base model as loaded; its drift scoring is then in the suite's precision and head
+        # like everything else
         _ = drift_eval.refs
-        cast_for_scoring(drift_eval.base_model, ev)
-    model = cast_for_scoring(model, ev)
+        prepare_for_scoring(drift_eval.base_model, ev)
+    model = prepare_for_scoring(model, ev)
     with library_bars():  # lm-eval's per-task bars and the drift bar: to the run's log file
         return {**_score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,
                          drift_eval, task_cache), "precision": precision_record(model, ev),
-                "wall_time_s": time.perf_counter() - t0}
+                "head": head_record(model, ev), "wall_time_s": time.perf_counter() - t0}
 
 
 def _score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,

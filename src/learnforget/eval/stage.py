@@ -21,7 +21,7 @@ from learnforget.eval.scoring import (
     load_for_eval,
     score,
 )
-from learnforget.eval.suite import checked_specs, eval_key
+from learnforget.eval.suite import body_dtype, checked_specs, eval_key, head_note
 from learnforget.eval.summary import print_rows, summarize, write_csv
 from learnforget.files import atomic_write_json, read_result
 from learnforget.runfolder import RunFolder, meta_info
@@ -60,7 +60,9 @@ def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
                               f"{run_dir.name}")
     specs = checked_specs(ev, cache_dir)
     include_path = write_task_dir(specs, folder.eval_tasks) if specs else run_dir
-    key = eval_key(ev, specs, include_path)
+    key = eval_key(ev, specs, include_path, body_dtype=body_dtype(ev, run_cfg))
+    if note := head_note(ev, run_cfg):
+        print(f"learnforget: {note}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(str(folder.tokenizer))
     drift_eval = drift_eval_for(ev, run_cfg, folder.runs_root, tokenizer,
@@ -91,6 +93,7 @@ def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
                               drift_eval, task_cache),
                       "meta": meta_info().to_dict()}
             result["meta"]["precision"] = result["precision"]
+            result["meta"]["head"] = result["head"]
             atomic_write_json(out, result)
             del model
         _same_precision(base, result, ckpt.name)
@@ -110,12 +113,17 @@ def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
 
 
 def _same_precision(base: dict, result: dict, label: str) -> None:
-    """A paired change needs the base and the checkpoint scored in one precision."""
+    """A paired change needs the base and the checkpoint scored in one precision, with their
+    LM heads' logits in one dtype (results from before eval.head record no head)."""
     b = (base.get("precision") or {}).get("setting", "model")
     c = (result.get("precision") or {}).get("setting", "model")
     if b != c:
         raise ConfigError(f"checkpoint {label} was scored with eval.precision={c!r}, the base "
                           f"with {b!r}: delete one of the results to rescore it")
+    bh, ch = (base.get("head") or {}).get("logits"), (result.get("head") or {}).get("logits")
+    if bh and ch and bh != ch:
+        raise ConfigError(f"checkpoint {label} was scored with {ch} LM-head logits, the base "
+                          f"with {bh}: delete one of the results to rescore it")
 
 
 def eval_main(cfg: DictConfig, run_dir: Path | None = None) -> Path:

@@ -28,6 +28,47 @@ def scoring_precision(ev: DictConfig) -> str:
     return value
 
 
+HEADS = ("fp32", "model")
+
+
+def head_policy(ev: DictConfig) -> str:
+    """eval.head, checked: `fp32` (the default: learnforget.eval.head.Fp32Head) or `model` (the
+    LM head in the body's dtype, the behaviour before 2026-12-07)."""
+    value = str(ev.get("head", "fp32"))
+    if value not in HEADS:
+        raise ConfigError(f"eval.head={value!r} is unknown (expected one of: {', '.join(HEADS)})")
+    return value
+
+
+def body_dtype(ev: DictConfig, run_cfg: DictConfig) -> str:
+    """The dtype the model's body computes in when scored: eval.precision's (fp32, bf16), or
+    with `model` the dtype it is loaded in (QLoRA: its compute dtype, which its unquantised
+    layers, the head included, are loaded in)."""
+    precision = scoring_precision(ev)
+    if precision != "model":
+        return {"fp32": "float32", "bf16": "bfloat16"}[precision]
+    if run_cfg.method.name == "qlora":
+        return str(run_cfg.method.compute_dtype).removeprefix("torch.")
+    return str(run_cfg.model.dtype).removeprefix("torch.")
+
+
+def head_in_key(ev: DictConfig, dtype: str) -> bool:
+    """Whether eval.head changes scores, and so belongs in the eval key: an fp32 head on a body
+    that does not compute in fp32. An fp32 body's head already is fp32 (its results and cached
+    files stay valid), and `model` is the behaviour the older keys describe."""
+    return head_policy(ev) == "fp32" and dtype not in ("float32", "fp32")
+
+
+def head_note(ev: DictConfig, run_cfg: DictConfig) -> str | None:
+    """One line for the user where eval.head changes scores (learnforget.eval.head), else None."""
+    dtype = body_dtype(ev, run_cfg)
+    if not head_in_key(ev, dtype):
+        return None
+    return (f"eval.head=fp32: log-likelihoods through an fp32 LM head and log-softmax on a "
+            f"{dtype} body, for the base and every checkpoint (scores before 2026-12-07 used a "
+            f"{dtype} head: eval.head=model)")
+
+
 # ------------------------------------------------------------------ suite -> task specs
 
 def resolve_data_path(value: str, cache_dir: Path, task: str) -> Path:
@@ -183,10 +224,12 @@ def ppl_examples(p: DictConfig, run_cfg: DictConfig, tokenizer, seq_len: int, ca
     return blocks[:max_blocks], source
 
 
-def eval_key(ev: DictConfig, specs, include_path: Path) -> str:
+def eval_key(ev: DictConfig, specs, include_path: Path, *, body_dtype: str) -> str:
     """Hash of everything that defines the scores: the suite's settings and each task's
     config and data (so a changed task file invalidates cached results). eval.precision
-    `model` (the default) is left out, so suites from before the setting keep their keys."""
+    `model` (the default) is left out, so suites from before the setting keep their keys.
+    eval.head is in only where it changes scores (`head_in_key`: an fp32 head on a body that
+    computes in `body_dtype`, not fp32), so fp32 results keep their keys and files."""
     from learnforget.eval.task_yaml import task_config_hash
 
     settings = OmegaConf.to_container(ev, resolve=True)
@@ -194,14 +237,19 @@ def eval_key(ev: DictConfig, specs, include_path: Path) -> str:
         settings.pop(volatile, None)
     if settings.get("precision", "model") == "model":
         settings.pop("precision", None)
+    settings.pop("head", None)
+    if head_in_key(ev, body_dtype):
+        settings["head"] = "fp32"
     hashes = {s.name: task_config_hash(include_path, s.name) for s in specs}
     blob = json.dumps({"settings": settings, "tasks": hashes}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def checked_specs(ev: DictConfig, cache_dir: Path) -> list:
-    """The suite's task specs, after the code-execution opt-in check (and eval.precision's)."""
+    """The suite's task specs, after the code-execution opt-in check (and eval.precision's
+    and eval.head's)."""
     scoring_precision(ev)
+    head_policy(ev)
     if ev.allow_code_execution is False and any(t.kind == "humaneval" for t in ev.tasks):
         from learnforget.eval.sandbox import require_opt_in
 
