@@ -282,3 +282,16 @@ def test_slurm_chain_dependencies_and_cancellation(tmp_path, monkeypatch):
     assert (trained["dependency"], len(trained["args"])) == (None, 1)
     assert [o.error is None for o in out] == [True, False, True]
     assert "training failed" in str(out[1].error)
+
+
+def test_dry_run_notes_the_fp32_head_where_it_changes_scores_and_nowhere_else(tmp_path):
+    """code_cpt scores Llama-2-7B with its bf16 body (eval.precision=model): every job is told
+    that its log-likelihoods now come from an fp32 head; demo_tiny scores in fp32, where the head
+    changes nothing, and gets no note."""
+    from learnforget.studies.report import protocol_notes
+
+    runs = [f"paths.runs_dir={tmp_path / 'runs'}"]
+    paper = protocol_notes(expand(load_study(find_study("code_cpt")), runs))
+    [(note, jobs)] = paper.items()
+    assert note.startswith("eval.head=fp32") and "bfloat16 body" in note and jobs == [1, 2, 3, 4]
+    assert protocol_notes(expand(load_study(find_study("demo_tiny")), runs)) == {}

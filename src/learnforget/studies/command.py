@@ -28,6 +28,7 @@ from learnforget.studies.report import (
     print_fit,
     print_memory,
     print_plan,
+    print_protocol_notes,
 )
 from learnforget.studies.study import (
     LAUNCHERS,
@@ -75,6 +76,7 @@ def sweep_main(study: str, overrides: Sequence[str] = (), *, dry_run: bool = Fal
         if fit is not None:
             print_fit(plan, fit, [r["method"] for r in rows])
         print_held(plan, launcher, cluster)  # the jobs it submits, GPU-hours held, eval batch
+        print_protocol_notes(plan)  # the fp32 scoring head, IFT runs renamed by loss_norm
         print(f"(parameter reports in {time.perf_counter() - t0:.1f}s)")
         return 0
     launched = launch(plan, launcher, cluster)

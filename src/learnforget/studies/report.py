@@ -182,3 +182,26 @@ def print_fit(plan: Plan, fit: tuple[Any, list[dict[str, Any]], Path], methods: 
     n_bad = sum(r["fits"] is False for r in rows)
     print(f"fit: {len(rows) - n_bad} of {len(rows)} job(s) fit"
           + (f"; {n_bad} do NOT (see the advice)" if n_bad else ""))
+
+
+def protocol_notes(plan: Plan) -> dict[str, list[int]]:
+    """Changes of scoring or training the user should know before launching, each with the jobs
+    it touches: the fp32 scoring head on a body that is not fp32 (eval.head), and IFT runs that
+    normalise the loss by tokens where a run folder with the earlier micro-batch means exists."""
+    from learnforget.eval.suite import head_note
+    from learnforget.train.step import legacy_note
+
+    notes: dict[str, list[int]] = {}
+    for job in plan.jobs:
+        for note in (head_note(job.cfg.eval, job.cfg), legacy_note(job.cfg)):
+            if note:
+                notes.setdefault(note, []).append(job.index)
+    return notes
+
+
+def print_protocol_notes(plan: Plan) -> None:
+    notes = protocol_notes(plan)
+    if notes:
+        print("\nto know before launching:")
+    for note, jobs in notes.items():
+        print(f"  - job(s) {', '.join(map(str, jobs))}: {note}")
