@@ -68,7 +68,10 @@ def test_full_and_other_methods():
 def test_methods_added_by_yaml_count_exactly():
     # VeRA: per adapted layer a scaling vector b (out_features) and d (r); the random
     # projections A, B are shared buffers, not parameters. All 7 linear layers per block.
-    vera = param_report(compose(["model=llama2_7b", "method=vera"]))        # r = 256
+    # train.precision=bf16 as on a GPU: `auto` (the default) resolves to fp32 on a CPU without
+    # bf16 arithmetic (AMD EPYC VMs), and the frozen base is then counted in fp32
+    vera = param_report(compose(["model=llama2_7b", "method=vera", "train.precision=bf16"]))
+    assert vera.frozen == "bfloat16"
     outs = 4 * D + 2 * F + D                          # q,k,v,o: D; gate,up: F; down: D
     assert vera.trainable == L * (outs + 7 * 256) == 1_417_216
     assert vera.total == LLAMA2_7B + vera.trainable

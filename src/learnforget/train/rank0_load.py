@@ -5,7 +5,7 @@ other ranks build the same model on the meta device (no memory), apply the metho
 it (FSDP) and then receive rank 0's weights, buffers included, after sharding
 (learnforget.train.distributed.broadcast_from_rank0): a rank holds only what it trains with, on
 its device. Every rank ends with bitwise the same weights and the same random-number state as
-when every rank loaded the model itself (tests/test_rank0_load.py).
+when every rank loaded the model itself.
 
     train.distributed.load_weights   rank0 (default) | every_rank (each rank reads the weights)
 
