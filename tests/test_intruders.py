@@ -294,3 +294,30 @@ def test_truncated_route_equals_numpy_full_svd_on_a_real_full_finetune(make_cfg,
     assert json.loads(full_path.read_text())["settings"]["svd"] == "full"
     with pytest.raises(ConfigError, match="intruder svd 'lanczos'"):
         compute_intruders(run, svd="lanczos")
+
+
+def test_bench_intruders_small_shapes_agree():
+    """The bench's two parts on small shapes: both routes give the same counts and
+    similarities; the 7B-style scaling adds up."""
+    from learnforget.bench.intruders import (
+        bench_7b_shapes,
+        planted_spectrum_matrix,
+        synthetic_update,
+        time_modules,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    mods = []
+    for i, (m, n) in enumerate([(96, 96), (160, 96), (96, 160)]):
+        w = planted_spectrum_matrix(m, n, g, alpha=0.5)
+        mods.append((f"layers.0.m{i}", f"m{i}", 0, w, (w.double() + synthetic_update(
+            w, True, g)).float()))
+    res = time_modules(mods)
+    assert res["modules"] == 3 and res["counts_equal"] and res["max_sim_diff"] <= 1e-4
+    assert sum(res["truncated_routes"].values()) == 3 and res["full_s"] > 0
+    s7 = bench_7b_shapes((("q", 96, 96), ("up", 160, 96), ("k", 96, 96)), layers=2)
+    assert s7["n_modules"] == 6 and set(s7["shapes"]) == {"96x96", "160x96"}
+    sh = s7["shapes"]
+    assert s7["per_checkpoint_full_s"] == pytest.approx(
+        4 * sh["96x96"]["full_s"] + 2 * sh["160x96"]["full_s"])
+    assert s7["max_vector_diff"] < 1e-4
