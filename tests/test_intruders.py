@@ -206,3 +206,118 @@ def test_top_left_singular_matches_numpy_svd(shape):
     assert u.shape == (m, 8)
     np.testing.assert_allclose(np.abs((u * u_ref).sum(axis=0)), 1.0, atol=1e-9)
     np.testing.assert_allclose(np.linalg.norm(u, axis=0), 1.0, atol=1e-9)
+
+
+# ------------------------------------------------------------------ truncated vs full SVD
+
+def spectrum_matrix(m: int, n: int, s: np.ndarray, seed: int) -> np.ndarray:
+    return orthonormal(m, len(s), seed) @ np.diag(s) @ orthonormal(n, len(s), seed + 1).T
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (300, 200)])
+def test_truncated_top_vectors_match_numpy_svd_within_their_bound(shape):
+    """A slowly decaying spectrum (s_i = i^-0.35, like a pretrained weight's): the truncated
+    route is taken, its vectors are numpy's (up to sign) and each one's true angle to numpy's
+    vector is below the bound it reports, which is below the tolerance."""
+    from learnforget.analysis.intruders import top_left
+    from learnforget.analysis.svd import TOP_TOL
+
+    m, n = shape
+    s = np.arange(1, min(m, n) + 1) ** -0.35
+    w = spectrum_matrix(m, n, s, 3)
+    top = top_left(torch.from_numpy(w).float(), 20, "truncated")
+    assert top["route"] == "truncated" and top["bound"] <= TOP_TOL
+    u_ref = np.linalg.svd(w.astype(np.float32).astype(np.float64), full_matrices=False)[0][:, :20]
+    cos = np.abs((top["u"].numpy() * u_ref).sum(axis=0))
+    sin = np.sqrt(np.clip(1 - cos ** 2, 0, None))
+    assert sin.max() <= top["bound"] + 1e-7
+    np.testing.assert_allclose(top["s"].numpy(), np.linalg.svd(
+        w.astype(np.float32).astype(np.float64), compute_uv=False)[:20], rtol=1e-9)
+
+
+def test_tied_singular_values_fail_the_check_and_take_the_full_route():
+    """s_5 = s_6: the 5th and 6th vectors are not determined, no bound holds, and the result
+    is the full route's, exactly."""
+    from learnforget.analysis.intruders import top_left, top_left_singular
+
+    s = np.arange(1, 101) ** -0.35
+    s[5] = s[4]
+    w = torch.from_numpy(spectrum_matrix(100, 120, s, 4))
+    top = top_left(w, 20, "truncated")
+    assert top["route"] == "full (check failed)" and top["attempts"] == 1
+    assert torch.equal(top["u"], top_left_singular(w, 20))
+    small = top_left(w[:, :30], 20, "truncated")  # q = 48 >= 30 columns: nothing to truncate
+    assert small["route"] == "full (small)"
+    with pytest.raises(ConfigError, match="unknown"):
+        top_left(w, 20, "sketchy")
+
+
+def test_truncated_route_equals_numpy_full_svd_on_a_real_full_finetune(make_cfg, tmp_path):
+    """A real tiny full finetune: the default (truncated) route's similarities and counts
+    equal those from numpy's full SVDs of W_base and W_ft (the independent reference: sims
+    within 1e-4, every count of the grid the same), and so do the full route's. A record of
+    the full route serves a later truncated request; a truncated one does not serve a full
+    request."""
+    import json
+
+    from learnforget.analysis.deltas import extract_deltas
+    from learnforget.analysis.intruders import EPSILONS, KS
+
+    cfg = make_cfg("method=full", "train.lr=3e-3", "train.precision=fp32")
+    run = fit(setup(cfg))
+    cache = tmp_path / "svd-cache"
+    path = compute_intruders(run, "step-000002", cache_dir=cache, svd="truncated",
+                             verbose=False)[0]
+    trunc = json.loads(path.read_text())
+    assert trunc["settings"]["svd"] == "truncated" and trunc["svd"]["method"] == "truncated"
+    assert trunc["svd"]["routes"].get("truncated", 0) >= 10, trunc["svd"]  # of 14 modules
+    ref = {}
+    for md in extract_deltas(run, "step-000002", with_weights=True):
+        ub = np.linalg.svd(md.base.double().numpy(), full_matrices=False)[0]
+        uf = np.linalg.svd(md.ft.double().numpy(), full_matrices=False)[0][:, :20]
+        ref[md.name] = np.abs(uf.T @ ub).max(axis=1)
+    assert sum(count(s, 10, 0.9) for s in ref.values()) > 0  # not only non-intruders
+    assert sum(count(s, 20, 0.9) < 20 for s in ref.values()) > 0  # nor only intruders
+    full_path = compute_intruders(run, "step-000002", cache_dir=cache, svd="full",
+                                  verbose=False)[0]
+    full = json.loads(full_path.read_text())
+    assert full["svd"]["routes"] == {"full": 14}
+    for rec in (trunc, full):
+        assert {r["module"] for r in rec["rows"]} == set(ref)
+        for r in rec["rows"]:
+            np.testing.assert_allclose(r["sims"], ref[r["module"]], atol=1e-4)
+            assert r["counts"] == {str(k): {f"{e:g}": count(ref[r["module"]], k, e)
+                                            for e in EPSILONS} for k in KS}, r["module"]
+    before = full_path.stat().st_mtime_ns  # the full record serves a truncated request
+    compute_intruders(run, "step-000002", cache_dir=cache, svd="truncated", verbose=False)
+    assert full_path.stat().st_mtime_ns == before
+    assert json.loads(full_path.read_text())["settings"]["svd"] == "full"
+    with pytest.raises(ConfigError, match="intruder svd 'lanczos'"):
+        compute_intruders(run, svd="lanczos")
+
+
+def test_bench_intruders_small_shapes_agree():
+    """The bench's two parts on small shapes: both routes give the same counts and
+    similarities; the 7B-style scaling adds up."""
+    from learnforget.bench.intruders import (
+        bench_7b_shapes,
+        planted_spectrum_matrix,
+        synthetic_update,
+        time_modules,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    mods = []
+    for i, (m, n) in enumerate([(96, 96), (160, 96), (96, 160)]):
+        w = planted_spectrum_matrix(m, n, g, alpha=0.5)
+        mods.append((f"layers.0.m{i}", f"m{i}", 0, w, (w.double() + synthetic_update(
+            w, True, g)).float()))
+    res = time_modules(mods)
+    assert res["modules"] == 3 and res["counts_equal"] and res["max_sim_diff"] <= 1e-4
+    assert sum(res["truncated_routes"].values()) == 3 and res["full_s"] > 0
+    s7 = bench_7b_shapes((("q", 96, 96), ("up", 160, 96), ("k", 96, 96)), layers=2)
+    assert s7["n_modules"] == 6 and set(s7["shapes"]) == {"96x96", "160x96"}
+    sh = s7["shapes"]
+    assert s7["per_checkpoint_full_s"] == pytest.approx(
+        4 * sh["96x96"]["full_s"] + 2 * sh["160x96"]["full_s"])
+    assert s7["max_vector_diff"] < 1e-4

@@ -20,6 +20,20 @@ Reported per module and checkpoint (<run>/intruders/<checkpoint>.json):
 
 The base model's SVD is the same for every run: U_base of each module is cached once per base
 under <cache>/base_svd/<key>/ (the key hashes the base folder's path, file sizes and times).
+The test needs all of U_base (the largest |cosine| over every base direction: projecting on
+the base's top-r subspace is a different test), so that full SVD stays, once per base.
+
+W_ft's top k_max vectors (k_max = 20) are found per checkpoint by `svd` (`top_left`):
+"full" (default) is the eigendecomposition of W_ft's smaller Gram matrix
+(`top_left_singular`), the reference; "truncated" is torch.svd_lowrank on a 2k+8 column
+sketch with a float64 Rayleigh-Ritz step and a per-vector check (a bound <= 1e-5 on the angle
+to the exact vector, so each similarity moves by at most ~1.4e-5), falling back on the full
+route when the check fails. Pretrained weights have flat tops (SmolLM2-135M: s_48 / s_20 ~
+0.9, neighbouring top-20 values 4e-4 s_1 apart), where subspace iteration does not reach
+that accuracy in fewer flops than the dense route: there the check fails and "truncated"
+costs more (`learnforget bench spectra` measures both). Each row records its route
+("svd_route") and bound. All linear algebra runs on `cpu_linalg_threads` (1 thread on a
+2-thread torch: 2-thread calls were up to 28x slower on the shared machine).
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from learnforget.analysis.svd import TOP_METHODS, TOP_TOL, cpu_linalg_threads, top_singular
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_open, atomic_write_json, read_json
 from learnforget.runfolder import RunFolder, find_runs
@@ -67,6 +82,13 @@ def top_left_singular(w: torch.Tensor, k: int) -> torch.Tensor:
     s = vals[-k:].flip(0).clamp_min(0).sqrt()
     u = w @ vecs[:, -k:].flip(1)
     return u / s.clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def top_left(w: torch.Tensor, k: int, svd: str = "full") -> dict[str, Any]:
+    """The top k left singular vectors of w (float64) by `svd`: "full" is `top_left_singular`
+    (the reference); "truncated" a checked randomised SVD that falls back on it
+    (`learnforget.analysis.svd.top_singular`: {"u", "route", "bound", ...})."""
+    return top_singular(w, k, method=svd, full=lambda m, kk: (top_left_singular(m, kk), None))
 
 
 def similarities(u_base: torch.Tensor, u_ft: torch.Tensor) -> np.ndarray:
@@ -137,7 +159,8 @@ def cached_base_u(cache: Path | None, base_dir: Path | None, module: str,
             u = torch.from_numpy(np.load(path)).double()
             if u.shape[0] == w_base.shape[0] and u.shape[1] == min(w_base.shape):
                 return u, True
-    u, _ = left_singular(w_base)
+    with cpu_linalg_threads(w_base.numel()):
+        u, _ = left_singular(w_base)
     if path is not None:
         with atomic_open(path, "wb") as f:
             np.save(f, u.float().numpy())
@@ -148,24 +171,31 @@ def cached_base_u(cache: Path | None, base_dir: Path | None, module: str,
 
 def module_row(name: str, module_type: str, layer: int | None, u_base: torch.Tensor,
                w_ft: torch.Tensor, delta: torch.Tensor, ks: Sequence[int] = KS,
-               epsilons: Sequence[float] = EPSILONS) -> dict[str, Any]:
-    """One module's intruder record (see the module docstring)."""
-    u_ft = top_left_singular(w_ft, max(ks))
-    sims = similarities(u_base, u_ft)
+               epsilons: Sequence[float] = EPSILONS, svd: str = "full") -> dict[str, Any]:
+    """One module's intruder record (see the module docstring); `svd` picks how W_ft's top
+    vectors are found (`top_left`; the route taken and its accuracy bound are in the row)."""
+    with cpu_linalg_threads(w_ft.numel()):
+        top = top_left(w_ft, max(ks), svd)
+        u_ft = top["u"]
+        sims = similarities(u_base, u_ft)
+        energy = energy_share(u_ft, sims, delta, DEFAULT_K, DEFAULT_EPS)
     shape = tuple(w_ft.shape)
     return {"module": name, "module_type": module_type, "layer": layer, "shape": list(shape),
             "sims": [float(x) for x in sims],
             "counts": {str(k): {f"{e:g}": count(sims, k, e) for e in epsilons} for k in ks},
-            "energy": energy_share(u_ft, sims, delta, DEFAULT_K, DEFAULT_EPS),
+            "energy": energy,
+            "svd_route": top["route"], "svd_bound": top["bound"],
             **chance_level(shape, epsilons)}
 
 
 def compute_intruders(run_dir: Path, checkpoint: str | None = None, *,
                       cache_dir: Path | None = None, ks: Sequence[int] = KS,
                       epsilons: Sequence[float] = EPSILONS, force: bool = False,
-                      verbose: bool = True) -> list[Path]:
+                      verbose: bool = True, svd: str = "full") -> list[Path]:
     """<run>/intruders/<checkpoint>.json for each checkpoint (or one); skipped when done with
-    the same grid. Returns the JSON paths."""
+    the same grid (a record made with svd="full", or before the setting existed, also serves
+    a "truncated" request: it is the reference). `svd` picks how each W_ft's top k vectors are
+    found (`top_left`; W_base's full SVD is cached either way). Returns the JSON paths."""
     from learnforget.analysis.deltas import extract_deltas
     from learnforget.analysis.weights import base_model_folder
     from learnforget.runfolder import RunFolder
@@ -174,16 +204,19 @@ def compute_intruders(run_dir: Path, checkpoint: str | None = None, *,
         raise ConfigError(f"intruder k values must be positive integers, got {list(ks)!r}")
     if not epsilons or any(not 0 < e < 1 for e in epsilons):
         raise ConfigError(f"intruder thresholds ε must be in (0, 1), got {list(epsilons)!r}")
+    if svd not in TOP_METHODS:
+        raise ConfigError(f"intruder svd {svd!r} is unknown (expected one of {TOP_METHODS})")
     run_dir = Path(run_dir)
     ckpts = [p for p in RunFolder(run_dir).checkpoint_dirs() if checkpoint in (None, p.name)]
     if checkpoint is not None and not ckpts:
         raise ConfigError(f"checkpoint {checkpoint!r} not found in {run_dir}")
-    settings = {"version": INTRUDERS_VERSION, "ks": list(ks), "epsilons": list(epsilons)}
+    settings = {"version": INTRUDERS_VERSION, "ks": list(ks), "epsilons": list(epsilons),
+                "svd": svd}
     paths: list[Path] = []
     for ck in ckpts:
         js = RunFolder(run_dir).intruders(ck.name)
         old = read_json(js)
-        if old and not force and old.get("settings") == settings:
+        if old and not force and _reusable(old.get("settings"), settings):
             paths.append(js)
             continue
         ds = extract_deltas(run_dir, ck.name, with_weights=True, cache_dir=cache_dir)
@@ -197,17 +230,42 @@ def compute_intruders(run_dir: Path, checkpoint: str | None = None, *,
             u_base, hit = cached_base_u(cache, base_dir, md.name, md.base)
             hits += hit
             rows.append(module_row(md.name, md.module_type, md.layer, u_base, md.ft,
-                                   md.to_dense(), ks, epsilons))
+                                   md.to_dense(), ks, epsilons, svd))
         record = {"run": ds.run, "checkpoint": ds.checkpoint, "step": ds.manifest.get("step"),
                   "tokens": ds.manifest.get("tokens"), "method": ds.method, "delta": ds.source,
                   "base": ds.base, "base_model": ds.base_model, "settings": settings,
-                  "base_svd_cache_hits": hits, "rows": rows}
+                  "base_svd_cache_hits": hits, "svd": _svd_summary(rows, svd), "rows": rows}
         atomic_write_json(js, record)
         paths.append(js)
         if verbose:
             print(f"learnforget: intruders of {run_dir.name}/{ck.name}: {len(rows)} modules "
-                  f"({hits} base SVDs from the cache) -> {js}")
+                  f"({hits} base SVDs from the cache; {_routes(record['svd'])}) -> {js}")
     return paths
+
+
+def _reusable(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether a stored record's settings serve a request: the same, or the full (reference)
+    route where the truncated one is asked for (records before the setting: full)."""
+    if not old:
+        return False
+    old_svd = old.get("svd", "full")
+    rest = {k: v for k, v in old.items() if k != "svd"}
+    return rest == {k: v for k, v in new.items() if k != "svd"} and \
+        old_svd in (new["svd"], "full")
+
+
+def _svd_summary(rows: list[dict[str, Any]], svd: str) -> dict[str, Any]:
+    """How the top vectors were found: modules per route and the largest accepted bound."""
+    routes: dict[str, int] = {}
+    for r in rows:
+        routes[r["svd_route"]] = routes.get(r["svd_route"], 0) + 1
+    bounds = [r["svd_bound"] for r in rows if r["svd_bound"] is not None]
+    return {"method": svd, "tol": TOP_TOL if svd == "truncated" else None, "routes": routes,
+            "max_bound": max(bounds) if bounds else None}
+
+
+def _routes(summary: dict[str, Any]) -> str:
+    return "top vectors: " + ", ".join(f"{n} {route}" for route, n in summary["routes"].items())
 
 
 def _cache_root(run_dir: Path, cache_dir: Path | None) -> Path | None:

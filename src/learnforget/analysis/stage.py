@@ -1,7 +1,7 @@
 """The analysis stage: every figure and the table from a runs root, and the spectra benchmark.
 
     learnforget analyze runs [--out DIR] [--no-spectra] [--threshold 0.9] [--with-weights]
-    learnforget bench spectra [--layers 32] [--rank 256] [--no-dense]
+    learnforget bench spectra [--layers 32] [--rank 256] [--no-dense] [--intruders only]
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
             threshold: float = 0.9, with_weights: bool = False, cache_dir: Path | None = None,
             dense_method: str = "svd", suite: str | None = None, random_n: int = 1000,
             verbose: bool = True, wandb: bool | None = None,
-            intruders: bool = True) -> dict[str, Any]:
+            intruders: bool = True, intruder_svd: str = "full") -> dict[str, Any]:
     """Collect every run under `root` into a table, compute missing ΔW spectra (unless
     spectra=False), and regenerate every figure into `out` (default <root>/_analysis); then
     log the tables and figures to one W&B analysis run in the study's group (wandb None: when
-    the runs mirrored to W&B; True: always; False: never).
+    the runs mirrored to W&B; True: always; False: never). `intruder_svd`: how the intruder
+    test finds each W_ft's top vectors (learnforget.analysis.intruders.top_left).
     Returns {"out", "table", "figures", "spectra", "warnings", "n_rows", "wandb"}; prints the
     paths."""
     from learnforget.analysis import figures as F
@@ -121,7 +122,7 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
             save_table(sdf, out, stem="spectra")
             attempt("rank vs tokens", F.plot_rank_vs_tokens, sdf, out / "spectra")
     if intruders:
-        _intruders(root, out, cache_dir, figs, tables, warnings, verbose)
+        _intruders(root, out, cache_dir, figs, tables, warnings, verbose, intruder_svd)
     if random_n:
         rm = random_matrix_comparison(n=random_n)
         (out / "random_matrices.json").write_text(dump_json(rm) + "\n")
@@ -159,7 +160,8 @@ def _mirror(root: Path, out: Path, figs: list[Path], n_rows: int, force: bool | 
 
 
 def _intruders(root: Path, out: Path, cache_dir: Path | None, figs: list[Path],
-               tables: list[Path], warnings: list[str], verbose: bool) -> None:
+               tables: list[Path], warnings: list[str], verbose: bool,
+               svd: str = "full") -> None:
     """Intruder dimensions of every run's checkpoints (learnforget.analysis.intruders), the summary
     table (intruders.csv / .md: mean per module by method, tokens and module type, with the
     count chance predicts) and the figures intruders_vs_rank / intruders_vs_tokens."""
@@ -177,7 +179,7 @@ def _intruders(root: Path, out: Path, cache_dir: Path | None, figs: list[Path],
         if not RunFolder(run_dir).checkpoint_dirs():
             continue
         try:
-            compute_intruders(run_dir, cache_dir=cache_dir, verbose=verbose)
+            compute_intruders(run_dir, cache_dir=cache_dir, verbose=verbose, svd=svd)
         except ConfigError as e:
             warnings.append(f"intruders of {run_dir}: {e}")
             if verbose:
@@ -384,7 +386,11 @@ def analyze_cli(args: Sequence[str]) -> int:
     p.add_argument("--suite", default=None, help="eval suite to use (default: every suite)")
     p.add_argument("--cache-dir", type=Path, default=None, help="where base models are cached")
     p.add_argument("--no-intruders", action="store_true",
-                   help="skip the intruder dimensions (one dense SVD per module and checkpoint)")
+                   help="skip the intruder dimensions (W_ft's top 20 vectors per module and "
+                        "checkpoint, W_base's full SVD once per base)")
+    p.add_argument("--intruder-svd", choices=("full", "truncated"), default="full",
+                   help="W_ft's top vectors by the full eigendecomposition (default, the "
+                        "reference) or by a checked randomised SVD that falls back on it")
     p.add_argument("--random-n", type=int, default=1000,
                    help="size of the fig. S8 random matrices (0: skip)")
     w = p.add_mutually_exclusive_group()
@@ -397,7 +403,7 @@ def analyze_cli(args: Sequence[str]) -> int:
     analyze(a.root, a.out, spectra=not a.no_spectra, threshold=a.threshold,
             with_weights=a.with_weights, cache_dir=a.cache_dir,
             dense_method="gram" if a.gram else "svd", suite=a.suite, random_n=a.random_n,
-            wandb=a.wandb, intruders=not a.no_intruders)
+            wandb=a.wandb, intruders=not a.no_intruders, intruder_svd=a.intruder_svd)
     return 0
 
 
@@ -413,8 +419,23 @@ def bench_cli(args: Sequence[str]) -> int:
                    help="torch threads for every SVD (default: 1 for the factor route and small "
                         "matrices, torch's setting for large dense ones)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    p.add_argument("--intruders", choices=("yes", "no", "only"), default="yes",
+                   help="also time the intruder test, full vs truncated SVD, per checkpoint at "
+                        "135M and at Llama-2-7B shapes (learnforget.bench.intruders)")
+    p.add_argument("--model", default="smollm2_135m", help="the intruder part's real base")
+    p.add_argument("--run", type=Path, default=None,
+                   help="time the intruder test on this run's checkpoints instead")
+    p.add_argument("--base-svd", action="store_true",
+                   help="also time W_base's full SVD at 7B shapes (once per base; minutes)")
     a = p.parse_args(args[1:])
-    res = bench_spectra(layers=a.layers, rank=a.rank, dense=not a.no_dense, threads=a.threads)
+    res: dict[str, Any] = {}
+    if a.intruders != "only":
+        res = bench_spectra(layers=a.layers, rank=a.rank, dense=not a.no_dense, threads=a.threads)
+    if a.intruders != "no":
+        from learnforget.bench.intruders import bench_intruders
+
+        res["intruders"] = bench_intruders(model=a.model, run=a.run, modules=LLAMA2_7B_MODULES,
+                                           layers=a.layers, base_svd=a.base_svd)
     if a.json:
         from learnforget.files import atomic_write_json
 

@@ -126,6 +126,97 @@ def dense_svd(M: Any, k: int, *, dtype: torch.dtype = torch.float32) -> tuple[np
     return u[:, :k].numpy(), s.numpy()
 
 
+# ============================================================================ top-k vectors
+
+TOP_METHODS = ("full", "truncated")
+TOP_TOL = 1e-5  # largest accepted bound on sin(angle) between a computed and an exact vector
+TOP_NITER = 32  # subspace iterations of the truncated route (float64)
+
+
+def top_oversample(k: int) -> int:
+    """Extra sketch columns beyond k: q = 2k + 8 (subspace iteration converges for the i-th
+    vector like (s_{q+1} / s_i)^(2 niter + 1), so a wide sketch pays on slowly decaying spectra)."""
+    return k + 8
+
+
+@contextmanager
+def cpu_linalg_threads(numel: int):
+    """`linalg_threads`' thread count (1 on a <= 2-thread torch) for CPU work on a matrix of
+    `numel` elements. Measured on the shared 2-core machine: the intruder test's full route on
+    21 SmolLM2-135M modules took 55 s on 2 threads and 2.0 s on 1."""
+    with _threads(linalg_threads(numel), "cpu"):
+        yield
+
+
+def ritz_bounds(s: torch.Tensor, res: torch.Tensor, k: int) -> torch.Tensor:
+    """Bounds on sin(angle) between each of the top k Ritz vectors u_i (of W W^T on the
+    sketch: values s_i^2, residual norms s_i * res_i with res_i = ||W v_i - s_i u_i||) and
+    W's exact i-th left singular vector; inf where no bound holds.
+
+    For each block of the top k' Ritz vectors (k <= k' < q), Davis-Kahan bounds the angle
+    between the block and the exact top-k' eigenspace by ||R||_F / (s_k'^2 - (s_{k'+1}^2 +
+    rho_{k'+1})), and Saad (Numerical Methods for Large Eigenvalue Problems, thm 4.6) a
+    vector's angle by that times sqrt(1 + ||R||_F^2 / gap_i^2), gap_i being the distance from
+    s_i^2 (less its residual) to the block's other Ritz values; the best block is taken. It
+    assumes that no exact singular value above s_{k'+1} + its residual escaped the sketch
+    (subspace iteration finds the largest first; an escaped one leaves large residuals)."""
+    lam, rho = s.double() ** 2, s.double() * res.double()
+    best = torch.full((k,), math.inf, dtype=torch.float64)
+    for kp in range(k, lam.numel() - 1):
+        big_r = float(rho[:kp].norm())
+        gap_out = float(lam[kp - 1] - lam[kp] - rho[kp])
+        if gap_out <= 0:
+            continue
+        for i in range(k):
+            others = torch.cat([torch.arange(i), torch.arange(i + 1, kp)])
+            gap_i = float((lam[i] - lam[others]).abs().min() - rho[i]) if others.numel() \
+                else math.inf
+            if gap_i > 0:
+                b = big_r / gap_out * math.sqrt(1 + (big_r / gap_i) ** 2)
+                best[i] = min(float(best[i]), b)
+    return best
+
+
+def top_singular(w: torch.Tensor, k: int, *, method: str = "full", tol: float = TOP_TOL,
+                 full=None, seed: int = 0) -> dict[str, Any]:
+    """The top k left singular vectors and values of w, in float64, and how they were found.
+
+    method="full": `full(w, k)` (the caller's reference route), no check. method="truncated":
+    torch.svd_lowrank in float64 on a q = 2k + 8 column sketch (seeded, TOP_NITER subspace
+    iterations), a Rayleigh-Ritz step on its left basis (a q x n SVD), and a check per vector:
+    the bound on its angle to the exact vector (`ritz_bounds`) must be <= tol for each of the
+    k; otherwise, or when q >= min(m, n) (nothing to save), `full` gives the answer. Returns
+    {"u": m x k, "s": k (None from `full`), "route": "truncated" | "full" | "full (check
+    failed)" | "full (small)", "bound": the largest bound of an accepted truncated result
+    (None otherwise), "attempts": sketches tried}.
+    """
+    if method not in TOP_METHODS:
+        raise ConfigError(f"singular-vector method {method!r} is unknown (expected one of "
+                          f"{TOP_METHODS})")
+    if full is None:
+        raise ValueError("top_singular needs the full route (`full`) to fall back on")
+    m, n = w.shape
+    k = min(k, m, n)
+    q = k + top_oversample(k)
+    if method == "full" or q >= min(m, n):
+        u, s = full(w, k)
+        return {"u": u, "s": s, "route": "full" if method == "full" else "full (small)",
+                "bound": None, "attempts": 0}
+    w64 = w.detach().double()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        basis, _, _ = torch.svd_lowrank(w64, q=q, niter=TOP_NITER)
+    qb, _ = torch.linalg.qr(basis)
+    ub, s, vh = torch.linalg.svd(qb.T @ w64, full_matrices=False)  # Rayleigh-Ritz
+    u = qb @ ub
+    bound = ritz_bounds(s, (w64 @ vh.T - u * s).norm(dim=0), k)
+    if bool((bound <= tol).all()):
+        return {"u": u[:, :k], "s": s[:k], "route": "truncated", "bound": float(bound.max()),
+                "attempts": 1}
+    u, s = full(w, k)
+    return {"u": u, "s": s, "route": "full (check failed)", "bound": None, "attempts": 1}
+
+
 # ============================================================================ summaries
 
 def _s64(s: Any) -> np.ndarray:

@@ -1,0 +1,249 @@
+"""`learnforget bench spectra`'s intruder part: the per-checkpoint time of the intruder test
+(learnforget.analysis.intruders) through the full route and the truncated one, side by side,
+and how far apart their results are.
+
+- 135M: every block weight of the real base model (SmolLM2-135M by default) with a synthetic
+  finetuning update (below), or, with --run, the real checkpoints of a run; per checkpoint
+  the sum over its modules of `module_row` with svd="full" and with svd="truncated" (W_ft's
+  top 20 vectors, the similarities with all of U_base, counts, energy), plus W_base's full SVD,
+  the once-per-base cost the cache pays.
+- 7B shapes: one random matrix per Llama-2-7B module shape with a spectrum like a pretrained
+  weight's (below), each route timed once and scaled to the 224 modules of the model.
+
+The synthetic update of a base weight W (out x in, top singular value s_1): Gaussian noise of
+1e-3 times W's root-mean-square entry, and in every third module a planted rank-one direction
+0.5 s_1 x y^T (x, y random unit vectors), which becomes one of W_ft's top vectors and is an
+intruder (a random direction's largest |cosine| with the base's basis is about
+sqrt(2 ln(out) / out)). Results are compared as the largest |difference| of the similarities
+and whether every count of the (k, ε) grid agrees.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from learnforget.errors import ConfigError
+
+K = 20  # the intruder test's k_max (learnforget.analysis.intruders.KS)
+SPECTRUM_ALPHA = 0.2  # s_i ~ i^-alpha; fits to SmolLM2-135M's top 100 gave 0.07-0.84, mostly ~0.2
+
+
+def _timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def synthetic_update(w: torch.Tensor, plant: bool, g: torch.Generator) -> torch.Tensor:
+    """A finetuning-like ΔW for w (see the module docstring)."""
+    w = w.double()
+    delta = torch.randn(w.shape, generator=g, dtype=torch.float64) * 1e-3 * w.pow(2).mean().sqrt()
+    if plant:
+        x = torch.randn(w.shape[0], generator=g, dtype=torch.float64)
+        y = torch.randn(w.shape[1], generator=g, dtype=torch.float64)
+        s1 = torch.linalg.matrix_norm(w, ord=2)
+        delta += 0.5 * s1 * torch.outer(x / x.norm(), y / y.norm())
+    return delta
+
+
+def compare_rows(full: dict[str, Any], trunc: dict[str, Any]) -> tuple[float, bool]:
+    """(largest |similarity difference|, whether every (k, ε) count agrees)."""
+    diff = float(np.max(np.abs(np.asarray(full["sims"]) - np.asarray(trunc["sims"]))))
+    return diff, full["counts"] == trunc["counts"]
+
+
+ROUTES = (("full_torch_threads", "full"), ("full", "full"), ("truncated", "truncated"))
+
+
+def time_modules(modules, *, base_u: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """`modules`: (name, module type, layer, W_base, W_ft) tuples of one checkpoint. Times the
+    base SVD (skipped for names in `base_u`), then module_row through the full route on
+    torch's threads (the behaviour before cpu_linalg_threads), the full route and the
+    truncated one."""
+    import os
+
+    from learnforget.analysis.intruders import left_singular, module_row
+    from learnforget.analysis.svd import LINALG_THREADS_ENV, cpu_linalg_threads
+
+    base_u = {} if base_u is None else base_u
+    t = {"base_svd": 0.0, **{label: 0.0 for label, _ in ROUTES}}
+    max_diff, same, n, intruders = 0.0, True, 0, 0
+    routes: dict[str, int] = {}
+    for name, mtype, layer, w_base, w_ft in modules:
+        if name not in base_u:
+            with cpu_linalg_threads(w_base.numel()):
+                (u, _), dt = _timed(left_singular, w_base)
+            base_u[name] = u
+            t["base_svd"] += dt
+        delta = (w_ft.double() - w_base.double())
+        rows = {}
+        saved = os.environ.get(LINALG_THREADS_ENV)
+        for label, svd in ROUTES:
+            if label == "full_torch_threads":
+                os.environ[LINALG_THREADS_ENV] = str(torch.get_num_threads())
+            try:
+                rows[label], dt = _timed(module_row, name, mtype, layer, base_u[name], w_ft,
+                                         delta, svd=svd)
+            finally:
+                if saved is None:
+                    os.environ.pop(LINALG_THREADS_ENV, None)
+                else:
+                    os.environ[LINALG_THREADS_ENV] = saved
+            t[label] += dt
+        d, ok = compare_rows(rows["full"], rows["truncated"])
+        max_diff, same, n = max(max_diff, d), same and ok, n + 1
+        intruders += rows["full"]["counts"]["10"]["0.5"]
+        r = rows["truncated"]["svd_route"]
+        routes[r] = routes.get(r, 0) + 1
+    return {"modules": n, "base_svd_s": t["base_svd"], "full_torch_threads_s":
+            t["full_torch_threads"], "full_s": t["full"], "truncated_s": t["truncated"],
+            "max_sim_diff": max_diff, "counts_equal": same, "intruders_k10_eps05": intruders,
+            "truncated_routes": routes}
+
+
+def base_checkpoint(base_dir: Path, seed: int = 0, max_modules: int | None = None):
+    """The real base's block weights, each with a synthetic update: time_modules' tuples."""
+    from learnforget.analysis.weights import (
+        WeightFolder,
+        block_weights,
+        module_types,
+        natural_key,
+        parse_module,
+    )
+
+    wf = WeightFolder(base_dir)
+    keys = block_weights(wf)
+    names = sorted(keys, key=natural_key)[:max_modules]
+    types = module_types(names)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, name in enumerate(names):
+        w = wf.get(keys[name])
+        w_ft = (w.double() + synthetic_update(w, i % 3 == 0, g)).float()
+        out.append((name, types[name], parse_module(name)[0], w, w_ft))
+    return out
+
+
+def run_checkpoints(run_dir: Path, cache_dir: Path | None):
+    """{checkpoint: time_modules' tuples} of a run's real checkpoints (LoRA merged)."""
+    from learnforget.analysis.deltas import extract_deltas
+    from learnforget.runfolder import RunFolder
+
+    out = {}
+    for ck in RunFolder(run_dir).checkpoint_dirs():
+        ds = extract_deltas(run_dir, ck.name, with_weights=True, cache_dir=cache_dir)
+        if ds is not None:
+            out[ck.name] = [(md.name, md.module_type, md.layer, md.base, md.ft) for md in ds]
+    if not out:
+        raise ConfigError(f"{run_dir} has no checkpoint whose method changes weight matrices")
+    return out
+
+
+def planted_spectrum_matrix(m: int, n: int, g: torch.Generator,
+                            alpha: float = SPECTRUM_ALPHA) -> torch.Tensor:
+    """An m x n float32 matrix G1 diag(s) G2^T (G Gaussian, columns scaled to about unit
+    norm), s_i = i^-alpha: a slowly decaying spectrum like a pretrained weight's, whose top
+    vectors a randomised SVD must work for."""
+    r = min(m, n)
+    s = torch.arange(1, r + 1, dtype=torch.float32).pow(-alpha)
+    g1 = torch.randn(m, r, generator=g) / math.sqrt(m)
+    g2 = torch.randn(n, r, generator=g) / math.sqrt(n)
+    return (g1 * s) @ g2.T
+
+
+def bench_7b_shapes(modules: Sequence[tuple[str, int, int]], layers: int = 32, seed: int = 0,
+                    base_svd: bool = False) -> dict[str, Any]:
+    """Per distinct shape of `modules`, one planted-spectrum matrix through both routes (and
+    W_base's full SVD with `base_svd`), scaled to layers x modules."""
+    from learnforget.analysis.intruders import left_singular, top_left, top_left_singular
+    from learnforget.analysis.svd import cpu_linalg_threads
+
+    g = torch.Generator().manual_seed(seed)
+    shapes: dict[tuple[int, int], dict[str, Any]] = {}
+    for _, d_out, d_in in modules:
+        if (d_out, d_in) in shapes:
+            shapes[(d_out, d_in)]["count"] += layers
+            continue
+        w = planted_spectrum_matrix(d_out, d_in, g)
+        with cpu_linalg_threads(w.numel()):
+            u_full, t_full = _timed(top_left_singular, w, K)
+            top, t_trunc = _timed(top_left, w, K, "truncated")
+        # sign-aligned distance between the routes' vectors: bounds every |cosine| change
+        dots = (u_full * top["u"]).sum(dim=0)
+        dist = float((u_full - top["u"] * torch.sign(dots)).norm(dim=0).max())
+        row = {"count": layers, "full_s": t_full, "truncated_s": t_trunc,
+               "route": top["route"], "bound": top["bound"], "max_vector_diff": dist}
+        if base_svd:
+            with cpu_linalg_threads(w.numel()):
+                row["base_svd_s"] = _timed(left_singular, w)[1]
+        shapes[(d_out, d_in)] = row
+    total = {key: sum(v["count"] * v[key] for v in shapes.values())
+             for key in ("full_s", "truncated_s", "base_svd_s") if base_svd or key != "base_svd_s"}
+    return {"shapes": {f"{a}x{b}": v for (a, b), v in shapes.items()},
+            "n_modules": sum(v["count"] for v in shapes.values()), "spectrum_alpha": SPECTRUM_ALPHA,
+            "per_checkpoint_full_s": total["full_s"],
+            "per_checkpoint_truncated_s": total["truncated_s"],
+            "per_base_svd_s": total.get("base_svd_s"),
+            "max_vector_diff": max(v["max_vector_diff"] for v in shapes.values())}
+
+
+def bench_intruders(*, model: str = "smollm2_135m", run: Path | None = None,
+                    modules: Sequence[tuple[str, int, int]] = (), layers: int = 32,
+                    base_svd: bool = False, seed: int = 0, verbose: bool = True
+                    ) -> dict[str, Any]:
+    """Both sections (see the module docstring); prints a table; returns the numbers."""
+    from learnforget.assets.models import base_model_dir
+    from learnforget.config import compose
+
+    res: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "k": K}
+    if run is not None:
+        res["run"] = str(run)
+        res["checkpoints"] = {ck: time_modules(mods) for ck, mods in
+                              run_checkpoints(Path(run), None).items()}
+    else:
+        cfg = compose([f"model={model}"])
+        base = Path(base_model_dir(cfg.model, Path(str(cfg.paths.cache_dir)).expanduser()))
+        res["model"] = model
+        res["checkpoints"] = {"synthetic": time_modules(base_checkpoint(base, seed))}
+    if modules:
+        res["shapes_7b"] = bench_7b_shapes(modules, layers, seed, base_svd)
+    if verbose:
+        print(format_intruders(res))
+    return res
+
+
+def format_intruders(r: dict[str, Any]) -> str:
+    what = r.get("run") or f"{r.get('model')} base + synthetic update"
+    lines = [f"intruder test per checkpoint (W_ft's top {r['k']} vectors, similarities with all "
+             f"of U_base), {what}; torch threads {r['torch_threads']}:",
+             f"  {'checkpoint':<14} {'modules':>7} {'full, torch threads s':>22} {'full s':>7} "
+             f"{'truncated s':>12} {'max |Δsim|':>11} {'counts':>7} {'base SVD s':>11}  "
+             "truncated routes"]
+    for ck, v in r["checkpoints"].items():
+        routes = ", ".join(f"{n} {k}" for k, n in v["truncated_routes"].items())
+        lines.append(f"  {ck:<14} {v['modules']:>7} {v['full_torch_threads_s']:>22.2f} "
+                     f"{v['full_s']:>7.2f} {v['truncated_s']:>12.2f} {v['max_sim_diff']:>11.1e} "
+                     f"{'same' if v['counts_equal'] else 'DIFFER':>7} {v['base_svd_s']:>11.2f}"
+                     f"  {routes}")
+    s7 = r.get("shapes_7b")
+    if s7:
+        lines.append(f"Llama-2-7B shapes ({s7['n_modules']} modules; one matrix per shape with "
+                     f"s_i ~ i^-{s7['spectrum_alpha']}, timed once, scaled):")
+        for shape, v in s7["shapes"].items():
+            base = f", base SVD {v['base_svd_s']:.1f} s" if "base_svd_s" in v else ""
+            lines.append(f"  {shape:<12} x{v['count']:<4} full {v['full_s']:7.2f} s  truncated "
+                         f"{v['truncated_s']:6.2f} s ({v['route']}; vectors differ by "
+                         f"{v['max_vector_diff']:.1e}){base}")
+        per_base = s7["per_base_svd_s"]
+        lines.append(f"  per checkpoint: full {s7['per_checkpoint_full_s'] / 60:.1f} min, "
+                     f"truncated {s7['per_checkpoint_truncated_s'] / 60:.1f} min"
+                     + (f"; W_base's full SVD, once per base: {per_base / 60:.1f} min"
+                        if per_base is not None else ""))
+    return "\n".join(lines)
