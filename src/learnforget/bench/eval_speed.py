@@ -15,6 +15,7 @@ included) FLOPs per token.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -138,3 +139,118 @@ def format_compare(r: dict[str, Any]) -> str:
                  f"CPU time; largest per-choice log-likelihood "
                  f"difference {r['max_abs_ll_diff']:.2e}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ one base per eval process
+
+def bench_adapter_swap(run_dirs: Sequence[Path], work: Path, overrides: Sequence[str] = (),
+                       repeats: int = 1) -> dict[str, Any]:
+    """The eval stage of the runs' checkpoints timed two ways side by side in this process:
+    eval.swap_adapters=true (one base per process, adapters swapped: learnforget.eval.swap) and
+    false (a fresh base load per checkpoint). Each way scores copies of the run folders (under
+    `work`, without their eval results) against one base cache scored up front, so the two
+    differ by how the checkpoints are loaded only; the ways alternate order on each repeat.
+    Also: one base load timed on its own, and the largest per-item log-likelihood difference
+    between the two ways' results (0 where they are identical)."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from learnforget.config import compose
+    from learnforget.eval.base import evaluate_base
+    from learnforget.eval.scoring import load_for_eval
+    from learnforget.eval.stage import evaluate_runs
+
+    runs = [Path(r).resolve() for r in run_dirs]
+    run_cfg = OmegaConf.load(runs[0] / "config.yaml")
+    ev = compose(list(overrides)).eval
+    cache = Path(run_cfg.paths.cache_dir).expanduser()
+    work = Path(work).resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.perf_counter()
+    load_for_eval(run_cfg, None, cache, "cpu")  # also warms the page cache for both ways
+    base_load_s = time.perf_counter() - t0
+    warm = OmegaConf.merge(run_cfg, {"eval": ev, "paths": {"runs_dir": str(work / "base")}})
+    evaluate_base(warm)
+    skip = shutil.ignore_patterns("eval", "train", "wandb", "spectra", "intruders", "branches",
+                                  ".lock*", "run.log")
+    ways = {"swap": True, "fresh": False}
+    secs: dict[str, list[float]] = {w: [] for w in ways}
+    copies: dict[str, list[Path]] = {}
+    for rep in range(repeats):
+        for way in list(ways) if rep % 2 == 0 else list(ways)[::-1]:
+            root = work / f"{way}-{rep}"
+            shutil.copytree(work / "base" / "_base", root / "_base")
+            copies[way] = [Path(shutil.copytree(r, root / r.parent.name / r.name, ignore=skip))
+                           for r in runs]
+            e = ev.copy()
+            e.swap_adapters = ways[way]
+            t0 = time.perf_counter()
+            evaluate_runs(copies[way], e, cache_dir=cache)
+            secs[way].append(time.perf_counter() - t0)
+    diff, n_items, identical = 0.0, 0, True
+    for a_run, b_run in zip(copies["swap"], copies["fresh"], strict=True):
+        for fa in sorted((a_run / "eval").glob("step-*.json")):
+            a = json.loads(fa.read_text())
+            b = json.loads((b_run / "eval" / fa.name).read_text())
+            for name, task in a["tasks"].items():
+                la, lb = task["items"]["lls"], b["tasks"][name]["items"]["lls"]
+                identical &= task["items"] == b["tasks"][name]["items"]
+                n_items += len(la)
+                diff = max([diff, *(abs(x - y) for ra, rb in zip(la, lb, strict=True)
+                                    for x, y in zip(ra, rb, strict=True))])
+            identical &= a["ppl"] == b["ppl"] and a["drift"] == b["drift"]
+    n_ckpt = sum(len(list((r / "eval").glob("step-*.json"))) for r in copies["swap"])
+    out = {"runs": [r.name for r in runs], "checkpoints": n_ckpt, "suite": str(ev.name),
+           "overrides": list(overrides), "repeats": repeats, "threads": torch.get_num_threads(),
+           "base_load_s": base_load_s, "seconds": secs,
+           "best_s": {w: min(v) for w, v in secs.items()},
+           "items_compared": n_items, "identical": bool(identical), "max_abs_ll_diff": diff}
+    out["saved_s"] = out["best_s"]["fresh"] - out["best_s"]["swap"]
+    out["saved_per_checkpoint_s"] = out["saved_s"] / max(n_ckpt, 1)
+    out["speedup"] = out["best_s"]["fresh"] / out["best_s"]["swap"]
+    return out
+
+
+def format_swap(r: dict[str, Any]) -> str:
+    return "\n".join([
+        f"eval of {r['checkpoints']} adapter checkpoints of {len(r['runs'])} run(s), suite "
+        f"{r['suite']}, {r['threads']} threads, best of {r['repeats']} (base scores cached):",
+        f"  fresh base load per checkpoint  {r['best_s']['fresh']:8.1f} s",
+        f"  one base, adapters swapped      {r['best_s']['swap']:8.1f} s",
+        f"  saved {r['saved_s']:.1f} s ({r['saved_per_checkpoint_s']:.2f} s per checkpoint; one "
+        f"base load alone: {r['base_load_s']:.2f} s), {r['speedup']:.2f}x",
+        f"  per-item results identical: {r['identical']} ({r['items_compared']} items, largest "
+        f"log-likelihood difference {r['max_abs_ll_diff']:.1e})"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """python -m learnforget.bench.eval_speed swap RUN [RUN ...] [--work DIR] [--repeats N]
+    [--threads N] [--json FILE] [-- eval overrides, e.g. eval=demo]"""
+    import argparse
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    overrides = args[args.index("--") + 1:] if "--" in args else []
+    args = args[:args.index("--")] if "--" in args else args
+    p = argparse.ArgumentParser(prog="python -m learnforget.bench.eval_speed")
+    p.add_argument("what", choices=["swap"])
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--work", type=Path, default=Path("runs/_bench_swap"))
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(args)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    r = bench_adapter_swap(a.runs, a.work, overrides or ["eval=demo"], a.repeats)
+    print(format_swap(r))
+    if a.json:
+        from learnforget.files import atomic_write_json
+
+        atomic_write_json(a.json, r)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
