@@ -188,11 +188,67 @@ def bench_adapter_swap(run_dirs: Sequence[Path], work: Path, overrides: Sequence
             t0 = time.perf_counter()
             evaluate_runs(copies[way], e, cache_dir=cache)
             secs[way].append(time.perf_counter() - t0)
-    diff, n_items, identical = 0.0, 0, True
-    for a_run, b_run in zip(copies["swap"], copies["fresh"], strict=True):
-        for fa in sorted((a_run / "eval").glob("step-*.json")):
-            a = json.loads(fa.read_text())
-            b = json.loads((b_run / "eval" / fa.name).read_text())
+    same = compare_results(copies["swap"], copies["fresh"])
+    same["load_times"] = time_loads(runs)
+    out = {"runs": [r.name for r in runs], "checkpoints": same["checkpoints"], "suite": str(ev.name),
+           "overrides": list(overrides), "repeats": repeats, "threads": torch.get_num_threads(),
+           "base_load_s": base_load_s, "seconds": secs,
+           "best_s": {w: min(v) for w, v in secs.items()}, **same}
+    out["saved_s"] = out["best_s"]["fresh"] - out["best_s"]["swap"]
+    out["saved_per_checkpoint_s"] = out["saved_s"] / max(same["checkpoints"], 1)
+    out["speedup"] = out["best_s"]["fresh"] / out["best_s"]["swap"]
+    return out
+
+
+def time_loads(run_dirs: Sequence[Path], repeats: int = 3) -> dict[str, Any]:
+    """Getting each checkpoint's model ready to score, alone: a fresh load (the base, then its
+    adapter: eval.scoring.load_for_eval) against putting its adapter on the shared base
+    (learnforget.eval.swap.SharedBase.checkpoint_model), in turn per checkpoint; seconds per
+    checkpoint (median over checkpoints and repeats), and the shared base's one load."""
+    import statistics
+
+    from omegaconf import OmegaConf
+
+    from learnforget.eval.scoring import load_for_eval
+    from learnforget.eval.swap import SharedBase
+    from learnforget.runfolder import RunFolder
+
+    fresh: list[float] = []
+    swap: list[float] = []
+    shared, first = None, 0.0
+    for run in run_dirs:
+        run_cfg = OmegaConf.load(Path(run) / "config.yaml")
+        cache = Path(run_cfg.paths.cache_dir).expanduser()
+        if shared is None:
+            shared = SharedBase(run_cfg, cache, "cpu")
+            t0 = time.perf_counter()
+            shared.base_model()
+            first = time.perf_counter() - t0
+        for _ in range(repeats):
+            for ckpt in RunFolder(Path(run)).checkpoint_dirs():
+                t0 = time.perf_counter()
+                model = load_for_eval(run_cfg, ckpt, cache, "cpu")
+                fresh.append(time.perf_counter() - t0)
+                del model
+                t0 = time.perf_counter()
+                shared.checkpoint_model(ckpt)
+                swap.append(time.perf_counter() - t0)
+    return {"fresh_load_s": statistics.median(fresh), "swap_s": statistics.median(swap),
+            "shared_base_load_s": first, "n": len(fresh)}
+
+
+def compare_results(a_runs: Sequence[Path], b_runs: Sequence[Path]) -> dict[str, Any]:
+    """Every checkpoint's eval result in run folders `a_runs` against the same checkpoint's in
+    `b_runs`: whether the per-item results, cross-entropies and drift are identical, and the
+    largest per-choice log-likelihood difference."""
+    from learnforget.runfolder import RunFolder
+
+    diff, n_items, n_ckpt, identical = 0.0, 0, 0, True
+    for a_run, b_run in zip(a_runs, b_runs, strict=True):
+        for label in RunFolder(a_run).checkpoint_labels():
+            a = json.loads(RunFolder(a_run).eval_result(label).read_text())
+            b = json.loads(RunFolder(b_run).eval_result(label).read_text())
+            n_ckpt += 1
             for name, task in a["tasks"].items():
                 la, lb = task["items"]["lls"], b["tasks"][name]["items"]["lls"]
                 identical &= task["items"] == b["tasks"][name]["items"]
@@ -200,16 +256,8 @@ def bench_adapter_swap(run_dirs: Sequence[Path], work: Path, overrides: Sequence
                 diff = max([diff, *(abs(x - y) for ra, rb in zip(la, lb, strict=True)
                                     for x, y in zip(ra, rb, strict=True))])
             identical &= a["ppl"] == b["ppl"] and a["drift"] == b["drift"]
-    n_ckpt = sum(len(list((r / "eval").glob("step-*.json"))) for r in copies["swap"])
-    out = {"runs": [r.name for r in runs], "checkpoints": n_ckpt, "suite": str(ev.name),
-           "overrides": list(overrides), "repeats": repeats, "threads": torch.get_num_threads(),
-           "base_load_s": base_load_s, "seconds": secs,
-           "best_s": {w: min(v) for w, v in secs.items()},
-           "items_compared": n_items, "identical": bool(identical), "max_abs_ll_diff": diff}
-    out["saved_s"] = out["best_s"]["fresh"] - out["best_s"]["swap"]
-    out["saved_per_checkpoint_s"] = out["saved_s"] / max(n_ckpt, 1)
-    out["speedup"] = out["best_s"]["fresh"] / out["best_s"]["swap"]
-    return out
+    return {"checkpoints": n_ckpt, "items_compared": n_items, "identical": bool(identical),
+            "max_abs_ll_diff": diff}
 
 
 def format_swap(r: dict[str, Any]) -> str:
@@ -220,6 +268,8 @@ def format_swap(r: dict[str, Any]) -> str:
         f"  one base, adapters swapped      {r['best_s']['swap']:8.1f} s",
         f"  saved {r['saved_s']:.1f} s ({r['saved_per_checkpoint_s']:.2f} s per checkpoint; one "
         f"base load alone: {r['base_load_s']:.2f} s), {r['speedup']:.2f}x",
+        f"  per checkpoint, the model ready to score: fresh load "
+        f"{r['load_times']['fresh_load_s']:.2f} s, adapter swapped {r['load_times']['swap_s']:.3f} s",
         f"  per-item results identical: {r['identical']} ({r['items_compared']} items, largest "
         f"log-likelihood difference {r['max_abs_ll_diff']:.1e})"])
 
