@@ -92,6 +92,7 @@ def _assert_identical(swapped: dict, fresh: dict) -> None:
         assert a == b, label  # and everything else (cross-entropies, diversity, drift)
 
 
+@pytest.mark.slow  # ~40 s on 2 busy cores; the per-method checks below (3-7 s each) run by default
 def test_swapped_adapters_score_like_fresh_loads_on_the_default_suite(make_cfg, monkeypatch):
     """Two LoRA runs of different ranks, two checkpoints each, in one eval process: identical
     per-item results to a fresh load per checkpoint; one base load instead of five."""
