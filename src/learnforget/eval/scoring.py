@@ -112,7 +112,10 @@ def cast_for_scoring(model, ev: DictConfig):
     if any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules()):
         raise ConfigError(f"eval.precision={ev.precision!r} cannot cast a quantised model "
                           "(QLoRA scores in its compute dtype): use eval.precision=model")
-    if getattr(model, "_lf_scoring_dtype", None) != dtype:
+    # a model cast before may hold new parameters since (an adapter swapped in by
+    # learnforget.eval.swap, created by peft in fp32): those are cast too, as a fresh load's
+    if getattr(model, "_lf_scoring_dtype", None) != dtype or any(
+            p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
         model.to(dtype)
         if getattr(model, "_lf_scoring_dtype", None) is None:
             model.register_forward_hook(_logits_fp32)
@@ -145,8 +148,8 @@ def lm_class(model, backend: str):
     if backend not in BACKENDS:
         raise ConfigError(f"eval.backend={backend!r} is unknown (expected one of: "
                           f"{', '.join(BACKENDS)})")
-    peft_cfg = getattr(model, "peft_config", {}).get("default") if hasattr(
-        model, "peft_config") else None
+    peft_cfg = getattr(model, "active_peft_config", None) if hasattr(
+        model, "peft_config") else None  # the active adapter's (learnforget.eval.swap names them)
     virtual = isinstance(model, StripVirtualTokens) or (
         peft_cfg is not None and getattr(peft_cfg, "num_virtual_tokens", None))
     if backend == "hf" or virtual:
@@ -231,9 +234,11 @@ def base_model_id(run_cfg: DictConfig) -> str:
 
 def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, tokenizer,
                 specs, include_path: Path, cache_dir: Path, device: str,
-                drift_eval=None, model=None, task_cache: dict | None = None) -> dict[str, Any]:
+                drift_eval=None, model=None, task_cache: dict | None = None,
+                load_base=None) -> dict[str, Any]:
     """The base model's scores, computed once per (model, quantisation, suite settings).
-    `model`: the base model when the caller has it loaded already; `task_cache`: see score."""
+    `model`: the base model when the caller has it loaded already; `load_base`: a function
+    giving it when needed (learnforget.eval.swap's shared base); `task_cache`: see score."""
     model_id = base_model_id(run_cfg)
     ppl_run = any(p.source == "run" for p in ev.ppl)
     data_id = f"-{run_cfg.data.name}" if ppl_run else ""
@@ -245,6 +250,7 @@ def base_scores(run_cfg: DictConfig, ev: DictConfig, key: str, runs_root: Path, 
         print(f"learnforget: scoring the base model {model_id} on eval={ev.name} (cached after)")
         if model is None:
             model = (drift_eval.base_model if drift_eval is not None
+                     else load_base() if load_base is not None
                      else load_for_eval(run_cfg, None, cache_dir, device))
         result = {"eval_key": key, "model": model_id, "suite": ev.name,
                   **score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,

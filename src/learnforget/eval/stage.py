@@ -23,22 +23,34 @@ from learnforget.eval.scoring import (
 )
 from learnforget.eval.suite import body_dtype, checked_specs, eval_key, head_note
 from learnforget.eval.summary import print_rows, summarize, write_csv
+from learnforget.eval.swap import NOTE as SWAP_NOTE
+from learnforget.eval.swap import BasePool
 from learnforget.files import atomic_write_json, read_result
 from learnforget.runfolder import RunFolder, meta_info
 
 
 def evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None = None,
-                 cache_dir: Path | None = None) -> Path:
+                 cache_dir: Path | None = None, pool: BasePool | None = None) -> Path:
     """Evaluate every checkpoint of a run folder (or ev.checkpoint); returns the summary path.
-    What the libraries log goes to <run>/run.log (learnforget.console)."""
+    What the libraries log goes to <run>/run.log (learnforget.console). Adapter checkpoints
+    share one loaded base (eval.swap_adapters, learnforget.eval.swap): `pool` keeps it across
+    calls (evaluate_runs), else it lives for this call."""
     from learnforget.console import library_output
 
     with library_output(RunFolder(Path(run_dir).resolve()).log, f"eval {ev.name}"):
-        return _evaluate_run(run_dir, ev, logger_cfg, cache_dir)
+        return _evaluate_run(run_dir, ev, logger_cfg, cache_dir, pool or BasePool())
+
+
+def evaluate_runs(run_dirs, ev: DictConfig, logger_cfg: DictConfig | None = None,
+                  cache_dir: Path | None = None) -> list[Path]:
+    """Evaluate several run folders in this process; runs on the same base model whose
+    checkpoints are adapters share one loaded base (learnforget.eval.swap)."""
+    pool = BasePool()
+    return [evaluate_run(Path(d), ev, logger_cfg, cache_dir, pool) for d in run_dirs]
 
 
 def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
-                  cache_dir: Path | None) -> Path:
+                  cache_dir: Path | None, pool: BasePool) -> Path:
     from learnforget.assets.models import load_tokenizer
     from learnforget.eval.task_yaml import write_task_dir
 
@@ -64,12 +76,16 @@ def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
     if note := head_note(ev, run_cfg):
         print(f"learnforget: {note}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    shared = pool.for_run(run_cfg, ev, cache_dir, device)
+    if shared is not None:
+        print(f"learnforget: {SWAP_NOTE}")
     tokenizer = load_tokenizer(str(folder.tokenizer))
     drift_eval = drift_eval_for(ev, run_cfg, folder.runs_root, tokenizer,
                                 lambda: load_for_eval(run_cfg, None, cache_dir, device))
     task_cache: dict = {}  # lm-eval's task objects, built once for the base and every checkpoint
     base = base_scores(run_cfg, ev, key, folder.runs_root, tokenizer, specs, include_path,
-                       cache_dir, device, drift_eval, task_cache=task_cache)
+                       cache_dir, device, drift_eval, task_cache=task_cache,
+                       load_base=shared.base_model if shared is not None else None)
 
     from learnforget.tracking import mirror_loggers
 
@@ -84,7 +100,10 @@ def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
         out = folder.eval_result(ckpt.name)
         result = read_result(out)
         if not (result and result.get("eval_key") == key):
-            model = load_for_eval(run_cfg, ckpt, cache_dir, device)
+            model = shared.checkpoint_model(ckpt) if shared is not None else None
+            adapter_load = "swapped onto the shared base" if model is not None else "fresh"
+            if model is None:
+                model = load_for_eval(run_cfg, ckpt, cache_dir, device)
             result = {"checkpoint": ckpt.name, "step": manifest["step"],
                       "tokens": manifest["tokens"], "epoch": manifest.get("epoch"),
                       "eval_key": key, "suite": ev.name, "batch_size": int(ev.batch_size),
@@ -94,6 +113,7 @@ def _evaluate_run(run_dir: Path, ev: DictConfig, logger_cfg: DictConfig | None,
                       "meta": meta_info().to_dict()}
             result["meta"]["precision"] = result["precision"]
             result["meta"]["head"] = result["head"]
+            result["meta"]["adapter_load"] = adapter_load
             atomic_write_json(out, result)
             del model
         _same_precision(base, result, ckpt.name)

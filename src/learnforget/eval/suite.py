@@ -233,7 +233,7 @@ def eval_key(ev: DictConfig, specs, include_path: Path, *, body_dtype: str) -> s
     from learnforget.eval.task_yaml import task_config_hash
 
     settings = OmegaConf.to_container(ev, resolve=True)
-    for volatile in ("checkpoint", "after_train"):
+    for volatile in ("checkpoint", "after_train", "swap_adapters"):  # same scores either way
         settings.pop(volatile, None)
     if settings.get("precision", "model") == "model":
         settings.pop("precision", None)

@@ -95,6 +95,23 @@ def checkpoint_format(cfg: Mapping) -> str:
     return "peft_adapter" if cfg.get(PEFT) is not None else "safetensors"
 
 
+# peft types whose adapters add inputs (virtual tokens) rather than wrapping modules
+PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT",
+                   "ADAPTION_PROMPT")
+
+
+def shares_base_in_eval(cfg: DictConfig) -> bool:
+    """Can an eval process score this method's checkpoints on one loaded base by swapping peft
+    adapters (learnforget.eval.swap)? Yes for peft adapters that wrap modules of an unquantised
+    base which loading leaves unchanged (lora, dora, ia3, vera, loha, ...; pissa/olora/corda
+    checkpoints are saved as plain LoRA on the original base). No for full-weight checkpoints
+    (full, bitfit, topk), bottleneck adapters, qlora (its own quantised base) and prompt
+    learning (prefix, prompt)."""
+    if checkpoint_format(cfg) != "peft_adapter" or cfg.get("name") == "qlora":
+        return False
+    return str(peft_type(cfg) or "").upper() not in PROMPT_LEARNING
+
+
 def effective_method(cfg: DictConfig) -> dict[str, Any]:
     """The method's settings that matter (alpha resolved to 2r): this defines the run."""
     validate_method(cfg)
