@@ -13,7 +13,7 @@ LoHa, ...; PiSSA/OLoRA/CorDA checkpoints are saved as plain LoRA on the original
 come from the same model with every adapter unloaded.
 
 What stays as with a fresh load, so the per-item log-likelihoods are the same
-(tests/test_adapter_swap.py checks equality, item by item, against separate loads):
+(equal, item by item, to separate loads):
 - eval mode (no adapter dropout), as `PeftModel.from_pretrained` and `load_adapter` leave it;
 - eval.head: the fp32 LM head (learnforget.eval.head) is installed once, from the head weight as
   loaded, and stays for the base and every checkpoint (adapters never target the LM head here:
