@@ -13,6 +13,7 @@ from learnforget.config import conf_dir
 from learnforget.data.packing import build_data, pack_documents
 from learnforget.data.sources import load_records
 from learnforget.errors import ConfigError
+from learnforget.methods.registry import quantised_base
 
 ROLES = ("target", "forgetting")
 PRECISIONS = ("model", "fp32", "bf16")
@@ -47,7 +48,7 @@ def body_dtype(ev: DictConfig, run_cfg: DictConfig) -> str:
     precision = scoring_precision(ev)
     if precision != "model":
         return {"fp32": "float32", "bf16": "bfloat16"}[precision]
-    if run_cfg.method.name == "qlora":
+    if quantised_base(run_cfg.method):
         return str(run_cfg.method.compute_dtype).removeprefix("torch.")
     return str(run_cfg.model.dtype).removeprefix("torch.")
 

@@ -100,6 +100,12 @@ PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROM
                    "ADAPTION_PROMPT")
 
 
+def quantised_base(cfg: Mapping) -> bool:
+    """The method trains on a quantised frozen base (qlora): it loads, computes and is counted
+    in its own dtypes (method.compute_dtype), not model.dtype."""
+    return cfg.get("name") == "qlora"
+
+
 def shares_base_in_eval(cfg: DictConfig) -> bool:
     """Can an eval process score this method's checkpoints on one loaded base by swapping peft
     adapters (learnforget.eval.swap)? Yes for peft adapters that wrap modules of an unquantised

@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from learnforget.methods.registry import checkpoint_format
+from learnforget.methods.registry import checkpoint_format, quantised_base
 
 HEADROOM = 0.90
 GIB = 2**30
@@ -62,7 +62,7 @@ def host_ram(cfg: DictConfig, plan: GpuPlan, rep: Any) -> dict[str, Any]:
 
     per_node = min(plan.per_node, plan.ranks)
     copy = (rep.weights_bytes - rep.trainable * dtype_bytes(rep.master)  # the adapters: on GPU
-            if cfg.method.name == "qlora" else rep.base_total * dtype_bytes(rep.frozen))
+            if quantised_base(cfg.method) else rep.base_total * dtype_bytes(rep.frozen))
     every = per_node * copy
     now = copy if from_rank0(cfg, plan.ranks) else every
     return {"host_copy_gib": copy / GIB, "host_every_rank_gib": every / GIB,
