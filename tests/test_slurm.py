@@ -340,6 +340,19 @@ def _slurm_times(c: Cluster, job: str) -> dict[str, tuple[float, float, str]]:
     return out
 
 
+def _slurm_times_final(c: Cluster, job: str, wait_s: float = 90.0) -> dict[str, tuple[float, float, str]]:
+    """`_slurm_times` once no task is still RUNNING or COMPLETING. submitit returns as soon as a
+    task has written its result, which can be a moment before slurmd reports the task ended (CI
+    once saw an eval task RUNNING right after the sweep returned)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        times = _slurm_times(c, job)
+        if all(state not in ("RUNNING", "COMPLETING", "PENDING", "CONFIGURING")
+               for _s, _e, state in times.values()) or time.monotonic() > deadline:
+            return times
+        time.sleep(0.5)
+
+
 def test_preparation_runs_first_and_eval_jobs_after_their_training(slurm_cluster, tmp_path):
     """`learnforget sweep` on SLURM: a CPU preparation job (tiny model + token shards), the
     training array (2 ranks per job, the CPU stand-in of a GPU profile) with afterok on it, and
@@ -388,8 +401,8 @@ def test_preparation_runs_first_and_eval_jobs_after_their_training(slurm_cluster
     assert any(f"--dependency=aftercorr:{train}" in s and "--ntasks-per-node=1" in s
                for s in scripts.values()), scripts.keys()
     # SLURM's own records
-    p_start, p_end, p_state = _slurm_times(c, prep)[prep]
-    t_times, e_times = _slurm_times(c, train), _slurm_times(c, evals)
+    p_start, p_end, p_state = _slurm_times_final(c, prep)[prep]
+    t_times, e_times = _slurm_times_final(c, train), _slurm_times_final(c, evals)
     assert p_state == "COMPLETED" and len(t_times) == 2 and len(e_times) == 2, (t_times, e_times)
     for task, (start, _end, state) in t_times.items():
         assert state == "COMPLETED" and start >= p_end, (task, start, p_end)
