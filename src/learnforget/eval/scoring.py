@@ -62,7 +62,7 @@ def load_for_eval(run_cfg: DictConfig, ckpt: Path | None, cache_dir: Path, devic
             {"name": "full"})
         model, _, _ = load_model(run_cfg.model, base_method, cache_dir, device)
         if manifest and manifest["format"] == "bottleneck_adapter":
-            from learnforget.methods.bottleneck import load_adapter
+            from learnforget.methods.bottleneck.model import load_adapter
 
             model = load_adapter(model, ckpt)
         elif manifest:
