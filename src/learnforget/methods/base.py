@@ -20,7 +20,8 @@ from a run folder) and asks the object:
     per_rank_reason(cfg)    why every rank must read the base weights itself (None: rank 0 can)
 
 and its flags: trains_base_weights (full, bitfit, topk: fp32 master copies of base weights),
-lora_adapter (its adapter is LoRA factors B, A: rank labels, init variants, intruder mitigation).
+lora_adapter (its adapter is LoRA factors B, A: rank labels, init variants, intruder mitigation),
+quantised (its base is quantised) and reference (full finetuning, the baseline of comparisons).
 
 Registering a family (see docs/methods.md, and methods/bottleneck/ for a worked example):
 
@@ -110,6 +111,8 @@ class Method:
     trains_base_weights: bool = False     # its trainable parameters are base model weights
     lora_adapter: bool = False            # its adapter is LoRA factors B, A
     quantised: bool = False               # its frozen base is quantised (see quantisation)
+    reference: bool = False               # the baseline others are compared with (full)
+    no_activation_checkpointing: str = ""  # why train.activation_checkpointing cannot work
     abbreviations: dict[str, str | None] = {}  # run-name prefixes of its own keys (see ABBREV)
 
     def __init__(self, name: str, keys: tuple[str, ...] | None = None) -> None:

@@ -1,6 +1,6 @@
 """The built-in method families (the Method protocol: learnforget.methods.base), without torch:
 
-- BaseWeights: full, bitfit, topk train the base model's own weights (full-weight checkpoints);
+- BaseWeights: Full, BitFit, TopK train the base model's own weights (full-weight checkpoints);
 - PeftMethod: any peft method, its `peft:` section naming the peft type and its arguments.
   Methods described by data alone (conf/method/vera.yaml, loha.yaml) are plain PeftMethods;
   the built-in ones translate shared keys to peft arguments: Lora (lora, dora), QLora (qlora,
@@ -45,8 +45,13 @@ _SHARED_REF = re.compile(r"\$\{\.\.(\w+)\}")  # `${..r}` in the peft section: me
 
 
 class BaseWeights(Method):
-    """full finetuning: every parameter of the base model trains."""
+    """Methods that train (some of) the base model's own weights; full-weight checkpoints."""
     trains_base_weights = True
+
+
+class Full(BaseWeights):
+    """Full finetuning: every parameter trains (the paper's reference)."""
+    reference = True
 
     def apply(self, model, cfg, ctx):
         for p in model.parameters():
@@ -274,6 +279,8 @@ class Ia3(BuiltinPeft):
 class Prefix(BuiltinPeft):
     """Prefix tuning: trained key/value prefixes in every layer."""
     keys = ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size")
+    no_activation_checkpointing = ("prefix tuning feeds its prefix through the KV cache, which "
+                                   "gradient checkpointing turns off")
 
 
 class Prompt(BuiltinPeft):
@@ -292,6 +299,6 @@ class Prompt(BuiltinPeft):
 
 
 METHODS: tuple[Method, ...] = (
-    BaseWeights("full"), Lora("lora"), Lora("dora", dora=True), QLora("qlora"), Ia3("ia3"),
+    Full("full"), Lora("lora"), Lora("dora", dora=True), QLora("qlora"), Ia3("ia3"),
     Prefix("prefix"), Prompt("prompt"), BitFit("bitfit"), TopK("topk"),
 )
