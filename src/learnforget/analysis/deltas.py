@@ -35,6 +35,7 @@ from learnforget.analysis.weights import (
 )
 from learnforget.errors import ConfigError
 from learnforget.files import read_json
+from learnforget.methods.registry import family
 from learnforget.runfolder import MANIFEST, RunFolder
 
 
@@ -125,8 +126,6 @@ def extract_deltas(run_dir: Path, checkpoint: str | Path, *, with_weights: bool 
     """ΔW of every linear module of one checkpoint (None for methods that change no weight
     matrix: prefix and prompt tuning, bottleneck adapters). `lora_via="merge"` takes plain LoRA through peft's
     merge as well (the dense reference the factor route is tested against)."""
-    from learnforget.methods.apply import changes_weights
-
     if lora_via not in ("factors", "merge"):
         raise ConfigError(f"lora_via {lora_via!r} is unknown (expected factors or merge)")
     run_dir = Path(run_dir)
@@ -140,18 +139,11 @@ def extract_deltas(run_dir: Path, checkpoint: str | Path, *, with_weights: bool 
     info = record.to_dict() if record else {}
     method = manifest.get("method") or (info.get("run") or {}).get("method", "?")
     adapter_cfg = read_json(ckpt / "adapter_config.json") or {}
-    peft_type = adapter_cfg.get("peft_type")
-    if manifest.get("format") == "bottleneck_adapter":
-        return None  # new modules beside the frozen base: ΔW is not defined
-    if manifest.get("format") == "safetensors":
-        route = "full"
-    elif peft_type == "LORA" and not adapter_cfg.get("use_dora") and (
-            lora_via == "factors" or method == "qlora"):
-        route = "factors"
-    elif peft_type is not None and changes_weights(ckpt):
-        route = "merge"  # any other peft type (DoRA, IA3, VeRA, LoHa, ...): merged minus base
-    else:
-        return None  # prefix / prompt tuning: no weight matrix changes
+    # "full" (W_ft - W_base), "factors" (scale B A), "merge" (peft merged minus base), or None:
+    # no weight matrix changes (prefix / prompt tuning, bottleneck adapters)
+    route = family(str(method)).delta_route(manifest.get("format"), adapter_cfg, ckpt, lora_via)
+    if route is None:
+        return None
     try:
         base_dir: Path | None = base_model_folder(run_dir, cache_dir)
     except ConfigError:
@@ -211,7 +203,7 @@ def _factor_deltas(ckpt, adapter_cfg, base_dir, method, info, with_weights, comm
         raise ConfigError(f"adapter {ckpt} holds no lora_A/lora_B pairs")
     names = sorted(pairs, key=natural_key)
     types = module_types(names)
-    qlora = method == "qlora"
+    qlora = family(str(method)).quantised  # the adapter trained on a dequantised base
     q = _quant_settings(info) if qlora else {}
     base_label = f"dequantised {q['quant_type']}" if qlora else "original"
     base = WeightFolder(base_dir) if with_weights and base_dir is not None else None
