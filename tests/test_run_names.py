@@ -14,11 +14,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf, open_dict
 
 from learnforget.config import (
     IDENTITY_DEFAULTS,
     IDENTITY_KEYS,
+    NOT_IDENTITY,
     compose,
     config_hash,
     run_identity,
@@ -146,3 +148,19 @@ def test_keys_outside_the_list_are_not_hashed(default_cfg):
         cfg.experiment_name = "elsewhere"
         cfg.logger = {"mode": "disabled"}
     assert config_hash(cfg) == config_hash(default_cfg)
+
+
+def test_every_key_of_the_config_files_is_decided():
+    """Each key of conf/model, conf/data and conf/train is hashed (IDENTITY_KEYS) or declared
+    not to change what a run computes (NOT_IDENTITY): a new key needs a decision (one line in
+    config.py, no name changes either way), so two data sets that differ only in a new
+    generator setting cannot share a run folder by oversight."""
+    undecided = []
+    for section in ("model", "data", "train"):
+        assert not set(IDENTITY_KEYS[section]) & set(NOT_IDENTITY[section])
+        for f in sorted((ROOT / "conf" / section).glob("*.yaml")):
+            for key in yaml.safe_load(f.read_text()) or {}:
+                if key != "defaults" and key not in IDENTITY_KEYS[section] + NOT_IDENTITY[section]:
+                    undecided.append(f"conf/{section}/{f.name}: {section}.{key}")
+    assert not undecided, ("add each to learnforget.config.IDENTITY_KEYS (it changes what a run "
+                           "computes) or NOT_IDENTITY (it does not): " + ", ".join(undecided))

@@ -172,8 +172,9 @@ def _plain(node: Any) -> Any:
 # not hashed, so a new key (train.compile, a fused optimizer, a logging switch) leaves every run
 # name as it was. The method's part is the method's own (learnforget.methods.registry.USES).
 #
+# Adding a key that does not change what a run computes: add it to NOT_IDENTITY (no name changes).
 # Adding a key that DOES change what a run computes:
-#   1. add it to IDENTITY_KEYS;
+#   1. add it to IDENTITY_KEYS (a key only some data sets or models have: just this);
 #   2. if its default reproduces the old computation, also add that default to IDENTITY_DEFAULTS:
 #      at the default the key is left out of the hash, so existing names stay; only runs that
 #      set another value get new names. No version bump.
@@ -194,10 +195,19 @@ IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
               "grad_accum", "loss_norm", "seq_len", "grad_clip", "precision", "master_weights",
               "checkpoints"),
 }
-# Not listed on purpose (same computation): data.shard_tokens (how shards are cut),
-# data.expected_tokens (what the paper reports), train.log_every, num_threads, heldout_batches,
-# resume_every_min, distributed.* (how ranks share the work), activation_checkpointing
-# (recomputed activations, same gradients).
+# The keys of conf/model, conf/data and conf/train that do not change what a run computes. Not
+# used by the hash (an unlisted key is never hashed); test_run_names.py checks that every key of
+# those config files is in IDENTITY_KEYS or here, so that a new key (a data set's generator
+# settings, say) gets a decision instead of silently sharing a run folder with other data.
+NOT_IDENTITY: dict[str, tuple[str, ...]] = {
+    "model": (),
+    "data": ("shard_tokens",       # how token shards are cut
+             "expected_tokens"),   # what the paper reports about the corpus
+    "train": ("log_every", "num_threads", "heldout_batches", "resume_every_min",
+              "distributed",                # how the ranks share the work
+              "activation_checkpointing",   # recomputed activations, the same gradients
+              "callbacks"),                 # hooks after each step (learnforget.train.callbacks)
+}
 
 # Listed keys left out at the value that reproduces the runs from before the key existed.
 IDENTITY_DEFAULTS: dict[str, dict[str, Any]] = {
