@@ -39,8 +39,9 @@ DEMO = [  # learnforget demo, 2026-12-06 (docs/figures/demo_runs.csv)
     "smollm2_135m-lora_r8_a16_all-stdlib_code-s0-37b0db",
     "smollm2_135m-lora_r8_a16_all-stdlib_code-s1-fae40c",
 ]
-# the default tier composes these studies' jobs; the rest (about 200 jobs) are slow
-FAST_STUDIES = ("demo", "demo_tiny", "code_cpt", "math_cpt", "code_ift", "math_ift",
+# the default tier composes these studies' jobs (the demo: the test above); the rest (about 200
+# jobs) are slow
+FAST_STUDIES = ("demo_tiny", "code_cpt", "math_cpt", "code_ift", "math_ift",
                 "code_cpt@toy", "math_cpt@toy", "code_ift@toy", "math_ift@toy")
 
 
