@@ -115,8 +115,7 @@ def test_a_branch_killed_midway_resumes_to_the_uninterrupted_end(tmp_path, cache
     import sys
 
     from conftest import FAST
-
-    from learnforget.train.loop import TEST_CRASH_ENV
+    from crash_hook import crash_after
 
     env = {**os.environ, "LEARNFORGET_RUNS_DIR": str(tmp_path / "runs"),
            "LEARNFORGET_CACHE_DIR": str(cache_dir)}
@@ -125,8 +124,8 @@ def test_a_branch_killed_midway_resumes_to_the_uninterrupted_end(tmp_path, cache
             "train.checkpoints.at=[4,12]"]
 
     def run(*extra: str, crash_at: int | None = None) -> subprocess.CompletedProcess:
-        hook = {} if crash_at is None else {TEST_CRASH_ENV: str(crash_at)}
-        return subprocess.run([*args, *extra], env={**env, **hook}, capture_output=True,
+        run_env, hook = crash_after(crash_at, env)
+        return subprocess.run([*args, *extra, *hook], env=run_env, capture_output=True,
                               text=True, timeout=300)
 
     assert run("experiment_name=straight").returncode == 0

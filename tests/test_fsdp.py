@@ -25,12 +25,12 @@ from conftest import (
     step_losses,
     train_single_process,
 )
+from crash_hook import crash_after
 
 from learnforget.config import compose, config_hash, validate
 from learnforget.errors import ConfigError
 from learnforget.runfolder import RunFolder
 from learnforget.train import distributed
-from learnforget.train.loop import TEST_CRASH_ENV
 
 
 def _logits(ckpt: Path) -> torch.Tensor:
@@ -50,8 +50,9 @@ def test_two_process_fsdp_matches_single_process_and_resumes(tmp_path, cache_dir
     fsdp = [str(TORCHRUN), "--nproc_per_node=2", "--master_port=29527", "-m", "learnforget.cli",
             "train", *MULTI_RANK, "train.batch_size=2", "experiment_name=fsdp",
             "train.distributed.strategy=fsdp"]
-    killed = subprocess.run(fsdp, env={**env, TEST_CRASH_ENV: "3"}, capture_output=True,
-                            text=True, timeout=300)
+    crash_env, crash = crash_after(3, env)
+    killed = subprocess.run([*fsdp, *crash], env=crash_env, capture_output=True, text=True,
+                            timeout=300)
     assert killed.returncode != 0  # both ranks died after step 3, like a killed job
     run_1 = next((tmp_path / "runs/single").iterdir())
     run_2 = next((tmp_path / "runs/fsdp").iterdir())

@@ -58,7 +58,7 @@ def test_full_7b_on_one_gpu_does_not_fit_and_says_how(tmp_path, capsys):
 def test_full_7b_as_shipped_fits_the_8_gpu_node(tmp_path, capsys):
     assert sweep_cli(["code_cpt", "--dry-run", "method=full", f"paths.runs_dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
-    assert "conf/cluster/llama7b_full_fsdp.yaml: 8 GPU(s) per job, 80 GB each" in out
+    assert "clusters/llama7b_full_fsdp.yaml: 8 GPU(s) per job, 80 GB each" in out
     row = next(x for x in out.splitlines() if x.strip().startswith("1  full ") and "fsdp" in x)
     assert row.split()[4] == "192" and row.split()[5] == "bf16/fp32" and row.rstrip().endswith("yes")
     assert "fit: 1 of 1 job(s) fit" in out

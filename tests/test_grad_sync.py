@@ -27,12 +27,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, OFFLINE_DATA, TORCHRUN, multi_rank_env, step_losses
+from crash_hook import crash_after
 from omegaconf import open_dict
 
 from learnforget.config import config_hash, run_dir, run_name
 from learnforget.data.packing import IGNORE_INDEX
 from learnforget.errors import ConfigError
-from learnforget.train.loop import TEST_CRASH_ENV, setup
+from learnforget.train.loop import setup
 from learnforget.train.plan import loss_tokens, micro_batch
 from learnforget.train.step import prepends_virtual_tokens, rank_seed
 
@@ -238,16 +239,16 @@ def test_two_rank_lora_with_dropout_resumes_exactly(tmp_path, cache_dir):
             "train.num_threads=1", "data.max_docs=8", "data.heldout_docs=2", "train.lr=1e-2",
             "train.precision=fp32", "train.batch_size=2", "train.grad_accum=2"]
 
-    def launch(experiment: str, crash: str | None = None) -> subprocess.CompletedProcess:
+    def launch(experiment: str, crash: int | None = None) -> subprocess.CompletedProcess:
+        run_env, hook = crash_after(crash, env)
         return subprocess.run(
             [str(TORCHRUN), "--nproc_per_node=2", "--master_port=29543", "-m", "learnforget.cli",
-             "train", *lora, f"experiment_name={experiment}"],
-            env={**env, TEST_CRASH_ENV: crash} if crash else env, capture_output=True, text=True,
-            timeout=300)
+             "train", *lora, f"experiment_name={experiment}", *hook],
+            env=run_env, capture_output=True, text=True, timeout=300)
 
     straight = launch("straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
-    assert launch("killed", crash="3").returncode != 0
+    assert launch("killed", crash=3).returncode != 0
     resumed = launch("killed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout and "from step 2" in resumed.stdout, resumed.stdout

@@ -445,3 +445,18 @@ def test_bad_builtin_specs_are_config_errors(tmp_path):
                     / "gsm8k.yaml", resolve_func=False)["generation_kwargs"]
     assert gen["max_gen_toks"] == 64 and gen["until"] == load_yaml(
         builtin_yaml("gsm8k"), resolve_func=False)["generation_kwargs"]["until"]
+
+
+def test_stale_generated_task_files_are_removed_and_others_kept(tmp_path):
+    """write_task_dir removes the task YAMLs it generated earlier (also those whose first line
+    names the module before the split, learnforget.eval.lmeval_tasks) and keeps a user's file."""
+    old = tmp_path / "gone.yaml"
+    old.write_text("# Written by learnforget.eval.lmeval_tasks.write_task_dir: regenerated on "
+                   "every write.\ntask: gone\n")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("task: mine  # Written by learnforget.eval. (not on the first line)\n")
+    write_task_dir([TaskSpec("lf_arc", "arc_challenge", SUITE_DATA / "arc_challenge.jsonl")],
+                   tmp_path)
+    assert not old.exists() and mine.exists()
+    assert (tmp_path / "lf_arc.yaml").read_text().startswith(
+        "# Written by learnforget.eval.task_yaml.write_task_dir")

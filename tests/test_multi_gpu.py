@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import MULTI_RANK, TORCHRUN, metrics_rows, multi_rank_env, step_losses
+from crash_hook import crash_after
 
 from learnforget.runfolder import RunFolder
-from learnforget.train.loop import TEST_CRASH_ENV
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = [pytest.mark.gpu,
@@ -41,15 +41,15 @@ def _overrides(*extra: str) -> list[str]:
 
 
 def _train(env: dict[str, str], overrides: list[str], experiment: str, ranks: int, port: int,
-           **extra_env: str) -> subprocess.CompletedProcess:
+           crash_at: int | None = None) -> subprocess.CompletedProcess:
     cmd = ([str(TORCHRUN), f"--nproc_per_node={ranks}", f"--master_port={port}"] if ranks > 1
            else [str(Path(TORCHRUN).parent / "python")])
     batch = 4 // ranks  # the same global batch
-    env = {**env, **extra_env}
+    env, hook = crash_after(crash_at, env)
     if ranks == 1:
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     return subprocess.run([*cmd, "-m", "learnforget.cli", "train", *overrides,
-                           f"train.batch_size={batch}", f"experiment_name={experiment}"],
+                           f"train.batch_size={batch}", f"experiment_name={experiment}", *hook],
                           env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -63,7 +63,7 @@ def test_fsdp_bf16_checkpointing_lionw_killed_and_resumed_on_two_gpus(tmp_path, 
     assert _train(env, args, "single", 1, 0).returncode == 0
     whole = _train(env, args, "whole", 2, 29631)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = _train(env, args, "killed", 2, 29632, **{TEST_CRASH_ENV: "3"})
+    killed = _train(env, args, "killed", 2, 29632, crash_at=3)
     assert killed.returncode != 0  # both ranks died after step 3
     run = _run(tmp_path, "killed")
     assert RunFolder(run).read_record().status == "running"

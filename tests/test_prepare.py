@@ -190,7 +190,7 @@ def test_code_cpt_dry_run_counts_gpu_hours_as_held(tmp_path, capsys):
     plan = expand(study, [f"paths.runs_dir={tmp_path / 'runs'}"])
     refresh_states(plan)
     estimate(plan)
-    cluster = str(Path(__file__).parents[1] / "conf/cluster/llama7b_full_fsdp.yaml")
+    cluster = str(Path(__file__).parents[1] / "clusters/llama7b_full_fsdp.yaml")
     print_held(plan, "submitit_slurm", cluster)
     out = capsys.readouterr().out
     tokens = 0.8 * 20e9 + 0.2 * 51.75e9

@@ -1,8 +1,8 @@
 """A run killed after its first checkpoint resumes and ends where an uninterrupted run ends.
 
-The kill is `os._exit(137)` right after the first checkpoint (the test hook
-LEARNFORGET_TEST_CRASH_AT_STEP, learnforget.train.loop.test_crash_step): no
-clean-up, no final write, as with SIGKILL. Tolerance: weights and losses equal to 1e-6
+The kill is `os._exit(137)` right after the first checkpoint (crash_hook.die_after_step_N,
+registered through the loop's ordinary `train.callbacks`): no clean-up, no final write, as
+with SIGKILL. Tolerance: weights and losses equal to 1e-6
 (on one thread they are bit-identical in practice).
 """
 
@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST
+from crash_hook import crash_after
 from safetensors.torch import load_file
 
+from learnforget.config import IDENTITY_VERSION
 from learnforget.runfolder import RunFolder
-from learnforget.train.loop import TEST_CRASH_ENV
 
 COMMON = [*FAST, "train.checkpoints.at=[2,4]", "train.num_threads=1", "data.max_docs=8",
           "data.heldout_docs=2", "method.r=4"]
@@ -30,9 +31,9 @@ def _train(runs: Path, cache: Path, *overrides: str,
            crash_at: int | None = None) -> subprocess.CompletedProcess:
     """`learnforget train` in a subprocess; with `crash_at`, it dies (os._exit) after that step."""
     env = {**os.environ, "LEARNFORGET_RUNS_DIR": str(runs), "LEARNFORGET_CACHE_DIR": str(cache)}
-    if crash_at is not None:
-        env[TEST_CRASH_ENV] = str(crash_at)
-    return subprocess.run([sys.executable, "-m", "learnforget.cli", "train", *COMMON, *overrides],
+    env, hook = crash_after(crash_at, env)
+    return subprocess.run([sys.executable, "-m", "learnforget.cli", "train", *COMMON, *overrides,
+                           *hook],
                           env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -83,8 +84,9 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, cache_dir, method):
     assert "resuming" in resumed.stdout
 
     run_a = next((runs / "straight").iterdir())
-    assert run_a.name == run_b.name  # same config, same run name
+    assert run_a.name == run_b.name  # same config (train.callbacks is not hashed), same name
     info_b = RunFolder(run_b).read_record()
+    assert info_b.run.identity_version == IDENTITY_VERSION == 1  # recorded in run.json
     assert info_b.status == "finished" and "resumed from step 2" in info_b.train.notes
     la, lb = _losses(run_a), _losses(run_b)
     assert [s for s, _ in la] == [s for s, _ in lb]

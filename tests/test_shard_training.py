@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST, TORCHRUN
+from crash_hook import crash_after
 from safetensors.torch import load_file
 from test_shards import WORDS, make_docs, prep, tok  # noqa: F401 - tok is a fixture
 
 from learnforget.data.shards import ShardCorpus
 from learnforget.runfolder import RunFolder, RunRecord
-from learnforget.train.loop import TEST_CRASH_ENV
 
 RSS_BOUND_MIB = 8.0
 COMMON = [*FAST, "data=local_text", "data.format=shards", "data.heldout_docs=2",
@@ -45,9 +45,9 @@ def _train(runs: Path, cache: Path, *overrides: str,
            crash_at: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "LEARNFORGET_RUNS_DIR": str(runs), "LEARNFORGET_CACHE_DIR": str(cache),
            "OMP_NUM_THREADS": "1"}
-    if crash_at is not None:  # the test hook: die (os._exit) after that step
-        env[TEST_CRASH_ENV] = str(crash_at)
-    return subprocess.run([sys.executable, "-m", "learnforget.cli", "train", *COMMON, *overrides],
+    env, hook = crash_after(crash_at, env)  # die (os._exit) after that step
+    return subprocess.run([sys.executable, "-m", "learnforget.cli", "train", *COMMON, *overrides,
+                           *hook],
                           env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -121,7 +121,7 @@ def test_the_7b_fsdp_profile_asks_for_one_task_per_gpu(tmp_path, fake_slurm, cap
         slurm_preflight,
     )
 
-    path = cluster_profile_path("llama7b_full_fsdp")  # by name: conf/cluster/<name>.yaml
+    path = cluster_profile_path("llama7b_full_fsdp")  # by name: clusters/<name>.yaml
     profile = load_cluster_profile(path)
     assert (profile["tasks_per_node"], profile["gpus_per_node"]) == (8, 8)
     assert "Job 7 to start" in slurm_preflight(profile, path, 1)

@@ -183,7 +183,7 @@ sweep: {{train.lrr: [1.0e-4, 2.0e-4]}}
 
 
 def test_cluster_profile_unknown_key_is_an_error(tmp_path):
-    default = Path(__file__).resolve().parents[1] / "conf" / "cluster" / "default.yaml"
+    default = Path(__file__).resolve().parents[1] / "clusters" / "default.yaml"
     profile = load_cluster_profile(default)
     assert profile["gpus_per_node"] == 1 and profile["max_num_timeout"] >= 1
     bad = _write(tmp_path / "cluster.yaml", "partiton: gpu\ntimeout_min: 600\n")

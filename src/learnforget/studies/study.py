@@ -78,7 +78,7 @@ class Study:
     grid: list[list[tuple[str, str]]] = field(default_factory=list)  # each: [(key, override)]
     sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
     size: str | None = None            # the size in use (apply_size)
-    cluster: str | None = None         # the cluster profile its jobs need (conf/cluster/NAME)
+    cluster: str | None = None         # the cluster profile its jobs need (clusters/NAME.yaml)
     global_batch: int | None = None    # sequences per optimizer step, over all ranks
 
 

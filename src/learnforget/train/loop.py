@@ -6,12 +6,11 @@ the run (lock, resume, run.json, loggers), train loop (budget checkpoints), fini
 
 from __future__ import annotations
 
-import os
 import random
 import resource
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,15 @@ from tqdm.auto import tqdm
 
 from learnforget.assets.inputs import ready_before_ranks
 from learnforget.assets.models import load_model
-from learnforget.config import config_hash, cooldown_mode, run_dir, run_identity, run_name, validate
+from learnforget.config import (
+    IDENTITY_VERSION,
+    config_hash,
+    cooldown_mode,
+    run_dir,
+    run_identity,
+    run_name,
+    validate,
+)
 from learnforget.data.packing import TokenizedData
 from learnforget.errors import ConfigError
 from learnforget.eval.crossentropy import mean_cross_entropy
@@ -40,6 +47,7 @@ from learnforget.runfolder import RunFolder, RunInfo, RunLock, RunRecord, TrainI
 from learnforget.tracking import Loggers, make_loggers, scrub
 from learnforget.train import cooldown, distributed, precision, rank0_load
 from learnforget.train.activations import enable_checkpointing
+from learnforget.train.callbacks import Callback, call_callbacks, load_callbacks
 from learnforget.train.distributed import Dist
 from learnforget.train.optim import make_optimizer, make_scheduler
 from learnforget.train.plan import Plan, data_accounting, load_data, make_plan, micro_batch
@@ -47,8 +55,6 @@ from learnforget.train.run_state import drop_resume_state, load_resume, save_che
 from learnforget.train.saving import STOP, ResumeSaver, resume_every_s
 from learnforget.train.signals import StopSignals
 from learnforget.train.step import legacy_note, step_notes, train_step, wrap_model
-
-TEST_CRASH_ENV = "LEARNFORGET_TEST_CRASH_AT_STEP"  # tests only: see test_crash_step
 
 
 def peak_memory_mb(device: str) -> float:
@@ -110,11 +116,13 @@ class Setup:
     policy: precision.PrecisionPolicy
     strategy: str | None = None   # how the ranks share the work: ddp | fsdp (None: one process)
     quantisation: dict[str, Any] | None = None  # qlora: error of the quantised base weights
+    callbacks: list[Callback] = field(default_factory=list)  # train.callbacks, after each step
 
 
 def setup(cfg: DictConfig) -> Setup | None:
     """Load model, method, data, optimizer. None when the run already finished."""
     validate(cfg)
+    callbacks = load_callbacks(cfg.train.get("callbacks"))
     out, name, chash = run_dir(cfg), run_name(cfg), config_hash(cfg)
     folder = RunFolder(out)
     if folder.finished(chash):
@@ -181,7 +189,8 @@ def setup(cfg: DictConfig) -> Setup | None:
     scheduler = make_scheduler(optimizer, cooldown.plateau(t), plan.total_steps)
     return Setup(cfg, out, name, chash, device, d, model, tokenizer, base_path, notes + opt_notes,
                  trainable, total, data, plan, params, optimizer, scheduler,
-                 policy.autocast_dtype, policy, strategy, quantisation=quantisation)
+                 policy.autocast_dtype, policy, strategy, quantisation=quantisation,
+                 callbacks=callbacks)
 
 
 def parallel_strategy(cfg: DictConfig, d: Dist, notes: list[str]) -> str | None:
@@ -291,7 +300,7 @@ def start_record(s: Setup) -> RunRecord:
                   method_summary=method_summary(cfg.method),
                   method_settings=run_identity(cfg)["method"],
                   ignored_method_keys=ignored_keys(cfg.method), data=cfg.data.name,
-                  regime=cfg.data.regime, seed=cfg.seed)
+                  regime=cfg.data.regime, seed=cfg.seed, identity_version=IDENTITY_VERSION)
     branches = bool(plan.branch_points)
     train_info = TrainInfo(
         trainable_params=s.trainable, total_params=s.total,
@@ -379,19 +388,12 @@ def save_branch(s: Setup, run: OpenRun, step: int) -> None:
     run.saver.save(branch.resume, s.model, s.optimizer, s.scheduler, run.progress)
 
 
-def test_crash_step() -> int | None:
-    """Testing only: the step after which the process dies like a killed one (os._exit, no
-    clean-up), from the environment variable LEARNFORGET_TEST_CRASH_AT_STEP."""
-    value = os.environ.get(TEST_CRASH_ENV)
-    return int(value) if value else None
-
-
 def train_loop(s: Setup, run: OpenRun, stop: StopSignals) -> str:
     """Steps from the resumed position to the plan's end, saving each budget's checkpoint;
     returns "finished", or "interrupted" after a stop signal (state saved)."""
     t, d, plan, progress = s.cfg.train, s.dist, s.plan, run.progress
     rank_saves = d.main or s.strategy == "fsdp"  # FSDP: every rank joins gathers and saves
-    net, crash_at = wrap_model(s), test_crash_step()
+    net = wrap_model(s)
     s.model.train()
     start_step = progress["step"]
     if start_step == 0 and t.heldout_batches and rank_saves:
@@ -427,8 +429,7 @@ def train_loop(s: Setup, run: OpenRun, stop: StopSignals) -> str:
             save_branch(s, run, step)
         if step in plan.checkpoints or step in plan.branch_points:
             distributed.barrier(d)
-        if step == crash_at:
-            os._exit(137)  # testing: die like a killed process, with no clean-up at all
+        call_callbacks(s.callbacks, step=step, progress=dict(progress), run_dir=s.out, rank=d.rank)
         save = run.saver.decide(stop.signal, step, plan.total_steps)  # the same on every rank
         if save and save != STOP and rank_saves:  # timed: rank 0's clock said so
             run.saver.timed(run.folder.resume, s.model, s.optimizer, s.scheduler, progress)

@@ -12,7 +12,7 @@ fetched from the hub when imported).
   aggregation then averages over problems: `mean_pass_at_k` on the (n, c) counts.
 
 lm-eval calls hooks without any of our settings, so the opt-in to run model-written code
-travels in an environment variable that `learnforget.eval.lmeval_tasks.evaluate` sets for the
+travels in an environment variable that `learnforget.eval.lm_eval_run.evaluate` sets for the
 duration of its call. Without it the hooks refuse (ConfigError from `sandbox.require_opt_in`)."""
 
 from __future__ import annotations
