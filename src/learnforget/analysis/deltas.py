@@ -143,7 +143,9 @@ def extract_deltas(run_dir: Path, checkpoint: str | Path, *, with_weights: bool 
     peft_type = adapter_cfg.get("peft_type")
     if manifest.get("format") == "bottleneck_adapter":
         return None  # new modules beside the frozen base: ΔW is not defined
-    if manifest.get("format") == "safetensors":
+    if manifest.get("format") == "said":
+        route = "said"
+    elif manifest.get("format") == "safetensors":
         route = "full"
     elif peft_type == "LORA" and not adapter_cfg.get("use_dora") and (
             lora_via == "factors" or method == "qlora"):
@@ -155,7 +157,7 @@ def extract_deltas(run_dir: Path, checkpoint: str | Path, *, with_weights: bool 
     try:
         base_dir: Path | None = base_model_folder(run_dir, cache_dir)
     except ConfigError:
-        if route != "factors" or with_weights:
+        if route not in ("factors", "said") or with_weights:
             raise
         base_dir = None  # the factors alone give ΔW and its spectrum
     conv1d_model = base_dir is not None and model_type(base_dir) in CONV1D_MODEL_TYPES
@@ -164,6 +166,8 @@ def extract_deltas(run_dir: Path, checkpoint: str | Path, *, with_weights: bool 
               str((info.get("run") or {}).get("base_model"))}
     if route == "full":
         return _full_deltas(ckpt, base_dir, conv1d_model, with_weights, common)
+    if route == "said":
+        return _said_deltas(ckpt, base_dir, conv1d_model, with_weights, common)
     if route == "factors":
         return _factor_deltas(ckpt, adapter_cfg, base_dir, method, info, with_weights, common)
     return _merged_deltas(ckpt, adapter_cfg, base_dir, with_weights, common)
@@ -240,6 +244,31 @@ def _factor_deltas(ckpt, adapter_cfg, base_dir, method, info, with_weights, comm
     if qlora:
         source += "; base = the dequantised 4-bit weights the adapter was trained on"
     return DeltaSet(**common, source=source, base=base_label, names=names, _iter=gen)
+
+
+def _said_deltas(ckpt, base_dir, conv1d_model, with_weights, common) -> DeltaSet:
+    from learnforget.methods.said.model import checkpoint_delta, read_checkpoint
+
+    spec, state = read_checkpoint(ckpt)
+    names = sorted(spec["modules"], key=natural_key)
+    types = module_types(names)
+    base = WeightFolder(base_dir) if with_weights and base_dir is not None else None
+
+    def gen() -> Iterator[ModuleDelta]:
+        for n in names:
+            conv = conv1d_model and n.split(".")[-1] in ("c_attn", "c_proj", "c_fc")
+            delta = orient(checkpoint_delta(spec, state, n).float(), conv)
+            layer, _ = parse_module(n)
+            md = ModuleDelta(n, layer, types[n], tuple(delta.shape), "dense", dense=delta)
+            if base is not None:
+                md.base = orient(base.get(n + ".weight").float(), conv)
+                md.ft = md.base + delta
+            yield md
+
+    scale = "λ_i · P_i(θ_d)" if spec["method"] == "said" else "P_i(θ_d)"
+    return DeltaSet(**common, source=f"{scale} reshaped (Fastfood projections regenerated from "
+                    f"projection seed {spec['projection_seed']}, d={spec['d']})",
+                    base="original", names=names, _iter=gen)
 
 
 def _merged_deltas(ckpt, adapter_cfg, base_dir, with_weights, common) -> DeltaSet:

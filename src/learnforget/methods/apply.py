@@ -16,6 +16,7 @@ from learnforget.methods.calibrated_init import BatchSource
 from learnforget.methods.lora_variants import capture_initial, mutates_base, peft_init
 from learnforget.methods.modules import decoder_layers, final_norm, linear_modules, resolve_targets
 from learnforget.methods.registry import (
+    INTRINSIC,
     LORA_FAMILY,
     TARGET_SETS,
     effective_method,
@@ -61,6 +62,15 @@ def apply_method(
         from learnforget.methods.bottleneck import add_adapters
 
         add_adapters(model, cfg.bottleneck, cfg.placement, cfg.adapter_act)
+        return model, notes
+    if name in INTRINSIC:
+        from learnforget.methods.said.model import add_intrinsic
+
+        spec = add_intrinsic(model, cfg.d, name, cfg.targets, cfg.projection_seed, model_name)
+        notes.append(f"method={name}: θ_d of length {cfg.d} through Fastfood projections of "
+                     f"{len(spec['modules'])} linear weights (method.targets={cfg.targets}; the "
+                     "reference projects every parameter tensor)"
+                     + ("; plus one scale λ per weight" if name == "said" else ""))
         return model, notes
     return _apply_peft(model, cfg, model_name, tokenizer_path, notes, calibration)
 

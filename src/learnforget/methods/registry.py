@@ -42,6 +42,8 @@ USES: dict[str, tuple[str, ...]] = {
     "bitfit": (),
     "topk": ("top_k",),
     "adapter": ("bottleneck", "placement", "adapter_act"),
+    "said": ("d", "projection_seed", "targets"),
+    "did": ("d", "projection_seed", "targets"),
 }
 BUILTIN = tuple(USES)
 LORA_FAMILY = ("lora", "dora", "qlora")
@@ -52,6 +54,7 @@ VARIANT_DEFAULTS: dict[str, Any] = {"init": "default", "rslora": False}
 # Bottleneck adapters (learnforget.methods.bottleneck): where they go, their torch.nn activation
 PLACEMENTS = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",)}
 ADAPTER_ACTS = {"relu": "ReLU", "gelu": "GELU", "silu": "SiLU", "tanh": "Tanh"}
+INTRINSIC = ("said", "did")  # intrinsic-dimension finetuning (learnforget.methods.said)
 PEFT = "peft"  # the method config's section naming a peft type and its arguments
 _SHARED_REF = re.compile(r"\$\{\.\.(\w+)\}")  # `${..r}` in the peft section: method.r
 
@@ -92,6 +95,8 @@ def checkpoint_format(cfg: Mapping) -> str:
     """manifest.json's "format" of a method's checkpoints (how to load them)."""
     if cfg.get("name") == "adapter":
         return "bottleneck_adapter"
+    if cfg.get("name") in INTRINSIC:
+        return "said"
     return "peft_adapter" if cfg.get(PEFT) is not None else "safetensors"
 
 
@@ -176,6 +181,16 @@ def validate_adapter(bottleneck: Any, placement: Any, act: Any) -> None:
                           f"{', '.join(ADAPTER_ACTS)})")
 
 
+def validate_intrinsic(d: Any, seed: Any) -> None:
+    """SAID/DID settings; ConfigError naming the bad value and what was expected."""
+    if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
+        raise ConfigError(f"method.d must be a positive integer (the intrinsic dimension: the "
+                          f"length of the trained vector θ_d), got {d!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"method.projection_seed must be an integer >= 0 (the seed of the fixed "
+                          f"random projections), got {seed!r}")
+
+
 def _validate_peft_section(cfg: DictConfig) -> None:
     section = cfg.get(PEFT)
     if section is None:
@@ -229,6 +244,8 @@ def validate_method(cfg: DictConfig) -> None:
         raise ConfigError(f"method.top_k must be a positive integer, got {cfg.top_k!r}")
     if name == "adapter":
         validate_adapter(cfg.bottleneck, cfg.placement, cfg.adapter_act)
+    if name in INTRINSIC:
+        validate_intrinsic(cfg.d, cfg.projection_seed)
     if "quant_type" in used and cfg.quant_type not in QUANT_TYPES:
         raise ConfigError(f"method.quant_type must be one of {', '.join(QUANT_TYPES)} (int8: "
                           f"bitsandbytes LLM.int8), got {cfg.quant_type!r}")
@@ -246,7 +263,7 @@ _ABBREV = {"r": "r", "alpha": "a", "dropout": "do", "top_k": "k", "num_virtual_t
            "quant_type": "", "double_quant": "dq", "compute_dtype": "", "prefix_projection": "mlp",
            "prompt_init": "init", "encoder_hidden_size": "h", "prompt_init_text": None,
            "bottleneck": "b", "placement": "", "adapter_act": "", "init": "", "rslora": "rs",
-           "calibration_batches": "cb", "loftq_iter": "it",
+           "calibration_batches": "cb", "loftq_iter": "it", "d": "d", "projection_seed": "ps",
            PEFT: None}
 
 
