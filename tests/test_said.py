@@ -194,7 +194,8 @@ def test_trains_saves_theta_lambda_seed_and_reloads_identically(make_cfg):
                                    delta, rtol=0, atol=1e-6)
 
 
-def test_spectra_and_intruders_run_on_said_deltas(make_cfg):
+def test_spectra_and_intruders_run_on_did_deltas(make_cfg):
+    from learnforget.analysis.intruders import compute_intruders
     from learnforget.analysis.spectra import compute_spectra
 
     cfg = make_cfg("method=did", "method.d=32", "train.lr=5e-2", "train.checkpoints.at=[1]")
@@ -202,6 +203,15 @@ def test_spectra_and_intruders_run_on_said_deltas(make_cfg):
     rows = compute_spectra(run, cache_dir=Path(cfg.paths.cache_dir))
     assert rows, "no spectra for a DID run"
     assert (run / "spectra").exists()
+    paths = compute_intruders(run, cache_dir=Path(cfg.paths.cache_dir), verbose=False)
+    record = json.loads(paths[0].read_text())
+    assert len(record["rows"]) == 14 and record["delta"].startswith("P_i(θ_d)")
+    # the W_ft the intruder analysis compares is the base's weight plus ΔW
+    ds = extract_deltas(run, "step-000001", with_weights=True, cache_dir=Path(cfg.paths.cache_dir))
+    base = dict(_base(cfg).named_parameters())
+    for md in ds:
+        torch.testing.assert_close(md.base, base[md.name + ".weight"].detach(), rtol=0, atol=0)
+        torch.testing.assert_close(md.ft - md.base, md.to_dense(), rtol=1e-6, atol=1e-7)
 
 
 def test_resume_matches_an_uninterrupted_run(make_cfg, monkeypatch):
