@@ -19,8 +19,8 @@ from learnforget.assets.models import load_model
 from learnforget.config import compose, validate
 from learnforget.errors import ConfigError
 from learnforget.eval.scoring import load_for_eval
-from learnforget.methods import bottleneck
 from learnforget.methods.apply import apply_method, count_parameters
+from learnforget.methods.bottleneck import model as bottleneck
 from learnforget.train.loop import fit, setup
 from learnforget.train.params import param_report
 

@@ -18,6 +18,7 @@ import pandas as pd
 
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_open, read_result
+from learnforget.methods.registry import family
 from learnforget.runfolder import RunFolder, RunRecord, find_runs
 
 META_COLUMNS = ["run", "experiment", "model", "method", "method_summary", "rank", "alpha",
@@ -250,10 +251,10 @@ def collect_wandb(group: str, *, project: str = "learnforget", entity: str | Non
             continue
         cfg = configs.get(r.name, {})
         method = cfg.get("method", {}) or {}
+        lora = family(str(method.get("name"))).lora_adapter
         meta = {"run": r.name, "experiment": group, "model": (cfg.get("model") or {}).get("name"),
-                "method": method.get("name"), "rank": method.get("r") if method.get("name")
-                in ("lora", "dora", "qlora") else None, "data": (cfg.get("data") or {}).get("name"),
-                "seed": cfg.get("seed")}
+                "method": method.get("name"), "rank": method.get("r") if lora else None,
+                "data": (cfg.get("data") or {}).get("name"), "seed": cfg.get("seed")}
         for h in r.scan_history():
             rows.append({**meta, **{k: v for k, v in h.items() if not k.startswith("_")}})
     return pd.DataFrame(rows)

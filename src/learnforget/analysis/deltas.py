@@ -35,6 +35,7 @@ from learnforget.analysis.weights import (
 )
 from learnforget.errors import ConfigError
 from learnforget.files import read_json
+from learnforget.methods.registry import family
 from learnforget.runfolder import MANIFEST, RunFolder
 
 
@@ -125,8 +126,6 @@ def extract_deltas(run_dir: Path, checkpoint: str | Path, *, with_weights: bool 
     """ΔW of every linear module of one checkpoint (None for methods that change no weight
     matrix: prefix and prompt tuning, bottleneck adapters). `lora_via="merge"` takes plain LoRA through peft's
     merge as well (the dense reference the factor route is tested against)."""
-    from learnforget.methods.apply import changes_weights
-
     if lora_via not in ("factors", "merge"):
         raise ConfigError(f"lora_via {lora_via!r} is unknown (expected factors or merge)")
     run_dir = Path(run_dir)
@@ -140,20 +139,12 @@ def extract_deltas(run_dir: Path, checkpoint: str | Path, *, with_weights: bool 
     info = record.to_dict() if record else {}
     method = manifest.get("method") or (info.get("run") or {}).get("method", "?")
     adapter_cfg = read_json(ckpt / "adapter_config.json") or {}
-    peft_type = adapter_cfg.get("peft_type")
-    if manifest.get("format") == "bottleneck_adapter":
-        return None  # new modules beside the frozen base: ΔW is not defined
-    if manifest.get("format") == "said":
-        route = "said"
-    elif manifest.get("format") == "safetensors":
-        route = "full"
-    elif peft_type == "LORA" and not adapter_cfg.get("use_dora") and (
-            lora_via == "factors" or method == "qlora"):
-        route = "factors"
-    elif peft_type is not None and changes_weights(ckpt):
-        route = "merge"  # any other peft type (DoRA, IA3, VeRA, LoHa, ...): merged minus base
-    else:
-        return None  # prefix / prompt tuning: no weight matrix changes
+    # "full" (W_ft - W_base), "factors" (scale B A), "merge" (peft merged minus base), "said"
+    # (λ P(θ_d) from the checkpoint), or None: no weight matrix changes (prefix / prompt tuning,
+    # bottleneck adapters)
+    route = family(str(method)).delta_route(manifest.get("format"), adapter_cfg, ckpt, lora_via)
+    if route is None:
+        return None
     try:
         base_dir: Path | None = base_model_folder(run_dir, cache_dir)
     except ConfigError:
@@ -215,7 +206,7 @@ def _factor_deltas(ckpt, adapter_cfg, base_dir, method, info, with_weights, comm
         raise ConfigError(f"adapter {ckpt} holds no lora_A/lora_B pairs")
     names = sorted(pairs, key=natural_key)
     types = module_types(names)
-    qlora = method == "qlora"
+    qlora = family(str(method)).quantised  # the adapter trained on a dequantised base
     q = _quant_settings(info) if qlora else {}
     base_label = f"dequantised {q['quant_type']}" if qlora else "original"
     base = WeightFolder(base_dir) if with_weights and base_dir is not None else None
@@ -247,7 +238,7 @@ def _factor_deltas(ckpt, adapter_cfg, base_dir, method, info, with_weights, comm
 
 
 def _said_deltas(ckpt, base_dir, conv1d_model, with_weights, common) -> DeltaSet:
-    from learnforget.methods.said.model import checkpoint_delta, read_checkpoint
+    from learnforget.methods.said.model import checkpoint_delta, delta_source, read_checkpoint
 
     spec, state = read_checkpoint(ckpt)
     names = sorted(spec["modules"], key=natural_key)
@@ -265,10 +256,7 @@ def _said_deltas(ckpt, base_dir, conv1d_model, with_weights, common) -> DeltaSet
                 md.ft = md.base + delta
             yield md
 
-    scale = "λ_i · P_i(θ_d)" if spec["method"] == "said" else "P_i(θ_d)"
-    return DeltaSet(**common, source=f"{scale} reshaped (Fastfood projections regenerated from "
-                    f"projection seed {spec['projection_seed']}, d={spec['d']})",
-                    base="original", names=names, _iter=gen)
+    return DeltaSet(**common, source=delta_source(spec), base="original", names=names, _iter=gen)
 
 
 def _merged_deltas(ckpt, adapter_cfg, base_dir, with_weights, common) -> DeltaSet:

@@ -27,6 +27,7 @@ from matplotlib.ticker import LogFormatter, NullFormatter  # noqa: E402
 
 from learnforget.analysis.collect import lower_is_better, pareto_front  # noqa: E402
 from learnforget.errors import ConfigError  # noqa: E402
+from learnforget.methods.registry import family  # noqa: E402
 
 LABELS = {
     "target_score": "Learning: target-domain score\n(accuracy, fraction)",
@@ -107,7 +108,7 @@ def forgetting_column(df: pd.DataFrame, y: str | None = None) -> str:
 def _group_label(row: pd.Series) -> str:
     method = str(row["method"])
     rank = row.get("rank")
-    return f"{method} r{int(rank)}" if method in ("lora", "qlora", "dora") and pd.notna(rank) \
+    return f"{method} r{int(rank)}" if family(method).lora_adapter and pd.notna(rank) \
         else method
 
 

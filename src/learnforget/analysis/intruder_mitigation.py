@@ -23,6 +23,7 @@ import torch
 
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_write_json, read_json
+from learnforget.methods.registry import family
 from learnforget.runfolder import MANIFEST, RunFolder
 
 
@@ -73,7 +74,8 @@ def mitigate_run(run_dir: Path, *, top_k: int = 10, threshold_epsilon: float = 0
     source = RunFolder(run_dir)
     info = source.read_record()
     method = info.run.method if info else None
-    if method not in ("lora", "dora"):
+    fam = family(str(method))
+    if not fam.lora_adapter or fam.quantised:  # LoRA factors on the original base
         raise ConfigError(f"intruder mitigation needs a LoRA run, got method={method!r} in "
                           f"{run_dir} (expected lora or dora)")
     if not 0 <= mitigation_lambda <= 1:

@@ -30,6 +30,7 @@ import pandas as pd
 
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_open, read_json
+from learnforget.methods.registry import family
 from learnforget.runfolder import RunFolder, find_runs
 
 FORGETTING = ("forgetting_score", "forgetting_ce", "drift_kl")
@@ -117,7 +118,7 @@ def lr_table(runs: pd.DataFrame | Path) -> pd.DataFrame:
     t = pd.DataFrame(out)
     t["ratio_to_full"] = t["ratio_low"] = t["ratio_high"] = np.nan
     for _, g in t.groupby(["model", "data"], dropna=False):
-        full = g[g["method"] == "full"]
+        full = g[g["method"].map(lambda m: family(str(m)).reference)]  # full finetuning
         if len(full) != 1:
             continue
         f = full.iloc[0]

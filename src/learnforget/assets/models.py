@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_dir
+from learnforget.methods.registry import method_of
 
 hf_logging.disable_progress_bar()  # per-shard bars are noise in run logs; ours is per step
 # bitsandbytes warns on import that an optional GPU-kernel package is absent: harmless here.
@@ -175,7 +176,7 @@ def load_model(
     """Base model (4-bit or int8 for QLoRA), its tokenizer, and the folder or id it came from.
     `dtype` overrides model.dtype (the training precision policy's load dtype). weights=False:
     the model on the meta device (`meta_model`), no weights read (not for QLoRA)."""
-    quantise = method_cfg.name == "qlora"
+    quantise = method_of(method_cfg).quantisation(method_cfg) is not None
     if quantise:
         check_quantisable(model_cfg, method_cfg.quant_type)
     path = base_model_dir(model_cfg, cache_dir)

@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from learnforget.eval.scoring import base_model_id, base_scores, drift_eval_for
 from learnforget.eval.suite import body_dtype, checked_specs, eval_key, head_note
 from learnforget.eval.summary import print_rows, summarize
+from learnforget.methods.registry import method_of
 from learnforget.runfolder import base_dir, runs_root
 
 
@@ -44,7 +45,7 @@ def _evaluate_base(cfg: DictConfig) -> Path:
     if note := head_note(ev, cfg):
         print(f"learnforget: {note}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base_method = cfg.method if cfg.method.name == "qlora" else OmegaConf.create({"name": "full"})
+    base_method = method_of(cfg.method).base_config(cfg.method)  # a quantised base: its own
     model, tokenizer, _ = load_model(cfg.model, base_method, cache_dir, device)
     model.eval()
     drift_eval = drift_eval_for(ev, cfg, root, tokenizer, lambda: model)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from learnforget.errors import ConfigError
 from learnforget.eval.crossentropy import mean_cross_entropy
@@ -22,6 +22,7 @@ from learnforget.eval.suite import (
     task_subsets,
 )
 from learnforget.files import atomic_write_json, file_lock, read_json, read_result
+from learnforget.methods.registry import method_of
 from learnforget.runfolder import MANIFEST, base_dir, package_versions
 
 # ------------------------------------------------------------------ models
@@ -58,11 +59,10 @@ def load_for_eval(run_cfg: DictConfig, ckpt: Path | None, cache_dir: Path, devic
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype(run_cfg.model.dtype))
         model.to(device)
     else:
-        base_method = run_cfg.method if run_cfg.method.name == "qlora" else OmegaConf.create(
-            {"name": "full"})
+        base_method = method_of(run_cfg.method).base_config(run_cfg.method)
         model, _, _ = load_model(run_cfg.model, base_method, cache_dir, device)
         if manifest and manifest["format"] == "bottleneck_adapter":
-            from learnforget.methods.bottleneck import load_adapter
+            from learnforget.methods.bottleneck.model import load_adapter
 
             model = load_adapter(model, ckpt)
         elif manifest and manifest["format"] == "said":
@@ -229,10 +229,9 @@ def _score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include
 def base_model_id(run_cfg: DictConfig) -> str:
     """The base model a run's checkpoints are scored against (QLoRA: its 4-bit base)."""
     model_id = run_cfg.model.name
-    if run_cfg.method.name == "qlora":  # adapters are scored on the base they trained on
-        m = run_cfg.method
-        model_id += (f"-8bit-int8-{m.compute_dtype}" if m.quant_type == "int8" else
-                     f"-4bit-{m.quant_type}{'-dq' if m.double_quant else ''}-{m.compute_dtype}")
+    quant = method_of(run_cfg.method).quantisation(run_cfg.method)
+    if quant is not None:  # adapters are scored on the base they trained on
+        model_id += quant.base_suffix
     return model_id
 
 

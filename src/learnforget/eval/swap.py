@@ -95,9 +95,10 @@ class SharedBase:
     def _loaded(self):
         if self._base is None:
             from learnforget.assets.models import load_model
+            from learnforget.methods.registry import method_of
 
-            full = OmegaConf.create({"name": "full"})
-            self._base, _, _ = load_model(self.run_cfg.model, full, self.cache_dir, self.device)
+            method = method_of(self.run_cfg.method).base_config(self.run_cfg.method)
+            self._base, _, _ = load_model(self.run_cfg.model, method, self.cache_dir, self.device)
             self._base.eval()
             self.loads += 1
         return self._base

@@ -59,10 +59,10 @@ def quantise_4bit(w: torch.Tensor, method_cfg: Any):
     """(packed weight, quant_state): W quantised as the qlora loader quantises it (transformers'
     Params4bit on CPU: the weight in compute_dtype, blocks of 64)."""
     import bitsandbytes.functional as bnbf
+    import torch
 
-    from learnforget.assets.models import torch_dtype
-
-    return bnbf.quantize_4bit(w.to(torch_dtype(method_cfg.compute_dtype)).contiguous(),
+    # compute_dtype was checked when the base loaded (learnforget.assets.models.torch_dtype)
+    return bnbf.quantize_4bit(w.to(getattr(torch, str(method_cfg.compute_dtype))).contiguous(),
                               blocksize=64, compress_statistics=bool(method_cfg.double_quant),
                               quant_type=str(method_cfg.quant_type))
 

@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedModel
 
 from learnforget.errors import ConfigError
-from learnforget.methods.registry import TARGET_SETS
+from learnforget.methods.base import TARGET_SETS
 
 
 def _is_linear(module: torch.nn.Module) -> bool:

@@ -79,24 +79,21 @@ def memory_table(plan: Plan, activations: bool = False) -> list[dict[str, Any]]:
     7B model)."""
     import warnings
 
-    from learnforget.methods.registry import effective_method, method_summary
+    from learnforget.methods.registry import method_of, method_summary
     from learnforget.runfolder import RunFolder, TrainInfo
     from learnforget.train.params import cached_param_report
 
     rows = []
     for job in plan.jobs:
         c = job.cfg
-        eff = effective_method(c.method)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # transformers/peft deprecation notices
                 rep: Any = cached_param_report(c, activations=activations)
         except Exception as e:  # a method the meta-device count cannot build: say so
             rep = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if c.method.name == "qlora":
-            base = str(eff["quant_type"]) + ("+dq" if eff.get("double_quant") else "")
-        else:
-            base = str(c.model.dtype)
+        quant = method_of(c.method).quantisation(c.method)
+        base = quant.label if quant is not None else str(c.model.dtype)
         record = RunFolder(job.run_dir).read_record()
         train = record.train if record else TrainInfo()
         quant = train.quantisation or {}
@@ -107,7 +104,7 @@ def memory_table(plan: Plan, activations: bool = False) -> list[dict[str, Any]]:
         if isinstance(rep, str):
             row["error"] = rep
         else:
-            if c.method.name != "qlora":  # the precision policy's dtype of the frozen weights
+            if quant is None:  # the precision policy's dtype of the frozen weights
                 row["base"] = str(getattr(rep, "frozen", base))
             row.update(trainable=rep.trainable, est_mib=rep.total_bytes / 2**20)
             if activations and getattr(rep, "activations_bytes", None) is not None:

@@ -29,7 +29,13 @@ from learnforget.eval.crossentropy import mean_cross_entropy
 from learnforget.files import atomic_write_text
 from learnforget.methods.apply import apply_method, count_parameters
 from learnforget.methods.modules import decoder_layers
-from learnforget.methods.registry import checkpoint_format, ignored_keys, method_summary
+from learnforget.methods.registry import (
+    checkpoint_format,
+    family,
+    ignored_keys,
+    method_of,
+    method_summary,
+)
 from learnforget.runfolder import RunFolder, RunInfo, RunLock, RunRecord, TrainInfo, meta_info
 from learnforget.tracking import Loggers, make_loggers, scrub
 from learnforget.train import cooldown, distributed, precision, rank0_load
@@ -66,10 +72,10 @@ def heldout_loss(model, data: TokenizedData, t: DictConfig, pad_id: int, device:
 def enable_activation_checkpointing(model: torch.nn.Module, method: str) -> None:
     """Recompute each decoder layer's activations in the backward pass (transformers' own
     gradient checkpointing, non-reentrant: works with frozen embeddings, DDP and FSDP)."""
-    if method == "prefix":
-        raise ConfigError("train.activation_checkpointing=true does not work with method=prefix "
-                          "(prefix tuning feeds its prefix through the KV cache, which gradient "
-                          "checkpointing turns off); set it to false")
+    why = family(method).no_activation_checkpointing
+    if why:
+        raise ConfigError(f"train.activation_checkpointing=true does not work with method={method} "
+                          f"({why}); set it to false")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise ConfigError(f"train.activation_checkpointing=true: {type(base).__name__} does not "
@@ -125,15 +131,15 @@ def setup(cfg: DictConfig) -> Setup | None:
 
     policy = precision.resolve(t.precision, t.get("master_weights", "fp32"), cfg.model.dtype,
                                cfg.method.name, device)
-    if cfg.method.name == "qlora":  # the frozen base is quantised; the rest in compute_dtype
-        policy = replace(policy, frozen=f"{cfg.method.quant_type} (rest {cfg.method.compute_dtype})",
-                         load=str(cfg.method.compute_dtype))
+    quant = method_of(cfg.method).quantisation(cfg.method)
+    if quant is not None:  # the frozen base is quantised; the rest in compute_dtype
+        policy = replace(policy, frozen=quant.frozen, load=quant.compute_dtype)
     meta = rank0_load.from_rank0(cfg, d.world)  # ranks > 0 on meta, weights from rank 0
     model, tokenizer, base_path = load_model(
         cfg.model, cfg.method, cache_dir, device,
-        dtype=None if cfg.method.name == "qlora" else policy.load, weights=d.main or not meta)
+        dtype=None if quant is not None else policy.load, weights=d.main or not meta)
     quantisation = None
-    if cfg.method.name == "qlora":  # how far the quantised base is from the checkpoint's weights
+    if quant is not None:  # how far the quantised base is from the checkpoint's weights
         from learnforget.methods.quantisation import quantisation_report
 
         quantisation = quantisation_report(model, base_path, cfg.method)

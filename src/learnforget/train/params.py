@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from learnforget.assets.models import build_config, torch_dtype
 from learnforget.methods.apply import apply_method, count_parameters
 from learnforget.methods.modules import decoder_layers, linear_modules
-from learnforget.methods.registry import LORA_FAMILY, checkpoint_format
+from learnforget.methods.registry import checkpoint_format, method_of
 
 OPTIMIZER_STATES = {  # bytes of optimizer state per trainable parameter, given param bytes b
     "adamw": lambda b: 2 * b, "paged_adamw": lambda b: 2 * b,
@@ -85,12 +85,12 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
     policy = resolve(str(t.precision), str(t.get("master_weights", "fp32")), str(cfg.model.dtype),
                      str(cfg.method.name), device)
     checkpointing = bool(t.get("activation_checkpointing", False))
-    method = cfg.method.copy()
-    if method.name == "prompt":  # text initialisation needs a tokenizer; the counts do not
-        OmegaConf.update(method, "prompt_init", "random")
-    if "init" in method:  # PiSSA/OLoRA need real weights (an SVD/QR); the counts do not
-        OmegaConf.update(method, "init", "default")
-    qlora = method.name == "qlora"
+    family = method_of(cfg.method)
+    # the same trainable parameters without what needs real weights, data or a tokenizer
+    # (a quantised base: the same adapter on an ordinary one, its quantised bytes counted below)
+    method = family.counting_config(cfg.method)
+    quant = family.quantisation(cfg.method)
+    qlora = quant is not None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(build_config(cfg.model))
         base_trainable, base_total = count_parameters(model)
@@ -102,11 +102,9 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
         layers = decoder_layers(model)
         layer_params = sum(p.numel() for p in layers[0].parameters())
         root_params = base_total - len(layers) * layer_params
-        if qlora:  # same adapter as LoRA on a base whose linear weights are 4-bit
-            OmegaConf.update(method, "name", "lora")
         model, _ = apply_method(model, method, model_name=cfg.model.name)
         method_buffers = _buffer_bytes(model) - base_buffers  # e.g. VeRA's shared projections
-        frozen_dtype = torch_dtype(cfg.method.compute_dtype if qlora else policy.frozen)
+        frozen_dtype = torch_dtype(quant.compute_dtype if quant else policy.frozen)
         for p in model.parameters():  # the dtypes a real run trains in (learnforget.train.precision)
             p.data = p.data.to(policy.master_dtype if p.requires_grad else frozen_dtype)
     trainable, total = count_parameters(model)
@@ -121,26 +119,24 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
                                     checkpointing=checkpointing)
         except Exception as e:  # a method whose forward cannot run on meta tensors
             act_note = f"activation trace failed: {type(e).__name__}: {e}"[:200]
-    dtype = torch_dtype(cfg.method.compute_dtype if qlora else policy.frozen)
+    dtype = torch_dtype(quant.compute_dtype if quant else policy.frozen)
     b = torch.finfo(dtype).bits / 8
     # trainable weights, their gradients and optimizer state: the master dtype (fp32 unless
     # train.master_weights=model_dtype; peft and bottleneck adapters are float32 anyway)
     adapter = checkpoint_format(cfg.method) != "safetensors"
     tb = 4.0 if adapter else float(dtype_bytes(policy.master))
     frozen = total - trainable
-    if qlora and cfg.method.quant_type == "int8":  # LLM.int8: 1 byte + a float32 scale per row
+    if quant is not None and quant.quant_type == "int8":  # LLM.int8: 1 byte + a float32 scale per row
         weights = (quant_params + 4 * quant_rows + (frozen - quant_params) * b + trainable * tb)
-    elif qlora:
-        weights = (quant_params * quantised_bytes_per_param(64, bool(cfg.method.double_quant))
+    elif quant is not None:
+        weights = (quant_params * quantised_bytes_per_param(64, quant.double_quant)
                    + (frozen - quant_params) * b + trainable * tb)
     else:
         weights = frozen * b + trainable * tb
     weights += method_buffers
     optimizer = str(cfg.train.optimizer)
     state_b = OPTIMIZER_STATES[optimizer](tb)
-    return ParamReport(model=cfg.model.name, method=cfg.method.name
-                       if cfg.method.name not in LORA_FAMILY
-                       else f"{cfg.method.name} r={cfg.method.r}",
+    return ParamReport(model=cfg.model.name, method=family.label(cfg.method),
                        trainable=trainable, total=total, base_total=base_total,
                        dtype=str(dtype).removeprefix("torch."), weights_bytes=weights,
                        grads_bytes=trainable * tb, optimizer_bytes=trainable * state_b,

@@ -29,11 +29,10 @@ from functools import lru_cache
 import torch
 
 from learnforget.errors import ConfigError
+from learnforget.methods.registry import family
 
 PRECISIONS = ("auto", "fp32", "bf16")
 MASTER_WEIGHTS = ("fp32", "model_dtype")
-# methods whose trainable parameters are the base model's own weights
-BASE_WEIGHT_METHODS = ("full", "bitfit", "topk")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -111,7 +110,7 @@ def resolve(precision: str, master_weights: str, model_dtype: str, method: str,
         return PrecisionPolicy(compute, "float32", "float32", "float32", precision, reason)
     if master_weights == "model_dtype":
         return PrecisionPolicy(compute, model_dtype, model_dtype, model_dtype, precision, reason)
-    if method in BASE_WEIGHT_METHODS:
+    if family(method).trains_base_weights:  # full, bitfit, topk
         if model_dtype != "float32":
             reason += (f"; method={method} trains the base weights: loaded as float32 masters "
                        f"(model.dtype={model_dtype} is the compute copy only)")

@@ -25,9 +25,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from learnforget.errors import ConfigError
-from learnforget.methods.calibrated_init import is_calibrated
-from learnforget.methods.lora_variants import mutates_base
-from learnforget.methods.registry import uses
+from learnforget.methods.registry import method_of
 from learnforget.train.distributed import Dist, broadcast_from_rank0
 
 LOAD_WEIGHTS = ("rank0", "every_rank")
@@ -44,17 +42,9 @@ def setting(cfg: DictConfig) -> str:
 def per_rank_reason(cfg: DictConfig) -> str | None:
     """Why every rank must read the base weights itself for this config (None: rank 0 can
     read them for all)."""
-    m = cfg.method
     if setting(cfg) == "every_rank":
         return "train.distributed.load_weights=every_rank"
-    if m.name == "qlora":
-        return "method=qlora: bitsandbytes quantises the 4-bit base while loading it"
-    init = m.get("init", "default") if "init" in uses(m) else "default"
-    if mutates_base(init) or is_calibrated(init) or str(init) == "loftq":
-        return f"method.init={init} initialises from the base weights or data"
-    if m.name == "prompt" and m.get("prompt_init") == "text":
-        return "method.prompt_init=text initialises from the word embeddings"
-    return None
+    return method_of(cfg.method).per_rank_reason(cfg.method)
 
 
 def from_rank0(cfg: DictConfig, world: int) -> bool:

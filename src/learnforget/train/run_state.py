@@ -116,7 +116,7 @@ def save_checkpoint(out: Path, model, manifest: dict[str, Any],
                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """A budget checkpoint: peft adapter files for peft methods, adapter.safetensors for
     bottleneck adapters, θ_d and λ for SAID/DID, safetensors of the whole model otherwise."""
-    from learnforget.methods import bottleneck
+    from learnforget.methods.bottleneck import model as bottleneck
     from learnforget.methods.said import model as said
 
     out.parent.mkdir(parents=True, exist_ok=True)

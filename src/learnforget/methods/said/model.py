@@ -33,14 +33,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from learnforget.errors import ConfigError
-from learnforget.methods.registry import validate_intrinsic
+from learnforget.methods.said.config import VARIANTS, validate_intrinsic
 from learnforget.methods.said.fastfood import FastfoodFactors, draw_factors, fastfood
 
 CHILD = "intrinsic"  # the model's child module holding θ_d and λ
 WEIGHTS_FILE = "said.safetensors"
 CONFIG_FILE = "said_config.json"
 FORMAT = "said"  # manifest.json "format" of a SAID/DID checkpoint
-VARIANTS = ("said", "did")
 
 
 class IntrinsicVector(nn.Module):
@@ -219,6 +218,13 @@ def checkpoint_delta(spec: dict[str, Any], state: dict[str, torch.Tensor],
         if "lam" in state:
             delta = delta * state["lam"][i].float()
     return delta.view(shape)
+
+
+def delta_source(spec: dict[str, Any]) -> str:
+    """How a checkpoint's ΔW is made, for the analysis records."""
+    scale = "λ_i · P_i(θ_d)" if spec["method"] == "said" else "P_i(θ_d)"
+    return (f"{scale} reshaped (Fastfood projections regenerated from projection seed "
+            f"{spec['projection_seed']}, d={spec['d']})")
 
 
 def checkpoint_deltas(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,4 +1,4 @@
-"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021): `method=adapter`.
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021), the torch part of `method=adapter`.
 
 An adapter is a small residual MLP, h + up(act(down(h))) with down: hidden -> bottleneck and
 up: bottleneck -> hidden, inserted on the output of a sub-block of every decoder layer, before
@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from learnforget.errors import ConfigError
+from learnforget.methods.bottleneck.config import ADAPTER_ACTS, PLACEMENTS, validate_adapter
 from learnforget.methods.modules import decoder_layers
-from learnforget.methods.registry import ADAPTER_ACTS, PLACEMENTS, validate_adapter
 
 CHILD = "bottleneck_adapter"  # the adapter's attribute name on the module it follows
 WEIGHTS_FILE = "adapter.safetensors"
