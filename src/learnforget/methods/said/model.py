@@ -111,7 +111,8 @@ def add_intrinsic(model: nn.Module, d: int, variant: str = "said", targets: Any 
         w = module.weight
         shapes.append(list(w.shape))
         factors = draw_factors(w.numel(), d, seed, name, w.device)
-        parametrize.register_parametrization(module, "weight", FastfoodDelta(vector, i, factors))
+        parametrize.register_parametrization(  # unsafe: no trial forward (shape, dtype kept)
+            module, "weight", FastfoodDelta(vector, i, factors), unsafe=True)
     spec = {"method": variant, "d": d, "projection_seed": seed,
             "model_type": getattr(getattr(model, "config", None), "model_type", ""),
             "modules": names, "shapes": shapes}
