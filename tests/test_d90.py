@@ -79,3 +79,34 @@ def test_said_d90_study_expands_to_its_grid(tmp_path):
         (d, s) for d in (10, 30, 100, 300, 1000, 3000, 10000, 30000) for s in (0, 1, 2)}
     assert sorted(int(j["method.r"]) for j in jobs if j["method"] == "lora") == [1, 2, 4, 8]
     assert {float(j["train.lr"]) for j in said} == {1e-2}
+
+
+def test_d90_from_a_collected_table_takes_last_checkpoints_base_and_full():
+    """A collect()-shaped table (base rows, two checkpoints per run) with a loss: the threshold
+    is base - 0.9 (base - full) = 3.0 - 0.9 x 2.0 = 1.2."""
+    from learnforget.analysis.d90 import d90_from_table
+
+    rows = []
+
+    def run(name, method, losses, d=None, seed=None, trainable=0):
+        rows.append({"run": name, "method": method, "checkpoint": "base", "step": 0,
+                     "target_ce": 3.0, "d": d, "projection_seed": seed,
+                     "trainable_params": trainable})
+        for step, loss in zip((5, 10), losses, strict=True):
+            rows.append({"run": name, "method": method, "checkpoint": f"step-{step:06d}",
+                         "step": step, "target_ce": loss, "d": d, "projection_seed": seed,
+                         "trainable_params": trainable})
+
+    run("full", "full", [2.0, 1.0], trainable=10**6)
+    run("s10", "said", [0.5, 2.5], d=10, seed=0, trainable=24)  # last checkpoint counts: 2.5
+    run("s100", "said", [2.0, 1.3], d=100, seed=0, trainable=114)
+    run("s1000", "said", [2.0, 1.1], d=1000, seed=0, trainable=1014)
+    run("r1", "lora", [2.0, 1.25], trainable=500)
+    run("r2", "lora", [2.0, 1.15], trainable=1000)
+    t = d90_from_table(pd.DataFrame(rows), "target_ce")
+    (row,) = t.to_dict("records")
+    assert row["threshold"] == pytest.approx(1.2)
+    assert (row["d_lo"], row["d_hi"]) == (100, 1000)
+    # log-linear between (100, 1.3) and (1000, 1.1): halfway -> 10^2.5
+    assert row["d90_estimate"] == pytest.approx(10 ** 2.5)
+    assert row["lora_matched_params"] == 1000

@@ -129,3 +129,31 @@ def intrinsic_settings(table: pd.DataFrame) -> pd.DataFrame:
         seeds.append(ms.get("projection_seed"))
     out["d"], out["projection_seed"] = ds, seeds
     return out
+
+
+def d90_from_table(table: pd.DataFrame, score: str = "target_ce", *,
+                   higher_is_better: bool | None = None, **kwargs: Any) -> pd.DataFrame:
+    """d90_table of a collect() table with d and projection_seed (intrinsic_settings): each
+    run's last checkpoint, full finetuning's score (the mean over its runs) and the base
+    model's (checkpoint "base"). `higher_is_better` None: from the column's name."""
+    from learnforget.analysis.collect import lower_is_better
+
+    if higher_is_better is None:
+        higher_is_better = not lower_is_better(score)
+    trained = table[table["checkpoint"] != "base"].copy()
+    trained["_step"] = trained["step"].fillna(0)
+    last = trained.sort_values("_step").groupby("run", sort=False).tail(1)
+    full = last[last["method"] == "full"]
+    if full.empty:
+        raise ConfigError("d90: no full-finetuning run in the table (the reference)")
+    base = table[table["checkpoint"] == "base"][score]
+    return d90_table(last, score, full_score=float(full[score].mean()),
+                     base_score=float(base.mean()) if len(base) else None,
+                     higher_is_better=higher_is_better, **kwargs)
+
+
+def d90_from_runs(root: Path, score: str = "target_ce", **kwargs: Any) -> pd.DataFrame:
+    """The d90 table of every run under `root` (a said_d90 study's runs folder)."""
+    from learnforget.analysis.collect import collect
+
+    return d90_from_table(intrinsic_settings(collect(Path(root), verbose=False)), score, **kwargs)
