@@ -82,6 +82,14 @@ def next_d(d_lo: int, d_hi: int) -> int | None:
     return mid if d_lo < mid < d_hi else None
 
 
+def _flag(method: Any, flag: str) -> bool:
+    """The registered method's flag (learnforget.methods.base.Method): reference (full
+    finetuning), lora_adapter, intrinsic (SAID/DID)."""
+    from learnforget.methods.registry import family
+
+    return isinstance(method, str) and bool(getattr(family(method), flag, False))
+
+
 def d90_table(runs: pd.DataFrame, score: str, *, full_score: float,
               base_score: float | None = None, higher_is_better: bool = True,
               fraction: float = FRACTION, bisect_ratio: float = 1.25) -> pd.DataFrame:
@@ -94,11 +102,11 @@ def d90_table(runs: pd.DataFrame, score: str, *, full_score: float,
         raise ConfigError(f"d90 table: columns {sorted(missing)} are missing (expected "
                           f"{sorted(need)})")
     thr = threshold(full_score, base_score, higher_is_better=higher_is_better, fraction=fraction)
-    lora = runs[runs["method"].isin(["lora", "dora", "qlora"])]
+    lora = runs[[_flag(m, "lora_adapter") for m in runs["method"]]]
     lora_ok = lora[[_passes(s, thr, higher_is_better) for s in lora[score]]]
     lora_count = int(lora_ok["trainable_params"].min()) if len(lora_ok) else None
     rows: list[dict[str, Any]] = []
-    intrinsic = runs[runs["method"].isin(["said", "did"])]
+    intrinsic = runs[[_flag(m, "intrinsic") for m in runs["method"]]]
     for (method, seed), group in intrinsic.groupby(["method", "projection_seed"], sort=True):
         points = {int(d): float(s) for d, s in zip(group["d"], group[score], strict=True)}
         d_lo, d_hi = bracket(points, thr, higher_is_better)
@@ -143,7 +151,7 @@ def d90_from_table(table: pd.DataFrame, score: str = "target_ce", *,
     trained = table[table["checkpoint"] != "base"].copy()
     trained["_step"] = trained["step"].fillna(0)
     last = trained.sort_values("_step").groupby("run", sort=False).tail(1)
-    full = last[last["method"] == "full"]
+    full = last[[_flag(m, "reference") for m in last["method"]]]
     if full.empty:
         raise ConfigError("d90: no full-finetuning run in the table (the reference)")
     base = table[table["checkpoint"] == "base"][score]

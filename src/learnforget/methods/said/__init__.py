@@ -18,6 +18,7 @@ class IntrinsicMethod(Method):
     said_config.json); ΔW is rebuilt from them alone."""
     keys = ("d", "projection_seed", "targets")
     checkpoint = "said"
+    intrinsic = True  # the d90 analysis's intrinsic-dimension runs (learnforget.analysis.d90)
     abbreviations = {"d": "d", "projection_seed": "ps"}
 
     def validate(self, cfg):
