@@ -95,8 +95,27 @@ def test_the_grep_of_issue_27_finds_nothing_outside_methods():
 # Recorded with the string-based registry (commit f9aa9bd) before the protocol: the names
 # must not change (a changed name retrains a finished study).
 PINNED = {
-    ("method=full",): "tiny_llama-full-stdlib_code-s0-@FULL@",
+    "method=full": "tiny_llama-full-stdlib_code-s0-23a495",
+    "method=qlora": "tiny_llama-qlora_r16_a32_all_nf4_dq_float32-stdlib_code-s0-f79295",
+    "method=prompt": "tiny_llama-prompt_v20_initrandom-stdlib_code-s0-330fe0",
+    "method=topk": "tiny_llama-topk_k2-stdlib_code-s0-25db02",
+    "method=adapter": "tiny_llama-adapter_b64_houlsby_relu-stdlib_code-s0-6a50a9",
+    "method=vera": "tiny_llama-vera_r256_all-stdlib_code-s0-07a237",
+    "method=loha": "tiny_llama-loha_r8_all-stdlib_code-s0-e531c5",
+    "method=lora method.init=eva": "tiny_llama-lora_r16_a32_all_eva_cb8-stdlib_code-s0-5ebc75",
+    "method=qlora method.init=loftq":
+        "tiny_llama-qlora_r16_a32_all_nf4_dq_float32_loftq_it1-stdlib_code-s0-3a5042",
+    "method=qlora method.quant_type=int8":
+        "tiny_llama-qlora_r16_a32_all_int8_float32-stdlib_code-s0-e0247a",
+    "method=adapter method.placement=pfeiffer":
+        "tiny_llama-adapter_b64_pfeiffer_relu-stdlib_code-s0-fa0f99",
+    "method=lora +method.peft.use_dora=true": "tiny_llama-lora_r16_a32_all-stdlib_code-s0-ecc272",
 }
+
+
+def test_run_names_are_the_ones_the_string_registry_gave():
+    got = {k: run_name(compose(k.split())) for k in PINNED}
+    assert got == PINNED
 
 
 def test_registry_holds_every_conf_method_and_the_family_package():
