@@ -164,7 +164,7 @@ def test_what_the_harness_asks_each_family():
                      "topk": (True, False, False, False), "lora": (False, True, False, False),
                      "dora": (False, True, False, False), "qlora": (False, True, True, False),
                      "ia3": (False,) * 4, "prefix": (False,) * 4, "prompt": (False,) * 4,
-                     "adapter": (False,) * 4}
+                     "adapter": (False,) * 4, "said": (False,) * 4, "did": (False,) * 4}
 
 
 def test_full_weight_checkpoints_and_lora_factors_route_their_deltas():

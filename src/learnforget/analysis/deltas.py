@@ -139,15 +139,16 @@ def extract_deltas(run_dir: Path, checkpoint: str | Path, *, with_weights: bool 
     info = record.to_dict() if record else {}
     method = manifest.get("method") or (info.get("run") or {}).get("method", "?")
     adapter_cfg = read_json(ckpt / "adapter_config.json") or {}
-    # "full" (W_ft - W_base), "factors" (scale B A), "merge" (peft merged minus base), or None:
-    # no weight matrix changes (prefix / prompt tuning, bottleneck adapters)
+    # "full" (W_ft - W_base), "factors" (scale B A), "merge" (peft merged minus base), "said"
+    # (λ P(θ_d) from the checkpoint), or None: no weight matrix changes (prefix / prompt tuning,
+    # bottleneck adapters)
     route = family(str(method)).delta_route(manifest.get("format"), adapter_cfg, ckpt, lora_via)
     if route is None:
         return None
     try:
         base_dir: Path | None = base_model_folder(run_dir, cache_dir)
     except ConfigError:
-        if route != "factors" or with_weights:
+        if route not in ("factors", "said") or with_weights:
             raise
         base_dir = None  # the factors alone give ΔW and its spectrum
     conv1d_model = base_dir is not None and model_type(base_dir) in CONV1D_MODEL_TYPES
@@ -156,6 +157,8 @@ def extract_deltas(run_dir: Path, checkpoint: str | Path, *, with_weights: bool 
               str((info.get("run") or {}).get("base_model"))}
     if route == "full":
         return _full_deltas(ckpt, base_dir, conv1d_model, with_weights, common)
+    if route == "said":
+        return _said_deltas(ckpt, base_dir, conv1d_model, with_weights, common)
     if route == "factors":
         return _factor_deltas(ckpt, adapter_cfg, base_dir, method, info, with_weights, common)
     return _merged_deltas(ckpt, adapter_cfg, base_dir, with_weights, common)
@@ -232,6 +235,28 @@ def _factor_deltas(ckpt, adapter_cfg, base_dir, method, info, with_weights, comm
     if qlora:
         source += "; base = the dequantised 4-bit weights the adapter was trained on"
     return DeltaSet(**common, source=source, base=base_label, names=names, _iter=gen)
+
+
+def _said_deltas(ckpt, base_dir, conv1d_model, with_weights, common) -> DeltaSet:
+    from learnforget.methods.said.model import checkpoint_delta, delta_source, read_checkpoint
+
+    spec, state = read_checkpoint(ckpt)
+    names = sorted(spec["modules"], key=natural_key)
+    types = module_types(names)
+    base = WeightFolder(base_dir) if with_weights and base_dir is not None else None
+
+    def gen() -> Iterator[ModuleDelta]:
+        for n in names:
+            conv = conv1d_model and n.split(".")[-1] in ("c_attn", "c_proj", "c_fc")
+            delta = orient(checkpoint_delta(spec, state, n).float(), conv)
+            layer, _ = parse_module(n)
+            md = ModuleDelta(n, layer, types[n], tuple(delta.shape), "dense", dense=delta)
+            if base is not None:
+                md.base = orient(base.get(n + ".weight").float(), conv)
+                md.ft = md.base + delta
+            yield md
+
+    return DeltaSet(**common, source=delta_source(spec), base="original", names=names, _iter=gen)
 
 
 def _merged_deltas(ckpt, adapter_cfg, base_dir, with_weights, common) -> DeltaSet:

@@ -65,6 +65,10 @@ def load_for_eval(run_cfg: DictConfig, ckpt: Path | None, cache_dir: Path, devic
             from learnforget.methods.bottleneck.model import load_adapter
 
             model = load_adapter(model, ckpt)
+        elif manifest and manifest["format"] == "said":
+            from learnforget.methods.said.model import load_said
+
+            model = load_said(model, ckpt)  # W0 + ΔW merged: a plain model
         elif manifest:
             from peft import PeftModel
 

@@ -115,14 +115,17 @@ def load_resume(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
 def save_checkpoint(out: Path, model, manifest: dict[str, Any],
                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """A budget checkpoint: peft adapter files for peft methods, adapter.safetensors for
-    bottleneck adapters, safetensors of the whole model otherwise."""
+    bottleneck adapters, θ_d and λ for SAID/DID, safetensors of the whole model otherwise."""
     from learnforget.methods.bottleneck import model as bottleneck
+    from learnforget.methods.said import model as said
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
         if bottleneck.has_adapters(model):
             bottleneck.save_adapter(model, tmp)
+        elif said.has_intrinsic(model):
+            said.save_said(model, tmp)
         else:
             # state_dict: an FSDP model's weights, gathered on rank 0
             extra = {} if state_dict is None else {"state_dict": state_dict}

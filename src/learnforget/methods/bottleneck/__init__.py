@@ -8,25 +8,32 @@ imported only when a model is adapted).
 
 from __future__ import annotations
 
-from learnforget.methods.base import Method
+from learnforget.methods.base import SKIP, Method
 from learnforget.methods.bottleneck.config import validate_adapter
 
 
 class BottleneckMethod(Method):
     """Residual bottleneck MLPs after attention and/or MLP outputs; the base stays frozen. Its
     checkpoints hold the adapters alone (adapter.safetensors, bottleneck_config.json)."""
-    keys = ("bottleneck", "placement", "adapter_act")
+    keys = ("bottleneck", "placement", "adapter_act", "adapter_scale")
     checkpoint = "bottleneck_adapter"
-    abbreviations = {"bottleneck": "b", "placement": "", "adapter_act": ""}
+    abbreviations = {"bottleneck": "b", "placement": "", "adapter_act": "", "adapter_scale": "s"}
 
     def validate(self, cfg):
         super().validate(cfg)
-        validate_adapter(cfg.bottleneck, cfg.placement, cfg.adapter_act)
+        validate_adapter(cfg.bottleneck, cfg.placement, cfg.adapter_act,
+                         cfg.get("adapter_scale", 1.0))
+
+    def setting(self, cfg, key):
+        if key == "adapter_scale" and cfg.get(key, 1.0) == 1.0:
+            return SKIP  # s = 1, the adapters before the key: their runs keep their names
+        return super().setting(cfg, key)
 
     def apply(self, model, cfg, ctx):
         from learnforget.methods.bottleneck.model import add_adapters
 
-        add_adapters(model, cfg.bottleneck, cfg.placement, cfg.adapter_act)
+        add_adapters(model, cfg.bottleneck, cfg.placement, cfg.adapter_act,
+                     cfg.get("adapter_scale", 1.0))
         return model
 
     def delta_route(self, fmt, adapter_cfg, ckpt, lora_via):

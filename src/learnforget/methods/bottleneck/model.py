@@ -6,6 +6,10 @@ that sub-block's residual add:
 
     houlsby   after the attention block's output projection and after the MLP (2 per layer)
     pfeiffer  after the MLP only (1 per layer)
+    parallel  beside the MLP (He et al. 2022, 1 per layer): MLP(x) + s·up(act(down(x))) on
+              the MLP's own input x (method.adapter_scale s: 1 plain, 4 the scaled variant)
+
+A serial adapter with method.adapter_scale s computes h + s·up(act(down(h))) (s = 1: as before).
 
 The up-projection starts at zero, so a fresh adapter is the identity and the adapted model's
 output equals the base model's exactly. The base model stays frozen; only adapters train.
@@ -32,7 +36,12 @@ import torch
 from torch import nn
 
 from learnforget.errors import ConfigError
-from learnforget.methods.bottleneck.config import ADAPTER_ACTS, PLACEMENTS, validate_adapter
+from learnforget.methods.bottleneck.config import (
+    ADAPTER_ACTS,
+    PARALLEL,
+    PLACEMENTS,
+    validate_adapter,
+)
 from learnforget.methods.modules import decoder_layers
 
 CHILD = "bottleneck_adapter"  # the adapter's attribute name on the module it follows
@@ -45,20 +54,25 @@ SUBMODULES = {"attention": ("self_attn", "attn", "attention", "self_attention"),
 
 
 class BottleneckAdapter(nn.Module):
-    """h -> h + up(act(down(h))), computed in float32 and returned in h's dtype."""
+    """h -> h + s·up(act(down(h))), computed in float32 and returned in h's dtype."""
 
     def __init__(self, hidden: int, bottleneck: int, act: str = "relu",
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, scale: float = 1.0):
         super().__init__()
+        self.scale = float(scale)
         self.down = nn.Linear(hidden, bottleneck, device=device, dtype=torch.float32)
         self.act = getattr(nn, ADAPTER_ACTS[act])()
         self.up = nn.Linear(bottleneck, hidden, device=device, dtype=torch.float32)
         nn.init.zeros_(self.up.weight)  # identity at the start: the base model's output
         nn.init.zeros_(self.up.bias)
 
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """s·up(act(down(x))) in x's dtype."""
+        out = self.up(self.act(self.down(x.to(self.down.weight.dtype))))
+        return (out if self.scale == 1.0 else self.scale * out).to(x.dtype)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        delta = self.up(self.act(self.down(h.to(self.down.weight.dtype))))
-        return h + delta.to(h.dtype)
+        return h + self.delta(h)
 
 
 def _apply_child(module: nn.Module, args: Any, output: Any) -> Any:
@@ -67,6 +81,16 @@ def _apply_child(module: nn.Module, args: Any, output: Any) -> Any:
     if isinstance(output, tuple):
         return (adapter(output[0]), *output[1:])
     return adapter(output)
+
+
+def _apply_parallel(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
+    """Forward hook (with kwargs): add the adapter's s·up(act(down(x))) of the module's input x
+    to its output (the first item of a tuple)."""
+    x = args[0] if args else next(iter(kwargs.values()))
+    delta = getattr(module, CHILD).delta(x)
+    if isinstance(output, tuple):
+        return (output[0] + delta, *output[1:])
+    return output + delta
 
 
 def _submodule(layer: nn.Module, role: str, model_type: str) -> tuple[str, nn.Module]:
@@ -91,11 +115,11 @@ def has_adapters(model: nn.Module) -> bool:
 
 
 def add_adapters(model: nn.Module, bottleneck: int = 64, placement: str = "houlsby",
-                 act: str = "relu") -> dict[str, Any]:
+                 act: str = "relu", scale: float = 1.0) -> dict[str, Any]:
     """Freeze the model and insert adapters in every decoder layer; returns the adapter spec
     (what `bottleneck_config.json` records). Adapters go on the device of the module they
     follow (the meta device included, for `learnforget params`)."""
-    validate_adapter(bottleneck, placement, act)
+    validate_adapter(bottleneck, placement, act, scale)
     if has_adapters(model):
         raise ConfigError("method=adapter: this model already has bottleneck adapters")
     model_type = getattr(model.config, "model_type", type(model).__name__)
@@ -112,11 +136,15 @@ def add_adapters(model: nn.Module, bottleneck: int = 64, placement: str = "houls
         for role in PLACEMENTS[placement]:
             attr, module = _submodule(layer, role, model_type)
             device = next(module.parameters()).device
-            module.add_module(CHILD, BottleneckAdapter(hidden, bottleneck, act, device=device))
-            module.register_forward_hook(_apply_child)
+            module.add_module(CHILD, BottleneckAdapter(hidden, bottleneck, act, device=device,
+                                                       scale=scale))
+            if placement in PARALLEL:
+                module.register_forward_hook(_apply_parallel, with_kwargs=True)
+            else:
+                module.register_forward_hook(_apply_child)
             adapted.append(f"{layer_names[id(layer)]}.{attr}")
     spec = {"method": "adapter", "bottleneck": bottleneck, "placement": placement,
-            "adapter_act": act, "hidden_size": hidden, "model_type": model_type,
+            "adapter_act": act, "adapter_scale": float(scale), "hidden_size": hidden, "model_type": model_type,
             "modules": adapted}
     model.bottleneck_spec = spec
     return spec
@@ -159,7 +187,8 @@ def load_adapter(model: nn.Module, folder: Path) -> nn.Module:
     if int(model.config.hidden_size) != spec["hidden_size"]:
         raise ConfigError(f"adapter {folder} was trained on hidden size {spec['hidden_size']}, "
                           f"this base model has {model.config.hidden_size}")
-    add_adapters(model, spec["bottleneck"], spec["placement"], spec["adapter_act"])
+    add_adapters(model, spec["bottleneck"], spec["placement"], spec["adapter_act"],
+                 spec.get("adapter_scale", 1.0))  # checkpoints from before the key: 1
     if model.bottleneck_spec["modules"] != spec["modules"]:
         raise ConfigError(f"adapter {folder} does not fit this base model (adapted modules "
                           f"{spec['modules'][:2]}... vs {model.bottleneck_spec['modules'][:2]}...)")

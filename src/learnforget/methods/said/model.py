@@ -1,0 +1,235 @@
+"""Intrinsic-dimension finetuning on a model: `method=said` and `method=did`.
+
+    DID   W_i = W0_i + P_i(θ_d)           (Li et al. 2018, the Fastfood variant)
+    SAID  W_i = W0_i + λ_i · P_i(θ_d)     (Aghajanyan et al. 2020)
+
+One trained vector θ_d (length method.d, zeros at the start) is shared by every target weight;
+each target weight i has its own fixed Fastfood projection P_i (learnforget.methods.said.fastfood)
+and, for SAID, one trained scale λ_i (ones at the start, as the reference). The targets are the
+weights of the linear layers that method.targets selects (attention | mlp | all | names: the
+same sets as LoRA's), not every parameter tensor as in the reference code.
+
+Each target weight gets a torch.nn.utils.parametrize parametrization W0 -> W0 + λ_i P_i(θ_d): the
+module's forward code is untouched, the frozen W0 lives at `<module>.parametrizations.weight.
+original`, and θ_d and λ are the parameters of one child module of the model (`intrinsic`), so
+they are its only trainable parameters (d, plus one λ per target for SAID). ΔW is computed in
+float32 and added in W0's dtype.
+
+A checkpoint holds θ_d and λ (`said.safetensors`) and `said_config.json` (variant, d, projection
+seed, target names and shapes): the projections are regenerated from the seed. `load_said`
+rebuilds base + ΔW (merged into plain weights by default, for evaluation); `checkpoint_deltas`
+gives ΔW_i = λ_i P_i(θ_d) from the checkpoint alone (no base weights needed).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from learnforget.errors import ConfigError
+from learnforget.methods.said.config import VARIANTS, validate_intrinsic
+from learnforget.methods.said.fastfood import FastfoodFactors, draw_factors, fastfood
+
+CHILD = "intrinsic"  # the model's child module holding θ_d and λ
+WEIGHTS_FILE = "said.safetensors"
+CONFIG_FILE = "said_config.json"
+FORMAT = "said"  # manifest.json "format" of a SAID/DID checkpoint
+
+
+class IntrinsicVector(nn.Module):
+    """θ_d (zeros) and, for SAID, one scale per target weight (ones): the trained parameters."""
+
+    def __init__(self, d: int, n_targets: int, said: bool, device: torch.device | str | None):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(d, dtype=torch.float32, device=device))
+        self.lam = (nn.Parameter(torch.ones(n_targets, dtype=torch.float32, device=device))
+                    if said else None)
+
+
+class FastfoodDelta(nn.Module):
+    """The parametrization W0 -> W0 + λ_i P_i(θ_d) of one target weight."""
+
+    def __init__(self, vector: IntrinsicVector, index: int, factors: FastfoodFactors):
+        super().__init__()
+        self._vector = [vector]  # shared, not registered here: θ_d has one name in the model
+        self.index = index
+        self.scale, self.numel = factors.scale, factors.numel
+        self.register_buffer("B", factors.B, persistent=False)
+        self.register_buffer("Pi", factors.Pi, persistent=False)
+        self.register_buffer("G", factors.G, persistent=False)
+
+    def delta(self) -> torch.Tensor:
+        """λ_i P_i(θ_d), flat, float32."""
+        v = self._vector[0]
+        p = fastfood(v.theta, self.B, self.Pi, self.G, self.scale, self.numel)
+        return p if v.lam is None else p * v.lam[self.index]
+
+    def forward(self, w0: torch.Tensor) -> torch.Tensor:
+        return w0 + self.delta().view(w0.shape).to(w0.dtype)
+
+
+def target_names(model: nn.Module, targets: Any, model_name: str = "") -> list[str]:
+    """Full names of the linear layers method.targets selects (the LM head never)."""
+    from learnforget.methods.modules import linear_modules, resolve_targets
+
+    suffixes = resolve_targets(model, targets, model_name)
+    return [n for n in linear_modules(model)
+            if any(n == t or n.endswith("." + t) for t in suffixes)]
+
+
+def has_intrinsic(model: nn.Module) -> bool:
+    return isinstance(getattr(model, CHILD, None), IntrinsicVector)
+
+
+def add_intrinsic(model: nn.Module, d: int, variant: str = "said", targets: Any = "all",
+                  seed: int = 0, model_name: str = "",
+                  names: list[str] | None = None) -> dict[str, Any]:
+    """Freeze the model and reparametrise its target weights; returns the spec that
+    `said_config.json` records (`names`: these modules instead of method.targets)."""
+    validate_intrinsic(d, seed)
+    if variant not in VARIANTS:
+        raise ConfigError(f"intrinsic-dimension variant {variant!r} is unknown (expected one of: "
+                          f"{', '.join(VARIANTS)})")
+    if has_intrinsic(model):
+        raise ConfigError(f"method={variant}: this model is already reparametrised")
+    names = list(names) if names is not None else target_names(model, targets, model_name)
+    modules = dict(model.named_modules())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = modules[names[0]].weight.device
+    vector = IntrinsicVector(d, len(names), variant == "said", device)
+    model.add_module(CHILD, vector)
+    shapes = []
+    for i, name in enumerate(names):
+        module = modules[name]
+        w = module.weight
+        shapes.append(list(w.shape))
+        factors = draw_factors(w.numel(), d, seed, name, w.device)
+        parametrize.register_parametrization(  # unsafe: no trial forward (shape, dtype kept)
+            module, "weight", FastfoodDelta(vector, i, factors), unsafe=True)
+    spec = {"method": variant, "d": d, "projection_seed": seed,
+            "model_type": getattr(getattr(model, "config", None), "model_type", ""),
+            "modules": names, "shapes": shapes}
+    model.said_spec = spec
+    return spec
+
+
+def parametrizations(model: nn.Module) -> Iterator[tuple[str, nn.Module, FastfoodDelta]]:
+    """(module name, module, its FastfoodDelta) for every reparametrised weight."""
+    for name in getattr(model, "said_spec", {}).get("modules", []):
+        module = model.get_submodule(name)
+        yield name, module, module.parametrizations.weight[0]
+
+
+@torch.no_grad()
+def model_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
+    """ΔW_i = λ_i P_i(θ_d) of every target weight, float32, in the weight's shape."""
+    return {name: p.delta().view(module.parametrizations.weight.original.shape).detach().cpu()
+            for name, module, p in parametrizations(model)}
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    vector = getattr(model, CHILD)
+    out = {"theta": vector.theta.detach().cpu().contiguous()}
+    if vector.lam is not None:
+        out["lam"] = vector.lam.detach().cpu().contiguous()
+    return out
+
+
+def save_said(model: nn.Module, folder: Path) -> None:
+    """Write said.safetensors (θ_d, λ) and said_config.json to `folder`."""
+    from safetensors.torch import save_file
+
+    if not has_intrinsic(model):
+        raise ValueError("save_said: the model has no intrinsic-dimension vector (add_intrinsic)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(trained_state(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(model.said_spec, indent=2) + "\n")
+
+
+def is_said_dir(folder: Path) -> bool:
+    return (Path(folder) / CONFIG_FILE).exists()
+
+
+def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        spec = json.loads((folder / CONFIG_FILE).read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"{folder} is not a SAID/DID checkpoint (no {CONFIG_FILE})") from e
+    state = load_file(str(folder / WEIGHTS_FILE))
+    want = {"theta", "lam"} if spec["method"] == "said" else {"theta"}
+    if set(state) != want or state["theta"].numel() != spec["d"]:
+        raise ConfigError(f"SAID/DID checkpoint {folder}: weights {sorted(state)} do not match "
+                          f"its config (expected {sorted(want)}, θ_d of length {spec['d']})")
+    return spec, state
+
+
+def load_said(model: nn.Module, folder: Path, merge: bool = True) -> nn.Module:
+    """Base `model` + the checkpoint's ΔW. `merge`: W0 + ΔW written into plain weights and the
+    parametrizations removed (an ordinary model, for evaluation); otherwise reparametrised with
+    θ_d and λ loaded (trainable)."""
+    spec, state = read_checkpoint(folder)
+    modules = dict(model.named_modules())
+    missing = [n for n in spec["modules"] if n not in modules]
+    shapes = [list(modules[n].weight.shape) for n in spec["modules"] if n in modules]
+    if missing or shapes != spec["shapes"]:
+        raise ConfigError(f"SAID/DID checkpoint {folder} does not fit this base model (modules "
+                          f"{missing[:2] or spec['modules'][:2]}...: missing or other shapes)")
+    add_intrinsic(model, spec["d"], spec["method"], seed=spec["projection_seed"],
+                  names=spec["modules"])
+    vector = getattr(model, CHILD)
+    with torch.no_grad():
+        vector.theta.copy_(state["theta"])
+        if vector.lam is not None:
+            vector.lam.copy_(state["lam"])
+    return merge_intrinsic(model) if merge else model
+
+
+def merge_intrinsic(model: nn.Module) -> nn.Module:
+    """Write W0 + ΔW into each target's plain weight and drop the parametrizations and θ_d."""
+    with torch.no_grad():
+        for _, module, _ in list(parametrizations(model)):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            module.weight.requires_grad_(False)
+    delattr(model, CHILD)
+    del model.said_spec
+    return model
+
+
+def checkpoint_delta(spec: dict[str, Any], state: dict[str, torch.Tensor],
+                     name: str) -> torch.Tensor:
+    """ΔW of one target from a checkpoint's spec and weights (`read_checkpoint`) alone: its
+    projection regenerated from the projection seed."""
+    i = spec["modules"].index(name)
+    shape = spec["shapes"][i]
+    numel = int(torch.Size(shape).numel())
+    f = draw_factors(numel, spec["d"], spec["projection_seed"], name)
+    with torch.no_grad():
+        delta = fastfood(state["theta"].float(), f.B, f.Pi, f.G, f.scale, numel)
+        if "lam" in state:
+            delta = delta * state["lam"][i].float()
+    return delta.view(shape)
+
+
+def delta_source(spec: dict[str, Any]) -> str:
+    """How a checkpoint's ΔW is made, for the analysis records."""
+    scale = "λ_i · P_i(θ_d)" if spec["method"] == "said" else "P_i(θ_d)"
+    return (f"{scale} reshaped (Fastfood projections regenerated from projection seed "
+            f"{spec['projection_seed']}, d={spec['d']})")
+
+
+def checkpoint_deltas(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(module name, ΔW) for every target of a checkpoint, one at a time."""
+    spec, state = read_checkpoint(folder)
+    for name in spec["modules"]:
+        yield name, checkpoint_delta(spec, state, name)
