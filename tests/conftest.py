@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,14 @@ def make_cfg(runs_dir, cache_dir):
 MULTI_RANK = [*FAST, "method=full", "train.checkpoints.at=[2,4]", "train.num_threads=1",
               "data.max_docs=8", "data.heldout_docs=2", "train.lr=1e-3", "train.precision=fp32"]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def free_port() -> int:
+    """A TCP port the OS reports free now, for a rendezvous: tests run in parallel workers
+    (pytest -n 2), so none may use a fixed port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def multi_rank_env(tmp_path: Path, cache_dir: Path) -> dict[str, str]:
