@@ -16,8 +16,6 @@ import functools
 import itertools
 import re
 import shlex
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -87,23 +85,20 @@ def stopped(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "run_hydra", lambda stage, task, args: _stopper(stage)(list(args)))
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
                         _parse_then_stop(argparse.ArgumentParser.parse_args))
+    import learnforget.assets.models as models
     import learnforget.assets.registry as registry
+    import learnforget.eval.stage as eval_stage
     import learnforget.nodecheck as nodecheck
     import learnforget.studies.command as command
     import learnforget.studies.prepare as prepare
+    import learnforget.train.params as params
 
-    monkeypatch.setattr(command, "sweep_main", _stopper("sweep"))
-    monkeypatch.setattr(prepare, "prepare_configs", _stopper("prepare"))
-    monkeypatch.setattr(registry, "fetch_assets", _stopper("assets"))
-    monkeypatch.setattr(nodecheck, "run_checks", _stopper("node-check"))
-    fake = {"learnforget.eval.stage": ("eval_main", "evaluate_run"),
-            "learnforget.train.params": ("param_report", "format_report", "report_dict"),
-            "learnforget.assets.models": ("base_model_dir", "load_tokenizer")}
-    for name, attrs in fake.items():  # stand-ins: the real modules load torch, lm-eval, ...
-        module = types.ModuleType(name)
-        for attr in attrs:
-            setattr(module, attr, _stopper(f"{name}.{attr}"))
-        monkeypatch.setitem(sys.modules, name, module)
+    for module, name, what in [
+            (command, "sweep_main", "sweep"), (prepare, "prepare_configs", "prepare"),
+            (registry, "fetch_assets", "assets"), (nodecheck, "run_checks", "node-check"),
+            (eval_stage, "eval_main", "eval"), (eval_stage, "evaluate_run", "eval run"),
+            (params, "param_report", "params"), (models, "base_model_dir", "data prepare")]:
+        monkeypatch.setattr(module, name, _stopper(what))
     return tmp_path
 
 
@@ -192,12 +187,12 @@ def composed(s: Stop) -> str:
 
         ns = s.payload
         return f"composed {_compose_study(SIZES[ns.size], tuple(ns.overrides), None)} job(s)"
-    if s.what in ("learnforget.eval.stage.eval_main", "learnforget.train.params.param_report"):
+    if s.what in ("eval", "params"):
         validate(args[0])
         return "composed 1 config"
-    if s.what == "learnforget.eval.stage.evaluate_run":
+    if s.what == "eval run":
         return "composed the eval overrides (for the named run folder)"
-    if s.what == "learnforget.assets.models.base_model_dir":  # data prepare: composed by then
+    if s.what == "data prepare":  # cmd_data composed and validated before asking for the model
         return "composed 1 config"
     if s.what == "prepare":
         return f"composed {len(args[0])} config(s)"
