@@ -254,3 +254,9 @@ def test_a_command_that_does_not_compose_fails(stopped):
         check(["train", "method=lora", "method.r=0"], None, stopped)
     with pytest.raises(AssertionError, match="returned 2"):  # the CLI's one-line error
         check(["eval", "eval=mine"], None, stopped)
+
+
+def test_readme_stays_short():
+    """The README is a pitch, the two commands, the demo in brief and where to go next; the
+    rest lives in docs/ (issue 27: at most 250 lines)."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
