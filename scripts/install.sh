@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates the virtual environment and installs learnforget into it (editable, with dev tools).
+# Creates the virtual environment and installs learnforget into it (editable, with dev tools:
+# pytest, pytest-xdist for the 2 workers of `make test`, ruff).
 # Without an NVIDIA GPU the CPU build of torch is installed first, so the package's plain
 # `torch` requirement is already met and no multi-GB CUDA build is pulled; with a GPU the
 # requirement resolves to PyPI's CUDA build as usual. Override with TORCH_SPEC=...

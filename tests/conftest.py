@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,8 +56,34 @@ OFFLINE_DATA = {
 }
 
 
+# The fast tier (`make test-fast`, or `pytest -m fast`): the tests whose node id (under
+# tests/) starts with one of these are marked `fast`. Together they cover configs and the
+# documented commands, parameter counts and memory estimates, the run folder (layout, atomic
+# writes, locks), the statistics (paired deltas, matched learning, the Gaussian baseline, LR
+# scaling) and bad input, within 60 s on 2 cores with 2 workers (docs/development.md has the
+# measured time). `learnforget params` in a subprocess and LoRA counts at r=64/256 stay in the
+# default suite only.
+FAST_TESTS = (
+    "test_architecture.py", "test_bad_input.py", "test_cli_help.py", "test_docs_commands.py",
+    "test_files.py", "test_locks.py", "test_lr_scaling.py", "test_matched.py",
+    "test_noise_baseline.py", "test_paired.py", "test_runfolder.py", "test_suite_data.py",
+    "test_params.py::test_hand_count_is_the_published_size",
+    "test_params.py::test_lora_counts_are_exact[all-16]",
+    "test_params.py::test_lora_counts_are_exact[attention-16]",
+    "test_params.py::test_lora_counts_are_exact[mlp-16]",
+    "test_params.py::test_full_and_other_methods",
+    "test_params.py::test_methods_added_by_yaml_count_exactly",
+    "test_params.py::test_qlora_memory_uses_4bit_weights",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run where CUDA is available and are skipped (with the reason) elsewhere."""
+    """`fast` marks the fast tier's tests; `gpu` tests run where CUDA is available and are
+    skipped (with the reason) elsewhere."""
+    for item in items:
+        if item.nodeid.removeprefix("tests/").startswith(FAST_TESTS):
+            item.add_marker(pytest.mark.fast)
     import torch
 
     if torch.cuda.is_available():
@@ -97,6 +124,14 @@ def make_cfg(runs_dir, cache_dir):
 MULTI_RANK = [*FAST, "method=full", "train.checkpoints.at=[2,4]", "train.num_threads=1",
               "data.max_docs=8", "data.heldout_docs=2", "train.lr=1e-3", "train.precision=fp32"]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def free_port() -> int:
+    """A TCP port the OS reports free now, for a rendezvous: tests run in parallel workers
+    (pytest -n 2), so none may use a fixed port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def multi_rank_env(tmp_path: Path, cache_dir: Path) -> dict[str, str]:

@@ -97,7 +97,7 @@ def measure(layers: int, hidden: int, workdir: Path) -> None:
             out.mkdir(parents=True, exist_ok=True)
             overrides = common_overrides(workdir, model_dir) + [
                 f"train.distributed.strategy={strategy}", f"train.distributed.load_weights={how}"]
-            run_probe(out, {"m": overrides}, port=29561)
+            run_probe(out, {"m": overrides}, port=_free_port())
             total = 0.0
             for r in (0, 1):
                 m = torch.load(out / f"m-rank{r}.pt", weights_only=False)["rss_mib"]
@@ -115,6 +115,15 @@ def common_overrides(workdir: Path, model_dir: Path) -> list[str]:
             "method=full", "data=stdlib_code", "data.max_docs=4", "data.heldout_docs=1",
             "train.seq_len=64", "train.batch_size=1", "train.grad_accum=1",
             "train.precision=fp32", "train.num_threads=1"]
+
+
+def _free_port() -> int:
+    """A port the OS reports free (test workers run in parallel: no fixed port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_probe(out: Path, configs: dict[str, list[str]], port: int) -> None:

@@ -17,27 +17,46 @@ def _tree(root) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and "_hydra" not in p.parts}
 
 
+def _main(*args: str) -> int:
+    try:
+        return main(list(args))
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+    """One finished run that every bad-input case must leave byte for byte as it is (trained
+    once per module: a case that wrote or changed anything fails on its own tree check)."""
+    runs = tmp_path_factory.mktemp("bad_input") / "runs"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LEARNFORGET_RUNS_DIR", str(runs))
+        mp.setenv("LEARNFORGET_CACHE_DIR", str(cache_dir))
+        code = _main("train", *FAST, "data.max_docs=8", "data.heldout_docs=2")
+    assert code in (0, None)
+    return runs, _tree(runs)
+
+
+@pytest.fixture
+def runs_dir(trained):
+    return trained[0]
+
+
+@pytest.fixture
+def finished_run(trained):
+    return trained[1]
+
+
 @pytest.fixture
 def cli(runs_dir, cache_dir, monkeypatch, capsys):
     monkeypatch.setenv("LEARNFORGET_RUNS_DIR", str(runs_dir))
     monkeypatch.setenv("LEARNFORGET_CACHE_DIR", str(cache_dir))
 
     def run(*args: str) -> tuple[int, str]:
-        try:
-            code = main(list(args))
-        except SystemExit as e:
-            code = e.code
-        captured = capsys.readouterr()
-        return code, captured.err
+        code = _main(*args)
+        return code, capsys.readouterr().err
 
     return run
-
-
-@pytest.fixture
-def finished_run(cli, runs_dir):
-    code, err = cli("train", *FAST, "data.max_docs=8", "data.heldout_docs=2")
-    assert code in (0, None), err
-    return _tree(runs_dir)
 
 
 BAD = {

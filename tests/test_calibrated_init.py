@@ -237,7 +237,7 @@ def test_two_ranks_calibrate_on_the_same_sequences_as_one_process(tmp_path, cach
     import subprocess
     import sys
 
-    from conftest import MULTI_RANK, TORCHRUN, multi_rank_env, step_losses
+    from conftest import MULTI_RANK, TORCHRUN, free_port, multi_rank_env, step_losses
     from safetensors.torch import load_file
 
     if not TORCHRUN.exists():
@@ -250,7 +250,7 @@ def test_two_ranks_calibrate_on_the_same_sequences_as_one_process(tmp_path, cach
         env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = subprocess.run(
-        [str(TORCHRUN), "--nproc_per_node=2", "--master_port=29519", "-m", "learnforget.cli",
+        [str(TORCHRUN), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "learnforget.cli",
          "train", *MULTI_RANK, *corda, "train.batch_size=2", "method.calibration_batches=2",
          "experiment_name=ddp"], env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]

@@ -8,7 +8,14 @@ import json
 import subprocess
 
 import pytest
-from conftest import MULTI_RANK, TORCHRUN, multi_rank_env, step_losses, train_single_process
+from conftest import (
+    MULTI_RANK,
+    TORCHRUN,
+    free_port,
+    multi_rank_env,
+    step_losses,
+    train_single_process,
+)
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
@@ -16,7 +23,7 @@ def test_two_process_ddp_matches_single_process(tmp_path, cache_dir):
     env = multi_rank_env(tmp_path, cache_dir)
     train_single_process(env)
     ddp = subprocess.run(
-        [str(TORCHRUN), "--nproc_per_node=2", "--master_port=29517", "-m", "learnforget.cli",
+        [str(TORCHRUN), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "learnforget.cli",
          "train", *MULTI_RANK, "train.batch_size=2", "experiment_name=ddp"],
         env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]

@@ -280,7 +280,7 @@ def test_base_model_alone_fills_the_cache_a_run_then_reuses(make_cfg, runs_dir, 
 
 def test_a_users_own_task_and_suite_from_the_hydra_search_path(runs_dir, cache_dir, tmp_path,
                                                                 monkeypatch, capsys):
-    """README "Your own task": a multiple-choice jsonl file and a suite file in the user's own
+    """docs/evaluation.md "Your own task": a multiple-choice jsonl file and a suite file in the user's own
     config folder, found through hydra.searchpath, scored on the base model."""
     from learnforget.cli import main
 

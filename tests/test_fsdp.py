@@ -20,6 +20,7 @@ import torch
 from conftest import (
     MULTI_RANK,
     TORCHRUN,
+    free_port,
     metrics_rows,
     multi_rank_env,
     step_losses,
@@ -47,7 +48,7 @@ def _logits(ckpt: Path) -> torch.Tensor:
 def test_two_process_fsdp_matches_single_process_and_resumes(tmp_path, cache_dir):
     env = multi_rank_env(tmp_path, cache_dir)
     train_single_process(env)
-    fsdp = [str(TORCHRUN), "--nproc_per_node=2", "--master_port=29527", "-m", "learnforget.cli",
+    fsdp = [str(TORCHRUN), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "learnforget.cli",
             "train", *MULTI_RANK, "train.batch_size=2", "experiment_name=fsdp",
             "train.distributed.strategy=fsdp"]
     crash_env, crash = crash_after(3, env)

@@ -78,7 +78,9 @@ def test_fsdp_on_one_rank_matches_unsharded(make_cfg, monkeypatch):
     from learnforget.train import distributed
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29611")
+    from conftest import free_port
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("nccl", rank=0, world_size=1)
     try:
         losses = {}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, OFFLINE_DATA, TORCHRUN, multi_rank_env, step_losses
+from conftest import FAST, OFFLINE_DATA, TORCHRUN, free_port, multi_rank_env, step_losses
 from crash_hook import crash_after
 from omegaconf import open_dict
 
@@ -59,7 +59,7 @@ def _probe(tmp_path: Path, cache: Path, cases: dict[str, list[str]]) -> dict:
     spec, out = tmp_path / "spec.json", tmp_path / "out.pt"
     spec.write_text(json.dumps({"lr": LR, "cases": {k: _overrides(tmp_path, cache, v)
                                                     for k, v in cases.items()}}))
-    r = subprocess.run([str(TORCHRUN), "--nproc_per_node=2", "--master_port=29541", str(PROBE),
+    r = subprocess.run([str(TORCHRUN), "--nproc_per_node=2", f"--master_port={free_port()}", str(PROBE),
                         str(spec), str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"},
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -242,8 +242,8 @@ def test_two_rank_lora_with_dropout_resumes_exactly(tmp_path, cache_dir):
     def launch(experiment: str, crash: int | None = None) -> subprocess.CompletedProcess:
         run_env, hook = crash_after(crash, env)
         return subprocess.run(
-            [str(TORCHRUN), "--nproc_per_node=2", "--master_port=29543", "-m", "learnforget.cli",
-             "train", *lora, f"experiment_name={experiment}", *hook],
+            [str(TORCHRUN), "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
+             "learnforget.cli", "train", *lora, f"experiment_name={experiment}", *hook],
             env=run_env, capture_output=True, text=True, timeout=300)
 
     straight = launch("straight")

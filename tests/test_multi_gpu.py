@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MULTI_RANK, TORCHRUN, metrics_rows, multi_rank_env, step_losses
+from conftest import MULTI_RANK, TORCHRUN, free_port, metrics_rows, multi_rank_env, step_losses
 from crash_hook import crash_after
 
 from learnforget.runfolder import RunFolder
@@ -61,13 +61,13 @@ def test_fsdp_bf16_checkpointing_lionw_killed_and_resumed_on_two_gpus(tmp_path, 
     env = multi_rank_env(tmp_path, cache_dir)
     args = _overrides(*FSDP_BF16)
     assert _train(env, args, "single", 1, 0).returncode == 0
-    whole = _train(env, args, "whole", 2, 29631)
+    whole = _train(env, args, "whole", 2, free_port())
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = _train(env, args, "killed", 2, 29632, crash_at=3)
+    killed = _train(env, args, "killed", 2, free_port(), crash_at=3)
     assert killed.returncode != 0  # both ranks died after step 3
     run = _run(tmp_path, "killed")
     assert RunFolder(run).read_record().status == "running"
-    resumed = _train(env, args, "killed", 2, 29633)
+    resumed = _train(env, args, "killed", 2, free_port())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "from step 2" in resumed.stdout, resumed.stdout[-2000:]
 
@@ -94,7 +94,7 @@ def test_lora_over_ddp_on_two_gpus_matches_one(tmp_path, cache_dir):
     args = _overrides(*LORA_DDP)
     one = _train(env, args, "single", 1, 0)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _train(env, args, "ddp", 2, 29641)
+    two = _train(env, args, "ddp", 2, free_port())
     assert two.returncode == 0, two.stderr[-3000:]
     run = _run(tmp_path, "ddp")
     info = json.loads((run / "run.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TORCHRUN, multi_rank_env
+from conftest import TORCHRUN, free_port, multi_rank_env
 from safetensors.torch import load_file
 
 from learnforget.studies.plan import expand
@@ -104,7 +104,7 @@ def test_toy_full_finetuning_as_two_rank_fsdp(study, ckpt, tmp_path, cache_dir):
     job = _pick(_plan(study, "toy", tmp_path, cache_dir), "full")
     env = {**multi_rank_env(tmp_path, cache_dir), "OMP_NUM_THREADS": "1"}
     args = [a for a in job.overrides if not a.startswith(("paths.", "train.distributed.strategy"))]
-    port = 29540 + PAPER_STUDIES.index(study)
+    port = free_port()
     out = subprocess.run([str(TORCHRUN), "--nproc_per_node=2", f"--master_port={port}", "-m",
                           "learnforget.cli", "train", *args, "train.distributed.strategy=fsdp",
                           "train.num_threads=1", "train.batch_size=2", "experiment_name=fsdp",

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, TORCHRUN
+from conftest import FAST, TORCHRUN, free_port
 
 from learnforget.assets.inputs import failure_marker, is_ready, ready_before_ranks, run_inputs
 from learnforget.cli import main
@@ -216,7 +216,7 @@ def test_two_gloo_ranks_on_an_empty_cache_prepare_before_the_process_group(tmp_p
     env = {**os.environ, "LEARNFORGET_RUNS_DIR": str(tmp_path / "runs"),
            "LEARNFORGET_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     p = subprocess.run(
-        [str(TORCHRUN), "--nproc_per_node=2", "--master_port=29533", "-m", "learnforget.cli",
+        [str(TORCHRUN), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "learnforget.cli",
          "train", *FAST, *SHARDS, "method=lora", "train.seq_len=64", "train.batch_size=2",
          "train.checkpoints.unit=steps", "train.checkpoints.at=[2]", "train.num_threads=1",
          "train.heldout_batches=1", "experiment_name=prep2"],

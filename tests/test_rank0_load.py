@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, TORCHRUN
+from conftest import FAST, TORCHRUN, free_port
 
 from learnforget.config import compose
 from learnforget.errors import ConfigError
@@ -50,7 +50,7 @@ def test_rank0_weights_are_bitwise_the_per_rank_weights(tmp_path, cache_dir):
     for how in ("every_rank", "rank0"):
         (tmp_path / how).mkdir()
         run_probe(tmp_path / how, {name: [*base, *o, f"train.distributed.load_weights={how}"]
-                                   for name, o in CASES.items()}, port=29563)
+                                   for name, o in CASES.items()}, port=free_port())
     for name in CASES:
         for rank in (0, 1):
             old, new = _load(tmp_path / "every_rank", name, rank), _load(tmp_path / "rank0", name,
@@ -111,7 +111,7 @@ def test_rank1_host_memory_does_not_grow_by_a_model(tmp_path):
         (tmp_path / how).mkdir()
         run_probe(tmp_path / how, {"m": [*common_overrides(tmp_path, model_dir),
                                          "train.distributed.strategy=fsdp",
-                                         f"train.distributed.load_weights={how}"]}, port=29565)
+                                         f"train.distributed.load_weights={how}"]}, port=free_port())
         m = torch.load(tmp_path / how / "m-rank1.pt", weights_only=False)["rss_mib"]
         growth[how] = (m["after_load"] - m["before"], m["after_setup"] - m["before"])
     assert growth["every_rank"][0] > 1.0 * model_mib, (growth, model_mib)

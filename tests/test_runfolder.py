@@ -1,4 +1,4 @@
-"""The run-folder contract: README's "Run folder" block is the contract's own text, run.json
+"""The run-folder contract: docs/run-folder.md's layout block is the contract's own text, run.json
 round-trips through its typed sections, and folders from the previous layout still read."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from learnforget.runfolder import (
     readme_section,
 )
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "run-folder.md"
 
 # run.json as the train stage wrote it before schema_version (abridged from a real run)
 V1 = {
@@ -49,10 +49,10 @@ V1 = {
 }
 
 
-def test_readme_shows_the_contract():
-    assert readme_section() in README.read_text(), (
-        "README's 'Run folder' block differs from learnforget.runfolder.readme_section(): "
-        "paste its output into README.md")
+def test_docs_show_the_contract():
+    assert readme_section() in DOC.read_text(), (
+        "docs/run-folder.md's layout block differs from learnforget.runfolder.readme_section(): "
+        "paste its output into docs/run-folder.md")
 
 
 def test_every_layout_entry_resolves_inside_the_run_folder(tmp_path):

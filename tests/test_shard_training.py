@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, TORCHRUN
+from conftest import FAST, TORCHRUN, free_port
 from crash_hook import crash_after
 from safetensors.torch import load_file
 from test_shards import WORDS, make_docs, prep, tok  # noqa: F401 - tok is a fixture
@@ -113,7 +113,7 @@ def test_two_gloo_ranks_read_disjoint_blocks_that_make_the_double_batch(tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     probe = Path(__file__).parent / "fixtures" / "shard_rank_probe.py"
     out = tmp_path / "ranks.json"
-    p = subprocess.run([str(TORCHRUN), "--nproc_per_node=2", "--master_port=29533", str(probe),
+    p = subprocess.run([str(TORCHRUN), "--nproc_per_node=2", f"--master_port={free_port()}", str(probe),
                         str(tmp_path / "shards"), str(out), "2"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

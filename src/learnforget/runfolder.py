@@ -7,7 +7,7 @@ No other module builds these paths: it asks a ``RunFolder`` (or ``runs_root``/``
       _analysis/                     tables and figures of `learnforget analyze`
       <experiment>/<run name>/       one run: RunFolder(path)
 
-The files of one run are listed in LAYOUT (README's "Run folder" section is checked against
+The files of one run are listed in LAYOUT (the block in docs/run-folder.md is checked against
 it). run.json holds a RunRecord: ``status``, ``run`` (RunInfo: what was trained), ``train``
 (TrainInfo: how, and how far), ``meta`` (MetaInfo: versions, git, host), and, when they
 apply, ``cooldown`` and ``intruder_mitigation``; with ``schema_version``. Folders written
@@ -461,8 +461,8 @@ class RunLock:
 
 
 def readme_section() -> str:
-    """The layout and run.json's sections as README's "Run folder" block shows them (a test
-    checks that README.md holds exactly this text)."""
+    """The layout and run.json's sections as docs/run-folder.md's block shows them (a test
+    checks that the page holds exactly this text)."""
     lines = ["```", "<run folder>/"]
     for path, what in LAYOUT.values():
         lines.append(textwrap.fill(what, 92, initial_indent=f"  {path:<26} ",
