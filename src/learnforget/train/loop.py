@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import resource
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ from learnforget.config import config_hash, cooldown_mode, run_dir, run_identity
 from learnforget.data.packing import TokenizedData
 from learnforget.errors import ConfigError
 from learnforget.eval.crossentropy import mean_cross_entropy
-from learnforget.files import atomic_write_text
+from learnforget.files import atomic_write_text, first_line
 from learnforget.methods.apply import apply_method, count_parameters
 from learnforget.methods.modules import decoder_layers
 from learnforget.methods.registry import checkpoint_format, ignored_keys, method_summary
@@ -221,15 +222,22 @@ def fit(s: Setup) -> Path:
     run = open_run(s)
     if run is None:
         return s.out
-    status = "failed"
+    status, ended = "failed", False
     try:
         with StopSignals() as stop:
             status = train_loop(s, run, stop)
+        ended = True
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
-        finish(s, run, status)
+        try:
+            finish(s, run, status)
+        except Exception as e:  # e.g. a full disk again: the first error is the one to report
+            if ended:
+                raise
+            print(f"learnforget: warning: closing the {status} run failed too: {first_line(e)}",
+                  file=sys.stderr, flush=True)
     if status == "interrupted":
         stop.pass_on()
     return s.out
