@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig
 
+from learnforget.files import disk_full_guard
 from learnforget.runfolder import RunFolder
 
 SECRET = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.I)
@@ -46,8 +47,10 @@ class DiskLogger:
         self._f = path.open("a")
 
     def log(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, default=float) + "\n")
-        self._f.flush()
+        line = json.dumps(record, default=float) + "\n"
+        with disk_full_guard(self.path, len(line.encode())):  # a line cut short: see _step_of
+            self._f.write(line)
+            self._f.flush()
 
     def summary(self, values: dict[str, Any]) -> None:
         pass  # run.json holds the summary

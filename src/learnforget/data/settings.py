@@ -153,6 +153,15 @@ def record_to_text(cfg: Any, record: Mapping[str, Any], where: str = "record") -
     return prompt, response
 
 
+def expected_record(cfg: Any) -> str:
+    """What one record of this data config must look like, e.g. ``{"text": "..."}``."""
+    if cfg_regime(cfg) == "cpt":
+        fields = [cfg_get(cfg, "text_field")]
+    else:
+        fields = [cfg_get(cfg, "prompt_field"), cfg_get(cfg, "response_field")]
+    return "a JSON object like {" + ", ".join(f'"{f}": "..."' for f in fields) + "}"
+
+
 def take_records(records: Iterable[Record], regime: str, max_docs: int | None) -> list[Record]:
     """The first ``max_docs`` records, skipping empty cpt documents."""
     if regime == "cpt":

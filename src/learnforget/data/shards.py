@@ -140,7 +140,11 @@ class _ShardWriter:
         arr[:-1] = ids
         arr[-1] = eos_id
         b = arr.tobytes()
-        self.f.write(b)
+        try:
+            self.f.write(b)
+        except OSError as e:  # the temporary file goes; a full disk is one line naming the shard
+            self._file.__exit__(type(e), e, e.__traceback__)
+            raise
         self.sha.update(b)
         self.tokens += len(arr)
         self.docs += 1

@@ -31,6 +31,7 @@ from learnforget.data.settings import (
     cfg_name,
     cfg_regime,
     cfg_source,
+    expected_record,
     record_to_text,
     render_prompt,
     take_records,
@@ -56,6 +57,21 @@ def read_text(path: Path) -> str | None:
         return None
 
 
+def read_user_text(path: Path) -> str:
+    """A user's file as UTF-8 text, or a one-line ConfigError naming the file, the line and
+    the byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(
+            f"data.path: {path}:{line} is not UTF-8 text (byte 0x{data[err.start]:02x} at column "
+            f"{col}): expected a UTF-8 file (convert it, e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def _load_stdlib(cfg: Any, regime: str) -> tuple[list[Record], str]:
     if regime != "cpt":
         raise ConfigError(
@@ -74,12 +90,15 @@ def _load_stdlib(cfg: Any, regime: str) -> tuple[list[Record], str]:
     return docs, desc
 
 
-def iter_json_records(path: Path) -> Iterator[tuple[Any, str]]:
+def iter_json_records(path: Path, expected: str = "a JSON object") -> Iterator[tuple[Any, str]]:
     """(record, where) for a .jsonl file (one object a line) or a .json file (a list of
-    objects; a .json file that holds JSON lines is read as such)."""
-    text = read_text(path)
-    if text is None:
-        raise ConfigError(f"data.path: {path} is not UTF-8 text")
+    objects; a .json file that holds JSON lines is read as such). ``expected`` (e.g.
+    ``{"text": ...}``) goes into the errors for an empty file and a line that is not JSON."""
+    text = read_user_text(path).removeprefix("\ufeff")  # a byte-order mark is not JSON
+    if not text.strip():
+        what = "empty (0 bytes)" if not text else "blank (only white space)"
+        raise ConfigError(f"data.path: {path} is {what}: expected one record a line, "
+                          f"each {expected}")
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -100,8 +119,19 @@ def iter_json_records(path: Path) -> Iterator[tuple[Any, str]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"data.path: {path}:{lineno} is not valid JSON ({err})") from None
+            raise ConfigError(
+                f"data.path: {path}:{lineno} is not valid JSON ({err.msg} at column {err.colno}):"
+                f" expected one record a line, each {expected}"
+            ) from None
         yield record, f"{path}:{lineno}"
+
+
+def txt_document(path: Path) -> str:
+    """A .txt file as one document (one-line errors: not UTF-8, empty)."""
+    text = read_user_text(path)
+    if not text.strip():
+        raise ConfigError(f"data.path: {path} is empty: expected one text document")
+    return text
 
 
 def folder_files(folder: Path) -> list[Path]:
@@ -146,8 +176,10 @@ def _load_local(cfg: Any, regime: str) -> tuple[list[Record], str]:
             raise ConfigError(
                 f"data.path: the folder {path} holds no {'/'.join(LOCAL_FOLDER_SUFFIXES)} files"
             )
-        texts = (read_text(f) for f in files)
-        docs = take_records((t for t in texts if t is not None), regime, max_docs)
+        docs = take_records((read_user_text(f) for f in files), regime, max_docs)
+        if not docs:
+            raise ConfigError(f"data.path: every file of the folder {path} is empty: expected "
+                              "text documents")
         return docs, f"local folder: {path} ({len(docs)} of {len(files)} files)"
     suffix = path.suffix.lower()
     if suffix == ".txt":
@@ -156,15 +188,14 @@ def _load_local(cfg: Any, regime: str) -> tuple[list[Record], str]:
                 f"data.path: {path} is a .txt file, which holds one document (data.regime=cpt); "
                 "for ift give a .jsonl or .json file of prompt/response records"
             )
-        text = read_text(path)
-        if text is None or not text.strip():
-            raise ConfigError(f"data.path: {path} is empty or not UTF-8 text")
-        return [text], f"local file: {path} (one document)"
+        return [txt_document(path)], f"local file: {path} (one document)"
     if suffix in (".jsonl", ".json"):
-        records = (record_to_text(cfg, rec, where) for rec, where in iter_json_records(path))
+        records = (record_to_text(cfg, rec, where)
+                   for rec, where in iter_json_records(path, expected_record(cfg)))
         docs = take_records(records, regime, max_docs)
         if not docs:
-            raise ConfigError(f"data.path: {path} holds no (non-empty) records")
+            raise ConfigError(f"data.path: {path} holds no record with a non-empty text: "
+                              f"expected records {expected_record(cfg)}")
         return docs, f"local file: {path} ({len(docs)} records)"
     raise ConfigError(
         f"data.path: '{path}' has an unknown kind of file (expected a .txt, .jsonl or .json "
@@ -371,14 +402,14 @@ def iter_documents(cfg: Any) -> tuple[Iterator[str], str]:
         path = local_path(cfg)
         if path.is_dir():
             files_ = folder_files(path)
-            texts = (read_text(f) for f in files_)
+            texts = (read_user_text(f) for f in files_)
             desc = f"local folder: {path} ({len(files_)} files)"
         elif path.suffix.lower() == ".txt":
-            texts = iter([read_text(path)])
+            texts = iter([txt_document(path)])
             desc = f"local file: {path} (one document)"
         else:
             texts = (record_to_text(cfg, rec, where)
-                     for rec, where in iter_json_records(path))
+                     for rec, where in iter_json_records(path, expected_record(cfg)))
             desc = f"local file: {path}"
     elif source == "synthetic":
         docs, desc = load_synthetic(cfg, regime)

@@ -18,6 +18,7 @@ from typing import Any
 
 from learnforget.errors import ConfigError
 from learnforget.studies.cluster import cluster_profile_path, load_cluster_profile
+from learnforget.studies.disk import print_disk
 from learnforget.studies.held import print_held
 from learnforget.studies.launch import launch, report_failures
 from learnforget.studies.plan import estimate, expand, refresh_states, shown_path
@@ -76,6 +77,7 @@ def sweep_main(study: str, overrides: Sequence[str] = (), *, dry_run: bool = Fal
         if fit is not None:
             print_fit(plan, fit, [r["method"] for r in rows])
         print_held(plan, launcher, cluster)  # the jobs it submits, GPU-hours held, eval batch
+        print_disk(plan)  # checkpoints, resume states, shards against the free space
         print_protocol_notes(plan)  # the fp32 scoring head, IFT runs renamed by loss_norm
         print(f"(parameter reports in {time.perf_counter() - t0:.1f}s)")
         return 0

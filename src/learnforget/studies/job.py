@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -117,7 +119,19 @@ def _hand_interrupt_to_submitit() -> None:
               "to resume", flush=True)
         raise SystemExit(143)
     from learnforget.private_api import requeue_signal
+    from learnforget.train.signals import received_stop_signals
 
+    usr = signal.Signals(requeue_signal()).name
+    if set(received_stop_signals()) == {"SIGTERM"}:
+        # SLURM itself ends the job (scontrol requeue, scancel, a pre-emption that sends only
+        # SIGTERM, a drained node) and requeues it when it means to: submitit's own
+        # `scontrol requeue` then fails, and the failure would be the job's result while SLURM
+        # runs it again. Exit as SIGTERM's default action would, leaving no result: submitit
+        # waits for the requeued job (or reports a cancelled one).
+        print(f"learnforget: SIGTERM from SLURM (not submitit's {usr}): the state is saved; "
+              "SLURM requeues the job or it stays cancelled", flush=True)
+        sys.stderr.flush()
+        os._exit(143)
     os.kill(os.getpid(), requeue_signal())
 
 

@@ -120,6 +120,10 @@ def launch(plan: Plan, launcher: str, cluster: str | None = None) -> list[Outcom
         return []
     settings, given_logs = _launcher_settings(plan.hydra_overrides)
     what = f"study {plan.study.name} ({len(todo)} job(s) with {launcher})"
+    from learnforget.data.check import check_configs
+
+    for line in check_configs([j.cfg for j in todo]):  # bad local data: one line, nothing started
+        print(f"learnforget: data check: {line}")
     if launcher == "submitit_slurm":  # checked before anything is written
         path = cluster_profile_path(cluster)
         profile = {**load_cluster_profile(path), **settings}

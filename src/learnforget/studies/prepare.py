@@ -96,6 +96,8 @@ def prepare_cli(args: Sequence[str]) -> int:
         cfg = compose(args)
         validate(cfg)
         cfgs = [cfg]
-    for line in prepare_configs(cfgs):
+    from learnforget.data.check import check_configs
+
+    for line in check_configs(cfgs) + prepare_configs(cfgs):
         print(f"learnforget: {line}")
     return 0

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, open_dict
 
 from learnforget.config import cooldown_mode
 from learnforget.errors import ConfigError
-from learnforget.files import atomic_write_json, read_json
+from learnforget.files import atomic_write_json, disk_full_guard, read_json
 from learnforget.runfolder import MANIFEST, RunFolder
 
 
@@ -84,9 +84,14 @@ def _publish(src: Path, dst: Path, extra: dict[str, Any]) -> None:
     """Copy a branch's budget checkpoint into the main run (to a temporary folder, renamed)."""
     tmp = dst.parent / f".tmp-{dst.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    manifest = read_json(tmp / MANIFEST) or {}
-    atomic_write_json(tmp / MANIFEST, {**manifest, **extra})
+    try:  # a full disk: one line naming the copy, and no half copy left behind
+        with disk_full_guard(dst, sum(f.stat().st_size for f in src.rglob("*") if f.is_file())):
+            shutil.copytree(src, tmp)
+            manifest = read_json(tmp / MANIFEST) or {}
+            atomic_write_json(tmp / MANIFEST, {**manifest, **extra})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(tmp, dst)
@@ -106,6 +111,8 @@ def run_branches(cfg: DictConfig, main: Path, train: Callable[[DictConfig], Path
     info = folder.read_record()
     if info is None or not info.finished:
         return {}
+    if (info.cooldown or {}).get("complete"):  # published: the branches' own copies may be gone
+        return info.cooldown
     t = cfg.train
     budgets = {str(label): int(step) for step, label in (info.train.budgets or {}).items()}
     at = {str(label): a for label, a in zip(sorted(budgets, key=budgets.get),

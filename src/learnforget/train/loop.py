@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import resource
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -33,7 +34,7 @@ from learnforget.config import (
 from learnforget.data.packing import TokenizedData
 from learnforget.errors import ConfigError
 from learnforget.eval.crossentropy import mean_cross_entropy
-from learnforget.files import atomic_write_text
+from learnforget.files import atomic_write_text, first_line
 from learnforget.methods.apply import apply_method, count_parameters
 from learnforget.methods.modules import decoder_layers
 from learnforget.methods.registry import (
@@ -236,15 +237,22 @@ def fit(s: Setup) -> Path:
     run = open_run(s)
     if run is None:
         return s.out
-    status = "failed"
+    status, ended = "failed", False
     try:
         with StopSignals() as stop:
             status = train_loop(s, run, stop)
+        ended = True
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
-        finish(s, run, status)
+        try:
+            finish(s, run, status)
+        except Exception as e:  # e.g. a full disk again: the first error is the one to report
+            if ended:
+                raise
+            print(f"learnforget: warning: closing the {status} run failed too: {first_line(e)}",
+                  file=sys.stderr, flush=True)
     if status == "interrupted":
         stop.pass_on()
     return s.out

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from learnforget.errors import ConfigError
-from learnforget.files import atomic_open, atomic_write_json
+from learnforget.files import atomic_open, atomic_write_json, disk_full_guard
 from learnforget.runfolder import MANIFEST
 from learnforget.train import distributed
 from learnforget.train.distributed import Dist
@@ -70,9 +70,42 @@ def _cpu_copy(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors and arrays in a nested state (about what torch.save writes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def checkpoint_bytes(model: torch.nn.Module,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> int:
+    """About the bytes of a budget checkpoint: the adapter's tensors (peft), the trainable
+    ones (bottleneck adapters) or every distinct tensor of the model."""
+    if state_dict is None:
+        from peft import PeftModel, get_peft_model_state_dict
+
+        from learnforget.methods import bottleneck
+
+        if isinstance(model, PeftModel):
+            state_dict = get_peft_model_state_dict(model)
+        elif bottleneck.has_adapters(model):
+            state_dict = trainable_state(model)
+        else:
+            state_dict = model.state_dict()
+    unique = {(t.data_ptr(), t.nelement()): t for t in state_dict.values()
+              if isinstance(t, torch.Tensor)}
+    return sum(t.nelement() * t.element_size() for t in unique.values())
+
+
 def write_resume(path: Path, state: dict[str, Any], shards: str | None = None) -> None:
     """Rank 0: the resume file (atomically); with FSDP shards, older shard folders go."""
-    with atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb", needed=tensor_bytes(state)) as f:
         torch.save(state, f)
     if shards is not None:
         distributed.drop_other_shards(path.parent, keep=shards)
@@ -116,32 +149,38 @@ def save_checkpoint(out: Path, model, manifest: dict[str, Any],
                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """A budget checkpoint: peft adapter files for peft methods, adapter.safetensors for
     bottleneck adapters, θ_d and λ for SAID/DID, safetensors of the whole model otherwise."""
-    from learnforget.methods.bottleneck import model as bottleneck
-    from learnforget.methods.said import model as said
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
-        if bottleneck.has_adapters(model):
-            bottleneck.save_adapter(model, tmp)
-        elif said.has_intrinsic(model):
-            said.save_said(model, tmp)
-        else:
-            # state_dict: an FSDP model's weights, gathered on rank 0
-            extra = {} if state_dict is None else {"state_dict": state_dict}
-            model.save_pretrained(tmp, safe_serialization=True, **extra)
-            from learnforget.methods.lora_variants import convert_saved_adapter, initial_factors
-
-            initial = initial_factors(model)
-            if initial is not None:  # PiSSA / OLoRA: a LoRA adapter on the original base
-                convert_saved_adapter(tmp, initial)
-        atomic_write_json(tmp / MANIFEST, manifest)
+        with disk_full_guard(out, checkpoint_bytes(model, state_dict)):
+            _write_checkpoint(tmp, model, manifest, state_dict)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_checkpoint(tmp: Path, model, manifest: dict[str, Any],
+                      state_dict: dict[str, torch.Tensor] | None) -> None:
+    from learnforget.methods.bottleneck import model as bottleneck
+    from learnforget.methods.said import model as said
+
+    if bottleneck.has_adapters(model):
+        bottleneck.save_adapter(model, tmp)
+    elif said.has_intrinsic(model):
+        said.save_said(model, tmp)
+    else:
+        # state_dict: an FSDP model's weights, gathered on rank 0
+        extra = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(tmp, safe_serialization=True, **extra)
+        from learnforget.methods.lora_variants import convert_saved_adapter, initial_factors
+
+        initial = initial_factors(model)
+        if initial is not None:  # PiSSA / OLoRA: a LoRA adapter on the original base
+            convert_saved_adapter(tmp, initial)
+    atomic_write_json(tmp / MANIFEST, manifest)
 
 
 def drop_resume_state(resume_path: Path) -> None:

@@ -9,6 +9,12 @@ import threading
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+_RECEIVED: list[str] = []  # every stop signal this process received while training, by name
+
+
+def received_stop_signals() -> list[str]:
+    """The stop signals (names) this process received while training, in order."""
+    return list(_RECEIVED)
 
 
 class StopSignals:
@@ -22,6 +28,7 @@ class StopSignals:
 
     def _on_signal(self, signum, _frame) -> None:
         self.signal = signal.Signals(signum).name
+        _RECEIVED.append(self.signal)
         if signum not in self.received:
             self.received.append(signum)
 
