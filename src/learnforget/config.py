@@ -178,6 +178,7 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
         train.pop("cooldown_mode")
     train.pop("distributed", None)  # how the ranks share the work, not what they compute
     train.pop("activation_checkpointing", None)  # recomputes activations: same gradients
+    train.pop("speed", None)  # how fast a step runs (learnforget.train.speed): rounding at most
     if train.get("loss_norm") == "micro_batch_mean" or data.get("regime") == "cpt":
         # micro_batch_mean: the loss before train.loss_norm (older runs keep their hash); cpt:
         # packed blocks, every micro-batch has as many loss tokens, so both are one loss. An

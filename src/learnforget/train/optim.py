@@ -58,9 +58,12 @@ def make_optimizer(params: list[torch.nn.Parameter], t: DictConfig,
         fallback = name.removeprefix("paged_")
         notes.append(f"train.optimizer={name} needs CUDA (paged memory); used {fallback} on {device}")
         name = fallback
-    if name == "adamw":
+    if name == "adamw":  # train.speed.optimizer_impl: fused, foreach or torch's for-loop
+        from learnforget.train.speed import adamw_kwargs, settings
+
+        impl, impl_notes = adamw_kwargs(settings(t)["optimizer_impl"], params)
         return torch.optim.AdamW(params, lr=t.lr, betas=betas, eps=t.eps,
-                                 weight_decay=t.weight_decay), notes
+                                 weight_decay=t.weight_decay, **impl), notes + impl_notes
     if name == "lionw":
         return DecoupledLionW(params, lr=t.lr, betas=betas, weight_decay=t.weight_decay), notes
     import bitsandbytes as bnb
