@@ -42,7 +42,7 @@ def test_bench_train_reports_mfu_beside_plain_and_old_loops(tmp_path, cache_dir)
     extra = [f"paths.cache_dir={cache_dir}", *OFFLINE_DATA["stdlib_code"],
              "train.precision=fp32", "train.num_threads=1"]
     r = bench_train("tiny_llama", repeats=1, steps=3, batch_size=2, seq_len=32,
-                    runs_dir=tmp_path, extra=extra, old=True, bare=False)
+                    runs_dir=tmp_path, extra=extra, old=True, bare=False, gemm_n=128)
     assert set(r["gemm_peak"]) == {"bf16", "fp32"} and r["cpu_model"]
     peaks = {k: v["gflops"] for k, v in r["gemm_peak"].items()}
     full, lora = r["methods"]["full"], r["methods"]["lora"]

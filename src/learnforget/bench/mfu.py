@@ -126,7 +126,7 @@ def plain_steps(s, steps: int) -> dict[str, list]:
         torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        out["loss"].append(float(loss))
+        out["loss"].append(loss.item())
         if i >= 1:
             out["wall"].append(time.perf_counter() - t0)
             out["cpu"].append(time.process_time() - c0)
@@ -139,7 +139,7 @@ OLD_SPEED = ("train.speed.optimizer_impl=for_loop", "train.speed.frozen_cast=fal
              "train.speed.loss_chunk=0", "train.speed.compile=false")
 CONVENTION = ("N: every parameter (embeddings included); full: 6N FLOPs per token; adapters: "
               "4 N_frozen + 6 N_trainable ('adapter'), with '6N' beside it; attention score "
-              "matmuls not counted; peak: best of 3 2048^3 matmuls in the same process")
+              "matmuls not counted; peak: best of 3 n^3 matmuls (gemm_peak.n, 2048) in the same process")
 
 
 def format_train(r: dict[str, Any]) -> str:

@@ -116,7 +116,7 @@ def _loop_figures(m: dict[str, list]) -> tuple[float, float, float]:
 def bench_train(model: str, repeats: int, steps: int, batch_size: int, seq_len: int,
                 runs_dir: Path, methods: Sequence[str] = ("lora", "full"),
                 extra: Sequence[str] = (), old: bool = False, bare: bool = True,
-                plain: bool = True) -> dict[str, Any]:
+                plain: bool = True, gemm_n: int = 2048) -> dict[str, Any]:
     """Per method and repeat, one `setup` (model, data, optimizer) that the harness and the
     bare loop then run on, `steps` steps each, in alternating order (harness first in even
     repeats); a loop's rate in a repeat is its tokens per step over its median step time
@@ -130,7 +130,8 @@ def bench_train(model: str, repeats: int, steps: int, batch_size: int, seq_len: 
 
     if steps < 2:
         raise ConfigError(f"--steps must be at least 2 (step 1 is not timed), got {steps}")
-    peaks = {"bf16": mfu.gemm_peak(torch.bfloat16), "fp32": mfu.gemm_peak(torch.float32)}
+    peaks = {"bf16": mfu.gemm_peak(torch.bfloat16, gemm_n),
+             "fp32": mfu.gemm_peak(torch.float32, gemm_n)}
     res: dict[str, Any] = {"model": model, "batch_size": batch_size, "seq_len": seq_len,
                            "timed_steps": steps - 1, "cpu_model": mfu.cpu_model(),
                            "gemm_peak": peaks, "methods": {}, "convention": mfu.CONVENTION,
@@ -422,6 +423,7 @@ def bench_cli(args: Sequence[str]) -> int:
                               "torch_threads": torch.get_num_threads(),
                               "args": {k: (str(v) if isinstance(v, Path) else v)
                                        for k, v in vars(a).items()}}
+    out = a.json or Path("runs") / "_bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     with tempfile.TemporaryDirectory(prefix="learnforget-bench-") as tmp:
         runs = Path(tmp)
         for section in a.sections:
@@ -431,6 +433,7 @@ def bench_cli(args: Sequence[str]) -> int:
 
                 r = bench_train(a.model, a.repeats, a.steps, a.batch_size, a.seq_len, runs,
                                 extra=extra, old=a.old, bare=a.bare, plain=a.plain)
+                atomic_write_json(out, {**result, section: r})
                 text = format_train(r)
                 if a.precision_repeats:
                     r["precision"] = bench_precision(a.model, a.precision_repeats, a.steps,
@@ -455,9 +458,9 @@ def bench_cli(args: Sequence[str]) -> int:
                 text = format_latency(r)
             r["section_wall_s"] = time.perf_counter() - t0
             result[section] = r
+            atomic_write_json(out, result)  # each section's numbers as soon as they exist
             print(text, flush=True)
             print(flush=True)
-    out = a.json or Path("runs") / "_bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     atomic_write_json(out, result)
     print(f"learnforget: bench numbers -> {out}")
     return 0

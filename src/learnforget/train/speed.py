@@ -70,7 +70,12 @@ def adamw_kwargs(impl: str, params: list[torch.nn.Parameter]) -> tuple[dict[str,
     if bad:
         return {}, [f"train.speed.optimizer_impl=fused: torch has no fused AdamW for "
                     f"{bad[0].device.type} {bad[0].dtype} parameters; torch's default used"]
-    return {"fused": True}, []
+    if any(type(p.data) is not torch.Tensor for p in params):  # FSDP2's DTensor shards
+        return {}, ["train.speed.optimizer_impl=fused: sharded (DTensor) parameters keep torch's "
+                    "default AdamW implementation"]
+    return {"fused": True}, ["train.speed.optimizer_impl=fused: torch's fused AdamW kernel (runs "
+                             "before 2026-12 used torch's for-loop AdamW on CPU: the same update "
+                             "up to rounding; for_loop restores it)"]
 
 
 def _shared_params(model: torch.nn.Module) -> set[int]:
