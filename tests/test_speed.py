@@ -108,7 +108,7 @@ def test_frozen_cast_is_what_autocast_computes(make_cfg):
     assert any("frozen_cast" in n for n in notes1)
 
 
-def test_fused_adamw_is_chosen_and_falls_back():
+def test_fused_adamw_is_chosen_and_falls_back(monkeypatch):
     from omegaconf import OmegaConf
 
     from learnforget.train.optim import make_optimizer
@@ -120,8 +120,18 @@ def test_fused_adamw_is_chosen_and_falls_back():
     assert opt.defaults["fused"] is True and "fused AdamW" in notes[0]
     t.speed.optimizer_impl = "for_loop"
     assert make_optimizer(p, t, "cpu")[0].defaults["foreach"] is False
-    assert speed.adamw_kwargs("fused", [torch.nn.Parameter(torch.randn(2).to(torch.int32)
-                                                           .float().to("meta"))])[1]
+    t.speed.optimizer_impl = "fused"  # a device without a fused kernel: torch raises, as here
+    real = torch.optim.AdamW
+
+    def no_fused(params, fused=None, **kw):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point "
+                               "Tensors of supported devices")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    opt, notes = make_optimizer(p, t, "cpu")
+    assert not opt.defaults["fused"] and "torch refused it" in notes[0]
 
 
 @pytest.mark.parametrize("bad,match", [({"optimizer_impl": "fast"}, "optimizer_impl 'fast'"),

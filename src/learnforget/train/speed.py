@@ -56,20 +56,13 @@ def settings(t: DictConfig) -> dict[str, Any]:
 
 
 def adamw_kwargs(impl: str, params: list[torch.nn.Parameter]) -> tuple[dict[str, bool], list[str]]:
-    """The implementation arguments of torch.optim.AdamW for train.speed.optimizer_impl, and a
-    note where fused is not available for these parameters."""
+    """The implementation arguments of torch.optim.AdamW for train.speed.optimizer_impl, and its
+    run.json note. Where torch has no fused kernel for the parameters' device or dtype, AdamW
+    refuses fused=True and learnforget.train.optim falls back to torch's default."""
     if impl == "for_loop":
         return {"foreach": False}, []
     if impl == "foreach":
         return {"foreach": True}, []
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    devices = set(_get_fused_kernels_supported_devices())
-    bad = [p for p in params if p.device.type not in devices or not p.is_floating_point()
-           or p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64)]
-    if bad:
-        return {}, [f"train.speed.optimizer_impl=fused: torch has no fused AdamW for "
-                    f"{bad[0].device.type} {bad[0].dtype} parameters; torch's default used"]
     if any(type(p.data) is not torch.Tensor for p in params):  # FSDP2's DTensor shards
         return {}, ["train.speed.optimizer_impl=fused: sharded (DTensor) parameters keep torch's "
                     "default AdamW implementation"]
