@@ -8,6 +8,7 @@ import pytest
 from conftest import OFFLINE_DATA
 
 from learnforget.bench import mfu
+from learnforget.bench.mfu import format_train
 from learnforget.bench.runner import bench_train
 
 # tiny_llama (conf/model/tiny_llama.yaml): vocab 2048, width 64, MLP 256, 2 layers, biases on
@@ -59,6 +60,11 @@ def test_bench_train_reports_mfu_beside_plain_and_old_loops(tmp_path, cache_dir)
             g = v[f"{loop}_mfu"]["model_gflops"]["adapter"]
             assert g == pytest.approx(tps * per_token / 1e9)
             assert v[f"{loop}_mfu"]["mfu"]["adapter"]["bf16"] == pytest.approx(g / peaks["bf16"])
+            # per process CPU second: the median step's CPU seconds against the peak's
+            per_cpu = 64 / v[f"{loop}_step_cpu_s"]["median"] * per_token / 1e9
+            fp32_cpu = r["gemm_peak"]["fp32"]["gflops_per_cpu_s"]
+            assert v[f"{loop}_mfu_cpu"]["mfu"]["adapter"]["fp32"] == pytest.approx(
+                per_cpu / fp32_cpu)
         assert v["ratio_harness_over_plain"]["median"] == pytest.approx(
             v["harness_tokens_per_s"]["median"] / v["plain_tokens_per_s"]["median"])
         # the same batches: the first step starts from the same weights (LoRA: B = 0)
@@ -66,5 +72,6 @@ def test_bench_train_reports_mfu_beside_plain_and_old_loops(tmp_path, cache_dir)
         assert v["loss_plain"][0] == pytest.approx(v["loss_harness"][0], rel=1e-5), method
         assert v["max_rel_loss_diff_old"] < 2e-3
     assert full["max_rel_loss_diff_plain"] < 2e-3
+    assert "MFU/CPU s" in format_train(r)
     assert r["lora_over_full_tokens_per_s"]["median"] == pytest.approx(
         lora["harness_tokens_per_s"]["median"] / full["harness_tokens_per_s"]["median"])

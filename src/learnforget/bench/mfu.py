@@ -12,6 +12,9 @@ Conventions (stated in the JSON under `convention`):
   reported beside it, so that full and LoRA rates compare as tokens of the same model.
 - Peak: the best of a few 2048 x 2048 x 2048 matmuls (2 n^3 FLOPs each) in bf16 and in fp32,
   measured in the same process just before the section. MFU = model FLOP/s / peak.
+- On a shared machine the same figures per process CPU second (`*_mfu_cpu`: model FLOPs per CPU
+  second of the loop against GEMM FLOPs per CPU second of the peak) do not count the time the
+  process waited for a core; they still count cache and memory-bandwidth contention.
 
 The plain loop (`plain_steps`) is what a user would write without the harness: the HF model
 loaded by `from_pretrained` in float32, peft's `get_peft_model` with a `LoraConfig` of the same
@@ -45,12 +48,14 @@ def gemm_peak(dtype: torch.dtype, n: int = GEMM_N, repeats: int = 3) -> dict[str
     a = torch.randn(n, n, generator=g).to(dtype)
     b = torch.randn(n, n, generator=g).to(dtype)
     torch.mm(a, b)
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         torch.mm(a, b)
         times.append(time.perf_counter() - t0)
-    return {"gflops": gemm_flops(n) / min(times) / 1e9, "seconds": times, "n": n}
+        cpu.append(time.process_time() - c0)
+    return {"gflops": gemm_flops(n) / min(times) / 1e9, "seconds": times, "n": n,
+            "gflops_per_cpu_s": gemm_flops(n) / min(cpu) / 1e9, "cpu_seconds": cpu}
 
 
 def flops_per_token(total: int, trainable: int, full: bool) -> dict[str, int]:
@@ -149,18 +154,21 @@ def format_train(r: dict[str, Any]) -> str:
              f"\nmedian [min, max] over repeats), CPU {r.get('cpu_model')}; GEMM 2048^3 peak "
              + ", ".join(f"{k} {v['gflops']:.0f} GFLOP/s" for k, v in peaks.items()) + ":",
              f"  {'method':<6} {'loop':<8} {'tok/s':>24} {'harness/loop':>22} {'by CPU time':>22}"
-             f" {'MFU bf16':>9} {'MFU fp32':>9} {'loss diff':>10}"]
+             f" {'MFU bf16':>9} {'MFU fp32':>9} {'MFU/CPU s':>9} {'loss diff':>10}"]
+    # MFU per process CPU second, against the faster of the two peaks
+    fast = max(peaks, key=lambda d: peaks[d]["gflops_per_cpu_s"]) if peaks else "fp32"
     for m, v in r["methods"].items():
         for k in ("harness", "old", "plain", "bare"):
             if f"{k}_tokens_per_s" not in v:
                 continue
             mfu = v[f"{k}_mfu"]["mfu"]["adapter"]
+            by_cpu = v[f"{k}_mfu_cpu"]["mfu"]["adapter"]
             ratio = "" if k == "harness" else fmt_spread(v[f"ratio_harness_over_{k}"])
             cpu = "" if k == "harness" else fmt_spread(v[f"cpu_ratio_{k}_over_harness"])
             diff = f"{v[f'max_rel_loss_diff_{k}']:.1e}" if f"max_rel_loss_diff_{k}" in v else ""
             lines.append(f"  {m:<6} {k:<8} {fmt_spread(v[f'{k}_tokens_per_s'], 1):>24} "
                          f"{ratio:>22} {cpu:>22} {mfu.get('bf16', 0):>9.3f} "
-                         f"{mfu.get('fp32', 0):>9.3f} {diff:>10}")
+                         f"{mfu.get('fp32', 0):>9.3f} {by_cpu[fast]:>9.3f} {diff:>10}")
     if "lora_over_full_step_time" in r:
         lines.append(f"  LoRA r=8 / full step time: {fmt_spread(r['lora_over_full_step_time'])}; "
                      f"tokens/s: {fmt_spread(r['lora_over_full_tokens_per_s'])}")

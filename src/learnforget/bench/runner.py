@@ -137,6 +137,7 @@ def bench_train(model: str, repeats: int, steps: int, batch_size: int, seq_len: 
                            "gemm_peak": peaks, "methods": {}, "convention": mfu.CONVENTION,
                            "old_path": list(mfu.OLD_SPEED) if old else None}
     gflops = {k: v["gflops"] for k, v in peaks.items()}
+    gflops_cpu = {k: v["gflops_per_cpu_s"] for k, v in peaks.items()}
     loops = ["harness"] + (["bare"] if bare else []) + (["old"] if old else []) \
         + (["plain"] if plain else [])
     steal0 = cpu_steal_s()
@@ -146,6 +147,7 @@ def bench_train(model: str, repeats: int, steps: int, batch_size: int, seq_len: 
         cpu_s: dict[str, list[float]] = {k: [] for k in loops}
         all_steps: dict[str, dict[str, list[float]]] = {k: {} for k in loops}
         curves: dict[str, list[float]] = {}
+        all_tokens: dict[str, list[int]] = {k: [] for k in loops}
         extras = None
         for rep in range(repeats):
             cfg = run_cfg(model, method, runs_dir, f"bench-{method}-{rep}",
@@ -170,6 +172,7 @@ def bench_train(model: str, repeats: int, steps: int, batch_size: int, seq_len: 
                     m = mfu.plain_steps(s, steps)
                     curves.setdefault("plain", m["loss"])
                 rate, wall, cpu = _loop_figures(m)
+                all_tokens[which].extend(m["tokens"])
                 tps[which].append(rate)
                 step_s[which].append(wall)
                 cpu_s[which].append(cpu)
@@ -188,7 +191,9 @@ def bench_train(model: str, repeats: int, steps: int, batch_size: int, seq_len: 
             v[f"{k}_cpu_over_wall"] = spread([c / w for c, w in zip(cpu_s[k], step_s[k],
                                                                     strict=True)])
             v[f"{k}_mfu"] = mfu.mfu_figures(statistics.median(tps[k]), *counts, method == "full",
-                                        gflops)
+                                            gflops)
+            per_cpu_s = statistics.mean(all_tokens[k]) / statistics.median(cpu_s[k])
+            v[f"{k}_mfu_cpu"] = mfu.mfu_figures(per_cpu_s, *counts, method == "full", gflops_cpu)
         for k in loops[1:]:
             v[f"ratio_harness_over_{k}"] = spread(
                 [h / b for h, b in zip(tps["harness"], tps[k], strict=True)])
@@ -361,6 +366,17 @@ def _ints(text: str) -> tuple[int, ...]:
         raise ConfigError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _methods(text: str) -> tuple[str, ...]:
+    from learnforget.bench.measure import METHODS
+
+    names = tuple(x for x in text.split(",") if x)
+    bad = [x for x in names if x not in METHODS]
+    if bad or not names:
+        raise ConfigError(f"--methods {text!r}: expected a comma-separated list of "
+                          f"{', '.join(METHODS)}")
+    return names
+
+
 def _cache_dir(extra: Sequence[str]) -> Path | None:
     given = [o.split("=", 1)[1] for o in extra if o.startswith("paths.cache_dir=")]
     return Path(given[-1]).expanduser() if given else None
@@ -384,6 +400,9 @@ def bench_cli(args: Sequence[str]) -> int:
     p.add_argument("--eval-repeats", type=int, default=2)
     p.add_argument("--precision-repeats", type=int, default=2, help="repeats of the train "
                    "section's bf16-vs-fp32 part (0: skip it)")
+    p.add_argument("--methods", default="lora,full", help="train: methods to time (lora, full)")
+    p.add_argument("--gemm-n", type=int, default=2048, help="train: size of the n^3 matmul of "
+                   "the GEMM peaks")
     p.add_argument("--old", action="store_true", help="train: also the harness with "
                    "train.speed as before 2026-12 (for-loop AdamW, no frozen cast, full logits)")
     p.add_argument("--no-bare", dest="bare", action="store_false", help="train: skip the bare "
@@ -432,7 +451,8 @@ def bench_cli(args: Sequence[str]) -> int:
                 from learnforget.bench.precision import bench_precision, format_precision
 
                 r = bench_train(a.model, a.repeats, a.steps, a.batch_size, a.seq_len, runs,
-                                extra=extra, old=a.old, bare=a.bare, plain=a.plain)
+                                methods=_methods(a.methods), extra=extra, old=a.old,
+                                bare=a.bare, plain=a.plain, gemm_n=a.gemm_n)
                 atomic_write_json(out, {**result, section: r})
                 text = format_train(r)
                 if a.precision_repeats:
