@@ -151,8 +151,9 @@ def format_train(r: dict[str, Any]) -> str:
     peaks = r.get("gemm_peak", {})
     lines = [f"training throughput, {r['model']}, {r['batch_size']} x {r['seq_len']} tokens per "
              f"step, {r['timed_steps']} timed steps per loop and repeat (rate from the median step;"
-             f"\nmedian [min, max] over repeats), CPU {r.get('cpu_model')}; GEMM 2048^3 peak "
-             + ", ".join(f"{k} {v['gflops']:.0f} GFLOP/s" for k, v in peaks.items()) + ":",
+             f"\nmedian [min, max] over repeats), CPU {r.get('cpu_model')}; GEMM n^3 peak "
+             + ", ".join(f"{k} (n={v['n']}) {v['gflops']:.1f} GFLOP/s, {v['gflops_per_cpu_s']:.1f} "
+                         "per CPU s" for k, v in peaks.items()) + ":",
              f"  {'method':<6} {'loop':<8} {'tok/s':>24} {'harness/loop':>22} {'by CPU time':>22}"
              f" {'MFU bf16':>9} {'MFU fp32':>9} {'MFU/CPU s':>9} {'loss diff':>10}"]
     # MFU per process CPU second, against the faster of the two peaks
