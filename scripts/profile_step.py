@@ -2,7 +2,7 @@
 learnforget.train.step.train_step) with torch.profiler: where the time of a step goes.
 
     nice python scripts/profile_step.py --model smollm2_135m --method full --precision fp32
-    nice python scripts/profile_step.py --method lora --precision bf16 train.speed.fused_optimizer=false
+    nice python scripts/profile_step.py --method lora --precision bf16 train.speed.optimizer_impl=for_loop
 
 Prints the wall time of each phase (forward split into decoder / LM head / loss, backward,
 clipping, optimizer, zero_grad) and torch.profiler's top operators by self CPU time. The
