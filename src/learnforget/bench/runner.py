@@ -14,6 +14,10 @@ Sections (each figure as the median over its section's repeats with its min-max 
   not timed, and a loop's rate is taken from its median step time. The same ratio by process
   CPU seconds per step is printed beside it: time the hypervisor steals (reported for the
   section, from /proc/stat) slows whichever loop it falls in, but is not CPU time.
+  Beside them (learnforget.bench.mfu): bf16 and fp32 GEMM peaks measured first, each loop's
+  model FLOP/s and MFU (by wall time and per process CPU second), the plain loop a user would
+  write on the same batches (`--no-plain` skips it) and, with `--old`, the harness with
+  train.speed as before 2026-12; loss curves and their largest relative difference.
   Then bf16 compute (fp32 master weights) against fp32 compute: step-time ratio and both loss
   curves on the same batches (learnforget.bench.precision).
 - memory: the peak tensor memory of two real training steps (torch's MemTracker: parameters,
