@@ -20,7 +20,7 @@ def extra(cache_dir):
 
 def test_train_bench_times_harness_and_bare_loop(tmp_path, extra):
     r = bench_train("tiny_llama", repeats=2, steps=3, batch_size=2, seq_len=32,
-                    runs_dir=tmp_path, extra=extra)
+                    runs_dir=tmp_path, extra=extra, plain=False, gemm_n=128)
     for method in ("lora", "full"):
         v = r["methods"][method]
         assert v["harness_tokens_per_s"]["n"] == v["bare_tokens_per_s"]["n"] == 2

@@ -206,7 +206,8 @@ NOT_IDENTITY: dict[str, tuple[str, ...]] = {
     "train": ("log_every", "num_threads", "heldout_batches", "resume_every_min",
               "distributed",                # how the ranks share the work
               "activation_checkpointing",   # recomputed activations, the same gradients
-              "callbacks"),                 # hooks after each step (learnforget.train.callbacks)
+              "callbacks",                  # hooks after each step (learnforget.train.callbacks)
+              "speed"),                     # how fast a step runs (learnforget.train.speed): rounding at most
 }
 
 # Listed keys left out at the value that reproduces the runs from before the key existed.

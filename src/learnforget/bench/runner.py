@@ -14,6 +14,10 @@ Sections (each figure as the median over its section's repeats with its min-max 
   not timed, and a loop's rate is taken from its median step time. The same ratio by process
   CPU seconds per step is printed beside it: time the hypervisor steals (reported for the
   section, from /proc/stat) slows whichever loop it falls in, but is not CPU time.
+  Beside them (learnforget.bench.mfu): bf16 and fp32 GEMM peaks measured first, each loop's
+  model FLOP/s and MFU (by wall time and per process CPU second), the plain loop a user would
+  write on the same batches (`--no-plain` skips it) and, with `--old`, the harness with
+  train.speed as before 2026-12; loss curves and their largest relative difference.
   Then bf16 compute (fp32 master weights) against fp32 compute: step-time ratio and both loss
   curves on the same batches (learnforget.bench.precision).
 - memory: the peak tensor memory of two real training steps (torch's MemTracker: parameters,
@@ -40,6 +44,7 @@ from typing import Any
 import torch
 
 from learnforget.bench.measure import cpu_steal_s, fmt_spread, harness_steps, run_cfg, spread
+from learnforget.bench.mfu import format_train
 from learnforget.errors import ConfigError
 
 SECTIONS = ("train", "memory", "eval", "latency")
@@ -106,87 +111,119 @@ def harness_extras_ms(s, runs_dir: Path, n: int = 20) -> dict[str, float]:
     return out
 
 
+def _loop_figures(m: dict[str, list]) -> tuple[float, float, float]:
+    """(tokens/s from the median step, median wall s, median process CPU s) of one loop."""
+    median = statistics.median(m["wall"])
+    return statistics.mean(m["tokens"]) / median, median, statistics.median(m["cpu"])
+
+
 def bench_train(model: str, repeats: int, steps: int, batch_size: int, seq_len: int,
                 runs_dir: Path, methods: Sequence[str] = ("lora", "full"),
-                extra: Sequence[str] = ()) -> dict[str, Any]:
-    """Per method and repeat, one `setup` (model, data, optimizer) that both loops then run
-    on, `steps` steps each, in alternating order (harness first in even repeats); a loop's
-    rate in a repeat is its tokens per step over its median step time (robust to a single
-    slow step on a shared machine)."""
+                extra: Sequence[str] = (), old: bool = False, bare: bool = True,
+                plain: bool = True, gemm_n: int = 2048) -> dict[str, Any]:
+    """Per method and repeat, one `setup` (model, data, optimizer) that the harness and the
+    bare loop then run on, `steps` steps each, in alternating order (harness first in even
+    repeats); a loop's rate in a repeat is its tokens per step over its median step time
+    (robust to a single slow step on a shared machine). Beside them: the plain loop a user
+    would write (learnforget.bench.mfu) on the same batches, and with `old` the harness with
+    train.speed set to the path before 2026-12 (mfu.OLD_SPEED). MFU against bf16 and fp32 GEMM
+    peaks measured first."""
+    from learnforget.bench import mfu
+    from learnforget.bench.precision import _losses
     from learnforget.train.loop import setup
 
     if steps < 2:
         raise ConfigError(f"--steps must be at least 2 (step 1 is not timed), got {steps}")
+    peaks = {"bf16": mfu.gemm_peak(torch.bfloat16, gemm_n),
+             "fp32": mfu.gemm_peak(torch.float32, gemm_n)}
     res: dict[str, Any] = {"model": model, "batch_size": batch_size, "seq_len": seq_len,
-                           "timed_steps": steps - 1, "methods": {}}
+                           "timed_steps": steps - 1, "cpu_model": mfu.cpu_model(),
+                           "gemm_peak": peaks, "methods": {}, "convention": mfu.CONVENTION,
+                           "old_path": list(mfu.OLD_SPEED) if old else None}
+    gflops = {k: v["gflops"] for k, v in peaks.items()}
+    gflops_cpu = {k: v["gflops_per_cpu_s"] for k, v in peaks.items()}
+    loops = ["harness"] + (["bare"] if bare else []) + (["old"] if old else []) \
+        + (["plain"] if plain else [])
     steal0 = cpu_steal_s()
     for method in methods:
-        tps: dict[str, list[float]] = {"harness": [], "bare": []}
-        step_s: dict[str, list[float]] = {"harness": [], "bare": []}
-        cpu_s: dict[str, list[float]] = {"harness": [], "bare": []}
-        all_steps: dict[str, dict[str, list[float]]] = {"harness": {}, "bare": {}}
+        tps: dict[str, list[float]] = {k: [] for k in loops}
+        step_s: dict[str, list[float]] = {k: [] for k in loops}
+        cpu_s: dict[str, list[float]] = {k: [] for k in loops}
+        all_steps: dict[str, dict[str, list[float]]] = {k: {} for k in loops}
+        curves: dict[str, list[float]] = {}
+        all_tokens: dict[str, list[int]] = {k: [] for k in loops}
+        extras = None
         for rep in range(repeats):
             cfg = run_cfg(model, method, runs_dir, f"bench-{method}-{rep}",
                           batch_size=batch_size, seq_len=seq_len, steps=steps, extra=extra)
             s = setup(cfg)
-            for which in (("harness", "bare") if rep % 2 == 0 else ("bare", "harness")):
-                m = harness_steps(s, steps) if which == "harness" else \
-                    bare_steps(s, steps, offset=steps)
-                median = statistics.median(m["wall"])
-                tps[which].append(statistics.mean(m["tokens"]) / median)
-                step_s[which].append(median)
-                cpu_s[which].append(statistics.median(m["cpu"]))
+            counts = (s.total, s.trainable)
+            order = loops if rep % 2 == 0 else loops[::-1]
+            for which in order:
+                if which == "harness":
+                    m = harness_steps(s, steps)
+                    curves.setdefault("harness", _losses(s.out))
+                elif which == "bare":
+                    m = bare_steps(s, steps, offset=steps)
+                elif which == "old":
+                    o = setup(run_cfg(model, method, runs_dir, f"bench-old-{method}-{rep}",
+                                      batch_size=batch_size, seq_len=seq_len, steps=steps,
+                                      extra=[*extra, *mfu.OLD_SPEED]))
+                    m = harness_steps(o, steps)
+                    curves.setdefault("old", _losses(o.out))
+                    del o
+                else:
+                    m = mfu.plain_steps(s, steps)
+                    curves.setdefault("plain", m["loss"])
+                rate, wall, cpu = _loop_figures(m)
+                all_tokens[which].extend(m["tokens"])
+                tps[which].append(rate)
+                step_s[which].append(wall)
+                cpu_s[which].append(cpu)
                 for k in ("wall", "cpu"):
                     all_steps[which].setdefault(k, []).extend(round(x, 4) for x in m[k])
-            if rep == 0:
+            if rep == 0 and bare:
                 extras = harness_extras_ms(s, runs_dir)
             del s
-        res["methods"][method] = {
-            "harness_tokens_per_s": spread(tps["harness"]), "bare_tokens_per_s": spread(tps["bare"]),
-            "harness_step_s": spread(step_s["harness"]), "bare_step_s": spread(step_s["bare"]),
-            "ratio_harness_over_bare": spread(
-                [h / b for h, b in zip(tps["harness"], tps["bare"], strict=True)]),
-            "harness_step_cpu_s": spread(cpu_s["harness"]), "bare_step_cpu_s": spread(cpu_s["bare"]),
-            "cpu_ratio_bare_over_harness": spread(
-                [b / h for h, b in zip(cpu_s["harness"], cpu_s["bare"], strict=True)]),
-            "harness_extras_ms": extras,
-            "harness_extras_share_of_bare_step": extras["total"] / 1000
-            / statistics.median(step_s["bare"]),
-            "steps": all_steps}
+        v: dict[str, Any] = {"total_params": counts[0], "trainable_params": counts[1],
+                             "flops_per_token": mfu.flops_per_token(*counts, method == "full"),
+                             "steps": all_steps}
+        for k in loops:
+            v[f"{k}_tokens_per_s"] = spread(tps[k])
+            v[f"{k}_step_s"] = spread(step_s[k])
+            v[f"{k}_step_cpu_s"] = spread(cpu_s[k])
+            v[f"{k}_cpu_over_wall"] = spread([c / w for c, w in zip(cpu_s[k], step_s[k],
+                                                                    strict=True)])
+            v[f"{k}_mfu"] = mfu.mfu_figures(statistics.median(tps[k]), *counts, method == "full",
+                                            gflops)
+            per_cpu_s = statistics.mean(all_tokens[k]) / statistics.median(cpu_s[k])
+            v[f"{k}_mfu_cpu"] = mfu.mfu_figures(per_cpu_s, *counts, method == "full", gflops_cpu)
+        for k in loops[1:]:
+            v[f"ratio_harness_over_{k}"] = spread(
+                [h / b for h, b in zip(tps["harness"], tps[k], strict=True)])
+            v[f"cpu_ratio_{k}_over_harness"] = spread(
+                [b / h for h, b in zip(cpu_s["harness"], cpu_s[k], strict=True)])
+        for k, curve in curves.items():
+            v[f"loss_{k}"] = curve
+            if k != "harness":
+                v[f"max_rel_loss_diff_{k}"] = max(
+                    abs(a - b) / abs(b) for a, b in zip(curves["harness"], curve, strict=True))
+        if bare:
+            v["harness_extras_ms"] = extras
+            v["harness_extras_share_of_bare_step"] = extras["total"] / 1000 \
+                / statistics.median(step_s["bare"])
+        res["methods"][method] = v
     if {"lora", "full"} <= set(methods):
         lo, fu = res["methods"]["lora"], res["methods"]["full"]
         res["lora_over_full_step_time"] = spread(
             [a / b for a, b in zip(lo["harness_step_s"]["values"], fu["harness_step_s"]["values"],
                                    strict=True)])
+        res["lora_over_full_tokens_per_s"] = spread(
+            [a / b for a, b in zip(lo["harness_tokens_per_s"]["values"],
+                                   fu["harness_tokens_per_s"]["values"], strict=True)])
     steal1 = cpu_steal_s()
     res["cpu_steal_s"] = None if steal0 is None or steal1 is None else steal1 - steal0
     return res
-
-
-def format_train(r: dict[str, Any]) -> str:
-    lines = [f"training throughput, {r['model']}, {r['batch_size']} x {r['seq_len']} tokens per "
-             f"step, {r['timed_steps']} timed steps per loop and repeat (rate from the median step;"
-             f"\nmedian [min, max] over repeats):",
-             f"  {'method':<6} {'harness tok/s':>24} {'bare loop tok/s':>24} {'harness/bare':>22}"
-             f" {'by CPU time':>22}"]
-    for m, v in r["methods"].items():
-        lines.append(f"  {m:<6} {fmt_spread(v['harness_tokens_per_s'], 1):>24} "
-                     f"{fmt_spread(v['bare_tokens_per_s'], 1):>24} "
-                     f"{fmt_spread(v['ratio_harness_over_bare']):>22} "
-                     f"{fmt_spread(v['cpu_ratio_bare_over_harness']):>22}")
-    if "lora_over_full_step_time" in r:
-        lines.append(f"  LoRA r=8 / full step time: {fmt_spread(r['lora_over_full_step_time'])}")
-    for m, v in r["methods"].items():
-        e = v["harness_extras_ms"]
-        lines.append(f"  {m}: the harness's own work per step, timed directly: {e['total']:.1f} ms "
-                     f"= {100 * v['harness_extras_share_of_bare_step']:.2f}% of a bare step "
-                     f"(clip {e['clip_grad_norm']:.1f}, batch {e['micro_batch']:.2f}, metrics line "
-                     f"{e['metrics_line']:.3f} ms)")
-    if r.get("cpu_steal_s") is not None:
-        lines.append(f"  CPU time stolen by the hypervisor during the section: "
-                     f"{r['cpu_steal_s']:.0f} s (it slows whichever loop it falls in; the CPU-time "
-                     "ratio, bare CPU s per step / harness CPU s per step, does not count it)")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ memory: estimate vs measured
@@ -333,6 +370,17 @@ def _ints(text: str) -> tuple[int, ...]:
         raise ConfigError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _methods(text: str) -> tuple[str, ...]:
+    from learnforget.bench.measure import METHODS
+
+    names = tuple(x for x in text.split(",") if x)
+    bad = [x for x in names if x not in METHODS]
+    if bad or not names:
+        raise ConfigError(f"--methods {text!r}: expected a comma-separated list of "
+                          f"{', '.join(METHODS)}")
+    return names
+
+
 def _cache_dir(extra: Sequence[str]) -> Path | None:
     given = [o.split("=", 1)[1] for o in extra if o.startswith("paths.cache_dir=")]
     return Path(given[-1]).expanduser() if given else None
@@ -355,7 +403,16 @@ def bench_cli(args: Sequence[str]) -> int:
                    "(MemTracker counts tensor bytes: the same on every repeat)")
     p.add_argument("--eval-repeats", type=int, default=2)
     p.add_argument("--precision-repeats", type=int, default=2, help="repeats of the train "
-                   "section's bf16-vs-fp32 part")
+                   "section's bf16-vs-fp32 part (0: skip it)")
+    p.add_argument("--methods", default="lora,full", help="train: methods to time (lora, full)")
+    p.add_argument("--gemm-n", type=int, default=2048, help="train: size of the n^3 matmul of "
+                   "the GEMM peaks")
+    p.add_argument("--old", action="store_true", help="train: also the harness with "
+                   "train.speed as before 2026-12 (for-loop AdamW, no frozen cast, full logits)")
+    p.add_argument("--no-bare", dest="bare", action="store_false", help="train: skip the bare "
+                   "loop on the harness's objects (the overhead check)")
+    p.add_argument("--no-plain", dest="plain", action="store_false", help="train: skip the "
+                   "plain loop a user would write (learnforget.bench.mfu)")
     p.add_argument("--steps", type=int, default=6, help="training steps per repeat (the first "
                    "is not timed)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -378,8 +435,9 @@ def bench_cli(args: Sequence[str]) -> int:
                           f"{', '.join(SECTIONS)}, or `spectra` alone)")
     for flag in ("repeats", "memory_repeats", "eval_repeats", "latency_repeats",
                  "precision_repeats"):
-        if getattr(a, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got "
+        if getattr(a, flag) < (0 if flag == "precision_repeats" else 1):
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least "
+                              f"{0 if flag == 'precision_repeats' else 1}, got "
                               f"{getattr(a, flag)}")
     from learnforget.files import atomic_write_json
     from learnforget.runfolder import meta_info
@@ -388,6 +446,7 @@ def bench_cli(args: Sequence[str]) -> int:
                               "torch_threads": torch.get_num_threads(),
                               "args": {k: (str(v) if isinstance(v, Path) else v)
                                        for k, v in vars(a).items()}}
+    out = a.json or Path("runs") / "_bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     with tempfile.TemporaryDirectory(prefix="learnforget-bench-") as tmp:
         runs = Path(tmp)
         for section in a.sections:
@@ -396,10 +455,14 @@ def bench_cli(args: Sequence[str]) -> int:
                 from learnforget.bench.precision import bench_precision, format_precision
 
                 r = bench_train(a.model, a.repeats, a.steps, a.batch_size, a.seq_len, runs,
-                                extra=extra)
-                r["precision"] = bench_precision(a.model, a.precision_repeats, a.steps,
-                                                 a.batch_size, a.seq_len, runs, extra=extra)
-                text = format_train(r) + "\n" + format_precision(r["precision"])
+                                methods=_methods(a.methods), extra=extra, old=a.old,
+                                bare=a.bare, plain=a.plain, gemm_n=a.gemm_n)
+                atomic_write_json(out, {**result, section: r})
+                text = format_train(r)
+                if a.precision_repeats:
+                    r["precision"] = bench_precision(a.model, a.precision_repeats, a.steps,
+                                                     a.batch_size, a.seq_len, runs, extra=extra)
+                    text += "\n" + format_precision(r["precision"])
             elif section == "memory":
                 r = bench_memory(a.model, a.memory_repeats, a.batch_size, a.seq_len, runs, extra=extra)
                 text = format_memory(r)
@@ -419,9 +482,9 @@ def bench_cli(args: Sequence[str]) -> int:
                 text = format_latency(r)
             r["section_wall_s"] = time.perf_counter() - t0
             result[section] = r
+            atomic_write_json(out, result)  # each section's numbers as soon as they exist
             print(text, flush=True)
             print(flush=True)
-    out = a.json or Path("runs") / "_bench" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     atomic_write_json(out, result)
     print(f"learnforget: bench numbers -> {out}")
     return 0

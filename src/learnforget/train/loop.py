@@ -46,7 +46,7 @@ from learnforget.methods.registry import (
 )
 from learnforget.runfolder import RunFolder, RunInfo, RunLock, RunRecord, TrainInfo, meta_info
 from learnforget.tracking import Loggers, make_loggers, scrub
-from learnforget.train import cooldown, distributed, precision, rank0_load
+from learnforget.train import cooldown, distributed, precision, rank0_load, speed
 from learnforget.train.activations import enable_checkpointing
 from learnforget.train.callbacks import Callback, call_callbacks, load_callbacks
 from learnforget.train.distributed import Dist
@@ -167,6 +167,8 @@ def setup(cfg: DictConfig) -> Setup | None:
     if meta:
         rank0_load.same_rng_as_rank0(d)
     notes += rank0_load.note(cfg, d) + precision.apply(model, policy)
+    fast = speed.settings(t)
+    notes += speed.frozen_cast(model, cfg.method, policy.compute, fast["frozen_cast"])
     if t.get("activation_checkpointing", False):
         enable_activation_checkpointing(model, cfg.method.name)
     trainable, total = count_parameters(model)
@@ -185,6 +187,8 @@ def setup(cfg: DictConfig) -> Setup | None:
     if meta:
         rank0_load.fill(model, source, d, device)
     del source
+    notes += speed.loss_note(t, model, d.world)
+    notes += speed.compile_model(model, fast["compile"], device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, opt_notes = make_optimizer(params, t, device)
     scheduler = make_scheduler(optimizer, cooldown.plateau(t), plan.total_steps)

@@ -58,9 +58,20 @@ def make_optimizer(params: list[torch.nn.Parameter], t: DictConfig,
         fallback = name.removeprefix("paged_")
         notes.append(f"train.optimizer={name} needs CUDA (paged memory); used {fallback} on {device}")
         name = fallback
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, betas=betas, eps=t.eps,
-                                 weight_decay=t.weight_decay), notes
+    if name == "adamw":  # train.speed.optimizer_impl: fused, foreach or torch's for-loop
+        from learnforget.train.speed import adamw_kwargs, settings
+
+        impl, impl_notes = adamw_kwargs(settings(t)["optimizer_impl"], params)
+        args = {"lr": t.lr, "betas": betas, "eps": t.eps, "weight_decay": t.weight_decay}
+        try:
+            return torch.optim.AdamW(params, **args, **impl), notes + impl_notes
+        except RuntimeError as e:  # no fused kernel for this device or dtype
+            if not impl.get("fused"):
+                raise
+            reason = str(e).splitlines()[0]
+            return torch.optim.AdamW(params, **args), notes + [
+                f"train.speed.optimizer_impl=fused: torch refused it ({reason}); torch's "
+                "default AdamW implementation used"]
     if name == "lionw":
         return DecoupledLionW(params, lr=t.lr, betas=betas, weight_decay=t.weight_decay), notes
     import bitsandbytes as bnb

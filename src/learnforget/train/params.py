@@ -107,6 +107,11 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
         frozen_dtype = torch_dtype(quant.compute_dtype if quant else policy.frozen)
         for p in model.parameters():  # the dtypes a real run trains in (learnforget.train.precision)
             p.data = p.data.to(policy.master_dtype if p.requires_grad else frozen_dtype)
+        if not qlora:  # frozen linear weights cast once to bf16 (learnforget.train.speed)
+            from learnforget.train import speed
+
+            speed.frozen_cast(model, cfg.method, policy.compute,
+                              speed.settings(t)["frozen_cast"])
     trainable, total = count_parameters(model)
     act, act_note = None, "" if activations else "not traced"
     bsz, seq = int(cfg.train.batch_size), int(cfg.train.seq_len)
@@ -131,8 +136,9 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
     elif quant is not None:
         weights = (quant_params * quantised_bytes_per_param(64, quant.double_quant)
                    + (frozen - quant_params) * b + trainable * tb)
-    else:
-        weights = frozen * b + trainable * tb
+    else:  # frozen weights in the dtype each has (train.speed.frozen_cast: some in bf16)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters()
+                      if not p.requires_grad) + trainable * tb
     weights += method_buffers
     optimizer = str(cfg.train.optimizer)
     state_b = OPTIMIZER_STATES[optimizer](tb)

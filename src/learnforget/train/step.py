@@ -33,7 +33,9 @@ from omegaconf import DictConfig
 
 from learnforget.config import GRAD_SYNCS, LOSS_NORMS
 from learnforget.errors import ConfigError
+from learnforget.train.lm_loss import chunked_loss
 from learnforget.train.plan import loss_tokens, micro_batch
+from learnforget.train.speed import loss_chunk
 
 # `s` below is the run's learnforget.train.loop.Setup (not imported: loop imports this module)
 Setup = Any
@@ -174,6 +176,7 @@ def train_step(s: Setup, net: torch.nn.Module, step: int) -> tuple[float, int, f
         scale["num_items_in_batch"] = n / d.world
     if d.world > 1:  # per-rank dropout masks (see module doc)
         torch.manual_seed(rank_seed(s.cfg.seed, step, d.rank))
+    chunk = loss_chunk(t, s.model, d.world)[0]  # train.speed.loss_chunk (learnforget.train.speed)
     step_loss = torch.zeros((), dtype=torch.float64, device=s.device)
     step_tokens = 0
     for k in range(t.grad_accum):
@@ -185,7 +188,8 @@ def train_step(s: Setup, net: torch.nn.Module, step: int) -> tuple[float, int, f
         sync = not once or k == t.grad_accum - 1
         with _gradient_sync(s, net, sync) if d.world > 1 else nullcontext():
             with s.policy.autocast(s.device):
-                loss = net(**batch, **scale).loss
+                loss = (chunked_loss(s.model, batch, chunk, **scale) if chunk
+                        else net(**batch, **scale).loss)
             if not by_tokens:
                 loss = loss / t.grad_accum
             loss.backward()
