@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from learnforget.assets.inputs import ready_before_ranks
 from learnforget.assets.models import load_model
 from learnforget.config import config_hash, cooldown_mode, run_dir, run_identity, run_name, validate
+from learnforget.data.budget import regime_note
 from learnforget.data.packing import TokenizedData
 from learnforget.errors import ConfigError
 from learnforget.eval.crossentropy import mean_cross_entropy
@@ -296,7 +297,8 @@ def start_record(s: Setup) -> RunRecord:
         checkpoint_steps=plan.checkpoints, cooldown_mode="branches" if branches else None,
         budgets=plan.budgets if branches else None,
         branch_points=plan.branch_points if branches else None, data=s.data.info,
-        notes=s.notes, quantisation=s.quantisation or None)
+        notes=s.notes + [n for n in (regime_note(cfg, s.trainable),) if n],
+        quantisation=s.quantisation or None)
     return RunRecord(status="running", run=run, train=train_info, meta=meta_info())
 
 
