@@ -187,27 +187,26 @@ def matched_answer(pairs: list[tuple[dict, dict]], measure: str, sign: float, *,
     n_x, n_y = first["base"]["code_ce"][0].size, first["base"][measure][0].size
     rng = np.random.default_rng(seed)
     ix, iy = rng.integers(0, n_x, (n_boot, n_x)), rng.integers(0, n_y, (n_boot, n_y))
-    point, per_seed, boots = [], [], np.full((n_boot, len(pairs)), np.nan)
+    per_seed, boots = [], np.full((n_boot, len(pairs)), np.nan)
     for j, (ra, rb) in enumerate(pairs):
         ta, tb = _trajectory(ra, measure, sign, None, None), _trajectory(rb, measure, sign, None, None)
         res = matched_difference(ta, tb)
         if res is None:
             continue
         per_seed.append(res["diff"])
-        point.append(res["diff"])
         ba, bb = _trajectory(ra, measure, sign, ix, iy), _trajectory(rb, measure, sign, ix, iy)
         for i in range(n_boot):
             got = matched_difference((ba[0][:, i], ba[1][:, i]), (bb[0][:, i], bb[1][:, i]))
             boots[i, j] = np.nan if got is None else got["diff"]
-    if not point:
+    if not per_seed:
         return {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "pairs": 0,
                 "per_seed": []}
-    means = np.nanmean(boots[:, [j for j in range(len(pairs))]], axis=1)
-    means = means[~np.isnan(means)]
+    ok = ~np.isnan(boots).all(axis=1)
+    means = np.nanmean(boots[ok], axis=1)
     alpha = (1 - ci) / 2
     lo, hi = np.quantile(means, [alpha, 1 - alpha]) if means.size else (math.nan, math.nan)
-    return {"value": float(np.mean(point)), "ci_low": float(lo), "ci_high": float(hi),
-            "pairs": len(point), "per_seed": per_seed}
+    return {"value": float(np.mean(per_seed)), "ci_low": float(lo), "ci_high": float(hi),
+            "pairs": len(per_seed), "per_seed": per_seed}
 
 
 # ------------------------------------------------------------------ the study's answers
