@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from learnforget.analysis.matched import matched_difference
+from learnforget.analysis.regime_figures import plot_regime
 from learnforget.data.budget import PAPER_REGIME
 from learnforget.errors import ConfigError
 from learnforget.eval.paired import item_scores
@@ -315,7 +316,5 @@ def write_regime(root: Path, out: Path, *, suite: str | None = None, full: str =
                 + table.to_markdown(index=False, floatfmt=".4g") + "\n\n"
                 + "\n\n".join(parts) + "\n\nEvery budget's answer: regime_answers.csv.\n")
     paths += [md, csv, runs_csv]
-    from learnforget.analysis.regime_figures import plot_regime
-
-    paths += plot_regime(runs, out)
+    paths += plot_regime(runs, out, FORGETTING)
     return paths

@@ -3,7 +3,7 @@ tokens, and the Pareto plane (code CE against each forgetting measure), every po
 95% interval: the percentile bootstrap over the evaluation's units of the change from the base,
 paired unit by unit.
 
-    plot_regime(load_runs(root), out)  # regime_vs_tokens.{png,svg}, regime_pareto.{png,svg}
+    plot_regime(load_runs(root), out, FORGETTING)  # regime_vs_tokens.{png,svg}, regime_pareto.{png,svg}
 """
 
 from __future__ import annotations
@@ -38,11 +38,10 @@ def _series(run: dict[str, Any], measure: str, sign: float, rng) -> np.ndarray:
     return np.asarray(rows, float)
 
 
-def _measures(runs: list[dict[str, Any]]) -> list[tuple[str, str, float]]:
-    from learnforget.analysis.regime import FORGETTING
-
+def _measures(runs: list[dict[str, Any]], forgetting: dict[str, tuple[str, float]]
+              ) -> list[tuple[str, str, float]]:
     got = [("code_ce", *LABELS["code_ce"])]
-    got += [(m, f"{label} (forgetting: higher)", s) for m, (label, s) in FORGETTING.items()
+    got += [(m, f"{label} (forgetting: higher)", s) for m, (label, s) in forgetting.items()
             if all(m in r["base"] for r in runs)]
     return got
 
@@ -54,12 +53,14 @@ def _marker(seed: Any) -> str:
         return "x"
 
 
-def plot_regime(runs: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Both figures; one colour per method, one marker per seed."""
+def plot_regime(runs: list[dict[str, Any]], out: Path,
+                forgetting: dict[str, tuple[str, float]]) -> list[Path]:
+    """Both figures; one colour per method, one marker per seed. `forgetting`: measure ->
+    (label, sign) as learnforget.analysis.regime.FORGETTING."""
     if not runs:
         return []
     rng = np.random.default_rng(0)
-    measures = _measures(runs)
+    measures = _measures(runs, forgetting)
     methods = sorted({r["summary"] for r in runs})
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
     paths: list[Path] = []
@@ -80,7 +81,7 @@ def plot_regime(runs: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_title(label, fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Learning and forgetting vs tokens (change from the base, 95% paired bootstrap)",
-                 fontsize=9)
+                 fontsize=9, y=1.04)
     paths += _save(fig, out, "regime_vs_tokens")
 
     forget = measures[1:]
@@ -100,6 +101,6 @@ def plot_regime(runs: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.set_ylabel(label, fontsize=8)
         axes[0][0].legend(fontsize=7)
         fig.suptitle("Pareto: forgetting against learning, every budget (95% paired bootstrap)",
-                     fontsize=9)
+                     fontsize=9, y=1.04)
         paths += _save(fig, out, "regime_pareto")
     return paths
