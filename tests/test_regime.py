@@ -129,6 +129,18 @@ def test_the_dry_run_states_the_regime_and_the_deviations(capsys):
     assert "tokens/param" in out and "~500 at LoRA r=16" in out
 
 
+def test_the_regime_note_is_budget_tokens_per_trainable_parameter(make_cfg):
+    from learnforget.data.budget import regime_note
+
+    cfg = make_cfg("train.checkpoints.unit=tokens", "train.checkpoints.at=[1000,3000]")
+    note = regime_note(cfg, 1200)
+    assert note.startswith("regime: 3,000 tokens to the last budget / 1,200 trainable")
+    assert "= 2.5 tokens per trainable parameter" in note and "~500 at LoRA r=16" in note
+    epochs = make_cfg("train.checkpoints.unit=epochs", "train.checkpoints.at=[1]")
+    assert regime_note(epochs, 1200) is None  # the tokens of an epoch are known once trained
+    assert "= 0.5 tokens per trainable parameter" in regime_note(epochs, 1200, tokens=600)
+
+
 def _sweep(runs: Path, cache: Path, crash_at: int | None = None) -> subprocess.CompletedProcess:
     from learnforget.train.loop import TEST_CRASH_ENV
 
@@ -181,6 +193,10 @@ def test_the_toy_study_killed_and_rerun_ends_identical_to_an_uninterrupted_one(t
                 _scores(rb / run / "eval" / f"{ck.name}.json")
             n_ckpt += 1
     assert n_ckpt == 16  # 4 runs x 4 budgets
+    for run in runs:  # run.json states the regime: the last budget (1,280) per trainable param
+        rec = json.loads((rb / run / "run.json").read_text())["train"]
+        want = f"= {1280 / rec['trainable_params']:.4g} tokens per trainable parameter"
+        assert sum(want in n for n in rec["notes"]) == 1, rec["notes"]
     pa, pb = write_regime(ra, tmp_path / "out_a"), write_regime(rb, tmp_path / "out_b")
     assert [p.name for p in pa] == [p.name for p in pb]
     for name in ("regime_answers.csv", "regime_runs.csv"):

@@ -228,7 +228,7 @@ def answers(runs: list[dict], full: str, lora: str, *, n_boot: int = N_BOOT) -> 
                             [b["units"][tokens]["code_ce"] for _, b in pairs], 1.0,
                             n_boot=n_boot)
         rows.append({"question": "1. does LoRA learn less?",
-                     "measure": "held-out code CE: LoRA - full (nats)", **q, **res})
+                     "measure": "held-out target CE (code, or answers for IFT): LoRA - full (nats)", **q, **res})
         for m, (label, sign) in FORGETTING.items():
             if not all(m in a["units"][tokens] and m in b["units"][tokens] for a, b in pairs):
                 continue
@@ -241,7 +241,7 @@ def answers(runs: list[dict], full: str, lora: str, *, n_boot: int = N_BOOT) -> 
         if pairs and all(m in a["base"] and m in b["base"] for a, b in pairs):
             res = matched_answer(pairs, m, sign, n_boot=max(200, n_boot // 2))
             rows.append({"question": "3. which forgets less at matched learning?",
-                         "measure": f"{label}: full - LoRA at matched code CE",
+                         "measure": f"{label}: full - LoRA at matched target CE",
                          "tokens": None, "seeds": ",".join(str(a["seed"]) for a, _ in pairs),
                          "units": None, **res})
     return pd.DataFrame(rows)

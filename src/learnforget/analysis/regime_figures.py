@@ -16,7 +16,7 @@ import numpy as np
 from learnforget.analysis.figures import _save, plt
 
 N_BOOT = 1000
-LABELS = {"code_ce": ("held-out code CE change (learning: lower)", 1.0)}
+LABELS = {"code_ce": ("held-out target CE change (learning: lower)", 1.0)}
 
 
 def _change(point: tuple, base: tuple, sign: float, idx: np.ndarray) -> tuple[float, float, float]:
@@ -97,7 +97,7 @@ def plot_regime(runs: list[dict[str, Any]], out: Path,
                             label=f"{r['summary']} s{r['seed']}")
             ax.axhline(0, color="k", lw=0.6)
             ax.axvline(0, color="k", lw=0.6)
-            ax.set_xlabel("code CE change from base (more learning: left)")
+            ax.set_xlabel("target CE change from base (more learning: left)")
             ax.set_ylabel(label, fontsize=8)
         axes[0][0].legend(fontsize=7)
         fig.suptitle("Pareto: forgetting against learning, every budget (95% paired bootstrap)",

@@ -91,11 +91,15 @@ def tokens_per_param(cfg: Any, trainable: int | None) -> float | None:
     return float(budget) / trainable if budget and trainable else None
 
 
-def regime_note(cfg: Any, trainable: int | None) -> str | None:
-    """run.json's note on the regime (None when the budget is not known in tokens)."""
-    tpp = tokens_per_param(cfg, trainable)
-    if tpp is None:
+def regime_note(cfg: Any, trainable: int | None, tokens: int | None = None) -> str | None:
+    """run.json's note on the regime: the budget's tokens (or `tokens`, the tokens the run saw,
+    where the budget is not known in tokens: epochs) per trainable parameter; None when
+    neither is known."""
+    budget = budget_report(cfg).get("budget_tokens")
+    what = "tokens to the last budget"
+    if not budget:
+        budget, what = tokens, "tokens seen"
+    if not budget or not trainable:
         return None
-    budget = budget_report(cfg)["budget_tokens"]
-    return (f"regime: {budget:,.0f} tokens to the last budget / {trainable:,} trainable "
-            f"parameters = {tpp:.4g} tokens per trainable parameter ({PAPER_REGIME})")
+    return (f"regime: {budget:,.0f} {what} / {trainable:,} trainable parameters = "
+            f"{budget / trainable:.4g} tokens per trainable parameter ({PAPER_REGIME})")

@@ -456,6 +456,9 @@ def finish(s: Setup, run: OpenRun, status: str) -> None:
     record.train.wall_time_s = progress["wall_time_s"]
     record.train.peak_mem_mb = peak_memory_mb(s.device)
     record.train.checkpoints = run.folder.checkpoint_labels()
+    if status == "finished" and not any(n.startswith("regime:") for n in record.train.notes):
+        note = regime_note(s.cfg, s.trainable, tokens=progress["tokens"])  # epoch budgets
+        record.train.notes += [note] if note else []
     if s.dist.main:
         run.folder.write_record(record)
         if status == "finished":  # a finished run keeps no resume state
