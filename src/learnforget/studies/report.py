@@ -135,21 +135,21 @@ def print_memory(rows: list[dict[str, Any]]) -> None:
     mw = max(len(r["method"]) for r in rows) + 1
     bw = max(len(r["base"]) for r in rows + [{"base": "base"}]) + 1
     print(f"{'#':>3}  {'method':<{mw}} {'base':<{bw}} {'trainable':>15} {'est. MiB':>12}"
-          + (f" {'est. peak MiB':>14}" if with_act else "") + f" {'peak MiB':>10}"
-          + (f" {'quant err':>10}" if quant else "") + f" {'tokens/param':>13}")
+          + (f" {'est. peak MiB':>14}" if with_act else "") + f" {'tokens/param':>13}"
+          + f" {'peak MiB':>10}" + (f" {'quant err':>10}" if quant else ""))
     for r in rows:
         tpp = r.get("tokens_per_param")
         tpp_cell = f" {'-' if tpp is None else f'{tpp:.4g}':>13}"
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"
         head = f"{r['index']:>3}  {r['method']:<{mw}} {r['base']:<{bw}}"
         if r["error"]:
-            print(f"{head} {'n/a':>15} {'n/a':>12} {peak:>10}  ({r['error']})")
+            print(f"{head} {'n/a':>15} {'n/a':>12}{tpp_cell} {peak:>10}  ({r['error']})")
             continue
         pe = "-" if r["peak_est_mib"] is None else f"{r['peak_est_mib']:,.1f}"
         qe = "-" if r["quant_error"] is None else f"{r['quant_error']:.4f}"
         print(f"{head} {r['trainable']:>15,} {r['est_mib']:>12,.1f}"
-              + (f" {pe:>14}" if with_act else "") + f" {peak:>10}"
-              + (f" {qe:>10}" if quant else "") + tpp_cell)
+              + (f" {pe:>14}" if with_act else "") + tpp_cell + f" {peak:>10}"
+              + (f" {qe:>10}" if quant else ""))
 
 
 def print_data_budget(plan: Plan) -> None:
