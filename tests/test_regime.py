@@ -99,7 +99,10 @@ def test_block_cross_entropy_matches_plain_torch(make_cfg, cache_dir):
     for n in (12, 20, 7):
         ids = torch.randint(3, 500, (n,), generator=g).tolist()
         examples.append(Example(input_ids=ids, labels=ids))
+    examples.append(Example(input_ids=examples[0].input_ids, labels=[-100] * 12))  # no label
     ces, counts = block_cross_entropy(model, examples, pad_id=0)
+    assert ces[-1] == 0.0 and counts[-1] == 0  # weighs nothing
+    ces, counts, examples = ces[:-1], counts[:-1], examples[:-1]
     want = []
     with torch.no_grad():
         for ex in examples:
