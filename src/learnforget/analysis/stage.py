@@ -80,6 +80,15 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
                     stem=f"learning_forgetting_vs_tokens{tag}")
             attempt("matched learning", _matched, _at_best_lr(root, part), out, tag, tables)
 
+    try:  # the regime study's three answers (runs scored with per-unit results)
+        from learnforget.analysis.regime import write_regime
+
+        got_regime = write_regime(root, out)
+        tables.extend(p for p in got_regime if p.suffix in (".md", ".csv"))
+        figs.extend(p for p in got_regime if p.suffix in (".png", ".svg"))
+    except ConfigError as e:
+        warnings.append(f"regime: {e}")
+
     try:  # LR searches: the best LR per setting and its ratio to full finetuning's
         from learnforget.analysis.lr_scaling import write_lr_table
 

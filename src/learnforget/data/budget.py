@@ -77,3 +77,29 @@ def format_budget_rows(rows: list[dict[str, Any]], indices: list[int]) -> str:
                      f"{_tokens_text(r['corpus_tokens']):>8} {_tokens_text(r['unique_tokens']):>8} "
                      f"{_tokens_text(r['repeated_tokens']):>8}  {ex:<8} {r['note']}")
     return "\n".join(lines)
+
+
+# tokens per trainable parameter of the paper's code CPT at 20B tokens on Llama-2-7B (all-linear
+# LoRA, 2,498,560 parameters per unit of rank): the regime anchors printed beside a run's own
+PAPER_REGIME = "the paper's code CPT at 20B tokens: ~500 at LoRA r=16, ~30 at r=256"
+
+
+def tokens_per_param(cfg: Any, trainable: int | None) -> float | None:
+    """The regime of a run: tokens to its last budget per trainable parameter; None where
+    either is unknown (epoch budgets without a known corpus size)."""
+    budget = budget_report(cfg).get("budget_tokens")
+    return float(budget) / trainable if budget and trainable else None
+
+
+def regime_note(cfg: Any, trainable: int | None, tokens: int | None = None) -> str | None:
+    """run.json's note on the regime: the budget's tokens (or `tokens`, the tokens the run saw,
+    where the budget is not known in tokens: epochs) per trainable parameter; None when
+    neither is known."""
+    budget = budget_report(cfg).get("budget_tokens")
+    what = "tokens to the last budget"
+    if not budget:
+        budget, what = tokens, "tokens seen"
+    if not budget or not trainable:
+        return None
+    return (f"regime: {budget:,.0f} {what} / {trainable:,} trainable parameters = "
+            f"{budget / trainable:.4g} tokens per trainable parameter ({PAPER_REGIME})")

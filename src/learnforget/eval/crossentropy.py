@@ -29,3 +29,21 @@ def mean_cross_entropy(model: torch.nn.Module, examples: Sequence[Example], *, b
     finally:
         model.train(was_training)
     return (total / count if count else float("nan")), count
+
+
+@torch.no_grad()
+def block_cross_entropy(model: torch.nn.Module, examples: Sequence[Example], *, pad_id: int,
+                        device: str | torch.device = "cpu") -> tuple[list[float], list[int]]:
+    """Per example (held-out block): its mean CE in nats over its predicted label tokens and
+    that token count, one example per forward (the model's own loss, as mean_cross_entropy).
+    The token-weighted mean of the blocks is mean_cross_entropy's value; per-block values let a
+    comparison of two checkpoints on the same blocks be paired (bootstrap over blocks). A block
+    without a label token (an IFT example whose answer was cut off) gets CE 0 with count 0, so
+    it weighs nothing in any token-weighted mean."""
+    ces: list[float] = []
+    counts: list[int] = []
+    for ex in examples:
+        ce, n = mean_cross_entropy(model, [ex], batch_size=1, pad_id=pad_id, device=device)
+        ces.append(ce if n else 0.0)
+        counts.append(n)
+    return ces, counts

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from learnforget.errors import ConfigError
-from learnforget.eval.crossentropy import mean_cross_entropy
+from learnforget.eval.crossentropy import block_cross_entropy, mean_cross_entropy
 from learnforget.eval.head import apply_head_policy, head_record
 from learnforget.eval.suite import (
     _chance_of,
@@ -217,10 +217,18 @@ def _score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include
     ppl = {}
     for p in ev.ppl:
         examples, source = ppl_examples(p, run_cfg, tokenizer, int(ev.seq_len), cache_dir)
-        ce, n = mean_cross_entropy(model, examples, batch_size=int(ev.batch_size),
-                                   pad_id=tokenizer.pad_token_id, device=model.device)
+        blocks: dict[str, Any] = {}
+        if p.get("per_block", False):  # paired comparisons over blocks (learnforget.analysis.regime)
+            ces, counts = block_cross_entropy(model, examples, pad_id=tokenizer.pad_token_id,
+                                              device=model.device)
+            n = sum(counts)
+            ce = sum(c * k for c, k in zip(ces, counts, strict=True)) / n if n else math.nan
+            blocks = {"blocks": ces, "block_tokens": counts}
+        else:
+            ce, n = mean_cross_entropy(model, examples, batch_size=int(ev.batch_size),
+                                       pad_id=tokenizer.pad_token_id, device=model.device)
         ppl[str(p.name)] = {"ce": ce, "ppl": math.exp(ce), "n_tokens": n, "source": source,
-                            "role": str(p.get("role", "forgetting"))}
+                            "role": str(p.get("role", "forgetting")), **blocks}
     return {"tasks": tasks, "ppl": ppl,
             "diversity": diversity(model, tokenizer, ev.diversity, int(ev.seed)),
             "drift": drift_eval.score(model) if drift_eval is not None else {}}

@@ -79,6 +79,7 @@ def memory_table(plan: Plan, activations: bool = False) -> list[dict[str, Any]]:
     7B model)."""
     import warnings
 
+    from learnforget.data.budget import tokens_per_param
     from learnforget.methods.registry import method_of, method_summary
     from learnforget.runfolder import RunFolder, TrainInfo
     from learnforget.train.params import cached_param_report
@@ -109,6 +110,7 @@ def memory_table(plan: Plan, activations: bool = False) -> list[dict[str, Any]]:
             row.update(trainable=rep.trainable, est_mib=rep.total_bytes / 2**20)
             if activations and getattr(rep, "activations_bytes", None) is not None:
                 row["peak_est_mib"] = rep.peak_bytes / 2**20
+        row["tokens_per_param"] = tokens_per_param(c, row["trainable"])  # the regime
         rows.append(row)
     return rows
 
@@ -124,22 +126,26 @@ def print_memory(rows: list[dict[str, Any]]) -> None:
                                  else ", activations excluded: --activations traces them") +
           "); peak = measured, run.json train.peak_mem_mb (CUDA max allocated; on CPU the "
           "process's max RSS), '-' until the job has trained"
-          + ("; quant err = mean relative error of the quantised base weights" if quant else ""))
+          + ("; quant err = mean relative error of the quantised base weights" if quant else "")
+          + "; tokens/param = tokens to the last budget per trainable parameter (the regime; "
+          "the paper's code CPT: ~500 at LoRA r=16, ~30 at r=256)")
     mw = max(len(r["method"]) for r in rows) + 1
     bw = max(len(r["base"]) for r in rows + [{"base": "base"}]) + 1
     print(f"{'#':>3}  {'method':<{mw}} {'base':<{bw}} {'trainable':>15} {'est. MiB':>12}"
-          + (f" {'est. peak MiB':>14}" if with_act else "") + f" {'peak MiB':>10}"
-          + (f" {'quant err':>10}" if quant else ""))
+          + (f" {'est. peak MiB':>14}" if with_act else "") + f" {'tokens/param':>13}"
+          + f" {'peak MiB':>10}" + (f" {'quant err':>10}" if quant else ""))
     for r in rows:
+        tpp = r.get("tokens_per_param")
+        tpp_cell = f" {'-' if tpp is None else f'{tpp:.4g}':>13}"
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"
         head = f"{r['index']:>3}  {r['method']:<{mw}} {r['base']:<{bw}}"
         if r["error"]:
-            print(f"{head} {'n/a':>15} {'n/a':>12} {peak:>10}  ({r['error']})")
+            print(f"{head} {'n/a':>15} {'n/a':>12}{tpp_cell} {peak:>10}  ({r['error']})")
             continue
         pe = "-" if r["peak_est_mib"] is None else f"{r['peak_est_mib']:,.1f}"
         qe = "-" if r["quant_error"] is None else f"{r['quant_error']:.4f}"
         print(f"{head} {r['trainable']:>15,} {r['est_mib']:>12,.1f}"
-              + (f" {pe:>14}" if with_act else "") + f" {peak:>10}"
+              + (f" {pe:>14}" if with_act else "") + tpp_cell + f" {peak:>10}"
               + (f" {qe:>10}" if quant else ""))
 
 

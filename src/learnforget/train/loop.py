@@ -31,6 +31,7 @@ from learnforget.config import (
     run_name,
     validate,
 )
+from learnforget.data.budget import regime_note
 from learnforget.data.packing import TokenizedData
 from learnforget.errors import ConfigError
 from learnforget.eval.crossentropy import mean_cross_entropy
@@ -323,7 +324,8 @@ def start_record(s: Setup) -> RunRecord:
         checkpoint_steps=plan.checkpoints, cooldown_mode="branches" if branches else None,
         budgets=plan.budgets if branches else None,
         branch_points=plan.branch_points if branches else None, data=s.data.info,
-        notes=s.notes, quantisation=s.quantisation or None)
+        notes=s.notes + [n for n in (regime_note(cfg, s.trainable),) if n],
+        quantisation=s.quantisation or None)
     return RunRecord(status="running", run=run, train=train_info, meta=meta_info())
 
 
@@ -473,6 +475,9 @@ def finish(s: Setup, run: OpenRun, status: str) -> None:
     record.train.wall_time_s = progress["wall_time_s"]
     record.train.peak_mem_mb = peak_memory_mb(s.device)
     record.train.checkpoints = run.folder.checkpoint_labels()
+    if status == "finished" and not any(n.startswith("regime:") for n in record.train.notes):
+        note = regime_note(s.cfg, s.trainable, tokens=progress["tokens"])  # epoch budgets
+        record.train.notes += [note] if note else []
     if s.dist.main:
         run.folder.write_record(record)
         if status == "finished":  # a finished run keeps no resume state
