@@ -158,6 +158,7 @@ def bench_train(model: str, repeats: int, steps: int, batch_size: int, seq_len: 
                           batch_size=batch_size, seq_len=seq_len, steps=steps, extra=extra)
             s = setup(cfg)
             counts = (s.total, s.trainable)
+            every_weight = s.trainable >= s.total  # full finetuning: 6N per token (mfu module doc)
             order = loops if rep % 2 == 0 else loops[::-1]
             for which in order:
                 if which == "harness":
@@ -186,7 +187,7 @@ def bench_train(model: str, repeats: int, steps: int, batch_size: int, seq_len: 
                 extras = harness_extras_ms(s, runs_dir)
             del s
         v: dict[str, Any] = {"total_params": counts[0], "trainable_params": counts[1],
-                             "flops_per_token": mfu.flops_per_token(*counts, method == "full"),
+                             "flops_per_token": mfu.flops_per_token(*counts, every_weight),
                              "steps": all_steps}
         for k in loops:
             v[f"{k}_tokens_per_s"] = spread(tps[k])
@@ -194,10 +195,10 @@ def bench_train(model: str, repeats: int, steps: int, batch_size: int, seq_len: 
             v[f"{k}_step_cpu_s"] = spread(cpu_s[k])
             v[f"{k}_cpu_over_wall"] = spread([c / w for c, w in zip(cpu_s[k], step_s[k],
                                                                     strict=True)])
-            v[f"{k}_mfu"] = mfu.mfu_figures(statistics.median(tps[k]), *counts, method == "full",
+            v[f"{k}_mfu"] = mfu.mfu_figures(statistics.median(tps[k]), *counts, every_weight,
                                             gflops)
             per_cpu_s = statistics.mean(all_tokens[k]) / statistics.median(cpu_s[k])
-            v[f"{k}_mfu_cpu"] = mfu.mfu_figures(per_cpu_s, *counts, method == "full", gflops_cpu)
+            v[f"{k}_mfu_cpu"] = mfu.mfu_figures(per_cpu_s, *counts, every_weight, gflops_cpu)
         for k in loops[1:]:
             v[f"ratio_harness_over_{k}"] = spread(
                 [h / b for h, b in zip(tps["harness"], tps[k], strict=True)])

@@ -90,7 +90,7 @@ def checkpoint_bytes(model: torch.nn.Module,
     if state_dict is None:
         from peft import PeftModel, get_peft_model_state_dict
 
-        from learnforget.methods import bottleneck
+        from learnforget.methods.bottleneck import model as bottleneck
 
         if isinstance(model, PeftModel):
             state_dict = get_peft_model_state_dict(model)
