@@ -35,13 +35,14 @@ def test_scaled_state_matches_numpy():
 def test_scaled_run_is_a_run_folder_eval_loads(make_cfg):
     """The derived folder's checkpoints load through the eval stage's loader; t=1 gives the
     trained checkpoint's logits and t=2 the logits of 2·θ1 - θ0 built here by hand."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+
     from learnforget.analysis.controls import scale_label, scaled_run
     from learnforget.analysis.weights import base_model_folder
     from learnforget.cli import main
     from learnforget.eval.scoring import load_for_eval
     from learnforget.train.loop import fit, setup
-    from omegaconf import OmegaConf
-    from transformers import AutoModelForCausalLM
 
     cfg = make_cfg("method=full", "train.precision=fp32", "train.lr=1e-2")
     run = fit(setup(cfg))
@@ -177,10 +178,11 @@ def test_facts_are_deterministic_random_and_counted():
 
 def test_value_loglik_matches_a_plain_forward(cache_dir):
     """Each value's summed log-likelihood equals a per-sequence log_softmax by hand."""
+    from transformers import AutoModelForCausalLM
+
     from learnforget.analysis.capacity import value_loglik
     from learnforget.assets.models import base_model_dir, load_tokenizer
     from learnforget.config import compose
-    from transformers import AutoModelForCausalLM
 
     cfg = compose(["model=tiny_llama", f"paths.cache_dir={cache_dir}"])
     folder = base_model_dir(cfg.model, cache_dir)
