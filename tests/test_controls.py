@@ -197,3 +197,66 @@ def test_value_loglik_matches_a_plain_forward(cache_dir):
                 lp = torch.log_softmax(model(torch.tensor([pi + vi])).logits[0], -1)
             ref = sum(float(lp[len(pi) - 1 + s, t]) for s, t in enumerate(vi))
             assert got[i, j] == pytest.approx(ref, abs=1e-4)
+
+
+# ------------------------------------------------------------------ toy end to end (slow)
+
+
+@pytest.mark.slow
+def test_toy_forgetting_control_end_to_end(make_cfg, capsys):
+    """Tiny full run -> scaled checkpoints -> the eval stage (smoke multiple-choice tasks,
+    per-item) -> the forgetting table and the power table from the scored folder."""
+    from learnforget.analysis.controls import scaled_run
+    from learnforget.analysis.controls_cli import forgetting_rows, power_rows
+    from learnforget.cli import main
+    from learnforget.eval.stage import evaluate_run
+    from learnforget.train.loop import fit, setup
+
+    cfg = make_cfg("method=full", "train.precision=fp32", "train.lr=1e-2", "eval=smoke",
+                   "eval.limit=8", "eval.ppl=[]",
+                   "eval.diversity.prompts=[]")
+    cfg.eval.tasks = [t for t in cfg.eval.tasks if t.kind in ("hellaswag", "winogrande")]
+    run = fit(setup(cfg))
+    out = scaled_run(run, (1, 8))
+    evaluate_run(out, cfg.eval)
+    rows = forgetting_rows(out, "smoke")
+    assert {(r["t"], r["task"]) for r in rows} == {(t, n) for t in (1.0, 8.0)
+                                                    for n in ("lf_smoke_hellaswag",
+                                                              "lf_smoke_winogrande")}
+    for r in rows:
+        assert r["acc_delta_lo"] <= r["acc_delta"] <= r["acc_delta_hi"] and r["mde_acc"] > 0
+    big = {r["task"]: r for r in rows if r["t"] == 8.0}
+    small = {r["task"]: r for r in rows if r["t"] == 1.0}
+    # 8x the update moves the margins further than the update itself
+    assert sum(abs(big[k]["margin_delta"]) for k in big) > \
+        sum(abs(small[k]["margin_delta"]) for k in small)
+    prow = power_rows(out, "smoke", sims=5, noise="x01.00")
+    assert {r["model"] for r in prow} == {"independent", "flip", "churn"}
+    assert main(["controls", "forgetting", str(out), "--suite", "smoke"]) == 0
+    assert "| lf_smoke_hellaswag | 8 |" in capsys.readouterr().out
+    assert main(["controls", "power", str(out), "--suite", "smoke", "--noise", "x09"]) == 2
+
+
+@pytest.mark.slow
+def test_toy_learning_control(make_cfg, capsys):
+    """data=facts through `learnforget train`: full finetuning of the tiny Llama learns toy
+    facts well above chance, held-out facts stay near chance, and the table pairs a LoRA r=1
+    run against it over the same facts."""
+    from learnforget.analysis.controls_cli import print_recall, recall_rows
+    from learnforget.train.loop import fit, setup
+
+    common = ["data.max_docs=36", "data.heldout_docs=4", "data.facts_values=4",
+              "train.batch_size=32", "train.seq_len=32", "train.checkpoints.unit=epochs",
+              "train.checkpoints.at=[60]", "train.precision=fp32", "method.dropout=0.0"]
+    full = fit(setup(make_cfg("method=full", "train.lr=1e-2", *common, data="facts")))
+    lora = fit(setup(make_cfg("method=lora", "method.r=1", "train.lr=2e-2", *common,
+                              data="facts")))
+    rows = recall_rows([full, lora])
+    f, lo = rows
+    assert f["n_facts"] == 32 and f["info_bits"] == 64.0 and f["chance"] == 0.25
+    assert f["recall"] >= 0.75, f  # well above chance 0.25
+    assert lo["trainable_params"] < f["trainable_params"] / 50
+    assert lo["gap_lo"] <= lo["gap"] <= lo["gap_hi"]
+    assert lo["gap"] == pytest.approx(f["recall"] - lo["recall"])
+    print_recall(rows)
+    assert "bits = N * max(0, (recall - 1/K)" in capsys.readouterr().out
