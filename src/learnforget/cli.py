@@ -22,6 +22,10 @@
     learnforget mitigate RUN_DIR [--lambda 0.75] [--top-k 10] [--eps 0.5]
                                         peft's intruder-dimension mitigation of a LoRA run: a
                                         sibling run RUN_DIR-intr<lambda> to score with `eval`
+    learnforget controls scale|forgetting|power|recall ...
+                                        the positive controls: scaled checkpoints theta0 + t*dW,
+                                        their paired table, power by simulation, facts recall
+                                        (docs/controls.md)
     learnforget prepare STUDY|overrides [--size NAME]
                                         fetch/convert the base model and tokenize token shards
                                         of a study's not-done jobs (or one run) into the cache,
@@ -182,6 +186,13 @@ def cmd_mitigate(args: Sequence[str]) -> int:
     return 0
 
 
+def cmd_controls(args: Sequence[str]) -> int:
+    """`learnforget controls ...`: learnforget.analysis.controls_cli."""
+    from learnforget.analysis.controls_cli import main as controls_main
+
+    return controls_main(args)
+
+
 def cmd_assets(args: Sequence[str]) -> int:
     if not args or args[0] != "fetch":
         return _fail("usage: learnforget assets fetch [NAME ...] [--cache-dir DIR]")
@@ -240,6 +251,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "demo": cmd_demo,
     "params": cmd_params,
     "mitigate": cmd_mitigate,
+    "controls": cmd_controls,
     "data": cmd_data,
     "assets": cmd_assets,
     "runs": cmd_runs,

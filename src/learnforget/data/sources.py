@@ -263,10 +263,29 @@ def synthetic_arith_pairs(n: int, seed: int = DATA_SEED) -> list[tuple[str, str]
     return pairs
 
 
+def _optional(cfg: Any, key: str, default: Any) -> Any:
+    """A key only some data configs have (not in _base.yaml, so no run's identity changes)."""
+    try:
+        value = cfg[key]
+    except (KeyError, AttributeError):
+        return default
+    return default if value is None else value
+
+
 def load_synthetic(cfg: Any, regime: str) -> tuple[list[Record], str]:
     n = cfg_max_docs(cfg) or SYNTHETIC_DEFAULT_PAIRS
-    pairs = synthetic_arith_pairs(n)
-    desc = f"synthetic: {n} arithmetic word problems (data seed {DATA_SEED})"
+    generator = _optional(cfg, "generator", "arith")
+    if generator == "facts":  # data=facts: the learning control's random facts
+        from learnforget.data.facts import fact_pairs, facts_bits
+
+        k = _optional(cfg, "facts_values", 16)
+        pairs = fact_pairs(n, k)
+        desc = f"synthetic: {n} random facts, {k} values each ({facts_bits(n, k):,.0f} bits)"
+    elif generator == "arith":
+        pairs = synthetic_arith_pairs(n)
+        desc = f"synthetic: {n} arithmetic word problems (data seed {DATA_SEED})"
+    else:
+        raise ConfigError(f"data.generator={generator!r}: expected arith or facts")
     if regime == "ift":
         return list(pairs), desc
     # cpt: each pair rendered as one document (prompt template, then the answer)

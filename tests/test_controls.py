@@ -1,0 +1,262 @@
+"""The positive controls: scaled checkpoints (forgetting), power by simulation, facts recall."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from learnforget.errors import ConfigError
+
+# ------------------------------------------------------------------ forgetting: θ0 + t·ΔW
+
+
+def test_scaled_state_matches_numpy():
+    from learnforget.analysis.controls import scaled_state
+
+    rng = np.random.default_rng(0)
+    w0, w1 = rng.standard_normal((5, 3)), rng.standard_normal((5, 3))
+    base = {"w": torch.tensor(w0, dtype=torch.float32)}
+    ckpt = {"w": torch.tensor(w1, dtype=torch.float32)}
+    b32, c32 = w0.astype(np.float32).astype(np.float64), w1.astype(np.float32).astype(np.float64)
+    for t in (0.0, 0.5, 1.0, 4.0):
+        got = scaled_state(base, ckpt, t)["w"].numpy()
+        np.testing.assert_allclose(got, (b32 + t * (c32 - b32)).astype(np.float32), rtol=0,
+                                   atol=1e-6)
+    np.testing.assert_array_equal(scaled_state(base, ckpt, 1.0)["w"].numpy(), c32.astype(
+        np.float32))
+    with pytest.raises(ConfigError, match="not in the base"):
+        scaled_state({}, ckpt, 2.0)
+
+
+def test_scaled_run_is_a_run_folder_eval_loads(make_cfg):
+    """The derived folder's checkpoints load through the eval stage's loader; t=1 gives the
+    trained checkpoint's logits and t=2 the logits of 2·θ1 - θ0 built here by hand."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+
+    from learnforget.analysis.controls import scale_label, scaled_run
+    from learnforget.analysis.weights import base_model_folder
+    from learnforget.cli import main
+    from learnforget.eval.scoring import load_for_eval
+    from learnforget.train.loop import fit, setup
+
+    cfg = make_cfg("method=full", "train.precision=fp32", "train.lr=1e-2")
+    run = fit(setup(cfg))
+    out = scaled_run(run, (1, 2, 0.5))
+    info = json.loads((out / "run.json").read_text())
+    assert info["run"]["derived_from"] == str(run)
+    assert any("theta0 + t" in n for n in info["train"]["notes"])
+    labels = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert labels == [scale_label(0.5), scale_label(1), scale_label(2)] == \
+        ["x00.50", "x01.00", "x02.00"]
+    run_cfg = OmegaConf.load(out / "config.yaml")
+    cache = cfg.paths.cache_dir
+    ids = torch.tensor([[1, 5, 9, 30, 7]])
+    orig = load_for_eval(run_cfg, run / "checkpoints" / "step-000002", cache, "cpu")
+    one = load_for_eval(run_cfg, out / "checkpoints" / "x01.00", cache, "cpu")
+    two = load_for_eval(run_cfg, out / "checkpoints" / "x02.00", cache, "cpu")
+    base = AutoModelForCausalLM.from_pretrained(base_model_folder(run), dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(one(ids).logits, orig(ids).logits, rtol=0, atol=1e-5)
+        ref = AutoModelForCausalLM.from_pretrained(base_model_folder(run), dtype=torch.float32)
+        sd0, sd1 = base.state_dict(), orig.state_dict()
+        ref.load_state_dict({k: 2 * sd1[k] - sd0[k] for k in sd1})
+        torch.testing.assert_close(two(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(two(ids).logits, orig(ids).logits, atol=1e-3)
+    assert json.loads((out / "checkpoints/x02.00/manifest.json").read_text())["scale"] == 2.0
+    # the command line: a rerun keeps what exists and adds the new factor; bad input is one line
+    assert main(["controls", "scale", str(run), "--t", "4"]) == 0
+    assert (out / "checkpoints/x04.00/model.safetensors").exists()
+    assert main(["controls", "scale", str(run), "--t", "big"]) == 2
+    assert main(["controls", "scale", str(run), "--t", "-1"]) == 2
+    assert main(["controls", "scale", str(run), "--sigma", "1"]) == 2
+
+
+def test_scaled_run_refuses_adapter_runs(make_cfg):
+    from learnforget.analysis.controls import scaled_run
+    from learnforget.train.loop import fit, setup
+
+    run = fit(setup(make_cfg("method=lora", "method.r=2", "train.precision=fp32")))
+    with pytest.raises(ConfigError, match="full-finetuning run"):
+        scaled_run(run)
+
+
+# ------------------------------------------------------------------ power by simulation
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def _synthetic_items(n=300, seed=3):
+    from learnforget.analysis.power import records
+
+    rng = np.random.default_rng(seed)
+    margin = rng.normal(0.2, 1.0, n)
+    return records((margin > 0).astype(float), margin)
+
+
+def test_stated_power_by_hand():
+    """power(δ) = Φ(δ/SE - z) + Φ(-δ/SE - z), SE = mde / z (module doc of analysis.power)."""
+    from learnforget.analysis.power import stated_power
+
+    z = 1.959963984540054
+    assert stated_power(0.0, 0.1) == pytest.approx(2 * _normal_cdf(-z), abs=1e-9)  # 0.05
+    assert stated_power(0.1, 0.1) == pytest.approx(0.5 + _normal_cdf(-2 * z), abs=1e-9)
+    # 80% power needs δ = (z + z_0.8)·SE = 1.43·mde
+    assert stated_power(0.1 * (z + 0.8416212) / z, 0.1) == pytest.approx(0.80, abs=1e-3)
+    with pytest.raises(ConfigError, match="mde"):
+        stated_power(0.1, 0.0)
+
+
+def test_detection_rate_matches_stated_power_under_its_assumption():
+    """Independent item errors (the formula's assumption): the harness's paired bootstrap
+    detects an injected change at the rate the mde formula states; pairing (the same items
+    flipped) detects far smaller changes."""
+    from learnforget.analysis.power import detection_rate
+    from learnforget.eval.paired import mde
+
+    items = _synthetic_items()
+    sd = np.std(np.asarray(items["correct"]), ddof=1)
+    assert mde(items)["acc"] == pytest.approx(1.959963984540054 * math.sqrt(2) * sd
+                                              / math.sqrt(300))
+    for measure in ("acc", "margin"):
+        null = detection_rate(items, measure, 0.0, "independent", n_sims=150, n_boot=400)
+        assert null["detected"] <= 0.12  # ~5% false positives
+        at80 = detection_rate(items, measure, 1.43, "independent", n_sims=150, n_boot=400)
+        assert at80["stated_power"] == pytest.approx(0.80, abs=0.01)
+        assert abs(at80["detected"] - 0.80) < 0.12, at80
+        assert at80["realised_delta"] == pytest.approx(at80["delta"], rel=0.15)
+    paired = detection_rate(items, "acc", 0.5, "flip", n_sims=100, n_boot=400)
+    assert paired["stated_power"] < 0.2 and paired["detected"] > 0.9
+
+
+def test_churn_needs_noise_and_bad_names_are_one_line():
+    from learnforget.analysis.power import detection_rate, inject, margin_noise
+
+    items = _synthetic_items(50)
+    rng = np.random.default_rng(0)
+    c, m = np.asarray(items["correct"]), np.asarray([x[0] for x in items["lls"]])
+    with pytest.raises(ConfigError, match="noise"):
+        inject(c, m, "acc", -0.1, "churn", rng)
+    with pytest.raises(ConfigError, match="model"):
+        detection_rate(items, "acc", 1.0, "psychic", n_sims=2)
+    moved = {**items, "lls": [[x[0] + 0.3 * (-1) ** i, 0.0] for i, x in enumerate(items["lls"])]}
+    noise = margin_noise(items, moved)
+    assert noise.mean() == pytest.approx(0.0, abs=1e-12)
+    assert np.allclose(np.abs(noise), 0.3, atol=0.02)
+
+
+# ------------------------------------------------------------------ learning: facts
+
+
+def test_facts_are_deterministic_random_and_counted():
+    from learnforget.analysis.capacity import bits_learned, fano_bits
+    from learnforget.data.facts import fact_pairs, fact_values, facts, facts_bits
+
+    a, b = facts(400, 8), facts(400, 8)
+    assert a == b and facts(100, 8) == a[:100]
+    assert len({n for n, _ in a}) == 400 and set(v for _, v in a) <= set(fact_values(8))
+    counts = np.bincount([fact_values(8).index(v) for _, v in a], minlength=8)
+    assert counts.min() > 25  # roughly uniform (expected 50 each)
+    assert fact_pairs(2, 8)[0] == (f"{a[0][0]} lives in", f" {a[0][1]}")
+    assert facts_bits(1500, 32) == 7500.0
+    # bits by hand: 1000 facts, K=4 (2 bits each), recall 0.625 -> chance-adjusted 0.5
+    assert bits_learned(0.625, 1000, 4) == pytest.approx(1000.0)
+    assert bits_learned(0.1, 1000, 4) == 0.0
+    assert fano_bits(1.0, 10, 4) == pytest.approx(20.0)
+    p = 0.625  # log2 4 - h2(p) - (1 - p) log2 3
+    h = -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+    assert fano_bits(p, 1000, 4) == pytest.approx(1000 * (2 - h - 0.375 * math.log2(3)))
+    with pytest.raises(ConfigError, match="facts_values"):
+        fact_values(1)
+
+
+def test_value_loglik_matches_a_plain_forward(cache_dir):
+    """Each value's summed log-likelihood equals a per-sequence log_softmax by hand."""
+    from transformers import AutoModelForCausalLM
+
+    from learnforget.analysis.capacity import value_loglik
+    from learnforget.assets.models import base_model_dir, load_tokenizer
+    from learnforget.config import compose
+
+    cfg = compose(["model=tiny_llama", f"paths.cache_dir={cache_dir}"])
+    folder = base_model_dir(cfg.model, cache_dir)
+    tok, model = load_tokenizer(str(folder)), AutoModelForCausalLM.from_pretrained(folder)
+    prompts, values = ["Bako Tirel lives in", "Mu lives in"], [" Vusem", " Ra", " Shotikon"]
+    got = value_loglik(model, tok, prompts, values, batch_size=4)
+    for i, p in enumerate(prompts):
+        for j, v in enumerate(values):
+            pi = tok(p, add_special_tokens=False)["input_ids"]
+            vi = tok(v, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([pi + vi])).logits[0], -1)
+            ref = sum(float(lp[len(pi) - 1 + s, t]) for s, t in enumerate(vi))
+            assert got[i, j] == pytest.approx(ref, abs=1e-4)
+
+
+# ------------------------------------------------------------------ toy end to end (slow)
+
+
+@pytest.mark.slow
+def test_toy_forgetting_control_end_to_end(make_cfg, capsys):
+    """Tiny full run -> scaled checkpoints -> the eval stage (smoke multiple-choice tasks,
+    per-item) -> the forgetting table and the power table from the scored folder."""
+    from learnforget.analysis.controls import scaled_run
+    from learnforget.analysis.controls_cli import forgetting_rows, power_rows
+    from learnforget.cli import main
+    from learnforget.eval.stage import evaluate_run
+    from learnforget.train.loop import fit, setup
+
+    cfg = make_cfg("method=full", "train.precision=fp32", "train.lr=1e-2", "eval=smoke",
+                   "eval.limit=8", "eval.ppl=[]",
+                   "eval.diversity.prompts=[]")
+    cfg.eval.tasks = [t for t in cfg.eval.tasks if t.kind in ("hellaswag", "winogrande")]
+    run = fit(setup(cfg))
+    out = scaled_run(run, (1, 8))
+    evaluate_run(out, cfg.eval)
+    rows = forgetting_rows(out, "smoke")
+    assert {(r["t"], r["task"]) for r in rows} == {(t, n) for t in (1.0, 8.0)
+                                                    for n in ("lf_smoke_hellaswag",
+                                                              "lf_smoke_winogrande")}
+    for r in rows:
+        assert r["acc_delta_lo"] <= r["acc_delta"] <= r["acc_delta_hi"] and r["mde_acc"] > 0
+    big = {r["task"]: r for r in rows if r["t"] == 8.0}
+    small = {r["task"]: r for r in rows if r["t"] == 1.0}
+    # 8x the update moves the margins further than the update itself
+    assert sum(abs(big[k]["margin_delta"]) for k in big) > \
+        sum(abs(small[k]["margin_delta"]) for k in small)
+    prow = power_rows(out, "smoke", sims=5, noise="x01.00")
+    assert {r["model"] for r in prow} == {"independent", "flip", "churn"}
+    assert main(["controls", "forgetting", str(out), "--suite", "smoke"]) == 0
+    assert "| lf_smoke_hellaswag | 8 |" in capsys.readouterr().out
+    assert main(["controls", "power", str(out), "--suite", "smoke", "--noise", "x09"]) == 2
+
+
+@pytest.mark.slow
+def test_toy_learning_control(make_cfg, capsys):
+    """data=facts through `learnforget train`: full finetuning of the tiny Llama learns toy
+    facts well above chance, held-out facts stay near chance, and the table pairs a LoRA r=1
+    run against it over the same facts."""
+    from learnforget.analysis.controls_cli import print_recall, recall_rows
+    from learnforget.train.loop import fit, setup
+
+    common = ["data.max_docs=36", "data.heldout_docs=4", "data.facts_values=4",
+              "train.batch_size=32", "train.seq_len=32", "train.checkpoints.unit=epochs",
+              "train.checkpoints.at=[60]", "train.precision=fp32", "method.dropout=0.0"]
+    full = fit(setup(make_cfg("method=full", "train.lr=1e-2", *common, data="facts")))
+    lora = fit(setup(make_cfg("method=lora", "method.r=1", "train.lr=2e-2", *common,
+                              data="facts")))
+    rows = recall_rows([full, lora])
+    f, lo = rows
+    assert f["n_facts"] == 32 and f["info_bits"] == 64.0 and f["chance"] == 0.25
+    assert f["recall"] >= 0.75, f  # well above chance 0.25
+    assert lo["trainable_params"] < f["trainable_params"] / 50
+    assert lo["gap_lo"] <= lo["gap"] <= lo["gap_hi"]
+    assert lo["gap"] == pytest.approx(f["recall"] - lo["recall"])
+    print_recall(rows)
+    assert "bits = N * max(0, (recall - 1/K)" in capsys.readouterr().out
