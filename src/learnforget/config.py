@@ -189,7 +189,7 @@ IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
     "model": ("name", "source", "hub_id", "package", "gguf_file", "dtype", "arch"),
     "data": ("name", "regime", "source", "path", "hub_id", "hub_config", "hub_split", "streaming",
              "text_field", "prompt_field", "response_field", "prompt_template", "max_docs",
-             "heldout_docs", "format"),
+             "heldout_docs", "format", "generator", "facts_values"),
     "train": ("optimizer", "lr", "weight_decay", "betas", "eps", "schedule", "warmup_ratio",
               "warmup_steps", "min_lr_ratio", "cooldown_ratio", "cooldown_mode", "batch_size",
               "grad_accum", "loss_norm", "seq_len", "grad_clip", "precision", "master_weights",
