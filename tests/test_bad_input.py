@@ -60,7 +60,7 @@ def cli(runs_dir, cache_dir, monkeypatch, capsys):
 
 
 BAD = {
-    "unknown method": (["method=foo"], "unknown method 'foo' (expected one of: adapter, bitfit, dora, full"),
+    "unknown method": (["method=foo"], "unknown method 'foo' (expected one of: adapter, bitfit, did, dora, full"),
     "unknown model": (["model=gpt5"], "unknown model 'gpt5' (expected one of:"),
     "unknown data": (["data=nope"], "unknown data 'nope' (expected one of:"),
     "rank zero": (["method.r=0"], "method.r must be a positive integer, got 0"),

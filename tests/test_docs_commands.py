@@ -85,6 +85,7 @@ def stopped(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "run_hydra", lambda stage, task, args: _stopper(stage)(list(args)))
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
                         _parse_then_stop(argparse.ArgumentParser.parse_args))
+    import learnforget.analysis.controls_cli as controls_cli
     import learnforget.assets.models as models
     import learnforget.assets.registry as registry
     import learnforget.eval.stage as eval_stage
@@ -97,7 +98,8 @@ def stopped(monkeypatch, tmp_path):
             (command, "sweep_main", "sweep"), (prepare, "prepare_configs", "prepare"),
             (registry, "fetch_assets", "assets"), (nodecheck, "run_checks", "node-check"),
             (eval_stage, "eval_main", "eval"), (eval_stage, "evaluate_run", "eval run"),
-            (params, "param_report", "params"), (models, "base_model_dir", "data prepare")]:
+            (params, "param_report", "params"), (models, "base_model_dir", "data prepare"),
+            (controls_cli, "main", "controls")]:
         monkeypatch.setattr(module, name, _stopper(what))
     return tmp_path
 

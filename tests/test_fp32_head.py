@@ -223,7 +223,8 @@ def test_body_dtype_follows_precision_model_and_qlora():
     run = OmegaConf.create({"model": {"dtype": "bfloat16"}, "method": {"name": "full"}})
     assert body_dtype(OmegaConf.create({"precision": "model"}), run) == "bfloat16"
     assert body_dtype(OmegaConf.create({"precision": "fp32"}), run) == "float32"
-    qlora = OmegaConf.merge(run, {"method": {"name": "qlora", "compute_dtype": "float32"}})
+    qlora = OmegaConf.merge(run, {"method": {"name": "qlora", "compute_dtype": "float32",
+                                                  "quant_type": "nf4", "double_quant": True}})
     assert body_dtype(OmegaConf.create({"precision": "model"}), qlora) == "float32"
     fp32_run = OmegaConf.merge(run, {"model": {"dtype": "float32"}})
     assert body_dtype(OmegaConf.create({"precision": "bf16"}), fp32_run) == "bfloat16"
