@@ -169,3 +169,30 @@ def tiny_hflm(**kwargs):
         vocab_size=2048, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=512)).eval()
     return HFLM(pretrained=model, tokenizer=tiny_tokenizer(), **kwargs)
+
+
+# ------------------------------------------------------------------ a model's logits, its base
+
+def logits_input():
+    """A fixed 8-token input for comparing a model's logits (ids valid in every tiny vocab)."""
+    import torch
+
+    return torch.tensor([[5, 17, 300, 42, 1000, 7, 99, 12]])
+
+
+def eval_logits(model):
+    """The model's logits on logits_input(), in eval mode, without gradients."""
+    import torch
+
+    model.eval()
+    ids = logits_input()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def load_base(cfg):
+    """The run config's base model as `learnforget.assets.models.load_model` loads it (CPU)."""
+    from learnforget.assets.models import load_model
+
+    model, _, _ = load_model(cfg.model, cfg.method, Path(cfg.paths.cache_dir), "cpu")
+    return model

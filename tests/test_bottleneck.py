@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import eval_logits as _logits
+from conftest import load_base as _base
 
 import learnforget.train.loop as train_mod
 from learnforget.analysis.deltas import extract_deltas
 from learnforget.analysis.spectra import compute_spectra
-from learnforget.assets.models import load_model
 from learnforget.config import compose, validate
 from learnforget.errors import ConfigError
 from learnforget.eval.scoring import load_for_eval
@@ -23,19 +24,6 @@ from learnforget.methods.apply import apply_method, count_parameters
 from learnforget.methods.bottleneck import model as bottleneck
 from learnforget.train.loop import fit, setup
 from learnforget.train.params import param_report
-
-INPUT = torch.tensor([[5, 17, 300, 42, 1000, 7, 99, 12]])
-
-
-def _logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=INPUT, attention_mask=torch.ones_like(INPUT)).logits
-
-
-def _base(cfg):
-    model, _, _ = load_model(cfg.model, cfg.method, Path(cfg.paths.cache_dir), "cpu")
-    return model
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import eval_logits as _logits
+from conftest import load_base as _base
 
-from learnforget.assets.models import load_model
 from learnforget.config import compose, run_name, validate
 from learnforget.errors import ConfigError
 from learnforget.eval.scoring import load_for_eval
@@ -19,19 +20,6 @@ from learnforget.methods.apply import apply_method
 from learnforget.methods.bottleneck import model as bottleneck
 from learnforget.train.loop import fit, setup
 from learnforget.train.params import param_report
-
-INPUT = torch.tensor([[5, 17, 300, 42, 1000, 7, 99, 12]])
-
-
-def _logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=INPUT, attention_mask=torch.ones_like(INPUT)).logits
-
-
-def _base(cfg):
-    model, _, _ = load_model(cfg.model, cfg.method, Path(cfg.paths.cache_dir), "cpu")
-    return model
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])

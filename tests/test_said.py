@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from conftest import eval_logits as _logits
+from conftest import load_base as _base
+from conftest import logits_input
 
 import learnforget.train.loop as train_mod
 from learnforget.analysis.deltas import extract_deltas
-from learnforget.assets.models import load_model
 from learnforget.config import run_name, validate
 from learnforget.errors import ConfigError
 from learnforget.eval.scoring import load_for_eval
@@ -27,19 +29,6 @@ from learnforget.methods.said import model as said
 from learnforget.methods.said.fastfood import draw_factors, fastfood, walsh_hadamard
 from learnforget.train.loop import fit, setup
 from learnforget.train.params import param_report
-
-INPUT = torch.tensor([[5, 17, 300, 42, 1000, 7, 99, 12]])
-
-
-def _logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=INPUT, attention_mask=torch.ones_like(INPUT)).logits
-
-
-def _base(cfg):
-    model, _, _ = load_model(cfg.model, cfg.method, Path(cfg.paths.cache_dir), "cpu")
-    return model
 
 
 @functools.lru_cache(maxsize=2)
@@ -115,8 +104,8 @@ def test_gradients_match_a_dense_projection_through_the_model(make_cfg):
     with torch.no_grad():
         vec.theta.copy_(torch.randn(d) * 0.5)
         vec.lam.copy_(1 + 0.3 * torch.randn(vec.lam.numel()))
-    labels = INPUT.clone()
-    loss = model(input_ids=INPUT, labels=labels).loss
+    labels = logits_input().clone()
+    loss = model(input_ids=logits_input(), labels=labels).loss
     loss.backward()
     got_theta, got_lam = vec.theta.grad.clone(), vec.lam.grad.clone()
 
@@ -130,7 +119,7 @@ def test_gradients_match_a_dense_projection_through_the_model(make_cfg):
         P = torch.from_numpy(_dense_projection(p.B, p.Pi, p.G, w0.numel(), d))
         weights[name + ".weight"] = (w0.double() + lam[i] * (P @ theta).view(w0.shape)).float()
     assert len(weights) == 2 * 4  # 2 layers x q, k, v, o
-    ref_loss = torch.func.functional_call(ref, weights, kwargs={"input_ids": INPUT,
+    ref_loss = torch.func.functional_call(ref, weights, kwargs={"input_ids": logits_input(),
                                                                 "labels": labels}).loss
     ref_loss.backward()
     torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-5, atol=1e-6)

@@ -116,6 +116,7 @@ def score_run(run_dir: Path, checkpoint: str | None = None, cache_dir: Path | No
     from learnforget.data.facts import fact_values
     from learnforget.data.sources import load_records, split_records
     from learnforget.eval.scoring import load_for_eval
+    from learnforget.methods.registry import uses
     from learnforget.runfolder import RunFolder
 
     folder = RunFolder(Path(run_dir).resolve())
@@ -142,7 +143,7 @@ def score_run(run_dir: Path, checkpoint: str | None = None, cache_dir: Path | No
     params = record.train.trainable_params if record else None
     n, rec = len(train), float(np.mean(items["correct"]))
     out = {"run": folder.path.name, "checkpoint": ckpts[-1].name, "method": cfg.method.name,
-           "r": cfg.method.get("r") if cfg.method.name != "full" else None,
+           "r": cfg.method.get("r") if "r" in uses(cfg.method) else None,
            "n_facts": n, "k": k, "info_bits": n * math.log2(k), "recall": rec,
            "chance": 1.0 / k, "bits": bits_learned(rec, n, k),
            "fano_bits": fano_bits(rec, n, k), "trainable_params": params,

@@ -84,7 +84,9 @@ def scaled_run(run_dir: Path, ts=DEFAULT_SCALES, *, checkpoint: str | None = Non
     info = source.read_record()
     if info is None:
         raise ConfigError(f"{run_dir} is not a run folder (no run.json)")
-    if info.run.method != "full":
+    from learnforget.methods.registry import family
+
+    if not family(info.run.method).reference:
         raise ConfigError(f"the scaled control needs a full-finetuning run, got "
                           f"method={info.run.method!r} in {run_dir} (expected full)")
     ckpts = source.checkpoint_dirs()

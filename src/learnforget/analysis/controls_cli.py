@@ -134,9 +134,10 @@ def print_power(rows: list[dict[str, Any]]) -> None:
 def recall_rows(runs: Sequence[Path]) -> list[dict[str, Any]]:
     from learnforget.analysis.capacity import score_run
     from learnforget.eval.paired import paired_change
+    from learnforget.methods.registry import family
 
     scored = [score_run(Path(r)) for r in runs]
-    full = [s for s in scored if s["method"] == "full"]
+    full = [s for s in scored if family(s["method"]).reference]  # full finetuning
     for s in scored:
         if full and s is not full[0]:
             ch = paired_change(s["items"], full[0]["items"])  # full minus this run
