@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_secrets import SECRETS, leaks
 from test_slurm import _learnforget, _skip_reason, _tail, slurm_cluster  # noqa: F401 (fixture)
 
 pytestmark = [
@@ -116,8 +117,9 @@ def test_a_study_preempted_again_and_again_finishes_bit_identical(slurm_cluster,
     study, profile = tmp_path / "preempt_toy.yaml", tmp_path / "profile.yaml"
     study.write_text(STUDY)
     profile.write_text(PROFILE)
+    # the three secrets set (issue 29's item 4 on SLURM): no file the study writes may hold them
     env = dict(c.env, LEARNFORGET_RUNS_DIR=str(tmp_path / "runs"),
-               LEARNFORGET_CACHE_DIR=str(tmp_path / "cache"))
+               LEARNFORGET_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="offline", **SECRETS)
     # the reference: the same study, uninterrupted, in one process
     ref = subprocess.run(_learnforget("sweep", str(study), "--launcher", "basic", "--no-analyze",
                                       f"paths.runs_dir={tmp_path / 'ref'}"),
@@ -241,5 +243,7 @@ def test_a_study_preempted_again_and_again_finishes_bit_identical(slurm_cluster,
         index = 0 if "-full-" in name else 1
         seen = {d.get(index) for d in dry_runs}
         assert seen & {"running", "resume"}, (name, seen)  # reported while under way
+    # sbatch scripts, submitit pickles and logs, run folders, the cache, the dry runs' output
+    assert not leaks(tmp_path), leaks(tmp_path)
     print("\n".join(report) + f"\n{len(dry_runs)} dry runs: " + " ".join(
         ",".join(d[k] for k in sorted(d)) for d in dry_runs))
