@@ -195,7 +195,7 @@ def build_data(
         raise ConfigError("the tokenizer has no EOS token, which the data needs")
     regime = cfg_regime(cfg)
     name = cfg_name(cfg)
-    records, source = load_source(cfg)
+    records, source = load_source(cfg, cache_dir)
     heldout_docs = cfg_heldout_docs(cfg)
     if heldout_docs >= len(records):
         raise ConfigError(

@@ -51,10 +51,10 @@ from learnforget.train import cooldown, distributed, precision, rank0_load, spee
 from learnforget.train.activations import enable_checkpointing
 from learnforget.train.callbacks import Callback, call_callbacks, load_callbacks
 from learnforget.train.distributed import Dist
+from learnforget.train.init_from import load_init
 from learnforget.train.optim import make_optimizer, make_scheduler
 from learnforget.train.plan import Plan, data_accounting, load_data, make_plan, micro_batch
 from learnforget.train.run_state import drop_resume_state, load_resume, save_checkpoint
-from learnforget.train.init_from import load_init
 from learnforget.train.saving import STOP, ResumeSaver, heldout_every, resume_every_s
 from learnforget.train.signals import StopSignals
 from learnforget.train.step import legacy_note, step_notes, train_step, wrap_model
