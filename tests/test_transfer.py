@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 
@@ -186,7 +187,7 @@ def test_write_transfer_recovers_the_law_behind_fabricated_runs(tmp_path):
     assert {p.name for p in paths} >= {"transfer.md", "transfer_fit.json", "transfer_points.csv",
                                        "transfer_multiplier.png"}
     result = json.loads((out / "transfer_fit.json").read_text())
-    assert result["max_df"] == pytest.approx(1e5)  # a tenth of the largest from-scratch D
+    assert result["max_df"] == pytest.approx(1e4)  # a hundredth of the largest from-scratch D
     assert result["n_points_used"] == 9            # D_F = 300,000 is past the cut
     assert result["fit"]["k"] == pytest.approx(k, rel=1e-5)
     assert result["fit"]["alpha"] == pytest.approx(alpha, abs=1e-6)
@@ -284,6 +285,23 @@ def test_init_from_starts_from_the_source_checkpoint(make_cfg, cache_dir, monkey
                for n in notes)
 
 
+def test_heldout_every_measures_without_changing_the_weights(make_cfg):
+    """train.heldout_every is not part of the identity: the same weights with and without it."""
+    from safetensors.torch import load_file
+
+    from learnforget.train.loop import train
+
+    runs = [train(make_cfg("method=full", f"experiment_name={name}", "train.checkpoints.at=[3]",
+                           "train.lr=1e-2", f"train.heldout_every={every}"))
+            for name, every in (("plain", 0), ("every", 1))]
+    assert runs[0].name == runs[1].name
+    held = [[json.loads(x)["step"] for x in (r / "train" / "metrics.jsonl").read_text().splitlines()
+             if "heldout_loss" in x] for r in runs]
+    assert held == [[0, 3], [0, 1, 2, 3]]
+    a, b = (load_file(str(r / "checkpoints" / "step-000003" / "model.safetensors")) for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_init_from_errors(make_cfg, cache_dir):
     from learnforget.train.loop import train
 
@@ -303,11 +321,16 @@ def test_study_lists_the_ladder_in_order(tmp_path):
     plan = expand(load_study(find_study("transfer")), [f"paths.runs_dir={tmp_path}"])
     arms = [("source" if j.cfg.data.name == "shakespeare" else
              "finetuned" if j.cfg.model.init_from else "scratch") for j in plan.jobs]
-    assert arms == ["source"] * 3 + ["scratch"] * 15 + ["finetuned"] * 15
-    assert {j.cfg.model.init_from for j in plan.jobs[18:]} == {
+    assert arms == ["source"] * 3 + ["scratch"] * 21 + ["finetuned"] * 15
+    assert {j.cfg.model.init_from for j in plan.jobs[24:]} == {
         f"src-transfer_{s}/last" for s in ("xs", "s", "m")}
-    assert sorted({j.cfg.data.train_chars for j in plan.jobs[3:]}) == [
+    assert sorted({j.cfg.data.train_chars for j in plan.jobs[3:24]}) == [
+        10000, 30000, 100000, 300000, 1000000, 3000000, 10000000]
+    assert sorted({j.cfg.data.train_chars for j in plan.jobs[24:]}) == [
         10000, 30000, 100000, 300000, 1000000]
+    steps = {j.cfg.data.train_chars: list(j.cfg.train.checkpoints.at) for j in plan.jobs[3:]}
+    assert steps == {10000: [200], 30000: [300], 100000: [500], 300000: [800], 1000000: [1500],
+                     3000000: [2500], 10000000: [4000]}
     assert [j.run_dir.name for j in plan.jobs[:3]] == [
         "src-transfer_xs", "src-transfer_s", "src-transfer_m"]
 

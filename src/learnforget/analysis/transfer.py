@@ -14,8 +14,8 @@ loss, read off that N's from-scratch curve (:func:`invert_loss_curve`: the curve
 by a running minimum over D, then log D interpolated linearly in the loss between the two
 points that bracket it; a loss outside the curve's range gives no D_E). D_T = D_E - D_F.
 :func:`fit_transfer` fits log D_T = log k + alpha log D_F + beta log N by least squares on the
-low-data regime (D_F <= ``max_df``, by default a tenth of the largest from-scratch D, and D_T >
-0); :func:`bootstrap_fit` resamples those points for 95% intervals. :func:`write_transfer`
+low-data regime (D_F <= ``max_df``, by default a hundredth of the largest from-scratch D, and
+D_T > 0); :func:`bootstrap_fit` resamples those points for 95% intervals. :func:`write_transfer`
 writes the tables, the fit beside the paper's (text -> Python: k = 1.9e4, alpha = 0.18, beta =
 0.38, D in characters) and the effective-data multiplier (D_F + D_T) / D_F against D_F per N.
 """
@@ -38,7 +38,8 @@ from learnforget.runfolder import RunFolder, find_runs
 PAPER = {"k": 1.9e4, "alpha": 0.18, "beta": 0.38}  # text -> Python, D in characters
 PAPER_NOTE = ("Hernandez et al. 2021, text -> Python: D_T = 1.9e4 (D_F)^0.18 N^0.38 "
               "(characters, non-embedding N)")
-LOW_DATA_FRACTION = 0.1  # the fit's default cut: D_F <= this x the largest from-scratch D
+LOW_DATA_FRACTION = 0.01  # the fit's default cut: D_F <= this x the largest from-scratch D
+#   (room for multipliers D_E / D_F up to 100 inside the from-scratch curve)
 N_BOOT = 2000
 ARMS = ("source", "scratch", "finetuned")
 
@@ -105,10 +106,13 @@ def load_runs(root: Path, target: str | None = None) -> pd.DataFrame:
     if df.empty:
         return df.assign(arm=pd.Series(dtype=str))
     if target is None:
-        tuned = df[df["init_from"].notna()]["data"].unique()
-        target = tuned[0] if len(tuned) == 1 else None
-    df["arm"] = ["finetuned" if pd.notna(i) else "scratch" if d == target or target is None
-                 else "source" for i, d in zip(df["init_from"], df["data"], strict=True)]
+        tuned = sorted(df[df["init_from"].notna()]["data"].unique())
+        if len(tuned) > 1:
+            raise ConfigError(f"transfer: runs under {root} finetune on several data sets "
+                              f"{tuned}: analyse one target at a time (target=...)")
+        target = tuned[0] if tuned else None
+    df["arm"] = ["finetuned" if pd.notna(i) else "scratch" if d == target else "source"
+                 for i, d in zip(df["init_from"], df["data"], strict=True)]
     return df.sort_values(["N", "arm", "D"], ignore_index=True)
 
 

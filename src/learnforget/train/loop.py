@@ -414,9 +414,7 @@ def train_loop(s: Setup, run: OpenRun, stop: StopSignals) -> str:
     s.model.train()
     start_step = progress["step"]
     if start_step == 0 and t.heldout_batches and rank_saves:
-        base_loss = heldout_loss(s.model, s.data, t, s.tokenizer.pad_token_id, s.device,
-                                 t.heldout_batches, s.policy)
-        run.loggers.log({"step": 0, "tokens": 0, "heldout_loss": base_loss})
+        log_heldout(s, run, 0)  # the start's held-out loss (none logged without held-out data)
     bar = tqdm(total=plan.total_steps, initial=start_step, desc=s.name[:40],
                disable=None if d.main else True, dynamic_ncols=True)
     t_start = time.perf_counter() - progress["wall_time_s"]
