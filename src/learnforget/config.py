@@ -186,10 +186,10 @@ def _plain(node: Any) -> Any:
 IDENTITY_VERSION = 1   # recorded in run.json (run.identity_version); see learnforget.identity
 
 IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
-    "model": ("name", "source", "hub_id", "package", "gguf_file", "dtype", "arch"),
+    "model": ("name", "source", "hub_id", "package", "gguf_file", "dtype", "arch", "init_from"),
     "data": ("name", "regime", "source", "path", "hub_id", "hub_config", "hub_split", "streaming",
              "text_field", "prompt_field", "response_field", "prompt_template", "max_docs",
-             "heldout_docs", "format", "generator", "facts_values"),
+             "heldout_docs", "format", "generator", "facts_values", "train_chars"),
     "train": ("optimizer", "lr", "weight_decay", "betas", "eps", "schedule", "warmup_ratio",
               "warmup_steps", "min_lr_ratio", "cooldown_ratio", "cooldown_mode", "batch_size",
               "grad_accum", "loss_norm", "seq_len", "grad_clip", "precision", "master_weights",
@@ -203,7 +203,7 @@ NOT_IDENTITY: dict[str, tuple[str, ...]] = {
     "model": (),
     "data": ("shard_tokens",       # how token shards are cut
              "expected_tokens"),   # what the paper reports about the corpus
-    "train": ("log_every", "num_threads", "heldout_batches", "resume_every_min",
+    "train": ("log_every", "num_threads", "heldout_batches", "heldout_every", "resume_every_min",
               "distributed",                # how the ranks share the work
               "activation_checkpointing",   # recomputed activations, the same gradients
               "callbacks",                  # hooks after each step (learnforget.train.callbacks)
@@ -212,7 +212,8 @@ NOT_IDENTITY: dict[str, tuple[str, ...]] = {
 
 # Listed keys left out at the value that reproduces the runs from before the key existed.
 IDENTITY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "data": {"format": "memory"},
+    "model": {"init_from": None},
+    "data": {"format": "memory", "train_chars": None},
     "train": {"cooldown_mode": "single"},
 }
 

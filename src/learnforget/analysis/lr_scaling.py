@@ -46,7 +46,7 @@ def _last_heldout(run_dir: Path) -> tuple[int | None, float | None]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if "heldout_loss" in row and (best[0] is None or row["step"] >= best[0]):
+        if row.get("heldout_loss") is not None and (best[0] is None or row["step"] >= best[0]):
             best = (int(row["step"]), float(row["heldout_loss"]))
     return best
 

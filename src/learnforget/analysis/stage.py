@@ -89,6 +89,15 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
     except ConfigError as e:
         warnings.append(f"regime: {e}")
 
+    try:  # the transfer study's D_T fit and multiplier figure (sweeps/transfer.yaml)
+        from learnforget.analysis.transfer import write_transfer
+
+        got_transfer = write_transfer(root, out)
+        tables.extend(p for p in got_transfer if p.suffix in (".md", ".csv"))
+        figs.extend(p for p in got_transfer if p.suffix in (".png", ".svg"))
+    except ConfigError as e:
+        warnings.append(f"transfer: {e}")
+
     try:  # LR searches: the best LR per setting and its ratio to full finetuning's
         from learnforget.analysis.lr_scaling import write_lr_table
 

@@ -24,6 +24,7 @@ from learnforget.data.settings import (
     cfg_heldout_docs,
     cfg_name,
     cfg_regime,
+    cfg_train_chars,
     render_prompt,
 )
 from learnforget.data.sources import load_source, records_sha256, split_records
@@ -156,6 +157,26 @@ def _n_loss_tokens(examples: list[Example]) -> int:
     return sum(sum(1 for x in ex.labels if x != IGNORE_INDEX) for ex in examples)
 
 
+def first_chars(records: list, n: int, regime: str, name: str) -> list:
+    """The training documents cut to their first ``n`` characters (data.train_chars: a data
+    size D in characters, as Hernandez et al. 2021, with the held-out split unchanged): whole
+    documents in order, the last one cut. A ConfigError when there are fewer characters."""
+    if regime != "cpt":
+        raise ConfigError(f"data.train_chars={n} cuts documents: use it with data.regime=cpt "
+                          f"(data={name} is {regime})")
+    out: list[str] = []
+    left = n
+    for doc in records:
+        if left <= 0:
+            break
+        out.append(doc[:left])
+        left -= len(out[-1])
+    if left > 0:
+        raise ConfigError(f"data.train_chars={n}: data={name} has only {n - left} training "
+                          "characters (raise data.max_docs or lower data.train_chars)")
+    return out
+
+
 def build_data(
     cfg: Any, tokenizer: PreTrainedTokenizerBase, seq_len: int, seed: int = 0,
     cache_dir: Path | None = None,
@@ -174,7 +195,7 @@ def build_data(
         raise ConfigError("the tokenizer has no EOS token, which the data needs")
     regime = cfg_regime(cfg)
     name = cfg_name(cfg)
-    records, source = load_source(cfg)
+    records, source = load_source(cfg, cache_dir)
     heldout_docs = cfg_heldout_docs(cfg)
     if heldout_docs >= len(records):
         raise ConfigError(
@@ -182,6 +203,9 @@ def build_data(
             f"only {len(records)} records (lower data.heldout_docs or raise data.max_docs)"
         )
     train_recs, heldout_recs = split_records(records, heldout_docs)
+    train_chars = cfg_train_chars(cfg)
+    if train_chars is not None:
+        train_recs = first_chars(train_recs, train_chars, regime, name)
     info: dict[str, Any] = {
         "name": name,
         "regime": regime,
@@ -193,6 +217,8 @@ def build_data(
         "n_records": len(records),
         "n_docs_train": len(train_recs),
         "n_docs_heldout": len(heldout_recs),
+        "n_train_chars": sum(len(r) if isinstance(r, str) else len(r[0]) + len(r[1])
+                             for r in train_recs),
         "n_truncated": 0,
         "n_truncated_dropped": 0,
     }

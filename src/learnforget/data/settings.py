@@ -19,7 +19,7 @@ from omegaconf.errors import MissingMandatoryValue
 from learnforget.errors import ConfigError
 
 REGIMES = ("cpt", "ift")
-SOURCES = ("stdlib", "local", "synthetic", "hub")
+SOURCES = ("stdlib", "local", "synthetic", "hub", "shakespeare")
 DATA_SEED = 0
 """Seed for the stdlib file selection, the synthetic generator and the held-out split."""
 
@@ -48,6 +48,7 @@ _DEFAULTS: dict[str, Any] = {
     "prompt_template": "{prompt}\n",
     "max_docs": None,
     "heldout_docs": 32,
+    "train_chars": None,
 }
 
 Record = str | tuple[str, str]
@@ -103,6 +104,16 @@ def cfg_heldout_docs(cfg: Any) -> int:
     if isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 0:
         raise ConfigError(f"data.heldout_docs={heldout!r}: expected an integer >= 0")
     return heldout
+
+
+def cfg_train_chars(cfg: Any) -> int | None:
+    """data.train_chars: keep the first this many characters of the training split (None: all)."""
+    n = cfg_get(cfg, "train_chars")
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"data.train_chars={n!r}: expected a positive integer (characters) or null")
+    return n
 
 
 def render_prompt(cfg: Any, prompt: str) -> str:

@@ -66,6 +66,9 @@ def data_format(data_cfg: Any) -> str:
     fmt = str(_get(data_cfg, "format", "memory"))
     if fmt not in FORMATS:
         raise ConfigError(f"data.format={fmt!r} is not known: use one of {', '.join(FORMATS)}")
+    if fmt == "shards" and _get(data_cfg, "train_chars", None) is not None:
+        raise ConfigError(f"data.train_chars={data_cfg.get('train_chars')!r} cuts in-memory "
+                          "documents: use it with data.format=memory, not shards")
     return fmt
 
 

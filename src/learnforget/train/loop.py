@@ -51,10 +51,11 @@ from learnforget.train import cooldown, distributed, precision, rank0_load, spee
 from learnforget.train.activations import enable_checkpointing
 from learnforget.train.callbacks import Callback, call_callbacks, load_callbacks
 from learnforget.train.distributed import Dist
+from learnforget.train.init_from import load_init
 from learnforget.train.optim import make_optimizer, make_scheduler
 from learnforget.train.plan import Plan, data_accounting, load_data, make_plan, micro_batch
 from learnforget.train.run_state import drop_resume_state, load_resume, save_checkpoint
-from learnforget.train.saving import STOP, ResumeSaver, resume_every_s
+from learnforget.train.saving import STOP, ResumeSaver, heldout_every, resume_every_s
 from learnforget.train.signals import StopSignals
 from learnforget.train.step import legacy_note, step_notes, train_step, wrap_model
 
@@ -148,6 +149,7 @@ def setup(cfg: DictConfig) -> Setup | None:
     model, tokenizer, base_path = load_model(
         cfg.model, cfg.method, cache_dir, device,
         dtype=None if quant is not None else policy.load, weights=d.main or not meta)
+    init_notes = load_init(model, cfg) if d.main or not meta else []  # model.init_from
     quantisation = None
     if quant is not None:  # how far the quantised base is from the checkpoint's weights
         from learnforget.methods.quantisation import quantisation_report
@@ -167,7 +169,7 @@ def setup(cfg: DictConfig) -> Setup | None:
                                                                   tokenizer.pad_token_id))
     if meta:
         rank0_load.same_rng_as_rank0(d)
-    notes += rank0_load.note(cfg, d) + precision.apply(model, policy)
+    notes += init_notes + rank0_load.note(cfg, d) + precision.apply(model, policy)
     fast = speed.settings(t)
     notes += speed.frozen_cast(model, cfg.method, policy.compute, fast["frozen_cast"])
     if t.get("activation_checkpointing", False):
@@ -408,12 +410,11 @@ def train_loop(s: Setup, run: OpenRun, stop: StopSignals) -> str:
     t, d, plan, progress = s.cfg.train, s.dist, s.plan, run.progress
     rank_saves = d.main or s.strategy == "fsdp"  # FSDP: every rank joins gathers and saves
     net = wrap_model(s)
+    every = heldout_every(t)  # held-out losses between checkpoints too (early stopping)
     s.model.train()
     start_step = progress["step"]
     if start_step == 0 and t.heldout_batches and rank_saves:
-        base_loss = heldout_loss(s.model, s.data, t, s.tokenizer.pad_token_id, s.device,
-                                 t.heldout_batches, s.policy)
-        run.loggers.log({"step": 0, "tokens": 0, "heldout_loss": base_loss})
+        log_heldout(s, run, 0)  # the start's held-out loss (none logged without held-out data)
     bar = tqdm(total=plan.total_steps, initial=start_step, desc=s.name[:40],
                disable=None if d.main else True, dynamic_ncols=True)
     t_start = time.perf_counter() - progress["wall_time_s"]
@@ -441,6 +442,8 @@ def train_loop(s: Setup, run: OpenRun, stop: StopSignals) -> str:
             save_budget(s, run, step, step_loss)
         if step in plan.branch_points and rank_saves:
             save_branch(s, run, step)
+        elif every and step % every == 0 and step not in plan.checkpoints and rank_saves:
+            log_heldout(s, run, step)
         if step in plan.checkpoints or step in plan.branch_points:
             distributed.barrier(d)
         call_callbacks(s.callbacks, step=step, progress=dict(progress), run_dir=s.out, rank=d.rank)

@@ -47,6 +47,17 @@ def resume_every_s(t: Any) -> float:
     return 60.0 * minutes
 
 
+def heldout_every(t: Any) -> int:
+    """train.heldout_every: steps between held-out losses besides the checkpoints (0: off)."""
+    value = t.get("heldout_every", 0)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"train.heldout_every={value!r} is not valid (expected steps >= 0; "
+                          "0: the held-out loss only at checkpoints)")
+    return value
+
+
 class ResumeSaver:
     """The resume saves of one run (every save resets rank 0's clock)."""
 
