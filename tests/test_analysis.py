@@ -198,7 +198,8 @@ def test_notebook_runs_headless_and_writes_figures(notebook, runs_root, tmp_path
     assert pngs and len(pngs) == len(svgs)
     assert all(_nonempty(p) for p in pngs + svgs)
     expected = {"pareto": ["learning_vs_forgetting.png", "learning_forgetting_vs_tokens.png"],
-                "spectra": ["rank_vs_tokens.png"], "random_matrices": ["random_matrices.png"]}
+                "spectra": ["rank_vs_tokens.png"], "random_matrices": ["random_matrices.png"],
+                "regularisers": ["regularisers_learning_vs_forgetting.png"]}
     for name in expected.get(notebook.stem, []):
         assert any(p.name == name for p in pngs), (name, [p.name for p in pngs])
     if notebook.stem == "spectra":

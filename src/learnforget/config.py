@@ -112,6 +112,10 @@ def validate(cfg: DictConfig) -> None:
     _require(at == sorted(set(at)),
              f"train.checkpoints.at must be strictly increasing, got {at!r}")
     _check_cooldown(t)
+    ad = t.get("attention_dropout")
+    _require(ad is None or (isinstance(ad, (int, float)) and not isinstance(ad, bool)
+                            and 0 <= ad < 1),
+             f"train.attention_dropout must be null or a number in [0, 1), got {ad!r}")
     callbacks = t.get("callbacks") or []
     _require(OmegaConf.is_list(callbacks) or isinstance(callbacks, list),
              f"train.callbacks must be a list of import paths, got {callbacks!r}")
@@ -193,7 +197,7 @@ IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
     "train": ("optimizer", "lr", "weight_decay", "betas", "eps", "schedule", "warmup_ratio",
               "warmup_steps", "min_lr_ratio", "cooldown_ratio", "cooldown_mode", "batch_size",
               "grad_accum", "loss_norm", "seq_len", "grad_clip", "precision", "master_weights",
-              "checkpoints"),
+              "checkpoints", "attention_dropout"),
 }
 # The keys of conf/model, conf/data and conf/train that do not change what a run computes. Not
 # used by the hash (an unlisted key is never hashed); test_run_names.py checks that every key of
@@ -214,7 +218,7 @@ NOT_IDENTITY: dict[str, tuple[str, ...]] = {
 IDENTITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"init_from": None},
     "data": {"format": "memory", "train_chars": None},
-    "train": {"cooldown_mode": "single"},
+    "train": {"cooldown_mode": "single", "attention_dropout": None},
 }
 
 

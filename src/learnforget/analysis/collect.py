@@ -62,6 +62,42 @@ def _settings(info: RunRecord | None) -> dict[str, Any]:
     }
 
 
+# Training regularisers that tell arms of one method apart (sweeps/regularisers.yaml): the
+# config key, its value when off, and its label.
+REGULARISERS = (("attention_dropout", None, "attn dropout"), ("weight_decay", 0.0, "wd"))
+
+
+def _regularisers(folder: RunFolder) -> dict[str, Any]:
+    """train.attention_dropout and train.weight_decay from the run's config.yaml (None when
+    the folder has none)."""
+    import yaml
+
+    try:
+        train = (yaml.safe_load(folder.config.read_text()) or {}).get("train") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        train = {}
+    return {key: train.get(key, off) for key, off, _ in REGULARISERS}
+
+
+def _add_arms(df: pd.DataFrame) -> None:
+    """`regulariser` (e.g. "attn dropout 0.05", "" when the run has none that varies) and `arm`
+    (method_summary and regulariser): only the regularisers whose value differs between the runs
+    of the table name an arm, so a study with one weight decay throughout keeps its labels."""
+    parts = pd.Series([[] for _ in range(len(df))], index=df.index, dtype=object)
+    for key, off, label in REGULARISERS:
+        if key not in df.columns:
+            df[key] = None
+        values = [off if v is None or pd.isna(v) else float(v) for v in df[key]]
+        if len({repr(v) for v in values}) <= 1:
+            continue
+        for i, v in zip(df.index, values, strict=True):
+            if v is not None and v != off:
+                parts[i] = parts[i] + [f"{label} {v:g}"]
+    df["regulariser"] = parts.map(", ".join)
+    df["arm"] = [f"{m} + {r}" if r else str(m)
+                 for m, r in zip(df["method_summary"], df["regulariser"], strict=True)]
+
+
 def _warn(msgs: list[str], msg: str, verbose: bool) -> None:
     msgs.append(msg)
     if verbose:
@@ -88,6 +124,7 @@ def collect(root: Path, *, suite: str | None = None, out: Path | None = None,
         folder = RunFolder(run_dir)
         meta = _settings(folder.read_record())
         meta["run"] = meta["run"] or run_dir.name
+        meta.update(_regularisers(folder))
         summaries = folder.eval_summaries(suite)
         if not summaries:
             rel = folder.eval_summary(suite or "*").relative_to(run_dir)
@@ -129,6 +166,7 @@ def collect(root: Path, *, suite: str | None = None, out: Path | None = None,
     if len(df):
         df = df.sort_values(["experiment", "data", "method", "rank", "run", "suite", "tokens",
                              "step"], na_position="first", kind="stable").reset_index(drop=True)
+    _add_arms(df)
     df.attrs["warnings"] = warnings
     df.attrs["root"] = str(root)
     if out is not None:

@@ -108,8 +108,10 @@ def forgetting_column(df: pd.DataFrame, y: str | None = None) -> str:
 def _group_label(row: pd.Series) -> str:
     method = str(row["method"])
     rank = row.get("rank")
-    return f"{method} r{int(rank)}" if family(method).lora_adapter and pd.notna(rank) \
+    label = f"{method} r{int(rank)}" if family(method).lora_adapter and pd.notna(rank) \
         else method
+    reg = row.get("regulariser")  # an arm of sweeps/regularisers.yaml (collect._add_arms)
+    return f"{label} + {reg}" if isinstance(reg, str) and reg else label
 
 
 def _group_key(label: str) -> tuple:

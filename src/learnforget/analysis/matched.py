@@ -198,13 +198,13 @@ def plot_matched(t: pd.DataFrame, out_dir: Path, stem: str = "matched_learning")
 
 
 def write_matched(df: pd.DataFrame, out_dir: Path, learning: str, forgetting: str, *,
-                  n_levels: int = N_LEVELS, stem: str = "matched_learning"
-                  ) -> tuple[pd.DataFrame, list[Path]]:
+                  n_levels: int = N_LEVELS, stem: str = "matched_learning",
+                  group: str = "method_summary") -> tuple[pd.DataFrame, list[Path]]:
     """The table as <stem>.csv and <stem>.md, and the figure; returns (table, paths)."""
     from learnforget.analysis.collect import save_table
     from learnforget.files import atomic_open
 
-    t = matched_table(df, learning, forgetting, n_levels=n_levels)
+    t = matched_table(df, learning, forgetting, n_levels=n_levels, group=group)
     paths = save_table(t, out_dir, stem=stem)[:1]
     md = Path(out_dir) / f"{stem}.md"
     with atomic_open(md, "w") as f:

@@ -246,7 +246,8 @@ def _matched(part, out: Path, tag: str, tables: list[Path]) -> list[Path]:
         ys.append("drift_kl")
     for y in ys:
         stem = f"matched_learning{'' if y == ys[0] else '_drift'}{tag}"
-        got = write_matched(part, out, learning, y, stem=stem)[1]
+        got = write_matched(part, out, learning, y, stem=stem,  # arm: method + regulariser
+                            group="arm" if "arm" in part.columns else "method_summary")[1]
         tables.extend(p for p in got if p.suffix in (".csv", ".md"))
         paths.extend(p for p in got if p.suffix not in (".csv", ".md"))
     return paths

@@ -47,7 +47,7 @@ from learnforget.methods.registry import (
 )
 from learnforget.runfolder import RunFolder, RunInfo, RunLock, RunRecord, TrainInfo, meta_info
 from learnforget.tracking import Loggers, make_loggers, scrub
-from learnforget.train import cooldown, distributed, precision, rank0_load, speed
+from learnforget.train import cooldown, distributed, precision, rank0_load, regularise, speed
 from learnforget.train.activations import enable_checkpointing
 from learnforget.train.callbacks import Callback, call_callbacks, load_callbacks
 from learnforget.train.distributed import Dist
@@ -169,7 +169,8 @@ def setup(cfg: DictConfig) -> Setup | None:
                                                                   tokenizer.pad_token_id))
     if meta:
         rank0_load.same_rng_as_rank0(d)
-    notes += init_notes + rank0_load.note(cfg, d) + precision.apply(model, policy)
+    notes += init_notes + regularise.set_attention_dropout(model, t.get("attention_dropout"))
+    notes += rank0_load.note(cfg, d) + precision.apply(model, policy)
     fast = speed.settings(t)
     notes += speed.frozen_cast(model, cfg.method, policy.compute, fast["frozen_cast"])
     if t.get("activation_checkpointing", False):
