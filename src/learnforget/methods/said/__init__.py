@@ -38,6 +38,11 @@ class IntrinsicMethod(Method):
                else ""))
         return model
 
+    def extra_memory(self, model):
+        from learnforget.methods.said.model import memory
+
+        return memory(model)
+
     def delta_route(self, fmt, adapter_cfg, ckpt, lora_via):
         return "said" if fmt == "said" else super().delta_route(fmt, adapter_cfg, ckpt, lora_via)
 
