@@ -35,7 +35,10 @@ class IntrinsicMethod(Method):
             f"{len(spec['modules'])} linear weights (method.targets={cfg.targets}; the reference "
             "code projects every parameter tensor)"
             + (f"; plus one scale λ per weight ({len(spec['modules'])})" if self.name == "said"
-               else ""))
+               else "")
+            + "; projections regenerated in each step (Π a keyed integer bijection, G_i = D_Π(i) "
+            "from one Gaussian vector per seed shared by all weights; the reference draws and "
+            "stores Π and G per tensor)")
         return model
 
     def extra_memory(self, model):
