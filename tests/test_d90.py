@@ -92,7 +92,7 @@ def test_said_d90_laptop_study_is_the_cut_grid(tmp_path):
         (d, s) for d in (10, 100, 1000, 10000, 100000) for s in (0, 1)}
     assert sorted(int(j["method.r"]) for j in jobs if j["method"] == "lora") == [1, 4]
     common = ex.jobs[0][0]
-    assert {"train.batch_size=4", "train.seq_len=128", "train.checkpoints.at=[64]"} <= set(common)
+    assert {"train.batch_size=8", "train.seq_len=128", "train.checkpoints.at=[64]"} <= set(common)
 
 
 @pytest.mark.slow
