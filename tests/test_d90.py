@@ -81,6 +81,36 @@ def test_said_d90_study_expands_to_its_grid(tmp_path):
     assert {float(j["train.lr"]) for j in said} == {1e-2}
 
 
+def test_said_d90_laptop_study_is_the_cut_grid(tmp_path):
+    from learnforget.studies.study import expand_overrides, find_study, load_study
+
+    ex = expand_overrides(load_study(find_study("said_d90_laptop")), [f"paths.runs_dir={tmp_path}"])
+    jobs = [dict(o.split("=", 1) for o in varying) for _, varying in ex.jobs]
+    said = [j for j in jobs if j["method"] == "said"]
+    assert len(jobs) == 13 and len(said) == 10
+    assert {(int(j["method.d"]), int(j["method.projection_seed"])) for j in said} == {
+        (d, s) for d in (10, 100, 1000, 10000, 100000) for s in (0, 1)}
+    assert sorted(int(j["method.r"]) for j in jobs if j["method"] == "lora") == [1, 4]
+    common = ex.jobs[0][0]
+    assert {"train.batch_size=8", "train.seq_len=128", "train.checkpoints.at=[64]"} <= set(common)
+
+
+@pytest.mark.slow
+def test_said_d90_laptop_bisection_adds_one_run(tmp_path):
+    """The d90 table's follow-up command: full and LoRA keep their run folders (done: skipped),
+    the grid's SAID settings collapse to the one new d and seed."""
+    from learnforget.studies.plan import expand
+    from learnforget.studies.study import find_study, load_study
+
+    study = load_study(find_study("said_d90_laptop"))
+    plan = expand(study, [f"paths.runs_dir={tmp_path}"])
+    more = expand(study, [f"paths.runs_dir={tmp_path}", "method.d=316", "method.projection_seed=1"])
+    names = {j.run_dir.name for j in more.jobs}
+    new = names - {j.run_dir.name for j in plan.jobs}
+    assert len(plan.jobs) == 13 and len(names) == 4 and len(new) == 1
+    assert "said_d316_ps1" in new.pop()
+
+
 def test_d90_from_a_collected_table_takes_last_checkpoints_base_and_full():
     """A collect()-shaped table (base rows, two checkpoints per run) with a loss: the threshold
     is base - 0.9 (base - full) = 3.0 - 0.9 x 2.0 = 1.2."""

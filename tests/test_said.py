@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.stats
 import torch
 from conftest import eval_logits as _logits
 from conftest import load_base as _base
@@ -25,8 +26,9 @@ from learnforget.config import run_name, validate
 from learnforget.errors import ConfigError
 from learnforget.eval.scoring import load_for_eval
 from learnforget.methods.apply import apply_method, count_parameters
+from learnforget.methods.said import fastfood
 from learnforget.methods.said import model as said
-from learnforget.methods.said.fastfood import draw_factors, fastfood, walsh_hadamard
+from learnforget.methods.said.fastfood import Projection, mix_bits, stream_keys, walsh_hadamard
 from learnforget.train.loop import fit, setup
 from learnforget.train.params import param_report
 
@@ -36,10 +38,12 @@ def _hadamard(n: int) -> np.ndarray:
     return scipy.linalg.hadamard(n).astype(np.float64)
 
 
-def _dense_projection(B, Pi, G, numel: int, d: int) -> np.ndarray:
-    """The D x d matrix H G Π H B (first d columns, first D rows) / sqrt(D ΣG²), from dense
-    factors in numpy: scipy's Sylvester Hadamard matrix, an explicit permutation matrix."""
-    L = B.numel()
+def _dense_projection(projection: Projection) -> np.ndarray:
+    """The D x d matrix H G Π H B (first d columns, first D rows) / sqrt(D ΣG²), from the
+    projection's factors in full, in numpy: scipy's Sylvester Hadamard matrix, an explicit
+    permutation matrix."""
+    B, Pi, G = projection.factors()
+    L, d, numel = B.numel(), projection.d, projection.numel
     H = _hadamard(L)
     perm = np.zeros((L, L))
     perm[np.arange(L), Pi.numpy().astype(np.int64)] = 1.0  # (Π x)_i = x[Π_i]
@@ -50,33 +54,102 @@ def _dense_projection(B, Pi, G, numel: int, d: int) -> np.ndarray:
     return cols[:numel] / np.sqrt(numel * np.sum(g ** 2))
 
 
-def test_walsh_hadamard_and_its_gradient_match_the_dense_matrix():
-    x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
-    H = torch.from_numpy(scipy.linalg.hadamard(64).astype(np.float64))
+@pytest.mark.parametrize("n", [1, 2, 64, 2048])
+def test_walsh_hadamard_and_its_gradient_match_the_dense_matrix(n):
+    x = torch.randn(3, n, dtype=torch.float64, requires_grad=True)
+    H = torch.from_numpy(scipy.linalg.hadamard(n).astype(np.float64))
     y = walsh_hadamard(x)
     torch.testing.assert_close(y, x @ H.T, rtol=1e-12, atol=1e-12)
-    w = torch.randn(3, 64, dtype=torch.float64)
+    w = torch.randn(3, n, dtype=torch.float64)
     (y * w).sum().backward()
     torch.testing.assert_close(x.grad, w @ H, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="not a power of two"):
         walsh_hadamard(torch.ones(12))
 
 
-@pytest.mark.parametrize(("numel", "d"), [(300, 20), (256, 256), (40, 100)])
-def test_fastfood_matches_the_dense_projection(numel, d):
-    f = draw_factors(numel, d, seed=3, name="layers.0.q_proj")
-    L = f.B.numel()
-    assert L == 2 ** int(np.ceil(np.log2(max(numel, d))))
-    assert f.B.dtype == torch.int8 and f.Pi.dtype == torch.int32 and f.G.dtype == torch.float32
-    assert set(f.B.tolist()) <= {-1, 1} and sorted(f.Pi.tolist()) == list(range(L))
-    P = _dense_projection(f.B, f.Pi, f.G, numel, d)
-    theta = torch.randn(d, dtype=torch.float64)
-    got = fastfood(theta, f.B, f.Pi, f.G, f.scale, numel)
-    np.testing.assert_allclose(got.numpy(), P @ theta.numpy(), rtol=1e-4, atol=1e-5)
-    # the same tensor name and seed give the same projection; another seed another one
-    again = draw_factors(numel, d, seed=3, name="layers.0.q_proj")
-    assert torch.equal(again.Pi, f.Pi) and torch.equal(again.G, f.G)
-    assert not torch.equal(draw_factors(numel, d, seed=4, name="layers.0.q_proj").G, f.G)
+def _mix_numpy(i: np.ndarray, bits: int, keys) -> np.ndarray:
+    """mix_bits in numpy's unsigned 64-bit arithmetic (no wrap-around): the reference."""
+    x = i.astype(np.uint64)
+    mask = np.uint64((1 << bits) - 1)
+    for xor_key, mult in keys:
+        x = ((x ^ np.uint64(xor_key)) * np.uint64(mult)) & mask
+        x = x ^ (x >> np.uint64((bits + 1) // 2))
+    return x
+
+
+@pytest.mark.parametrize("bits", [0, 1, 7, 12, 31])
+def test_index_hash_is_a_bijection_and_matches_unsigned_arithmetic(bits):
+    keys = stream_keys(5, "layers.3.mlp.up_proj", "Pi", bits)
+    n = min(1 << bits, 1 << 14)
+    i = torch.arange(n, dtype=torch.int32)
+    got = mix_bits(i.clone(), bits, keys)
+    assert got.dtype == torch.int32
+    np.testing.assert_array_equal(got.numpy().astype(np.uint64), _mix_numpy(i.numpy(), bits, keys))
+    if bits <= 14:  # the whole domain: a permutation
+        assert sorted(got.tolist()) == list(range(n))
+    assert torch.equal(mix_bits(got.clone(), bits, keys, inverse=True), i)
+    # the largest indices too (int32 products wrap: the low bits must still be exact)
+    top = torch.arange(max(0, (1 << bits) - 4096), 1 << bits, dtype=torch.int32)
+    mixed = mix_bits(top.clone(), bits, keys)
+    np.testing.assert_array_equal(mixed.numpy().astype(np.uint64),
+                                  _mix_numpy(top.numpy(), bits, keys))
+    assert torch.equal(mix_bits(mixed, bits, keys, inverse=True), top)
+
+
+def test_factors_are_signs_a_permutation_and_normal_gains():
+    p = Projection(150_000, 1000, seed=0, name="model.layers.0.self_attn.q_proj")
+    B, Pi, G = p.factors()
+    assert B.numel() == Pi.numel() == G.numel() == 2 ** 18
+    assert set(B.unique().tolist()) == {-1, 1} and abs(B.float().mean()) < 0.01
+    assert torch.equal(torch.sort(Pi).values, torch.arange(2 ** 18, dtype=torch.int32))
+    g = G.double().numpy()
+    assert abs(g.mean()) < 0.01 and abs(g.std() - 1) < 0.01
+    assert scipy.stats.kstest(g, "norm").pvalue > 1e-3
+    # another tensor name or seed: other factors
+    q = Projection(150_000, 1000, seed=0, name="model.layers.0.self_attn.k_proj")
+    assert not torch.equal(q.factors()[1], Pi)
+    assert not torch.equal(Projection(150_000, 1000, 1, p.name).factors()[2], G)
+
+
+def test_shared_gains_prefix_does_not_depend_on_the_longest_tensor(monkeypatch):
+    monkeypatch.setattr(fastfood, "_GAINS", {})
+    short = fastfood.shared_gains(9, 70_000, "cpu").clone()
+    long = fastfood.shared_gains(9, 200_000, "cpu").clone()
+    monkeypatch.setattr(fastfood, "_GAINS", {})
+    assert torch.equal(fastfood.shared_gains(9, 200_000, "cpu"), long)
+    assert torch.equal(fastfood.shared_gains(9, 70_000, "cpu"), short)
+    assert torch.equal(long[:70_000], short)
+    assert not torch.equal(fastfood.shared_gains(10, 70_000, "cpu"), short)
+
+
+@pytest.mark.parametrize(("numel", "d"), [(300, 20), (256, 256), (40, 100), (1000, 1), (700, 33)])
+def test_fastfood_matches_the_dense_projection_and_its_transpose(numel, d):
+    p = Projection(numel, d, seed=3, name="layers.0.q_proj")
+    assert p.length == 2 ** int(np.ceil(np.log2(max(numel, d))))
+    P = _dense_projection(p)
+    theta = torch.randn(d, dtype=torch.float32, requires_grad=True)
+    got = p(theta)
+    assert got.dtype == torch.float32 and got.shape == (numel,)
+    np.testing.assert_allclose(got.detach().numpy(), P @ theta.detach().numpy().astype(np.float64),
+                               rtol=1e-4, atol=1e-5)
+    g = torch.randn(numel)
+    (got * g).sum().backward()
+    np.testing.assert_allclose(theta.grad.numpy(), P.T @ g.numpy().astype(np.float64),
+                               rtol=1e-4, atol=1e-5)
+    # with a scale λ: the gradient in λ is <g, Pθ> (numpy), in θ λ Pᵀg
+    lam = torch.tensor(0.7, requires_grad=True)
+    theta.grad = None
+    (p(theta, lam) * g).sum().backward()
+    Pt = P @ theta.detach().numpy().astype(np.float64)
+    np.testing.assert_allclose(float(lam.grad), Pt @ g.numpy().astype(np.float64), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(theta.grad.numpy(), 0.7 * (P.T @ g.numpy().astype(np.float64)),
+                               rtol=1e-4, atol=1e-5)
+    # every entry has variance |θ|²/D: the columns of P have unit norm / sqrt(...) on average
+    assert abs(np.sum(P ** 2) / d - 1.0) < 0.25
+    # the same tensor name and seed give the same projection
+    again = Projection(numel, d, seed=3, name="layers.0.q_proj")
+    torch.testing.assert_close(again(theta.detach()), got.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["said", "did"])
@@ -85,8 +158,10 @@ def test_zero_theta_gives_the_base_logits_exactly(make_cfg, method, model):
     cfg = make_cfg(f"model={model}", f"method={method}", "method.d=50")
     base = _base(cfg)
     before = _logits(base)
+    buffers = sum(b.numel() for b in base.buffers())
     adapted, notes = apply_method(base, cfg.method, model_name=model)
     assert torch.equal(_logits(adapted), before)
+    assert sum(b.numel() for b in adapted.buffers()) == buffers  # no projection is stored
     assert any("θ_d of length 50" in n for n in notes)
     trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
     assert trainable == ({"intrinsic.theta", "intrinsic.lam"} if method == "said"
@@ -116,7 +191,7 @@ def test_gradients_match_a_dense_projection_through_the_model(make_cfg):
     weights = {}
     for i, (name, module, p) in enumerate(said.parametrizations(model)):
         w0 = module.parametrizations.weight.original.detach()
-        P = torch.from_numpy(_dense_projection(p.B, p.Pi, p.G, w0.numel(), d))
+        P = torch.from_numpy(_dense_projection(p.projection))
         weights[name + ".weight"] = (w0.double() + lam[i] * (P @ theta).view(w0.shape)).float()
     assert len(weights) == 2 * 4  # 2 layers x q, k, v, o
     ref_loss = torch.func.functional_call(ref, weights, kwargs={"input_ids": logits_input(),
@@ -144,6 +219,23 @@ def test_smollm2_count_by_hand(make_cfg):
     rep = param_report(make_cfg("model=smollm2_135m", "method=said", "method.d=1000"),
                        activations=False)
     assert rep.trainable == 1000 + 30 * 7
+    # by hand, per layer: gate/up/down 576 x 1536 -> L = 2^20, q/o 576 x 576 -> 2^19,
+    # k/v 576 x 192 -> 2^17; stored factors would take 9 bytes per entry; D holds the longest L
+    stored = 30 * (3 * 2**20 + 2 * 2**19 + 2 * 2**17) * 9 / 2**20
+    assert f"{stored:,.1f} MiB" == "1,147.5 MiB" and "would take 1,147.5 MiB" in rep.method_note
+    assert "4.0 MiB shared" in rep.method_note
+    full = param_report(make_cfg("model=smollm2_135m", "method=lora", "method.r=1"),
+                        activations=False)
+    frozen = 134_515_008 * 4  # the base's float32 weights
+    assert rep.weights_bytes == frozen + (1000 + 210) * 4 + 4 * 2**20
+    assert full.method_note == ""
+
+
+def test_old_checkpoints_without_the_projection_kind_are_refused(tmp_path):
+    (tmp_path / said.CONFIG_FILE).write_text(json.dumps({"method": "said", "d": 4,
+                                                         "projection_seed": 0, "modules": []}))
+    with pytest.raises(ConfigError, match="numpy-drawn stored factors.*train it again"):
+        said.read_checkpoint(tmp_path)
 
 
 def test_trains_saves_theta_lambda_seed_and_reloads_identically(make_cfg):

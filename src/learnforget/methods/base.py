@@ -237,6 +237,11 @@ class Method:
         """The method as the parameter report names it."""
         return self.name
 
+    def extra_memory(self, model) -> tuple[float, str] | None:
+        """Bytes the adapted model holds beside its parameters and buffers (counted with the
+        weights), and a line for the parameter report; None: nothing."""
+        return None
+
 
 # ---------------------------------------------------------------------------- shared checks
 

@@ -107,7 +107,8 @@ def memory_table(plan: Plan, activations: bool = False) -> list[dict[str, Any]]:
         else:
             if quant is None:  # the precision policy's dtype of the frozen weights
                 row["base"] = str(getattr(rep, "frozen", base))
-            row.update(trainable=rep.trainable, est_mib=rep.total_bytes / 2**20)
+            row.update(trainable=rep.trainable, est_mib=rep.total_bytes / 2**20,
+                       method_note=getattr(rep, "method_note", ""))
             if activations and getattr(rep, "activations_bytes", None) is not None:
                 row["peak_est_mib"] = rep.peak_bytes / 2**20
         row["tokens_per_param"] = tokens_per_param(c, row["trainable"])  # the regime
@@ -147,6 +148,12 @@ def print_memory(rows: list[dict[str, Any]]) -> None:
         print(f"{head} {r['trainable']:>15,} {r['est_mib']:>12,.1f}"
               + (f" {pe:>14}" if with_act else "") + tpp_cell + f" {peak:>10}"
               + (f" {qe:>10}" if quant else ""))
+    notes: dict[str, list[int]] = {}
+    for r in rows:  # what a method holds beside its parameters (Method.extra_memory)
+        if r.get("method_note"):
+            notes.setdefault(r["method_note"], []).append(r["index"])
+    for note, jobs in notes.items():
+        print(f"  jobs {', '.join(map(str, jobs))}: {note}")
 
 
 def print_data_budget(plan: Plan) -> None:

@@ -47,6 +47,7 @@ class ParamReport:
     recompute_bytes: float = 0.0       # checkpointing: one layer's activations rebuilt in backward
     layer_params: int = 0              # one decoder layer's parameters (FSDP's gathered unit)
     root_params: int = 0               # outside the decoder layers (embeddings, norm, LM head)
+    method_note: str = ""              # what the method holds beside parameters (Method.extra_memory)
 
     @property
     def total_bytes(self) -> float:
@@ -104,6 +105,9 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
         root_params = base_total - len(layers) * layer_params
         model, _ = apply_method(model, method, model_name=cfg.model.name)
         method_buffers = _buffer_bytes(model) - base_buffers  # e.g. VeRA's shared projections
+        extra = family.extra_memory(model)  # e.g. SAID's shared gains, not a buffer
+        if extra is not None:
+            method_buffers += extra[0]
         frozen_dtype = torch_dtype(quant.compute_dtype if quant else policy.frozen)
         for p in model.parameters():  # the dtypes a real run trains in (learnforget.train.precision)
             p.data = p.data.to(policy.master_dtype if p.requires_grad else frozen_dtype)
@@ -152,7 +156,8 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
                        activations_note=act_note, compute=policy.compute, master=policy.master,
                        frozen=policy.frozen, checkpointing=checkpointing,
                        recompute_bytes=0.0 if act is None else float(act.recompute_bytes),
-                       layer_params=layer_params, root_params=root_params)
+                       layer_params=layer_params, root_params=root_params,
+                       method_note="" if extra is None else extra[1])
 
 
 _REPORTS: dict[str, ParamReport] = {}  # per process: see cached_param_report
@@ -203,7 +208,8 @@ def format_report(r: ParamReport) -> str:
         f"precision  {r.compute} compute, {r.master} trainable weights + optimizer state, "
         f"{r.frozen} frozen weights" + (", activation checkpointing" if r.checkpointing else ""),
         f"memory estimate ({r.dtype} base weights, {r.optimizer}):",
-        f"  weights    {r.weights_bytes / gib:9.3f} GiB",
+        f"  weights    {r.weights_bytes / gib:9.3f} GiB"
+        + (f"  (with the method's: {r.method_note})" if r.method_note else ""),
         f"  gradients  {r.grads_bytes / gib:9.3f} GiB",
         f"  optimizer  {r.optimizer_bytes / gib:9.3f} GiB",
         f"  total      {r.total_bytes / gib:9.3f} GiB  (weights + gradients + optimizer)",

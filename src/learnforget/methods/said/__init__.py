@@ -35,8 +35,16 @@ class IntrinsicMethod(Method):
             f"{len(spec['modules'])} linear weights (method.targets={cfg.targets}; the reference "
             "code projects every parameter tensor)"
             + (f"; plus one scale λ per weight ({len(spec['modules'])})" if self.name == "said"
-               else ""))
+               else "")
+            + "; projections regenerated in each step (Π a keyed integer bijection, G_i = D_Π(i) "
+            "from one Gaussian vector per seed shared by all weights; the reference draws and "
+            "stores Π and G per tensor)")
         return model
+
+    def extra_memory(self, model):
+        from learnforget.methods.said.model import memory
+
+        return memory(model)
 
     def delta_route(self, fmt, adapter_cfg, ckpt, lora_via):
         return "said" if fmt == "said" else super().delta_route(fmt, adapter_cfg, ckpt, lora_via)

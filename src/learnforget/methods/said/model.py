@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 
 from learnforget.errors import ConfigError
 from learnforget.methods.said.config import VARIANTS, validate_intrinsic
-from learnforget.methods.said.fastfood import FastfoodFactors, draw_factors, fastfood
+from learnforget.methods.said.fastfood import PROJECTION, Projection, projection_memory
 
 CHILD = "intrinsic"  # the model's child module holding θ_d and λ
 WEIGHTS_FILE = "said.safetensors"
@@ -53,22 +53,19 @@ class IntrinsicVector(nn.Module):
 
 
 class FastfoodDelta(nn.Module):
-    """The parametrization W0 -> W0 + λ_i P_i(θ_d) of one target weight."""
+    """The parametrization W0 -> W0 + λ_i P_i(θ_d) of one target weight (no buffers: the
+    projection is recomputed from its keys)."""
 
-    def __init__(self, vector: IntrinsicVector, index: int, factors: FastfoodFactors):
+    def __init__(self, vector: IntrinsicVector, index: int, projection: Projection):
         super().__init__()
         self._vector = [vector]  # shared, not registered here: θ_d has one name in the model
         self.index = index
-        self.scale, self.numel = factors.scale, factors.numel
-        self.register_buffer("B", factors.B, persistent=False)
-        self.register_buffer("Pi", factors.Pi, persistent=False)
-        self.register_buffer("G", factors.G, persistent=False)
+        self.projection = projection
 
     def delta(self) -> torch.Tensor:
         """λ_i P_i(θ_d), flat, float32."""
         v = self._vector[0]
-        p = fastfood(v.theta, self.B, self.Pi, self.G, self.scale, self.numel)
-        return p if v.lam is None else p * v.lam[self.index]
+        return self.projection(v.theta, None if v.lam is None else v.lam[self.index])
 
     def forward(self, w0: torch.Tensor) -> torch.Tensor:
         return w0 + self.delta().view(w0.shape).to(w0.dtype)
@@ -110,10 +107,10 @@ def add_intrinsic(model: nn.Module, d: int, variant: str = "said", targets: Any 
         module = modules[name]
         w = module.weight
         shapes.append(list(w.shape))
-        factors = draw_factors(w.numel(), d, seed, name, w.device)
         parametrize.register_parametrization(  # unsafe: no trial forward (shape, dtype kept)
-            module, "weight", FastfoodDelta(vector, i, factors), unsafe=True)
-    spec = {"method": variant, "d": d, "projection_seed": seed,
+            module, "weight", FastfoodDelta(vector, i, Projection(w.numel(), d, seed, name)),
+            unsafe=True)
+    spec = {"method": variant, "d": d, "projection_seed": seed, "projection": PROJECTION,
             "model_type": getattr(getattr(model, "config", None), "model_type", ""),
             "modules": names, "shapes": shapes}
     model.said_spec = spec
@@ -125,6 +122,17 @@ def parametrizations(model: nn.Module) -> Iterator[tuple[str, nn.Module, Fastfoo
     for name in getattr(model, "said_spec", {}).get("modules", []):
         module = model.get_submodule(name)
         yield name, module, module.parametrizations.weight[0]
+
+
+def memory(model: nn.Module) -> tuple[int, str]:
+    """(bytes held beside the parameters: the shared D, a line for the parameter report)."""
+    mem = projection_memory([p.projection for _, _, p in parametrizations(model)])
+    mib = 2**20
+    return mem["shared"], (
+        f"projections regenerated from the seed in each forward and backward: nothing stored per "
+        f"weight, {mem['shared'] / mib:,.1f} MiB shared (D, float32), {mem['working'] / mib:,.1f} "
+        f"MiB transient (one weight at a time); stored factors (9 bytes per padded entry) would "
+        f"take {mem['stored_reference'] / mib:,.1f} MiB")
 
 
 @torch.no_grad()
@@ -166,6 +174,10 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         spec = json.loads((folder / CONFIG_FILE).read_text())
     except FileNotFoundError as e:
         raise ConfigError(f"{folder} is not a SAID/DID checkpoint (no {CONFIG_FILE})") from e
+    if spec.get("projection") != PROJECTION:
+        made = spec.get("projection", "numpy-drawn stored factors (before 2026-12-07)")
+        raise ConfigError(f"SAID/DID checkpoint {folder}: its projections are {made!r}; this "
+                          f"version regenerates {PROJECTION!r} only: train it again")
     state = load_file(str(folder / WEIGHTS_FILE))
     want = {"theta", "lam"} if spec["method"] == "said" else {"theta"}
     if set(state) != want or state["theta"].numel() != spec["d"]:
@@ -213,11 +225,10 @@ def checkpoint_delta(spec: dict[str, Any], state: dict[str, torch.Tensor],
     i = spec["modules"].index(name)
     shape = spec["shapes"][i]
     numel = int(torch.Size(shape).numel())
-    f = draw_factors(numel, spec["d"], spec["projection_seed"], name)
+    projection = Projection(numel, spec["d"], spec["projection_seed"], name)
     with torch.no_grad():
-        delta = fastfood(state["theta"].float(), f.B, f.Pi, f.G, f.scale, numel)
-        if "lam" in state:
-            delta = delta * state["lam"][i].float()
+        lam = state["lam"][i].float() if "lam" in state else None
+        delta = projection(state["theta"].float(), lam)
     return delta.view(shape)
 
 
