@@ -30,6 +30,10 @@ def summarize(scores: dict[str, Any], base: dict[str, Any] | None) -> dict[str, 
         row[f"ce/{name}"] = p["ce"]
     if scores.get("diversity"):
         row["diversity_mean_unique"] = scores["diversity"]["mean_unique"]
+    for name, t in scores["tasks"].items():  # sampled HumanEval's (learnforget.eval.diversity)
+        for key in ("unique", "unique_pass", "unique_fail"):
+            if (t.get("diversity") or {}).get(f"mean_{key}") is not None:
+                row[f"diversity/{name}/{key}"] = t["diversity"][f"mean_{key}"]
     if base is not None:
         b = summarize(base, None)
         for key, value in list(row.items()):
