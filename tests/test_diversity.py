@@ -188,7 +188,7 @@ def test_table_means_intervals_and_paired_change():
     assert f["unique_lo"] >= 1 and f["unique_hi"] <= 3
 
 
-def test_per_checkpoint_result_and_analysis(make_cfg, tmp_path):
+def test_per_checkpoint_result_and_analysis(make_cfg, tmp_path, capsys):
     from learnforget.eval.stage import evaluate_run
     from learnforget.train.loop import fit, setup
 
@@ -215,6 +215,9 @@ def test_per_checkpoint_result_and_analysis(make_cfg, tmp_path):
     assert last["diversity/lf_he_div/unique"] == pytest.approx(
         np.mean([p["unique"] for p in per]))
     assert "delta/diversity/lf_he_div/unique" in last
+    printed = capsys.readouterr().out
+    assert "lf_he_div: unique completions per problem (all / passing / failing)" in printed
+    assert f"{last['diversity/lf_he_div/unique']:.2f} / " in printed
     # the analysis reads the same counts, the base's from its cached result
     df = collect_diversity(run.parents[1])
     assert sorted(df["checkpoint"].unique()) == sorted(r["checkpoint"] for r in summary["rows"])

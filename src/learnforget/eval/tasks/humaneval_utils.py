@@ -9,7 +9,11 @@ fetched from the hub when imported).
   filter "create_test"), and the metric `pass_at_k` (a `metric_list` entry with `k: [...]`, as
   lm-eval's humaneval_64.yaml) runs them and reports, per problem, the unbiased pass@k of
   Chen et al. (2021), `sandbox.pass_at_k(n, c, k)` with c passing programs. lm-eval's `mean`
-  aggregation then averages over problems: `mean_pass_at_k` on the (n, c) counts.
+  aggregation then averages over problems: `mean_pass_at_k` on the (n, c) counts. Each
+  distinct program runs once (`program_results`); within `remembered_results` (one
+  `learnforget.eval.lm_eval_run.evaluate` call) its result is kept for the diversity split
+  (`learnforget.eval.diversity`). Before 2026-12-07 every copy ran, so a program whose result
+  depends on the run (a timeout under load) could count differently across copies.
 
 lm-eval calls hooks without any of our settings, so the opt-in to run model-written code
 travels in an environment variable that `learnforget.eval.lm_eval_run.evaluate` sets for the
