@@ -188,6 +188,7 @@ def test_table_means_intervals_and_paired_change():
     assert f["unique_lo"] >= 1 and f["unique_hi"] <= 3
 
 
+@pytest.mark.slow  # ~29 s of CPU (a tiny run trained and scored, base included)
 def test_per_checkpoint_result_and_analysis(make_cfg, tmp_path, capsys):
     from learnforget.eval.stage import evaluate_run
     from learnforget.train.loop import fit, setup
