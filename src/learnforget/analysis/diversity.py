@@ -194,11 +194,12 @@ def plot_diversity(table: pd.DataFrame, out_dir: Path, stem: str = "diversity") 
                 ax.axhline(b[c], color="k", ls="--", lw=1, label="base")
                 if not np.isnan(b[f"{c}_lo"]):
                     ax.axhspan(b[f"{c}_lo"], b[f"{c}_hi"], color="k", alpha=0.08)
+            ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
             ax.set_title(f"unique among {what}")
             ax.set_xlabel("training tokens")
             ax.set_ylabel(f"per problem (of {samples} samples)")
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"Generation diversity: {task} ({suite}), {mode} strings")
+        fig.suptitle(f"Generation diversity: {task} ({suite}), {mode} strings", y=1.03)
         paths += _save(fig, out_dir, stem if i == 0 else f"{stem}-{i + 1}")
     return paths
 
