@@ -107,6 +107,15 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
     except ConfigError as e:
         warnings.append(f"LR scaling: {e}")
 
+    try:  # generation diversity (paper fig. 5): runs scored with a diversity task
+        from learnforget.analysis.diversity import write_diversity
+
+        got = write_diversity(root, out, suite)
+        tables.extend(p for p in got if p.suffix in (".md", ".csv"))
+        figs.extend(p for p in got if p.suffix in (".png", ".svg"))
+    except ConfigError as e:
+        warnings.append(f"diversity: {e}")
+
     spectra_paths: list[Path] = []
     if spectra:
         plotted: set[str] = set()

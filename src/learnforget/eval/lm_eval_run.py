@@ -114,7 +114,9 @@ def evaluate(
 
     Returns {task name: {"metrics", "stderr" (clean metric keys; stderr None where lm-eval has
     none), "n" (documents evaluated), "primary_metric", "primary", "chance", "role", "kind",
-    "num_fewshot", "config_hash", "lm_eval_version"} (+ "samples" with log_samples)}.
+    "num_fewshot", "config_hash", "lm_eval_version"} (+ "samples" with log_samples; a sampled
+    humaneval task with `diversity` set: + "generations" and "diversity",
+    learnforget.eval.diversity)}.
     `samples` ({task name: document indices}, lm-eval's own `samples=`) scores fixed subsets
     (not together with `limit`); `items` adds "items", the per-item results from lm-eval's
     per-sample log (learnforget.eval.paired.item_records), and "subset" (the indices or None).
@@ -144,8 +146,9 @@ def evaluate(
     names = [s.name for s in specs]
     cache_key = (str(include_path), tuple(names), tuple(hashes[n] for n in names))
     loaded = None if task_cache is None else task_cache.get(cache_key)
+    keep = any(s.diversity for s in specs)  # the completions, for learnforget.eval.diversity
     with _env(humaneval_utils.ENV_ALLOW, "1" if code_exec_allowed else "0"), \
-            _lm_batch_size(lm, batch_size):
+            _lm_batch_size(lm, batch_size), humaneval_utils.remembered_results():
         _seed(seed)
         if loaded is None:
             loaded = _load_tasks(include_path, names)
@@ -160,9 +163,11 @@ def evaluate(
             limit=limit,
             samples=samples or None,
             bootstrap_iters=bootstrap_iters,
-            log_samples=log_samples or items,
+            log_samples=log_samples or items or keep,
             confirm_run_unsafe_code=code_exec_allowed,
         )
+        if out is not None:
+            diversity = {s.name: _diversity(out, s) for s in specs if s.diversity}
     if out is None:  # non-zero rank of a distributed run
         return {}
     results = {s.name: _task_result(out, s, hashes[s.name], log_samples) for s in specs}
@@ -170,7 +175,20 @@ def evaluate(
         for s in specs:
             results[s.name]["items"] = _items(out, s)
             results[s.name]["subset"] = (samples or {}).get(s.name)
+    for name, (generations, counts) in diversity.items():
+        results[name]["generations"] = generations
+        results[name]["diversity"] = counts
     return results
+
+
+def _diversity(out: dict, spec: TaskSpec) -> tuple[list[dict], dict]:
+    """A sampled humaneval task's stored completions and their diversity counts
+    (learnforget.eval.diversity), each distinct program's result as the pass@k metric found it."""
+    from learnforget.eval.diversity import from_logged_samples
+
+    logged = [x for x in out.get("samples", {}).get(spec.name, [])
+              if x.get("filter") == humaneval_utils.SAMPLED_FILTER]
+    return from_logged_samples(logged, str(spec.diversity), humaneval_utils.program_results)
 
 
 def _items(out: dict, spec: TaskSpec) -> dict[str, list]:

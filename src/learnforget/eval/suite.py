@@ -103,7 +103,7 @@ def resolve_data_path(value: str, cache_dir: Path, task: str) -> Path:
 def task_specs(ev: DictConfig, cache_dir: Path) -> list:
     """The suite's tasks as task_specs.TaskSpecs. Keys of a task entry: name, kind, data,
     fewshot_data, num_fewshot, role, chance, limit (overrides the suite's), max_gen_toks; HumanEval
-    sampling: samples, temperature, top_p, ks.
+    sampling: samples, temperature, top_p, ks, diversity.
     Kind builtin (name = lm-eval's task name, no data) needs the Hugging Face hub: a ConfigError
     here, before any model work, where HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set."""
     from learnforget.eval.task_specs import (
@@ -140,7 +140,8 @@ def task_specs(ev: DictConfig, cache_dir: Path) -> list:
             **common, data_file=data,
             fewshot_file=resolve_data_path(str(few), cache_dir, t.name) if few else None,
             samples=t.get("samples"), temperature=t.get("temperature"), top_p=t.get("top_p"),
-            ks=[1] if ks is None else list(ks), max_gen_toks=t.get("max_gen_toks")))
+            ks=[1] if ks is None else list(ks), max_gen_toks=t.get("max_gen_toks"),
+            diversity=t.get("diversity")))
     return specs
 
 

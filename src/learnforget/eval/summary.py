@@ -30,6 +30,10 @@ def summarize(scores: dict[str, Any], base: dict[str, Any] | None) -> dict[str, 
         row[f"ce/{name}"] = p["ce"]
     if scores.get("diversity"):
         row["diversity_mean_unique"] = scores["diversity"]["mean_unique"]
+    for name, t in scores["tasks"].items():  # sampled HumanEval's (learnforget.eval.diversity)
+        for key in ("unique", "unique_pass", "unique_fail"):
+            if (t.get("diversity") or {}).get(f"mean_{key}") is not None:
+                row[f"diversity/{name}/{key}"] = t["diversity"][f"mean_{key}"]
     if base is not None:
         b = summarize(base, None)
         for key, value in list(row.items()):
@@ -102,8 +106,23 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     print("  ".join(f"{c:>16}" for c in cols))
     for r in rows:
         print("  ".join(f"{f(r.get(c)):>16}" for c in cols))
-    for line in paired_lines(rows):
+    for line in paired_lines(rows) + diversity_lines(rows):
         print(line)
+
+
+def diversity_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per sampled task with diversity counts: each row's mean unique completions per problem,
+    among all, passing and failing samples (learnforget.eval.diversity)."""
+    tasks = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("diversity/")})
+    out = []
+    for task in tasks:
+        out.append(f"{task}: unique completions per problem (all / passing / failing)")
+        for r in rows:
+            vals = [r.get(f"diversity/{task}/{k}") for k in ("unique", "unique_pass",
+                                                             "unique_fail")]
+            if None not in vals:
+                out.append(f"  {r['checkpoint']:>16}  " + " / ".join(f"{v:.2f}" for v in vals))
+    return out
 
 
 def paired_lines(rows: list[dict[str, Any]]) -> list[str]:

@@ -115,6 +115,9 @@ class TaskSpec:
     temperature: float | None = None  # > 0, required with samples
     top_p: float | None = None  # in (0, 1]; None: 1.0
     ks: list[int] = field(default_factory=lambda: [1])  # pass@k reported, each k <= samples
+    # sampled humaneval: keep the completions and count the unique ones among passing and
+    # failing (learnforget.eval.diversity; paper fig. 5): "exact" strings or "stripped"
+    diversity: str | None = None
 
 
 def primary_metric(kind: str, name: str | None = None) -> str:
@@ -253,6 +256,7 @@ def _validate_sampling(spec: TaskSpec) -> None:
         if spec.temperature is not None or spec.top_p is not None or list(ks) != [1]:
             raise ConfigError(f"task {name!r}: temperature, top_p and ks apply to sampled "
                               "HumanEval only: give samples (completions per problem) too")
+        _validate_diversity(spec)
         return
     if spec.kind != "humaneval":
         raise ConfigError(f"task {name!r}: samples is for kind humaneval, not {spec.kind}")
@@ -270,6 +274,21 @@ def _validate_sampling(spec: TaskSpec) -> None:
     if max(ks) > n:
         raise ConfigError(f"task {name!r}: pass@{max(ks)} needs at least {max(ks)} samples "
                           f"per problem, but samples is {n}")
+    _validate_diversity(spec)
+
+
+def _validate_diversity(spec: TaskSpec) -> None:
+    """diversity: None, or one of learnforget.eval.diversity.MODES on a sampled humaneval task."""
+    from learnforget.eval.diversity import MODES
+
+    if spec.diversity is None:
+        return
+    if spec.samples is None or spec.kind != "humaneval":
+        raise ConfigError(f"task {spec.name!r}: diversity={spec.diversity!r} needs a sampled "
+                          "humaneval task (kind humaneval with samples)")
+    if spec.diversity not in MODES:
+        raise ConfigError(f"task {spec.name!r}: diversity={spec.diversity!r} is unknown "
+                          f"(expected one of: {', '.join(MODES)})")
 
 
 def base_kind(spec: TaskSpec) -> str:

@@ -9,7 +9,11 @@ fetched from the hub when imported).
   filter "create_test"), and the metric `pass_at_k` (a `metric_list` entry with `k: [...]`, as
   lm-eval's humaneval_64.yaml) runs them and reports, per problem, the unbiased pass@k of
   Chen et al. (2021), `sandbox.pass_at_k(n, c, k)` with c passing programs. lm-eval's `mean`
-  aggregation then averages over problems: `mean_pass_at_k` on the (n, c) counts.
+  aggregation then averages over problems: `mean_pass_at_k` on the (n, c) counts. Each
+  distinct program runs once (`program_results`); within `remembered_results` (one
+  `learnforget.eval.lm_eval_run.evaluate` call) its result is kept for the diversity split
+  (`learnforget.eval.diversity`). Before 2026-12-07 every copy ran, so a program whose result
+  depends on the run (a timeout under load) could count differently across copies.
 
 lm-eval calls hooks without any of our settings, so the opt-in to run model-written code
 travels in an environment variable that `learnforget.eval.lm_eval_run.evaluate` sets for the
@@ -20,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 ENV_ALLOW = "LEARNFORGET_ALLOW_CODE_EXEC"  # "1": the caller opted in to code execution
@@ -78,8 +83,31 @@ def mean_pass_at_k(counts: Sequence[tuple[int, int]], ks: Iterable[int]) -> dict
 
 
 def count_passed(programs: Sequence[str], test: str) -> int:
-    """How many of the program heads pass `test` (the task target: the problem's tests and
-    `check(<entry_point>)`), each run in the sandbox; they run in parallel threads."""
+    """How many of the program heads pass `test` (`program_results`)."""
+    return sum(program_results(programs, test))
+
+
+_remembered: dict[tuple[str, float], bool] | None = None  # set by `remembered_results`
+
+
+@contextmanager
+def remembered_results():
+    """Within the block, each program's sandbox result is kept (by its source and timeout), so
+    a program run by the pass@k metric is not run again for the diversity split
+    (learnforget.eval.diversity). Outside it nothing is kept."""
+    global _remembered
+    saved, _remembered = _remembered, {}
+    try:
+        yield
+    finally:
+        _remembered = saved
+
+
+def program_results(programs: Sequence[str], test: str) -> list[bool]:
+    """Whether each program head passes `test` (the task target: the problem's tests and
+    `check(<entry_point>)`), run in the sandbox in parallel threads. Each distinct program runs
+    once and its result counts for every copy (identical strings cannot pass and fail at once;
+    a sampled problem's 50 completions are often few distinct ones)."""
     from learnforget.eval.sandbox import require_opt_in, run_in_sandbox
 
     allowed = code_exec_allowed()
@@ -88,15 +116,21 @@ def count_passed(programs: Sequence[str], test: str) -> int:
     # = sandbox.humaneval_program(prompt, completion, test, entry_point): the target is
     # "<test>\ncheck(<entry_point>)" and the head is prompt + completion.
     sources = [head + "\n" + test + "\n" for head in programs]
+    known = {} if _remembered is None else _remembered
     # Python refuses source with NUL bytes (and argv cannot carry them): failed, not run
-    runnable = [src for src in sources if "\0" not in src]
-    if not runnable:
-        return 0
-    workers = max(1, min(len(runnable), MAX_PARALLEL, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(
-            lambda src: run_in_sandbox(src, allowed=allowed, timeout_s=timeout_s), runnable))
-    return sum(1 for r in results if r.passed)
+    todo = list(dict.fromkeys(src for src in sources
+                              if "\0" not in src and (src, timeout_s) not in known))
+    found: dict[str, bool] = {}
+    if todo:
+        workers = max(1, min(len(todo), MAX_PARALLEL, os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(
+                lambda src: run_in_sandbox(src, allowed=allowed, timeout_s=timeout_s), todo))
+        found = {src: bool(r.passed) for src, r in zip(todo, results, strict=True)}
+        if _remembered is not None:
+            _remembered.update({(src, timeout_s): ok for src, ok in found.items()})
+    return [False if "\0" in src else found[src] if src in found else known[(src, timeout_s)]
+            for src in sources]
 
 
 def pass_at_k(references: Sequence[str], predictions: Sequence[Sequence[str]],
