@@ -146,6 +146,14 @@ def test_injected_sizes_are_known_flips_at_the_reference_churn():
     dm, sm, _ = injected_size(pop, "margin", "paired", 0.5)
     assert dm == pytest.approx(-1.959964 * np.std(pop["noise"], ddof=1) / math.sqrt(300),
                                rel=1e-6) and sm == pytest.approx(0.5, abs=1e-4)
+    from learnforget.analysis.power import records
+
+    m8 = np.array([0.5, 0.3, -0.2, -0.4, -0.1, -0.6, -0.3, -0.2])  # 2 right of 8
+    few = population(records((m8 > 0).astype(float), m8), records((m8 > 0).astype(float), m8))
+    assert math.isnan(injected_size(few, "acc", "paired", 0.95)[0])  # more flips than items
+    from learnforget.analysis.power import detection_rate
+
+    assert detection_rate(few, "acc", 0.95, n_sims=3)["detected"] is None
     with pytest.raises(ConfigError, match="reference"):
         injected_size(population(items), "acc", "paired", 0.8)
     with pytest.raises(ConfigError, match="model"):

@@ -213,6 +213,10 @@ def print_power(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         fl = f"{r['right_to_wrong']}/{r['wrong_to_right']}" if "right_to_wrong" in r else "-"
         ch = "-" if r["churn"] is None or r["model"] != "paired" else f"{r['churn']:.3f}"
+        if r["detected"] is None:
+            print(f"| {r['task']} | {r['model']} | {r['measure']} | {ch} | - | {fl} | "
+                  f"{r['target']:.2f} | - | {r['note']} |")
+            continue
         print(f"| {r['task']} | {r['model']} | {r['measure']} | {ch} | {r['delta']:+.4f} | "
               f"{fl} | {r['stated_power']:.2f} | [{r['expected_lo']:.2f}, "
               f"{r['expected_hi']:.2f}] | {r['detected']:.2f} |")

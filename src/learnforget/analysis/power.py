@@ -91,7 +91,8 @@ def injected_size(pop: Mapping[str, Any], measure: str, model: str, target: floa
                   ) -> tuple[float, float, dict[str, int]]:
     """(δ, stated power, flip counts) for an injected forgetting change whose stated power is
     `target` (0: no change). Accuracy under `paired` is rounded to whole flips of the N items
-    and its stated power recomputed at the realised counts."""
+    and its stated power recomputed at the realised counts; NaN where the flips do not fit
+    the base's right (wrong) items."""
     if measure not in MEASURES:
         raise ConfigError(f"measure {measure!r} is not one of {MEASURES}")
     if model not in MODELS:
@@ -115,9 +116,8 @@ def injected_size(pop: Mapping[str, Any], measure: str, model: str, target: floa
     wr = round(n * pop["churn"] / 2)
     rw = wr + round(n * want)
     right = int(np.sum(correct > 0.5))
-    if rw > right or wr > n - right:
-        raise ConfigError(f"power: {rw} right->wrong / {wr} wrong->right flips do not fit "
-                          f"{right} right and {n - right} wrong items")
+    if rw > right or wr > n - right:  # the size needs more flips than the items allow
+        return math.nan, math.nan, {"right_to_wrong": rw, "wrong_to_right": wr}
     delta = (wr - rw) / n
     return delta, power_at(delta, flips_se(n, 2.0 * wr / n, delta)), {"right_to_wrong": rw,
                                                                          "wrong_to_right": wr}
@@ -163,6 +163,11 @@ def detection_rate(pop: Mapping[str, Any], measure: str, target: float, model: s
     of simulations whose paired 95% interval (paired_change) excludes 0, with its binomial
     95% interval, beside the stated power."""
     delta, stated, flips = injected_size(pop, measure, model, target)
+    out = {"measure": measure, "model": model, "target": float(target), "delta": float(delta),
+           "n": len(pop["correct"]), "churn": pop["churn"], "n_sims": n_sims,
+           "stated_power": stated, **flips}
+    if math.isnan(delta):
+        return {**out, "detected": None, "note": "the flips do not fit the items"}
     rng = np.random.default_rng(seed)
     hits, realised = 0, []
     for i in range(n_sims):
@@ -172,11 +177,8 @@ def detection_rate(pop: Mapping[str, Any], measure: str, target: float, model: s
         realised.append(ch[f"{measure}_delta"])
     rate = hits / n_sims
     half = Z95 * math.sqrt(max(stated * (1 - stated), 1e-12) / n_sims)
-    return {"measure": measure, "model": model, "target": float(target), "delta": float(delta),
-            "n": len(pop["correct"]), "churn": pop["churn"], "n_sims": n_sims,
-            "detected": rate, "expected_lo": max(0.0, stated - half),
-            "expected_hi": min(1.0, stated + half), "realised_delta": float(np.mean(realised)),
-            "stated_power": stated, **flips}
+    return {**out, "detected": rate, "expected_lo": max(0.0, stated - half),
+            "expected_hi": min(1.0, stated + half), "realised_delta": float(np.mean(realised))}
 
 
 def power_table(pop: Mapping[str, Any], targets: Sequence[float] = TARGETS,
