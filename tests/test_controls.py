@@ -162,6 +162,20 @@ def test_injected_sizes_are_known_flips_at_the_reference_churn():
         injected_size(pop, "acc", "paired", 1.0)
 
 
+def test_planned_mde_command(capsys):
+    """`learnforget controls mde`: n = 500, churn 0.04 at 50% power is 0.02169 by hand
+    (test_paired); sd 0.3 at 50% is 1.96 * 0.3 / sqrt(500) = 0.0263; bad input is one line."""
+    from learnforget.cli import main
+
+    assert main(["controls", "mde", "--n", "500", "--churn", "0.04", "--sd", "0.3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("paired MDE at 50% power, n=500: accuracy 0.0217 (churn 0.04), "
+                      "mean change 0.0263 (sd of differences 0.3)")
+    assert out[1].startswith("paired MDE at 80% power, n=500: accuracy 0.0338")
+    assert main(["controls", "mde", "--n", "500", "--churn", "2"]) == 2
+    assert main(["controls", "mde", "--n", "500"]) == 2
+
+
 def _detects_at_stated_power(model):
     from learnforget.analysis.power import detection_rate, population
 

@@ -13,6 +13,10 @@
         detection rate of injected changes of known size on the real base items, with the
         reference checkpoint's real churn and margin changes, vs the stated power
     (--reference defaults to x01.00, the trained update itself, else the first scored label)
+    learnforget controls mde --n 500 --churn 0.06 [--sd 0.02]
+        the paired MDE planned before a run, at 50% and 80% power: accuracy from an assumed
+        flip churn, a mean change (margin) from an assumed sd of per-item differences; take
+        both from a comparable scored checkpoint (`controls forgetting` prints them)
     learnforget controls recall RUN_DIR ... [--json FILE]
         facts recall, bits and bits per trainable parameter of data=facts runs; every LoRA
         run paired against the full-finetuning one
@@ -255,11 +259,28 @@ def print_recall(rows: list[dict[str, Any]]) -> None:
               "(Allen-Zhu & Li 2025)")
 
 
+def _planned(args: Sequence[str]) -> int:
+    from learnforget.eval.paired import POWERS, mde_flips, mde_shift
+
+    pos, kw = _opts(args, {"--n": int, "--churn": float, "--sd": float})
+    if pos or "n" not in kw or not ({"churn", "sd"} & set(kw)):
+        raise ConfigError("usage: learnforget controls mde --n ITEMS [--churn RATE] [--sd SD]")
+    for p in POWERS:
+        parts = [f"accuracy {mde_flips(kw['n'], kw['churn'], p):.4f} (churn {kw['churn']:g})"
+                 if "churn" in kw else "", f"mean change {mde_shift(kw['n'], kw['sd'], p):.4f} "
+                 f"(sd of differences {kw['sd']:g})" if "sd" in kw else ""]
+        print(f"paired MDE at {round(100 * p)}% power, n={kw['n']}: "
+              + ", ".join(x for x in parts if x))
+    return 0
+
+
 def main(args: Sequence[str]) -> int:
-    if not args or args[0] not in ("scale", "forgetting", "power", "recall"):
+    if not args or args[0] not in ("scale", "forgetting", "power", "recall", "mde"):
         print(USAGE.strip())
         return 2
     sub, rest = args[0], args[1:]
+    if sub == "mde":
+        return _planned(rest)
     if sub == "scale":
         pos, kw = _opts(rest, {"--t": str, "--checkpoint": str})
         if len(pos) != 1:
