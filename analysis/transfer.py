@@ -32,6 +32,10 @@ from learnforget.analysis.transfer import effective_data, load_runs, write_trans
 ROOT = Path(os.environ.get("LEARNFORGET_RUNS_DIR", "runs/transfer"))
 OUT = Path(os.environ.get("LEARNFORGET_ANALYSIS_OUT", str(ROOT / "_analysis")))
 runs = load_runs(ROOT)
+if runs.empty or not (runs["arm"] == "finetuned").any():
+    print(f"no transfer runs under {ROOT} (none finetuned from a source run; `learnforget sweep"
+          " transfer --size toy` makes some)")
+    raise SystemExit(0)
 print(runs.to_string(index=False))
 
 # %% [markdown]

@@ -100,55 +100,113 @@ def _synthetic_items(n=300, seed=3):
     return records((margin > 0).astype(float), margin)
 
 
-def test_stated_power_by_hand():
-    """power(δ) = Φ(δ/SE - z) + Φ(-δ/SE - z), SE = mde / z (module doc of analysis.power)."""
-    from learnforget.analysis.power import stated_power
+def _reference(items, n_each=6, seed=4):
+    """A checkpoint of the same items: n_each right items and n_each + 3 wrong ones flip
+    (churn 2 * n_each / n); every other margin moves by ±0.2 - 0.05 unless that would flip it."""
+    rng = np.random.default_rng(seed)
+    m = np.asarray([x[0] for x in items["lls"]])
+    right, wrong = np.flatnonzero(m > 0), np.flatnonzero(m <= 0)
+    moved = m + 0.2 * rng.choice([-1.0, 1.0], size=m.size) - 0.05
+    moved = np.where((moved > 0) == (m > 0), moved, m)  # only the chosen items flip
+    moved[right[:n_each]] = -np.abs(moved[right[:n_each]]) - 0.01
+    moved[wrong[:n_each + 3]] = np.abs(moved[wrong[:n_each + 3]]) + 0.01
+    from learnforget.analysis.power import records
+
+    return records((moved > 0).astype(float), moved)
+
+
+def test_power_at_by_hand():
+    """power(δ) = Φ(δ/SE - z) + Φ(-δ/SE - z)."""
+    from learnforget.eval.paired import power_at
 
     z = 1.959963984540054
-    assert stated_power(0.0, 0.1) == pytest.approx(2 * _normal_cdf(-z), abs=1e-9)  # 0.05
-    assert stated_power(0.1, 0.1) == pytest.approx(0.5 + _normal_cdf(-2 * z), abs=1e-9)
-    # 80% power needs δ = (z + z_0.8)·SE = 1.43·mde
-    assert stated_power(0.1 * (z + 0.8416212) / z, 0.1) == pytest.approx(0.80, abs=1e-3)
-    with pytest.raises(ConfigError, match="mde"):
-        stated_power(0.1, 0.0)
+    assert power_at(0.0, 0.1) == pytest.approx(2 * _normal_cdf(-z), abs=1e-9)  # 0.05
+    assert power_at(z * 0.1, 0.1) == pytest.approx(0.5 + _normal_cdf(-2 * z), abs=1e-9)
+    assert power_at(-(z + 0.8416212) * 0.1, 0.1) == pytest.approx(0.80, abs=1e-3)
 
 
-def test_detection_rate_matches_stated_power_under_its_assumption():
-    """Independent item errors (the formula's assumption): the harness's paired bootstrap
-    detects an injected change at the rate the mde formula states; pairing (the same items
-    flipped) detects far smaller changes."""
-    from learnforget.analysis.power import detection_rate
-    from learnforget.eval.paired import mde
+def test_injected_sizes_are_known_flips_at_the_reference_churn():
+    """The paired model flips exactly round(N (c/2 + δ)) right items and round(N c/2) wrong
+    ones, c the reference's churn (2 * 6 / 300 = 0.04 here), and states the power at the
+    realised counts; the margin noise is the reference's own per-item changes, centred."""
+    from learnforget.analysis.power import injected_size, population
+    from learnforget.eval.paired import flips_se, mde_flips, power_at
 
     items = _synthetic_items()
-    sd = np.std(np.asarray(items["correct"]), ddof=1)
-    assert mde(items)["acc"] == pytest.approx(1.959963984540054 * math.sqrt(2) * sd
-                                              / math.sqrt(300))
-    for measure in ("acc", "margin"):
-        null = detection_rate(items, measure, 0.0, "independent", n_sims=150, n_boot=400)
-        assert null["detected"] <= 0.12  # ~5% false positives
-        at80 = detection_rate(items, measure, 1.43, "independent", n_sims=150, n_boot=400)
-        assert at80["stated_power"] == pytest.approx(0.80, abs=0.01)
-        assert abs(at80["detected"] - 0.80) < 0.12, at80
-        assert at80["realised_delta"] == pytest.approx(at80["delta"], rel=0.15)
-    paired = detection_rate(items, "acc", 0.5, "flip", n_sims=100, n_boot=400)
-    assert paired["stated_power"] < 0.2 and paired["detected"] > 0.9
+    pop = population(items, _reference(items))
+    assert pop["churn"] == pytest.approx(0.04)
+    assert pop["noise"].mean() == pytest.approx(0.0, abs=1e-12)
+    delta, stated, flips = injected_size(pop, "acc", "paired", 0.8)
+    want = mde_flips(300, 0.04, 0.8)
+    assert flips == {"right_to_wrong": 6 + round(300 * want), "wrong_to_right": 6}
+    assert delta == pytest.approx(-round(300 * want) / 300)
+    assert stated == pytest.approx(power_at(delta, flips_se(300, 0.04, delta)))
+    assert abs(stated - 0.8) < 0.05
+    assert injected_size(pop, "acc", "paired", 0.0)[:2] == (0.0, pytest.approx(0.05, abs=1e-6))
+    dm, sm, _ = injected_size(pop, "margin", "paired", 0.5)
+    assert dm == pytest.approx(-1.959964 * np.std(pop["noise"], ddof=1) / math.sqrt(300),
+                               rel=1e-6) and sm == pytest.approx(0.5, abs=1e-4)
+    from learnforget.analysis.power import records
 
+    m8 = np.array([0.5, 0.3, -0.2, -0.4, -0.1, -0.6, -0.3, -0.2])  # 2 right of 8
+    few = population(records((m8 > 0).astype(float), m8), records((m8 > 0).astype(float), m8))
+    assert math.isnan(injected_size(few, "acc", "paired", 0.95)[0])  # more flips than items
+    from learnforget.analysis.power import detection_rate
 
-def test_churn_needs_noise_and_bad_names_are_one_line():
-    from learnforget.analysis.power import detection_rate, inject, margin_noise
-
-    items = _synthetic_items(50)
-    rng = np.random.default_rng(0)
-    c, m = np.asarray(items["correct"]), np.asarray([x[0] for x in items["lls"]])
-    with pytest.raises(ConfigError, match="noise"):
-        inject(c, m, "acc", -0.1, "churn", rng)
+    assert detection_rate(few, "acc", 0.95, n_sims=3)["detected"] is None
+    with pytest.raises(ConfigError, match="reference"):
+        injected_size(population(items), "acc", "paired", 0.8)
     with pytest.raises(ConfigError, match="model"):
-        detection_rate(items, "acc", 1.0, "psychic", n_sims=2)
-    moved = {**items, "lls": [[x[0] + 0.3 * (-1) ** i, 0.0] for i, x in enumerate(items["lls"])]}
-    noise = margin_noise(items, moved)
-    assert noise.mean() == pytest.approx(0.0, abs=1e-12)
-    assert np.allclose(np.abs(noise), 0.3, atol=0.02)
+        injected_size(pop, "acc", "psychic", 0.8)
+    with pytest.raises(ConfigError, match="power target"):
+        injected_size(pop, "acc", "paired", 1.0)
+
+
+def test_planned_mde_command(capsys):
+    """`learnforget controls mde`: n = 500, churn 0.04 at 50% power is 0.02169 by hand
+    (test_paired); sd 0.3 at 50% is 1.96 * 0.3 / sqrt(500) = 0.0263; bad input is one line."""
+    from learnforget.cli import main
+
+    assert main(["controls", "mde", "--n", "500", "--churn", "0.04", "--sd", "0.3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("paired MDE at 50% power, n=500: accuracy 0.0217 (churn 0.04), "
+                      "mean change 0.0263 (sd of differences 0.3)")
+    assert out[1].startswith("paired MDE at 80% power, n=500: accuracy 0.0338")
+    assert main(["controls", "mde", "--n", "500", "--churn", "2"]) == 2
+    assert main(["controls", "mde", "--n", "500"]) == 2
+
+
+def _detects_at_stated_power(model):
+    from learnforget.analysis.power import detection_rate, population
+
+    items = _synthetic_items()
+    pop = population(items, _reference(items))
+    for measure in ("acc", "margin"):
+        null = detection_rate(pop, measure, 0.0, model, n_sims=150, n_boot=400)
+        assert null["detected"] <= 0.12, null
+        at80 = detection_rate(pop, measure, 0.8, model, n_sims=150, n_boot=400)
+        assert abs(at80["detected"] - at80["stated_power"]) < 0.12, at80
+        assert at80["realised_delta"] == pytest.approx(at80["delta"], rel=0.2)
+    return pop
+
+
+def test_detection_rate_matches_the_stated_paired_power():
+    """Injected forgetting on the items, paired with the reference's churn and margin
+    changes: the harness's paired bootstrap detects at the stated rate (150 simulations:
+    ±0.07 at 80%, so 0.12 allowed) and at about 5% with no change."""
+    from learnforget.analysis.power import detection_rate
+
+    pop = _detects_at_stated_power("paired")
+    # the paired MDE is far below the unpaired bound on these items
+    paired = detection_rate(pop, "acc", 0.8, "paired", n_sims=2, n_boot=10)
+    indep = detection_rate(pop, "acc", 0.8, "independent", n_sims=2, n_boot=10)
+    assert abs(paired["delta"]) < 0.5 * abs(indep["delta"])
+
+
+@pytest.mark.slow
+def test_detection_rate_matches_the_unpaired_bound_under_its_assumption():
+    """Independent item errors: the unpaired bound states the power the harness detects at."""
+    _detects_at_stated_power("independent")
 
 
 # ------------------------------------------------------------------ learning: facts
@@ -224,17 +282,20 @@ def test_toy_forgetting_control_end_to_end(make_cfg, capsys):
                                                     for n in ("lf_smoke_hellaswag",
                                                               "lf_smoke_winogrande")}
     for r in rows:
-        assert r["acc_delta_lo"] <= r["acc_delta"] <= r["acc_delta_hi"] and r["mde_acc"] > 0
+        assert r["acc_delta_lo"] <= r["acc_delta"] <= r["acc_delta_hi"]
+        assert 0 < r["mde50_acc"] < r["mde80_acc"] and r["reference"] == "x01.00"
     big = {r["task"]: r for r in rows if r["t"] == 8.0}
     small = {r["task"]: r for r in rows if r["t"] == 1.0}
     # 8x the update moves the margins further than the update itself
     assert sum(abs(big[k]["margin_delta"]) for k in big) > \
         sum(abs(small[k]["margin_delta"]) for k in small)
-    prow = power_rows(out, "smoke", sims=5, noise="x01.00")
-    assert {r["model"] for r in prow} == {"independent", "flip", "churn"}
+    prow = power_rows(out, "smoke", sims=5, reference="x08.00",
+                      models=("paired", "independent"))
+    assert {r["model"] for r in prow} == {"independent", "paired"}
     assert main(["controls", "forgetting", str(out), "--suite", "smoke"]) == 0
-    assert "| lf_smoke_hellaswag | 8 |" in capsys.readouterr().out
-    assert main(["controls", "power", str(out), "--suite", "smoke", "--noise", "x09"]) == 2
+    printed = capsys.readouterr().out
+    assert "| lf_smoke_hellaswag | 8 |" in printed and "interval excludes 0" in printed
+    assert main(["controls", "power", str(out), "--suite", "smoke", "--reference", "x09"]) == 2
 
 
 @pytest.mark.slow

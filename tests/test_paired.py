@@ -15,10 +15,14 @@ from learnforget.eval.paired import (
     item_records,
     item_scores,
     mcnemar_exact,
-    mde,
+    mde_flips,
+    mde_shift,
     paired_change,
+    paired_mde,
     pooled_change,
+    power_at,
     subset_indices,
+    unpaired_mde,
 )
 from learnforget.eval.summary import paired_columns, paired_lines
 
@@ -126,14 +130,78 @@ def test_pooled_change_is_the_mean_over_tasks():
     assert pooled["tasks"] == 2 and pooled["acc_delta"] == 0
 
 
-def test_minimum_detectable_change_by_hand():
+def test_unpaired_bound_by_hand():
     items = mc_items([0] * 50 + [1] * 50, [0] * 100)  # accuracy 0.5 on 100 items
-    m = mde(items)
+    m = unpaired_mde(items)
     sd = math.sqrt(0.25 * 100 / 99)  # sample sd (ddof 1) of 50 ones and 50 zeros
     assert m["acc"] == pytest.approx(1.959964 * math.sqrt(2) * sd / 10, rel=1e-6)  # 0.1393
     assert m["acc"] == pytest.approx(0.13929, abs=1e-5)
     assert m["ll_gold"] == pytest.approx(m["acc"])  # ll_gold is -1 / -2: the same spread
     assert m["n"] == 100
+
+
+def test_paired_mde_of_flips_by_hand():
+    """n = 500, churn 0.04, 50% power: δ = (k² + sqrt(k⁴ + 4 (n + k²) k² c)) / (2 (n + k²)),
+    k = 1.96: (3.8415 + sqrt(14.757 + 309.69)) / 1007.68 = 0.02169, and it solves
+    δ = 1.96 * sqrt((0.04 + δ - δ²) / 500)."""
+    d = mde_flips(500, 0.04, 0.5)
+    assert d == pytest.approx(0.02169, abs=2e-5)
+    assert d == pytest.approx(1.959964 * math.sqrt((0.04 + d - d * d) / 500), rel=1e-6)
+    d80 = mde_flips(500, 0.04, 0.8)
+    assert d80 == pytest.approx((1.959964 + 0.841621) * math.sqrt((0.04 + d80 - d80 ** 2) / 500),
+                                rel=1e-6)
+    # no churn: k² / (n + k²), i.e. 3.8415 / 503.84 = 0.00762 (about 4 one-way flips)
+    assert mde_flips(500, 0.0, 0.5) == pytest.approx(3.841459 / 503.841459, rel=1e-6)
+    assert mde_shift(400, 0.5, 0.8) == pytest.approx((1.959964 + 0.841621) * 0.5 / 20, rel=1e-6)
+    assert mde_shift(400, 0.5, 0.5) == pytest.approx(1.959964 * 0.025, rel=1e-6)
+    with pytest.raises(ConfigError, match="power must be in"):
+        mde_flips(500, 0.04, 1.0)
+    with pytest.raises(ConfigError, match="churn"):
+        mde_flips(500, 1.5)
+
+
+def test_paired_mde_power_matches_a_numpy_simulation():
+    """The stated power is the rate at which a 95% normal interval of the paired mean change
+    excludes 0 in fresh test sets (numpy only: multinomial flips, normal shifts)."""
+    rng = np.random.default_rng(0)
+    n, c, sims = 500, 0.06, 20000
+    for power in (0.5, 0.8):
+        d = mde_flips(n, c, power)
+        counts = rng.multinomial(n, [c / 2 + d, c / 2, 1 - c - d], size=sims)
+        mean = (counts[:, 1] - counts[:, 0]) / n
+        var = ((counts[:, 0] + counts[:, 1]) / n - mean ** 2) * n / (n - 1)
+        hit = np.abs(mean) > 1.959964 * np.sqrt(var / n)
+        assert hit.mean() == pytest.approx(power, abs=0.015), (power, hit.mean())
+        assert power_at(-d, math.sqrt((c + d - d * d) / n)) == pytest.approx(power, abs=1e-4)
+    sd, sims = 0.3, 4000
+    for power in (0.5, 0.8):
+        d = mde_shift(n, sd, power)
+        diff = rng.normal(-d, sd, size=(sims, n))
+        se = diff.std(axis=1, ddof=1) / math.sqrt(n)
+        assert (np.abs(diff.mean(axis=1)) > 1.959964 * se).mean() == pytest.approx(power,
+                                                                                  abs=0.03)
+    assert power_at(0.0, 0.01) == pytest.approx(0.05, abs=1e-6)
+
+
+def test_post_hoc_paired_mde_from_observed_pairs():
+    """50 items: 6 right->wrong, 2 wrong->right -> churn 2 * 2 / 50 = 0.08; the margin changes
+    are -0.1 on 25 items and +0.1 on 25: sd(d) by numpy."""
+    base = mc_items([0] * 30 + [1] * 20, [0] * 50)
+    flipped = [1] * 6 + [0] * 24 + [0] * 2 + [1] * 18
+    lls = [[-1.0 + (-0.1 if i % 2 else 0.1), -2.0] if ch == 0 else [-2.0, -1.0]
+           for i, ch in enumerate(flipped)]
+    ckpt = mc_items(flipped, [0] * 50, lls=lls)
+    pm = paired_mde(base, ckpt)
+    assert pm["churn"] == pytest.approx(0.08) and pm["n"] == 50
+    assert pm["acc_50"] == pytest.approx(mde_flips(50, 0.08, 0.5))
+    ch = paired_change(base, ckpt)
+    from learnforget.eval.paired import item_scores
+
+    dm = item_scores(ckpt)["margin"] - item_scores(base)["margin"]
+    assert pm["sd_margin"] == pytest.approx(np.std(dm, ddof=1))
+    assert pm["margin_80"] == pytest.approx(2.801585 * np.std(dm, ddof=1) / math.sqrt(50),
+                                            rel=1e-6)
+    assert ch["right_to_wrong"] == 6 and ch["wrong_to_right"] == 2
 
 
 def test_subsets_are_fixed_and_seeded():
@@ -179,11 +247,16 @@ def test_paired_columns_and_printed_lines():
     assert row["paired/hs/right_to_wrong"] == 1 and row["paired/hs/mcnemar_p"] == 1.0
     assert row["paired_forgetting_acc_delta"] == pytest.approx(-0.1)  # target tasks excluded
     assert row["paired_forgetting_tasks"] == 1
-    assert row["mde/hs/acc"] == 0.0  # the base is right on every item: no spread
+    assert row["mde_unpaired/hs/acc"] == 0.0  # the base is right on every item: no spread
+    # one right->wrong, none back: churn 0; the paired MDE is k² / (n + k²) at n = 10
+    assert row["paired/hs/churn"] == 0.0
+    assert row["mde50/hs/acc"] == pytest.approx(3.841459 / 13.841459, rel=1e-6)
+    assert row["mde/hs/acc"] == pytest.approx(2.801585 ** 2 / (10 + 2.801585 ** 2), rel=1e-5)
     rows = [{"checkpoint": "base", **paired_columns(base, base)},
             {"checkpoint": "step-1", **row}]
     text = "\n".join(paired_lines(rows))
-    assert "hs: n=10, minimum detectable change at 95%: acc 0.0000" in text
+    assert "hs: n=10, unpaired bound: acc 0.0000" in text
+    assert "paired MDE 50%/80%: acc 0.2775/0.4397 (churn 0.000)" in text
     assert "step-1  d_acc -0.1000" in text and "right->wrong 1  wrong->right 0" in text
 
 

@@ -157,7 +157,7 @@ def collect(root: Path, *, suite: str | None = None, out: Path | None = None,
             df[c] = None
     df = df[META_COLUMNS + SCORE_COLUMNS + extra + RESOURCE_COLUMNS]
     numeric = [c for c in SCORE_COLUMNS + extra
-               if c.startswith(("delta/", "task/", "ce/", "paired", "mde/", "diversity/"))
+               if c.startswith(("delta/", "task/", "ce/", "paired", "mde", "diversity/"))
                or c in SCORE_COLUMNS]
     for c in numeric + ["step", "tokens", "epoch", "alpha", "trainable_pct", "peak_mem_mb",
                         "wall_time_s"]:

@@ -20,11 +20,30 @@ before accuracy does: a checkpoint can lose confidence on every item without any
 bootstrap percentile interval (items resampled, the same resample for base and checkpoint),
 the items flipped right->wrong and wrong->right with McNemar's exact two-sided test (binomial
 on the discordant pairs), and the mean change of ll_gold and of margin with intervals.
-`mde(base)`: the minimum detectable change at 95% from the base's per-item spread s over n
-items, z * sqrt(2) * s / sqrt(n) (z = 1.96): the half-width of the interval of a difference
-of two means with independent item errors. Paired scoring of the same items only narrows the
-interval (errors of a checkpoint and its base are positively correlated), so it is an upper
-bound; n = (z * sqrt(2) * s / delta)^2 items detect a change delta.
+Minimum detectable change (MDE), stated at a named power: the smallest true change whose 95%
+paired interval excludes 0 with that probability. 50% power is the point where the interval
+JUST excludes 0 (the change equals the interval's half-width); 80% is the usual planning
+figure. Paired, from the per-item differences d = checkpoint - base (`paired_mde`):
+
+    margin, ll_gold   (z + z_power) * sd(d) / sqrt(n)                               (`mde_shift`)
+    accuracy          items flip both ways at a background rate ("churn", c: right->wrong at
+                      c/2 + δ, wrong->right at c/2), so var(d) = c + δ - δ² (= p_rw + p_wr -
+                      (p_rw - p_wr)²) and the MDE solves δ = k * sqrt((c + δ - δ²) / n),
+                      k = z + z_power:  δ = (k² + sqrt(k⁴ + 4 (n + k²) k² c)) / (2 (n + k²))
+                                                                                    (`mde_flips`)
+
+z = 1.96, z_power = 0 at 50% and 0.84 at 80% (the other tail, Φ(-δ/SE - z), is ignored: it is
+below 1e-5 at these sizes). Post hoc (`paired_mde`), c is the observed symmetric part of the
+flips, 2 * min(right->wrong, wrong->right) / n, and sd(d) the observed sd of the differences;
+then |observed change| > the 50% MDE exactly when the normal-approximation interval excludes 0.
+Before a checkpoint exists, c (or sd(d)) is an assumption: measure it on a comparable pair (a
+seed-noise pair, or a control run: `learnforget controls forgetting` prints each checkpoint's
+churn), or take the conservative bound `unpaired_mde`: a checkpoint as unrelated to the base as
+a fresh draw of items (c = 2p(1 - p), sd(d) = sqrt(2) * s), z * sqrt(2) * s / sqrt(n) at 50%
+power, which is what this harness printed as "the minimum detectable change" until 2026-12-07.
+Real checkpoints flip far fewer items than that bound assumes: on the forgetting control
+(docs/controls.md, 500 items per task, t = 0.5..8) the paired 50% MDE is 1.3-5x smaller for
+accuracy and 2-38x smaller for margins.
 """
 
 from __future__ import annotations
@@ -38,6 +57,8 @@ import numpy as np
 from learnforget.errors import ConfigError
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+Z80 = 0.8416212335729143  # one-sided 80% normal quantile: 80% power
+POWERS = (0.5, 0.8)  # the powers the harness states MDEs at
 N_BOOT = 2000
 
 
@@ -192,9 +213,10 @@ def pooled_change(changes: Sequence[Mapping[str, Any]], ci: float = 0.95) -> dic
     return out
 
 
-def mde(items: Mapping[str, Sequence], z: float = Z95) -> dict[str, float]:
-    """Minimum detectable change at 95% for n = len(items) (module doc): per measure
-    z * sqrt(2) * s / sqrt(n), s the base's per-item standard deviation (ddof 1)."""
+def unpaired_mde(items: Mapping[str, Sequence], z: float = Z95) -> dict[str, float]:
+    """The conservative MDE before any checkpoint exists (module doc): per measure
+    z * sqrt(2) * s / sqrt(n), s the base's per-item standard deviation (ddof 1): 50% power
+    if the checkpoint's item errors were independent of the base's."""
     s = item_scores(items)
     n = int(s["correct"].size)
     out: dict[str, float] = {"n": float(n)}
@@ -203,6 +225,67 @@ def mde(items: Mapping[str, Sequence], z: float = Z95) -> dict[str, float]:
     for name, key in (("acc", "correct"), ("ll_gold", "ll_gold"), ("margin", "margin")):
         if key in s:
             out[name] = float(z * math.sqrt(2.0) * np.std(s[key], ddof=1) / math.sqrt(n))
+    return out
+
+
+def _k(power: float, z: float) -> float:
+    if not 0.0 < power < 1.0:
+        raise ConfigError(f"power must be in (0, 1), got {power!r}")
+    from scipy.stats import norm
+
+    return z + float(norm.ppf(power))
+
+
+def mde_flips(n: int, churn: float, power: float = 0.8, z: float = Z95) -> float:
+    """Paired MDE of an accuracy change over n items at `power`, items flipping both ways at
+    the background rate `churn` (module doc)."""
+    if n < 1 or not 0.0 <= churn <= 1.0:
+        raise ConfigError(f"mde_flips: expected n >= 1 and churn in [0, 1], got n={n!r}, "
+                          f"churn={churn!r}")
+    k2 = _k(power, z) ** 2
+    return float((k2 + math.sqrt(k2 * k2 + 4.0 * (n + k2) * k2 * churn)) / (2.0 * (n + k2)))
+
+
+def mde_shift(n: int, sd_diff: float, power: float = 0.8, z: float = Z95) -> float:
+    """Paired MDE of a mean change over n items whose per-item differences have sd `sd_diff`."""
+    if n < 1 or sd_diff < 0:
+        raise ConfigError(f"mde_shift: expected n >= 1 and sd_diff >= 0, got n={n!r}, "
+                          f"sd_diff={sd_diff!r}")
+    return float(_k(power, z) * sd_diff / math.sqrt(n))
+
+
+def power_at(delta: float, se: float, z: float = Z95) -> float:
+    """Probability that the 95% interval of a normal estimate with standard error `se`
+    excludes 0 when the true change is `delta`: Φ(|δ|/se - z) + Φ(-|δ|/se - z)."""
+    from scipy.stats import norm
+
+    if se <= 0:
+        return 1.0 if delta else float(2 * norm.cdf(-z))
+    d = abs(delta) / se
+    return float(norm.cdf(d - z) + norm.cdf(-d - z))
+
+
+def flips_se(n: int, churn: float, delta: float) -> float:
+    """Standard error of a paired accuracy change `delta` at background churn (module doc)."""
+    return math.sqrt(max(churn + abs(delta) - delta * delta, 0.0) / n)
+
+
+def paired_mde(base: Mapping[str, Sequence], ckpt: Mapping[str, Sequence],
+               powers: Sequence[float] = POWERS) -> dict[str, float]:
+    """Post-hoc paired MDE of a checkpoint against the base (module doc): n, churn (the
+    symmetric part of the flips), sd_<measure> of the per-item differences and
+    <measure>_<power%> (acc_50, acc_80, margin_80, ...) for acc, ll_gold and margin."""
+    b, c, n = _aligned(base, ckpt)
+    rw = int(np.sum((b["correct"] > 0.5) & (c["correct"] <= 0.5)))
+    wr = int(np.sum((b["correct"] <= 0.5) & (c["correct"] > 0.5)))
+    out: dict[str, float] = {"n": float(n), "churn": 2.0 * min(rw, wr) / n}
+    for p in powers:
+        out[f"acc_{round(100 * p)}"] = mde_flips(n, out["churn"], p)
+    for m in ("ll_gold", "margin"):
+        if m in b and m in c and n > 1:
+            out[f"sd_{m}"] = float(np.std(c[m] - b[m], ddof=1))
+            for p in powers:
+                out[f"{m}_{round(100 * p)}"] = mde_shift(n, out[f"sd_{m}"], p)
     return out
 
 

@@ -55,11 +55,14 @@ def paired_columns(scores: dict[str, Any], base: dict[str, Any]) -> dict[str, An
     """Paired changes against the base on the same items (learnforget.eval.paired) for every task
     both have per-item results of: `paired/<task>/<measure>_delta` (+ `_lo`, `_hi`: 95%
     paired bootstrap interval) for acc, ll_gold and margin, `paired/<task>/right_to_wrong`,
-    `wrong_to_right`, `mcnemar_p`, `n`; `mde/<task>/<measure>` (minimum detectable change at
-    95% from the base's per-item spread); and the forgetting tasks pooled:
+    `wrong_to_right`, `mcnemar_p`, `n`, `churn`; the paired minimum detectable change from this
+    checkpoint's pairs (learnforget.eval.paired.paired_mde): `mde/<task>/<measure>` at 80%
+    power, `mde50/<task>/<measure>` at 50% (where the interval just excludes 0); the
+    conservative bound before any pairs exist, `mde_unpaired/<task>/<measure>` (independent
+    items, 50% power: what `mde/` meant until 2026-12-07); and the forgetting tasks pooled:
     `paired_forgetting_<measure>_delta` (+ `_lo`, `_hi`), `paired_forgetting_right_to_wrong`,
     `paired_forgetting_wrong_to_right`."""
-    from learnforget.eval.paired import mde, paired_change, pooled_change
+    from learnforget.eval.paired import paired_change, paired_mde, pooled_change, unpaired_mde
 
     row: dict[str, Any] = {}
     forgetting = []
@@ -71,9 +74,15 @@ def paired_columns(scores: dict[str, Any], base: dict[str, Any]) -> dict[str, An
         for key, value in ch.items():
             if key != "_boots":
                 row[f"paired/{name}/{key}"] = value
-        for key, value in mde(b["items"]).items():
+        pm = paired_mde(b["items"], t["items"])
+        row[f"paired/{name}/churn"] = pm["churn"]
+        for key, value in pm.items():
+            measure, _, power = key.rpartition("_")
+            if power in ("50", "80") and measure in PAIRED_MEASURES:
+                row[f"{'mde' if power == '80' else 'mde50'}/{name}/{measure}"] = value
+        for key, value in unpaired_mde(b["items"]).items():
             if key != "n":
-                row[f"mde/{name}/{key}"] = value
+                row[f"mde_unpaired/{name}/{key}"] = value
         if t.get("role") == "forgetting":
             forgetting.append(ch)
     if forgetting:
@@ -126,18 +135,25 @@ def diversity_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def paired_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """Per task: the base's minimum detectable change, then each checkpoint's paired change
-    (acc, margin with 95% intervals; flips and McNemar's p)."""
+    """Per task: the conservative unpaired bound, then each checkpoint's paired change (acc,
+    margin with 95% intervals; flips and McNemar's p) and its paired minimum detectable change
+    at 50% / 80% power (learnforget.eval.paired)."""
     tasks = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("paired/")})
     out = []
+    if tasks:
+        out.append("Paired per item against the base. MDE = minimum detectable change at 50% "
+                   "power (the interval just excludes 0) / 80% power, from each checkpoint's "
+                   "own pairs (flip churn, sd of per-item differences); the unpaired bound "
+                   "assumes independent items (50% power).")
     for task in tasks:
         base = rows[0]
         n = base.get(f"paired/{task}/n")
-        mde_acc, mde_m = base.get(f"mde/{task}/acc"), base.get(f"mde/{task}/margin")
-        head = f"{task}: n={n}, minimum detectable change at 95%: acc {mde_acc:.4f}" \
-            if mde_acc is not None else f"{task}: n={n}"
-        if mde_m is not None:
-            head += f", margin {mde_m:.4f}"
+        u_acc, u_m = base.get(f"mde_unpaired/{task}/acc"), base.get(f"mde_unpaired/{task}/margin")
+        head = f"{task}: n={n}"
+        if u_acc is not None:
+            head += f", unpaired bound: acc {u_acc:.4f}"
+            if u_m is not None:
+                head += f", margin {u_m:.4f}"
         out.append(head)
         for r in rows[1:]:
             p = f"paired/{task}/"
@@ -151,4 +167,13 @@ def paired_lines(rows: list[dict[str, Any]]) -> list[str]:
                 line += (f"  d_margin {r[p + 'margin_delta']:+.4f} "
                          f"[{r[p + 'margin_delta_lo']:+.4f}, {r[p + 'margin_delta_hi']:+.4f}]")
             out.append(line)
+            m50, m80 = r.get(f"mde50/{task}/acc"), r.get(f"mde/{task}/acc")
+            if m50 is not None and m80 is not None:
+                mde = f"{'':>16}paired MDE 50%/80%: acc {m50:.4f}/{m80:.4f}"
+                if r.get(p + "churn") is not None:
+                    mde += f" (churn {r[p + 'churn']:.3f})"
+                g50, g80 = r.get(f"mde50/{task}/margin"), r.get(f"mde/{task}/margin")
+                if g50 is not None and g80 is not None:
+                    mde += f", margin {g50:.4f}/{g80:.4f}"
+                out.append(mde)
     return out
