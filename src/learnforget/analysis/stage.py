@@ -98,6 +98,13 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
     except ConfigError as e:
         warnings.append(f"LR scaling: {e}")
 
+    try:  # the capacity control: data=facts runs' recall and bits per parameter
+        from learnforget.analysis.capacity_study import write_capacity
+
+        tables.extend(p for p in write_capacity(root, out, cache_dir) if p.suffix == ".md")
+    except ConfigError as e:
+        warnings.append(f"capacity: {e}")
+
     spectra_paths: list[Path] = []
     if spectra:
         plotted: set[str] = set()
