@@ -68,6 +68,9 @@ def test_table_picks_each_arms_best_lr_flags_rising_arms_and_pairs_full():
     md = capacity_markdown(table)
     assert "(still rising)" in md.splitlines()[4] and "(still rising)" not in md.splitlines()[3]
     assert "| 40.00 |" in md  # lora_r1: 800 bits over 2 x 10 params
+    flat = summarise([runs[0], _run("lora_r16", 1e-3, [0.25], rng.random(n) < 0.25, r=16)])
+    assert flat["arms"][1]["at_chance"] is True and arms["lora_r1"]["at_chance"] is False
+    assert "(at chance: not learning)" in capacity_markdown(flat)
     with pytest.raises(ConfigError, match="one fact set"):
         summarise([*runs, _run("lora_r16", 1e-3, [0.1], lora_hi[:100], params=5, r=16)])
     assert summarise([]) == {"arms": [], "runs": []}

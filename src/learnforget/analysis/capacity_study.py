@@ -11,7 +11,9 @@ capacity.score_run) at each checkpoint, cached in the run folder (eval/recall-<l
 atomic write: a killed analysis recomputes only what is missing). The arm's pick is the LR with
 the highest recall at the last checkpoint (ties: the lower LR). Convergence: the pick's recall
 rose by at most PLATEAU (absolute) between its last two checkpoints; an arm that still rose
-more is marked "still rising" in the table, so a capacity reading is never claimed for it.
+more is marked "still rising", and one whose recall interval reaches chance "at chance: not
+learning" (flat at chance is no plateau at capacity), so a capacity reading is never claimed
+for either.
 Recall intervals: percentile bootstrap over facts (the harness's resamples,
 learnforget.eval.paired.bootstrap_indices); full minus each arm: paired_change over the same
 facts (full's and the arm's answers resampled together).
@@ -116,6 +118,7 @@ def summarise(runs: list[dict[str, Any]], where: str = "") -> dict[str, Any]:
             "lr": best["lr"], "lrs": {m["lr"]: m["last"]["recall"] for m in members},
             "checkpoint": s["checkpoint"], "curve": best["curve"], "last_rise": rise,
             "converged": bool(rise <= PLATEAU) if not math.isnan(rise) else None,
+            "at_chance": bool(lo <= s["chance"]),  # flat at chance: not learning, not capacity
             "recall": s["recall"], "recall_lo": lo, "recall_hi": hi, "chance": s["chance"],
             "heldout_recall": s["heldout_recall"], "n_facts": s["n_facts"], "k": s["k"],
             "info_bits": s["info_bits"], "bits": s["bits"], "fano_bits": s["fano_bits"],
@@ -151,6 +154,8 @@ def capacity_markdown(table: dict[str, Any]) -> str:
         curve = " → ".join(f"{v:.3f}" for _, v in r["curve"])
         if r["converged"] is False:
             curve += " (still rising)"
+        elif r["at_chance"]:
+            curve += " (at chance: not learning)"
         gap = (f"{r['gap']:+.3f} [{r['gap_lo']:+.3f}, {r['gap_hi']:+.3f}]" if "gap" in r
                else "-")
         held = "-" if r["heldout_recall"] is None else f"{r['heldout_recall']:.3f}"
