@@ -20,6 +20,10 @@
     learnforget controls recall RUN_DIR ... [--json FILE]
         facts recall, bits and bits per trainable parameter of data=facts runs; every LoRA
         run paired against the full-finetuning one
+    learnforget controls capacity STUDY_DIR [--out DIR]
+        the capacity control's table (sweeps/capacity_control.yaml): every data=facts run
+        under STUDY_DIR scored at each checkpoint, each arm at its best LR
+        (-> STUDY_DIR/_analysis/capacity.md and .json, or DIR)
 """
 
 from __future__ import annotations
@@ -275,7 +279,7 @@ def _planned(args: Sequence[str]) -> int:
 
 
 def main(args: Sequence[str]) -> int:
-    if not args or args[0] not in ("scale", "forgetting", "power", "recall", "mde"):
+    if not args or args[0] not in ("scale", "forgetting", "power", "recall", "mde", "capacity"):
         print(USAGE.strip())
         return 2
     sub, rest = args[0], args[1:]
@@ -291,6 +295,19 @@ def main(args: Sequence[str]) -> int:
         out = scaled_run(Path(pos[0]), ts, checkpoint=kw.get("checkpoint"))
         print(f"learnforget: scaled checkpoints -> {out} (score them: learnforget eval {out} "
               "eval=control500)")
+        return 0
+    if sub == "capacity":
+        pos, kw = _opts(rest, {"--out": str})
+        if len(pos) != 1:
+            raise ConfigError("usage: learnforget controls capacity STUDY_DIR [--out DIR]")
+        from learnforget.analysis.capacity_study import write_capacity
+
+        root = Path(pos[0])
+        got = write_capacity(root, Path(kw.get("out", root / "_analysis")))
+        if not got:
+            raise ConfigError(f"{root} holds no data=facts run with a checkpoint")
+        print(got[0].read_text(), end="")
+        print(f"learnforget: capacity table -> {got[0]}")
         return 0
     if sub in ("forgetting", "power"):
         flags = {"--suite": str, "--json": str, "--reference": str}

@@ -115,6 +115,12 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
         figs.extend(p for p in got if p.suffix in (".png", ".svg"))
     except ConfigError as e:
         warnings.append(f"diversity: {e}")
+    try:  # the capacity control: data=facts runs' recall and bits per parameter
+        from learnforget.analysis.capacity_study import write_capacity
+
+        tables.extend(p for p in write_capacity(root, out, cache_dir) if p.suffix == ".md")
+    except ConfigError as e:
+        warnings.append(f"capacity: {e}")
 
     spectra_paths: list[Path] = []
     if spectra:

@@ -1,0 +1,139 @@
+"""The capacity control study (sweeps/capacity_control.yaml): the table's selection, intervals
+and bits per parameter on synthetic runs, and the toy size end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from learnforget.errors import ConfigError
+
+
+def _run(arm, lr, curve, correct, *, k=4, params=100, reference=False, r=None):
+    correct = [float(c) for c in correct]
+    n = len(correct)
+    recall = float(np.mean(correct))
+    last = {"checkpoint": f"epoch-{len(curve)}", "recall": recall, "chance": 1 / k,
+            "heldout_recall": 0.25, "n_facts": n, "k": k, "info_bits": n * math.log2(k),
+            "bits": n * max(0.0, (recall - 1 / k) / (1 - 1 / k)) * math.log2(k),
+            "fano_bits": 0.0, "trainable_params": params, "r": r,
+            "bits_per_param": n * max(0.0, (recall - 1 / k) / (1 - 1 / k)) * math.log2(k)
+            / params, "items": {"doc_id": list(range(n)), "correct": correct}}
+    return {"run": f"{arm}-{lr}", "arm": arm, "reference": reference, "r": r, "lr": lr,
+            "curve": [(f"epoch-{i + 1}", v) for i, v in enumerate([*curve, recall])],
+            "last": last}
+
+
+def test_table_picks_each_arms_best_lr_flags_rising_arms_and_pairs_full():
+    from learnforget.analysis.capacity_study import capacity_markdown, summarise
+
+    rng = np.random.default_rng(0)
+    n = 400
+    full_c = rng.random(n) < 0.9
+    lora_hi = rng.random(n) < 0.4
+    lora_lo = rng.random(n) < 0.3
+    runs = [
+        _run("full", 1e-3, [0.5], full_c, params=1000, reference=True),   # rose 0.4: rising
+        _run("full", 3e-3, [0.5], full_c, params=1000, reference=True),   # tie: 1e-3 kept
+        _run("lora_r1", 1e-2, [lora_hi.mean() - 0.01], lora_hi, params=10, r=1),  # converged
+        _run("lora_r1", 3e-3, [0.1], lora_lo, params=10, r=1),
+        _run("lora_r4", 3e-3, [0.1], lora_hi, params=40, r=4),             # rose 0.30: rising
+    ]
+    table = summarise(runs)
+    arms = {a["arm"]: a for a in table["arms"]}
+    assert [a["arm"] for a in table["arms"]] == ["full", "lora_r1", "lora_r4"]
+    assert arms["full"]["lr"] == 1e-3 and arms["lora_r1"]["lr"] == 1e-2
+    assert arms["lora_r1"]["lrs"] == {1e-2: pytest.approx(lora_hi.mean()),
+                                      3e-3: pytest.approx(lora_lo.mean())}
+    assert arms["lora_r1"]["converged"] is True and arms["full"]["converged"] is False
+    assert arms["lora_r4"]["converged"] is False
+    # recall interval against the normal approximation of a proportion
+    p = full_c.mean()
+    half = 1.96 * math.sqrt(p * (1 - p) / n)
+    assert arms["full"]["recall_lo"] == pytest.approx(p - half, abs=0.01)
+    assert arms["full"]["recall_hi"] == pytest.approx(p + half, abs=0.01)
+    # full minus LoRA: the difference of means, the paired interval around it
+    gap = full_c.mean() - lora_hi.mean()
+    a = arms["lora_r1"]
+    assert a["gap"] == pytest.approx(gap) and a["gap_lo"] < gap < a["gap_hi"]
+    d = full_c.astype(float) - lora_hi.astype(float)
+    se = d.std() / math.sqrt(n)
+    assert a["gap_hi"] - a["gap_lo"] == pytest.approx(2 * 1.96 * se, rel=0.15)
+    # bits per parameter and the anchor, by hand: N (recall - 1/4) / (3/4) * 2 bits
+    assert a["bits_per_param"] == pytest.approx(n * (lora_hi.mean() - 0.25) / 0.75 * 2 / 10)
+    assert a["capacity_bits"] == 20 and a["info_bits"] == 800
+    md = capacity_markdown(table)
+    assert "(still rising)" in md.splitlines()[4] and "(still rising)" not in md.splitlines()[3]
+    assert "| 40.00 |" in md  # lora_r1: 800 bits over 2 x 10 params
+    flat = summarise([runs[0], _run("lora_r16", 1e-3, [0.25], rng.random(n) < 0.25, r=16)])
+    assert flat["arms"][1]["at_chance"] is True and arms["lora_r1"]["at_chance"] is False
+    assert "(at chance: not learning)" in capacity_markdown(flat)
+    with pytest.raises(ConfigError, match="one fact set"):
+        summarise([*runs, _run("lora_r16", 1e-3, [0.1], lora_hi[:100], params=5, r=16)])
+    assert summarise([]) == {"arms": [], "runs": []}
+
+
+def _recall_by_hand(run_dir, checkpoint, pairs, values):
+    """Recall with plain transformers: sum of log-softmax of each value's tokens after the
+    prompt, one sequence at a time, argmax over the values."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ck = run_dir / "checkpoints" / checkpoint
+    tok = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    if (ck / "adapter_config.json").exists():
+        cfg = json.loads((ck / "adapter_config.json").read_text())
+        base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"])
+        model = PeftModel.from_pretrained(base, ck)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(ck)
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for prompt, gold in pairs:
+            p = tok(prompt, add_special_tokens=False)["input_ids"]
+            scores = []
+            for v in values:
+                ids = p + tok(v, add_special_tokens=False)["input_ids"]
+                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+                scores.append(sum(float(logp[t - 1, ids[t]]) for t in range(len(p), len(ids))))
+            right += int(values[int(np.argmax(scores))] == gold)
+    return right / len(pairs)
+
+
+@pytest.mark.slow
+def test_capacity_control_toy_sweep_writes_the_table(tmp_path, cache_dir):
+    """`learnforget sweep capacity_control --size toy`: 8 runs (full x 2 LRs, LoRA r=1/4/16 x
+    2 LRs), the analysis's capacity table; the recall it reports is recomputed by hand for the
+    full arm; a rerun launches nothing and leaves the table as it was."""
+    from omegaconf import OmegaConf
+
+    from learnforget.data.facts import fact_values
+    from learnforget.data.sources import load_records, split_records
+    from learnforget.studies.command import sweep_main
+
+    extra = [f"paths.runs_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    assert sweep_main("capacity_control", extra, size="toy") == 0
+    out = tmp_path / "capacity_control_toy" / "_analysis"
+    table = json.loads((out / "capacity.json").read_text())
+    arms = table["arms"]
+    assert [a["r"] for a in arms] == [None, 1, 4, 16] and len(table["runs"]) == 8
+    assert all(a["n_facts"] == 32 and a["k"] == 4 and a["info_bits"] == 64 for a in arms)
+    assert all(len(a["curve"]) == 2 and len(a["lrs"]) == 2 for a in arms)  # epochs 4, 8
+    full = arms[0]
+    assert full["trainable_params"] > 100 * arms[1]["trainable_params"]
+    assert arms[1]["trainable_params"] * 4 == arms[2]["trainable_params"]
+    assert all(a["gap_lo"] <= a["gap"] <= a["gap_hi"] for a in arms[1:])
+    run = tmp_path / "capacity_control_toy" / full["run"]
+    cfg = OmegaConf.load(run / "config.yaml")
+    train, _ = split_records(load_records(cfg.data), int(cfg.data.heldout_docs))
+    by_hand = _recall_by_hand(run, full["checkpoint"], train, [f" {v}" for v in fact_values(4)])
+    assert full["recall"] == pytest.approx(by_hand)
+    md = (out / "capacity.md").read_text()
+    assert "32 trained facts x log2 4 = 64 bits" in md
+    assert sweep_main("capacity_control", extra, size="toy") == 0
+    assert (out / "capacity.md").read_text() == md
