@@ -4,6 +4,8 @@ test_demo_study.py)."""
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from learnforget.studies.demo import regime_answers, results_table
@@ -38,3 +40,23 @@ def test_the_answers_are_the_regime_files_sections_per_lora_setting(tmp_path):
     got = regime_answers(tmp_path)
     assert got == (f"## full vs lora_r1_a2_all\n\n{section}\n\n"
                    f"## full vs lora_r8_a16_all\n\n{section}")
+
+
+def test_a_study_that_scores_one_checkpoint_is_complete_once_that_one_is_scored(tmp_path):
+    """eval.checkpoint (the demo scores its last budget only): the eval stage is complete when
+    the summary has that checkpoint's row; without it, every checkpoint's row is needed."""
+    from learnforget.runfolder import MANIFEST, RunFolder
+    from learnforget.studies.job import eval_complete
+
+    folder = RunFolder(tmp_path)
+    for step, label in ((4, "token-000004096"), (8, "token-000008192")):
+        (tmp_path / "checkpoints" / label).mkdir(parents=True)
+        (tmp_path / "checkpoints" / label / MANIFEST).write_text(json.dumps({"step": step}))
+    summary = folder.eval_summary("demo")
+    summary.parent.mkdir(parents=True)
+    rows = [{"checkpoint": "base"}, {"checkpoint": "token-000008192"}]
+    summary.write_text(json.dumps({"suite": "demo", "rows": rows}))
+    assert eval_complete(tmp_path, "demo", "token-000008192")
+    assert not eval_complete(tmp_path, "demo")  # every checkpoint: 4,096 is missing
+    assert not eval_complete(tmp_path, "demo", "token-000004096")
+    assert not eval_complete(tmp_path, "demo", "token-000016384")  # not a checkpoint of the run

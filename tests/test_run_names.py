@@ -4,7 +4,7 @@ fixtures/run_names.json holds the name of every job of every study in sweeps/ (e
 of some single commands, as the code before run identity by inclusion composed them (commit
 f9aa9bd). The demo's full finetuning and LoRA r=8 runs keep the names of the published demo
 results (docs/figures/demo_runs.csv), read here independently of the code; its LoRA r=1 runs
-(2026-12-07, in place of r=64) are new names.
+(2026-12-07, in place of r=64) are new names, and its LoRA r=8 runs only seed 0 since then.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ DEMO = [  # learnforget demo: full and LoRA r=8 as published 2026-12-06 (docs/fi
     "smollm2_135m-lora_r1_a2_all-stdlib_code-s0-fd471d",   # LoRA r=1: new on 2026-12-07
     "smollm2_135m-lora_r1_a2_all-stdlib_code-s1-4deb9b",
     "smollm2_135m-lora_r8_a16_all-stdlib_code-s0-37b0db",
-    "smollm2_135m-lora_r8_a16_all-stdlib_code-s1-fae40c",
 ]
 DEMO_DROPPED = ["smollm2_135m-lora_r64_a128_all-stdlib_code-s0-0ef834",  # LoRA r=64, until 2026-12-06
-                "smollm2_135m-lora_r64_a128_all-stdlib_code-s1-63d306"]
+                "smollm2_135m-lora_r64_a128_all-stdlib_code-s1-63d306",
+                "smollm2_135m-lora_r8_a16_all-stdlib_code-s1-fae40c"]    # LoRA r=8: seed 0 only since 2026-12-07
 # the default tier composes these studies' jobs (the demo: the test above); the rest (about 200
 # jobs) are slow
 FAST_STUDIES = ("demo_tiny", "code_cpt", "math_cpt", "code_ift", "math_ift",
