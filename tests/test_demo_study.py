@@ -72,8 +72,19 @@ def test_demo_study_ends_with_the_analysis_of_all_its_runs(tmp_path, cache_dir):
     # the demo's summary: one table row per method setting (+ base), printed and written
     md = (out / "demo_table.md").read_text()
     settings = {str(j.cfg.method.name) for j in plan.jobs}
-    assert md.count("\n| ") == 1 + 1 + n and "| base | 0 | 1 |" in md  # header, base, runs
-    assert "code CE" in md and all(s_ in md for s_ in ("full", "lora_r"))
-    assert md.split("\n", 2)[2].strip() in p.stdout and "figures:" in p.stdout
+    table = md.split("\n\n")[1]
+    assert table.count("\n| ") == 1 + n and "| base | 0 | 1 | - |" in table  # base, runs
+    assert "code CE" in table and "tokens/param" in table
+    assert all(s_ in table for s_ in ("full", "lora_r"))
+    assert table.strip() in p.stdout and "figures:" in p.stdout
+    # the three answers (learnforget.analysis.regime) per LoRA setting, from the per-block CE
+    loras = sorted({r["method_summary"] for r in rows if r["method_summary"].startswith("lora")})
+    answers = md.split("# The paper's three questions\n\n", 1)[1]
+    assert [ln[3:] for ln in answers.splitlines() if ln.startswith("## ")] == [
+        f"full vs {m}" for m in loras]
+    for q in ("1. does LoRA learn less?", "2. does LoRA forget less?",
+              "3. which forgets less at matched learning?"):
+        assert answers.count(f"| {q} |") >= len(loras), q
+    assert answers.strip() in p.stdout
     assert len(settings) == 2
     print(f"demo --size tiny ({' '.join(CHEAP)}): {elapsed:.0f}s")

@@ -2,8 +2,9 @@
 
 fixtures/run_names.json holds the name of every job of every study in sweeps/ (each size) and
 of some single commands, as the code before run identity by inclusion composed them (commit
-f9aa9bd). The demo's six names are also those of the published demo results
-(docs/figures/demo_runs.csv), read here independently of the code.
+f9aa9bd). The demo's full finetuning and LoRA r=8 runs keep the names of the published demo
+results (docs/figures/demo_runs.csv), read here independently of the code; its LoRA r=1 runs
+(2026-12-07, in place of r=64) are new names, and its LoRA r=8 runs only seed 0 since then.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ from learnforget.studies.study import apply_size, find_study, load_study
 
 ROOT = Path(__file__).parents[1]
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "run_names.json").read_text())
-DEMO = [  # learnforget demo, 2026-12-06 (docs/figures/demo_runs.csv)
+DEMO = [  # learnforget demo: full and LoRA r=8 as published 2026-12-06 (docs/figures/demo_runs.csv)
     "smollm2_135m-full-stdlib_code-s0-1313be",
     "smollm2_135m-full-stdlib_code-s1-cfcd0e",
-    "smollm2_135m-lora_r64_a128_all-stdlib_code-s0-0ef834",
-    "smollm2_135m-lora_r64_a128_all-stdlib_code-s1-63d306",
+    "smollm2_135m-lora_r1_a2_all-stdlib_code-s0-fd471d",   # LoRA r=1: new on 2026-12-07
+    "smollm2_135m-lora_r1_a2_all-stdlib_code-s1-4deb9b",
     "smollm2_135m-lora_r8_a16_all-stdlib_code-s0-37b0db",
-    "smollm2_135m-lora_r8_a16_all-stdlib_code-s1-fae40c",
 ]
+DEMO_DROPPED = ["smollm2_135m-lora_r64_a128_all-stdlib_code-s0-0ef834",  # LoRA r=64, until 2026-12-06
+                "smollm2_135m-lora_r64_a128_all-stdlib_code-s1-63d306",
+                "smollm2_135m-lora_r8_a16_all-stdlib_code-s1-fae40c"]    # LoRA r=8: seed 0 only since 2026-12-07
 # the default tier composes these studies' jobs (the demo: the test above); the rest (about 200
 # jobs) are slow
 FAST_STUDIES = ("demo_tiny", "code_cpt", "math_cpt", "code_ift", "math_ift",
@@ -54,7 +57,8 @@ def _study_names(key: str) -> list[str]:
 def test_the_published_demo_runs_keep_their_names():
     with open(ROOT / "docs" / "figures" / "demo_runs.csv", newline="") as f:
         published = sorted({row["run"] for row in csv.DictReader(f)})
-    assert published == DEMO == GOLDEN["studies"]["demo"]
+    kept = sorted(set(published) - set(DEMO_DROPPED))
+    assert kept and set(kept) <= set(DEMO) and DEMO == GOLDEN["studies"]["demo"]
     assert _study_names("demo") == DEMO
 
 

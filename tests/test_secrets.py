@@ -133,3 +133,20 @@ def test_a_trained_scored_and_analysed_toy_study_holds_no_secret(secret_env, cap
     assert list(runs.rglob("*_submitted.pkl")) and list((runs / "secrets_toy").glob("_analysis/*"))
     _offline_only(runs)
     assert leaks(root) == []
+
+
+def test_scrub_redacts_secret_names_and_keeps_token_counts():
+    """config.yaml is reloaded by later stages: counts of tokens must survive the scrub (a
+    prefix-tuning run's method.num_virtual_tokens, an eval task's max_new_tokens)."""
+    from learnforget.tracking import scrub
+
+    cfg = {"method": {"num_virtual_tokens": 20}, "data": {"expected_tokens": 10**9,
+                                                            "shard_tokens": 2**20},
+           "eval": {"tasks": [{"max_new_tokens": 48}]},
+           "auth": {"hf_token": "x", "token": "y", "HF_TOKEN": "z", "wandb_api_key": "k",
+                    "api-key": "k2", "db_password": "p", "client_secret": "s"}}
+    out = scrub(cfg)
+    assert out["method"] == {"num_virtual_tokens": 20}
+    assert out["data"] == {"expected_tokens": 10**9, "shard_tokens": 2**20}
+    assert out["eval"] == {"tasks": [{"max_new_tokens": 48}]}
+    assert set(out["auth"].values()) == {"<redacted>"}

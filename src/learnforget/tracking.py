@@ -14,7 +14,10 @@ from omegaconf import DictConfig
 from learnforget.files import disk_full_guard
 from learnforget.runfolder import RunFolder
 
-SECRET = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.I)
+# a secret's name: an API key, secret, password or credential, or a name whose last word is
+# "token" (HF_TOKEN, hf_token, token); counts of tokens (max_new_tokens, num_virtual_tokens,
+# expected_tokens, shard_tokens) are not secrets and stay in config.yaml, which stages reload
+SECRET = re.compile(r"(api[_-]?key|secret|password|passwd|credential|(^|[_.-])token$)", re.I)
 
 
 def scrub(obj: Any) -> Any:

@@ -50,7 +50,9 @@ activation memory to the dry run's memory table. Studies: {studies}"""
 def sweep_main(study: str, overrides: Sequence[str] = (), *, dry_run: bool = False,
                launcher: str | None = None, cluster: str | None = None,
                analyze: bool | None = None, size: str | None = None,
-               activations: bool = False) -> int:
+               activations: bool = False, analysis: dict[str, Any] | None = None) -> int:
+    """Plan, launch and (study's `analyze`, or `analyze`) analyse a study; `analysis`: keyword
+    arguments of learnforget.analysis.stage.analyze (the demo's intruder route)."""
     s, overrides = apply_size(load_study(find_study(study)), size, overrides)
     launcher = launcher or s.launcher
     if launcher not in LAUNCHERS:
@@ -97,7 +99,8 @@ def sweep_main(study: str, overrides: Sequence[str] = (), *, dry_run: bool = Fal
     if want_analysis and root is not None and done and (launched or not (root / "_analysis").exists()):
         from learnforget.analysis.stage import analyze as run_analysis
 
-        run_analysis(root, cache_dir=Path(plan.jobs[0].cfg.paths.cache_dir).expanduser())
+        run_analysis(root, cache_dir=Path(plan.jobs[0].cfg.paths.cache_dir).expanduser(),
+                     **(analysis or {}))
     return 0 if done == len(plan.jobs) else 1
 
 

@@ -47,14 +47,17 @@ def train_complete(out: Path, chash: str | None = None) -> bool:
     return RunFolder(out).finished(chash)
 
 
-def eval_complete(out: Path, suite: str) -> bool:
-    """The suite's summary exists and has a row for every checkpoint of the run."""
+def eval_complete(out: Path, suite: str, checkpoint: str | None = None) -> bool:
+    """The suite's summary exists and has a row for every checkpoint of the run, or for the one
+    checkpoint `checkpoint` names (eval.checkpoint: a study that scores its last budget only)."""
     folder = RunFolder(out)
     summary = read_result(folder.eval_summary(suite))
     if not summary:
         return False
     have = {r.get("checkpoint") for r in summary.get("rows", [])}
     ckpts = folder.checkpoint_labels()
+    if checkpoint:
+        return checkpoint in ckpts and checkpoint in have
     return bool(ckpts) and set(ckpts) <= have
 
 
@@ -85,7 +88,7 @@ def stage_complete(cfg: DictConfig, stage: str, out: Path | None = None) -> bool
         return train_complete(out, config_hash(cfg)) and (
             cooldown_mode(cfg.train) != "branches" or branches_complete(out))
     if stage == "eval":
-        return eval_complete(out, str(cfg.eval.name))
+        return eval_complete(out, str(cfg.eval.name), cfg.eval.get("checkpoint") or None)
     if stage == "spectra":
         return spectra_complete(out)
     raise ConfigError(f"unknown stage {stage!r} (expected one of: {', '.join(STAGES)})")
