@@ -342,6 +342,13 @@ def test_bench_intruders_small_shapes_agree():
         assert res[f"{c}_counts_equal"] and res[f"{c}_max_sim_diff"] <= 1e-4
         assert sum(res[f"{c}_routes"].values()) == 3
     assert res["partial_routes"] == {"partial (gram)": 3}
+    some = time_modules(mods, routes=["partial"])  # the full route always runs
+    assert {k for k in some if k.endswith("_s")} == {"base_svd_s", "full_s", "partial_s"}
+    assert some["partial_counts_equal"] and "truncated_routes" not in some
+    assert " - " in format_intruders({"torch_threads": 1, "k": 20, "model": "m",
+                                      "checkpoints": {"synthetic": some}})
+    with pytest.raises(ConfigError, match="'lanczos'"):
+        time_modules(mods, routes=["lanczos"])
     s7 = bench_7b_shapes((("q", 96, 96), ("up", 160, 96), ("k", 96, 96)), layers=2,
                          per_shape=2)
     assert s7["n_modules"] == 6 and set(s7["shapes"]) == {"96x96", "160x96"}

@@ -25,18 +25,19 @@ the base's top-r subspace is a different test), so that full SVD stays, once per
 
 W_ft's top k_max vectors (k_max = 20) are found per checkpoint by `svd` (`top_left`):
 "full" is the eigendecomposition of W_ft's smaller Gram matrix (`top_left_singular`), the
-reference; "partial" (default) computes the top k_max + 8 eigenpairs of that Gram matrix only
-(`learnforget.analysis.svd.gram_top`: BLAS syrk, LAPACK dsyevr with an index range) and
-checks each vector: a bound <= 1e-5 on its angle to the exact vector, from residuals
-recomputed with W_ft (`ritz_bounds`), so each similarity moves by at most ~1.4e-5; where it
-fails (singular values tied to ~1e-10) the full route gives the answer. A direct solver's
-residuals are ~1e-13 of ||W||^2, so the check passes on real weights (all 210 modules of a
-SmolLM2-135M full finetune, against none of "truncated"'s 16 of 21 sampled). "truncated" is
-torch.svd_lowrank on a 2k+8 column sketch with a float64 Rayleigh-Ritz step and the same
-check: pretrained weights have flat tops (SmolLM2-135M: s_48 / s_20 ~ 0.9, neighbouring
-top-20 values 4e-4 s_1 apart), where subspace iteration leaves residuals far above what the
-check needs, so it mostly falls back and costs more (`learnforget bench spectra` measures
-all three). Each row records its route ("svd_route") and bound. All linear algebra runs on
+reference; "partial" (default) computes the top k_max + 8 singular pairs only (below 4M
+elements the top eigenpairs of the Gram matrix, `learnforget.analysis.svd.gram_top`: BLAS
+syrk, LAPACK dsyevr with an index range; from 4M Lanczos, `krylov_top`: PROPACK to machine
+precision) and checks each vector: a bound <= 1e-5 on its angle to the exact vector, from
+residuals recomputed with W_ft (`ritz_bounds`), so each similarity moves by at most ~1.4e-5;
+where it fails (singular values tied to ~1e-10) the full route gives the answer. These
+solvers' residuals are ~1e-13 of ||W||^2, so the check passes on real weights (all 210
+modules of a SmolLM2-135M demo checkpoint, where the truncated route's failed on 170).
+"truncated" is torch.svd_lowrank on a 2k+8 column sketch with a float64 Rayleigh-Ritz step
+and the same check: pretrained weights have flat tops (SmolLM2-135M: s_48 / s_20 ~ 0.9,
+neighbouring top-20 values 4e-4 s_1 apart), where subspace iteration leaves residuals far
+above what the check needs, so it mostly falls back and costs more (`learnforget bench
+spectra` measures all three). Each row records its route ("svd_route") and bound. All linear algebra runs on
 `cpu_linalg_threads` (1 thread on a 2-thread torch: 2-thread calls were up to 28x slower on
 the shared machine).
 """

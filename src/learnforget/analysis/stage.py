@@ -441,6 +441,9 @@ def bench_cli(args: Sequence[str]) -> int:
                    help="also time W_base's full SVD at 7B shapes (once per base; minutes)")
     p.add_argument("--per-shape", type=int, default=2,
                    help="matrices timed per Llama-2-7B shape in the intruder part (mean scaled)")
+    p.add_argument("--intruder-routes", default=None,
+                   help="comma-separated subset of full_torch_threads,full,partial,truncated "
+                        "to time at 135M (default all; full always runs)")
     a = p.parse_args(args[1:])
     res: dict[str, Any] = {}
     if a.intruders != "only":
@@ -450,7 +453,9 @@ def bench_cli(args: Sequence[str]) -> int:
 
         res["intruders"] = bench_intruders(model=a.model, run=a.run, modules=LLAMA2_7B_MODULES,
                                            layers=a.layers, base_svd=a.base_svd,
-                                           per_shape=a.per_shape)
+                                           per_shape=a.per_shape,
+                                           routes=a.intruder_routes.split(",")
+                                           if a.intruder_routes else None)
     if a.json:
         from learnforget.files import atomic_write_json
 

@@ -68,21 +68,30 @@ ROUTES = (("full_torch_threads", "full"), ("full", "full"), ("partial", "partial
 CHECKED = ("partial", "truncated")
 
 
-def time_modules(modules, *, base_u: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+def time_modules(modules, *, base_u: dict[str, torch.Tensor] | None = None,
+                 routes: Sequence[str] | None = None) -> dict[str, Any]:
     """`modules`: (name, module type, layer, W_base, W_ft) tuples of one checkpoint. Times the
     base SVD (skipped for names in `base_u`), then module_row through the full route on
     torch's threads (the behaviour before cpu_linalg_threads), the full route, the partial
-    one and the truncated one; compares the checked routes' rows with the full route's."""
+    one and the truncated one (`routes`: a subset of ROUTES' labels; the full route always
+    runs); compares the checked routes' rows with the full route's."""
     import os
 
     from learnforget.analysis.intruders import left_singular, module_row
     from learnforget.analysis.svd import LINALG_THREADS_ENV, cpu_linalg_threads
 
     base_u = {} if base_u is None else base_u
-    t = {"base_svd": 0.0, **{label: 0.0 for label, _ in ROUTES}}
-    diff = {c: 0.0 for c in CHECKED}
-    same = {c: True for c in CHECKED}
-    routes: dict[str, dict[str, int]] = {c: {} for c in CHECKED}
+    labels = [label for label, _ in ROUTES]
+    wanted = set(labels if routes is None else routes) | {"full"}
+    if wanted - set(labels):
+        raise ConfigError(f"intruder bench routes {sorted(wanted - set(labels))} are unknown "
+                          f"(expected some of {labels})")
+    todo = [(label, svd) for label, svd in ROUTES if label in wanted]
+    checked = [c for c in CHECKED if c in wanted]
+    t = {"base_svd": 0.0, **{label: 0.0 for label, _ in todo}}
+    diff = {c: 0.0 for c in checked}
+    same = {c: True for c in checked}
+    found: dict[str, dict[str, int]] = {c: {} for c in checked}
     n, intruders = 0, 0
     for name, mtype, layer, w_base, w_ft in modules:
         if name not in base_u:
@@ -93,7 +102,7 @@ def time_modules(modules, *, base_u: dict[str, torch.Tensor] | None = None) -> d
         delta = (w_ft.double() - w_base.double())
         rows = {}
         saved = os.environ.get(LINALG_THREADS_ENV)
-        for label, svd in ROUTES:
+        for label, svd in todo:
             if label == "full_torch_threads":
                 os.environ[LINALG_THREADS_ENV] = str(torch.get_num_threads())
             try:
@@ -105,19 +114,19 @@ def time_modules(modules, *, base_u: dict[str, torch.Tensor] | None = None) -> d
                 else:
                     os.environ[LINALG_THREADS_ENV] = saved
             t[label] += dt
-        for c in CHECKED:
+        for c in checked:
             d, ok = compare_rows(rows["full"], rows[c])
             diff[c], same[c] = max(diff[c], d), same[c] and ok
             r = rows[c]["svd_route"]
-            routes[c][r] = routes[c].get(r, 0) + 1
+            found[c][r] = found[c].get(r, 0) + 1
         n += 1
         intruders += rows["full"]["counts"]["10"]["0.5"]
     out = {"modules": n, "base_svd_s": t["base_svd"],
-           **{f"{label}_s": t[label] for label, _ in ROUTES},
+           **{f"{label}_s": t[label] for label, _ in todo},
            "intruders_k10_eps05": intruders}
-    for c in CHECKED:
+    for c in checked:
         out[f"{c}_max_sim_diff"], out[f"{c}_counts_equal"] = diff[c], same[c]
-        out[f"{c}_routes"] = routes[c]
+        out[f"{c}_routes"] = found[c]
     return out
 
 
@@ -224,7 +233,8 @@ def bench_7b_shapes(modules: Sequence[tuple[str, int, int]], layers: int = 32, s
 def bench_intruders(*, model: str = "smollm2_135m", run: Path | None = None,
                     modules: Sequence[tuple[str, int, int]] = (), layers: int = 32,
                     base_svd: bool = False, seed: int = 0, per_shape: int = 2,
-                    verbose: bool = True) -> dict[str, Any]:
+                    routes: Sequence[str] | None = None, verbose: bool = True
+                    ) -> dict[str, Any]:
     """Both sections (see the module docstring); prints a table; returns the numbers."""
     from learnforget.assets.models import base_model_dir
     from learnforget.config import compose
@@ -233,13 +243,14 @@ def bench_intruders(*, model: str = "smollm2_135m", run: Path | None = None,
                            "clock": "process CPU seconds"}
     if run is not None:
         res["run"] = str(run)
-        res["checkpoints"] = {ck: time_modules(mods) for ck, mods in
+        res["checkpoints"] = {ck: time_modules(mods, routes=routes) for ck, mods in
                               run_checkpoints(Path(run), None).items()}
     else:
         cfg = compose([f"model={model}"])
         base = Path(base_model_dir(cfg.model, Path(str(cfg.paths.cache_dir)).expanduser()))
         res["model"] = model
-        res["checkpoints"] = {"synthetic": time_modules(base_checkpoint(base, seed))}
+        res["checkpoints"] = {"synthetic": time_modules(base_checkpoint(base, seed),
+                                                        routes=routes)}
     if modules:
         res["shapes_7b"] = bench_7b_shapes(modules, layers, seed, base_svd, per_shape)
     if verbose:
@@ -258,10 +269,12 @@ def format_intruders(r: dict[str, Any]) -> str:
              f"  {'checkpoint':<14} {'modules':>7} {'full, torch threads':>20} {'full':>7} "
              f"{'partial':>8} {'truncated':>10} {'base SVD':>9}"]
     for ck, v in r["checkpoints"].items():
-        lines.append(f"  {ck:<14} {v['modules']:>7} {v['full_torch_threads_s']:>20.2f} "
-                     f"{v['full_s']:>7.2f} {v['partial_s']:>8.2f} {v['truncated_s']:>10.2f} "
-                     f"{v['base_svd_s']:>9.2f}")
-        for c in CHECKED:
+        cell = {key: f"{v[key]:.2f}" if key in v else "-" for key in
+                ("full_torch_threads_s", "full_s", "partial_s", "truncated_s", "base_svd_s")}
+        lines.append(f"  {ck:<14} {v['modules']:>7} {cell['full_torch_threads_s']:>20} "
+                     f"{cell['full_s']:>7} {cell['partial_s']:>8} {cell['truncated_s']:>10} "
+                     f"{cell['base_svd_s']:>9}")
+        for c in [c for c in CHECKED if f"{c}_routes" in v]:
             lines.append(f"    {c} against full: max |Δsim| {v[f'{c}_max_sim_diff']:.1e}, counts "
                          f"{'same' if v[f'{c}_counts_equal'] else 'DIFFER'}; routes "
                          f"{_routes(v[f'{c}_routes'])}")
