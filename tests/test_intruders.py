@@ -214,50 +214,67 @@ def spectrum_matrix(m: int, n: int, s: np.ndarray, seed: int) -> np.ndarray:
     return orthonormal(m, len(s), seed) @ np.diag(s) @ orthonormal(n, len(s), seed + 1).T
 
 
+@pytest.mark.parametrize("svd,route", [("partial", "partial (gram)"),
+                                       ("partial", "partial (krylov)"),
+                                       ("truncated", "truncated")])
 @pytest.mark.parametrize("shape", [(200, 300), (300, 200)])
-def test_truncated_top_vectors_match_numpy_svd_within_their_bound(shape):
-    """A slowly decaying spectrum (s_i = i^-0.35, like a pretrained weight's): the truncated
-    route is taken, its vectors are numpy's (up to sign) and each one's true angle to numpy's
+def test_checked_top_vectors_match_numpy_svd_within_their_bound(shape, svd, route,
+                                                                monkeypatch):
+    """A slowly decaying spectrum (s_i = i^-0.35, like a pretrained weight's): the checked
+    route is taken (the partial one through the Gram matrix, or through Lanczos as on large
+    matrices), its vectors are numpy's (up to sign) and each one's true angle to numpy's
     vector is below the bound it reports, which is below the tolerance."""
+    from learnforget.analysis import svd as svd_module
     from learnforget.analysis.intruders import top_left
     from learnforget.analysis.svd import TOP_TOL
 
+    if route == "partial (krylov)":
+        monkeypatch.setattr(svd_module, "KRYLOV_MIN", 0)
     m, n = shape
     s = np.arange(1, min(m, n) + 1) ** -0.35
     w = spectrum_matrix(m, n, s, 3)
-    top = top_left(torch.from_numpy(w).float(), 20, "truncated")
-    assert top["route"] == "truncated" and top["bound"] <= TOP_TOL
+    top = top_left(torch.from_numpy(w).float(), 20, svd)
+    assert top["route"] == route and top["bound"] <= TOP_TOL
     u_ref = np.linalg.svd(w.astype(np.float32).astype(np.float64), full_matrices=False)[0][:, :20]
-    cos = np.abs((top["u"].numpy() * u_ref).sum(axis=0))
-    sin = np.sqrt(np.clip(1 - cos ** 2, 0, None))
-    assert sin.max() <= top["bound"] + 1e-7
+    u = top["u"].numpy()
+    # the chord |u - ±u_ref| = 2 sin(angle / 2) >= sin(angle), without cos's rounding
+    chord = np.linalg.norm(u - np.sign((u * u_ref).sum(axis=0)) * u_ref, axis=0)
+    assert chord.max() <= top["bound"] + 1e-10
     np.testing.assert_allclose(top["s"].numpy(), np.linalg.svd(
         w.astype(np.float32).astype(np.float64), compute_uv=False)[:20], rtol=1e-9)
 
 
-def test_tied_singular_values_fail_the_check_and_take_the_full_route():
-    """s_5 = s_6: the 5th and 6th vectors are not determined, no bound holds, and the result
-    is the full route's, exactly."""
+@pytest.mark.parametrize("svd", ["partial", "krylov", "truncated"])
+def test_tied_singular_values_fail_the_check_and_take_the_full_route(svd, monkeypatch):
+    """s_5 = s_6 (to rounding): the 5th and 6th vectors are not determined, no bound holds
+    (residuals count at least their rounding error), and the result is the full route's,
+    exactly."""
+    from learnforget.analysis import svd as svd_module
     from learnforget.analysis.intruders import top_left, top_left_singular
 
+    if svd == "krylov":
+        monkeypatch.setattr(svd_module, "KRYLOV_MIN", 0)
+        svd = "partial"
     s = np.arange(1, 101) ** -0.35
     s[5] = s[4]
     w = torch.from_numpy(spectrum_matrix(100, 120, s, 4))
-    top = top_left(w, 20, "truncated")
+    top = top_left(w, 20, svd)
     assert top["route"] == "full (check failed)" and top["attempts"] == 1
     assert torch.equal(top["u"], top_left_singular(w, 20))
-    small = top_left(w[:, :30], 20, "truncated")  # q = 48 >= 30 columns: nothing to truncate
+    # nothing to save: k + 8 = 28 (partial) or q = 48 (truncated) >= the columns
+    small = top_left(w[:, :28 if svd == "partial" else 48], 20, svd)
     assert small["route"] == "full (small)"
+    assert top_left(w[:, :29], 20, "partial")["route"].startswith("partial (")
     with pytest.raises(ConfigError, match="unknown"):
         top_left(w, 20, "sketchy")
 
 
-def test_truncated_route_equals_numpy_full_svd_on_a_real_full_finetune(make_cfg, tmp_path):
-    """A real tiny full finetune: the default (truncated) route's similarities and counts
-    equal those from numpy's full SVDs of W_base and W_ft (the independent reference: sims
-    within 1e-4, every count of the grid the same), and so do the full route's. A record of
-    the full route serves a later truncated request; a truncated one does not serve a full
-    request."""
+def test_checked_routes_equal_numpy_full_svd_on_a_real_full_finetune(make_cfg, tmp_path):
+    """A real tiny full finetune: the default (partial) route's and the truncated route's
+    similarities and counts equal those from numpy's full SVDs of W_base and W_ft (the
+    independent reference: sims within 1e-4, every count of the grid the same), and so do the
+    full route's. A record of the full route serves a later truncated request; a truncated
+    one does not serve a full request."""
     import json
 
     from learnforget.analysis.deltas import extract_deltas
@@ -266,6 +283,11 @@ def test_truncated_route_equals_numpy_full_svd_on_a_real_full_finetune(make_cfg,
     cfg = make_cfg("method=full", "train.lr=3e-3", "train.precision=fp32")
     run = fit(setup(cfg))
     cache = tmp_path / "svd-cache"
+    path = compute_intruders(run, "step-000002", cache_dir=cache, verbose=False)[0]
+    part = json.loads(path.read_text())
+    assert part["settings"]["svd"] == "partial" and part["svd"]["method"] == "partial"
+    assert part["svd"]["routes"].get("partial (gram)", 0) >= 10, part["svd"]  # of 14
+    assert part["svd"]["max_bound"] <= 1e-5
     path = compute_intruders(run, "step-000002", cache_dir=cache, svd="truncated",
                              verbose=False)[0]
     trunc = json.loads(path.read_text())
@@ -282,7 +304,7 @@ def test_truncated_route_equals_numpy_full_svd_on_a_real_full_finetune(make_cfg,
                                   verbose=False)[0]
     full = json.loads(full_path.read_text())
     assert full["svd"]["routes"] == {"full": 14}
-    for rec in (trunc, full):
+    for rec in (part, trunc, full):
         assert {r["module"] for r in rec["rows"]} == set(ref)
         for r in rec["rows"]:
             np.testing.assert_allclose(r["sims"], ref[r["module"]], atol=1e-4)
@@ -297,10 +319,12 @@ def test_truncated_route_equals_numpy_full_svd_on_a_real_full_finetune(make_cfg,
 
 
 def test_bench_intruders_small_shapes_agree():
-    """The bench's two parts on small shapes: both routes give the same counts and
-    similarities; the 7B-style scaling adds up."""
+    """The bench's two parts on small shapes: the checked routes give the full route's
+    counts and similarities; the 7B-style scaling adds up (the mean over matrices per shape
+    times the module count)."""
     from learnforget.bench.intruders import (
         bench_7b_shapes,
+        format_intruders,
         planted_spectrum_matrix,
         synthetic_update,
         time_modules,
@@ -313,11 +337,30 @@ def test_bench_intruders_small_shapes_agree():
         mods.append((f"layers.0.m{i}", f"m{i}", 0, w, (w.double() + synthetic_update(
             w, True, g)).float()))
     res = time_modules(mods)
-    assert res["modules"] == 3 and res["counts_equal"] and res["max_sim_diff"] <= 1e-4
-    assert sum(res["truncated_routes"].values()) == 3 and res["full_s"] > 0
-    s7 = bench_7b_shapes((("q", 96, 96), ("up", 160, 96), ("k", 96, 96)), layers=2)
+    assert res["modules"] == 3 and res["full_s"] > 0 and res["partial_s"] > 0
+    for c in ("partial", "truncated"):
+        assert res[f"{c}_counts_equal"] and res[f"{c}_max_sim_diff"] <= 1e-4
+        assert sum(res[f"{c}_routes"].values()) == 3
+    assert res["partial_routes"] == {"partial (gram)": 3}
+    some = time_modules(mods, routes=["partial"])  # the full route always runs
+    assert {k for k in some if k.endswith("_s")} == {"base_svd_s", "full_s", "partial_s"}
+    assert some["partial_counts_equal"] and "truncated_routes" not in some
+    assert " - " in format_intruders({"torch_threads": 1, "k": 20, "model": "m",
+                                      "checkpoints": {"synthetic": some}})
+    with pytest.raises(ConfigError, match="'lanczos'"):
+        time_modules(mods, routes=["lanczos"])
+    s7 = bench_7b_shapes((("q", 96, 96), ("up", 160, 96), ("k", 96, 96)), layers=2,
+                         per_shape=2)
     assert s7["n_modules"] == 6 and set(s7["shapes"]) == {"96x96", "160x96"}
     sh = s7["shapes"]
+    assert sh["96x96"]["routes"] == {"partial (gram)": 2} and sh["96x96"]["matrices"] == 2
     assert s7["per_checkpoint_full_s"] == pytest.approx(
         4 * sh["96x96"]["full_s"] + 2 * sh["160x96"]["full_s"])
+    assert s7["per_checkpoint_partial_s"] == pytest.approx(
+        4 * sh["96x96"]["partial_s"] + 2 * sh["160x96"]["partial_s"])
     assert s7["max_vector_diff"] < 1e-4
+    text = format_intruders({"torch_threads": 1, "k": 20, "model": "m",
+                             "checkpoints": {"synthetic": res}, "shapes_7b": s7})
+    assert "partial against full" in text and "per checkpoint: full" in text
+    with pytest.raises(ConfigError, match="per shape"):
+        bench_7b_shapes((("q", 96, 96),), per_shape=0)

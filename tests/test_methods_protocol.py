@@ -19,7 +19,7 @@ from learnforget.methods.base import Method
 PKG = Path(__file__).resolve().parents[1] / "src" / "learnforget"
 # where `method` names something other than a finetuning method
 NOT_A_METHOD = {
-    "analysis/svd.py": "top_singular(method=...) is the SVD route: full | truncated",
+    "analysis/svd.py": "top_singular(method=...) is the SVD route: full | partial | truncated",
 }
 
 

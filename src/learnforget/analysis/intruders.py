@@ -24,16 +24,22 @@ The test needs all of U_base (the largest |cosine| over every base direction: pr
 the base's top-r subspace is a different test), so that full SVD stays, once per base.
 
 W_ft's top k_max vectors (k_max = 20) are found per checkpoint by `svd` (`top_left`):
-"full" (default) is the eigendecomposition of W_ft's smaller Gram matrix
-(`top_left_singular`), the reference; "truncated" is torch.svd_lowrank on a 2k+8 column
-sketch with a float64 Rayleigh-Ritz step and a per-vector check (a bound <= 1e-5 on the angle
-to the exact vector, so each similarity moves by at most ~1.4e-5), falling back on the full
-route when the check fails. Pretrained weights have flat tops (SmolLM2-135M: s_48 / s_20 ~
-0.9, neighbouring top-20 values 4e-4 s_1 apart), where subspace iteration does not reach
-that accuracy in fewer flops than the dense route: there the check fails and "truncated"
-costs more (`learnforget bench spectra` measures both). Each row records its route
-("svd_route") and bound. All linear algebra runs on `cpu_linalg_threads` (1 thread on a
-2-thread torch: 2-thread calls were up to 28x slower on the shared machine).
+"full" is the eigendecomposition of W_ft's smaller Gram matrix (`top_left_singular`), the
+reference; "partial" (default) computes the top k_max + 8 singular pairs only (below 4M
+elements the top eigenpairs of the Gram matrix, `learnforget.analysis.svd.gram_top`: BLAS
+syrk, LAPACK dsyevr with an index range; from 4M Lanczos, `krylov_top`: PROPACK to machine
+precision) and checks each vector: a bound <= 1e-5 on its angle to the exact vector, from
+residuals recomputed with W_ft (`ritz_bounds`), so each similarity moves by at most ~1.4e-5;
+where it fails (singular values tied to ~1e-10) the full route gives the answer. These
+solvers' residuals are ~1e-13 of ||W||^2, so the check passes on real weights (all 210
+modules of a SmolLM2-135M demo checkpoint, where the truncated route's failed on 170).
+"truncated" is torch.svd_lowrank on a 2k+8 column sketch with a float64 Rayleigh-Ritz step
+and the same check: pretrained weights have flat tops (SmolLM2-135M: s_48 / s_20 ~ 0.9,
+neighbouring top-20 values 4e-4 s_1 apart), where subspace iteration leaves residuals far
+above what the check needs, so it mostly falls back and costs more (`learnforget bench
+spectra` measures all three). Each row records its route ("svd_route") and bound. All linear algebra runs on
+`cpu_linalg_threads` (1 thread on a 2-thread torch: 2-thread calls were up to 28x slower on
+the shared machine).
 """
 
 from __future__ import annotations
@@ -48,7 +54,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from learnforget.analysis.svd import TOP_METHODS, TOP_TOL, cpu_linalg_threads, top_singular
+from learnforget.analysis.svd import (
+    TOP_DEFAULT,
+    TOP_METHODS,
+    TOP_TOL,
+    cpu_linalg_threads,
+    top_singular,
+)
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_open, atomic_write_json, read_json
 from learnforget.runfolder import RunFolder, find_runs
@@ -84,10 +96,11 @@ def top_left_singular(w: torch.Tensor, k: int) -> torch.Tensor:
     return u / s.clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def top_left(w: torch.Tensor, k: int, svd: str = "full") -> dict[str, Any]:
+def top_left(w: torch.Tensor, k: int, svd: str = TOP_DEFAULT) -> dict[str, Any]:
     """The top k left singular vectors of w (float64) by `svd`: "full" is `top_left_singular`
-    (the reference); "truncated" a checked randomised SVD that falls back on it
-    (`learnforget.analysis.svd.top_singular`: {"u", "route", "bound", ...})."""
+    (the reference); "partial" (a checked partial eigendecomposition) and "truncated" (a
+    checked randomised SVD) fall back on it (`learnforget.analysis.svd.top_singular`: {"u",
+    "route", "bound", ...})."""
     return top_singular(w, k, method=svd, full=lambda m, kk: (top_left_singular(m, kk), None))
 
 
@@ -171,7 +184,7 @@ def cached_base_u(cache: Path | None, base_dir: Path | None, module: str,
 
 def module_row(name: str, module_type: str, layer: int | None, u_base: torch.Tensor,
                w_ft: torch.Tensor, delta: torch.Tensor, ks: Sequence[int] = KS,
-               epsilons: Sequence[float] = EPSILONS, svd: str = "full") -> dict[str, Any]:
+               epsilons: Sequence[float] = EPSILONS, svd: str = TOP_DEFAULT) -> dict[str, Any]:
     """One module's intruder record (see the module docstring); `svd` picks how W_ft's top
     vectors are found (`top_left`; the route taken and its accuracy bound are in the row)."""
     with cpu_linalg_threads(w_ft.numel()):
@@ -191,10 +204,10 @@ def module_row(name: str, module_type: str, layer: int | None, u_base: torch.Ten
 def compute_intruders(run_dir: Path, checkpoint: str | None = None, *,
                       cache_dir: Path | None = None, ks: Sequence[int] = KS,
                       epsilons: Sequence[float] = EPSILONS, force: bool = False,
-                      verbose: bool = True, svd: str = "full") -> list[Path]:
+                      verbose: bool = True, svd: str = TOP_DEFAULT) -> list[Path]:
     """<run>/intruders/<checkpoint>.json for each checkpoint (or one); skipped when done with
     the same grid (a record made with svd="full", or before the setting existed, also serves
-    a "truncated" request: it is the reference). `svd` picks how each W_ft's top k vectors are
+    a "partial" or "truncated" request: it is the reference). `svd` picks how each W_ft's top k vectors are
     found (`top_left`; W_base's full SVD is cached either way). Returns the JSON paths."""
     from learnforget.analysis.deltas import extract_deltas
     from learnforget.analysis.weights import base_model_folder
@@ -245,7 +258,7 @@ def compute_intruders(run_dir: Path, checkpoint: str | None = None, *,
 
 def _reusable(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
     """Whether a stored record's settings serve a request: the same, or the full (reference)
-    route where the truncated one is asked for (records before the setting: full)."""
+    route where a checked one is asked for (records before the setting: full)."""
     if not old:
         return False
     old_svd = old.get("svd", "full")
@@ -260,7 +273,7 @@ def _svd_summary(rows: list[dict[str, Any]], svd: str) -> dict[str, Any]:
     for r in rows:
         routes[r["svd_route"]] = routes.get(r["svd_route"], 0) + 1
     bounds = [r["svd_bound"] for r in rows if r["svd_bound"] is not None]
-    return {"method": svd, "tol": TOP_TOL if svd == "truncated" else None, "routes": routes,
+    return {"method": svd, "tol": None if svd == "full" else TOP_TOL, "routes": routes,
             "max_bound": max(bounds) if bounds else None}
 
 

@@ -24,7 +24,7 @@ def analyze(root: Path, out: Path | None = None, *, spectra: bool = True,
             threshold: float = 0.9, with_weights: bool = False, cache_dir: Path | None = None,
             dense_method: str = "svd", suite: str | None = None, random_n: int = 1000,
             verbose: bool = True, wandb: bool | None = None,
-            intruders: bool = True, intruder_svd: str = "full") -> dict[str, Any]:
+            intruders: bool = True, intruder_svd: str = "partial") -> dict[str, Any]:
     """Collect every run under `root` into a table, compute missing ΔW spectra (unless
     spectra=False), and regenerate every figure into `out` (default <root>/_analysis); then
     log the tables and figures to one W&B analysis run in the study's group (wandb None: when
@@ -194,7 +194,7 @@ def _mirror(root: Path, out: Path, figs: list[Path], n_rows: int, force: bool | 
 
 def _intruders(root: Path, out: Path, cache_dir: Path | None, figs: list[Path],
                tables: list[Path], warnings: list[str], verbose: bool,
-               svd: str = "full") -> None:
+               svd: str = "partial") -> None:
     """Intruder dimensions of every run's checkpoints (learnforget.analysis.intruders), the summary
     table (intruders.csv / .md: mean per module by method, tokens and module type, with the
     count chance predicts) and the figures intruders_vs_rank / intruders_vs_tokens."""
@@ -422,9 +422,11 @@ def analyze_cli(args: Sequence[str]) -> int:
     p.add_argument("--no-intruders", action="store_true",
                    help="skip the intruder dimensions (W_ft's top 20 vectors per module and "
                         "checkpoint, W_base's full SVD once per base)")
-    p.add_argument("--intruder-svd", choices=("full", "truncated"), default="full",
-                   help="W_ft's top vectors by the full eigendecomposition (default, the "
-                        "reference) or by a checked randomised SVD that falls back on it")
+    p.add_argument("--intruder-svd", choices=("partial", "full", "truncated"),
+                   default="partial",
+                   help="W_ft's top vectors by a checked partial eigendecomposition (default), "
+                        "the full one (the reference, and the fallback of the checked routes) "
+                        "or a checked randomised SVD")
     p.add_argument("--random-n", type=int, default=1000,
                    help="size of the fig. S8 random matrices (0: skip)")
     w = p.add_mutually_exclusive_group()
@@ -454,13 +456,19 @@ def bench_cli(args: Sequence[str]) -> int:
                         "matrices, torch's setting for large dense ones)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     p.add_argument("--intruders", choices=("yes", "no", "only"), default="yes",
-                   help="also time the intruder test, full vs truncated SVD, per checkpoint at "
-                        "135M and at Llama-2-7B shapes (learnforget.bench.intruders)")
+                   help="also time the intruder test, full vs partial (vs truncated at 135M) "
+                        "SVD, per checkpoint at 135M and at Llama-2-7B shapes "
+                        "(learnforget.bench.intruders)")
     p.add_argument("--model", default="smollm2_135m", help="the intruder part's real base")
     p.add_argument("--run", type=Path, default=None,
                    help="time the intruder test on this run's checkpoints instead")
     p.add_argument("--base-svd", action="store_true",
                    help="also time W_base's full SVD at 7B shapes (once per base; minutes)")
+    p.add_argument("--per-shape", type=int, default=2,
+                   help="matrices timed per Llama-2-7B shape in the intruder part (mean scaled)")
+    p.add_argument("--intruder-routes", default=None,
+                   help="comma-separated subset of full_torch_threads,full,partial,truncated "
+                        "to time at 135M (default all; full always runs)")
     a = p.parse_args(args[1:])
     res: dict[str, Any] = {}
     if a.intruders != "only":
@@ -469,7 +477,10 @@ def bench_cli(args: Sequence[str]) -> int:
         from learnforget.bench.intruders import bench_intruders
 
         res["intruders"] = bench_intruders(model=a.model, run=a.run, modules=LLAMA2_7B_MODULES,
-                                           layers=a.layers, base_svd=a.base_svd)
+                                           layers=a.layers, base_svd=a.base_svd,
+                                           per_shape=a.per_shape,
+                                           routes=a.intruder_routes.split(",")
+                                           if a.intruder_routes else None)
     if a.json:
         from learnforget.files import atomic_write_json
 

@@ -40,15 +40,40 @@ def linalg_threads(numel: int, *, skinny: bool = False) -> int | None:
 
 @contextmanager
 def _threads(n: int | None, device: str):
+    """torch's threads (and the BLAS scipy calls, through threadpoolctl) set to n meanwhile."""
     prev = torch.get_num_threads()
-    if device != "cpu" or n is None or n == prev:
+    if device != "cpu" or n is None:
         yield
         return
-    torch.set_num_threads(n)
+    with _blas_threads(n):
+        if n == prev:
+            yield
+            return
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(prev)
+
+
+_BLAS_CONTROLLER: list[Any] = []
+
+
+@contextmanager
+def _blas_threads(n: int):
+    """The BLAS libraries loaded in the process (scipy's OpenBLAS) limited to n threads, by
+    threadpoolctl (scikit-learn's, there through lm-eval); unchanged without it."""
+    import scipy.linalg  # noqa: F401  (loads scipy's BLAS before the controller looks)
+
     try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - an install without lm-eval's scikit-learn
         yield
-    finally:
-        torch.set_num_threads(prev)
+        return
+    if not _BLAS_CONTROLLER:
+        _BLAS_CONTROLLER.append(ThreadpoolController())
+    with _BLAS_CONTROLLER[0].limit(limits=n, user_api="blas"):
+        yield
 
 
 def default_device() -> str:
@@ -128,9 +153,12 @@ def dense_svd(M: Any, k: int, *, dtype: torch.dtype = torch.float32) -> tuple[np
 
 # ============================================================================ top-k vectors
 
-TOP_METHODS = ("full", "truncated")
+TOP_METHODS = ("full", "partial", "truncated")
+TOP_DEFAULT = "partial"
 TOP_TOL = 1e-5  # largest accepted bound on sin(angle) between a computed and an exact vector
 TOP_NITER = 32  # subspace iterations of the truncated route (float64)
+TOP_EXTRA = 8  # eigenpairs beyond k that the partial route computes (the check's outer gap)
+KRYLOV_MIN = 1 << 22  # elements from which the partial route uses Lanczos (`krylov_top`)
 
 
 def top_oversample(k: int) -> int:
@@ -148,7 +176,15 @@ def cpu_linalg_threads(numel: int):
         yield
 
 
-def ritz_bounds(s: torch.Tensor, res: torch.Tensor, k: int) -> torch.Tensor:
+def residual_floor(s1: float, shape: Sequence[int]) -> float:
+    """The rounding error of a residual W W^T u - s^2 u computed in float64, (m + n) eps
+    s_1^2 (the usual gamma_n bound of a dot product): `ritz_bounds` takes no residual below
+    it, so singular values tied to rounding level (their vectors undetermined) fail the
+    check instead of passing on residuals that rounding made small."""
+    return (sum(shape) * float(torch.finfo(torch.float64).eps)) * float(s1) ** 2
+
+
+def ritz_bounds(s: torch.Tensor, res: torch.Tensor, k: int, floor: float = 0.0) -> torch.Tensor:
     """Bounds on sin(angle) between each of the top k Ritz vectors u_i (of W W^T on the
     sketch: values s_i^2, residual norms s_i * res_i with res_i = ||W v_i - s_i u_i||) and
     W's exact i-th left singular vector; inf where no bound holds.
@@ -159,8 +195,10 @@ def ritz_bounds(s: torch.Tensor, res: torch.Tensor, k: int) -> torch.Tensor:
     vector's angle by that times sqrt(1 + ||R||_F^2 / gap_i^2), gap_i being the distance from
     s_i^2 (less its residual) to the block's other Ritz values; the best block is taken. It
     assumes that no exact singular value above s_{k'+1} + its residual escaped the sketch
-    (subspace iteration finds the largest first; an escaped one leaves large residuals)."""
-    lam, rho = s.double() ** 2, s.double() * res.double()
+    (subspace iteration finds the largest first; an escaped one leaves large residuals;
+    a direct solver's eigenvalues are the top ones by construction). Residuals below `floor`
+    (`residual_floor`) count as `floor`."""
+    lam, rho = s.double() ** 2, (s.double() * res.double()).clamp_min(floor)
     best = torch.full((k,), math.inf, dtype=torch.float64)
     for kp in range(k, lam.numel() - 1):
         big_r = float(rho[:kp].norm())
@@ -177,18 +215,84 @@ def ritz_bounds(s: torch.Tensor, res: torch.Tensor, k: int) -> torch.Tensor:
     return best
 
 
+def gram_top(w64: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top kk left singular values (descending) and vectors of a float64 matrix, from the
+    top kk eigenpairs of its smaller Gram matrix: BLAS dsyrk (half a GEMM's flops), then
+    LAPACK dsyevr with an index range (tridiagonal reduction, MRRR for kk eigenpairs, kk
+    vectors back-transformed: the full route's dsyevd finds and back-transforms all of them).
+    For a tall w the left vectors are w v / ||w v||."""
+    from scipy.linalg import eigh
+    from scipy.linalg.blas import dsyrk
+
+    a = w64.detach().numpy()
+    m, n = a.shape
+    # a.T is a Fortran-order view: trans=1 gives a a^T (m <= n), trans=0 a^T a (no copy)
+    g = dsyrk(1.0, a.T, trans=1 if m <= n else 0, lower=0)
+    size = g.shape[0]
+    lam, vecs = eigh(g, lower=False, subset_by_index=[size - kk, size - 1], driver="evr",
+                     overwrite_a=True, check_finite=False)
+    lam, vecs = torch.from_numpy(lam[::-1].copy()), torch.from_numpy(vecs[:, ::-1].copy())
+    if m > n:
+        vecs = w64 @ vecs
+        vecs = vecs / vecs.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+    return lam.clamp_min(0).sqrt(), vecs
+
+
+def krylov_top(w64: torch.Tensor, kk: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top kk singular values (descending) and left vectors of a float64 matrix by
+    Lanczos bidiagonalization with full reorthogonalization (PROPACK through
+    scipy.sparse.linalg.svds, tol=0: to machine precision; a seeded start vector). Raises
+    scipy's LinAlgError when it does not converge within its 10 kk steps."""
+    import numpy as np
+    from scipy.sparse.linalg import svds
+
+    u, s, _ = svds(w64.detach().numpy(), k=kk, tol=0, solver="propack",
+                   rng=np.random.default_rng(seed))
+    order = np.argsort(s)[::-1]
+    return torch.from_numpy(s[order].copy()), torch.from_numpy(u[:, order].copy())
+
+
+def _partial(w: torch.Tensor, k: int, tol: float, full, seed: int = 0,
+             solver: str | None = None) -> dict[str, Any]:
+    """top_singular's partial route: k + TOP_EXTRA vectors by `krylov_top` (matrices of
+    KRYLOV_MIN elements or more, or solver="krylov") or `gram_top` (smaller ones, or
+    solver="gram"), each checked; a Krylov solve that does not converge falls back too."""
+    from scipy.linalg import LinAlgError
+
+    w64 = w.detach().double()
+    kk = k + TOP_EXTRA
+    if solver is None:
+        solver = "krylov" if w64.numel() >= KRYLOV_MIN else "gram"
+    try:
+        s, u = krylov_top(w64, kk, seed) if solver == "krylov" else gram_top(w64, kk)
+    except LinAlgError:
+        u, s = full(w, k)
+        return {"u": u, "s": s, "route": "full (no convergence)", "bound": None, "attempts": 1}
+    # residuals of W W^T u_i = s_i^2 u_i, recomputed from w itself (not from the Gram matrix)
+    rho = (w64 @ (w64.T @ u) - u * s ** 2).norm(dim=0)
+    bound = ritz_bounds(s, rho / s.clamp_min(torch.finfo(torch.float64).tiny), k,
+                        residual_floor(float(s[0]), w.shape))
+    if bool((bound <= tol).all()):
+        return {"u": u[:, :k], "s": s[:k], "route": f"partial ({solver})",
+                "bound": float(bound.max()), "attempts": 1}
+    u, s = full(w, k)
+    return {"u": u, "s": s, "route": "full (check failed)", "bound": None, "attempts": 1}
+
+
 def top_singular(w: torch.Tensor, k: int, *, method: str = "full", tol: float = TOP_TOL,
                  full=None, seed: int = 0) -> dict[str, Any]:
     """The top k left singular vectors and values of w, in float64, and how they were found.
 
-    method="full": `full(w, k)` (the caller's reference route), no check. method="truncated":
-    torch.svd_lowrank in float64 on a q = 2k + 8 column sketch (seeded, TOP_NITER subspace
-    iterations), a Rayleigh-Ritz step on its left basis (a q x n SVD), and a check per vector:
-    the bound on its angle to the exact vector (`ritz_bounds`) must be <= tol for each of the
-    k; otherwise, or when q >= min(m, n) (nothing to save), `full` gives the answer. Returns
-    {"u": m x k, "s": k (None from `full`), "route": "truncated" | "full" | "full (check
-    failed)" | "full (small)", "bound": the largest bound of an accepted truncated result
-    (None otherwise), "attempts": sketches tried}.
+    method="full": `full(w, k)` (the caller's reference route), no check. method="partial":
+    the top k + TOP_EXTRA eigenpairs of w's smaller Gram matrix only (`gram_top`), then the
+    check below. method="truncated": torch.svd_lowrank in float64 on a q = 2k + 8 column
+    sketch (seeded, TOP_NITER subspace iterations), a Rayleigh-Ritz step on its left basis (a
+    q x n SVD), then the check. The check, per vector: the bound on its angle to the exact
+    vector (`ritz_bounds`, from residuals recomputed with w) must be <= tol for each of the
+    k; otherwise, or when k + 8 (partial) or q (truncated) >= min(m, n) (nothing to save),
+    `full` gives the answer. Returns {"u": m x k, "s": k (None from `full`), "route":
+    "partial" | "truncated" | "full" | "full (check failed)" | "full (small)", "bound": the
+    largest bound of an accepted result (None otherwise), "attempts": tries (0 or 1)}.
     """
     if method not in TOP_METHODS:
         raise ConfigError(f"singular-vector method {method!r} is unknown (expected one of "
@@ -197,11 +301,13 @@ def top_singular(w: torch.Tensor, k: int, *, method: str = "full", tol: float = 
         raise ValueError("top_singular needs the full route (`full`) to fall back on")
     m, n = w.shape
     k = min(k, m, n)
-    q = k + top_oversample(k)
+    q = k + (TOP_EXTRA if method == "partial" else top_oversample(k))
     if method == "full" or q >= min(m, n):
         u, s = full(w, k)
         return {"u": u, "s": s, "route": "full" if method == "full" else "full (small)",
                 "bound": None, "attempts": 0}
+    if method == "partial":
+        return _partial(w, k, tol, full, seed)
     w64 = w.detach().double()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -209,7 +315,8 @@ def top_singular(w: torch.Tensor, k: int, *, method: str = "full", tol: float = 
     qb, _ = torch.linalg.qr(basis)
     ub, s, vh = torch.linalg.svd(qb.T @ w64, full_matrices=False)  # Rayleigh-Ritz
     u = qb @ ub
-    bound = ritz_bounds(s, (w64 @ vh.T - u * s).norm(dim=0), k)
+    bound = ritz_bounds(s, (w64 @ vh.T - u * s).norm(dim=0), k, residual_floor(float(s[0]),
+                                                                              w.shape))
     if bool((bound <= tol).all()):
         return {"u": u[:, :k], "s": s[:k], "route": "truncated", "bound": float(bound.max()),
                 "attempts": 1}

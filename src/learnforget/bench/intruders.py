@@ -1,21 +1,24 @@
 """`learnforget bench spectra`'s intruder part: the per-checkpoint time of the intruder test
-(learnforget.analysis.intruders) through the full route and the truncated one, side by side,
-and how far apart their results are.
+(learnforget.analysis.intruders) through the full route, the partial one (the default) and
+the truncated one, side by side, and how far apart their results are. Times are process CPU
+seconds (time.process_time: on a loaded machine wall time measures the neighbours).
 
 - 135M: every block weight of the real base model (SmolLM2-135M by default) with a synthetic
   finetuning update (below), or, with --run, the real checkpoints of a run; per checkpoint
-  the sum over its modules of `module_row` with svd="full" and with svd="truncated" (W_ft's
-  top 20 vectors, the similarities with all of U_base, counts, energy), plus W_base's full SVD,
-  the once-per-base cost the cache pays.
-- 7B shapes: one random matrix per Llama-2-7B module shape with a spectrum like a pretrained
-  weight's (below), each route timed once and scaled to the 224 modules of the model.
+  the sum over its modules of `module_row` with svd="full", "partial" and "truncated" (W_ft's
+  top 20 vectors, the similarities with all of U_base, counts, energy), plus W_base's full
+  SVD, the once-per-base cost the cache pays.
+- 7B shapes: `per_shape` matrices per Llama-2-7B module shape, each a base with a spectrum
+  like a pretrained weight's (`planted_spectrum_matrix`) plus the synthetic update, through
+  the full and the partial route (the truncated one is left out: it costs more than the full
+  one there), the mean time per shape scaled to the 224 modules of the model.
 
-The synthetic update of a base weight W (out x in, top singular value s_1): Gaussian noise of
-1e-3 times W's root-mean-square entry, and in every third module a planted rank-one direction
-0.5 s_1 x y^T (x, y random unit vectors), which becomes one of W_ft's top vectors and is an
+The synthetic update of a base weight W (out x in, top singular value s_1, by power
+iteration): Gaussian noise of 1e-3 times W's root-mean-square entry, and in every third module
+a planted rank-one direction 0.5 s_1 x y^T (x, y random unit vectors), which becomes one of W_ft's top vectors and is an
 intruder (a random direction's largest |cosine| with the base's basis is about
-sqrt(2 ln(out) / out)). Results are compared as the largest |difference| of the similarities
-and whether every count of the (k, ε) grid agrees.
+sqrt(2 ln(out) / out)). Results are compared with the full route's as the largest
+|difference| of the similarities and whether every count of the (k, ε) grid agrees.
 """
 
 from __future__ import annotations
@@ -36,9 +39,20 @@ SPECTRUM_ALPHA = 0.2  # s_i ~ i^-alpha; fits to SmolLM2-135M's top 100 gave 0.07
 
 
 def _timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
+    """(fn's result, the process CPU seconds it took)."""
+    t0 = time.process_time()
     out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
+    return out, time.process_time() - t0
+
+
+def _top_singular_value(w: torch.Tensor, g: torch.Generator, iters: int = 30) -> torch.Tensor:
+    """s_1 of w to about 1e-3 by power iteration (30 products with w and w^T; a full SVD of a
+    7B-shaped matrix only to size the planted direction took longer than the timed routes)."""
+    v = torch.randn(w.shape[1], generator=g, dtype=w.dtype)
+    for _ in range(iters):
+        v = w.T @ (w @ v)
+        v = v / v.norm()
+    return (w @ v).norm()
 
 
 def synthetic_update(w: torch.Tensor, plant: bool, g: torch.Generator) -> torch.Tensor:
@@ -48,7 +62,7 @@ def synthetic_update(w: torch.Tensor, plant: bool, g: torch.Generator) -> torch.
     if plant:
         x = torch.randn(w.shape[0], generator=g, dtype=torch.float64)
         y = torch.randn(w.shape[1], generator=g, dtype=torch.float64)
-        s1 = torch.linalg.matrix_norm(w, ord=2)
+        s1 = _top_singular_value(w, g)
         delta += 0.5 * s1 * torch.outer(x / x.norm(), y / y.norm())
     return delta
 
@@ -59,23 +73,36 @@ def compare_rows(full: dict[str, Any], trunc: dict[str, Any]) -> tuple[float, bo
     return diff, full["counts"] == trunc["counts"]
 
 
-ROUTES = (("full_torch_threads", "full"), ("full", "full"), ("truncated", "truncated"))
+ROUTES = (("full_torch_threads", "full"), ("full", "full"), ("partial", "partial"),
+          ("truncated", "truncated"))
+CHECKED = ("partial", "truncated")
 
 
-def time_modules(modules, *, base_u: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+def time_modules(modules, *, base_u: dict[str, torch.Tensor] | None = None,
+                 routes: Sequence[str] | None = None) -> dict[str, Any]:
     """`modules`: (name, module type, layer, W_base, W_ft) tuples of one checkpoint. Times the
     base SVD (skipped for names in `base_u`), then module_row through the full route on
-    torch's threads (the behaviour before cpu_linalg_threads), the full route and the
-    truncated one."""
+    torch's threads (the behaviour before cpu_linalg_threads), the full route, the partial
+    one and the truncated one (`routes`: a subset of ROUTES' labels; the full route always
+    runs); compares the checked routes' rows with the full route's."""
     import os
 
     from learnforget.analysis.intruders import left_singular, module_row
     from learnforget.analysis.svd import LINALG_THREADS_ENV, cpu_linalg_threads
 
     base_u = {} if base_u is None else base_u
-    t = {"base_svd": 0.0, **{label: 0.0 for label, _ in ROUTES}}
-    max_diff, same, n, intruders = 0.0, True, 0, 0
-    routes: dict[str, int] = {}
+    labels = [label for label, _ in ROUTES]
+    wanted = set(labels if routes is None else routes) | {"full"}
+    if wanted - set(labels):
+        raise ConfigError(f"intruder bench routes {sorted(wanted - set(labels))} are unknown "
+                          f"(expected some of {labels})")
+    todo = [(label, svd) for label, svd in ROUTES if label in wanted]
+    checked = [c for c in CHECKED if c in wanted]
+    t = {"base_svd": 0.0, **{label: 0.0 for label, _ in todo}}
+    diff = {c: 0.0 for c in checked}
+    same = {c: True for c in checked}
+    found: dict[str, dict[str, int]] = {c: {} for c in checked}
+    n, intruders = 0, 0
     for name, mtype, layer, w_base, w_ft in modules:
         if name not in base_u:
             with cpu_linalg_threads(w_base.numel()):
@@ -85,7 +112,7 @@ def time_modules(modules, *, base_u: dict[str, torch.Tensor] | None = None) -> d
         delta = (w_ft.double() - w_base.double())
         rows = {}
         saved = os.environ.get(LINALG_THREADS_ENV)
-        for label, svd in ROUTES:
+        for label, svd in todo:
             if label == "full_torch_threads":
                 os.environ[LINALG_THREADS_ENV] = str(torch.get_num_threads())
             try:
@@ -97,15 +124,20 @@ def time_modules(modules, *, base_u: dict[str, torch.Tensor] | None = None) -> d
                 else:
                     os.environ[LINALG_THREADS_ENV] = saved
             t[label] += dt
-        d, ok = compare_rows(rows["full"], rows["truncated"])
-        max_diff, same, n = max(max_diff, d), same and ok, n + 1
+        for c in checked:
+            d, ok = compare_rows(rows["full"], rows[c])
+            diff[c], same[c] = max(diff[c], d), same[c] and ok
+            r = rows[c]["svd_route"]
+            found[c][r] = found[c].get(r, 0) + 1
+        n += 1
         intruders += rows["full"]["counts"]["10"]["0.5"]
-        r = rows["truncated"]["svd_route"]
-        routes[r] = routes.get(r, 0) + 1
-    return {"modules": n, "base_svd_s": t["base_svd"], "full_torch_threads_s":
-            t["full_torch_threads"], "full_s": t["full"], "truncated_s": t["truncated"],
-            "max_sim_diff": max_diff, "counts_equal": same, "intruders_k10_eps05": intruders,
-            "truncated_routes": routes}
+    out = {"modules": n, "base_svd_s": t["base_svd"],
+           **{f"{label}_s": t[label] for label, _ in todo},
+           "intruders_k10_eps05": intruders}
+    for c in checked:
+        out[f"{c}_max_sim_diff"], out[f"{c}_counts_equal"] = diff[c], same[c]
+        out[f"{c}_routes"] = found[c]
+    return out
 
 
 def base_checkpoint(base_dir: Path, seed: int = 0, max_modules: int | None = None):
@@ -159,91 +191,116 @@ def planted_spectrum_matrix(m: int, n: int, g: torch.Generator,
 
 
 def bench_7b_shapes(modules: Sequence[tuple[str, int, int]], layers: int = 32, seed: int = 0,
-                    base_svd: bool = False) -> dict[str, Any]:
-    """Per distinct shape of `modules`, one planted-spectrum matrix through both routes (and
-    W_base's full SVD with `base_svd`), scaled to layers x modules."""
+                    base_svd: bool = False, per_shape: int = 2) -> dict[str, Any]:
+    """Per distinct shape of `modules`, `per_shape` matrices W_base + synthetic update (the
+    first with a planted intruder) through the full and the partial route (and W_base's full
+    SVD with `base_svd`, once per shape); the mean time per shape scaled to layers x
+    modules."""
     from learnforget.analysis.intruders import left_singular, top_left, top_left_singular
     from learnforget.analysis.svd import cpu_linalg_threads
 
+    if per_shape < 1:
+        raise ConfigError(f"matrices per shape must be >= 1, got {per_shape!r}")
     g = torch.Generator().manual_seed(seed)
     shapes: dict[tuple[int, int], dict[str, Any]] = {}
     for _, d_out, d_in in modules:
         if (d_out, d_in) in shapes:
             shapes[(d_out, d_in)]["count"] += layers
             continue
-        w = planted_spectrum_matrix(d_out, d_in, g)
-        with cpu_linalg_threads(w.numel()):
-            u_full, t_full = _timed(top_left_singular, w, K)
-            top, t_trunc = _timed(top_left, w, K, "truncated")
-        # sign-aligned distance between the routes' vectors: bounds every |cosine| change
-        dots = (u_full * top["u"]).sum(dim=0)
-        dist = float((u_full - top["u"] * torch.sign(dots)).norm(dim=0).max())
-        row = {"count": layers, "full_s": t_full, "truncated_s": t_trunc,
-               "route": top["route"], "bound": top["bound"], "max_vector_diff": dist}
-        if base_svd:
+        t_full, t_part, dist, bounds, routes = [], [], 0.0, [], {}
+        row: dict[str, Any] = {"count": layers}
+        for i in range(per_shape):
+            w_base = planted_spectrum_matrix(d_out, d_in, g)
+            w = (w_base.double() + synthetic_update(w_base, i == 0, g)).float()
             with cpu_linalg_threads(w.numel()):
-                row["base_svd_s"] = _timed(left_singular, w)[1]
+                u_full, dt = _timed(top_left_singular, w, K)
+                t_full.append(dt)
+                top, dt = _timed(top_left, w, K, "partial")
+                t_part.append(dt)
+                if base_svd and i == 0:
+                    row["base_svd_s"] = _timed(left_singular, w_base)[1]
+            # sign-aligned distance between the routes' vectors: bounds every |cosine| change
+            dots = (u_full * top["u"]).sum(dim=0)
+            dist = max(dist, float((u_full - top["u"] * torch.sign(dots)).norm(dim=0).max()))
+            routes[top["route"]] = routes.get(top["route"], 0) + 1
+            if top["bound"] is not None:
+                bounds.append(top["bound"])
+        row.update({"full_s": sum(t_full) / per_shape, "partial_s": sum(t_part) / per_shape,
+                    "matrices": per_shape, "routes": routes,
+                    "bound": max(bounds) if bounds else None, "max_vector_diff": dist})
         shapes[(d_out, d_in)] = row
     total = {key: sum(v["count"] * v[key] for v in shapes.values())
-             for key in ("full_s", "truncated_s", "base_svd_s") if base_svd or key != "base_svd_s"}
+             for key in ("full_s", "partial_s", "base_svd_s") if base_svd or key != "base_svd_s"}
     return {"shapes": {f"{a}x{b}": v for (a, b), v in shapes.items()},
             "n_modules": sum(v["count"] for v in shapes.values()), "spectrum_alpha": SPECTRUM_ALPHA,
+            "per_shape": per_shape,
             "per_checkpoint_full_s": total["full_s"],
-            "per_checkpoint_truncated_s": total["truncated_s"],
+            "per_checkpoint_partial_s": total["partial_s"],
             "per_base_svd_s": total.get("base_svd_s"),
             "max_vector_diff": max(v["max_vector_diff"] for v in shapes.values())}
 
 
 def bench_intruders(*, model: str = "smollm2_135m", run: Path | None = None,
                     modules: Sequence[tuple[str, int, int]] = (), layers: int = 32,
-                    base_svd: bool = False, seed: int = 0, verbose: bool = True
+                    base_svd: bool = False, seed: int = 0, per_shape: int = 2,
+                    routes: Sequence[str] | None = None, verbose: bool = True
                     ) -> dict[str, Any]:
     """Both sections (see the module docstring); prints a table; returns the numbers."""
     from learnforget.assets.models import base_model_dir
     from learnforget.config import compose
 
-    res: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "k": K}
+    res: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "k": K,
+                           "clock": "process CPU seconds"}
     if run is not None:
         res["run"] = str(run)
-        res["checkpoints"] = {ck: time_modules(mods) for ck, mods in
+        res["checkpoints"] = {ck: time_modules(mods, routes=routes) for ck, mods in
                               run_checkpoints(Path(run), None).items()}
     else:
         cfg = compose([f"model={model}"])
         base = Path(base_model_dir(cfg.model, Path(str(cfg.paths.cache_dir)).expanduser()))
         res["model"] = model
-        res["checkpoints"] = {"synthetic": time_modules(base_checkpoint(base, seed))}
+        res["checkpoints"] = {"synthetic": time_modules(base_checkpoint(base, seed),
+                                                        routes=routes)}
     if modules:
-        res["shapes_7b"] = bench_7b_shapes(modules, layers, seed, base_svd)
+        res["shapes_7b"] = bench_7b_shapes(modules, layers, seed, base_svd, per_shape)
     if verbose:
         print(format_intruders(res))
     return res
 
 
+def _routes(routes: dict[str, int]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in routes.items())
+
+
 def format_intruders(r: dict[str, Any]) -> str:
     what = r.get("run") or f"{r.get('model')} base + synthetic update"
     lines = [f"intruder test per checkpoint (W_ft's top {r['k']} vectors, similarities with all "
-             f"of U_base), {what}; torch threads {r['torch_threads']}:",
-             f"  {'checkpoint':<14} {'modules':>7} {'full, torch threads s':>22} {'full s':>7} "
-             f"{'truncated s':>12} {'max |Δsim|':>11} {'counts':>7} {'base SVD s':>11}  "
-             "truncated routes"]
+             f"of U_base), {what}; torch threads {r['torch_threads']}; process CPU seconds:",
+             f"  {'checkpoint':<14} {'modules':>7} {'full, torch threads':>20} {'full':>7} "
+             f"{'partial':>8} {'truncated':>10} {'base SVD':>9}"]
     for ck, v in r["checkpoints"].items():
-        routes = ", ".join(f"{n} {k}" for k, n in v["truncated_routes"].items())
-        lines.append(f"  {ck:<14} {v['modules']:>7} {v['full_torch_threads_s']:>22.2f} "
-                     f"{v['full_s']:>7.2f} {v['truncated_s']:>12.2f} {v['max_sim_diff']:>11.1e} "
-                     f"{'same' if v['counts_equal'] else 'DIFFER':>7} {v['base_svd_s']:>11.2f}"
-                     f"  {routes}")
+        cell = {key: f"{v[key]:.2f}" if key in v else "-" for key in
+                ("full_torch_threads_s", "full_s", "partial_s", "truncated_s", "base_svd_s")}
+        lines.append(f"  {ck:<14} {v['modules']:>7} {cell['full_torch_threads_s']:>20} "
+                     f"{cell['full_s']:>7} {cell['partial_s']:>8} {cell['truncated_s']:>10} "
+                     f"{cell['base_svd_s']:>9}")
+        for c in [c for c in CHECKED if f"{c}_routes" in v]:
+            lines.append(f"    {c} against full: max |Δsim| {v[f'{c}_max_sim_diff']:.1e}, counts "
+                         f"{'same' if v[f'{c}_counts_equal'] else 'DIFFER'}; routes "
+                         f"{_routes(v[f'{c}_routes'])}")
     s7 = r.get("shapes_7b")
     if s7:
-        lines.append(f"Llama-2-7B shapes ({s7['n_modules']} modules; one matrix per shape with "
-                     f"s_i ~ i^-{s7['spectrum_alpha']}, timed once, scaled):")
+        lines.append(f"Llama-2-7B shapes ({s7['n_modules']} modules; {s7['per_shape']} matrices "
+                     f"per shape, s_i ~ i^-{s7['spectrum_alpha']} plus the synthetic update; "
+                     "mean CPU s per matrix, scaled):")
         for shape, v in s7["shapes"].items():
             base = f", base SVD {v['base_svd_s']:.1f} s" if "base_svd_s" in v else ""
-            lines.append(f"  {shape:<12} x{v['count']:<4} full {v['full_s']:7.2f} s  truncated "
-                         f"{v['truncated_s']:6.2f} s ({v['route']}; vectors differ by "
+            lines.append(f"  {shape:<12} x{v['count']:<4} full {v['full_s']:7.2f} s  partial "
+                         f"{v['partial_s']:6.2f} s ({_routes(v['routes'])}; vectors differ by "
                          f"{v['max_vector_diff']:.1e}){base}")
         per_base = s7["per_base_svd_s"]
         lines.append(f"  per checkpoint: full {s7['per_checkpoint_full_s'] / 60:.1f} min, "
-                     f"truncated {s7['per_checkpoint_truncated_s'] / 60:.1f} min"
+                     f"partial {s7['per_checkpoint_partial_s'] / 60:.1f} min"
                      + (f"; W_base's full SVD, once per base: {per_base / 60:.1f} min"
                         if per_base is not None else ""))
     return "\n".join(lines)
