@@ -10,20 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_ablation_studies import _plan
 
 from learnforget.analysis.collect import _add_arms
 from learnforget.analysis.figures import _group_label
-from learnforget.studies.plan import estimate, expand
 from learnforget.studies.report import memory_table
-from learnforget.studies.study import apply_size, find_study, load_study
-
-
-def _plan(name: str, runs: Path, size: str | None = None, extra=()):
-    study, overrides = apply_size(load_study(find_study(name)), size,
-                                  [f"paths.runs_dir={runs}", *extra])
-    plan = expand(study, overrides)
-    estimate(plan)
-    return plan
 
 
 def _arm(job) -> tuple:
