@@ -90,13 +90,18 @@ def cfg_source(cfg: Any) -> str:
     return source
 
 
-def cfg_max_docs(cfg: Any) -> int | None:
-    max_docs = cfg_get(cfg, "max_docs")
-    if max_docs is None:
+def _positive_int_or_none(cfg: Any, key: str, unit: str = "") -> int | None:
+    """data.<key>: a positive integer, or None (null); a one-line error otherwise."""
+    n = cfg_get(cfg, key)
+    if n is None:
         return None
-    if isinstance(max_docs, bool) or not isinstance(max_docs, int) or max_docs < 1:
-        raise ConfigError(f"data.max_docs={max_docs!r}: expected a positive integer or null")
-    return max_docs
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"data.{key}={n!r}: expected a positive integer{unit} or null")
+    return n
+
+
+def cfg_max_docs(cfg: Any) -> int | None:
+    return _positive_int_or_none(cfg, "max_docs")
 
 
 def cfg_heldout_docs(cfg: Any) -> int:
@@ -108,12 +113,7 @@ def cfg_heldout_docs(cfg: Any) -> int:
 
 def cfg_train_chars(cfg: Any) -> int | None:
     """data.train_chars: keep the first this many characters of the training split (None: all)."""
-    n = cfg_get(cfg, "train_chars")
-    if n is None:
-        return None
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"data.train_chars={n!r}: expected a positive integer (characters) or null")
-    return n
+    return _positive_int_or_none(cfg, "train_chars", " (characters)")
 
 
 def render_prompt(cfg: Any, prompt: str) -> str:
