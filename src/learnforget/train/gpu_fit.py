@@ -4,8 +4,8 @@ against the GPU memory of its cluster profile, with the change that would make i
 Per GPU (one rank per GPU; `learnforget params` gives the parts, learnforget.train.activations the
 activations of one rank's micro-batch):
 
-- one process or DDP: weights + optimizer + max(activations + max(2 x logits, recompute),
-  gradients); DDP adds its gradient buckets (one more copy of the trainable gradients);
+- one process or DDP: weights + optimizer + max(activations + max(2 x logits, recompute +
+  the method's backward workspace), gradients); DDP adds its gradient buckets (one more copy of the trainable gradients);
 - FSDP (full-weight methods): weights, gradients and optimizer state / ranks, plus what is
   all-gathered at a time: the root unit (embeddings, final norm, LM head) and two decoder
   layers (the running one and the prefetched next) in the compute dtype, and one layer's
