@@ -17,6 +17,7 @@ GIB = 2**30
 def _report(**kw):
     base = dict(weights_bytes=80 * GIB, grads_bytes=40 * GIB, optimizer_bytes=80 * GIB,
                 activations_bytes=10 * GIB, logits_bytes=1 * GIB, recompute_bytes=0.0,
+                workspace_bytes=0.0,
                 compute="bf16", root_params=100_000_000, layer_params=200_000_000,
                 trainable=10, peak_bytes=80 * GIB + 80 * GIB + 12 * GIB + 40 * GIB)
     base.update(kw)
@@ -35,6 +36,9 @@ def test_per_gpu_bytes_by_hand():
     ck = _report(recompute_bytes=3 * GIB)  # checkpointing: one layer rebuilt > 2 x logits
     assert gpu_fit.per_gpu_bytes(ck, "fsdp", 8) == pytest.approx(
         200 * GIB / 8 + gathered + 13 * GIB)
+    ws = _report(recompute_bytes=3 * GIB, workspace_bytes=2 * GIB)  # SAID's rebuilt weight
+    assert gpu_fit.per_gpu_bytes(ws, "fsdp", 8) == pytest.approx(
+        200 * GIB / 8 + gathered + 15 * GIB)
 
 
 def test_gpu_plan_from_profile():

@@ -242,6 +242,12 @@ class Method:
         weights), and a line for the parameter report; None: nothing."""
         return None
 
+    def backward_workspace(self, model, compute_bytes: int) -> float:
+        """Transient bytes the method's backward needs beyond the traced activations, at most
+        (SAID rebuilds one target weight at a time); the peak estimate adds them to one decoder
+        layer's recompute. `compute_bytes`: 2 under bf16 compute, else 4."""
+        return 0.0
+
 
 # ---------------------------------------------------------------------------- shared checks
 

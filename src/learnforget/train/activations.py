@@ -9,11 +9,14 @@ T x T attention matrix), because on meta tensors torch would take the math path 
 
 The peak of a step is then estimated as
 
-    weights + optimizer state + max(activations + max(2 x logits, recompute), gradients)
+    weights + optimizer state + max(activations + max(2 x logits, recompute + workspace),
+                                    gradients)
 
 where `2 x logits` are the float32 gradients of the log-softmax output and of the logits that
-exist together at the start of the backward pass, and `recompute` (activation checkpointing
-only) is one decoder layer's activations rebuilt later in the backward pass. Under bf16
+exist together at the start of the backward pass, `recompute` (activation checkpointing
+only) is one decoder layer's activations rebuilt later in the backward pass, and `workspace`
+what the method's backward builds for a while beyond them (Method.backward_workspace: SAID
+rebuilding one target weight; 0 for the others). Under bf16
 compute the trace emulates autocast (meta tensors bypass it), so the 16-bit copies of inputs
 and fp32 master weights that autocast makes are counted as a real step keeps them. `learnforget bench memory` checks the
 estimate against the peak measured on real tensors.
@@ -194,10 +197,10 @@ def trace_activations(model: torch.nn.Module, batch_size: int, seq_len: int, voc
 
 
 def peak_estimate(weights: float, grads: float, optimizer: float,
-                  act: ActivationEstimate | None) -> float:
-    """Weights + optimizer + max(activations + max(2 x logits, recompute), gradients); no
-    activations: the sum of weights, gradients and optimizer state."""
+                  act: ActivationEstimate | None, workspace: float = 0.0) -> float:
+    """Weights + optimizer + max(activations + max(2 x logits, recompute + workspace),
+    gradients); no activations: the sum of weights, gradients and optimizer state."""
     if act is None:
         return weights + grads + optimizer
     return weights + optimizer + max(
-        act.activations_bytes + max(2 * act.logits_bytes, act.recompute_bytes), grads)
+        act.activations_bytes + max(2 * act.logits_bytes, act.recompute_bytes + workspace), grads)

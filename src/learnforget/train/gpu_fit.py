@@ -4,8 +4,8 @@ against the GPU memory of its cluster profile, with the change that would make i
 Per GPU (one rank per GPU; `learnforget params` gives the parts, learnforget.train.activations the
 activations of one rank's micro-batch):
 
-- one process or DDP: weights + optimizer + max(activations + max(2 x logits, recompute),
-  gradients); DDP adds its gradient buckets (one more copy of the trainable gradients);
+- one process or DDP: weights + optimizer + max(activations + max(2 x logits, recompute +
+  the method's backward workspace), gradients); DDP adds its gradient buckets (one more copy of the trainable gradients);
 - FSDP (full-weight methods): weights, gradients and optimizer state / ranks, plus what is
   all-gathered at a time: the root unit (embeddings, final norm, LM head) and two decoder
   layers (the running one and the prefetched next) in the compute dtype, and one layer's
@@ -85,7 +85,8 @@ def per_gpu_bytes(rep: Any, how: str, ranks: int, accumulates: bool = False) -> 
     """The per-GPU peak of a training step (see the module docstring); `rep` a ParamReport with
     activations traced; `accumulates`: FSDP holds every unsharded gradient between micro-batches
     (see accumulates_unsharded)."""
-    act = (rep.activations_bytes or 0.0) + max(2 * (rep.logits_bytes or 0.0), rep.recompute_bytes)
+    act = (rep.activations_bytes or 0.0) + max(2 * (rep.logits_bytes or 0.0),
+                                               rep.recompute_bytes + rep.workspace_bytes)
     if how != "fsdp":
         return rep.peak_bytes + (rep.grads_bytes if how == "ddp" else 0.0)
     compute_b = 2 if rep.compute == "bf16" else 4

@@ -48,6 +48,7 @@ class ParamReport:
     layer_params: int = 0              # one decoder layer's parameters (FSDP's gathered unit)
     root_params: int = 0               # outside the decoder layers (embeddings, norm, LM head)
     method_note: str = ""              # what the method holds beside parameters (Method.extra_memory)
+    workspace_bytes: float = 0.0       # the method's transient backward memory (Method.backward_workspace)
 
     @property
     def total_bytes(self) -> float:
@@ -60,7 +61,8 @@ class ParamReport:
         if self.activations_bytes is None:
             return self.total_bytes
         return self.weights_bytes + self.optimizer_bytes + max(
-            self.activations_bytes + max(2 * (self.logits_bytes or 0), self.recompute_bytes),
+            self.activations_bytes + max(2 * (self.logits_bytes or 0),
+                                         self.recompute_bytes + self.workspace_bytes),
             self.grads_bytes)
 
 
@@ -108,6 +110,7 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
         extra = family.extra_memory(model)  # e.g. SAID's shared gains, not a buffer
         if extra is not None:
             method_buffers += extra[0]
+        workspace = family.backward_workspace(model, 2 if policy.compute == "bf16" else 4)
         frozen_dtype = torch_dtype(quant.compute_dtype if quant else policy.frozen)
         for p in model.parameters():  # the dtypes a real run trains in (learnforget.train.precision)
             p.data = p.data.to(policy.master_dtype if p.requires_grad else frozen_dtype)
@@ -157,15 +160,17 @@ def param_report(cfg: DictConfig, activations: bool = True, device: str = "cpu")
                        frozen=policy.frozen, checkpointing=checkpointing,
                        recompute_bytes=0.0 if act is None else float(act.recompute_bytes),
                        layer_params=layer_params, root_params=root_params,
-                       method_note="" if extra is None else extra[1])
+                       method_note="" if extra is None else extra[1],
+                       workspace_bytes=workspace)
 
 
 _REPORTS: dict[str, ParamReport] = {}  # per process: see cached_param_report
 
 
 def _report_key(cfg: DictConfig, activations: bool, device: str) -> str:
-    """What param_report reads: the model, the method's effective settings, the optimizer, the
-    precision policy's dtypes, checkpointing and (with activations) the micro-batch shape; not
+    """What param_report reads: the model, the method (its effective settings and its whole
+    section), the optimizer, the precision policy's dtypes, checkpointing and (with
+    activations) the micro-batch shape; not
     the LR, seeds, budgets, data or the device itself (cpu and cuda share a key when their
     policies type the tensors alike)."""
     import json
@@ -177,8 +182,11 @@ def _report_key(cfg: DictConfig, activations: bool, device: str) -> str:
     policy = resolve(str(t.precision), str(t.get("master_weights", "fp32")), str(cfg.model.dtype),
                      str(cfg.method.name), device)
     shape = [int(t.batch_size), int(t.seq_len)] if activations else []
+    # the whole method section: some keys change memory and not the run (method.rebuild_weight)
     return json.dumps([OmegaConf.to_container(cfg.model, resolve=True),
-                       effective_method(cfg.method), str(t.optimizer), policy.compute,
+                       effective_method(cfg.method),
+                       OmegaConf.to_container(cfg.method, resolve=True), str(t.optimizer),
+                       policy.compute,
                        policy.master, policy.frozen, bool(t.get("activation_checkpointing", False)),
                        *shape], sort_keys=True, default=str)
 
@@ -218,9 +226,12 @@ def format_report(r: ParamReport) -> str:
         lines += [
             f"  activations {r.activations_bytes / gib:8.3f} GiB  (one step of {r.batch_size} x "
             f"{r.seq_len} tokens, traced on meta; logits {r.logits_bytes / gib:.3f} GiB"
-            + (f"; recompute {r.recompute_bytes / gib:.3f} GiB" if r.checkpointing else "") + ")",
+            + (f"; recompute {r.recompute_bytes / gib:.3f} GiB" if r.checkpointing else "")
+            + (f"; the method's backward workspace {r.workspace_bytes / gib:.3f} GiB"
+               if r.workspace_bytes else "") + ")",
             f"  peak       {r.peak_bytes / gib:9.3f} GiB  "
-            "(weights + optimizer + max(activations + max(2 x logits, recompute), gradients))",
+            "(weights + optimizer + max(activations + max(2 x logits, recompute"
+            + (" + workspace" if r.workspace_bytes else "") + "), gradients))",
         ]
     else:
         lines.append(f"  activations not estimated ({r.activations_note})")

@@ -10,8 +10,11 @@ from learnforget.errors import ConfigError
 VARIANTS = ("said", "did")  # with a learned scale per target weight (SAID) or without (DID)
 
 
-def validate_intrinsic(d: Any, seed: Any) -> None:
+def validate_intrinsic(d: Any, seed: Any, rebuild_weight: Any = True) -> None:
     """SAID/DID settings; ConfigError naming the bad value and what was expected."""
+    if not isinstance(rebuild_weight, bool):
+        raise ConfigError(f"method.rebuild_weight must be true or false (rebuild W0 + ΔW in the "
+                          f"backward instead of keeping it), got {rebuild_weight!r}")
     if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
         raise ConfigError(f"method.d must be a positive integer (the intrinsic dimension: the "
                           f"length of the trained vector θ_d), got {d!r}")

@@ -9,11 +9,13 @@ and, for SAID, one trained scale λ_i (ones at the start, as the reference). The
 weights of the linear layers that method.targets selects (attention | mlp | all | names: the
 same sets as LoRA's), not every parameter tensor as in the reference code.
 
-Each target weight gets a torch.nn.utils.parametrize parametrization W0 -> W0 + λ_i P_i(θ_d): the
-module's forward code is untouched, the frozen W0 lives at `<module>.parametrizations.weight.
-original`, and θ_d and λ are the parameters of one child module of the model (`intrinsic`), so
-they are its only trainable parameters (d, plus one λ per target for SAID). ΔW is computed in
-float32 and added in W0's dtype.
+Each target weight gets a torch.nn.utils.parametrize parametrization W0 -> W0 + λ_i P_i(θ_d)
+(what `module.weight` returns: merging, ΔW, anything that reads the weight), the frozen W0 lives
+at `<module>.parametrizations.weight.original`, and θ_d and λ are the parameters of one child
+module of the model (`intrinsic`), so they are its only trainable parameters (d, plus one λ per
+target for SAID). ΔW is computed in float32 and added in W0's dtype. The target's forward
+(an instance attribute, removed by merging) runs through `linear.IntrinsicLinear`, which keeps
+no weight-sized tensor for the backward: W0 + ΔW is rebuilt there, one target at a time.
 
 A checkpoint holds θ_d and λ (`said.safetensors`) and `said_config.json` (variant, d, projection
 seed, target names and shapes): the projections are regenerated from the seed. `load_said`
@@ -24,6 +26,7 @@ gives ΔW_i = λ_i P_i(θ_d) from the checkpoint alone (no base weights needed).
 from __future__ import annotations
 
 import json
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ from torch.nn.utils import parametrize
 from learnforget.errors import ConfigError
 from learnforget.methods.said.config import VARIANTS, validate_intrinsic
 from learnforget.methods.said.fastfood import PROJECTION, Projection, projection_memory
+from learnforget.methods.said.linear import CONV1D, LINEAR, IntrinsicLinear, workspace_bytes
 
 CHILD = "intrinsic"  # the model's child module holding θ_d and λ
 WEIGHTS_FILE = "said.safetensors"
@@ -56,11 +60,13 @@ class FastfoodDelta(nn.Module):
     """The parametrization W0 -> W0 + λ_i P_i(θ_d) of one target weight (no buffers: the
     projection is recomputed from its keys)."""
 
-    def __init__(self, vector: IntrinsicVector, index: int, projection: Projection):
+    def __init__(self, vector: IntrinsicVector, index: int, projection: Projection,
+                 layout: str = LINEAR):
         super().__init__()
         self._vector = [vector]  # shared, not registered here: θ_d has one name in the model
         self.index = index
         self.projection = projection
+        self.layout = layout  # how the layer applies its weight (linear.LINEAR | CONV1D)
 
     def delta(self) -> torch.Tensor:
         """λ_i P_i(θ_d), flat, float32."""
@@ -69,6 +75,18 @@ class FastfoodDelta(nn.Module):
 
     def forward(self, w0: torch.Tensor) -> torch.Tensor:
         return w0 + self.delta().view(w0.shape).to(w0.dtype)
+
+    def linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output for input x with weight W0 + λ_i P_i(θ_d), without saving W."""
+        v = self._vector[0]
+        return IntrinsicLinear.apply(x, module.parametrizations.weight.original, module.bias,
+                                     v.theta, None if v.lam is None else v.lam[self.index],
+                                     self.projection, self.layout)
+
+
+def _target_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A reparametrised target's forward (bound to it as an instance attribute)."""
+    return module.parametrizations.weight[0].linear(module, x)
 
 
 def target_names(model: nn.Module, targets: Any, model_name: str = "") -> list[str]:
@@ -85,11 +103,14 @@ def has_intrinsic(model: nn.Module) -> bool:
 
 
 def add_intrinsic(model: nn.Module, d: int, variant: str = "said", targets: Any = "all",
-                  seed: int = 0, model_name: str = "",
-                  names: list[str] | None = None) -> dict[str, Any]:
+                  seed: int = 0, model_name: str = "", names: list[str] | None = None,
+                  rebuild_weight: bool = True) -> dict[str, Any]:
     """Freeze the model and reparametrise its target weights; returns the spec that
-    `said_config.json` records (`names`: these modules instead of method.targets)."""
-    validate_intrinsic(d, seed)
+    `said_config.json` records (`names`: these modules instead of method.targets).
+    `rebuild_weight`: the targets' forwards run through IntrinsicLinear (W0 + ΔW rebuilt in
+    the backward); False: the layers' own forwards, which read the parametrized weight (the
+    linear op keeps it for the backward)."""
+    validate_intrinsic(d, seed, rebuild_weight)
     if variant not in VARIANTS:
         raise ConfigError(f"intrinsic-dimension variant {variant!r} is unknown (expected one of: "
                           f"{', '.join(VARIANTS)})")
@@ -107,9 +128,12 @@ def add_intrinsic(model: nn.Module, d: int, variant: str = "said", targets: Any 
         module = modules[name]
         w = module.weight
         shapes.append(list(w.shape))
+        layout = CONV1D if type(module).__name__ == "Conv1D" else LINEAR
         parametrize.register_parametrization(  # unsafe: no trial forward (shape, dtype kept)
-            module, "weight", FastfoodDelta(vector, i, Projection(w.numel(), d, seed, name)),
-            unsafe=True)
+            module, "weight",
+            FastfoodDelta(vector, i, Projection(w.numel(), d, seed, name), layout), unsafe=True)
+        if rebuild_weight:
+            module.forward = types.MethodType(_target_forward, module)
     spec = {"method": variant, "d": d, "projection_seed": seed, "projection": PROJECTION,
             "model_type": getattr(getattr(model, "config", None), "model_type", ""),
             "modules": names, "shapes": shapes}
@@ -124,15 +148,33 @@ def parametrizations(model: nn.Module) -> Iterator[tuple[str, nn.Module, Fastfoo
         yield name, module, module.parametrizations.weight[0]
 
 
+def rebuilds_weight(model: nn.Module) -> bool:
+    """Whether the targets' forwards run through IntrinsicLinear (add_intrinsic's
+    rebuild_weight)."""
+    return any("forward" in vars(module) for _, module, _ in parametrizations(model))
+
+
 def memory(model: nn.Module) -> tuple[int, str]:
     """(bytes held beside the parameters: the shared D, a line for the parameter report)."""
     mem = projection_memory([p.projection for _, _, p in parametrizations(model)])
+    kept = ("W0 + ΔW is not kept for the backward but rebuilt there, one target at a time (the "
+            "peak's workspace: that transient plus the largest target's dL/dW)"
+            if rebuilds_weight(model) else "method.rebuild_weight=false: each target's W0 + ΔW "
+            "is kept for the backward (in the traced activations)")
     mib = 2**20
     return mem["shared"], (
         f"projections regenerated from the seed in each forward and backward: nothing stored per "
         f"weight, {mem['shared'] / mib:,.1f} MiB shared (D, float32), {mem['working'] / mib:,.1f} "
         f"MiB transient (one weight at a time); stored factors (9 bytes per padded entry) would "
-        f"take {mem['stored_reference'] / mib:,.1f} MiB")
+        f"take {mem['stored_reference'] / mib:,.1f} MiB; {kept}")
+
+
+def workspace(model: nn.Module, compute_bytes: int) -> int:
+    """Transient bytes of the backward beyond the traced activations: the largest target's
+    (`linear.workspace_bytes`; the targets' backwards run one after another)."""
+    return max((workspace_bytes(p.projection, module.parametrizations.weight.original.numel(),
+                                compute_bytes)
+                for _, module, p in parametrizations(model)), default=0)
 
 
 @torch.no_grad()
@@ -211,6 +253,7 @@ def merge_intrinsic(model: nn.Module) -> nn.Module:
     """Write W0 + ΔW into each target's plain weight and drop the parametrizations and θ_d."""
     with torch.no_grad():
         for _, module, _ in list(parametrizations(model)):
+            module.__dict__.pop("forward", None)  # the layer's own forward again
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
             module.weight.requires_grad_(False)
     delattr(model, CHILD)
