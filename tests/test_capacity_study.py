@@ -137,3 +137,69 @@ def test_capacity_control_toy_sweep_writes_the_table(tmp_path, cache_dir):
     assert "32 trained facts x log2 4 = 64 bits" in md
     assert sweep_main("capacity_control", extra, size="toy") == 0
     assert (out / "capacity.md").read_text() == md
+
+
+def test_the_base_is_named_apart_and_its_facts_checked_disjoint_from_the_arms():
+    """sweeps/capacity_control_pretrained.yaml: arms on other facts than the base's; a table
+    over two fact sets (another data.facts_offset) is refused; the note under the table says
+    whether the arms' facts overlap the base's."""
+    from learnforget.analysis.capacity_study import capacity_markdown, summarise
+
+    rng = np.random.default_rng(1)
+    full = _run("full", 1e-3, [0.5], rng.random(64) < 0.9, params=1000, reference=True)
+    lora = _run("lora_r1", 1e-2, [0.3], rng.random(64) < 0.3, params=10, r=1)
+    for r in (full, lora):
+        r["last"]["facts_offset"], r["max_docs"] = 2000, 68
+    table = summarise([full, lora])
+    assert table["arms"][0]["facts_offset"] == 2000
+    base = {"run": "base", "checkpoint": "epoch-20", "recall": 0.99, "n_facts": 2000,
+            "facts_offset": 0, "facts_end": 2000, "k": 4, "trainable_params": 1000}
+    md = capacity_markdown({**table, "bases": [base]})
+    assert "starts from the base `base` (epoch-20" in md and "2,000 other facts" in md
+    assert "disjoint from the base's" in md and "OVERLAPPING" not in md
+    md = capacity_markdown({**table, "bases": [{**base, "facts_end": 2001}]})
+    assert "OVERLAPPING the base's" in md
+    assert "disjoint" in capacity_markdown({**table, "bases": [{**base, "facts_offset": 2068,
+                                                                 "facts_end": 4068}]})
+    other = _run("lora_r4", 1e-2, [0.3], rng.random(64) < 0.3, params=40, r=4)
+    with pytest.raises(ConfigError, match="facts_offset"):
+        summarise([full, lora, other])  # other: the first 64 facts, not those from 2,000
+
+
+@pytest.mark.slow
+def test_capacity_control_pretrained_toy_sweep(tmp_path, cache_dir):
+    """`learnforget sweep capacity_control_pretrained --size toy`: the base trains first on
+    facts 0..35, every arm starts from its last checkpoint (model.init_from) on facts
+    2,000..2,035; the table lists the base apart and the arms' recall matches a recount by
+    hand; a rerun launches nothing."""
+    from omegaconf import OmegaConf
+
+    from learnforget.data.facts import fact_values
+    from learnforget.data.sources import load_records, split_records
+    from learnforget.studies.command import sweep_main
+
+    extra = [f"paths.runs_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    assert sweep_main("capacity_control_pretrained", extra, size="toy") == 0
+    root = tmp_path / "capacity_control_pretrained_toy"
+    table = json.loads((root / "_analysis" / "capacity.json").read_text())
+    arms = table["arms"]
+    assert [a["r"] for a in arms] == [None, 1, 4, 16] and len(table["runs"]) == 8
+    assert [b["run"] for b in table["bases"]] == ["base"]
+    assert table["bases"][0]["facts_offset"] == 0 and table["bases"][0]["facts_end"] == 36
+    assert all(a["facts_offset"] == 2000 and a["n_facts"] == 32 for a in arms)
+    base_cfg = OmegaConf.load(root / "base" / "config.yaml")
+    base_names = {p.split(" lives in")[0] for p, _ in load_records(base_cfg.data)}
+    full = arms[0]
+    run = root / full["run"]
+    cfg = OmegaConf.load(run / "config.yaml")
+    assert cfg.model.init_from == "base/last"
+    notes = " ".join(json.loads((run / "run.json").read_text())["train"]["notes"])
+    assert "model.init_from=base/last" in notes and "epoch-4" in notes
+    train, held = split_records(load_records(cfg.data), int(cfg.data.heldout_docs))
+    assert not {p.split(" lives in")[0] for p, _ in train + held} & base_names
+    by_hand = _recall_by_hand(run, full["checkpoint"], train, [f" {v}" for v in fact_values(4)])
+    assert full["recall"] == pytest.approx(by_hand)
+    md = (root / "_analysis" / "capacity.md").read_text()
+    assert "disjoint from the base's" in md and "| base |" not in md
+    assert sweep_main("capacity_control_pretrained", extra, size="toy") == 0
+    assert (root / "_analysis" / "capacity.md").read_text() == md

@@ -144,7 +144,8 @@ def score_run(run_dir: Path, checkpoint: str | None = None, cache_dir: Path | No
     n, rec = len(train), float(np.mean(items["correct"]))
     out = {"run": folder.path.name, "checkpoint": ckpts[-1].name, "method": cfg.method.name,
            "r": cfg.method.get("r") if "r" in uses(cfg.method) else None,
-           "n_facts": n, "k": k, "info_bits": n * math.log2(k), "recall": rec,
+           "n_facts": n, "k": k, "facts_offset": int(cfg.data.get("facts_offset") or 0),
+           "info_bits": n * math.log2(k), "recall": rec,
            "chance": 1.0 / k, "bits": bits_learned(rec, n, k),
            "fano_bits": fano_bits(rec, n, k), "trainable_params": params,
            "heldout_recall": (float(np.mean(held_items["correct"])) if held_items else None),

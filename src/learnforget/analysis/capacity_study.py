@@ -14,6 +14,9 @@ rose by at most PLATEAU (absolute) between its last two checkpoints; an arm that
 more is marked "still rising", and one whose recall interval reaches chance "at chance: not
 learning" (flat at chance is no plateau at capacity), so a capacity reading is never claimed
 for either.
+A run that another run starts from (model.init_from=RUN/LABEL: the base pretrained on a
+disjoint fact set, sweeps/capacity_control_pretrained.yaml) is not an arm: it is listed as the
+base, with its recall on its own facts.
 Recall intervals: percentile bootstrap over facts (the harness's resamples,
 learnforget.eval.paired.bootstrap_indices); full minus each arm: paired_change over the same
 facts (full's and the arm's answers resampled together).
@@ -87,13 +90,23 @@ def _run_info(run: Path, curve: list[dict[str, Any]]) -> dict[str, Any]:
     return {"run": Path(run).name, "arm": method_summary(cfg.method),
             "reference": family(cfg.method.name).reference, "r": last["r"],
             "lr": float(cfg.train.lr), "curve": [(c["checkpoint"], c["recall"]) for c in curve],
+            "init_from": cfg.model.get("init_from"), "max_docs": cfg.data.get("max_docs"),
             "last": last}
 
 
 def capacity_rows(root: Path, cache_dir: Path | None = None) -> dict[str, Any]:
-    """{"arms": one row per arm (its best LR), "runs": every run's curve}; module doc."""
-    return summarise([_run_info(r, recall_curve(r, cache_dir)) for r in facts_runs(root)],
-                     str(root))
+    """{"arms": one row per arm (its best LR), "runs": every arm run's curve, "bases": the
+    runs others start from}; module doc."""
+    infos = [_run_info(r, recall_curve(r, cache_dir)) for r in facts_runs(root)]
+    sources = {str(i["init_from"]).strip("/").split("/")[0] for i in infos if i["init_from"]}
+    table = summarise([i for i in infos if i["run"] not in sources], str(root))
+    table["bases"] = [{"run": i["run"], "checkpoint": i["last"]["checkpoint"],
+                       "recall": i["last"]["recall"], "n_facts": i["last"]["n_facts"],
+                       "facts_offset": i["last"].get("facts_offset", 0), "k": i["last"]["k"],
+                       "facts_end": i["last"].get("facts_offset", 0) + int(i["max_docs"]),
+                       "trainable_params": i["last"]["trainable_params"]}
+                      for i in infos if i["run"] in sources]
+    return table
 
 
 def summarise(runs: list[dict[str, Any]], where: str = "") -> dict[str, Any]:
@@ -121,6 +134,7 @@ def summarise(runs: list[dict[str, Any]], where: str = "") -> dict[str, Any]:
             "at_chance": bool(lo <= s["chance"]),  # flat at chance: not learning, not capacity
             "recall": s["recall"], "recall_lo": lo, "recall_hi": hi, "chance": s["chance"],
             "heldout_recall": s["heldout_recall"], "n_facts": s["n_facts"], "k": s["k"],
+            "facts_offset": s.get("facts_offset", 0), "max_docs": best.get("max_docs"),
             "info_bits": s["info_bits"], "bits": s["bits"], "fano_bits": s["fano_bits"],
             "trainable_params": s["trainable_params"], "bits_per_param": s["bits_per_param"],
             "fano_bits_per_param": (s["fano_bits"] / s["trainable_params"]
@@ -128,15 +142,21 @@ def summarise(runs: list[dict[str, Any]], where: str = "") -> dict[str, Any]:
             "capacity_bits": (ANCHOR * s["trainable_params"] if s["trainable_params"] else None),
             "items": s["items"]})
     rows.sort(key=lambda x: (not x["reference"], x["r"] or 0, x["arm"]))
-    if len({(r["n_facts"], r["k"]) for r in rows}) > 1:
-        raise ConfigError(f"{where}: the facts runs do not share one fact set (N, K): "
-                          "compare runs of one study")
+    if len({(r["n_facts"], r["k"], r["facts_offset"]) for r in rows}) > 1:
+        raise ConfigError(f"{where}: the facts runs do not share one fact set (N, K, "
+                          "data.facts_offset): compare runs of one study")
     full = rows[0] if rows[0]["reference"] else None
     for r in rows:
         if full is not None and r is not full:
             ch = paired_change(r["items"], full["items"])  # full minus this arm
             r.update(gap=ch["acc_delta"], gap_lo=ch["acc_delta_lo"], gap_hi=ch["acc_delta_hi"])
     return {"arms": rows, "runs": [{k: v for k, v in r.items() if k != "last"} for r in runs]}
+
+
+def _disjoint(arm: dict[str, Any], base: dict[str, Any]) -> bool:
+    """The arms' facts [offset, offset + max_docs) and the base's share no fact."""
+    end = arm["facts_offset"] + int(arm.get("max_docs") or arm["n_facts"])
+    return end <= base["facts_offset"] or arm["facts_offset"] >= base["facts_end"]
 
 
 def capacity_markdown(table: dict[str, Any]) -> str:
@@ -170,6 +190,13 @@ def capacity_markdown(table: dict[str, Any]) -> str:
             f"the anchor. Each arm at its best LR (highest recall at its last checkpoint); "
             f"converged: recall rose by <= {PLATEAU} over its last checkpoint interval. "
             "Intervals: bootstrap over facts (paired for full - this)."]
+    for b in table.get("bases", []):
+        out += ["", f"Every arm starts from the base `{b['run']}` ({b['checkpoint']}, "
+                f"model.init_from), trained on {b['n_facts']:,} other facts from fact "
+                f"{b['facts_offset']:,} of the generator's stream (its recall of them: "
+                f"{b['recall']:.3f}); the arms' facts start at fact {r0['facts_offset']:,} "
+                "(data.facts_offset), " + ("disjoint from the base's." if _disjoint(r0, b)
+                                           else "OVERLAPPING the base's: not new facts.")]
     return "\n".join(out) + "\n"
 
 
@@ -183,5 +210,6 @@ def write_capacity(root: Path, out: Path, cache_dir: Path | None = None) -> list
     atomic_write_text(md, capacity_markdown(table))
     atomic_write_json(js, {"arms": [{k: v for k, v in r.items() if k != "items"}
                                     for r in table["arms"]], "runs": table["runs"],
+                           "bases": table.get("bases", []),
                            "plateau": PLATEAU, "anchor_bits_per_param": ANCHOR})
     return [md, js]
