@@ -92,7 +92,7 @@ def _recall_by_hand(run_dir, checkpoint, pairs, values):
     else:
         model = AutoModelForCausalLM.from_pretrained(ck)
     model.eval()
-    right = 0
+    right, saving = 0, 0.0
     with torch.no_grad():
         for prompt, gold in pairs:
             p = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -102,7 +102,9 @@ def _recall_by_hand(run_dir, checkpoint, pairs, values):
                 logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
                 scores.append(sum(float(logp[t - 1, ids[t]]) for t in range(len(p), len(ids))))
             right += int(values[int(np.argmax(scores))] == gold)
-    return right / len(pairs)
+            logq = scores[values.index(gold)] - np.logaddexp.reduce(scores)
+            saving += math.log2(len(values)) + logq / math.log(2)
+    return right / len(pairs), saving
 
 
 @pytest.mark.slow
@@ -131,8 +133,10 @@ def test_capacity_control_toy_sweep_writes_the_table(tmp_path, cache_dir):
     run = tmp_path / "capacity_control_toy" / full["run"]
     cfg = OmegaConf.load(run / "config.yaml")
     train, _ = split_records(load_records(cfg.data), int(cfg.data.heldout_docs))
-    by_hand = _recall_by_hand(run, full["checkpoint"], train, [f" {v}" for v in fact_values(4)])
+    by_hand, bits = _recall_by_hand(run, full["checkpoint"], train,
+                                    [f" {v}" for v in fact_values(4)])
     assert full["recall"] == pytest.approx(by_hand)
+    assert full["ll_bits"] == pytest.approx(bits, abs=1e-3)
     md = (out / "capacity.md").read_text()
     assert "32 trained facts x log2 4 = 64 bits" in md
     assert sweep_main("capacity_control", extra, size="toy") == 0
@@ -197,9 +201,41 @@ def test_capacity_control_pretrained_toy_sweep(tmp_path, cache_dir):
     assert "model.init_from=base/last" in notes and "epoch-4" in notes
     train, held = split_records(load_records(cfg.data), int(cfg.data.heldout_docs))
     assert not {p.split(" lives in")[0] for p, _ in train + held} & base_names
-    by_hand = _recall_by_hand(run, full["checkpoint"], train, [f" {v}" for v in fact_values(4)])
+    by_hand, bits = _recall_by_hand(run, full["checkpoint"], train,
+                                    [f" {v}" for v in fact_values(4)])
     assert full["recall"] == pytest.approx(by_hand)
+    assert full["ll_bits"] == pytest.approx(bits, abs=1e-3)
+    assert full["ll_bits_lo"] <= full["ll_bits"] <= full["ll_bits_hi"]
     md = (root / "_analysis" / "capacity.md").read_text()
     assert "disjoint from the base's" in md and "| base |" not in md
     assert sweep_main("capacity_control_pretrained", extra, size="toy") == 0
     assert (root / "_analysis" / "capacity.md").read_text() == md
+
+
+def test_likelihood_bits_interval_and_plateau_flag():
+    """The likelihood bits: their sum over facts with a bootstrap interval (against the normal
+    approximation of a sum), per parameter, and converged when they rose by <= 2% of the
+    facts' bits over the last interval."""
+    from learnforget.analysis.capacity_study import capacity_markdown, summarise
+
+    rng = np.random.default_rng(2)
+    n, k = 500, 4
+    saving = rng.normal(0.3, 0.8, n)  # bits per fact
+    runs = []
+    for arm, prev, r in (("lora_r1", saving.sum() - 10.0, 1), ("lora_r4", saving.sum() - 40.0, 4)):
+        run = _run(arm, 1e-2, [0.3], rng.random(n) < 0.3, k=k, params=10 * r, r=r)
+        run["last"]["items"]["saving"] = saving.tolist()
+        run["last"]["ll_bits"] = float(saving.sum())
+        run["last"]["heldout_ll_bits_per_fact"] = -0.05
+        run["bits_curve"] = [("epoch-1", prev), ("epoch-2", float(saving.sum()))]
+        runs.append(run)
+    arms = {a["arm"]: a for a in summarise(runs)["arms"]}
+    a = arms["lora_r1"]
+    half = 1.96 * saving.std() * math.sqrt(n)
+    assert a["ll_bits"] == pytest.approx(saving.sum())
+    assert a["ll_bits_lo"] == pytest.approx(saving.sum() - half, rel=0.1, abs=5)
+    assert a["ll_bits_hi"] == pytest.approx(saving.sum() + half, rel=0.1, abs=5)
+    # 2% of 500 x 2 bits = 20 bits: +10 converged, +40 still rising
+    assert a["bits_converged"] is True and arms["lora_r4"]["bits_converged"] is False
+    md = capacity_markdown(summarise(runs))
+    assert f"({saving.sum() / 10:.3f})" in md and "(converged)" in md and "| -0.050 |" in md
