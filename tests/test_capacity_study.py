@@ -76,7 +76,7 @@ def test_table_picks_each_arms_best_lr_flags_rising_arms_and_pairs_full():
     assert summarise([]) == {"arms": [], "runs": []}
 
 
-def _recall_by_hand(run_dir, checkpoint, pairs, values):
+def _recall_by_hand(run_dir, checkpoint, pairs, values, base=None):
     """Recall with plain transformers: sum of log-softmax of each value's tokens after the
     prompt, one sequence at a time, argmax over the values."""
     import torch
@@ -87,7 +87,7 @@ def _recall_by_hand(run_dir, checkpoint, pairs, values):
     tok = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     if (ck / "adapter_config.json").exists():
         cfg = json.loads((ck / "adapter_config.json").read_text())
-        base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"])
+        base = AutoModelForCausalLM.from_pretrained(base or cfg["base_model_name_or_path"])
         model = PeftModel.from_pretrained(base, ck)
     else:
         model = AutoModelForCausalLM.from_pretrained(ck)
@@ -206,6 +206,13 @@ def test_capacity_control_pretrained_toy_sweep(tmp_path, cache_dir):
     assert full["recall"] == pytest.approx(by_hand)
     assert full["ll_bits"] == pytest.approx(bits, abs=1e-3)
     assert full["ll_bits_lo"] <= full["ll_bits"] <= full["ll_bits_hi"]
+    # a LoRA arm is scored on the base's weights it trained from, not on the random init
+    r16 = arms[3]
+    by_hand, bits = _recall_by_hand(root / r16["run"], r16["checkpoint"], train,
+                                    [f" {v}" for v in fact_values(4)],
+                                    base=root / "base" / "checkpoints" / "epoch-4")
+    assert r16["recall"] == pytest.approx(by_hand)
+    assert r16["ll_bits"] == pytest.approx(bits, abs=1e-3)
     md = (root / "_analysis" / "capacity.md").read_text()
     assert "disjoint from the base's" in md and "| base |" not in md
     assert sweep_main("capacity_control_pretrained", extra, size="toy") == 0
