@@ -246,3 +246,35 @@ def test_likelihood_bits_interval_and_plateau_flag():
     assert a["bits_converged"] is True and arms["lora_r4"]["bits_converged"] is False
     md = capacity_markdown(summarise(runs))
     assert f"({saving.sum() / 10:.3f})" in md and "(converged)" in md and "| -0.050 |" in md
+
+
+def test_an_adapter_on_an_init_from_run_is_scored_on_the_source_weights(make_cfg, cache_dir):
+    """load_for_eval of a LoRA checkpoint whose run started from model.init_from=src/last: the
+    adapter sits on the source run's weights (logits equal to peft on the source checkpoint
+    loaded by hand), not on the model's random init (different logits)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from learnforget.eval.scoring import load_for_eval
+    from learnforget.runfolder import RunFolder
+    from learnforget.train.loop import train
+
+    common = ["train.precision=fp32", "data.max_docs=12", "data.heldout_docs=2",
+              "data.facts_values=4"]
+    src = train(make_cfg("method=full", "train.lr=1e-2", "run_name=src", *common, data="facts"))
+    cfg = make_cfg("method=lora", "method.r=2", "train.lr=1e-2", "model.init_from=src/last",
+                   "data.facts_offset=12", *common, data="facts")
+    run = train(cfg)
+    ckpt = RunFolder(run).checkpoint_dirs()[-1]
+    got = load_for_eval(cfg, ckpt, cache_dir, "cpu")
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    source = AutoModelForCausalLM.from_pretrained(RunFolder(src).checkpoint_dirs()[-1])
+    want = PeftModel.from_pretrained(source, ckpt).eval()
+    adapter = json.loads((ckpt / "adapter_config.json").read_text())
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(adapter["base_model_name_or_path"]), ckpt).eval()
+    with torch.no_grad():
+        a, b, c = (m(input_ids=ids).logits for m in (got, want, plain))
+    assert torch.allclose(a, b, atol=1e-5)
+    assert (a - c).abs().max() > 1e-3
