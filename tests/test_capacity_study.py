@@ -187,7 +187,7 @@ def test_capacity_control_pretrained_toy_sweep(tmp_path, cache_dir):
     root = tmp_path / "capacity_control_pretrained_toy"
     table = json.loads((root / "_analysis" / "capacity.json").read_text())
     arms = table["arms"]
-    assert [a["r"] for a in arms] == [None, 1, 4, 16] and len(table["runs"]) == 8
+    assert [a["r"] for a in arms] == [None, 1, 4, 16] and len(table["runs"]) == 4  # 1 LR each
     assert [b["run"] for b in table["bases"]] == ["base"]
     assert table["bases"][0]["facts_offset"] == 0 and table["bases"][0]["facts_end"] == 36
     assert all(a["facts_offset"] == 2000 and a["n_facts"] == 32 for a in arms)
