@@ -234,6 +234,34 @@ def test_facts_are_deterministic_random_and_counted():
         fact_values(1)
 
 
+def test_facts_offset_gives_the_next_facts_of_the_stream_disjoint_from_the_first(make_cfg):
+    """data.facts_offset=M: facts M .. M+N-1 of the one generator stream (the capacity control
+    pretrains its base on the first M and trains the arms on the next N), through load_records
+    too; the values are the same K; a bad offset is a one-line ConfigError."""
+    from learnforget.config import run_identity
+    from learnforget.data.facts import fact_pairs, fact_values, facts
+    from learnforget.data.sources import load_records
+
+    stream = facts(300, 8)
+    later = facts(100, 8, offset=200)
+    assert later == stream[200:300]
+    assert not {n for n, _ in later} & {n for n, _ in stream[:200]}
+    assert set(v for _, v in later) <= set(fact_values(8))
+    plain = make_cfg("data.max_docs=100", "data.facts_values=8", data="facts")
+    cfg = make_cfg("data.max_docs=100", "data.facts_values=8", "data.facts_offset=200",
+                   data="facts")
+    assert plain.data.facts_offset == 0  # the default: the runs from before the key
+    assert [tuple(r) for r in load_records(cfg.data)] == fact_pairs(100, 8, offset=200)
+    assert [tuple(r) for r in load_records(plain.data)] == fact_pairs(100, 8)
+    # identity: left out at 0 (earlier run names stay), part of it otherwise
+    assert "facts_offset" not in run_identity(plain)["data"]
+    assert run_identity(cfg)["data"]["facts_offset"] == 200
+    assert fact_pairs(1, 8, offset=200)[0] == (f"{later[0][0]} lives in", f" {later[0][1]}")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="data.facts_offset"):
+            facts(10, 8, offset=bad)
+
+
 def test_value_loglik_matches_a_plain_forward(cache_dir):
     """Each value's summed log-likelihood equals a per-sequence log_softmax by hand."""
     from transformers import AutoModelForCausalLM

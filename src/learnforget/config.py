@@ -193,7 +193,7 @@ IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
     "model": ("name", "source", "hub_id", "package", "gguf_file", "dtype", "arch", "init_from"),
     "data": ("name", "regime", "source", "path", "hub_id", "hub_config", "hub_split", "streaming",
              "text_field", "prompt_field", "response_field", "prompt_template", "max_docs",
-             "heldout_docs", "format", "generator", "facts_values", "train_chars"),
+             "heldout_docs", "format", "generator", "facts_values", "facts_offset", "train_chars"),
     "train": ("optimizer", "lr", "weight_decay", "betas", "eps", "schedule", "warmup_ratio",
               "warmup_steps", "min_lr_ratio", "cooldown_ratio", "cooldown_mode", "batch_size",
               "grad_accum", "loss_norm", "seq_len", "grad_clip", "precision", "master_weights",
@@ -217,7 +217,7 @@ NOT_IDENTITY: dict[str, tuple[str, ...]] = {
 # Listed keys left out at the value that reproduces the runs from before the key existed.
 IDENTITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"init_from": None},
-    "data": {"format": "memory", "train_chars": None},
+    "data": {"format": "memory", "train_chars": None, "facts_offset": 0},
     "train": {"cooldown_mode": "single", "attention_dropout": None},
 }
 

@@ -19,6 +19,18 @@ model's answers carry about the values, by Fano's inequality with p = recall:
 
     fano_bits = N · max(0, log2 K - h2(p) - (1 - p)·log2(K - 1))
 
+Recall counts a fact only when its value wins the argmax; what a model stores about the values
+short of that shows in their likelihood. So, third, the bits the model's likelihood saves over
+the uniform code (the measure behind the ~2 bits/parameter anchor, which counts bits from the
+model's loss on each attribute against its uniform entropy):
+
+    ll_bits = sum over the N facts of (log2 K + log2 q_i)
+
+q_i being the true value's probability among the K values (a softmax over their summed
+log-likelihoods after the prompt). 0 for a model that knows nothing (q = 1/K) or only the
+values' marginal, N·log2 K for one certain of every value; it can be negative (confidently
+wrong), so held-out facts check it (expected <= 0).
+
 Per trainable parameter, the bits sit beside the ~2 bits/parameter of Allen-Zhu & Li
 (Physics of Language Models 3.3). Full finetuning against each LoRA run: the paired change of
 recall over the same trained facts with the harness's paired bootstrap interval
@@ -94,7 +106,8 @@ def value_loglik(model, tokenizer, prompts: Sequence[str], values: Sequence[str]
 
 def recall_items(model, tokenizer, pairs: Sequence[tuple[str, str]], values: Sequence[str],
                  prompt_template: str = "{prompt}") -> dict[str, list]:
-    """Per-fact records (doc_id, correct) of argmax recall over `values` (chance 1/K)."""
+    """Per-fact records of argmax recall over `values` (chance 1/K): doc_id, correct, and
+    saving = log2 K + log2 q (bits; module doc)."""
     prompts = [prompt_template.format(prompt=p) for p, _ in pairs]
     index = {v: j for j, v in enumerate(values)}
     try:
@@ -103,7 +116,10 @@ def recall_items(model, tokenizer, pairs: Sequence[tuple[str, str]], values: Seq
         raise ConfigError(f"fact value {e.args[0]!r} is not one of the K values") from None
     ll = value_loglik(model, tokenizer, prompts, values)
     correct = (ll.argmax(axis=1) == gold).astype(float)
-    return {"doc_id": list(range(len(pairs))), "correct": correct.tolist()}
+    logq = ll[np.arange(len(gold)), gold] - np.logaddexp.reduce(ll, axis=1)  # ln q_i
+    saving = math.log2(len(values)) + logq / math.log(2.0)
+    return {"doc_id": list(range(len(pairs))), "correct": correct.tolist(),
+            "saving": saving.tolist()}
 
 
 def score_run(run_dir: Path, checkpoint: str | None = None, cache_dir: Path | None = None
@@ -144,10 +160,15 @@ def score_run(run_dir: Path, checkpoint: str | None = None, cache_dir: Path | No
     n, rec = len(train), float(np.mean(items["correct"]))
     out = {"run": folder.path.name, "checkpoint": ckpts[-1].name, "method": cfg.method.name,
            "r": cfg.method.get("r") if "r" in uses(cfg.method) else None,
-           "n_facts": n, "k": k, "info_bits": n * math.log2(k), "recall": rec,
+           "n_facts": n, "k": k, "facts_offset": int(cfg.data.get("facts_offset") or 0),
+           "info_bits": n * math.log2(k), "recall": rec,
            "chance": 1.0 / k, "bits": bits_learned(rec, n, k),
            "fano_bits": fano_bits(rec, n, k), "trainable_params": params,
            "heldout_recall": (float(np.mean(held_items["correct"])) if held_items else None),
+           "ll_bits": float(np.sum(items["saving"])),
+           "heldout_ll_bits_per_fact": (float(np.mean(held_items["saving"])) if held_items
+                                        else None),
            "items": items}
     out["bits_per_param"] = out["bits"] / params if params else None
+    out["ll_bits_per_param"] = out["ll_bits"] / params if params else None
     return out

@@ -7,7 +7,9 @@ Names and values are made-up words (syllables from a fixed seed), so nothing abo
 be inferred from language: each fact carries exactly log2 K bits given its name, and the set
 N·log2 K bits. A model recalls a fact when the true value has the highest log-likelihood among
 the K values after the prompt (chance 1/K; learnforget.analysis.capacity scores it). The
-generator is deterministic in (n, k, seed); a smaller n is a prefix of a larger one's facts.
+generator is deterministic in (n, k, seed); a smaller n is a prefix of a larger one's facts,
+and `offset` skips the first facts of that stream (data.facts_offset: a set disjoint from the
+facts a base was pretrained on, sweeps/capacity_control_pretrained.yaml).
 """
 
 from __future__ import annotations
@@ -43,27 +45,32 @@ def fact_values(k: int, seed: int = FACTS_SEED) -> list[str]:
     return out
 
 
-def facts(n: int, k: int, seed: int = FACTS_SEED) -> list[tuple[str, str]]:
-    """N (name, value) facts: distinct two-word names, values uniform over fact_values(k)."""
+def facts(n: int, k: int, seed: int = FACTS_SEED, offset: int = 0) -> list[tuple[str, str]]:
+    """N (name, value) facts: distinct two-word names, values uniform over fact_values(k); the
+    stream's facts offset .. offset + n - 1 (names distinct from the first `offset` facts')."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"data.max_docs={n!r}: expected a positive number of facts")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ConfigError(f"data.facts_offset={offset!r}: expected an integer >= 0 (facts of "
+                          "the generator's stream to skip)")
     values = fact_values(k, seed)
     rng = random.Random(f"facts-{seed}")
     out: list[tuple[str, str]] = []
     seen: set[str] = set(values)
-    while len(out) < n:
+    while len(out) < n + offset:
         name = f"{_word(rng, 2)} {_word(rng, rng.choice((1, 2)))}"
         value = values[rng.randrange(k)]
         if name in seen:
             continue
         seen.add(name)
         out.append((name, value))
-    return out
+    return out[offset:]
 
 
-def fact_pairs(n: int, k: int, seed: int = FACTS_SEED) -> list[tuple[str, str]]:
+def fact_pairs(n: int, k: int, seed: int = FACTS_SEED, offset: int = 0
+               ) -> list[tuple[str, str]]:
     """The facts as IFT (prompt, response) pairs: ("<name> lives in", " <value>")."""
-    return [(f"{name} {RELATION}", f" {value}") for name, value in facts(n, k, seed)]
+    return [(f"{name} {RELATION}", f" {value}") for name, value in facts(n, k, seed, offset)]
 
 
 def facts_bits(n: int, k: int) -> float:

@@ -279,8 +279,11 @@ def load_synthetic(cfg: Any, regime: str) -> tuple[list[Record], str]:
         from learnforget.data.facts import fact_pairs, facts_bits
 
         k = _optional(cfg, "facts_values", 16)
-        pairs = fact_pairs(n, k)
+        offset = _optional(cfg, "facts_offset", 0)
+        pairs = fact_pairs(n, k, offset=offset)
         desc = f"synthetic: {n} random facts, {k} values each ({facts_bits(n, k):,.0f} bits)"
+        if offset:
+            desc += f", after the generator's first {offset:,} (data.facts_offset)"
     elif generator == "arith":
         pairs = synthetic_arith_pairs(n)
         desc = f"synthetic: {n} arithmetic word problems (data seed {DATA_SEED})"

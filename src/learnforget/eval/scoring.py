@@ -49,7 +49,8 @@ class StripVirtualTokens(torch.nn.Module):
 
 def load_for_eval(run_cfg: DictConfig, ckpt: Path | None, cache_dir: Path, device: str):
     """The base model (ckpt None) or a checkpoint: adapters (peft or bottleneck) on their
-    (quantised) base, unmerged."""
+    (quantised) base, unmerged. A run started from another run's weights (model.init_from)
+    gets its adapters on those weights, as it trained (learnforget.train.init_from)."""
     from transformers import AutoModelForCausalLM
 
     from learnforget.assets.models import load_model, torch_dtype
@@ -61,6 +62,10 @@ def load_for_eval(run_cfg: DictConfig, ckpt: Path | None, cache_dir: Path, devic
     else:
         base_method = method_of(run_cfg.method).base_config(run_cfg.method)
         model, _, _ = load_model(run_cfg.model, base_method, cache_dir, device)
+        if manifest:  # the adapter's base is the weights it trained on
+            from learnforget.train.init_from import load_init
+
+            load_init(model, run_cfg)
         if manifest and manifest["format"] == "bottleneck_adapter":
             from learnforget.methods.bottleneck.model import load_adapter
 
