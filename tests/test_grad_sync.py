@@ -270,7 +270,7 @@ def test_the_fit_check_counts_fsdp_gradients_held_between_micro_batches(make_cfg
 
     gib = 2**30
     rep = SimpleNamespace(weights_bytes=28 * gib, grads_bytes=28 * gib, optimizer_bytes=56 * gib,
-                          activations_bytes=4 * gib, logits_bytes=gib, recompute_bytes=0.0,
+                          activations_bytes=4 * gib, logits_bytes=gib, recompute_bytes=0.0, workspace_bytes=0.0,
                           compute="bf16", root_params=300_000_000, layer_params=200_000_000)
     once = gpu_fit.per_gpu_bytes(rep, "fsdp", 8, accumulates=True)
     every = gpu_fit.per_gpu_bytes(rep, "fsdp", 8, accumulates=False)
