@@ -196,11 +196,10 @@ def trace_activations(model: torch.nn.Module, batch_size: int, seq_len: int, voc
                               one_layer)
 
 
-def peak_estimate(weights: float, grads: float, optimizer: float,
-                  act: ActivationEstimate | None, workspace: float = 0.0) -> float:
-    """Weights + optimizer + max(activations + max(2 x logits, recompute + workspace),
-    gradients); no activations: the sum of weights, gradients and optimizer state."""
-    if act is None:
-        return weights + grads + optimizer
-    return weights + optimizer + max(
-        act.activations_bytes + max(2 * act.logits_bytes, act.recompute_bytes + workspace), grads)
+def step_activations(activations: float, logits: float, recompute: float,
+                     workspace: float = 0.0) -> float:
+    """What a training step holds beside its weights, optimizer state and gradients, at its
+    peak: the traced activations + max(2 x logits (the fp32 logits and their gradient at the
+    loss), one checkpointed layer's recompute + the method's backward workspace). The one
+    formula behind ParamReport.peak_bytes and learnforget.train.gpu_fit.per_gpu_bytes."""
+    return activations + max(2 * logits, recompute + workspace)

@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from learnforget.methods.registry import checkpoint_format, quantised_base
+from learnforget.train.activations import step_activations
 
 HEADROOM = 0.90
 GIB = 2**30
@@ -85,8 +86,8 @@ def per_gpu_bytes(rep: Any, how: str, ranks: int, accumulates: bool = False) -> 
     """The per-GPU peak of a training step (see the module docstring); `rep` a ParamReport with
     activations traced; `accumulates`: FSDP holds every unsharded gradient between micro-batches
     (see accumulates_unsharded)."""
-    act = (rep.activations_bytes or 0.0) + max(2 * (rep.logits_bytes or 0.0),
-                                               rep.recompute_bytes + rep.workspace_bytes)
+    act = step_activations(rep.activations_bytes or 0.0, rep.logits_bytes or 0.0,
+                           rep.recompute_bytes, rep.workspace_bytes)
     if how != "fsdp":
         return rep.peak_bytes + (rep.grads_bytes if how == "ddp" else 0.0)
     compute_b = 2 if rep.compute == "bf16" else 4

@@ -15,6 +15,7 @@ from learnforget.assets.models import build_config, torch_dtype
 from learnforget.methods.apply import apply_method, count_parameters
 from learnforget.methods.modules import decoder_layers, linear_modules
 from learnforget.methods.registry import checkpoint_format, method_of
+from learnforget.train.activations import step_activations
 
 OPTIMIZER_STATES = {  # bytes of optimizer state per trainable parameter, given param bytes b
     "adamw": lambda b: 2 * b, "paged_adamw": lambda b: 2 * b,
@@ -57,13 +58,19 @@ class ParamReport:
 
     @property
     def peak_bytes(self) -> float:
-        """The estimated peak of a training step (see learnforget.train.activations.peak_estimate)."""
+        """The estimated peak of a training step: weights + optimizer state + max(the step's
+        activations (learnforget.train.activations.step_activations), gradients); without
+        traced activations, weights + gradients + optimizer state."""
         if self.activations_bytes is None:
             return self.total_bytes
-        return self.weights_bytes + self.optimizer_bytes + max(
-            self.activations_bytes + max(2 * (self.logits_bytes or 0),
-                                         self.recompute_bytes + self.workspace_bytes),
-            self.grads_bytes)
+        return self.weights_bytes + self.optimizer_bytes + max(self.step_activations_bytes,
+                                                               self.grads_bytes)
+
+    @property
+    def step_activations_bytes(self) -> float:
+        """Activations at the step's peak (0 when they were not traced)."""
+        return step_activations(self.activations_bytes or 0.0, self.logits_bytes or 0.0,
+                                self.recompute_bytes, self.workspace_bytes)
 
 
 def quantised_bytes_per_param(blocksize: int = 64, double_quant: bool = True) -> float:
