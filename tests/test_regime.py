@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from crash_hook import crash_after
 
 from learnforget.analysis.regime import matched_answer, paired_answer, write_regime
 
@@ -145,14 +146,13 @@ def test_the_regime_note_is_budget_tokens_per_trainable_parameter(make_cfg):
 
 
 def _sweep(runs: Path, cache: Path, crash_at: int | None = None) -> subprocess.CompletedProcess:
-    from learnforget.train.loop import TEST_CRASH_ENV
-
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "WANDB_MODE": "disabled"}
-    if crash_at is not None:
-        env[TEST_CRASH_ENV] = str(crash_at)
+    """The toy study; with `crash_at`, its first training process dies after that step
+    (tests/crash_hook.py: os._exit(137), as a SIGKILL), which ends the basic launcher too."""
+    env, crash = crash_after(crash_at, {**os.environ, "OMP_WAIT_POLICY": "PASSIVE",
+                                        "WANDB_MODE": "disabled"})
     return subprocess.run([sys.executable, "-m", "learnforget.cli", "sweep", "regime_cpt",
                            "--size", "toy", "--no-analyze", f"paths.runs_dir={runs}",
-                           f"paths.cache_dir={cache}"], env=env, capture_output=True,
+                           f"paths.cache_dir={cache}", *crash], env=env, capture_output=True,
                           text=True, timeout=900)
 
 
@@ -210,3 +210,13 @@ def test_the_toy_study_killed_and_rerun_ends_identical_to_an_uninterrupted_one(t
         assert q in text
     for stem in ("regime_vs_tokens", "regime_pareto"):
         assert (tmp_path / "out_a" / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+    # the study's cost, from the run folders: the killed run counts the same steps, and its
+    # training CPU goes on over the resume (no "not counted" note)
+    from learnforget.analysis.regime import cost_table, load_runs
+
+    assert "## Cost" in text
+    ca, cb = cost_table(load_runs(ra)), cost_table(load_runs(rb))
+    assert list(ca["train_steps"]) == list(cb["train_steps"]) and ca["method"].iloc[-1] == "all"
+    for c in (ca, cb):
+        assert c[["train_wall_h", "train_cpu_h", "eval_wall_h", "eval_cpu_h"]].iloc[-1].gt(0).all()
+        assert (c["note"].iloc[:-1] == "").all(), list(c["note"])

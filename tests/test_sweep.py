@@ -265,3 +265,28 @@ def test_a_stop_signal_outside_slurm_stops_the_sweep(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         _hand_interrupt_to_submitit()
     assert e.value.code == 143 and "rerun the same command to resume" in capsys.readouterr().out
+
+
+def test_job_json_keeps_every_launch_with_its_wall_and_cpu(make_cfg):
+    """A run's cost is reproducible from its folder: job.json lists each launch's stages,
+    wall and process CPU seconds (a relaunch of a finished run adds one that skipped all);
+    the training record and each eval record carry their own CPU seconds."""
+    from learnforget.studies.job import run_job
+
+    cfg = make_cfg("method=lora", "method.r=2", "train.checkpoints.at=[1]", "eval=smoke",
+                   "eval.tasks=[]", "eval.diversity.prompts=[]", "eval.limit=4",
+                   "stages=[train,eval]")
+    first = run_job(cfg)
+    assert first["stages"] == {"train": "done", "eval": "done"}
+    run = Path(first["run_dir"])
+    job = json.loads((run / "job.json").read_text())
+    assert len(job["launches"]) == 1 and job["launches"][0]["stages"] == first["stages"]
+    assert job["launches"][0]["cpu_time_s"] > 0 and job["launches"][0]["wall_time_s"] > 0
+    assert json.loads((run / "run.json").read_text())["train"]["cpu_time_s"] > 0
+    scored = json.loads((run / "eval/step-000001.json").read_text())
+    assert scored["cpu_time_s"] > 0 and scored["wall_time_s"] > 0
+    assert run_job(cfg)["stages"] == {"train": "skipped", "eval": "skipped"}
+    job = json.loads((run / "job.json").read_text())
+    assert [x["stages"] for x in job["launches"]] == [
+        {"train": "done", "eval": "done"}, {"train": "skipped", "eval": "skipped"}]
+    assert job["cpu_time_s"] == job["launches"][1]["cpu_time_s"]  # the last launch's

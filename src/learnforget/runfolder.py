@@ -50,12 +50,14 @@ LAYOUT: dict[str, tuple[str, str]] = {
     "config": ("config.yaml", "the resolved config (secrets redacted)"),
     "record": ("run.json", "RunRecord: status and the run, train, meta sections (below)"),
     "log": (LOG_NAME, "what the libraries said during each stage (lm-eval, warnings)"),
-    "job": ("job.json", "what the last `learnforget job` did per stage"),
+    "job": ("job.json", "what the last `learnforget job` did per stage; `launches`: every "
+            "launch's stages, wall and process CPU seconds"),
     "lock": (".lock", "held while a process trains the run (the OS drops it on exit; where "
              "flock does not span nodes, .lock.excl: a lock file with a heartbeat)"),
     "tokenizer": ("tokenizer/", "the tokenizer, for eval"),
     "metrics": ("train/metrics.jsonl", "per step: loss, lr, grad_norm, tokens, tokens_per_s, "
-                "peak_mem_mb; per checkpoint (and step 0): heldout_loss"),
+                "wall_time_s and cpu_time_s (from the run's start, over resumes), peak_mem_mb; "
+                "per checkpoint (and step 0): heldout_loss"),
     "resume": ("train/resume.pt", "resume state (weights, optimizer, schedule, RNG, data "
                "position; FSDP: + train/resume-shards-*/); removed when the run finishes"),
     "checkpoint": ("checkpoints/<label>/", "adapter files or model.safetensors + "
@@ -168,10 +170,12 @@ class TrainInfo(Section):
     tokens_seen: int | None = None
     data_position: int | None = None  # sequences read by all ranks
     wall_time_s: float | None = None
+    cpu_time_s: float | None = None  # the training process's CPU seconds, over resumes
     peak_mem_mb: float | None = None
     checkpoints: list[str] | None = None  # labels saved so far
     OMIT_IF_NONE = ("cooldown_mode", "budgets", "branch_points", "quantisation", "steps_done",
-                    "tokens_seen", "data_position", "wall_time_s", "peak_mem_mb", "checkpoints")
+                    "tokens_seen", "data_position", "wall_time_s", "cpu_time_s", "peak_mem_mb",
+                    "checkpoints")
 
 
 @dataclass(kw_only=True)

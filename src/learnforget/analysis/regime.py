@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from learnforget.analysis.cost import eval_cost, train_cost
 from learnforget.analysis.matched import matched_difference
 from learnforget.analysis.regime_figures import plot_regime
 from learnforget.data.budget import PAPER_REGIME
@@ -121,7 +122,7 @@ def load_runs(root: Path, suite: str | None = None) -> list[dict[str, Any]]:
                 n = len(next(iter(units.values()))["drift_kl"][0])
                 base_units["drift_kl"] = (np.zeros(n), np.ones(n),
                                           next(iter(units.values()))["drift_kl"][2])
-            runs.append({"run": record.run.name, "method": record.run.method,
+            runs.append({"run": record.run.name, "run_dir": run_dir, "method": record.run.method,
                          "summary": record.run.method_summary, "seed": record.run.seed,
                          "trainable": record.train.trainable_params, "suite": s,
                          "units": units, "base": base_units})
@@ -265,6 +266,29 @@ def regime_table(runs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def cost_table(runs: list[dict]) -> pd.DataFrame:
+    """Per run: training steps (trunk + cooldown branches), wall and process CPU hours of
+    training and of the suite's scorings (learnforget.analysis.cost), and a total row."""
+    rows = []
+    for r in runs:
+        tr, ev = train_cost(Path(r["run_dir"])), eval_cost(Path(r["run_dir"]), r["suite"])
+        hours = {k: None if v is None else v / 3600 for k, v in
+                 [("train_wall_h", tr["wall_s"]), ("train_cpu_h", tr["cpu_s"]),
+                  ("eval_wall_h", ev["wall_s"]), ("eval_cpu_h", ev["cpu_s"])]}
+        rows.append({"method": r["summary"], "seed": r["seed"], "train_steps": tr["steps"],
+                     **hours, "scorings": ev["scorings"], "note": tr["note"] or (
+                         "" if ev["cpu_s"] is not None else "eval CPU not recorded")})
+    df = pd.DataFrame(rows)
+    if len(df):
+        total = {c: (df[c].sum(min_count=len(df)) if df[c].notna().all() else None)
+                 for c in ["train_steps", "train_wall_h", "train_cpu_h", "eval_wall_h",
+                           "eval_cpu_h", "scorings"]}
+        df = pd.concat([df, pd.DataFrame([{"method": "all", "seed": None, **total,
+                                           "note": "sum (None: a part not recorded)"}])],
+                       ignore_index=True)
+    return df
+
+
 def _fmt_answer(r: pd.Series) -> str:
     seeds = ", ".join(f"{v:+.3g}" for v in r["per_seed"])
     verdict = ("yes" if r["ci_low"] > 0 else "no: the reverse" if r["ci_high"] < 0
@@ -309,12 +333,18 @@ def write_regime(root: Path, out: Path, *, suite: str | None = None, full: str =
     runs_csv = out / "regime_runs.csv"
     with atomic_open(runs_csv, "w") as f:
         table.to_csv(f, index=False)
+    cost = cost_table(runs)
     md = out / "regime.md"
     with atomic_open(md, "w") as f:
         f.write(f"# The regime study: {root.name}\n\nRegime = tokens per trainable parameter "
                 f"at each budget ({PAPER_REGIME}).\n\n"
                 + table.to_markdown(index=False, floatfmt=".4g") + "\n\n"
-                + "\n\n".join(parts) + "\n\nEvery budget's answer: regime_answers.csv.\n")
+                + "\n\n".join(parts) + "\n\nEvery budget's answer: regime_answers.csv.\n\n"
+                "## Cost\n\nFrom each run folder (learnforget.analysis.cost): training (trunk "
+                "and cooldown branches) and the suite's scorings of the checkpoints, wall and "
+                "process CPU hours; the base's scoring is cached outside the runs and not "
+                "counted. Wall time includes any pause.\n\n"
+                + cost.to_markdown(index=False, floatfmt=".3g") + "\n")
     paths += [md, csv, runs_csv]
     paths += plot_regime(runs, out, FORGETTING)
     return paths

@@ -176,7 +176,7 @@ def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_
     lm-eval's task objects are built once (learnforget.eval.lm_eval_run.evaluate)."""
     from learnforget.console import library_bars
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if drift_eval is not None:
         # the reference texts (a probe set shared by every precision and head) come from the
         # base model as loaded; its drift scoring is then in the suite's precision and head
@@ -187,7 +187,8 @@ def score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_
     with library_bars():  # lm-eval's per-task bars and the drift bar: to the run's log file
         return {**_score(model, tokenizer, run_cfg, ev, specs, include_path, cache_dir,
                          drift_eval, task_cache), "precision": precision_record(model, ev),
-                "head": head_record(model, ev), "wall_time_s": time.perf_counter() - t0}
+                "head": head_record(model, ev), "wall_time_s": time.perf_counter() - t0,
+                "cpu_time_s": time.process_time() - c0}
 
 
 def _score(model, tokenizer, run_cfg: DictConfig, ev: DictConfig, specs, include_path: Path,

@@ -157,7 +157,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     status: dict[str, str] = {}
     record = folder.read_job()
     trained = train_complete(out, chash)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     current = None
     try:
         for stage in stages:
@@ -197,9 +197,13 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         if main_rank and out.exists():
+            wall, cpu = round(time.time() - t0, 3), round(time.process_time() - c0, 3)
+            launches = list(record.get("launches") or []) + [{
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": dict(status),
+                "wall_time_s": wall, "cpu_time_s": cpu}]
             record.update({"run": name, "config_hash": chash, "stages": dict(status),
-                           "requested": stages, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                           "wall_time_s": round(time.time() - t0, 3)})
+                           "requested": stages, "finished_at": launches[-1]["finished_at"],
+                           "wall_time_s": wall, "cpu_time_s": cpu, "launches": launches})
             folder.write_job(record)
     print(f"learnforget: job {name}: " + ", ".join(f"{k} {v}" for k, v in status.items()))
     if status.get("train") == "interrupted":

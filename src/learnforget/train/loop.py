@@ -419,7 +419,9 @@ def train_loop(s: Setup, run: OpenRun, stop: StopSignals) -> str:
     bar = tqdm(total=plan.total_steps, initial=start_step, desc=s.name[:40],
                disable=None if d.main else True, dynamic_ncols=True)
     t_start = time.perf_counter() - progress["wall_time_s"]
-    cpu_start = time.process_time()  # this process's CPU seconds (not stolen time, not waits)
+    # CPU seconds of the training process (rank 0's under DDP/FSDP; not stolen time, not
+    # waits), carried over resumes in the resume state as the wall time is
+    cpu_start = time.process_time() - progress.get("cpu_time_s", 0.0)
     for step in range(start_step + 1, plan.total_steps + 1):
         t0 = time.perf_counter()
         lr = s.scheduler.get_last_lr()[0]
@@ -429,13 +431,14 @@ def train_loop(s: Setup, run: OpenRun, stop: StopSignals) -> str:
         # the data position: sequences read by all ranks (a resume continues at this offset)
         progress["sequences"] = step * t.grad_accum * t.batch_size * d.world
         progress["wall_time_s"] = time.perf_counter() - t_start
+        progress["cpu_time_s"] = time.process_time() - cpu_start
         if step % t.log_every == 0 or step in plan.checkpoints:
             run.loggers.log({
                 "step": step, "epoch": step / plan.steps_per_epoch, "tokens": progress["tokens"],
                 "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": step_tokens / dt, "step_time_s": dt,
                 "wall_time_s": progress["wall_time_s"],
-                "cpu_time_s": time.process_time() - cpu_start,
+                "cpu_time_s": progress["cpu_time_s"],
                 "peak_mem_mb": peak_memory_mb(s.device)})
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}")
@@ -477,6 +480,7 @@ def finish(s: Setup, run: OpenRun, status: str) -> None:
     record.train.tokens_seen = progress["tokens"]
     record.train.data_position = progress.get("sequences", 0)
     record.train.wall_time_s = progress["wall_time_s"]
+    record.train.cpu_time_s = progress.get("cpu_time_s")
     record.train.peak_mem_mb = peak_memory_mb(s.device)
     record.train.checkpoints = run.folder.checkpoint_labels()
     if status == "finished" and not any(n.startswith("regime:") for n in record.train.notes):
