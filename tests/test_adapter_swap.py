@@ -28,7 +28,7 @@ SMOKE_FAST = ["eval=smoke", "eval.limit=3", "eval.max_gen_toks=12", "eval.divers
 MC_ONLY = ["eval=smoke", "eval.limit=4", "eval.diversity.prompts=[]",
            "eval.tasks=[{name: lf_smoke_hellaswag, kind: hellaswag, data: 'package:hellaswag.jsonl'},"
            "{name: lf_smoke_arc, kind: arc_challenge, data: 'package:arc_challenge.jsonl'}]"]
-VOLATILE = ("wall_time_s", "meta", "cache_file", "versions")
+VOLATILE = ("wall_time_s", "cpu_time_s", "meta", "cache_file", "versions")
 
 
 def _count_loads(monkeypatch) -> dict[str, int]:

@@ -81,7 +81,7 @@ def test_demo_study_ends_with_the_analysis_of_all_its_runs(tmp_path, cache_dir):
     loras = sorted({r["method_summary"] for r in rows if r["method_summary"].startswith("lora")})
     answers = md.split("# The paper's three questions\n\n", 1)[1]
     assert [ln[3:] for ln in answers.splitlines() if ln.startswith("## ")] == [
-        f"full vs {m}" for m in loras]
+        f"full vs {m}" for m in loras] + ["Cost"]  # the runs' wall and CPU hours last
     for q in ("1. does LoRA learn less?", "2. does LoRA forget less?",
               "3. which forgets less at matched learning?"):
         assert answers.count(f"| {q} |") >= len(loras), q

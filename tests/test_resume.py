@@ -207,15 +207,6 @@ def test_a_second_process_started_mid_run_skips_it(tmp_path, cache_dir):
     assert "resuming" not in second.stdout + stdout
     info = RunFolder(run).read_record()
     assert info.status == "finished" and info.train.steps_done == 40
-    # the wall and CPU seconds go on from the resume state, not from 0 in the new process
-    rows = [json.loads(x) for x in (run / "train/metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "cpu_time_s" in r]
-    assert [r["step"] for r in rows][-1] == 40 and len(rows) >= 20
-    for key in ("wall_time_s", "cpu_time_s"):
-        seq = [r[key] for r in rows]
-        assert all(b >= a for a, b in zip(seq, seq[1:], strict=False)), (key, seq)
-    assert info.train.cpu_time_s == pytest.approx(rows[-1]["cpu_time_s"])
-    assert 0 < info.train.cpu_time_s
     steps = [s for s, _ in _losses(run)]
     assert steps.count(3) == 1 and steps.count(40) == 2  # step 40: loss and held-out loss
     assert not (run / "train/resume.pt").exists()
