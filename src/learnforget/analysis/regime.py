@@ -284,7 +284,7 @@ def cost_table(runs: list[dict]) -> pd.DataFrame:
                  for c in ["train_steps", "train_wall_h", "train_cpu_h", "eval_wall_h",
                            "eval_cpu_h", "scorings"]}
         df = pd.concat([df, pd.DataFrame([{"method": "all", "seed": None, **total,
-                                           "note": "sum (None: a part not recorded)"}])],
+                                           "note": "sum (-: a part not recorded)"}])],
                        ignore_index=True)
     return df
 
@@ -344,7 +344,8 @@ def write_regime(root: Path, out: Path, *, suite: str | None = None, full: str =
                 "and cooldown branches) and the suite's scorings of the checkpoints, wall and "
                 "process CPU hours; the base's scoring is cached outside the runs and not "
                 "counted. Wall time includes any pause.\n\n"
-                + cost.to_markdown(index=False, floatfmt=".3g") + "\n")
+                + cost.astype(object).where(cost.notna(), None).to_markdown(
+                    index=False, floatfmt=".3g", missingval="-") + "\n")
     paths += [md, csv, runs_csv]
     paths += plot_regime(runs, out, FORGETTING)
     return paths
