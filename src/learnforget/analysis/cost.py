@@ -39,7 +39,7 @@ def train_cost(run_dir: Path) -> dict[str, Any]:
     """{steps, wall_s, cpu_s, note}: the trunk plus every cooldown branch's own steps."""
     folder = RunFolder(Path(run_dir))
     rec = folder.read_record()
-    rows = _metrics(Path(run_dir) / "train" / "metrics.jsonl")
+    rows = _metrics(folder.metrics)
     if rec is None or not rows:
         return {"steps": 0, "wall_s": None, "cpu_s": None, "note": "not trained"}
     carried = rec.train.cpu_time_s is not None
@@ -48,12 +48,12 @@ def train_cost(run_dir: Path) -> dict[str, Any]:
     cpu = float(rows[-1].get("cpu_time_s") or 0.0)
     resumed = any(n.startswith("resumed from step") for n in rec.train.notes)
     for info in ((rec.cooldown or {}).get("branches") or {}).values():
-        b_dir = Path(run_dir) / str(info.get("branch", ""))
-        b_rows = _metrics(b_dir / "train" / "metrics.jsonl")
+        b_folder = RunFolder(Path(run_dir) / str(info.get("branch", "")))
+        b_rows = _metrics(b_folder.metrics)
         if not b_rows:
             continue
         start = int(info.get("from_step", 0))
-        b_rec = RunFolder(b_dir).read_record()
+        b_rec = b_folder.read_record()
         steps += int(b_rows[-1]["step"]) - start
         wall += float(b_rows[-1]["wall_time_s"]) - _at(rows, start, "wall_time_s")
         b_cpu = float(b_rows[-1].get("cpu_time_s") or 0.0)
