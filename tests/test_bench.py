@@ -96,3 +96,20 @@ def test_precision_part_compares_bf16_and_fp32_on_the_same_batches(tmp_path, ext
     assert ratios == pytest.approx([a / b for a, b in zip(
         v["bf16_step_s"]["values"], v["fp32_step_s"]["values"], strict=True)])
     assert "bf16/fp32 time" in format_precision(r)
+
+
+def test_loss_section_times_both_paths_on_instruction_data(tmp_path, cache_dir, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "loss", "--model", "tiny_llama", "--steps", "3", "--loss-batch-size",
+                 "4", "--methods", "lora,full", "--json", str(out),
+                 f"paths.cache_dir={cache_dir}", *OFFLINE_DATA["arith_ift"]]) == 0
+    r = json.loads(out.read_text())["loss"]["methods"]
+    assert set(r) == {"lora", "full"}
+    for v in r.values():
+        assert 0 < v["labelled_share"] < 0.6  # prompts and padding: no label
+        assert v["chunked_cpu_s"]["n"] == v["transformers_cpu_s"]["n"] == 2  # the first untimed
+        assert v["ratio_chunked_over_transformers_cpu"]["values"] == pytest.approx(
+            [a / b for a, b in zip(v["chunked_cpu_s"]["values"],
+                                   v["transformers_cpu_s"]["values"], strict=True)])
+        assert v["max_rel_loss_diff"] < 1e-5  # the same loss: summation order only
+    assert "chunked/transformers" in capsys.readouterr().out

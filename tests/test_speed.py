@@ -79,6 +79,43 @@ def test_chunked_loss_matches_transformers_on_tiny_llama(make_cfg):
         assert torch.allclose(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6), n
 
 
+def test_chunked_loss_on_instructions_skips_the_unlabelled_positions(make_cfg, monkeypatch):
+    """IFT (loss on the response only): the same loss and gradients as transformers' loss on the
+    full logits, with the LM head applied to the labelled positions only."""
+    from learnforget.train.loop import setup
+    from learnforget.train.plan import micro_batch
+
+    cfg = make_cfg(*BASE, "method=lora", "method.r=2", "method.dropout=0.0", "train.precision=fp32",
+                   "train.batch_size=4", *OFFLINE_DATA["arith_ift"], data="arith_ift")
+    s = setup(cfg)
+    batch = micro_batch(s.data, s.plan, s.cfg.train, 0, s.cfg.seed, s.tokenizer.pad_token_id)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < labelled < batch["labels"].numel() // 2  # prompts and padding carry no label
+    ref = s.model(**batch).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in s.model.named_parameters() if p.grad is not None}
+    s.model.zero_grad(set_to_none=True)
+    rows = []
+
+    class CountingF:  # torch.nn.functional as lm_loss sees it, counting the head's rows
+        def __getattr__(self, name):
+            return getattr(torch.nn.functional, name)
+
+        def linear(self, x, *a, **k):
+            rows.append(x.shape[0])
+            return torch.nn.functional.linear(x, *a, **k)
+
+    monkeypatch.setattr(lm_loss, "F", CountingF())
+    got = lm_loss.chunked_loss(s.model, batch, 16)
+    got.backward()
+    assert sum(rows) == labelled  # the head ran on the labelled positions, none other
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert ref_grads
+    for n, p in s.model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6), n
+
+
 def test_frozen_cast_is_what_autocast_computes(make_cfg):
     """LoRA under bf16 autocast: logits and LoRA gradients bit-identical with the frozen linear
     weights cast once; the tied embedding / LM head is left in float32."""

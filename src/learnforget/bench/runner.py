@@ -29,6 +29,7 @@ Sections (each figure as the median over its section's repeats with its min-max 
   generate_until separately), base model.
 - latency: inference latency of each method relative to the base model
   (learnforget.bench.latency).
+- loss (by name only): the LM head's loss on instructions, two paths (learnforget.bench.loss_speed)
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from learnforget.bench.measure import cpu_steal_s, fmt_spread, harness_steps, ru
 from learnforget.bench.mfu import format_train
 from learnforget.errors import ConfigError
 
-SECTIONS = ("train", "memory", "eval", "latency")
+SECTIONS = ("train", "memory", "eval", "latency", "loss")  # loss: asked for by name only
 
 
 def bare_steps(s, steps: int, offset: int = 0) -> dict[str, list]:
@@ -90,7 +91,8 @@ def harness_extras_ms(s, runs_dir: Path, n: int = 20) -> dict[str, float]:
     from learnforget.train.plan import micro_batch
 
     t, pad = s.cfg.train, s.tokenizer.pad_token_id
-    s.model(**micro_batch(s.data, s.plan, t, 0, s.cfg.seed, pad)).loss.backward()
+    with s.policy.autocast(s.device):  # bf16 compute: frozen weights are already bf16
+        s.model(**micro_batch(s.data, s.plan, t, 0, s.cfg.seed, pad)).loss.backward()
     log = DiskLogger(runs_dir / "extras" / "metrics.jsonl")
     row = {"step": 1, "epoch": 0.1, "tokens": 1024, "loss": 2.0, "lr": 1e-3, "grad_norm": 1.0,
            "tokens_per_s": 200.0, "step_time_s": 5.0, "wall_time_s": 5.0, "cpu_time_s": 9.0,
@@ -395,7 +397,7 @@ def bench_cli(args: Sequence[str]) -> int:
         return spectra_cli(args)
     p = argparse.ArgumentParser(prog="learnforget bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sections", nargs="*", default=list(SECTIONS),
+    p.add_argument("sections", nargs="*", default=list(SECTIONS[:4]),
                    help=f"any of {', '.join(SECTIONS)} (default: all); or `spectra`; KEY=VALUE "
                         "words are config overrides for every benchmark run")
     p.add_argument("--model", default="smollm2_135m")
@@ -417,6 +419,7 @@ def bench_cli(args: Sequence[str]) -> int:
     p.add_argument("--steps", type=int, default=6, help="training steps per repeat (the first "
                    "is not timed)")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--loss-batch-size", type=int, default=8, help="loss: instructions per batch")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-limit", type=int, default=16, help="documents per eval task")
     p.add_argument("--eval-items", type=int, default=40, help="items per task of the "
@@ -429,7 +432,7 @@ def bench_cli(args: Sequence[str]) -> int:
                    help="also write the numbers here (default: runs/_bench/bench-<time>.json)")
     extra = [s for s in args if "=" in s and not s.startswith("-")]
     a = p.parse_args([s for s in args if s not in extra])
-    a.sections = a.sections or list(SECTIONS)
+    a.sections = a.sections or list(SECTIONS[:4])
     bad = [s for s in a.sections if s not in SECTIONS]
     if bad:
         raise ConfigError(f"unknown bench section {bad[0]!r} (expected any of: "
@@ -474,6 +477,12 @@ def bench_cli(args: Sequence[str]) -> int:
                 r["compare"] = bench_eval_compare(a.model, a.eval_repeats, a.eval_items, runs,
                                                   extra=extra)
                 text = format_eval(r) + "\n" + format_compare(r["compare"])
+            elif section == "loss":
+                from learnforget.bench.loss_speed import bench_loss, format_loss
+
+                r = bench_loss(a.model, a.steps, a.loss_batch_size, runs,
+                               methods=_methods(a.methods), extra=extra)
+                text = format_loss(r)
             else:
                 from learnforget.bench.latency import format_latency, run_latency
 

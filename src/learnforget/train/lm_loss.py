@@ -9,6 +9,9 @@ pass, the chunk's gradients with respect to the hidden states and to the head's 
 (softmax - one-hot), as fused linear-cross-entropy kernels do on GPUs (e.g. Liger's); no chunk's
 logits outlive it. The backward only scales the stored gradients. Same arithmetic as the
 unchunked path: the matmuls in the autocast dtype when autocast is on, softmax and loss in fp32.
+Only the positions with a label enter the chunks: in instruction finetuning the prompt's tokens
+and the padding (label -100) get no logits at all, which transformers' loss computes and then
+ignores, so the LM head's FLOPs fall by the unlabelled share of the batch.
 """
 
 from __future__ import annotations
@@ -26,13 +29,17 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, divisor: float, chunk: int, dtype):
-        h2 = hidden.reshape(-1, hidden.shape[-1])
-        y = labels.reshape(-1)
+        h_all = hidden.reshape(-1, hidden.shape[-1])
+        y_all = labels.reshape(-1)
+        # only the positions that carry a label: an IFT prompt's tokens and padding (label -100)
+        # add nothing to the loss or to any gradient, so their logits are never computed
+        rows = (y_all != IGNORE).nonzero().squeeze(1)
+        h2, y = h_all.index_select(0, rows), y_all.index_select(0, rows)
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        grad_h = torch.zeros_like(h2) if need_h else None
+        grad_rows = torch.zeros_like(h2) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
@@ -42,20 +49,22 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             hc = h2[start:start + chunk].to(dtype)
             yc = y[start:start + chunk]
             logits = F.linear(hc, w, b).float()
-            total += F.cross_entropy(logits, yc, ignore_index=IGNORE, reduction="sum")
+            total += F.cross_entropy(logits, yc, reduction="sum")
             if not (need_h or need_w or need_b):
                 continue
             g = torch.softmax(logits, dim=-1)  # d(sum of losses) / d logits = softmax - one-hot
-            valid = yc != IGNORE
-            g[valid, yc[valid]] -= 1.0
-            g[~valid] = 0.0
+            g[torch.arange(len(yc), device=g.device), yc] -= 1.0
             g = g.to(dtype)
             if need_h:
-                grad_h[start:start + chunk] = (g @ w).to(grad_h.dtype)
+                grad_rows[start:start + chunk] = (g @ w).to(grad_rows.dtype)
             if need_w:
                 grad_w += (g.t() @ hc).float()
             if need_b:
                 grad_b += g.float().sum(0)
+        grad_h = None
+        if need_h:
+            grad_h = torch.zeros_like(h_all)
+            grad_h.index_copy_(0, rows, grad_rows)
         ctx.divisor = divisor
         ctx.shape = hidden.shape
         ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))

@@ -183,6 +183,7 @@ def loss_note(t: DictConfig, model: torch.nn.Module, world: int) -> list[str]:
                 f"full logits is used ({why})"]
     if chunk:
         return [f"train.speed.loss_chunk={chunk}: LM head and cross-entropy computed over chunks "
-                f"of {chunk} tokens, gradients in the same pass (learnforget.train.lm_loss): the "
-                "full logits never exist; the loss differs from transformers' by summation order"]
+                f"of {chunk} labelled tokens, gradients in the same pass (learnforget.train.lm_loss): "
+                "the full logits never exist, positions with label -100 get none; the loss "
+                "differs from transformers' by summation order"]
     return []
