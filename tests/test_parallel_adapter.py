@@ -68,7 +68,8 @@ def test_llama2_7b_parallel_count_by_hand():
 
 def test_trains_and_reloads_with_its_scale(make_cfg):
     cfg = make_cfg("method=adapter", "method.placement=parallel", "method.bottleneck=8",
-                   "method.adapter_scale=4", "train.lr=1e-2", "train.checkpoints.at=[2]")
+                   "method.adapter_scale=4", "train.lr=1e-2", "train.checkpoints.at=[2]",
+                   "train.precision=fp32")
     s = setup(cfg)
     out = fit(s)
     ckpt = out / "checkpoints" / "step-000002"

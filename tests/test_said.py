@@ -240,7 +240,7 @@ def test_old_checkpoints_without_the_projection_kind_are_refused(tmp_path):
 
 def test_trains_saves_theta_lambda_seed_and_reloads_identically(make_cfg):
     cfg = make_cfg("method=said", "method.d=64", "method.projection_seed=7", "train.lr=5e-2",
-                   "train.checkpoints.at=[1,4]")
+                   "train.checkpoints.at=[1,4]", "train.precision=fp32")
     s = setup(cfg)
     out = fit(s)
     ckpt = out / "checkpoints" / "step-000004"

@@ -176,7 +176,7 @@ def test_peak_adds_the_largest_targets_workspace(make_cfg):
     """By hand, tiny_llama's largest targets are gate/up/down (64 x 256 = 16,384 entries,
     L = 2^14): 24 bytes x L + (4 + 4) bytes x 16,384 in float32; the peak adds it where the
     logits' gradients would be (they are gone by the first target's backward)."""
-    rep = param_report(make_cfg("method=said", "method.d=40"))
+    rep = param_report(make_cfg("method=said", "method.d=40", "train.precision=fp32"))
     assert rep.workspace_bytes == 24 * 2**14 + 8 * 64 * 256
     assert rep.peak_bytes == rep.weights_bytes + rep.optimizer_bytes + rep.activations_bytes \
         + max(2 * rep.logits_bytes, rep.workspace_bytes)
@@ -202,8 +202,9 @@ def test_rebuild_weight_false_keeps_each_weight_in_the_same_run(make_cfg):
     """method.rebuild_weight=false: the layers' own forwards (the parametrized path); the same
     run name, the kept weights in the traced activations (cached reports told apart), the same
     gradients."""
-    on = make_cfg("method=said", "method.d=40")
-    off = make_cfg("method=said", "method.d=40", "method.rebuild_weight=false")
+    on = make_cfg("method=said", "method.d=40", "train.precision=fp32")  # the bytes: float32
+    off = make_cfg("method=said", "method.d=40", "method.rebuild_weight=false",
+                   "train.precision=fp32")
     assert run_name(on) == run_name(off)
     kept = (2 * (4 * 64 * 64 + 3 * 64 * 256) - 3 * 64 * 64) * 4  # as above
     assert cached_param_report(off).activations_bytes \
