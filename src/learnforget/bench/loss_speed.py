@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from learnforget.bench.measure import cpu_steal_s, fmt_spread, spread
+from learnforget.bench.measure import cpu_steal_s, fmt_spread, spread, steal_since
 
 METHODS = {"lora": ["method=lora", "method.r=1", "method.targets=all", "method.dropout=0.0"],
            "full": ["method=full"]}
@@ -86,8 +86,7 @@ def bench_loss(model: str, steps: int, batch_size: int, runs_dir: Path,
             "ratio_chunked_over_transformers_cpu": spread(ratio),
             "max_rel_loss_diff": max_rel}
         del s, net
-    steal1 = cpu_steal_s()
-    out["steal_s"] = None if steal0 is None or steal1 is None else steal1 - steal0
+    out["steal_s"] = steal_since(steal0)
     return out
 
 

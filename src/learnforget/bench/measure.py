@@ -62,3 +62,10 @@ def cpu_steal_s() -> float | None:
         return int(fields[8]) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+
+
+def steal_since(start: float | None) -> float | None:
+    """Seconds stolen by the hypervisor since `start` (a cpu_steal_s() reading); None where
+    unknown."""
+    now = cpu_steal_s()
+    return None if start is None or now is None else now - start

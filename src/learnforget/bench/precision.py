@@ -30,7 +30,7 @@ def _losses(run: Path) -> list[float]:
 def bench_precision(model: str, repeats: int, steps: int, batch_size: int, seq_len: int,
                     runs_dir: Path, methods: Sequence[str] = ("lora", "full"),
                     extra: Sequence[str] = ()) -> dict[str, Any]:
-    from learnforget.bench.measure import cpu_steal_s, harness_steps, run_cfg, spread
+    from learnforget.bench.measure import cpu_steal_s, harness_steps, run_cfg, spread, steal_since
     from learnforget.train.loop import setup
 
     res: dict[str, Any] = {"model": model, "batch_size": batch_size, "seq_len": seq_len,
@@ -58,8 +58,7 @@ def bench_precision(model: str, repeats: int, steps: int, batch_size: int, seq_l
                 [a / b for a, b in zip(step_s["bf16"], step_s["fp32"], strict=True)]),
             "loss_bf16": curves["bf16"], "loss_fp32": curves["fp32"],
             "max_rel_loss_diff": max(rel)}
-    steal1 = cpu_steal_s()
-    res["cpu_steal_s"] = None if steal0 is None or steal1 is None else steal1 - steal0
+    res["cpu_steal_s"] = steal_since(steal0)
     return res
 
 
