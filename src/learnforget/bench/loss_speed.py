@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from learnforget.bench.measure import cpu_steal_s, fmt_spread, spread, steal_since
+from learnforget.errors import ConfigError
 
 METHODS = {"lora": ["method=lora", "method.r=1", "method.targets=all", "method.dropout=0.0"],
            "full": ["method=full"]}
@@ -48,7 +49,8 @@ def bench_loss(model: str, steps: int, batch_size: int, runs_dir: Path,
     from learnforget.train.plan import micro_batch
 
     if steps < 2:
-        raise ValueError(f"bench loss: steps must be at least 2 (the first is untimed), got {steps}")
+        raise ConfigError(f"--steps must be at least 2 for bench loss (the first is untimed), "
+                          f"got {steps}")
     steal0 = cpu_steal_s()
     out: dict[str, Any] = {"model": model, "chunk": CHUNK, "batch_size": batch_size,
                            "methods": {}}

@@ -27,8 +27,7 @@ Sections (each figure as the median over its section's repeats with its min-max 
   FLOP bound on the same items (learnforget.bench.eval_speed); lm-eval requests per second on the
   offline suite's tasks (loglikelihood and
   generate_until separately), base model.
-- latency: inference latency of each method relative to the base model
-  (learnforget.bench.latency).
+- latency: each method's inference latency relative to the base model (learnforget.bench.latency).
 - loss (by name only): the LM head's loss on instructions, two paths (learnforget.bench.loss_speed)
 """
 
@@ -48,7 +47,8 @@ from learnforget.bench.measure import cpu_steal_s, fmt_spread, harness_steps, ru
 from learnforget.bench.mfu import format_train
 from learnforget.errors import ConfigError
 
-SECTIONS = ("train", "memory", "eval", "latency", "loss")  # loss: asked for by name only
+SECTIONS = ("train", "memory", "eval", "latency", "loss")
+DEFAULT_SECTIONS = SECTIONS[:4]  # loss: asked for by name only
 
 
 def bare_steps(s, steps: int, offset: int = 0) -> dict[str, list]:
@@ -397,8 +397,8 @@ def bench_cli(args: Sequence[str]) -> int:
         return spectra_cli(args)
     p = argparse.ArgumentParser(prog="learnforget bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sections", nargs="*", default=list(SECTIONS[:4]),
-                   help=f"any of {', '.join(SECTIONS)} (default: all); or `spectra`; KEY=VALUE "
+    p.add_argument("sections", nargs="*", default=list(DEFAULT_SECTIONS),
+                   help=f"any of {', '.join(SECTIONS)} (default: all but loss); or `spectra`; KEY=VALUE "
                         "words are config overrides for every benchmark run")
     p.add_argument("--model", default="smollm2_135m")
     p.add_argument("--repeats", type=int, default=4, help="repeats of the train section")
@@ -432,7 +432,7 @@ def bench_cli(args: Sequence[str]) -> int:
                    help="also write the numbers here (default: runs/_bench/bench-<time>.json)")
     extra = [s for s in args if "=" in s and not s.startswith("-")]
     a = p.parse_args([s for s in args if s not in extra])
-    a.sections = a.sections or list(SECTIONS[:4])
+    a.sections = a.sections or list(DEFAULT_SECTIONS)
     bad = [s for s in a.sections if s not in SECTIONS]
     if bad:
         raise ConfigError(f"unknown bench section {bad[0]!r} (expected any of: "
