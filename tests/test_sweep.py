@@ -290,3 +290,46 @@ def test_job_json_keeps_every_launch_with_its_wall_and_cpu(make_cfg):
     assert [x["stages"] for x in job["launches"]] == [
         {"train": "done", "eval": "done"}, {"train": "skipped", "eval": "skipped"}]
     assert job["cpu_time_s"] == job["launches"][1]["cpu_time_s"]  # the last launch's
+
+
+def test_a_sweep_leaves_the_analysis_to_the_process_still_running_jobs(tmp_path, monkeypatch,
+                                                                        capsys):
+    """Two shells running one study (two 1-thread workers on a laptop): the one that finishes
+    first does not analyse half of the study while the other still trains; the last one does."""
+    import learnforget.analysis.stage as stage
+    import learnforget.studies.command as command
+
+    runs = tmp_path / "runs"
+    study = _write(tmp_path / "pair.yaml", f"""
+description: two runs analysed together
+launcher: basic
+analyze: true
+stages: [train]
+holds: [model=tiny_llama, data=stdlib_code, logger=none, paths.runs_dir={runs}]
+sweep:
+  method: [full, lora]
+gpu_hours_per_job: 0
+""")
+    states: list[str] = []
+    analysed: list[Path] = []
+
+    def refresh(plan):
+        for job, state in zip(plan.jobs, states, strict=True):
+            job.state = state
+
+    monkeypatch.setattr(command, "refresh_states", refresh)
+    monkeypatch.setattr(command, "launch", lambda plan, *a: plan.jobs[:1])
+    monkeypatch.setattr(command, "report_failures", lambda launched: None)
+    monkeypatch.setattr(stage, "analyze", lambda root, **kw: analysed.append(root))
+
+    states[:] = ["done", "running"]  # this process finished job 1; another runs job 2
+    assert sweep_main(str(study)) == 1
+    out = capsys.readouterr().out
+    assert not analysed
+    assert "the analysis waits: 1 job(s) of study pair still run in another process" in out
+    assert f"learnforget analyze {runs.resolve() / 'pair'}" in out
+
+    states[:] = ["done", "done"]  # the other process, at its end: every job done
+    assert sweep_main(str(study)) == 0
+    assert analysed == [runs.resolve() / "pair"]
+    assert "the analysis waits" not in capsys.readouterr().out

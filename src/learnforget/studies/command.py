@@ -96,7 +96,15 @@ def sweep_main(study: str, overrides: Sequence[str] = (), *, dry_run: bool = Fal
           f"{len(launched)} launched now")
     root = Path(plan.jobs[0].cfg.paths.runs_dir).resolve() / s.experiment_name if plan.jobs else None
     want_analysis = s.analyze if analyze is None else analyze
-    if want_analysis and root is not None and done and (launched or not (root / "_analysis").exists()):
+    running = sum(j.state == "running" for j in plan.jobs)
+    if want_analysis and root is not None and done and running:
+        # another process (a second shell, a worker) still runs jobs: its sweep analyses at its
+        # end, on every run, instead of this one analysing a part of the study now
+        print(f"learnforget: the analysis waits: {running} job(s) of study {s.name} still run "
+              f"in another process; the sweep that runs them, or a rerun of this one, analyses "
+              f"once they are done (now, on what is done: learnforget analyze {shown_path(root)})")
+    elif want_analysis and root is not None and done \
+            and (launched or not (root / "_analysis").exists()):
         from learnforget.analysis.stage import analyze as run_analysis
 
         run_analysis(root, cache_dir=Path(plan.jobs[0].cfg.paths.cache_dir).expanduser(),
