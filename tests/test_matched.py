@@ -81,3 +81,19 @@ def test_matched_table_pairs_seeds_and_gives_interval(tmp_path):
 def test_matched_table_names_missing_column():
     with pytest.raises(ConfigError, match="'nope' is not in the runs table"):
         matched_table(_table(), "nope", "kl")
+
+
+def test_the_last_level_is_the_end_of_the_shorter_path_despite_rounding():
+    """Two runs of base -> one checkpoint (a second seed at the last budget only): the levels
+    end on the shorter path's last point. 0.6754681847334906 - (0.6754681847334906 - 0.009952)
+    is 4e-17 below 0.009952 in floating point, beyond that path's end: the difference must
+    still be a number, by hand: y_a - y_b at x = 0.6755 - (0.6755 - 0.009952) i / 8."""
+    base, end_a, end_b = 0.6754681847334906, 0.006643, 0.009952
+    a = ([base, end_a], [0.0, 1.0])
+    b = ([base, end_b], [0.0, 2.0])
+    got = matched_difference(a, b)
+    assert got is not None and np.isfinite(got["diff"])
+    levels = base - (base - end_b) * np.arange(1, 9) / 8
+    by_hand = [(base - v) / (base - end_a) * 1.0 - (base - v) / (base - end_b) * 2.0
+               for v in levels]
+    assert got["diff"] == pytest.approx(np.mean(by_hand), abs=1e-12)

@@ -74,6 +74,9 @@ def matched_difference(a: tuple[Sequence[float], Sequence[float]],
     steps = (hi - lo) * np.arange(1, n_levels + 1) / n_levels
     start = (float(a[0][0]) + float(b[0][0])) / 2  # where the paths begin (the base model)
     levels = hi - steps if abs(start - hi) < abs(start - lo) else lo + steps
+    # the last level is the overlap's far end, which one path ends on exactly: rounding in
+    # hi - (hi - lo) could put it an ulp beyond that path's end, where it has no value
+    levels = np.clip(levels, lo, hi)
     ya = np.array([level_at(a[0], a[1], v) for v in levels])
     yb = np.array([level_at(b[0], b[1], v) for v in levels])
     return {"lo": lo, "hi": hi, "levels": levels, "y_a": ya, "y_b": yb,
