@@ -83,6 +83,35 @@ def test_matched_answer_reads_forgetting_at_the_same_learning_by_hand():
     assert got["pairs"] == 1
 
 
+def test_a_regularised_full_arm_is_answered_against_plain_full_by_hand():
+    # sweeps/regularisers.yaml: every arm of one method at seed 0. Plain full: CE 3.0 -> 2.0,
+    # forgetting 0 -> 1.0; wd arm: CE 3.0 -> 2.2 (learns 0.2 nats less), forgetting 0 -> 0.6
+    # (forgets 0.4 less); the questions name the arm.
+    from learnforget.analysis.regime import answers
+
+    runs = [_run("full", 0, [3.0, 2.0], [0.0, 1.0]),
+            _run("full + wd 0.0001", 0, [3.0, 2.2], [0.0, 0.6]),
+            _run("lora_r2_a4_all", 0, [3.0, 2.9], [0.0, 0.1])]
+    got = answers(runs, "full", "full + wd 0.0001", n_boot=50).set_index("question")
+    assert got.loc["1. does full + wd 0.0001 learn less?", "value"] == pytest.approx(0.2)
+    assert got.loc["2. does full + wd 0.0001 forget less?", "value"] == pytest.approx(0.4)
+    lora = answers(runs, "full", "lora_r2_a4_all", n_boot=50).set_index("question")
+    assert lora.loc["1. does LoRA learn less?", "value"] == pytest.approx(0.9)
+
+
+def test_two_runs_of_one_arm_and_seed_are_one_config_error_naming_both():
+    # Before arms were told apart, the five full arms of the regularisers study were all
+    # "full" at seed 0 and the answers silently paired whichever came last.
+    from learnforget.analysis.regime import answers
+    from learnforget.errors import ConfigError
+
+    a = {**_run("full", 0, [3.0, 2.0], [0.0, 1.0]), "run": "full-s0-aaa"}
+    b = {**_run("full", 0, [3.0, 2.2], [0.0, 0.6]), "run": "full-s0-bbb"}
+    lora = {**_run("lora_r2_a4_all", 0, [3.0, 2.9], [0.0, 0.1]), "run": "lora-s0"}
+    with pytest.raises(ConfigError, match="'full-s0-aaa' and 'full-s0-bbb' are both 'full' at seed 0"):
+        answers([a, b, lora], "full", "lora_r2_a4_all", n_boot=10)
+
+
 # ------------------------------------------------------------------ per-block cross-entropy
 
 

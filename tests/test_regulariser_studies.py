@@ -155,6 +155,11 @@ def test_regularisers_toy_end_to_end(tmp_path, cache_dir):
     assert (root / "_analysis" / "learning_vs_forgetting.png").exists()
     md = (root / "_analysis" / "matched_learning.md").read_text()
     assert "full + attn dropout 0.1" in md and "full + wd 5e-05" in md
+    # the per-unit answers pair plain full with each arm (not whichever full run came last)
+    regime = (root / "_analysis" / "regime.md").read_text()
+    for arm in sorted(set(last.index) - {"full"}):
+        assert f"## full vs {arm}\n" in regime
+    assert "1. does full + wd 0.0001 learn less?" in regime
 
 
 @pytest.mark.slow

@@ -67,7 +67,7 @@ def _settings(info: RunRecord | None) -> dict[str, Any]:
 REGULARISERS = (("attention_dropout", None, "attn dropout"), ("weight_decay", 0.0, "wd"))
 
 
-def _regularisers(folder: RunFolder) -> dict[str, Any]:
+def run_regularisers(folder: RunFolder) -> dict[str, Any]:
     """train.attention_dropout and train.weight_decay from the run's config.yaml (None when
     the folder has none)."""
     import yaml
@@ -79,22 +79,34 @@ def _regularisers(folder: RunFolder) -> dict[str, Any]:
     return {key: train.get(key, off) for key, off, _ in REGULARISERS}
 
 
-def _add_arms(df: pd.DataFrame) -> None:
-    """`regulariser` (e.g. "attn dropout 0.05", "" when the run has none that varies) and `arm`
-    (method_summary and regulariser): only the regularisers whose value differs between the runs
-    of the table name an arm, so a study with one weight decay throughout keeps its labels."""
-    parts = pd.Series([[] for _ in range(len(df))], index=df.index, dtype=object)
+def regulariser_labels(regs: list[dict[str, Any]]) -> list[str]:
+    """Per run, e.g. "attn dropout 0.05" ("" when the run has none that varies): only the
+    regularisers whose value differs between the runs name an arm, so a study with one weight
+    decay throughout keeps its labels."""
+    parts: list[list[str]] = [[] for _ in regs]
     for key, off, label in REGULARISERS:
-        if key not in df.columns:
-            df[key] = None
-        values = [off if v is None or pd.isna(v) else float(v) for v in df[key]]
+        values = [off if r.get(key) is None or pd.isna(r.get(key)) else float(r[key])
+                  for r in regs]
         if len({repr(v) for v in values}) <= 1:
             continue
-        for i, v in zip(df.index, values, strict=True):
+        for got, v in zip(parts, values, strict=True):
             if v is not None and v != off:
-                parts[i] = parts[i] + [f"{label} {v:g}"]
-    df["regulariser"] = parts.map(", ".join)
-    df["arm"] = [f"{m} + {r}" if r else str(m)
+                got.append(f"{label} {v:g}")
+    return [", ".join(p) for p in parts]
+
+
+def arm_label(method: str, regulariser: str) -> str:
+    return f"{method} + {regulariser}" if regulariser else str(method)
+
+
+def _add_arms(df: pd.DataFrame) -> None:
+    """`regulariser` (regulariser_labels) and `arm` (method_summary and regulariser)."""
+    for key, _, _ in REGULARISERS:
+        if key not in df.columns:
+            df[key] = None
+    regs = [{key: row[key] for key, _, _ in REGULARISERS} for _, row in df.iterrows()]
+    df["regulariser"] = regulariser_labels(regs) if len(df) else []
+    df["arm"] = [arm_label(m, r)
                  for m, r in zip(df["method_summary"], df["regulariser"], strict=True)]
 
 
@@ -124,7 +136,7 @@ def collect(root: Path, *, suite: str | None = None, out: Path | None = None,
         folder = RunFolder(run_dir)
         meta = _settings(folder.read_record())
         meta["run"] = meta["run"] or run_dir.name
-        meta.update(_regularisers(folder))
+        meta.update(run_regularisers(folder))
         summaries = folder.eval_summaries(suite)
         if not summaries:
             rel = folder.eval_summary(suite or "*").relative_to(run_dir)

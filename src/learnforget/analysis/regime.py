@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from learnforget.analysis.collect import arm_label, regulariser_labels, run_regularisers
 from learnforget.analysis.cost import eval_cost, train_cost
 from learnforget.analysis.matched import matched_difference
 from learnforget.analysis.regime_figures import plot_regime
@@ -125,7 +126,13 @@ def load_runs(root: Path, suite: str | None = None) -> list[dict[str, Any]]:
             runs.append({"run": record.run.name, "run_dir": run_dir, "method": record.run.method,
                          "summary": record.run.method_summary, "seed": record.run.seed,
                          "trainable": record.train.trainable_params, "suite": s,
-                         "units": units, "base": base_units})
+                         "units": units, "base": base_units,
+                         "regularisers": run_regularisers(folder)})
+    # arms of one method told apart by the regularisers that vary (sweeps/regularisers.yaml:
+    # "full", "full + wd 0.0001", ...), as learnforget.analysis.collect labels them
+    labels = regulariser_labels([r["regularisers"] for r in runs])
+    for r, label in zip(runs, labels, strict=True):
+        r["summary"] = arm_label(r["summary"], label)
     return runs
 
 
@@ -164,8 +171,16 @@ def paired_answer(a: Sequence[tuple], b: Sequence[tuple], sign: float, *, n_boot
 def _pairs(runs: list[dict], method_a: str, method_b: str, tokens: int | None):
     """(run of a, run of b) with the same seed (both at `tokens` when given)."""
     def by_seed(m):
-        return {r["seed"]: r for r in runs if r["summary"] == m
-                and (tokens is None or tokens in r["units"])}
+        got: dict[Any, dict] = {}
+        for r in runs:
+            if r["summary"] == m and (tokens is None or tokens in r["units"]):
+                if r["seed"] in got:
+                    raise ConfigError(
+                        f"regime answers: runs {got[r['seed']]['run']!r} and {r['run']!r} are "
+                        f"both {m!r} at seed {r['seed']}; expected one run per arm and seed "
+                        "(analyse studies that differ in another setting apart)")
+                got[r["seed"]] = r
+        return got
     ra, rb = by_seed(method_a), by_seed(method_b)
     return [(ra[s], rb[s]) for s in sorted(set(ra) & set(rb), key=str)]
 
@@ -216,7 +231,10 @@ def matched_answer(pairs: list[tuple[dict, dict]], measure: str, sign: float, *,
 def answers(runs: list[dict], full: str, lora: str, *, n_boot: int = N_BOOT) -> pd.DataFrame:
     """One row per question x measure x budget (the matched question: over whole
     trajectories): value, 95% interval, seeds, units, per-seed values. Positive = the paper's
-    direction (LoRA learns less / forgets less / forgets less at matched learning)."""
+    direction (LoRA learns less / forgets less / forgets less at matched learning). `lora` may
+    be any other arm (a regularised full finetuning: "full + wd 0.0001"); the questions then
+    name it."""
+    name = "LoRA" if lora.startswith("lora") else lora
     rows: list[dict[str, Any]] = []
     budgets = sorted({t for r in runs if r["summary"] == full for t in r["units"]}
                      & {t for r in runs if r["summary"] == lora for t in r["units"]})
@@ -228,21 +246,21 @@ def answers(runs: list[dict], full: str, lora: str, *, n_boot: int = N_BOOT) -> 
         res = paired_answer([a["units"][tokens]["code_ce"] for a, _ in pairs],
                             [b["units"][tokens]["code_ce"] for _, b in pairs], 1.0,
                             n_boot=n_boot)
-        rows.append({"question": "1. does LoRA learn less?",
-                     "measure": "held-out target CE (code, or answers for IFT): LoRA - full (nats)", **q, **res})
+        rows.append({"question": f"1. does {name} learn less?",
+                     "measure": f"held-out target CE (code, or answers for IFT): {name} - full (nats)", **q, **res})
         for m, (label, sign) in FORGETTING.items():
             if not all(m in a["units"][tokens] and m in b["units"][tokens] for a, b in pairs):
                 continue
             res = paired_answer([b["units"][tokens][m] for _, b in pairs],
                                 [a["units"][tokens][m] for a, _ in pairs], sign, n_boot=n_boot)
-            rows.append({"question": "2. does LoRA forget less?",
-                         "measure": f"{label}: full - LoRA", **q, **res})
+            rows.append({"question": f"2. does {name} forget less?",
+                         "measure": f"{label}: full - {name}", **q, **res})
     pairs = _pairs(runs, full, lora, None)
     for m, (label, sign) in FORGETTING.items():
         if pairs and all(m in a["base"] and m in b["base"] for a, b in pairs):
             res = matched_answer(pairs, m, sign, n_boot=max(200, n_boot // 2))
             rows.append({"question": "3. which forgets less at matched learning?",
-                         "measure": f"{label}: full - LoRA at matched target CE",
+                         "measure": f"{label}: full - {name} at matched target CE",
                          "tokens": None, "seeds": ",".join(str(a["seed"]) for a, _ in pairs),
                          "units": None, **res})
     return pd.DataFrame(rows)
@@ -302,10 +320,13 @@ def write_regime(root: Path, out: Path, *, suite: str | None = None, full: str =
                  lora: str | None = None, n_boot: int = N_BOOT) -> list[Path]:
     """regime.md, regime_answers.csv, regime_runs.csv and the figures into `out`; [] when no
     run under `root` has per-unit results (an eval suite without `per_block`) or there is no
-    full/LoRA pair."""
+    full/LoRA pair. `full` is compared with every LoRA arm, then with every other arm (the
+    regularised full finetunings of sweeps/regularisers.yaml), unless `lora` names one."""
     runs = load_runs(root, suite)
     methods = sorted({r["summary"] for r in runs})
     loras = [m for m in methods if m.startswith("lora")] if lora is None else [lora]
+    if lora is None and loras:
+        loras += [m for m in methods if m != full and m not in loras]
     if full not in methods or not loras:
         return []
     out = Path(out)
