@@ -292,6 +292,39 @@ def test_job_json_keeps_every_launch_with_its_wall_and_cpu(make_cfg):
     assert job["cpu_time_s"] == job["launches"][1]["cpu_time_s"]  # the last launch's
 
 
+def test_a_trained_run_another_process_is_scoring_is_busy_not_scored_twice(make_cfg):
+    """Two workers of one study (sweeps/README.md): worker 1 trains a run, releases training's
+    lock and scores it; worker 2 reaching the run then saw it trained and unlocked and scored
+    it a second time beside worker 1 (seen on the regularisers laptop study, 2026-12-07). The
+    stages after training now hold the run's lock: while another process holds it they are
+    "busy" and nothing is written; once it is free they run."""
+    import subprocess
+    import sys
+
+    from learnforget.studies.job import job_state, run_job
+
+    cfg = make_cfg("method=lora", "method.r=2", "train.checkpoints.at=[1]", "eval=smoke",
+                   "eval.tasks=[]", "eval.diversity.prompts=[]", "eval.limit=4",
+                   "stages=[train]")
+    run = Path(run_job(cfg)["run_dir"])
+    both = cfg.copy()
+    both.stages = ["train", "eval"]
+    holder = subprocess.Popen(  # another process holding the run's lock (flock: per process)
+        [sys.executable, "-c", "import sys, time; from learnforget.runfolder import RunLock; "
+         f"l = RunLock({str(run)!r}); print(l.acquire(), flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        assert job_state(both, run)[0] == "running"
+        assert run_job(both)["stages"] == {"train": "skipped", "eval": "busy"}
+        assert not (run / "eval" / "step-000001.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_job(both)["stages"] == {"train": "skipped", "eval": "done"}
+    assert (run / "eval" / "step-000001.json").exists()
+
+
 def test_a_sweep_leaves_the_analysis_to_the_process_still_running_jobs(tmp_path, monkeypatch,
                                                                         capsys):
     """Two shells running one study (two 1-thread workers on a laptop): the one that finishes

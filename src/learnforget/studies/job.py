@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from learnforget.config import config_hash, cooldown_mode, run_dir, run_name, validate
 from learnforget.errors import ConfigError
 from learnforget.files import read_result
-from learnforget.runfolder import RunFolder
+from learnforget.runfolder import RunFolder, RunLock
 
 STAGES = ("train", "eval", "spectra")
 
@@ -141,7 +141,11 @@ def _hand_interrupt_to_submitit() -> None:
 def run_job(cfg: DictConfig) -> dict[str, Any]:
     """Run the config's stages on its run folder; returns {"run", "run_dir", "stages"} with
     one status per stage: done | skipped (already complete) | interrupted | failed | blocked
-    (an earlier stage is not finished) | busy (another process trains the run)."""
+    (an earlier stage is not finished) | busy (another process trains or scores the run).
+
+    Training takes the run's lock itself (train.loop.claim); the stages after it (eval,
+    spectra) run under the same lock, so two processes of one study (two workers, a rerun
+    beside a running sweep) never score one run twice at once."""
     validate(cfg)
     stages = job_stages(cfg)
     out, name, chash = run_dir(cfg), run_name(cfg), config_hash(cfg)
@@ -159,8 +163,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     trained = train_complete(out, chash)
     t0, c0 = time.time(), time.process_time()
     current = None
+    held: RunLock | None = None  # the run's lock for the stages after training
     try:
-        for stage in stages:
+        for i, stage in enumerate(stages):
             current = stage
             if stage != "train" and not trained:
                 status[stage] = "blocked"
@@ -170,6 +175,17 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             if stage_complete(cfg, stage, out):
                 status[stage] = "skipped"
                 continue
+            if stage != "train" and held is None:
+                held = RunLock(folder)
+                if not held.acquire():
+                    held = None
+                    print(f"learnforget: {name} is held by another process (training or "
+                          f"scoring it: {out}); skipping {', '.join(stages[i:])}")
+                    status.update({rest: "busy" for rest in stages[i:]})
+                    break
+                if stage_complete(cfg, stage, out):  # the other process finished it meanwhile
+                    status[stage] = "skipped"
+                    continue
             status[stage] = "failed"  # until it returns
             if stage == "train":
                 from learnforget.train.loop import train
@@ -196,6 +212,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             status[current] = "interrupted"
         raise
     finally:
+        if held is not None:
+            held.release()
         if main_rank and out.exists():
             wall, cpu = round(time.time() - t0, 3), round(time.process_time() - c0, 3)
             launches = list(record.get("launches") or []) + [{
