@@ -179,6 +179,7 @@ def collect(root: Path, *, suite: str | None = None, out: Path | None = None,
     if len(df):
         df = df.sort_values(["experiment", "data", "method", "rank", "run", "suite", "tokens",
                              "step"], na_position="first", kind="stable").reset_index(drop=True)
+    df = df.copy()  # one block per dtype: the per-task columns came one insert at a time
     _add_arms(df)
     df.attrs["warnings"] = warnings
     df.attrs["root"] = str(root)
