@@ -30,6 +30,7 @@ from pathlib import Path
 from learnforget.analysis import figures
 from learnforget.analysis.collect import collect, save_table
 from learnforget.analysis.matched import format_table, write_matched
+from learnforget.analysis.regime import load_runs, seed_spread
 
 ROOT = Path(os.environ.get("LEARNFORGET_RUNS_DIR", "runs/regularisers"))
 OUT = Path(os.environ.get("LEARNFORGET_ANALYSIS_OUT", str(ROOT / "_analysis")))
@@ -68,3 +69,19 @@ print("figures:", *paths)
 # %%
 t, _ = write_matched(df, OUT, learning, forgetting, stem="regularisers_matched", group="arm")
 print(format_table(t))
+
+# %% [markdown]
+# ## Each arm against plain full finetuning, and two seeds of one arm
+# `regime.md` (written by `learnforget analyze` for a per-unit suite: the laptop and toy sizes)
+# pairs plain full finetuning with every other arm unit by unit. Its intervals are over the
+# units (blocks, items, prompts), not over training seeds; where an arm ran at two seeds the
+# table below gives how far the two land apart: a difference between arms within it is not a
+# regulariser's effect.
+
+# %%
+spread = seed_spread(load_runs(ROOT))
+if len(spread):
+    print(spread.to_string(index=False, float_format=lambda v: f"{v:+.4g}"))
+    print("seed spread:", *save_table(spread, OUT, stem="regularisers_seed_spread"))
+else:
+    print("every arm ran at one seed: rerun an arm with seed=1 to measure the seed spread")

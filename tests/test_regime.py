@@ -112,6 +112,18 @@ def test_two_runs_of_one_arm_and_seed_are_one_config_error_naming_both():
         answers([a, b, lora], "full", "lora_r2_a4_all", n_boot=10)
 
 
+def test_seed_spread_is_the_later_seed_minus_the_first_per_measure_by_hand():
+    from learnforget.analysis.regime import seed_spread
+
+    runs = [_run("full", 0, [3.0, 2.0], [0.0, 1.0]), _run("full", 1, [3.0, 2.1], [0.0, 0.75]),
+            _run("lora_r2_a4_all", 0, [3.0, 2.9], [0.0, 0.1])]  # one seed: no row
+    got = seed_spread(runs, n_boot=20).set_index("measure")
+    assert set(got["arm"]) == {"full"} and set(got["seeds"]) == {"1 - 0"}
+    assert got.loc["code_ce", "value"] == pytest.approx(0.1)
+    assert got.loc["general_ce", "value"] == pytest.approx(-0.25)
+    assert got.loc["general_ce", "units"] == 5
+
+
 # ------------------------------------------------------------------ per-block cross-entropy
 
 

@@ -266,6 +266,32 @@ def answers(runs: list[dict], full: str, lora: str, *, n_boot: int = N_BOOT) -> 
     return pd.DataFrame(rows)
 
 
+def seed_spread(runs: list[dict], *, n_boot: int = N_BOOT) -> pd.DataFrame:
+    """How far two trainings of one arm land: for every arm with two or more seeds at a
+    common budget (the last), each later seed minus the first, per measure, unit by unit
+    (paired_answer, sign +1: the raw difference of the measure). The answers' intervals are
+    over the units only; a difference between arms within this spread is not resolved."""
+    rows = []
+    for arm in sorted({r["summary"] for r in runs}):
+        mine = sorted((r for r in runs if r["summary"] == arm), key=lambda r: str(r["seed"]))
+        common = set.intersection(*(set(r["units"]) for r in mine)) if len(mine) > 1 else set()
+        if not common:
+            continue
+        tokens = max(common)
+        first = mine[0]
+        for other in mine[1:]:
+            for m in ["code_ce", *FORGETTING]:
+                a, b = first["units"][tokens].get(m), other["units"][tokens].get(m)
+                if a is None or b is None:
+                    continue
+                res = paired_answer([a], [b], 1.0, n_boot=n_boot)
+                rows.append({"arm": arm, "tokens": tokens,
+                             "seeds": f"{other['seed']} - {first['seed']}", "measure": m,
+                             "value": res["value"], "ci_low": res["ci_low"],
+                             "ci_high": res["ci_high"], "units": res["units"]})
+    return pd.DataFrame(rows)
+
+
 def regime_table(runs: list[dict]) -> pd.DataFrame:
     """Per run and budget: tokens per trainable parameter, and each measure's mean with the
     change from the base."""
