@@ -101,6 +101,24 @@ def test_collect_skips_and_reports_a_run_without_eval(runs_root, capsys):
     assert df["forgetting_score_chance_corrected"].isna().all()  # nulls stay missing
 
 
+
+def test_collect_reports_many_unscored_runs_in_one_line(runs_root, tmp_path, capsys):
+    """A train-only study (sweeps/transfer.yaml: 39 runs, no eval stage) gave one warning per
+    run; more than three unscored runs are now one line with their count and an example."""
+    import shutil
+
+    root = tmp_path / "runs"
+    for run in find_runs(runs_root):
+        copies = 4 if "dora" in run.name else 1
+        for i in range(copies):
+            shutil.copytree(run, root / f"{run.name}-{i}")
+    df = collect(root)
+    assert sorted(df["method"].unique()) == ["full", "lora"]
+    (warning,) = df.attrs["warnings"]
+    assert warning.startswith("4 runs have no eval summary (eval/summary-*.json): skipped (e.g. ")
+    assert "dora" in warning
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
 def test_collect_on_an_empty_or_missing_root_is_a_config_error(tmp_path):
     empty = tmp_path / "empty_runs"
     (empty / "_base").mkdir(parents=True)

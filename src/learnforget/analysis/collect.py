@@ -131,6 +131,7 @@ def collect(root: Path, *, suite: str | None = None, out: Path | None = None,
         raise ConfigError(f"no run folders under {root} (expected <experiment>/<run name>/run.json "
                           "written by `learnforget train`)")
     warnings: list[str] = []
+    unscored: list[Path] = []
     rows: list[dict[str, Any]] = []
     for run_dir in runs:
         folder = RunFolder(run_dir)
@@ -139,10 +140,7 @@ def collect(root: Path, *, suite: str | None = None, out: Path | None = None,
         meta.update(run_regularisers(folder))
         summaries = folder.eval_summaries(suite)
         if not summaries:
-            rel = folder.eval_summary(suite or "*").relative_to(run_dir)
-            what = rel if suite else f"eval summary ({rel})"
-            _warn(warnings, f"run {run_dir} has no {what}: skipped (score it with "
-                            f"`learnforget eval {run_dir}`)", verbose)
+            unscored.append(run_dir)
             continue
         manifests = folder.manifests()
         for path in summaries:
@@ -161,6 +159,14 @@ def collect(root: Path, *, suite: str | None = None, out: Path | None = None,
                              # the budget's point is the end of its own cooldown branch
                              **({"cooldown": "branch"} if branch else {}),
                              "run_dir": str(run_dir)})
+    rel = f"eval/summary-{suite}.json" if suite else "eval summary (eval/summary-*.json)"
+    if len(unscored) <= 3:
+        for run_dir in unscored:
+            _warn(warnings, f"run {run_dir} has no {rel}: skipped (score it with "
+                            f"`learnforget eval {run_dir}`)", verbose)
+    else:  # a train-only study (sweeps/transfer.yaml) has none: one line, not one per run
+        _warn(warnings, f"{len(unscored)} runs have no {rel}: skipped (e.g. {unscored[0]}; "
+                        "score one with `learnforget eval <run folder>`)", verbose)
     df = pd.DataFrame(rows)
     extra = sorted(c for c in df.columns
                    if c not in META_COLUMNS + SCORE_COLUMNS + RESOURCE_COLUMNS)
