@@ -4,6 +4,7 @@ study needs (data.train_chars, model.init_from, train.heldout_every) and the toy
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -24,8 +25,10 @@ from learnforget.analysis.transfer import (
     fit_transfer,
     invert_loss_curve,
     load_runs,
+    lr_table,
     multiplier_curve,
     non_embedding_params,
+    tune_lr,
     write_transfer,
 )
 from learnforget.config import config_hash, run_name
@@ -136,11 +139,12 @@ def test_the_ladder_spans_more_than_ten_times():
 # ---------------------------------------------------------------------------- from run folders
 
 def _fake_run(root: Path, name: str, model: str, arch: dict, data: str, d: int,
-              losses: list[float], init_from: str | None = None) -> None:
+              losses: list[float], init_from: str | None = None, lr: float = 1e-3) -> None:
     """A finished run folder as the train stage writes it (the parts the analysis reads)."""
     f = root / name
     (f / "train").mkdir(parents=True)
-    cfg = {"model": {"name": model, "arch": arch, "init_from": init_from}, "data": {"name": data}}
+    cfg = {"model": {"name": model, "arch": arch, "init_from": init_from}, "data": {"name": data},
+           "train": {"lr": lr}}
     (f / "config.yaml").write_text(yaml.safe_dump(cfg))
     (f / "run.json").write_text(json.dumps({
         "schema_version": 2, "status": "finished", "run": {"name": name},
@@ -193,6 +197,47 @@ def test_write_transfer_recovers_the_law_behind_fabricated_runs(tmp_path):
     assert result["fit"]["alpha"] == pytest.approx(alpha, abs=1e-6)
     assert result["fit"]["beta"] == pytest.approx(beta, abs=1e-6)
     assert "| alpha | 0.200 [0.200, 0.200] | 0.180 |" in (out / "transfer.md").read_text()
+
+
+def test_each_cell_keeps_its_best_learning_rate(tmp_path):
+    """sweeps/transfer_lr.yaml adds runs at other learning rates beside the study's: per model,
+    arm and D the analysis keeps the lowest early-stopped loss (the other LR wins where it is
+    better, here for one scratch point and one finetuned point), D_E uses only the picks, and
+    every run stays listed in transfer_runs.csv with `picked`."""
+    arch = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "transfer_xs.yaml").arch)
+    root = tmp_path / "runs" / "transfer"
+    for d, loss in ((1000, 6.0), (10000, 5.0), (100000, 4.0)):
+        _fake_run(root, f"scratch-{d}", "transfer_xs", arch, "stdlib_code", d, [9.0, loss])
+        other = loss - 0.5 if d == 10000 else loss + 0.3   # 1e-4 wins at D = 1e4 only
+        _fake_run(root, f"scratch-{d}-lo", "transfer_xs", arch, "stdlib_code", d, [9.0, other],
+                  lr=1e-4)
+    _fake_run(root, "ft-1000", "transfer_xs", arch, "stdlib_code", 1000, [9.0, 5.9],
+              init_from="src/last")
+    _fake_run(root, "ft-1000-lo", "transfer_xs", arch, "stdlib_code", 1000, [9.0, 5.25],
+              init_from="src/last", lr=1e-4)
+    every = load_runs(root)
+    assert sorted(every["lr"].unique()) == [1e-4, 1e-3]
+    tuned = tune_lr(every)
+    assert len(tuned) == 4 and set(tuned["n_lr"]) == {2} and set(tuned["lrs"]) == {"0.001,0.0001"}
+    picks = {(r.arm, r.D): (r.lr, r.best_loss) for r in tuned.itertuples()}
+    assert picks[("scratch", 10000)] == (1e-4, 4.5)
+    assert picks[("scratch", 1000)] == (1e-3, 6.0)
+    assert picks[("finetuned", 1000)] == (1e-4, 5.25)
+    point = effective_data(tuned).iloc[0]
+    # the tuned curve: (1e3, 6.0), (1e4, 4.5), (1e5, 4.0); 5.25 lies halfway between the first two
+    assert point["D_E"] == pytest.approx(10 ** 3.5, rel=1e-9)
+    assert (point["lr_finetuned"], point["lr_scratch"], point["loss_scratch"]) == (1e-4, 1e-3, 6.0)
+    table = lr_table(every)
+    assert table.loc[("transfer_xs", every["N"].iloc[0], 10000), ("scratch", 1e-4)] == 4.5
+    out = tmp_path / "out"
+    write_transfer(root, out, n_boot=10)
+    listed = {r["run"]: r["picked"] for r in
+              csv.DictReader((out / "transfer_runs.csv").open())}
+    assert listed["scratch-10000-lo"] == "True" and listed["scratch-10000"] == "False"
+    md = (out / "transfer.md").read_text()
+    assert "2 in all: 0.0001, 0.001" in md
+    # columns: finetuned 1e-4, finetuned 1e-3, scratch 1e-4, scratch 1e-3
+    assert "| transfer_xs | 10,000 | - | - | 4.5000 | 5.0000 |" in md
 
 
 def test_best_heldout_skips_cut_lines_and_missing_values(tmp_path):

@@ -98,11 +98,12 @@ def load_runs(root: Path, target: str | None = None) -> pd.DataFrame:
         rows.append({"run": run_dir.name, "model": model.get("name"),
                      "N": non_embedding_params(model["arch"]), "data": data.get("name"),
                      "init_from": model.get("init_from"),
+                     "lr": float((cfg.get("train") or {}).get("lr") or math.nan),
                      "D": (record.train.data or {}).get("n_train_chars"),
                      "best_loss": best, "best_step": step, "last_loss": last,
                      "steps": record.train.steps_done})
-    df = pd.DataFrame(rows, columns=["run", "model", "N", "data", "init_from", "D", "best_loss",
-                                     "best_step", "last_loss", "steps"])
+    df = pd.DataFrame(rows, columns=["run", "model", "N", "data", "init_from", "lr", "D",
+                                     "best_loss", "best_step", "last_loss", "steps"])
     if df.empty:
         return df.assign(arm=pd.Series(dtype=str))
     if target is None:
@@ -114,6 +115,33 @@ def load_runs(root: Path, target: str | None = None) -> pd.DataFrame:
     df["arm"] = ["finetuned" if pd.notna(i) else "scratch" if d == target else "source"
                  for i, d in zip(df["init_from"], df["data"], strict=True)]
     return df.sort_values(["N", "arm", "D"], ignore_index=True)
+
+
+def tune_lr(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per model size, arm and D, the run with the lowest early-stopped loss over the learning
+    rates tried (the paper tunes each run's learning rate), with ``n_lr`` (how many were tried)
+    and ``lrs`` (which, highest first). One run per cell passes through unchanged."""
+    if runs.empty:
+        return runs.assign(n_lr=pd.Series(dtype=int), lrs=pd.Series(dtype=str))
+    keep, n_lr, lrs = [], [], []
+    for _, grp in runs.groupby(["N", "arm", "D"], dropna=False, sort=False):
+        loss = grp["best_loss"].astype(float)
+        loss = loss[np.isfinite(loss)]
+        keep.append(loss.idxmin() if len(loss) else grp.index[0])
+        n_lr.append(int(grp["lr"].nunique()))
+        lrs.append(",".join(f"{v:g}" for v in sorted(grp["lr"].dropna().unique(), reverse=True)))
+    out = runs.loc[keep].assign(n_lr=n_lr, lrs=lrs)
+    return out.sort_values(["N", "arm", "D"], ignore_index=True)
+
+
+def lr_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The early-stopped loss of every scratch and finetuned run by (model, D) and (arm, lr):
+    the learning-rate check behind :func:`tune_lr`."""
+    body = runs[runs["arm"].isin(["scratch", "finetuned"])]
+    if body.empty:
+        return pd.DataFrame()
+    return body.pivot_table(index=["model", "N", "D"], columns=["arm", "lr"],
+                            values="best_loss", aggfunc="min").sort_index()
 
 
 # ------------------------------------------------------------------------------- D_E, D_T
@@ -156,15 +184,19 @@ def effective_data(runs: pd.DataFrame) -> pd.DataFrame:
             where = "in range"
             if not math.isfinite(d_e) and len(scratch):
                 where = "beyond" if ft["best_loss"] < scratch["best_loss"].min() else "below"
+            lr_same = scratch[scratch["D"] == ft["D"]]["lr"]
             out.append({"model": ft["model"], "N": int(n), "D_F": float(ft["D"]),
                         "loss_finetuned": ft["best_loss"],
-                        "loss_scratch": float(same.iloc[0]) if len(same) else math.nan,
+                        "loss_scratch": float(same.min()) if len(same) else math.nan,
+                        "lr_finetuned": ft.get("lr", math.nan),
+                        "lr_scratch": float(lr_same.loc[same.idxmin()]) if len(same)
+                        else math.nan,
                         "D_E": d_e, "D_T": d_e - float(ft["D"]),
                         "multiplier": d_e / float(ft["D"]), "D_E_range": where,
                         "D_max_scratch": d_max, "run": ft["run"]})
     return pd.DataFrame(out, columns=["model", "N", "D_F", "loss_finetuned", "loss_scratch",
-                                      "D_E", "D_T", "multiplier", "D_E_range", "D_max_scratch",
-                                      "run"])
+                                      "lr_finetuned", "lr_scratch", "D_E", "D_T", "multiplier",
+                                      "D_E_range", "D_max_scratch", "run"])
 
 
 # ------------------------------------------------------------------------------- the fit
@@ -275,15 +307,33 @@ def _fmt_ci(value: float, ci: tuple[float, float] | None, fmt: str) -> str:
     return f"{format(value, fmt)} [{format(ci[0], fmt)}, {format(ci[1], fmt)}]"
 
 
+def _lr_section(every: pd.DataFrame) -> str:
+    """transfer.md's learning-rate table: every early-stopped loss by (model, D) and (arm, lr);
+    '' when every run used one learning rate."""
+    if every["lr"].nunique() <= 1:
+        return ""
+    table = lr_table(every)
+    cols = list(table.columns)
+    head = " | ".join(f"{arm} {lr:g}" for arm, lr in cols)
+    lines = [f"| {model} | {d:,.0f} | " + " | ".join(
+        "-" if not math.isfinite(v) else f"{v:.4f}" for v in row) + " |"
+        for (model, _n, d), row in zip(table.index, table.to_numpy(dtype=float), strict=True)]
+    return ("\n\nEarly-stopped held-out loss per learning rate (lowest per arm and row picked):"
+            f"\n\n| model | D | {head} |\n|---|---|" + "---|" * len(cols) + "\n"
+            + "\n".join(lines))
+
+
 def write_transfer(root: Path, out: Path, *, max_df: float | None = None,
                    n_boot: int = N_BOOT, target: str | None = None) -> list[Path]:
     """transfer_runs.csv, transfer_points.csv, transfer_fit.json, transfer.md and the
     multiplier figure into `out`; [] when `root` holds no finetuned run (not a transfer study)."""
-    runs = load_runs(root, target)
-    if runs.empty or not (runs["arm"] == "finetuned").any():
+    every = load_runs(root, target)
+    if every.empty or not (every["arm"] == "finetuned").any():
         return []
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    runs = tune_lr(every)
+    every = every.assign(picked=every["run"].isin(runs["run"]))
     points = effective_data(runs)
     cut = max_df if max_df is not None else \
         LOW_DATA_FRACTION * float(points["D_max_scratch"].max())
@@ -297,7 +347,7 @@ def write_transfer(root: Path, out: Path, *, max_df: float | None = None,
     except ConfigError as e:
         why = str(e)
     paths = []
-    for name, df in (("transfer_runs", runs), ("transfer_points", points)):
+    for name, df in (("transfer_runs", every), ("transfer_points", points)):
         p = out / f"{name}.csv"
         with atomic_open(p, "w") as f:
             df.to_csv(f, index=False)
@@ -311,18 +361,25 @@ def write_transfer(root: Path, out: Path, *, max_df: float | None = None,
     for key, fmt in (("k", ".3g"), ("alpha", ".3f"), ("beta", ".3f")):
         mine = _fmt_ci(fit[key], ci.get(key), fmt) if fit else "-"
         rows.append(f"| {key} | {mine} | {format(PAPER[key], fmt)} |")
+    n_lrs = int(every["lr"].nunique())
+    tuning = ("" if n_lrs <= 1 else
+              f" Each model size, arm and D keeps its best run over the learning rates tried "
+              f"({n_lrs} in all: {', '.join(f'{v:g}' for v in sorted(every['lr'].unique()))}; "
+              "per cell and run in transfer_runs.csv, `picked`), as the paper tunes each run.")
     md = ("# Transfer: effective data transferred, text -> Python\n\n"
-          f"{len(runs)} finished runs; {len(points)} finetuned points, {len(used)} in the fit "
+          f"{len(every)} finished runs; {len(points)} finetuned points, {len(used)} in the fit "
           f"(D_F <= {cut:,.0f} characters and D_T > 0). D_E from each N's from-scratch curve "
           "(log D interpolated linearly in the early-stopped loss); intervals: 95% bootstrap "
-          "over the fit's points.\n\n| | this study [95% CI] | paper |\n|---|---|---|\n"
+          "over the fit's points." + tuning
+          + "\n\n| | this study [95% CI] | paper |\n|---|---|---|\n"
           + "\n".join(rows) + "\n\n" + (f"No fit: {why}\n\n" if why else "")
-          + "| model | N | D_F | loss finetuned | loss scratch | D_E | D_T | multiplier | D_E |\n"
-          "|---|---|---|---|---|---|---|---|---|\n"
-          + "\n".join(f"| {r.model} | {r.N:,} | {r.D_F:,.0f} | {r.loss_finetuned:.4f} | "
-                      f"{r.loss_scratch:.4f} | {r.D_E:,.0f} | {r.D_T:,.0f} | "
-                      f"{r.multiplier:.3g} | {r.D_E_range} |" for r in points.itertuples())
-          + f"\n\nPaper: {PAPER_NOTE}.\n")
+          + "| model | N | D_F | loss finetuned (lr) | loss scratch (lr) | D_E | D_T | "
+          "multiplier | D_E |\n|---|---|---|---|---|---|---|---|---|\n"
+          + "\n".join(f"| {r.model} | {r.N:,} | {r.D_F:,.0f} | {r.loss_finetuned:.4f} "
+                      f"({r.lr_finetuned:g}) | {r.loss_scratch:.4f} ({r.lr_scratch:g}) | "
+                      f"{r.D_E:,.0f} | {r.D_T:,.0f} | {r.multiplier:.3g} | {r.D_E_range} |"
+                      for r in points.itertuples())
+          + _lr_section(every) + f"\n\nPaper: {PAPER_NOTE}.\n")
     atomic_write_text(out / "transfer.md", md)
     paths.append(out / "transfer.md")
     return paths
