@@ -27,7 +27,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from learnforget.analysis.transfer import effective_data, load_runs, write_transfer
+from learnforget.analysis.transfer import effective_data, load_runs, tune_lr, write_transfer
 
 ROOT = Path(os.environ.get("LEARNFORGET_RUNS_DIR", "runs/transfer"))
 OUT = Path(os.environ.get("LEARNFORGET_ANALYSIS_OUT", str(ROOT / "_analysis")))
@@ -37,17 +37,24 @@ if runs.empty or not (runs["arm"] == "finetuned").any():
           " transfer --size toy` makes some)")
     raise SystemExit(0)
 print(runs.to_string(index=False))
+# several learning rates per cell (sweeps/transfer_lr.yaml): each model/arm/source/D keeps its best
+runs = tune_lr(runs)
 
 # %% [markdown]
-# Early-stopped loss against D per N: from scratch (solid) and finetuned (dashed). The gap
-# read horizontally at a finetuned point's loss is D_E / D_F.
+# Early-stopped loss against D per N: from scratch (solid) and finetuned from each source
+# (dashed, dotted). The gap read horizontally at a finetuned point's loss is D_E / D_F.
 
 # %%
 fig, ax = plt.subplots(figsize=(6, 4))
+styles = ["s--", "D:", "v-."]
 for n, grp in runs[runs["arm"] != "source"].groupby("N"):
-    for arm, style in (("scratch", "o-"), ("finetuned", "s--")):
-        part = grp[grp["arm"] == arm].sort_values("D")
-        ax.plot(part["D"], part["best_loss"], style, label=f"N = {n:,} {arm}")
+    part = grp[grp["arm"] == "scratch"].sort_values("D")
+    line = ax.plot(part["D"], part["best_loss"], "o-", label=f"N = {n:,} scratch")[0]
+    tuned = grp[grp["arm"] == "finetuned"]
+    for i, (src, ft) in enumerate(tuned.groupby("source")):
+        ft = ft.sort_values("D")
+        ax.plot(ft["D"], ft["best_loss"], styles[i % len(styles)], color=line.get_color(),
+                label=f"N = {n:,} from {src}")
 ax.set_xscale("log")
 ax.set_xlabel("D (characters)")
 ax.set_ylabel("early-stopped held-out loss (nats/token)")

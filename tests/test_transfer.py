@@ -156,8 +156,11 @@ def _fake_run(root: Path, name: str, model: str, arch: dict, data: str, d: int,
 def test_write_transfer_recovers_the_law_behind_fabricated_runs(tmp_path):
     """From-scratch loss exactly linear in log D (so the interpolation is exact), finetuned
     losses at D_F + k D_F^alpha N^beta: the analysis reads the folders and finds k, alpha,
-    beta; each run's early-stopped loss is its best (a worse last one is ignored)."""
+    beta; each run's early-stopped loss is its best (a worse last one is ignored). A second
+    source (its own source runs, finetuned runs from them, another k and alpha) gets its own
+    fit from the same from-scratch curves."""
     k, alpha, beta = 2.0, 0.2, 0.4
+    k2, alpha2 = 6.0, 0.1
     arches = {}
     for s in ("xs", "s", "m"):
         arches[f"transfer_{s}"] = OmegaConf.to_container(
@@ -177,13 +180,20 @@ def test_write_transfer_recovers_the_law_behind_fabricated_runs(tmp_path):
             d_e = d_f + k * d_f ** alpha * n ** beta
             _fake_run(root, f"{m}-ft-{d_f}", m, arch, "stdlib_code", d_f,
                       [loss(d_e) + 0.5, loss(d_e)], init_from=f"src-{m}/last")
+            d_e2 = d_f + k2 * d_f ** alpha2 * n ** beta
+            _fake_run(root, f"{m}-ftw-{d_f}", m, arch, "stdlib_code", d_f,
+                      [loss(d_e2) + 0.5, loss(d_e2)], init_from=f"srcw-{m}/last")
         _fake_run(root, f"src-{m}", m, arch, "shakespeare", 419125, [])
+        _fake_run(root, f"srcw-{m}", m, arch, "shakespeare_works", 5000000, [])
     runs = load_runs(root)
-    assert sorted(runs["arm"].value_counts().items()) == [("finetuned", 12), ("scratch", 21),
-                                                          ("source", 3)]
+    assert sorted(runs["arm"].value_counts().items()) == [("finetuned", 24), ("scratch", 21),
+                                                          ("source", 6)]
+    assert sorted(runs.loc[runs["arm"] == "finetuned", "source"].value_counts().items()) == [
+        ("shakespeare", 12), ("shakespeare_works", 12)]
     points = effective_data(runs)
     n_xs = non_embedding_params(arches["transfer_xs"])
-    row = points[(points["N"] == n_xs) & (points["D_F"] == 1000)].iloc[0]
+    row = points[(points["N"] == n_xs) & (points["D_F"] == 1000)
+                 & (points["source"] == "shakespeare")].iloc[0]
     assert row["D_T"] == pytest.approx(k * 1000 ** alpha * n_xs ** beta, rel=1e-6)
     assert row["multiplier"] == pytest.approx(row["D_E"] / 1000)
     out = tmp_path / "out"
@@ -192,11 +202,43 @@ def test_write_transfer_recovers_the_law_behind_fabricated_runs(tmp_path):
                                        "transfer_multiplier.png"}
     result = json.loads((out / "transfer_fit.json").read_text())
     assert result["max_df"] == pytest.approx(1e4)  # a hundredth of the largest from-scratch D
-    assert result["n_points_used"] == 9            # D_F = 300,000 is past the cut
-    assert result["fit"]["k"] == pytest.approx(k, rel=1e-5)
-    assert result["fit"]["alpha"] == pytest.approx(alpha, abs=1e-6)
-    assert result["fit"]["beta"] == pytest.approx(beta, abs=1e-6)
-    assert "| alpha | 0.200 [0.200, 0.200] | 0.180 |" in (out / "transfer.md").read_text()
+    assert list(result["sources"]) == ["shakespeare", "shakespeare_works"]
+    for src, (k_, a_) in (("shakespeare", (k, alpha)), ("shakespeare_works", (k2, alpha2))):
+        got = result["sources"][src]
+        assert got["n_points_used"] == 9           # D_F = 300,000 is past the cut
+        assert got["fit"]["k"] == pytest.approx(k_, rel=1e-5)
+        assert got["fit"]["alpha"] == pytest.approx(a_, abs=1e-6)
+        assert got["fit"]["beta"] == pytest.approx(beta, abs=1e-6)
+    md = (out / "transfer.md").read_text()
+    assert "| alpha | 0.200 [0.200, 0.200] | 0.100 [0.100, 0.100] | 0.180 |" in md
+
+
+def test_the_notebook_runs_on_two_sources(tmp_path, monkeypatch):
+    """analysis/transfer.py over runs with two sources and two learning rates writes its
+    loss-vs-data figure and the same fit file as write_transfer."""
+    import runpy
+
+    arch = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "transfer_xs.yaml").arch)
+    arch_s = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "transfer_s.yaml").arch)
+    root = tmp_path / "runs"
+    for m, a in (("transfer_xs", arch), ("transfer_s", arch_s)):
+        for d, loss in ((1000, 6.0), (10000, 5.0), (100000, 4.0)):
+            for lr, extra in ((1e-3, 0.0), (1e-4, 0.1)):
+                _fake_run(root, f"{m}-scratch-{d}-{lr}", m, a, "stdlib_code", d,
+                          [9.0, loss + extra], lr=lr)
+        for src, data in (("src", "shakespeare"), ("srcw", "shakespeare_works")):
+            _fake_run(root, f"{src}-{m}", m, a, data, 5000, [])
+            for d_f, loss in ((1000, 5.5), (3000, 5.2)):
+                _fake_run(root, f"{m}-{src}-{d_f}", m, a, "stdlib_code", d_f, [9.0, loss],
+                          init_from=f"{src}-{m}/last")
+    out = tmp_path / "out"
+    monkeypatch.setenv("LEARNFORGET_RUNS_DIR", str(root))
+    monkeypatch.setenv("LEARNFORGET_ANALYSIS_OUT", str(out))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    runpy.run_path(str(CONF.parent / "analysis" / "transfer.py"), run_name="__main__")
+    assert (out / "transfer_loss_vs_data.png").stat().st_size > 0
+    fit = json.loads((out / "transfer_fit.json").read_text())
+    assert list(fit["sources"]) == ["shakespeare", "shakespeare_works"]
 
 
 def test_each_cell_keeps_its_best_learning_rate(tmp_path):
@@ -228,7 +270,7 @@ def test_each_cell_keeps_its_best_learning_rate(tmp_path):
     assert point["D_E"] == pytest.approx(10 ** 3.5, rel=1e-9)
     assert (point["lr_finetuned"], point["lr_scratch"], point["loss_scratch"]) == (1e-4, 1e-3, 6.0)
     table = lr_table(every)
-    assert table.loc[("transfer_xs", every["N"].iloc[0], 10000), ("scratch", 1e-4)] == 4.5
+    assert table.loc[("transfer_xs", every["N"].iloc[0], 10000), ("scratch", "", 1e-4)] == 4.5
     out = tmp_path / "out"
     write_transfer(root, out, n_boot=10)
     listed = {r["run"]: r["picked"] for r in

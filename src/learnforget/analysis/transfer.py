@@ -114,24 +114,38 @@ def load_runs(root: Path, target: str | None = None) -> pd.DataFrame:
         target = tuned[0] if tuned else None
     df["arm"] = ["finetuned" if pd.notna(i) else "scratch" if d == target else "source"
                  for i, d in zip(df["init_from"], df["data"], strict=True)]
-    return df.sort_values(["N", "arm", "D"], ignore_index=True)
+    df["source"] = [_source_of(row, df) for row in df.itertuples()]
+    return df.sort_values(["N", "arm", "source", "D"], ignore_index=True)
+
+
+def _source_of(row: Any, df: pd.DataFrame) -> str:
+    """The source a run's model learned before the target: for a finetuned run the data set of
+    its init_from run (RUN/LABEL; RUN itself when that run is not under the same root), for a
+    source run its own data set, '' for a run from scratch."""
+    if row.arm == "source":
+        return str(row.data)
+    if row.arm != "finetuned":
+        return ""
+    run = str(row.init_from).split("/", 1)[0]
+    data = df.loc[(df["run"] == run) & (df["init_from"].isna()), "data"]
+    return str(data.iloc[0]) if len(data) else run
 
 
 def tune_lr(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per model size, arm and D, the run with the lowest early-stopped loss over the learning
+    """Per model size, arm, source and D, the run with the lowest early-stopped loss over the learning
     rates tried (the paper tunes each run's learning rate), with ``n_lr`` (how many were tried)
     and ``lrs`` (which, highest first). One run per cell passes through unchanged."""
     if runs.empty:
         return runs.assign(n_lr=pd.Series(dtype=int), lrs=pd.Series(dtype=str))
     keep, n_lr, lrs = [], [], []
-    for _, grp in runs.groupby(["N", "arm", "D"], dropna=False, sort=False):
+    for _, grp in runs.groupby(["N", "arm", "source", "D"], dropna=False, sort=False):
         loss = grp["best_loss"].astype(float)
         loss = loss[np.isfinite(loss)]
         keep.append(loss.idxmin() if len(loss) else grp.index[0])
         n_lr.append(int(grp["lr"].nunique()))
         lrs.append(",".join(f"{v:g}" for v in sorted(grp["lr"].dropna().unique(), reverse=True)))
     out = runs.loc[keep].assign(n_lr=n_lr, lrs=lrs)
-    return out.sort_values(["N", "arm", "D"], ignore_index=True)
+    return out.sort_values(["N", "arm", "source", "D"], ignore_index=True)
 
 
 def lr_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -140,7 +154,7 @@ def lr_table(runs: pd.DataFrame) -> pd.DataFrame:
     body = runs[runs["arm"].isin(["scratch", "finetuned"])]
     if body.empty:
         return pd.DataFrame()
-    return body.pivot_table(index=["model", "N", "D"], columns=["arm", "lr"],
+    return body.pivot_table(index=["model", "N", "D"], columns=["arm", "source", "lr"],
                             values="best_loss", aggfunc="min").sort_index()
 
 
@@ -185,7 +199,8 @@ def effective_data(runs: pd.DataFrame) -> pd.DataFrame:
             if not math.isfinite(d_e) and len(scratch):
                 where = "beyond" if ft["best_loss"] < scratch["best_loss"].min() else "below"
             lr_same = scratch[scratch["D"] == ft["D"]]["lr"]
-            out.append({"model": ft["model"], "N": int(n), "D_F": float(ft["D"]),
+            out.append({"model": ft["model"], "N": int(n), "source": ft.get("source", ""),
+                        "D_F": float(ft["D"]),
                         "loss_finetuned": ft["best_loss"],
                         "loss_scratch": float(same.min()) if len(same) else math.nan,
                         "lr_finetuned": ft.get("lr", math.nan),
@@ -194,7 +209,8 @@ def effective_data(runs: pd.DataFrame) -> pd.DataFrame:
                         "D_E": d_e, "D_T": d_e - float(ft["D"]),
                         "multiplier": d_e / float(ft["D"]), "D_E_range": where,
                         "D_max_scratch": d_max, "run": ft["run"]})
-    return pd.DataFrame(out, columns=["model", "N", "D_F", "loss_finetuned", "loss_scratch",
+    return pd.DataFrame(out, columns=["model", "N", "source", "D_F", "loss_finetuned",
+                                      "loss_scratch",
                                       "lr_finetuned", "lr_scratch", "D_E", "D_T", "multiplier",
                                       "D_E_range", "D_max_scratch", "run"])
 
@@ -265,10 +281,17 @@ def multiplier_curve(d_f: Any, n: float, k: float, alpha: float, beta: float) ->
 
 # ------------------------------------------------------------------------------- outputs
 
-def plot_multiplier(points: pd.DataFrame, fit: dict[str, float] | None, out: Path) -> list[Path]:
-    """The effective-data multiplier against D_F per N (log-log): measured points (open
-    triangles: D_E beyond the from-scratch ladder, drawn at its largest D: a lower bound), this
-    study's fit (solid) and the paper's text -> Python fit (dotted) per N."""
+MARKERS = ("o", "s", "D", "v")
+FIT_STYLES = ("-", "--", "-.", (0, (5, 1, 1, 1)))
+
+
+def plot_multiplier(points: pd.DataFrame, fits: dict[str, dict[str, float] | None],
+                    out: Path) -> list[Path]:
+    """The effective-data multiplier against D_F per N (log-log; colour: N, marker: source):
+    measured points (open markers: D_E beyond the from-scratch ladder, drawn at its largest D:
+    a lower bound), this study's fit per source (solid, dashed, ...) and the paper's text ->
+    Python fit (dotted) per N. Points with no D_E (worse than the smallest from-scratch D) are
+    left out; a multiplier below 1 is negative transfer."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,25 +302,33 @@ def plot_multiplier(points: pd.DataFrame, fit: dict[str, float] | None, out: Pat
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     cmap = plt.get_cmap("viridis")
     ns = sorted(points["N"].unique())
+    sources = list(fits) or [""]
     grid = np.geomspace(points["D_F"].min(), points["D_F"].max(), 50) if len(points) else []
     for i, n in enumerate(ns):
         c = cmap(i / max(1, len(ns) - 1))
-        p = points[points["N"] == n]
-        ok = p[np.isfinite(p["multiplier"])]
-        ax.plot(ok["D_F"], ok["multiplier"], "o", color=c, label=f"N = {n:,}")
-        beyond = p[p["D_E_range"] == "beyond"]
-        ax.plot(beyond["D_F"], beyond["D_max_scratch"] / beyond["D_F"], "^", color=c,
-                mfc="none")
-        if fit is not None:
-            ax.plot(grid, multiplier_curve(grid, n, fit["k"], fit["alpha"], fit["beta"]),
-                    "-", color=c, lw=1)
+        for j, src in enumerate(sources):
+            p = points[(points["N"] == n) & (points["source"] == src)] if src else \
+                points[points["N"] == n]
+            mk = MARKERS[j % len(MARKERS)]
+            ok = p[np.isfinite(p["multiplier"])]
+            label = f"N = {n:,}" + (f", {src}" if len(sources) > 1 else "")
+            ax.plot(ok["D_F"], ok["multiplier"], mk, color=c, label=label)
+            beyond = p[p["D_E_range"] == "beyond"]
+            ax.plot(beyond["D_F"], beyond["D_max_scratch"] / beyond["D_F"], mk, color=c,
+                    mfc="none")
+            fit = fits.get(src)
+            if fit is not None:
+                ax.plot(grid, multiplier_curve(grid, n, fit["k"], fit["alpha"], fit["beta"]),
+                        linestyle=FIT_STYLES[j % len(FIT_STYLES)], color=c, lw=1)
         ax.plot(grid, multiplier_curve(grid, n, **PAPER), ":", color=c, lw=1)
+    ax.axhline(1.0, color="0.6", lw=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("D_F: finetuning data (characters)")
     ax.set_ylabel("effective-data multiplier (D_F + D_T) / D_F")
-    ax.set_title("Transfer text -> Python: points, fit (solid), paper (dotted)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title("Transfer -> Python: points, fit per source (solid, dashed), paper (dotted)",
+                 fontsize=9)
+    ax.legend(fontsize=7)
     return _save(fig, out, "transfer_multiplier")
 
 
@@ -308,13 +339,15 @@ def _fmt_ci(value: float, ci: tuple[float, float] | None, fmt: str) -> str:
 
 
 def _lr_section(every: pd.DataFrame) -> str:
-    """transfer.md's learning-rate table: every early-stopped loss by (model, D) and (arm, lr);
-    '' when every run used one learning rate."""
+    """transfer.md's learning-rate table: every early-stopped loss by (model, D) and (arm,
+    source, lr); '' when every run used one learning rate."""
     if every["lr"].nunique() <= 1:
         return ""
     table = lr_table(every)
     cols = list(table.columns)
-    head = " | ".join(f"{arm} {lr:g}" for arm, lr in cols)
+    several = every.loc[every["arm"] == "finetuned", "source"].nunique() > 1
+    head = " | ".join(f"{arm}{f' ({src})' if src and several else ''} {lr:g}"
+                      for arm, src, lr in cols)
     lines = [f"| {model} | {d:,.0f} | " + " | ".join(
         "-" if not math.isfinite(v) else f"{v:.4f}" for v in row) + " |"
         for (model, _n, d), row in zip(table.index, table.to_numpy(dtype=float), strict=True)]
@@ -323,9 +356,21 @@ def _lr_section(every: pd.DataFrame) -> str:
             + "\n".join(lines))
 
 
+def _fit_source(points: pd.DataFrame, cut: float, n_boot: int) -> dict[str, Any]:
+    """One source's fit on its low-data points: {fit, ci95, n_points_used, why_no_fit}."""
+    used = low_data(points, cut)
+    try:
+        fit = fit_transfer(used["D_F"], used["N"], used["D_T"])
+        ci = bootstrap_fit(used["D_F"], used["N"], used["D_T"], n_boot=n_boot)
+    except ConfigError as e:
+        return {"fit": None, "ci95": None, "n_points_used": len(used), "why_no_fit": str(e)}
+    return {"fit": fit, "ci95": ci, "n_points_used": len(used), "why_no_fit": None}
+
+
 def write_transfer(root: Path, out: Path, *, max_df: float | None = None,
                    n_boot: int = N_BOOT, target: str | None = None) -> list[Path]:
-    """transfer_runs.csv, transfer_points.csv, transfer_fit.json, transfer.md and the
+    """transfer_runs.csv (every run; ``picked``: its model/arm/source/D cell's best learning
+    rate), transfer_points.csv, transfer_fit.json (a fit per source), transfer.md and the
     multiplier figure into `out`; [] when `root` holds no finetuned run (not a transfer study)."""
     every = load_runs(root, target)
     if every.empty or not (every["arm"] == "finetuned").any():
@@ -337,48 +382,46 @@ def write_transfer(root: Path, out: Path, *, max_df: float | None = None,
     points = effective_data(runs)
     cut = max_df if max_df is not None else \
         LOW_DATA_FRACTION * float(points["D_max_scratch"].max())
-    used = low_data(points, cut)
-    fit: dict[str, Any] | None = None
-    ci: dict[str, Any] = {}
-    why = ""
-    try:
-        fit = fit_transfer(used["D_F"], used["N"], used["D_T"])
-        ci = bootstrap_fit(used["D_F"], used["N"], used["D_T"], n_boot=n_boot)
-    except ConfigError as e:
-        why = str(e)
+    sources = list(dict.fromkeys(points["source"]))
+    per = {src: _fit_source(points[points["source"] == src], cut, n_boot) for src in sources}
     paths = []
     for name, df in (("transfer_runs", every), ("transfer_points", points)):
         p = out / f"{name}.csv"
         with atomic_open(p, "w") as f:
             df.to_csv(f, index=False)
         paths.append(p)
-    result = {"fit": fit, "ci95": ci or None, "max_df": cut, "n_points_used": len(used),
-              "paper": PAPER, "paper_note": PAPER_NOTE, "why_no_fit": why or None}
-    atomic_write_json(out / "transfer_fit.json", result)
+    atomic_write_json(out / "transfer_fit.json", {
+        "sources": per, "max_df": cut, "paper": PAPER, "paper_note": PAPER_NOTE})
     paths.append(out / "transfer_fit.json")
-    paths += plot_multiplier(points, fit, out)
+    paths += plot_multiplier(points, {s: r["fit"] for s, r in per.items()}, out)
     rows = []
     for key, fmt in (("k", ".3g"), ("alpha", ".3f"), ("beta", ".3f")):
-        mine = _fmt_ci(fit[key], ci.get(key), fmt) if fit else "-"
-        rows.append(f"| {key} | {mine} | {format(PAPER[key], fmt)} |")
+        mine = [_fmt_ci(r["fit"][key], r["ci95"][key], fmt) if r["fit"] else "-"
+                for r in per.values()]
+        rows.append(f"| {key} | {' | '.join(mine)} | {format(PAPER[key], fmt)} |")
+    rows.append(f"| points in the fit | {' | '.join(str(r['n_points_used']) for r in per.values())}"
+                " | |")
     n_lrs = int(every["lr"].nunique())
     tuning = ("" if n_lrs <= 1 else
-              f" Each model size, arm and D keeps its best run over the learning rates tried "
-              f"({n_lrs} in all: {', '.join(f'{v:g}' for v in sorted(every['lr'].unique()))}; "
-              "per cell and run in transfer_runs.csv, `picked`), as the paper tunes each run.")
-    md = ("# Transfer: effective data transferred, text -> Python\n\n"
-          f"{len(every)} finished runs; {len(points)} finetuned points, {len(used)} in the fit "
-          f"(D_F <= {cut:,.0f} characters and D_T > 0). D_E from each N's from-scratch curve "
+              f" Each model size, arm, source and D keeps its best run over the learning rates "
+              f"tried ({n_lrs} in all: {', '.join(f'{v:g}' for v in sorted(every['lr'].unique()))}"
+              "; per run in transfer_runs.csv, `picked`), as the paper tunes each run.")
+    why = "".join(f"No fit for {s}: {r['why_no_fit']}\n\n" for s, r in per.items()
+                  if r["why_no_fit"])
+    md = ("# Transfer: effective data transferred, -> Python\n\n"
+          f"{len(every)} finished runs; {len(points)} finetuned points (D_F <= {cut:,.0f} "
+          "characters and D_T > 0 go into the fit). D_E from each N's from-scratch curve "
           "(log D interpolated linearly in the early-stopped loss); intervals: 95% bootstrap "
           "over the fit's points." + tuning
-          + "\n\n| | this study [95% CI] | paper |\n|---|---|---|\n"
-          + "\n".join(rows) + "\n\n" + (f"No fit: {why}\n\n" if why else "")
-          + "| model | N | D_F | loss finetuned (lr) | loss scratch (lr) | D_E | D_T | "
-          "multiplier | D_E |\n|---|---|---|---|---|---|---|---|---|\n"
-          + "\n".join(f"| {r.model} | {r.N:,} | {r.D_F:,.0f} | {r.loss_finetuned:.4f} "
-                      f"({r.lr_finetuned:g}) | {r.loss_scratch:.4f} ({r.lr_scratch:g}) | "
-                      f"{r.D_E:,.0f} | {r.D_T:,.0f} | {r.multiplier:.3g} | {r.D_E_range} |"
-                      for r in points.itertuples())
+          + "\n\n| | " + " | ".join(f"source {s} [95% CI]" for s in per)
+          + " | paper (text) |\n|---|" + "---|" * len(per) + "---|\n"
+          + "\n".join(rows) + "\n\n" + why
+          + "| model | N | source | D_F | loss finetuned (lr) | loss scratch (lr) | D_E | D_T | "
+          "multiplier | D_E |\n|---|---|---|---|---|---|---|---|---|---|\n"
+          + "\n".join(f"| {r.model} | {r.N:,} | {r.source} | {r.D_F:,.0f} | "
+                      f"{r.loss_finetuned:.4f} ({r.lr_finetuned:g}) | {r.loss_scratch:.4f} "
+                      f"({r.lr_scratch:g}) | {r.D_E:,.0f} | {r.D_T:,.0f} | {r.multiplier:.3g} | "
+                      f"{r.D_E_range} |" for r in points.itertuples())
           + _lr_section(every) + f"\n\nPaper: {PAPER_NOTE}.\n")
     atomic_write_text(out / "transfer.md", md)
     paths.append(out / "transfer.md")
