@@ -139,7 +139,8 @@ def test_the_ladder_spans_more_than_ten_times():
 # ---------------------------------------------------------------------------- from run folders
 
 def _fake_run(root: Path, name: str, model: str, arch: dict, data: str, d: int,
-              losses: list[float], init_from: str | None = None, lr: float = 1e-3) -> None:
+              losses: list[float], init_from: str | None = None, lr: float = 1e-3,
+              cpu_s: float | None = None) -> None:
     """A finished run folder as the train stage writes it (the parts the analysis reads)."""
     f = root / name
     (f / "train").mkdir(parents=True)
@@ -150,6 +151,8 @@ def _fake_run(root: Path, name: str, model: str, arch: dict, data: str, d: int,
         "schema_version": 2, "status": "finished", "run": {"name": name},
         "train": {"data": {"n_train_chars": d}, "steps_done": 10 * len(losses)}}))
     rows = [{"step": 10 * i, "heldout_loss": x} for i, x in enumerate(losses)]
+    if cpu_s is not None:  # the train loop's per-step log (learnforget.analysis.cost reads it)
+        rows.append({"step": 10 * len(losses), "wall_time_s": 2 * cpu_s, "cpu_time_s": cpu_s})
     (f / "train" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -252,7 +255,7 @@ def test_each_cell_keeps_its_best_learning_rate(tmp_path):
         _fake_run(root, f"scratch-{d}", "transfer_xs", arch, "stdlib_code", d, [9.0, loss])
         other = loss - 0.5 if d == 10000 else loss + 0.3   # 1e-4 wins at D = 1e4 only
         _fake_run(root, f"scratch-{d}-lo", "transfer_xs", arch, "stdlib_code", d, [9.0, other],
-                  lr=1e-4)
+                  lr=1e-4, cpu_s=1800.0)
     _fake_run(root, "ft-1000", "transfer_xs", arch, "stdlib_code", 1000, [9.0, 5.9],
               init_from="src/last")
     _fake_run(root, "ft-1000-lo", "transfer_xs", arch, "stdlib_code", 1000, [9.0, 5.25],
@@ -278,6 +281,7 @@ def test_each_cell_keeps_its_best_learning_rate(tmp_path):
     assert listed["scratch-10000-lo"] == "True" and listed["scratch-10000"] == "False"
     md = (out / "transfer.md").read_text()
     assert "2 in all: 0.0001, 0.001" in md
+    assert "1.50 CPU-hours, 3.00 hours of run wall time" in md  # 3 runs x 1,800 CPU-s
     # columns: finetuned 1e-4, finetuned 1e-3, scratch 1e-4, scratch 1e-3
     assert "| transfer_xs | 10,000 | - | - | 4.5000 | 5.0000 |" in md
 

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from learnforget.analysis.cost import train_cost
 from learnforget.errors import ConfigError
 from learnforget.files import atomic_open, atomic_write_json, atomic_write_text
 from learnforget.runfolder import RunFolder, find_runs
@@ -95,15 +96,18 @@ def load_runs(root: Path, target: str | None = None) -> pd.DataFrame:
         cfg = OmegaConf.to_container(OmegaConf.load(folder.config), resolve=False)
         model, data = cfg.get("model", {}), cfg.get("data", {})
         best, step, last = best_heldout(folder.metrics)
+        cost = train_cost(run_dir)
         rows.append({"run": run_dir.name, "model": model.get("name"),
                      "N": non_embedding_params(model["arch"]), "data": data.get("name"),
                      "init_from": model.get("init_from"),
                      "lr": float((cfg.get("train") or {}).get("lr") or math.nan),
                      "D": (record.train.data or {}).get("n_train_chars"),
                      "best_loss": best, "best_step": step, "last_loss": last,
-                     "steps": record.train.steps_done})
+                     "steps": record.train.steps_done, "cpu_s": cost["cpu_s"],
+                     "wall_s": cost["wall_s"]})
     df = pd.DataFrame(rows, columns=["run", "model", "N", "data", "init_from", "lr", "D",
-                                     "best_loss", "best_step", "last_loss", "steps"])
+                                     "best_loss", "best_step", "last_loss", "steps", "cpu_s",
+                                     "wall_s"])
     if df.empty:
         return df.assign(arm=pd.Series(dtype=str))
     if target is None:
@@ -408,11 +412,14 @@ def write_transfer(root: Path, out: Path, *, max_df: float | None = None,
               "; per run in transfer_runs.csv, `picked`), as the paper tunes each run.")
     why = "".join(f"No fit for {s}: {r['why_no_fit']}\n\n" for s, r in per.items()
                   if r["why_no_fit"])
+    cost = (f" Training cost, summed over the runs: {every['cpu_s'].sum() / 3600:.2f} CPU-hours, "
+            f"{every['wall_s'].sum() / 3600:.2f} hours of run wall time (runs side by side "
+            "overlap).")
     md = ("# Transfer: effective data transferred, -> Python\n\n"
           f"{len(every)} finished runs; {len(points)} finetuned points (D_F <= {cut:,.0f} "
           "characters and D_T > 0 go into the fit). D_E from each N's from-scratch curve "
           "(log D interpolated linearly in the early-stopped loss); intervals: 95% bootstrap "
-          "over the fit's points." + tuning
+          "over the fit's points." + tuning + cost
           + "\n\n| | " + " | ".join(f"source {s} [95% CI]" for s in per)
           + " | paper (text) |\n|---|" + "---|" * len(per) + "---|\n"
           + "\n".join(rows) + "\n\n" + why
