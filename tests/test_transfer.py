@@ -286,6 +286,24 @@ def test_each_cell_keeps_its_best_learning_rate(tmp_path):
     assert "| transfer_xs | 10,000 | - | - | 4.5000 | 5.0000 |" in md
 
 
+def test_seeds_are_averaged_before_the_learning_rate_is_picked(tmp_path):
+    """Two seeds of a cell at 1e-3 (5.0 and 6.0: mean 5.5) against one seed at 1e-4 (5.4): the
+    analysis averages seeds first and picks 1e-4; it never takes the luckier seed (5.0)."""
+    arch = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "transfer_xs.yaml").arch)
+    root = tmp_path / "runs"
+    for name, loss, lr, seed in (("a", 5.0, 1e-3, 0), ("b", 6.0, 1e-3, 1), ("c", 5.4, 1e-4, 0)):
+        _fake_run(root, name, "transfer_xs", arch, "stdlib_code", 1000, [9.0, loss], lr=lr)
+        cfg = yaml.safe_load((root / name / "config.yaml").read_text())
+        (root / name / "config.yaml").write_text(yaml.safe_dump({**cfg, "seed": seed}))
+    every = load_runs(root)
+    assert sorted(every["seed"]) == [0, 0, 1]
+    cell = tune_lr(every).iloc[0]
+    assert (cell["lr"], cell["best_loss"], cell["n_seeds"], cell["runs"]) == (1e-4, 5.4, 1, "c")
+    every = every[every["run"] != "c"]
+    cell = tune_lr(every).iloc[0]
+    assert (cell["best_loss"], cell["n_seeds"], cell["runs"]) == (5.5, 2, "a;b")
+
+
 def test_best_heldout_skips_cut_lines_and_missing_values(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"step": 0, "heldout_loss": 5.0}\n{"step": 1, "loss": 3}\n'

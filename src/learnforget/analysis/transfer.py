@@ -101,11 +101,12 @@ def load_runs(root: Path, target: str | None = None) -> pd.DataFrame:
                      "N": non_embedding_params(model["arch"]), "data": data.get("name"),
                      "init_from": model.get("init_from"),
                      "lr": float((cfg.get("train") or {}).get("lr") or math.nan),
+                     "seed": cfg.get("seed", 0),
                      "D": (record.train.data or {}).get("n_train_chars"),
                      "best_loss": best, "best_step": step, "last_loss": last,
                      "steps": record.train.steps_done, "cpu_s": cost["cpu_s"],
                      "wall_s": cost["wall_s"]})
-    df = pd.DataFrame(rows, columns=["run", "model", "N", "data", "init_from", "lr", "D",
+    df = pd.DataFrame(rows, columns=["run", "model", "N", "data", "init_from", "lr", "seed", "D",
                                      "best_loss", "best_step", "last_loss", "steps", "cpu_s",
                                      "wall_s"])
     if df.empty:
@@ -136,19 +137,30 @@ def _source_of(row: Any, df: pd.DataFrame) -> str:
 
 
 def tune_lr(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per model size, arm, source and D, the run with the lowest early-stopped loss over the learning
-    rates tried (the paper tunes each run's learning rate), with ``n_lr`` (how many were tried)
-    and ``lrs`` (which, highest first). One run per cell passes through unchanged."""
+    """One row per model size, arm, source and D: the learning rate with the lowest early-stopped
+    loss (the paper tunes each run's learning rate), its loss the mean over its seeds (seeds are
+    averaged first, never picked from), with ``n_seeds``, ``runs`` (its runs, ';'-joined),
+    ``n_lr`` (how many learning rates were tried) and ``lrs`` (which, highest first). One run
+    per cell passes through with its own loss."""
+    extra = {"n_seeds": pd.Series(dtype=int), "runs": pd.Series(dtype=str),
+             "n_lr": pd.Series(dtype=int), "lrs": pd.Series(dtype=str)}
     if runs.empty:
-        return runs.assign(n_lr=pd.Series(dtype=int), lrs=pd.Series(dtype=str))
-    keep, n_lr, lrs = [], [], []
-    for _, grp in runs.groupby(["N", "arm", "source", "D"], dropna=False, sort=False):
-        loss = grp["best_loss"].astype(float)
-        loss = loss[np.isfinite(loss)]
-        keep.append(loss.idxmin() if len(loss) else grp.index[0])
-        n_lr.append(int(grp["lr"].nunique()))
-        lrs.append(",".join(f"{v:g}" for v in sorted(grp["lr"].dropna().unique(), reverse=True)))
-    out = runs.loc[keep].assign(n_lr=n_lr, lrs=lrs)
+        return runs.assign(**extra)
+    picked = []
+    for _, cell in runs.groupby(["N", "arm", "source", "D"], dropna=False, sort=False):
+        per_lr = []
+        for _, grp in cell.groupby("lr", dropna=False, sort=False):
+            row = grp.iloc[0].copy()
+            row["best_loss"] = float(grp["best_loss"].astype(float).mean())  # NaN-skipping
+            row["n_seeds"], row["runs"] = int(grp["seed"].nunique()), ";".join(grp["run"])
+            per_lr.append(row)
+        finite = [r for r in per_lr if math.isfinite(r["best_loss"])]
+        best = min(finite, key=lambda r: r["best_loss"]) if finite else per_lr[0]
+        best["n_lr"] = int(cell["lr"].nunique())
+        best["lrs"] = ",".join(f"{v:g}" for v in sorted(cell["lr"].dropna().unique(),
+                                                         reverse=True))
+        picked.append(best)
+    out = pd.DataFrame(picked).reset_index(drop=True)
     return out.sort_values(["N", "arm", "source", "D"], ignore_index=True)
 
 
@@ -208,6 +220,7 @@ def effective_data(runs: pd.DataFrame) -> pd.DataFrame:
                         "loss_finetuned": ft["best_loss"],
                         "loss_scratch": float(same.min()) if len(same) else math.nan,
                         "lr_finetuned": ft.get("lr", math.nan),
+                        "n_seeds": ft.get("n_seeds", 1),
                         "lr_scratch": float(lr_same.loc[same.idxmin()]) if len(same)
                         else math.nan,
                         "D_E": d_e, "D_T": d_e - float(ft["D"]),
@@ -215,7 +228,8 @@ def effective_data(runs: pd.DataFrame) -> pd.DataFrame:
                         "D_max_scratch": d_max, "run": ft["run"]})
     return pd.DataFrame(out, columns=["model", "N", "source", "D_F", "loss_finetuned",
                                       "loss_scratch",
-                                      "lr_finetuned", "lr_scratch", "D_E", "D_T", "multiplier",
+                                      "lr_finetuned", "lr_scratch", "n_seeds", "D_E", "D_T",
+                                      "multiplier",
                                       "D_E_range", "D_max_scratch", "run"])
 
 
@@ -382,7 +396,7 @@ def write_transfer(root: Path, out: Path, *, max_df: float | None = None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = tune_lr(every)
-    every = every.assign(picked=every["run"].isin(runs["run"]))
+    every = every.assign(picked=every["run"].isin(";".join(runs["runs"]).split(";")))
     points = effective_data(runs)
     cut = max_df if max_df is not None else \
         LOW_DATA_FRACTION * float(points["D_max_scratch"].max())
@@ -407,8 +421,8 @@ def write_transfer(root: Path, out: Path, *, max_df: float | None = None,
                 " | |")
     n_lrs = int(every["lr"].nunique())
     tuning = ("" if n_lrs <= 1 else
-              f" Each model size, arm, source and D keeps its best run over the learning rates "
-              f"tried ({n_lrs} in all: {', '.join(f'{v:g}' for v in sorted(every['lr'].unique()))}"
+              f" Each model size, arm, source and D keeps its best learning rate (seeds averaged "
+              f"first) over the rates tried ({n_lrs} in all: {', '.join(f'{v:g}' for v in sorted(every['lr'].unique()))}"
               "; per run in transfer_runs.csv, `picked`), as the paper tunes each run.")
     why = "".join(f"No fit for {s}: {r['why_no_fit']}\n\n" for s, r in per.items()
                   if r["why_no_fit"])
