@@ -165,13 +165,13 @@ def tune_lr(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def lr_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """The early-stopped loss of every scratch and finetuned run by (model, D) and (arm, lr):
-    the learning-rate check behind :func:`tune_lr`."""
+    """The early-stopped loss of every scratch and finetuned run by (model, D) and (arm, source,
+    lr), seeds averaged as :func:`tune_lr` averages them: the learning-rate check behind it."""
     body = runs[runs["arm"].isin(["scratch", "finetuned"])]
     if body.empty:
         return pd.DataFrame()
     return body.pivot_table(index=["model", "N", "D"], columns=["arm", "source", "lr"],
-                            values="best_loss", aggfunc="min").sort_index()
+                            values="best_loss", aggfunc="mean").sort_index()
 
 
 # ------------------------------------------------------------------------------- D_E, D_T
@@ -227,10 +227,9 @@ def effective_data(runs: pd.DataFrame) -> pd.DataFrame:
                         "multiplier": d_e / float(ft["D"]), "D_E_range": where,
                         "D_max_scratch": d_max, "run": ft["run"]})
     return pd.DataFrame(out, columns=["model", "N", "source", "D_F", "loss_finetuned",
-                                      "loss_scratch",
-                                      "lr_finetuned", "lr_scratch", "n_seeds", "D_E", "D_T",
-                                      "multiplier",
-                                      "D_E_range", "D_max_scratch", "run"])
+                                      "loss_scratch", "lr_finetuned", "lr_scratch", "n_seeds",
+                                      "D_E", "D_T", "multiplier", "D_E_range", "D_max_scratch",
+                                      "run"])
 
 
 # ------------------------------------------------------------------------------- the fit
